@@ -1,0 +1,197 @@
+"""The config schema (every field, with its default and meaning) and its validation.
+
+Experiment files in `configs/` start from `base_config()` and override fields; `validate`
+checks values and cross-field constraints and names the offending field.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 42                  # seeds data order, sampling and init
+  c.rounds = 3                 # R: training rounds (round 1 learns from teacher rationales)
+
+  c.method = ml_collections.ConfigDict()
+  c.method.feedback = True          # ask the teacher for tailored rationales on exam mistakes
+  c.method.self_reflection = True   # add the triplet loss against the student's own mistakes
+  c.method.initial_exam = False     # exam the untrained student for round-1 negatives (N_0)
+  c.method.accumulate_data = True   # train round r on D_1 ∪ … ∪ D_r (else D_r alone)
+  c.method.fresh_optimizer = True   # new optimizer state and warm-up every round
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "synthetic_arith"
+  c.task.num_demos = 0              # few-shot demos in every prompt (train, exam and test)
+  c.task.max_new_tokens = 128       # greedy evaluation budget
+  c.task.synthetic = ml_collections.ConfigDict()
+  c.task.synthetic.seed = 0
+  c.task.synthetic.num_train = 1000
+  c.task.synthetic.num_val = 200     # held out of training, for model selection
+  c.task.synthetic.num_test = 500
+  c.task.synthetic.min_steps = 1
+  c.task.synthetic.max_steps = 3
+  c.task.synthetic.max_start = 20
+  c.task.synthetic.max_operand = 10
+  c.task.synthetic.operations = "add,sub,mul"
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ""             # a tokenizer.json; empty: train a byte-level BPE on the task
+  c.tokenizer.vocab_size = 600      # for the trained BPE
+
+  c.model = ml_collections.ConfigDict()
+  c.model.family = "llama"
+  c.model.d_model = 128
+  c.model.n_layers = 4
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 2
+  c.model.head_dim = 32
+  c.model.d_ff = 384
+  c.model.rope_theta = 10000.0
+  c.model.norm_eps = 1e-5
+  c.model.tie_embeddings = True
+  c.model.dtype = "float32"          # compute dtype; bfloat16 on GPU/TPU
+  c.model.param_dtype = "float32"
+  c.model.remat = False              # recompute each block in the backward pass
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                   # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.num_devices = 0             # use the first N devices; 0: all of them
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16            # global batch, distinct questions per batch
+  c.train.epochs = 10                # per round
+  c.train.lr = 7e-6
+  c.train.warmup_steps = 100
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  c.train.weight_decay = 0.01
+  c.train.grad_clip = 1.0            # global-norm clip; 0 turns it off
+  c.train.max_seq_len = 1024         # longer training strings are cut (and counted)
+  c.train.prefix_weight = 0.1        # LM loss weight on prefix (demos + question) tokens
+  c.train.sr_weight = 0.5            # λ
+  c.train.sr_margin = 1.0            # ρ
+  c.train.max_continuation_len = 192
+  c.train.max_positives = 10
+  c.train.max_negatives = 4
+  c.train.checkpoint_every_steps = 200  # mid-round checkpoints, for resuming a killed round
+  c.train.log_every_steps = 50
+
+  c.exam = ml_collections.ConfigDict()
+  c.exam.num_samples = 4             # k sampled rationales per train question
+  c.exam.temperature = 1.0
+  c.exam.top_k = 50
+  c.exam.top_p = 1.0
+  c.exam.max_new_tokens = 128
+  c.exam.batch_size = 64             # prompts per generation batch (x num_samples rows)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256            # prompts per greedy batch
+  c.eval.splits = "val,test"
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.kind = "local"           # 'local': start the loopback oracle; 'openai': base_url
+  c.teacher.base_url = "https://api.openai.com/v1"
+  c.teacher.model = "gpt-4o-mini"    # ignored for 'local'
+  c.teacher.api_key_env = "OPENAI_API_KEY"
+  c.teacher.num_rationales = 4       # rationales asked per question at annotation
+  c.teacher.feedback_samples = 1     # tailored rationales asked per mistake
+  c.teacher.temperature = 0.7
+  c.teacher.max_tokens = 512
+  c.teacher.max_concurrency = 32
+  c.teacher.max_retries = 6
+  c.teacher.timeout_s = 120.0
+  c.teacher.backoff_s = 1.0
+  c.teacher.requests_per_minute = 0.0  # 0: no pacing
+  c.teacher.supports_n = True        # False: send n single-choice requests (Ollama)
+  c.teacher.max_requests = 0         # budget of paid requests per run; 0: unlimited
+  c.teacher.max_mistakes_per_question = 4
+  c.teacher.local_error_rate = 0.1   # local oracle: chance a rationale has an arithmetic slip
+  return c
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f"config field {field}: {message}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad field."""
+  _require(c.rounds >= 1, "rounds", f"must be >= 1, got {c.rounds}")
+  _require(c.task.num_demos >= 0, "task.num_demos", "must be >= 0")
+  _require(c.task.max_new_tokens > 0, "task.max_new_tokens", "must be > 0")
+  s = c.task.synthetic
+  _require(1 <= s.min_steps <= s.max_steps, "task.synthetic.min_steps",
+           f"need 1 <= min_steps <= max_steps, got {s.min_steps}, {s.max_steps}")
+  for name in ("num_train", "num_val", "num_test", "max_start", "max_operand"):
+    _require(s[name] >= 1, f"task.synthetic.{name}", f"must be >= 1, got {s[name]}")
+  ops = {o.strip() for o in s.operations.split(",") if o.strip()}
+  _require(bool(ops) and ops <= {"add", "sub", "mul"}, "task.synthetic.operations",
+           f"a comma list of add, sub, mul; got {s.operations!r}")
+  m = c.model
+  for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+    _require(m[name] >= 1, f"model.{name}", f"must be >= 1, got {m[name]}")
+  _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+           f"n_heads={m.n_heads} must be a multiple of n_kv_heads={m.n_kv_heads}")
+  _require(m.head_dim % 2 == 0, "model.head_dim", "must be even (rotary embedding)")
+  for name in ("dtype", "param_dtype"):
+    _require(m[name] in ("float32", "bfloat16", "float16"), f"model.{name}",
+             f"float32, bfloat16 or float16; got {m[name]!r}")
+  t = c.train
+  _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+  _require(t.epochs >= 1, "train.epochs", "must be >= 1")
+  _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+  _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+  _require(0 <= t.prefix_weight <= 1, "train.prefix_weight", "must be in [0, 1]")
+  _require(t.sr_weight >= 0, "train.sr_weight", "must be >= 0")
+  _require(t.max_seq_len >= 8, "train.max_seq_len", "must be >= 8")
+  _require(t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
+  e = c.exam
+  _require(e.num_samples >= 1, "exam.num_samples", "must be >= 1")
+  _require(e.temperature >= 0, "exam.temperature", "must be >= 0")
+  _require(e.top_k >= 0, "exam.top_k", "must be >= 0")
+  _require(0 < e.top_p <= 1, "exam.top_p", "must be in (0, 1]")
+  _require(e.max_new_tokens >= 1, "exam.max_new_tokens", "must be >= 1")
+  splits = {x.strip() for x in c.eval.splits.split(",") if x.strip()}
+  _require(splits <= {"val", "test"} and bool(splits), "eval.splits",
+           f"a comma list of val, test; got {c.eval.splits!r}")
+  tc = c.teacher
+  _require(tc.kind in ("local", "openai"), "teacher.kind", f"'local' or 'openai', got {tc.kind!r}")
+  _require(tc.num_rationales >= 1, "teacher.num_rationales", "must be >= 1")
+  _require(tc.feedback_samples >= 1, "teacher.feedback_samples", "must be >= 1")
+  _require(tc.max_concurrency >= 1, "teacher.max_concurrency", "must be >= 1")
+  _require(0 <= tc.local_error_rate < 1, "teacher.local_error_rate", "must be in [0, 1)")
+  if c.method.self_reflection:
+    _require(tc.num_rationales >= 2, "teacher.num_rationales",
+             "self-reflection needs >= 2 rationales per question (a positive besides the anchor)")
+
+
+# Fields that may change between a run and its resumption (they do not change results).
+RESUMABLE_FIELDS = ("rounds", "teacher.base_url", "teacher.max_concurrency", "teacher.max_retries",
+                    "teacher.timeout_s", "teacher.backoff_s", "teacher.requests_per_minute",
+                    "teacher.max_requests", "train.log_every_steps", "eval.batch_size",
+                    "exam.batch_size", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.num_devices")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def changed_fields(saved: dict, current: dict) -> list[str]:
+  """Fields whose values differ between a saved run config and the current one, minus the
+  fields that are safe to change on resume."""
+  a, b = flatten(saved), flatten(current)
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)

@@ -1,0 +1,80 @@
+"""Answer extraction and scoring (METHOD §5): pure functions on model output text."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+_ANSWER_MARKERS = ("\nAnswer", "Therefore, the answer is")
+
+
+@dataclasses.dataclass(frozen=True)
+class Extraction:
+  """What was read from one output: the answer (None if none) and the rationale kept."""
+  answer: str | None
+  rationale: str
+  error: str | None  # why nothing was extracted: 'no_number', ...
+
+
+def cut_at_blank_line(text: str) -> str:
+  return text.split("\n\n", 1)[0]
+
+
+def extract_number(text: str) -> Extraction:
+  """Math rule: first number after `\\nAnswer` or `Therefore, the answer is`, else the last number.
+
+  Commas are removed before matching; the returned rationale is cut right after the number used.
+  """
+  text = cut_at_blank_line(text)
+  for marker in _ANSWER_MARKERS:
+    at = text.find(marker)
+    if at >= 0:
+      head, tail = text[:at], text[at:]
+      match = _first_number(tail)
+      if match is None:
+        return Extraction(None, text, "no_number_after_marker")
+      value, end = match
+      return Extraction(value, head + tail[:end], None)
+  matches = list(_NUMBER.finditer(text.replace(",", "")))
+  if not matches:
+    return Extraction(None, text, "no_number")
+  # Map the match in the comma-free text back to the original text to cut the rationale.
+  last = matches[-1]
+  return Extraction(_normalise_number(last.group()), _cut_after_nth_comma_free(text, last.end()), None)
+
+
+def _first_number(text: str) -> tuple[str, int] | None:
+  stripped = text.replace(",", "")
+  match = _NUMBER.search(stripped)
+  if match is None:
+    return None
+  return _normalise_number(match.group()), _original_index(text, match.end())
+
+
+def _original_index(text: str, comma_free_index: int) -> int:
+  """Index in `text` that corresponds to `comma_free_index` in text.replace(',', '')."""
+  seen = 0
+  for i, ch in enumerate(text):
+    if seen == comma_free_index:
+      return i
+    if ch != ",":
+      seen += 1
+  return len(text)
+
+
+def _cut_after_nth_comma_free(text: str, comma_free_index: int) -> str:
+  return text[:_original_index(text, comma_free_index)]
+
+
+def _normalise_number(raw: str) -> str:
+  """`12.` -> `12`, `3.50` -> `3.5`, `4.0` -> `4`: a number as gold strings write it."""
+  if "." in raw:
+    raw = raw.rstrip("0").rstrip(".") or "0"
+  if raw in ("-0", "-"):
+    raw = "0"
+  return raw
+
+
+def is_correct(answer: str | None, gold: str) -> bool:
+  """Case-insensitive equality with the gold string; no answer is always wrong."""
+  return answer is not None and answer.strip().lower() == gold.strip().lower()

@@ -1,0 +1,91 @@
+"""Tokenizers: a thin wrapper over HF `tokenizers`, and a local byte-level BPE trainer.
+
+The trained BPE splits digits one by one (as LLaMA's does) so numbers keep their place value,
+and decodes byte-exactly, so answer extraction reads what the model wrote.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+
+class Tokenizer:
+  """Encode/decode plus the ids and per-token tables the decoder and batchers need."""
+
+  def __init__(self, tok: tokenizers.Tokenizer):
+    self._tok = tok
+    self.pad_id = self._require(PAD)
+    self.bos_id = self._require(BOS)
+    self.eos_id = self._require(EOS)
+    self.vocab_size = tok.get_vocab_size()
+    self.special_ids = sorted({self.pad_id, self.bos_id, self.eos_id})
+
+  def _require(self, token: str) -> int:
+    token_id = self._tok.token_to_id(token)
+    if token_id is None:
+      raise ValueError(f"tokenizer has no {token!r} token")
+    return token_id
+
+  @classmethod
+  def load(cls, path: str) -> "Tokenizer":
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+      return cls(tokenizers.Tokenizer.from_file(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+      raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
+
+  def save(self, path: str) -> None:
+    tmp = path + ".tmp"
+    self._tok.save(tmp)
+    os.replace(tmp, path)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def decode_batch(self, ids_batch) -> list[str]:
+    return self._tok.decode_batch([[int(i) for i in ids] for ids in ids_batch],
+                                  skip_special_tokens=True)
+
+  def newline_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token id: (text starts with '\\n', ends with '\\n', contains '\\n\\n').
+
+    The decoder stops a sequence at a blank line, which may be one token or two.
+    """
+    starts = np.zeros(self.vocab_size, bool)
+    ends = np.zeros(self.vocab_size, bool)
+    blank = np.zeros(self.vocab_size, bool)
+    for token_id in range(self.vocab_size):
+      if token_id in self.special_ids:
+        continue
+      text = self._tok.decode([token_id], skip_special_tokens=False)
+      starts[token_id] = text.startswith("\n")
+      ends[token_id] = text.endswith("\n")
+      blank[token_id] = "\n\n" in text
+    return starts, ends, blank
+
+
+def train_bpe(corpus: list[str], vocab_size: int) -> Tokenizer:
+  """A byte-level BPE with single-digit tokens, trained on `corpus` (deterministic)."""
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+  ])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(corpus, trainer=trainer)
+  return Tokenizer(tok)

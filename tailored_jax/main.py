@@ -1,0 +1,61 @@
+"""`python -m tailored_jax.main --config=configs/NAME.py --workdir=DIR [--config.FIELD=VALUE]`.
+
+Parses flags, sets up logging and (on pods) jax.distributed, then hands over to `rounds.run`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumed if it exists)")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "validate and print the config, then exit")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "call jax.distributed.initialize() (multi-host pods)")
+
+
+def _parse_flags(argv):
+  """absl flag parsing, with unknown or mistyped config overrides reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  except (AttributeError, KeyError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    sys.exit(f"error: unknown config field in {bad}: {e}")
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None:
+    sys.exit("error: --config is required")
+  logging.getLogger().setLevel(logging.INFO)
+  import jax
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from tailored_jax import config_lib, rounds, summary
+  try:
+    config_lib.validate(_CONFIG.value)
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
+  if _DRY_RUN.value:
+    print(_CONFIG.value.to_json(indent=2))
+    return
+  if _WORKDIR.value is None:
+    sys.exit("error: --workdir is required")
+  logging.info("devices: %s", jax.devices())
+  records = rounds.run(_CONFIG.value, _WORKDIR.value)
+  print(summary.table(records))
+  print(f"summary: {_WORKDIR.value}/summary.json, {_WORKDIR.value}/summary.png")
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,19 @@
+"""Student model families, built from the `model` section of the config."""
+from __future__ import annotations
+
+from tailored_jax.models.llama import Llama, LlamaConfig
+
+
+def llama_config(cfg, vocab_size: int) -> LlamaConfig:
+  return LlamaConfig(
+      vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+      n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, d_ff=cfg.d_ff, rope_theta=cfg.rope_theta,
+      norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings, dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype, remat=cfg.remat)
+
+
+def build_model(cfg, vocab_size: int) -> Llama:
+  """The student named by `cfg.family` (only 'llama' so far: LLaMA 2/3, Mistral, SmolLM2 shapes)."""
+  if cfg.family != "llama":
+    raise ValueError(f"config field model.family: unknown family {cfg.family!r}; known: ['llama']")
+  return Llama(llama_config(cfg, vocab_size))

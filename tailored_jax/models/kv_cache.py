@@ -1,0 +1,42 @@
+"""The KV cache: one fixed-size buffer shared by generation and the self-reflection prefix.
+
+New tokens are written at `index` (the same for every row: prompts are left-padded); `valid_bs`
+marks which buffer slots hold real tokens, so padding is masked everywhere.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class KVCache:
+  k_lbskh: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+  v_lbskh: jax.Array
+  valid_bs: jax.Array  # [batch, slots] bool
+  index: jax.Array     # int32 scalar: the next slot to write
+
+  @classmethod
+  def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype
+            ) -> "KVCache":
+    shape = (layers, batch, slots, kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+
+  @property
+  def slots(self) -> int:
+    return self.valid_bs.shape[1]
+
+  def repeat(self, times: int) -> "KVCache":
+    """Each row repeated `times` times in place (row b -> rows b*times..), e.g. k exam samples."""
+    return KVCache(jnp.repeat(self.k_lbskh, times, axis=1), jnp.repeat(self.v_lbskh, times, axis=1),
+                   jnp.repeat(self.valid_bs, times, axis=0), self.index)
+
+
+def attention_mask(valid_bs: jax.Array, index: jax.Array, num_new: int) -> jax.Array:
+  """[batch, new, slots]: a new token at slot index+t sees valid slots up to and including itself."""
+  slots = valid_bs.shape[1]
+  query_slot_t = index + jnp.arange(num_new)
+  causal_ts = jnp.arange(slots)[None, :] <= query_slot_t[:, None]
+  return valid_bs[:, None, :] & causal_ts[None, :, :]

@@ -1,0 +1,385 @@
+"""The host-side round loop of Tailored Learning, as resumable phases over a workdir.
+
+prepare → annotate (D_1) → [exam_0 (N_0)] → for r = 1..R: train_r → evaluate_r →
+(r < R) exam_r (N_r) → feedback_r (D_{r+1}). Each phase writes its outputs, then marks itself
+done in state.json; a re-run skips done phases, reuses cached teacher replies and resumes a
+killed training round from its newest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+
+import jax
+import ml_collections
+
+from tailored_jax import checkpointing, config_lib, sharding, summary
+from tailored_jax import workdir as wd
+from tailored_jax.data import prompts as data_prompts
+from tailored_jax.data import scoring
+from tailored_jax.data.batching import Batcher, TrainExample
+from tailored_jax.data.tasks import Example, build_task
+from tailored_jax.data.tokenizer import Tokenizer, train_bpe
+from tailored_jax.models import build_model
+from tailored_jax.sample.decode import Decoder, StopTables
+from tailored_jax.sample.runner import generate_texts
+from tailored_jax.sample.sampling import SamplingConfig
+from tailored_jax.teacher import prompts as teacher_prompts
+from tailored_jax.teacher.cache import ReplyCache
+from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
+from tailored_jax.teacher.server import DEFAULT_MODEL, LocalTeacherServer
+from tailored_jax.train.trainer import Trainer
+
+
+class RunStopped(Exception):
+  """Raised when `stop_after` names the phase just completed (tests, staged runs)."""
+
+
+class Run:
+  """One run of the method in `workdir`; `run()` executes the phases not yet done."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, stop_after: str | None = None):
+    config_lib.validate(cfg)
+    self.cfg = cfg
+    self.workdir = workdir
+    self.stop_after = stop_after
+    os.makedirs(workdir, exist_ok=True)
+    self._check_config()
+    self.state = wd.RunState(workdir)
+    self.task = build_task(cfg.task)
+    self.splits = self.task.splits()
+    self.by_id: dict[str, Example] = {e.id: e for split in self.splits.values() for e in split}
+    self.demos = self.task.demos()
+    self._tokenizer = None
+    self._trainer = None
+    self._decoder = None
+    self._params = None  # (round, params) held in memory between phases
+    self._server = None
+    self._client = None
+    self.mesh = sharding.make_mesh(cfg)
+
+  # ---- plumbing -------------------------------------------------------------------------------
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def _check_config(self) -> None:
+    path = self.path("config.json")
+    current = json.loads(self.cfg.to_json())
+    if os.path.exists(path):
+      changed = config_lib.changed_fields(wd.read_json(path), current)
+      if changed:
+        raise config_lib.ConfigError(
+            f"{path}: this workdir was made with a different config; fields changed: "
+            f"{', '.join(changed)}. Use a new --workdir, or the same values.")
+    wd.write_json(path, current)
+
+  def _phase(self, name: str, fn) -> None:
+    if self.state.done(name):
+      return
+    logging.info("phase %s: start", name)
+    start = time.time()
+    fn()
+    seconds = time.time() - start
+    timings_path = self.path("timings.json")
+    timings = wd.read_json(timings_path) if os.path.exists(timings_path) else {}
+    timings[name] = timings.get(name, 0.0) + seconds
+    wd.write_json(timings_path, timings)
+    self.state.mark(name)
+    logging.info("phase %s: done in %.1fs", name, seconds)
+    if self.stop_after == name:
+      raise RunStopped(name)
+
+  @property
+  def tokenizer(self) -> Tokenizer:
+    if self._tokenizer is None:
+      self._tokenizer = Tokenizer.load(self.path("tokenizer.json"))
+    return self._tokenizer
+
+  @property
+  def trainer(self) -> Trainer:
+    if self._trainer is None:
+      self.model = build_model(self.cfg.model, self.tokenizer.vocab_size)
+      self._trainer = Trainer(self.model, self.cfg.train, self.mesh)
+      self._decoder = Decoder(self.model, StopTables.from_tokenizer(self.tokenizer))
+    return self._trainer
+
+  def params(self, round_index: int):
+    """The weights after `round_index` (0: the initial student)."""
+    if self._params is not None and self._params[0] == round_index:
+      return self._params[1]
+    trainer = self.trainer
+    if round_index == 0:
+      params = trainer.init_params(self.cfg.seed)
+    else:
+      params = checkpointing.restore_params(self.path("checkpoints", f"round_{round_index}"),
+                                            trainer.abstract_params, trainer.param_shardings)
+    self._params = (round_index, params)
+    return params
+
+  def client(self) -> ChatClient:
+    if self._client is None:
+      t = self.cfg.teacher
+      if t.kind == "local":
+        self._server = LocalTeacherServer(seed=self.cfg.seed, error_rate=t.local_error_rate)
+        base_url, model, api_key = self._server.start(), DEFAULT_MODEL, ""
+      else:
+        base_url, model, api_key = t.base_url, t.model, os.environ.get(t.api_key_env, "")
+      cache = ReplyCache(self.path("teacher_cache.jsonl"), teacher_prompts.PROMPT_VERSION)
+      self._client = ChatClient(
+          base_url, model, api_key=api_key, cache=cache, max_concurrency=t.max_concurrency,
+          max_retries=t.max_retries, timeout_s=t.timeout_s, backoff_s=t.backoff_s,
+          requests_per_minute=t.requests_per_minute, supports_n=t.supports_n,
+          max_requests=t.max_requests)
+    return self._client
+
+  def close(self) -> None:
+    if self._server is not None:
+      self._server.stop()
+      self._server = None
+      self._client = None
+
+  # ---- the loop -------------------------------------------------------------------------------
+  def run(self) -> list[dict]:
+    try:
+      self._phase("prepare", self.prepare)
+      self._phase("annotate", self.annotate)
+      if self.cfg.method.initial_exam and self.cfg.method.self_reflection:
+        self._phase("exam_0", lambda: self.exam(0))
+      for r in range(1, self.cfg.rounds + 1):
+        self._phase(f"train_{r}", lambda: self.train(r))
+        self._phase(f"evaluate_{r}", lambda: self.evaluate(r))
+        if r < self.cfg.rounds and (self.cfg.method.feedback or self.cfg.method.self_reflection):
+          self._phase(f"exam_{r}", lambda: self.exam(r))
+          if self.cfg.method.feedback:
+            self._phase(f"feedback_{r}", lambda: self.feedback(r))
+      records = self.summary_records()
+      summary.write(self.workdir, records)
+      return records
+    finally:
+      self.close()
+
+  def prepare(self) -> None:
+    for split, examples in self.splits.items():
+      wd.write_jsonl(self.path("data", f"{split}.jsonl"),
+                     [{"id": e.id, "question": e.question, "gold": e.gold} for e in examples])
+    if self.cfg.tokenizer.path:
+      tokenizer = Tokenizer.load(self.cfg.tokenizer.path)
+    else:
+      corpus = [data_prompts.format_prefix(d.question, self.demos)
+                + data_prompts.format_continuation(d.rationale, d.answer)
+                for d in self.task.tokenizer_corpus() + self.demos]
+      tokenizer = train_bpe(corpus, self.cfg.tokenizer.vocab_size)
+    tokenizer.save(self.path("tokenizer.json"))
+    self._tokenizer = None
+
+  def _keep_correct(self, example: Example, texts: list[str], source: str, round_index: int,
+                    seen: set[str], counts: dict) -> list[dict]:
+    """Teacher replies whose answer is right, in training form; counts why others were dropped."""
+    kept = []
+    for text in texts:
+      reply = teacher_prompts.parse_reply(text)
+      if not reply.rationale or reply.answer is None:
+        counts["unparseable"] = counts.get("unparseable", 0) + 1
+        continue
+      continuation = data_prompts.format_continuation(reply.rationale, reply.answer)
+      record = scoring.score_output(self.task, example, continuation)
+      if not record["correct"]:
+        counts["wrong_answer"] = counts.get("wrong_answer", 0) + 1
+        continue
+      if reply.rationale in seen:
+        counts["duplicate"] = counts.get("duplicate", 0) + 1
+        continue
+      seen.add(reply.rationale)
+      kept.append({"qid": example.id, "continuation": data_prompts.format_continuation(
+          reply.rationale, example.gold), "source": source, "round": round_index})
+    return kept
+
+  def _ask_teacher(self, requests: list[ChatRequest], label: str):
+    start = time.time()
+    done = [0]
+
+    def progress(i, reply):
+      done[0] += 1
+      if done[0] % max(len(requests) // 5, 1) == 0:
+        rate = done[0] / max(time.time() - start, 1e-9)
+        logging.info("%s: %d/%d replies (%.1f/s)", label, done[0], len(requests), rate)
+
+    results, usage = self.client().run(requests, on_reply=progress)
+    failures = [r for r in results if isinstance(r, TeacherError)]
+    logging.info("%s: %d requests paid, %d from cache, %d tokens, %d retries, %.1fs", label,
+                 usage.requests, usage.cache_hits, usage.tokens, usage.retries,
+                 time.time() - start)
+    if failures:
+      raise TeacherError(f"{label}: {len(failures)} of {len(requests)} teacher requests failed "
+                         f"(replies received so far are cached; re-run to retry). First: "
+                         f"{failures[0]}")
+    return results, usage
+
+  def annotate(self) -> None:
+    t = self.cfg.teacher
+    train = self.splits["train"]
+    requests = [ChatRequest(teacher_prompts.annotation_messages(e.question, self.demos),
+                            n=t.num_rationales, temperature=t.temperature, max_tokens=t.max_tokens)
+                for e in train]
+    results, usage = self._ask_teacher(requests, "annotate")
+    data, counts = [], {}
+    for example, reply in zip(train, results):
+      data.extend(self._keep_correct(example, reply.texts, "annotation", 1, set(), counts))
+    wd.write_jsonl(self.path("round_1", "teacher_data.jsonl"), data)
+    wd.write_json(self.path("round_1", "teacher.json"), {
+        "phase": "annotate", "usage": usage.as_dict(), "kept": len(data), "dropped": counts,
+        "questions": len(train),
+        "questions_with_two_rationales": _count_questions_with(data, 2),
+        "prompt_version": teacher_prompts.PROMPT_VERSION})
+
+  def exam(self, round_index: int) -> None:
+    """k sampled rationales per train question; distinct wrong ones are the round's mistakes."""
+    e = self.cfg.exam
+    train = self.splits["train"]
+    params = self.params(round_index)
+    outputs = generate_texts(
+        self._decoder, params, self.tokenizer,
+        [data_prompts.format_prefix(x.question, self.demos) for x in train], mesh=self.mesh,
+        num_samples=e.num_samples,
+        sampling=SamplingConfig(e.temperature, e.top_k, e.top_p),
+        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+        rng=jax.random.PRNGKey(self.cfg.seed * 1000 + round_index), label=f"exam {round_index}")
+    mistakes, correct_samples, always_right = [], 0, 0
+    for example, samples in zip(train, outputs):
+      seen, wrong_here = set(), 0
+      for text in samples:
+        record = scoring.score_output(self.task, example, text)
+        correct_samples += record["correct"]
+        if record["correct"]:
+          continue
+        wrong_here += 1
+        negative = record["rationale"]
+        if negative.strip() and negative not in seen and (
+            len(seen) < self.cfg.teacher.max_mistakes_per_question):
+          seen.add(negative)
+          mistakes.append({"qid": example.id, "output": negative, "answer": record["answer"],
+                           "error": record["error"]})
+      always_right += wrong_here == 0
+    directory = self.path(f"round_{round_index}")
+    wd.write_jsonl(os.path.join(directory, "mistakes.jsonl"), mistakes)
+    wd.write_json(os.path.join(directory, "exam.json"), {
+        "questions": len(train), "samples": len(train) * e.num_samples,
+        "correct_samples": correct_samples, "questions_always_right": always_right,
+        "mistakes": len(mistakes)})
+
+  def feedback(self, round_index: int) -> None:
+    """Tailored rationales for round r's mistakes: the data D_{r+1}."""
+    t = self.cfg.teacher
+    mistakes = wd.read_jsonl(self.path(f"round_{round_index}", "mistakes.jsonl"))
+    requests = [ChatRequest(teacher_prompts.feedback_messages(
+        self.by_id[m["qid"]].question, m["output"], self.by_id[m["qid"]].gold, self.demos),
+        n=t.feedback_samples, temperature=t.temperature, max_tokens=t.max_tokens)
+        for m in mistakes]
+    results, usage = self._ask_teacher(requests, f"feedback {round_index}")
+    data, counts, seen_by_question = [], {}, {}
+    for mistake, reply in zip(mistakes, results):
+      seen = seen_by_question.setdefault(mistake["qid"], set())
+      data.extend(self._keep_correct(self.by_id[mistake["qid"]], reply.texts, "feedback",
+                                     round_index + 1, seen, counts))
+    directory = self.path(f"round_{round_index + 1}")
+    wd.write_jsonl(os.path.join(directory, "teacher_data.jsonl"), data)
+    wd.write_json(os.path.join(directory, "teacher.json"), {
+        "phase": f"feedback_{round_index}", "usage": usage.as_dict(), "kept": len(data),
+        "dropped": counts, "mistakes": len(mistakes),
+        "prompt_version": teacher_prompts.PROMPT_VERSION})
+
+  def training_data(self, round_index: int) -> list[dict]:
+    first = 1 if self.cfg.method.accumulate_data else round_index
+    data = []
+    for r in range(first, round_index + 1):
+      path = self.path(f"round_{r}", "teacher_data.jsonl")
+      if os.path.exists(path):
+        data.extend(wd.read_jsonl(path))
+    return data
+
+  def train(self, round_index: int) -> None:
+    c = self.cfg
+    data = self.training_data(round_index)
+    if not data:
+      raise RuntimeError(f"round {round_index}: no teacher data to train on (see round_*/teacher.json)")
+    negatives: dict[str, list[str]] = {}
+    mistakes_path = self.path(f"round_{round_index - 1}", "mistakes.jsonl")
+    if c.method.self_reflection and os.path.exists(mistakes_path):
+      for m in wd.read_jsonl(mistakes_path):
+        negatives.setdefault(m["qid"], []).append(m["output"])
+    qids = sorted({d["qid"] for d in data})
+    prefixes = {q: data_prompts.format_prefix(self.by_id[q].question, self.demos) for q in qids}
+    batcher = Batcher(
+        self.tokenizer, prefixes, [TrainExample(d["qid"], d["continuation"]) for d in data],
+        negatives, batch_size=c.train.batch_size, max_seq_len=c.train.max_seq_len,
+        max_continuation_len=c.train.max_continuation_len, prefix_weight=c.train.prefix_weight,
+        max_positives=c.train.max_positives, max_negatives=c.train.max_negatives)
+    start_params = self.params(round_index - 1)
+    checkpoint_dir = self.path("checkpoints", f"train_round_{round_index}")
+    params, metrics = self.trainer.train_round(
+        start_params, batcher, seed=c.seed, round_index=round_index,
+        checkpoint_dir=checkpoint_dir, self_reflection=c.method.self_reflection)
+    checkpointing.save_params(self.path("checkpoints", f"round_{round_index}"), params)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    self._params = (round_index, params)
+    wd.write_json(self.path(f"round_{round_index}", "train.json"), dict(
+        metrics, examples=len(data), questions=len(qids),
+        negatives=sum(len(v) for v in negatives.values())))
+
+  def evaluate(self, round_index: int) -> None:
+    params = self.params(round_index)
+    results = {}
+    for split in [s.strip() for s in self.cfg.eval.splits.split(",") if s.strip()]:
+      examples = self.splits[split]
+      outputs = generate_texts(
+          self._decoder, params, self.tokenizer,
+          [data_prompts.format_prefix(x.question, self.demos) for x in examples], mesh=self.mesh,
+          num_samples=1, sampling=SamplingConfig(), max_new_tokens=self.task.max_new_tokens,
+          batch_size=self.cfg.eval.batch_size, rng=jax.random.PRNGKey(0),
+          label=f"evaluate {round_index} {split}")
+      records, summary_ = scoring.score(self.task, examples, [o[0] for o in outputs])
+      wd.write_jsonl(self.path(f"round_{round_index}", f"eval_{split}.jsonl"), records)
+      results[split] = summary_
+      logging.info("round %d %s accuracy: %.3f (%d/%d)", round_index, split,
+                   summary_["accuracy"], summary_["correct"], summary_["total"])
+    wd.write_json(self.path(f"round_{round_index}", "eval.json"), results)
+
+  def summary_records(self) -> list[dict]:
+    """One record per completed round, from the phase outputs in the workdir."""
+    records = []
+    timings_path = self.path("timings.json")
+    timings = wd.read_json(timings_path) if os.path.exists(timings_path) else {}
+    for r in range(1, self.cfg.rounds + 1):
+      if not self.state.done(f"evaluate_{r}"):
+        break
+      evals = wd.read_json(self.path(f"round_{r}", "eval.json"))
+      teacher_path = self.path(f"round_{r}", "teacher.json")
+      teacher = wd.read_json(teacher_path)["usage"] if os.path.exists(teacher_path) else {}
+      train = wd.read_json(self.path(f"round_{r}", "train.json"))
+      mistakes_path = self.path(f"round_{r - 1}", "exam.json")
+      records.append({
+          "round": r, "train_examples": train["examples"],
+          "mistakes": wd.read_json(mistakes_path)["mistakes"] if os.path.exists(mistakes_path)
+          else 0,
+          "teacher_requests": teacher.get("requests", 0) + teacher.get("cache_hits", 0),
+          "teacher_tokens": teacher.get("tokens", 0) + teacher.get("cached_tokens", 0),
+          "val_accuracy": evals.get("val", {}).get("accuracy"),
+          "test_accuracy": evals.get("test", {}).get("accuracy"),
+          "seconds": round(sum(timings.get(f"{phase}_{r}", 0.0) for phase in (
+              "train", "evaluate", "exam", "feedback")) + (timings.get("annotate", 0.0)
+                                                          if r == 1 else 0.0), 1)})
+    return records
+
+
+def _count_questions_with(data: list[dict], at_least: int) -> int:
+  counts: dict[str, int] = {}
+  for d in data:
+    counts[d["qid"]] = counts.get(d["qid"], 0) + 1
+  return sum(1 for v in counts.values() if v >= at_least)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: str | None = None) -> list[dict]:
+  return Run(cfg, workdir, stop_after).run()

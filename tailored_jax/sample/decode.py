@@ -1,0 +1,103 @@
+"""Batched KV-cache generation in one jitted while-loop: prefill once, k samples per prompt.
+
+Each row stops on its own at EOS or a blank line (`\\n\\n`, one token or two) and the loop ends
+as soon as every row has stopped (the release always ran the full budget).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tailored_jax.models.kv_cache import KVCache
+from tailored_jax.sample.sampling import NEG_INF, SamplingConfig, choose_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class StopTables:
+  """Per-token facts the loop needs, as arrays over the vocabulary."""
+  starts_newline_v: np.ndarray
+  ends_newline_v: np.ndarray
+  blank_line_v: np.ndarray
+  never_v: np.ndarray        # tokens never generated (pad, bos)
+  special_v: np.ndarray      # tokens the first generated token may not be
+  eos_id: int
+  pad_id: int
+
+  @classmethod
+  def from_tokenizer(cls, tok) -> "StopTables":
+    starts, ends, blank = tok.newline_tables()
+    never = np.zeros(tok.vocab_size, bool)
+    never[[tok.pad_id, tok.bos_id]] = True
+    special = np.zeros(tok.vocab_size, bool)
+    special[tok.special_ids] = True
+    return cls(starts, ends, blank, never, special, tok.eos_id, tok.pad_id)
+
+
+def generate(params, prompt_bp, prompt_valid_bp, rng, tables_arrays, *, model, eos_id: int,
+             pad_id: int, max_new_tokens: int, num_samples: int, sampling: SamplingConfig):
+  """Returns (tokens [B*k, max_new_tokens] padded with pad_id, lengths [B*k]).
+
+  Row b*k + j is sample j of prompt b. Prompts are left-padded.
+  """
+  starts_v, ends_v, blank_v, never_v, special_v = tables_arrays
+  cfg = model.cfg
+  b, p = prompt_bp.shape
+  positions_bp = jnp.maximum(jnp.cumsum(prompt_valid_bp, axis=1) - 1, 0)
+  cache = KVCache.zeros(cfg.n_layers, b, p + max_new_tokens, cfg.n_kv_heads, cfg.head_dim,
+                        jnp.dtype(cfg.dtype))
+  logits_bpv, _, cache = model.apply({"params": params}, prompt_bp, positions_bp, prompt_valid_bp,
+                                     cache)
+  n = b * num_samples
+  cache = cache.repeat(num_samples)
+  logits_nv = jnp.repeat(logits_bpv[:, -1], num_samples, axis=0)
+  next_position_n = jnp.repeat(jnp.sum(prompt_valid_bp, axis=1).astype(jnp.int32), num_samples)
+
+  def cond(carry):
+    step, _, _, _, done_n, _, _, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done_n)
+
+  def body(carry):
+    step, cache, logits_nv, out_nm, done_n, prev_n, lengths_n, rng = carry
+    rng, key = jax.random.split(rng)
+    banned_v = never_v | ((step == 0) & special_v)
+    logits_nv = jnp.where(banned_v[None, :], NEG_INF, logits_nv)
+    token_n = choose_tokens(logits_nv, key, sampling)
+    token_n = jnp.where(done_n, pad_id, token_n)
+    out_nm = jax.lax.dynamic_update_slice_in_dim(out_nm, token_n[:, None], step, axis=1)
+    lengths_n = lengths_n + (~done_n).astype(jnp.int32)
+    stops_n = (token_n == eos_id) | blank_v[token_n] | (ends_v[prev_n] & starts_v[token_n])
+    positions_n1 = (next_position_n + step)[:, None]
+    logits_n1v, _, cache = model.apply({"params": params}, token_n[:, None], positions_n1,
+                                       (~done_n)[:, None], cache)
+    return (step + 1, cache, logits_n1v[:, 0], out_nm, done_n | stops_n, token_n, lengths_n, rng)
+
+  carry = (jnp.zeros((), jnp.int32), cache, logits_nv,
+           jnp.full((n, max_new_tokens), pad_id, jnp.int32), jnp.zeros((n,), bool),
+           jnp.full((n,), pad_id, jnp.int32), jnp.zeros((n,), jnp.int32), rng)
+  _, _, _, out_nm, _, _, lengths_n, _ = jax.lax.while_loop(cond, body, carry)
+  return out_nm, lengths_n
+
+
+class Decoder:
+  """Holds the jitted `generate` for one model and tokenizer; compiles once per shape."""
+
+  def __init__(self, model, tables: StopTables):
+    self.model = model
+    self.tables = tables
+    self._arrays = tuple(jnp.asarray(a) for a in (
+        tables.starts_newline_v, tables.ends_newline_v, tables.blank_line_v, tables.never_v,
+        tables.special_v))
+    self._jitted = {}
+
+  def __call__(self, params, prompt_bp, prompt_valid_bp, rng, *, max_new_tokens: int,
+               num_samples: int, sampling: SamplingConfig):
+    key = (max_new_tokens, num_samples, sampling)
+    if key not in self._jitted:
+      self._jitted[key] = jax.jit(functools.partial(
+          generate, model=self.model, eos_id=self.tables.eos_id, pad_id=self.tables.pad_id,
+          max_new_tokens=max_new_tokens, num_samples=num_samples, sampling=sampling))
+    return self._jitted[key](params, prompt_bp, prompt_valid_bp, rng, self._arrays)

@@ -1,0 +1,44 @@
+"""Next-token choice from logits: greedy, or temperature with top-k and top-p (pure)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  temperature: float = 0.0  # 0: greedy
+  top_k: int = 0            # 0: off
+  top_p: float = 1.0        # 1: off
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, "
+                       f"0 < top_p <= 1")
+
+
+def filter_logits(logits_bv, top_k: int, top_p: float):
+  """Logits outside the top-k, or outside the smallest set with probability ≥ top_p, set to -inf."""
+  if top_k and top_k < logits_bv.shape[-1]:
+    kth_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+    logits_bv = jnp.where(logits_bv < kth_b1, NEG_INF, logits_bv)
+  if top_p < 1.0:
+    sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    # keep a token while the mass before it is below top_p (the first token is always kept)
+    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+    kept_bv = mass_before_bv < top_p
+    threshold_b1 = jnp.min(jnp.where(kept_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+    logits_bv = jnp.where(logits_bv < threshold_b1, NEG_INF, logits_bv)
+  return logits_bv
+
+
+def choose_tokens(logits_bv, rng, cfg: SamplingConfig):
+  if cfg.temperature == 0.0:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  logits_bv = filter_logits(logits_bv.astype(jnp.float32) / cfg.temperature, cfg.top_k, cfg.top_p)
+  return jax.random.categorical(rng, logits_bv, axis=-1).astype(jnp.int32)

@@ -1,0 +1,74 @@
+"""The device mesh from config and the logical-axis rules that place parameters and activations.
+
+Models name axes logically (embed, heads, mlp, vocab, batch…); `RULES` maps each to mesh axes.
+Parameters shard `embed` over fsdp (ZeRO-3 style) and heads/mlp/vocab over tensor; activations
+shard `batch` over data and fsdp.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("length", None),
+)
+
+
+def mesh_shape(cfg, num_devices: int) -> tuple[int, ...]:
+  """Sizes of (data, fsdp, tensor) from `cfg.mesh`; one size may be -1: whatever is left."""
+  sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config field mesh: at most one axis may be -1, got {sizes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config field mesh: sizes must be positive or -1, got {sizes}")
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"config field mesh: {num_devices} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config field mesh: {dict(zip(MESH_AXES, sizes))} needs "
+                     f"{math.prod(sizes)} devices, have {num_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(cfg, devices=None) -> Mesh:
+  if devices is None:
+    devices = jax.devices()
+    if cfg.mesh.num_devices:
+      if cfg.mesh.num_devices > len(devices):
+        raise ValueError(f"config field mesh.num_devices: {cfg.mesh.num_devices} devices asked, "
+                         f"{len(devices)} present")
+      devices = devices[:cfg.mesh.num_devices]
+  shape = mesh_shape(cfg, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_sharding(tree, mesh: Mesh):
+  """NamedShardings for a tree of logically-partitioned leaves (nn.Partitioned / LogicallyPartitioned)."""
+  specs = nn.get_partition_spec(tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Arrays whose leading axis is the batch: split over data and fsdp, replicated otherwise."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,54 @@
+"""The end-of-run report: summary.json (one record per round), summary.png and a terminal table."""
+from __future__ import annotations
+
+import os
+
+from tailored_jax import workdir as wd
+
+COLUMNS = ("round", "train_examples", "mistakes", "teacher_requests", "teacher_tokens",
+           "val_accuracy", "test_accuracy", "seconds")
+
+
+def write(workdir: str, records: list[dict]) -> None:
+  wd.write_json(os.path.join(workdir, "summary.json"), records)
+  plot(os.path.join(workdir, "summary.png"), records)
+
+
+def plot(path: str, records: list[dict]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rounds = [r["round"] for r in records]
+  fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+  for key, label in (("val_accuracy", "validation"), ("test_accuracy", "test")):
+    values = [r.get(key) for r in records]
+    if any(v is not None for v in values):
+      ax.plot(rounds, [100 * v if v is not None else float("nan") for v in values], marker="o",
+              label=label)
+  ax.set_xlabel("round")
+  ax.set_ylabel("accuracy (%)")
+  ax.set_xticks(rounds)
+  ax.set_ylim(0, 100)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  ax.set_title("Tailored learning: student accuracy per round")
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def table(records: list[dict]) -> str:
+  def cell(v):
+    if v is None:
+      return "-"
+    if isinstance(v, float):
+      return f"{v:.3f}" if v <= 1.0 else f"{v:.1f}"
+    return str(v)
+
+  rows = [list(COLUMNS)] + [[cell(r.get(c)) for c in COLUMNS] for r in records]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+  lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)

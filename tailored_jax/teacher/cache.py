@@ -1,0 +1,71 @@
+"""Persistent teacher reply cache: every paid reply is appended (and flushed) as it arrives.
+
+A re-run with the same request (model, messages, n, temperature, max_tokens) reads the reply
+back instead of paying again. A torn last line (a kill mid-write) is dropped with a warning;
+a bad line anywhere else is an error naming the file and line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+
+
+def request_key(payload: dict) -> str:
+  fields = {k: payload.get(k) for k in ("model", "messages", "n", "temperature", "max_tokens")}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class ReplyCache:
+
+  def __init__(self, path: str, prompt_version: str):
+    self.path = path
+    self.prompt_version = prompt_version
+    self._entries: dict[str, dict] = {}
+    self._lock = threading.Lock()
+    if os.path.exists(path):
+      self._load()
+
+  def _load(self) -> None:
+    with open(self.path, "rb") as f:
+      lines = f.read().split(b"\n")
+    good_bytes = 0
+    for number, line in enumerate(lines, start=1):
+      is_last = number == len(lines) or (number == len(lines) - 1 and lines[-1] == b"")
+      if not line.strip():
+        good_bytes += len(line) + 1
+        continue
+      try:
+        entry = json.loads(line)
+        key, texts = entry["key"], entry["texts"]
+        if not isinstance(texts, list):
+          raise ValueError("'texts' is not a list")
+      except (ValueError, KeyError, TypeError) as e:
+        if is_last:
+          logging.warning("%s:%d: dropping a torn last line (%s)", self.path, number, e)
+          with open(self.path, "rb+") as f:
+            f.truncate(good_bytes)
+          return
+        raise ValueError(f"{self.path}:{number}: corrupt teacher cache entry ({e})") from e
+      self._entries[key] = entry
+      good_bytes += len(line) + 1
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def get(self, key: str) -> dict | None:
+    return self._entries.get(key)
+
+  def put(self, key: str, payload: dict, texts: list[str], usage: dict) -> None:
+    entry = {"key": key, "prompt_version": self.prompt_version, "time": time.time(),
+             "request": payload, "texts": texts, "usage": usage}
+    line = json.dumps(entry) + "\n"
+    with self._lock:
+      self._entries[key] = entry
+      with open(self.path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())

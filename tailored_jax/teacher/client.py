@@ -1,0 +1,210 @@
+"""An asyncio (aiohttp) client for any OpenAI-compatible `/v1/chat/completions` endpoint.
+
+Many requests run concurrently under a semaphore and an optional requests-per-minute pace;
+429/5xx/timeouts are retried with exponential backoff (honouring Retry-After); every reply is
+cached before it is returned, so a crash never loses a paid call.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import random
+import time
+from typing import Callable
+
+import aiohttp
+
+from tailored_jax.teacher.cache import ReplyCache, request_key
+
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class TeacherError(RuntimeError):
+  """A request that failed for good (bad request, auth, retries exhausted, malformed reply)."""
+
+
+class TeacherBudgetError(TeacherError):
+  """The configured request budget would be exceeded."""
+
+
+@dataclasses.dataclass
+class ChatRequest:
+  messages: list[dict]
+  n: int = 1
+  temperature: float = 1.0
+  max_tokens: int = 512
+
+
+@dataclasses.dataclass
+class ChatReply:
+  texts: list[str]
+  prompt_tokens: int
+  completion_tokens: int
+  cached: bool
+
+
+@dataclasses.dataclass
+class Usage:
+  """What a batch of requests cost: paid requests, tokens, and replies served from the cache."""
+  requests: int = 0
+  prompt_tokens: int = 0
+  completion_tokens: int = 0
+  cache_hits: int = 0
+  cached_tokens: int = 0  # tokens of replies served from the cache (paid in an earlier run)
+  retries: int = 0
+  failures: int = 0
+
+  @property
+  def tokens(self) -> int:
+    return self.prompt_tokens + self.completion_tokens
+
+  def as_dict(self) -> dict:
+    return dict(dataclasses.asdict(self), tokens=self.tokens)
+
+
+class ChatClient:
+
+  def __init__(self, base_url: str, model: str, *, api_key: str = "", cache: ReplyCache | None,
+               max_concurrency: int = 16, max_retries: int = 5, timeout_s: float = 120.0,
+               backoff_s: float = 1.0, requests_per_minute: float = 0.0, supports_n: bool = True,
+               max_requests: int = 0):
+    self.url = base_url.rstrip("/") + "/chat/completions"
+    self.model = model
+    self.api_key = api_key
+    self.cache = cache
+    self.max_concurrency = max_concurrency
+    self.max_retries = max_retries
+    self.timeout_s = timeout_s
+    self.backoff_s = backoff_s
+    self.min_interval_s = 60.0 / requests_per_minute if requests_per_minute > 0 else 0.0
+    self.supports_n = supports_n
+    self.max_requests = max_requests
+    self.paid_requests = 0  # over the client's life, for the budget
+
+  def payload(self, request: ChatRequest, n: int | None = None) -> dict:
+    return {"model": self.model, "messages": request.messages,
+            "n": request.n if n is None else n, "temperature": request.temperature,
+            "max_tokens": request.max_tokens}
+
+  def run(self, requests: list[ChatRequest], on_reply: Callable[[int, ChatReply], None] | None = None
+          ) -> tuple[list[ChatReply | TeacherError], Usage]:
+    """Sends all requests (cache first); results in request order, failures as TeacherError."""
+    return asyncio.run(self._run(requests, on_reply))
+
+  async def _run(self, requests, on_reply):
+    usage = Usage()
+    results: list[ChatReply | TeacherError | None] = [None] * len(requests)
+    semaphore = asyncio.Semaphore(self.max_concurrency)
+    pace = {"next": 0.0}
+    pace_lock = asyncio.Lock()
+    headers = {"Content-Type": "application/json"}
+    if self.api_key:
+      headers["Authorization"] = f"Bearer {self.api_key}"
+    timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+
+      async def one(i: int, request: ChatRequest):
+        try:
+          reply = await self._complete(session, request, semaphore, pace, pace_lock, usage)
+        except TeacherError as e:
+          usage.failures += 1
+          results[i] = e
+          return
+        results[i] = reply
+        if on_reply is not None:
+          on_reply(i, reply)
+
+      await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+    return results, usage
+
+  async def _complete(self, session, request, semaphore, pace, pace_lock, usage) -> ChatReply:
+    if self.supports_n or request.n == 1:
+      payloads = [self.payload(request)]
+    else:  # servers without `n` (e.g. Ollama): n requests of one choice each, cached apart
+      payloads = [dict(self.payload(request, n=1), seed=i) for i in range(request.n)]
+    texts, prompt_tokens, completion_tokens, all_cached = [], 0, 0, True
+    for payload in payloads:
+      key = request_key(payload) + (f"-{payload['seed']}" if "seed" in payload else "")
+      entry = self.cache.get(key) if self.cache is not None else None
+      if entry is not None:
+        usage.cache_hits += 1
+        recorded = entry.get("usage") or {}
+        usage.cached_tokens += int(recorded.get("prompt_tokens", 0)) + int(
+            recorded.get("completion_tokens", 0))
+        texts.extend(entry["texts"])
+        continue
+      all_cached = False
+      if self.max_requests and self.paid_requests >= self.max_requests:
+        raise TeacherBudgetError(f"teacher.max_requests={self.max_requests} reached; raise it to "
+                                 "continue (cached replies are kept)")
+      self.paid_requests += 1
+      async with semaphore:
+        if self.min_interval_s:
+          async with pace_lock:
+            wait = pace["next"] - time.monotonic()
+            pace["next"] = max(pace["next"], time.monotonic()) + self.min_interval_s
+          if wait > 0:
+            await asyncio.sleep(wait)
+        body = await self._post_with_retries(session, payload, usage)
+      got, p_tok, c_tok = self._read_reply(body, payload["n"])
+      usage.requests += 1
+      usage.prompt_tokens += p_tok
+      usage.completion_tokens += c_tok
+      prompt_tokens += p_tok
+      completion_tokens += c_tok
+      if self.cache is not None:
+        self.cache.put(key, payload, got, {"prompt_tokens": p_tok, "completion_tokens": c_tok})
+      texts.extend(got)
+    return ChatReply(texts, prompt_tokens, completion_tokens, all_cached)
+
+  async def _post_with_retries(self, session, payload, usage) -> dict:
+    last_error = ""
+    for attempt in range(self.max_retries + 1):
+      delay = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
+      try:
+        async with session.post(self.url, json=payload) as response:
+          text = await response.text()
+          if response.status == 200:
+            try:
+              return await response.json(content_type=None)
+            except ValueError as e:
+              raise TeacherError(f"{self.url}: reply is not JSON ({e}): {text[:200]!r}") from e
+          message = _error_message(text)
+          if response.status not in RETRYABLE_STATUS:
+            raise TeacherError(f"{self.url}: HTTP {response.status}: {message}")
+          last_error = f"HTTP {response.status}: {message}"
+          retry_after = response.headers.get("Retry-After")
+          if retry_after:
+            try:
+              delay = max(delay, float(retry_after))
+            except ValueError:
+              pass
+      except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        last_error = f"{type(e).__name__}: {e}"
+      if attempt < self.max_retries:
+        usage.retries += 1
+        logging.info("teacher request failed (%s); retry %d/%d in %.1fs", last_error, attempt + 1,
+                     self.max_retries, delay)
+        await asyncio.sleep(delay)
+    raise TeacherError(f"{self.url}: gave up after {self.max_retries + 1} attempts: {last_error}")
+
+  def _read_reply(self, body: dict, n: int) -> tuple[list[str], int, int]:
+    try:
+      choices = sorted(body["choices"], key=lambda c: c.get("index", 0))
+      texts = [c["message"]["content"] or "" for c in choices]
+    except (KeyError, TypeError, AttributeError) as e:
+      raise TeacherError(f"{self.url}: reply lacks field choices[].message.content ({e!r}): "
+                         f"{str(body)[:200]}") from e
+    if len(texts) != n:
+      raise TeacherError(f"{self.url}: asked for n={n} choices, got {len(texts)}")
+    usage = body.get("usage") or {}
+    return texts, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+
+
+def _error_message(text: str) -> str:
+  try:
+    return json.loads(text)["error"]["message"]
+  except (ValueError, KeyError, TypeError):
+    return text[:300]

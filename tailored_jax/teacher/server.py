@@ -1,0 +1,203 @@
+"""A loopback OpenAI-compatible teacher (`/v1/chat/completions`, `/v1/models`) backed by the oracle.
+
+It speaks the documented protocol — `n` choices, `usage`, and `{"error": {...}}` bodies with the
+usual status codes — so the loop talks to it through the same client as to a real API.
+Usage counts whitespace-separated words as tokens. Run alone with
+`python -m tailored_jax.teacher.server --port 8000`.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import threading
+import time
+import uuid
+
+from aiohttp import web
+
+from tailored_jax.teacher import oracle
+
+DEFAULT_MODEL = "tailored-oracle"
+
+
+def _error(status: int, message: str, error_type: str, code: str | None = None,
+           param: str | None = None) -> web.Response:
+  body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+  return web.json_response(body, status=status)
+
+
+def _count_tokens(text: str) -> int:
+  return len(text.split())
+
+
+class OracleApp:
+  """The aiohttp application and its counters; `fail_next` injects retryable failures."""
+
+  def __init__(self, *, model: str = DEFAULT_MODEL, api_key: str = "", seed: int = 0,
+               error_rate: float = 0.0):
+    self.model = model
+    self.api_key = api_key
+    self.seed = seed
+    self.error_rate = error_rate
+    self.completions = 0
+    self.fail_next: list[int] = []  # statuses to answer the next requests with (tests)
+    self.app = web.Application(middlewares=[self._errors_as_json])
+    self.app.router.add_post("/v1/chat/completions", self.chat_completions)
+    self.app.router.add_get("/v1/models", self.models)
+
+  @web.middleware
+  async def _errors_as_json(self, request, handler):
+    try:
+      return await handler(request)
+    except web.HTTPException as e:
+      if e.status == 404:
+        return _error(404, f"Unknown request URL: {request.method} {request.path}",
+                      "invalid_request_error", "unknown_url")
+      if e.status == 405:
+        return _error(405, f"Method {request.method} not allowed on {request.path}",
+                      "invalid_request_error", "method_not_allowed")
+      raise
+
+  def _unauthorised(self, request) -> web.Response | None:
+    if not self.api_key:
+      return None
+    if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+      return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+    return None
+
+  async def models(self, request):
+    return self._unauthorised(request) or web.json_response(
+        {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
+                                     "owned_by": "tailored_jax"}]})
+
+  async def chat_completions(self, request):
+    denied = self._unauthorised(request)
+    if denied:
+      return denied
+    if self.fail_next:
+      status = self.fail_next.pop(0)
+      return _error(status, "The server is overloaded; try again.",
+                    "rate_limit_error" if status == 429 else "server_error")
+    try:
+      body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      return _error(400, "We could not parse the JSON body of your request.",
+                    "invalid_request_error")
+    if not isinstance(body, dict):
+      return _error(400, "The request body must be a JSON object.", "invalid_request_error")
+    invalid = self._validate(body)
+    if invalid:
+      return invalid
+    n = body.get("n", 1)
+    key = hashlib.sha256(json.dumps([self.seed, body], sort_keys=True).encode()).digest()
+    rng = random.Random(key)
+    try:
+      texts = oracle.reply(body["messages"], n, rng, self.error_rate)
+    except ValueError as e:
+      return _error(400, f"The local teacher cannot answer this prompt: {e}",
+                    "invalid_request_error", param="messages")
+    self.completions += 1
+    prompt_tokens = sum(_count_tokens(str(m.get("content", ""))) for m in body["messages"])
+    completion_tokens = sum(_count_tokens(t) for t in texts)
+    return web.json_response({
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+        "created": int(time.time()), "model": self.model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": t},
+                     "finish_reason": "stop", "logprobs": None} for i, t in enumerate(texts)],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens}})
+
+  def _validate(self, body: dict) -> web.Response | None:
+    if "model" not in body:
+      return _error(400, "you must provide a model parameter", "invalid_request_error",
+                    param="model")
+    if body["model"] != self.model:
+      return _error(404, f"The model `{body['model']}` does not exist.", "invalid_request_error",
+                    "model_not_found", "model")
+    messages = body.get("messages")
+    if (not isinstance(messages, list) or not messages
+        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+      return _error(400, "'messages' must be a non-empty list of {role, content} objects.",
+                    "invalid_request_error", param="messages")
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
+      return _error(400, f"{n!r} is not valid for 'n': it must be an integer from 1 to 128.",
+                    "invalid_request_error", param="n")
+    temperature = body.get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+      return _error(400, f"{temperature!r} is not valid for 'temperature': 0 to 2.",
+                    "invalid_request_error", param="temperature")
+    return None
+
+
+class LocalTeacherServer:
+  """Runs an OracleApp on 127.0.0.1 in a background thread; `url` is its `/v1` base."""
+
+  def __init__(self, port: int = 0, **app_kwargs):
+    self.oracle_app = OracleApp(**app_kwargs)
+    self._port = port
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._runner: web.AppRunner | None = None
+    self._thread: threading.Thread | None = None
+    self.url = ""
+
+  def __enter__(self) -> "LocalTeacherServer":
+    self.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.stop()
+
+  def start(self) -> str:
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def serve():
+      self._loop = asyncio.new_event_loop()
+      asyncio.set_event_loop(self._loop)
+      try:
+        self._runner = web.AppRunner(self.oracle_app.app, access_log=None)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", self._port)
+        self._loop.run_until_complete(site.start())
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+      except BaseException as e:  # reported to the starting thread
+        failure.append(e)
+        started.set()
+        return
+      started.set()
+      self._loop.run_forever()
+      self._loop.run_until_complete(self._runner.cleanup())
+      self._loop.close()
+
+    self._thread = threading.Thread(target=serve, name="local-teacher", daemon=True)
+    self._thread.start()
+    started.wait()
+    if failure:
+      raise RuntimeError(f"local teacher could not start on port {self._port}: {failure[0]}")
+    return self.url
+
+  def stop(self) -> None:
+    if self._loop is not None and self._thread is not None:
+      self._loop.call_soon_threadsafe(self._loop.stop)
+      self._thread.join(timeout=10)
+      self._loop = None
+
+
+def main():
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--port", type=int, default=8000)
+  parser.add_argument("--api-key", default="")
+  parser.add_argument("--error-rate", type=float, default=0.0)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  app = OracleApp(api_key=args.api_key, error_rate=args.error_rate, seed=args.seed)
+  web.run_app(app.app, host="127.0.0.1", port=args.port)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,35 @@
+"""The two losses of METHOD §3 as pure functions of arrays."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def lm_loss(logits_btv, targets_bt, weights_bt, target_mask_bt):
+  """Σ w·CE / (number of real target tokens): w = 0.1 on prefix targets, 1 on the continuation."""
+  ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32), targets_bt)
+  total = jnp.sum(ce_bt * weights_bt)
+  count = jnp.sum(target_mask_bt.astype(jnp.float32))
+  return total / jnp.maximum(count, 1.0)
+
+
+def cosine(x_bd, y_bd, eps: float = 1e-8):
+  x_bd, y_bd = x_bd.astype(jnp.float32), y_bd.astype(jnp.float32)
+  dot = jnp.sum(x_bd * y_bd, axis=-1)
+  norms = jnp.linalg.norm(x_bd, axis=-1) * jnp.linalg.norm(y_bd, axis=-1)
+  return dot / jnp.maximum(norms, eps)
+
+
+def triplet_loss(anchor_bd, positive_bd, negative_bd, mask_b, margin: float):
+  """Σ m·max(0, ρ − cos(a, p) + cos(a, n)) / max(Σ m, 1e-6)."""
+  per_example_b = jax.nn.relu(margin - cosine(anchor_bd, positive_bd)
+                              + cosine(anchor_bd, negative_bd))
+  mask_b = mask_b.astype(jnp.float32)
+  return jnp.sum(per_example_b * mask_b) / jnp.maximum(jnp.sum(mask_b), 1e-6)
+
+
+def last_real_token(hidden_btd, valid_bt):
+  """hidden state at each row's last valid position (rows are right-padded)."""
+  last_b = jnp.maximum(jnp.sum(valid_bt.astype(jnp.int32), axis=1) - 1, 0)
+  return jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)[:, 0, :]

@@ -1,0 +1,91 @@
+"""The pure train step: LM loss on the full string plus λ · self-reflection on shared prefixes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from tailored_jax.models.kv_cache import KVCache
+from tailored_jax.train import losses
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  sr_weight: float      # λ
+  sr_margin: float      # ρ
+  self_reflection: bool  # static: whether the batch carries the a/p/n continuations
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then constant lr; no decay on 1-D params (norm scales)."""
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)), optax.constant_schedule(cfg.lr)],
+      [max(cfg.warmup_steps, 1)])
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  chain = []
+  if cfg.grad_clip > 0:
+    chain.append(optax.clip_by_global_norm(cfg.grad_clip))
+  chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*chain)
+
+
+def lm_forward_loss(model, params, batch):
+  tokens_bt = batch["inputs"]
+  valid_bt = batch["input_mask"]
+  positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+  logits_btv, _, _ = model.apply({"params": params}, tokens_bt, positions_bt, valid_bt)
+  return losses.lm_loss(logits_btv, batch["targets"], batch["target_weights"],
+                        batch["target_mask"])
+
+
+def self_reflection_loss(model, params, batch, margin: float):
+  """Prefix encoded once without gradient; anchor/positive/negative continue from its cache."""
+  prefix_bp, prefix_valid_bp = batch["prefix"], batch["prefix_mask"]
+  cont_bkc, cont_valid_bkc = batch["continuations"], batch["continuation_mask"]
+  b, p = prefix_bp.shape
+  k, c = cont_bkc.shape[1:]
+  cfg = model.cfg
+  prefix_positions_bp = jnp.maximum(jnp.cumsum(prefix_valid_bp, axis=1) - 1, 0)
+  cache = KVCache.zeros(cfg.n_layers, b, p + c, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
+  _, _, cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp, prefix_valid_bp,
+                            cache)
+  cache = jax.lax.stop_gradient(cache).repeat(k)
+  prefix_len_b = jnp.sum(prefix_valid_bp.astype(jnp.int32), axis=1)
+  positions_bkc = prefix_len_b[:, None, None] + jnp.arange(c)[None, None, :]
+  _, hidden_ncd, _ = model.apply(
+      {"params": params}, cont_bkc.reshape(b * k, c),
+      jnp.broadcast_to(positions_bkc, (b, k, c)).reshape(b * k, c),
+      cont_valid_bkc.reshape(b * k, c), cache)
+  h_bkd = losses.last_real_token(hidden_ncd, cont_valid_bkc.reshape(b * k, c)).reshape(b, k, -1)
+  return losses.triplet_loss(h_bkd[:, 0], h_bkd[:, 1], h_bkd[:, 2], batch["sr_mask"], margin)
+
+
+def train_step(state: TrainState, batch, *, model, optimizer, loss_cfg: LossConfig):
+  def loss_fn(params):
+    lm = lm_forward_loss(model, params, batch)
+    if loss_cfg.self_reflection:
+      sr = self_reflection_loss(model, params, batch, loss_cfg.sr_margin)
+    else:
+      sr = jnp.zeros((), jnp.float32)
+    return lm + loss_cfg.sr_weight * sr, (lm, sr)
+
+  (loss, (lm, sr)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "lm_loss": lm, "sr_loss": sr, "grad_norm": optax.global_norm(grads),
+             "target_tokens": jnp.sum(batch["target_mask"].astype(jnp.int32)),
+             "sr_examples": jnp.sum(batch["sr_mask"].astype(jnp.int32)) if "sr_mask" in batch
+             else jnp.zeros((), jnp.int32)}
+  return TrainState(state.step + 1, params, opt_state), metrics

@@ -1,0 +1,124 @@
+"""The host side of training: the mesh, sharded init, the jitted step, one round's loop.
+
+`train_step` is compiled once per batch shape with explicit state shardings and a donated
+state; a round resumes from its newest mid-round checkpoint with the same batches it would
+have seen (epoch order and self-reflection draws are seeded by round, epoch and step).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tailored_jax import checkpointing, sharding
+from tailored_jax.data.batching import Batcher
+from tailored_jax.train import step as step_lib
+
+
+def _seed(*parts: int) -> int:
+  return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class Trainer:
+
+  def __init__(self, model, train_cfg, mesh):
+    self.model = model
+    self.cfg = train_cfg
+    self.mesh = mesh
+    self.optimizer = step_lib.make_optimizer(train_cfg)
+    dummy = jnp.zeros((1, 8), jnp.int32)
+
+    def init_boxed(key):
+      params = model.init(key, dummy, dummy, jnp.ones((1, 8), bool))["params"]
+      return params, self.optimizer.init(params)
+
+    abstract_params, abstract_opt = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    self.param_shardings = sharding.logical_sharding(abstract_params, mesh)
+    self.opt_shardings = sharding.logical_sharding(abstract_opt, mesh)
+    self.abstract_params = nn.meta.unbox(abstract_params)
+    self.state_shardings = step_lib.TrainState(sharding.replicated(mesh), self.param_shardings,
+                                               self.opt_shardings)
+    self._init_params = jax.jit(lambda key: nn.meta.unbox(init_boxed(key)[0]),
+                                out_shardings=self.param_shardings)
+    self._init_opt = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)
+    self._steps = {}
+
+  def init_params(self, seed: int):
+    return self._init_params(jax.random.PRNGKey(seed))
+
+  def new_state(self, params) -> step_lib.TrainState:
+    return step_lib.TrainState(jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(self.mesh)),
+                               params, self._init_opt(params))
+
+  def step_fn(self, self_reflection: bool):
+    if self_reflection not in self._steps:
+      loss_cfg = step_lib.LossConfig(self.cfg.sr_weight, self.cfg.sr_margin, self_reflection)
+      self._steps[self_reflection] = jax.jit(
+          functools.partial(step_lib.train_step, model=self.model, optimizer=self.optimizer,
+                            loss_cfg=loss_cfg),
+          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+          donate_argnums=0)
+    return self._steps[self_reflection]
+
+  def put_batch(self, batch: dict) -> dict:
+    return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.ndim))
+            for k, v in batch.items()}
+
+  def schedule(self, batcher: Batcher, seed: int, round_index: int) -> list[list[int]]:
+    """Every batch of the round, in order: `epochs` epochs of distinct-question batches."""
+    batches = []
+    for epoch in range(self.cfg.epochs):
+      batches.extend(batcher.epoch(_seed(seed, round_index, epoch)))
+    return batches
+
+  def train_round(self, params, batcher: Batcher, *, seed: int, round_index: int,
+                  checkpoint_dir: str, self_reflection: bool, state=None):
+    """Trains one round from `params` (or a given state); returns (params, summary dict)."""
+    use_sr = self_reflection and batcher.has_self_reflection()
+    step_fn = self.step_fn(use_sr)
+    batches = self.schedule(batcher, seed, round_index)
+    checkpoints = checkpointing.StepCheckpoints(checkpoint_dir)
+    state = self.new_state(params) if state is None else state
+    start = 0
+    latest = checkpoints.latest_step()
+    if latest is not None:
+      state = checkpoints.restore(latest, state, self.state_shardings)
+      start = latest
+      logging.info("round %d: resuming training at step %d/%d", round_index, start, len(batches))
+    logging.info("round %d: training on %d examples (%d with self-reflection pairs), %d steps, "
+                 "seq_len %d%s", round_index, len(batcher), batcher.sr_candidates, len(batches),
+                 batcher.seq_len, f", {batcher.truncated} cut" if batcher.truncated else "")
+    window_start = round_start = time.time()
+    window_steps = window_tokens = total_tokens = 0
+    last = {}
+    for i in range(start, len(batches)):
+      batch = batcher.build(batches[i], _seed(seed, round_index, i, 1), use_sr)
+      tokens = int(batch["target_mask"].sum())
+      window_tokens += tokens
+      total_tokens += tokens
+      window_steps += 1
+      state, metrics = step_fn(state, self.put_batch(batch))
+      step_number = i + 1
+      if step_number % self.cfg.log_every_steps == 0 or step_number == len(batches):
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = max(time.time() - window_start, 1e-9)
+        logging.info("round %d step %d/%d: loss %.4f (lm %.4f, sr %.4f), %.2f steps/s, "
+                     "%.0f target tokens/s", round_index, step_number, len(batches), last["loss"],
+                     last["lm_loss"], last["sr_loss"], window_steps / elapsed,
+                     window_tokens / elapsed)
+        window_start, window_steps, window_tokens = time.time(), 0, 0
+      if step_number % self.cfg.checkpoint_every_steps == 0 and step_number < len(batches):
+        checkpoints.save(step_number, state)
+    checkpoints.close()
+    seconds = time.time() - round_start
+    summary = {"steps": len(batches), "resumed_at_step": start, "seconds": seconds,
+               "self_reflection": use_sr, "final_loss": last.get("loss"),
+               "final_lm_loss": last.get("lm_loss"), "final_sr_loss": last.get("sr_loss"),
+               "target_tokens": total_tokens,
+               "target_tokens_per_s": total_tokens / max(seconds, 1e-9)}
+    return state.params, summary

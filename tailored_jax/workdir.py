@@ -1,0 +1,65 @@
+"""The run directory: atomic JSON/JSONL writes and `state.json`, the record of completed phases."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=False)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+
+
+def write_jsonl(path: str, records) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for record in records:
+      f.write(json.dumps(record) + "\n")
+  os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+  out = []
+  with open(path) as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: invalid JSON ({e.msg})") from e
+  return out
+
+
+class RunState:
+  """Which phases of the run are done; saved after every phase, so a re-run skips them."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "state.json")
+    self.completed: list[str] = []
+    if os.path.exists(self.path):
+      data = read_json(self.path)
+      if not isinstance(data, dict) or not isinstance(data.get("completed"), list):
+        raise ValueError(f"{self.path}: field 'completed' must be a list of phase names")
+      self.completed = data["completed"]
+
+  def done(self, phase: str) -> bool:
+    return phase in self.completed
+
+  def mark(self, phase: str) -> None:
+    if phase not in self.completed:
+      self.completed.append(phase)
+    write_json(self.path, {"completed": self.completed, "last_completed": phase})

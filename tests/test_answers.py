@@ -1,0 +1,31 @@
+import pytest
+
+from tailored_jax.data import answers
+
+
+@pytest.mark.parametrize("output, expected, rationale", [
+    (" 3 + 4 = 7. So 7 apples.\nAnswer: 7", "7", " 3 + 4 = 7. So 7 apples.\nAnswer: 7"),
+    (" 3 + 4 = 7.\nAnswer: 8\n\nQuestion: next 99", "8", " 3 + 4 = 7.\nAnswer: 8"),
+    (" I think 12 then 15.", "15", " I think 12 then 15."),  # the regex takes the period
+    (" It costs 2,125 dollars.", "2125", " It costs 2,125"),
+    (" Therefore, the answer is -4. Then 9.", "-4", " Therefore, the answer is -4."),
+    (" No numbers here.", None, " No numbers here."),
+    (" 5 - 9 = -4\nAnswer: -4.", "-4", " 5 - 9 = -4\nAnswer: -4."),
+    (" half is 2.50\nAnswer: 2.50", "2.5", " half is 2.50\nAnswer: 2.50"),
+    (" 1 + 1 = 2\n\n\nAnswer: 5", "2", " 1 + 1 = 2"),
+])
+def test_extract_number(output, expected, rationale):
+  got = answers.extract_number(output)
+  assert got.answer == expected
+  assert got.rationale == rationale
+
+
+def test_answer_marker_wins_over_last_number():
+  assert answers.extract_number(" 2 + 2 = 4\nAnswer: 4 apples, not 5").answer == "4"
+  assert answers.extract_number(" x\nAnswer: none").error == "no_number_after_marker"
+
+
+def test_is_correct():
+  assert answers.is_correct("Yes", "yes")
+  assert not answers.is_correct(None, "3")
+  assert not answers.is_correct("30", "3")

@@ -1,0 +1,156 @@
+"""The loopback teacher's protocol, and the client's retries, errors and persistent cache."""
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tailored_jax.data import synthetic
+from tailored_jax.teacher import prompts
+from tailored_jax.teacher.cache import ReplyCache
+from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
+from tailored_jax.teacher.server import DEFAULT_MODEL, LocalTeacherServer
+
+PROBLEM = synthetic.Problem("Ava", "pens", 5, (synthetic.Step("add", 3, 0),
+                                               synthetic.Step("mul", 2, 0)), "Ben")
+
+
+@pytest.fixture(scope="module")
+def server():
+  with LocalTeacherServer(api_key="sk-test", seed=1) as s:
+    yield s
+
+
+def post(server, body, key="sk-test", path="/chat/completions", method="POST"):
+  data = body if isinstance(body, bytes) else json.dumps(body).encode()
+  request = urllib.request.Request(server.url + path, data=data if method == "POST" else None,
+                                   method=method, headers={"Authorization": f"Bearer {key}",
+                                                           "Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(request) as response:
+      return response.status, json.loads(response.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def annotation_body(n=3):
+  return {"model": DEFAULT_MODEL, "n": n, "temperature": 0.7,
+          "messages": prompts.annotation_messages(PROBLEM.question(), [])}
+
+
+def test_completion_has_n_choices_usage_and_correct_rationales(server):
+  status, body = post(server, annotation_body(n=3))
+  assert status == 200
+  assert body["object"] == "chat.completion" and body["model"] == DEFAULT_MODEL
+  assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+  assert all(c["finish_reason"] == "stop" for c in body["choices"])
+  usage = body["usage"]
+  assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+  for choice in body["choices"]:
+    reply = prompts.parse_reply(choice["message"]["content"])
+    assert reply.answer == "16"
+    assert "5 + 3 = 8" in reply.rationale and "8 * 2 = 16" in reply.rationale
+  assert len({c["message"]["content"] for c in body["choices"]}) > 1
+
+
+def test_feedback_names_first_wrong_step(server):
+  body = {"model": DEFAULT_MODEL, "messages": prompts.feedback_messages(
+      PROBLEM.question(), "Ava starts with 5. 5 + 3 = 8. 8 * 2 = 18.\nAnswer: 18", "16", [])}
+  status, reply = post(server, body)
+  assert status == 200
+  text = reply["choices"][0]["message"]["content"]
+  assert text.startswith("Feedback: Step 2 is wrong: you wrote 8 * 2 = 18, but it should be "
+                         "8 * 2 = 16.")
+  assert prompts.parse_reply(text).answer == "16"
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ({"model": DEFAULT_MODEL}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    (dict(annotation_body(), n=0), 400, "n"),
+    (dict(annotation_body(), temperature=3), 400, "temperature"),
+    (dict(annotation_body(), model="gpt-9"), 404, "model"),
+    ({"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hello"}]}, 400,
+     "messages"),
+])
+def test_bad_requests_get_openai_error_bodies(server, body, status, param):
+  got_status, got = post(server, body)
+  assert got_status == status
+  assert set(got["error"]) == {"message", "type", "param", "code"}
+  assert got["error"]["param"] == param
+  assert got["error"]["message"]
+
+
+def test_auth_unknown_route_and_method(server):
+  status, body = post(server, annotation_body(), key="wrong")
+  assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+  status, body = post(server, annotation_body(), path="/nope")
+  assert (status, body["error"]["code"]) == (404, "unknown_url")
+  status, body = post(server, None, path="/chat/completions", method="GET")
+  assert (status, body["error"]["code"]) == (405, "method_not_allowed")
+  status, body = post(server, None, path="/models", method="GET")
+  assert status == 200 and body["data"][0]["id"] == DEFAULT_MODEL
+
+
+def test_client_retries_then_caches(server, tmp_path):
+  cache = ReplyCache(str(tmp_path / "cache.jsonl"), "v")
+  client = ChatClient(server.url, DEFAULT_MODEL, api_key="sk-test", cache=cache, backoff_s=0.0)
+  server.oracle_app.fail_next = [429, 503]
+  request = ChatRequest(prompts.annotation_messages(PROBLEM.question(), []), n=2)
+  results, usage = client.run([request])
+  assert usage.requests == 1 and usage.retries == 2 and usage.failures == 0
+  assert len(results[0].texts) == 2
+  served = server.oracle_app.completions
+  again, usage2 = ChatClient(server.url, DEFAULT_MODEL, api_key="sk-test", backoff_s=0.0,
+                             cache=ReplyCache(cache.path, "v")).run([request])
+  assert server.oracle_app.completions == served  # nothing paid twice
+  assert usage2.cache_hits == 1 and usage2.requests == 0
+  assert usage2.cached_tokens == usage.tokens
+  assert again[0].texts == results[0].texts
+
+
+def test_client_reports_non_retryable_errors_and_gives_up(server, tmp_path):
+  client = ChatClient(server.url, DEFAULT_MODEL, api_key="wrong", cache=None, backoff_s=0.0)
+  results, usage = client.run([ChatRequest(prompts.annotation_messages("x", []))])
+  assert isinstance(results[0], TeacherError) and "HTTP 401" in str(results[0])
+  assert usage.retries == 0
+  client = ChatClient(server.url, DEFAULT_MODEL, api_key="sk-test", cache=None, backoff_s=0.0,
+                      max_retries=1)
+  server.oracle_app.fail_next = [500, 500]
+  results, usage = client.run([ChatRequest(prompts.annotation_messages(PROBLEM.question(), []))])
+  assert isinstance(results[0], TeacherError) and "gave up after 2 attempts" in str(results[0])
+
+
+def test_client_without_n_support_sends_single_choice_requests(server, tmp_path):
+  client = ChatClient(server.url, DEFAULT_MODEL, api_key="sk-test", backoff_s=0.0,
+                      cache=ReplyCache(str(tmp_path / "c.jsonl"), "v"), supports_n=False)
+  results, usage = client.run([ChatRequest(prompts.annotation_messages(PROBLEM.question(), []),
+                                           n=3)])
+  assert usage.requests == 3 and len(results[0].texts) == 3
+
+
+def test_cache_drops_torn_last_line_and_rejects_corrupt_middle(tmp_path):
+  path = str(tmp_path / "cache.jsonl")
+  cache = ReplyCache(path, "v")
+  cache.put("a", {"n": 1}, ["one"], {"prompt_tokens": 1, "completion_tokens": 1})
+  with open(path, "a") as f:
+    f.write('{"key": "b", "texts": ["tw')
+  reloaded = ReplyCache(path, "v")
+  assert len(reloaded) == 1 and reloaded.get("a")["texts"] == ["one"]
+  reloaded.put("c", {"n": 1}, ["three"], {})
+  assert len(ReplyCache(path, "v")) == 2
+  with open(path) as f:
+    lines = f.read().splitlines()
+  with open(path, "w") as f:
+    f.write("\n".join([lines[0], "garbage", lines[1]]) + "\n")
+  with pytest.raises(ValueError, match=r"cache.jsonl:2: corrupt teacher cache entry"):
+    ReplyCache(path, "v")
+
+
+def test_parse_reply_formats():
+  got = prompts.parse_reply("Feedback: x\nReasoning: a\nb = 3\nAnswer: 3 apples")
+  assert got.rationale == "a b = 3" and got.answer == "3 apples"
+  got = prompts.parse_reply("no format at all 7")
+  assert got.rationale == "no format at all 7" and got.answer is None

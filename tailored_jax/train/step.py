@@ -84,7 +84,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, loss_cfg: LossConf
   (loss, (lm, sr)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "lm_loss": lm, "sr_loss": sr, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss, "lm_loss": lm, "sr_loss": sr, "grad_norm": optax.tree.norm(grads),
              "target_tokens": jnp.sum(batch["target_mask"].astype(jnp.int32)),
              "sr_examples": jnp.sum(batch["sr_mask"].astype(jnp.int32)) if "sr_mask" in batch
              else jnp.zeros((), jnp.int32)}

@@ -1,0 +1,197 @@
+"""The student's forward, its KV cache, the decoder and the sharded train step, on tiny shapes."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from tailored_jax import sharding
+from tailored_jax.models.kv_cache import KVCache
+from tailored_jax.models.llama import Llama, LlamaConfig
+from tailored_jax.sample import decode, sampling
+from tailored_jax.train import step as step_lib
+from tailored_jax.train.trainer import Trainer
+
+CFG = LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  d_ff=64)
+MODEL = Llama(CFG)
+
+
+@pytest.fixture(scope="module")
+def params():
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  return nn.meta.unbox(MODEL.init(jax.random.PRNGKey(0), tokens, tokens, tokens > -1)["params"])
+
+
+def forward(params, tokens, positions, valid, cache=None):
+  return MODEL.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
+                     jnp.asarray(valid), cache)
+
+
+def test_incremental_decoding_matches_full_forward(params):
+  tokens = np.array([[5, 9, 3, 7, 11, 2]], np.int32)
+  positions = np.arange(6)[None]
+  full, _, _ = forward(params, tokens, positions, np.ones_like(tokens, bool))
+  cache = KVCache.zeros(CFG.n_layers, 1, 8, CFG.n_kv_heads, CFG.head_dim, jnp.float32)
+  logits, _, cache = forward(params, tokens[:, :3], positions[:, :3], np.ones((1, 3), bool), cache)
+  steps = [logits]
+  for t in range(3, 6):
+    logits, _, cache = forward(params, tokens[:, t:t + 1], positions[:, t:t + 1],
+                               np.ones((1, 1), bool), cache)
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_left_padding_is_masked(params):
+  tokens = np.array([[5, 9, 3, 7]], np.int32)
+  alone, _, _ = forward(params, tokens, np.arange(4)[None], np.ones((1, 4), bool))
+  padded = np.array([[0, 0, 5, 9, 3, 7]], np.int32)
+  valid = padded > 0
+  positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+  got, _, _ = forward(params, padded, positions, valid)
+  np.testing.assert_allclose(got[:, 2:], alone, atol=1e-5)
+
+
+def test_prefix_cache_continuation_matches_full_hidden(params):
+  """Self-reflection encodes continuations from a shared prefix cache: same hidden states."""
+  prefix, cont = [4, 8, 15], [16, 23, 42 % 40]
+  _, full_hidden, _ = forward(params, np.array([prefix + cont]), np.arange(6)[None],
+                              np.ones((1, 6), bool))
+  cache = KVCache.zeros(CFG.n_layers, 1, 3 + 4, CFG.n_kv_heads, CFG.head_dim, jnp.float32)
+  _, _, cache = forward(params, np.array([prefix]), np.arange(3)[None], np.ones((1, 3), bool),
+                        cache)
+  _, hidden, _ = forward(params, np.array([cont + [0]]), np.arange(3, 7)[None],
+                         np.array([[True, True, True, False]]), cache)
+  np.testing.assert_allclose(hidden[:, :3], full_hidden[:, 3:], atol=1e-5)
+
+
+def _tables(eos=1):
+  v = CFG.vocab_size
+  never = np.zeros(v, bool)
+  never[[0, 2]] = True
+  special = never.copy()
+  special[eos] = True
+  starts, ends, blank = np.zeros(v, bool), np.zeros(v, bool), np.zeros(v, bool)
+  starts[30] = ends[30] = True  # token 30 is "\n"; token 31 is "\n\n"
+  blank[31] = True
+  return decode.StopTables(starts, ends, blank, never, special, eos_id=eos, pad_id=0)
+
+
+def test_greedy_decode_equals_stepwise_argmax(params):
+  decoder = decode.Decoder(MODEL, _tables())
+  prompt = [2, 7, 12, 5]
+  tokens = np.array([[0, 0] + prompt, [2, 9, 4, 4, 6, 3]], np.int32)
+  valid = tokens > 0
+  out, lengths = decoder(params, tokens, valid, jax.random.PRNGKey(0), max_new_tokens=6,
+                         num_samples=1, sampling=sampling.SamplingConfig())
+  seq = list(prompt)
+  expected = []
+  for _ in range(6):
+    logits, _, _ = forward(params, np.array([seq]), np.arange(len(seq))[None],
+                           np.ones((1, len(seq)), bool))
+    row = np.array(logits[0, -1])
+    row[[0, 2]] = -np.inf
+    if not expected:
+      row[1] = -np.inf
+    nxt = int(np.argmax(row))
+    expected.append(nxt)
+    seq.append(nxt)
+    if nxt in (1, 31):
+      break
+  n = int(lengths[0])
+  assert out[0, :n].tolist() == expected[:n]
+  assert n == len(expected)
+  assert (np.asarray(out[0, n:]) == 0).all()
+
+
+def test_rows_stop_on_their_own_and_samples_repeat_prompts(params):
+  tables = _tables()
+  decoder = decode.Decoder(MODEL, tables)
+  tokens = np.array([[2, 7, 12, 5]], np.int32)
+  out, lengths = decoder(params, tokens, tokens > 0, jax.random.PRNGKey(3), max_new_tokens=8,
+                         num_samples=5, sampling=sampling.SamplingConfig(1.0, 10, 0.9))
+  out, lengths = np.asarray(out), np.asarray(lengths)
+  assert out.shape == (5, 8)
+  for row, n in zip(out, lengths):
+    stops = [i for i, t in enumerate(row[:n]) if t == 1 or t == 31
+             or (i > 0 and row[i - 1] == 30 and t == 30)]
+    assert not stops or stops[0] == n - 1  # nothing after the first stop
+    assert (row[n:] == 0).all()
+    assert 0 not in row[:n] and 2 not in row[:n]
+
+
+def test_filter_logits_top_k_and_top_p():
+  logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+  kept = np.isfinite(np.asarray(sampling.filter_logits(logits, 2, 1.0))) & (
+      np.asarray(sampling.filter_logits(logits, 2, 1.0)) > -1e29)
+  assert kept.tolist() == [[True, True, False, False, False]]
+  top_p = np.asarray(sampling.filter_logits(logits, 0, 0.8)) > -1e29
+  assert top_p.tolist() == [[True, True, True, False, False]]
+
+
+def _train_cfg():
+  return ml_collections.ConfigDict(dict(
+      lr=1e-2, warmup_steps=1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
+      sr_weight=0.5, sr_margin=1.0))
+
+
+def _batch(rng):
+  b, t, p, c = 8, 12, 6, 5
+  tokens = rng.integers(3, CFG.vocab_size, (b, t + 1)).astype(np.int32)
+  mask = np.ones((b, t), bool)
+  mask[::3, 8:] = False
+  prefix_mask = np.ones((b, p), bool)
+  prefix_mask[1::2, :2] = False
+  cont_mask = np.ones((b, 3, c), bool)
+  cont_mask[:, 2, 3:] = False
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "input_mask": mask,
+          "target_mask": mask, "target_weights": np.where(mask, 1.0, 0.0).astype(np.float32),
+          "prefix": rng.integers(3, CFG.vocab_size, (b, p)).astype(np.int32),
+          "prefix_mask": prefix_mask,
+          "continuations": rng.integers(3, CFG.vocab_size, (b, 3, c)).astype(np.int32),
+          "continuation_mask": cont_mask, "sr_mask": (np.arange(b) % 4 != 0).astype(np.float32)}
+
+
+def _mesh_cfg(data, fsdp, tensor, num_devices):
+  return ml_collections.ConfigDict({"mesh": dict(data=data, fsdp=fsdp, tensor=tensor,
+                                                 num_devices=num_devices)})
+
+
+def test_sharded_train_step_matches_single_device():
+  assert jax.device_count() == 8, "tests/conftest.py asks for 8 host devices"
+  results = []
+  for mesh_cfg in (_mesh_cfg(1, 1, 1, 1), _mesh_cfg(2, 2, 2, 0)):
+    mesh = sharding.make_mesh(mesh_cfg)
+    trainer = Trainer(MODEL, _train_cfg(), mesh)
+    state = trainer.new_state(trainer.init_params(0))
+    step_fn = trainer.step_fn(self_reflection=True)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+      state, metrics = step_fn(state, trainer.put_batch(_batch(rng)))
+    wq = state.params["layer_0"]["attn"]["wq"]
+    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    if mesh.size == 8:
+      assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  (p1, m1), (p8, m8) = results
+  assert m1["sr_loss"] > 0 and m1["sr_examples"] == 6
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_lm_loss_decreases_on_a_fixed_batch():
+  mesh = sharding.make_mesh(_mesh_cfg(1, 1, 1, 1))
+  trainer = Trainer(MODEL, _train_cfg(), mesh)
+  state = trainer.new_state(trainer.init_params(1))
+  step_fn = trainer.step_fn(self_reflection=False)
+  batch = trainer.put_batch({k: v for k, v in _batch(np.random.default_rng(1)).items()
+                             if k in ("inputs", "targets", "input_mask", "target_mask",
+                                      "target_weights")})
+  losses = []
+  for _ in range(30):
+    state, metrics = step_fn(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.5 * losses[0]

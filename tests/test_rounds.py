@@ -1,0 +1,137 @@
+"""The round loop end to end on a tiny config, and resumption after kills between and mid-phase."""
+import json
+import os
+
+import pytest
+
+from tailored_jax import config_lib, rounds
+from tailored_jax.teacher.client import ChatClient
+from tailored_jax.train.trainer import Trainer
+
+
+def tiny_config():
+  c = config_lib.base_config()
+  c.rounds = 2
+  c.task.synthetic.update(num_train=16, num_val=8, num_test=8, max_steps=2)
+  c.task.max_new_tokens = 24
+  c.tokenizer.vocab_size = 300
+  c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
+  c.mesh.num_devices = 1
+  c.train.update(batch_size=8, epochs=2, lr=3e-3, warmup_steps=2, checkpoint_every_steps=3,
+                 log_every_steps=4)
+  c.exam.update(num_samples=2, max_new_tokens=24, batch_size=16)
+  c.eval.batch_size = 8
+  c.teacher.update(num_rationales=2, backoff_s=0.0)
+  c.teacher.local_error_rate = 0.2
+  return c
+
+
+def read(workdir, *parts):
+  path = os.path.join(workdir, *parts)
+  with open(path) as f:
+    return f.read()
+
+
+def cache_lines(workdir):
+  return len(read(workdir, "teacher_cache.jsonl").splitlines())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  records = rounds.run(tiny_config(), workdir)
+  return workdir, records
+
+
+def test_end_to_end_outputs(reference):
+  workdir, records = reference
+  assert [r["round"] for r in records] == [1, 2]
+  assert set(records[0]) == {"round", "train_examples", "mistakes", "teacher_requests",
+                             "teacher_tokens", "val_accuracy", "test_accuracy", "seconds"}
+  assert records[0]["teacher_requests"] == 16 and records[0]["mistakes"] == 0
+  annotate = json.loads(read(workdir, "round_1", "teacher.json"))
+  assert annotate["usage"]["requests"] == 16
+  # local_error_rate=0.2: some teacher rationales are wrong and must have been dropped
+  assert annotate["dropped"].get("wrong_answer", 0) > 0
+  assert annotate["kept"] + sum(annotate["dropped"].values()) == 32
+  assert records[0]["train_examples"] == annotate["kept"]
+  exam = json.loads(read(workdir, "round_1", "exam.json"))
+  assert records[1]["mistakes"] == exam["mistakes"] > 0
+  feedback = json.loads(read(workdir, "round_2", "teacher.json"))
+  assert feedback["mistakes"] == exam["mistakes"] == records[1]["teacher_requests"]
+  assert records[1]["train_examples"] == annotate["kept"] + feedback["kept"]
+  train2 = json.loads(read(workdir, "round_2", "train.json"))
+  assert train2["self_reflection"] and train2["negatives"] == exam["mistakes"]
+  assert json.loads(read(workdir, "state.json"))["last_completed"] == "evaluate_2"
+  assert json.loads(read(workdir, "summary.json")) == records
+  assert os.path.getsize(os.path.join(workdir, "summary.png")) > 1000
+  for r in records:
+    assert 0.0 <= r["test_accuracy"] <= 1.0
+
+
+def test_resume_after_kill_between_phases(reference, tmp_path):
+  workdir = str(tmp_path)
+  with pytest.raises(rounds.RunStopped):
+    rounds.run(tiny_config(), workdir, stop_after="exam_1")
+  paid_before = cache_lines(workdir)
+  records = rounds.run(tiny_config(), workdir)
+  assert records == [dict(r, seconds=r2["seconds"]) for r, r2 in zip(reference[1], records)]
+  assert cache_lines(workdir) == cache_lines(reference[0])  # no teacher call paid twice
+  assert paid_before == 16
+  assert read(workdir, "round_2", "eval_test.jsonl") == read(reference[0], "round_2",
+                                                              "eval_test.jsonl")
+
+
+def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  real_step_fn = Trainer.step_fn
+  calls = {"n": 0}
+
+  def dying_step_fn(self, self_reflection):
+    fn = real_step_fn(self, self_reflection)
+
+    def step(state, batch):
+      calls["n"] += 1
+      if calls["n"] == 5:  # round 1, after the checkpoint at step 3
+        raise KeyboardInterrupt("killed mid-training")
+      return fn(state, batch)
+    return step
+
+  monkeypatch.setattr(Trainer, "step_fn", dying_step_fn)
+  with pytest.raises(KeyboardInterrupt):
+    rounds.run(tiny_config(), workdir)
+  assert json.loads(read(workdir, "state.json"))["last_completed"] == "annotate"
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "train_round_1", "3"))
+  monkeypatch.setattr(Trainer, "step_fn", real_step_fn)
+
+  real_run = ChatClient.run
+
+  def dying_run(self, requests, on_reply=None):
+    def reply_then_die(i, reply):
+      if len(self.cache) >= 16 + 3:  # three feedback replies paid, then the kill
+        raise KeyboardInterrupt("killed mid-feedback")
+      if on_reply:
+        on_reply(i, reply)
+    return real_run(self, requests, reply_then_die)
+
+  monkeypatch.setattr(ChatClient, "run", dying_run)
+  with pytest.raises(KeyboardInterrupt):
+    rounds.run(tiny_config(), workdir)
+  assert json.loads(read(workdir, "state.json"))["last_completed"] == "exam_1"
+  assert cache_lines(workdir) >= 16 + 3
+  monkeypatch.setattr(ChatClient, "run", real_run)
+
+  records = rounds.run(tiny_config(), workdir)
+  assert cache_lines(workdir) == cache_lines(reference[0])
+  train1 = json.loads(read(workdir, "round_1", "train.json"))
+  assert train1["resumed_at_step"] == 3
+  assert [dict(r, seconds=0) for r in records] == [dict(r, seconds=0) for r in reference[1]]
+  assert read(workdir, "round_2", "eval_test.jsonl") == read(reference[0], "round_2",
+                                                              "eval_test.jsonl")
+
+
+def test_changed_config_on_resume_is_refused(reference):
+  c = tiny_config()
+  c.train.lr = 1e-4
+  with pytest.raises(config_lib.ConfigError, match=r"fields changed: train.lr"):
+    rounds.run(c, reference[0])

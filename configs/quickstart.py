@@ -20,7 +20,7 @@ def get_config():
   c.model.head_dim = 32
   c.model.d_ff = 384
   c.train.batch_size = 32
-  c.train.epochs = 4
+  c.train.epochs = 3
   c.train.lr = 1e-3
   c.train.warmup_steps = 30
   c.train.log_every_steps = 25

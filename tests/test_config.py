@@ -1,0 +1,65 @@
+"""Config files parse and validate; CLI overrides are applied or refused with a clear message."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_flags
+
+from tailored_jax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
+def test_every_config_file_parses_and_validates(path):
+  cfg = config_flags.config_flags._LoadConfigModule("cfg", path).get_config()
+  config_lib.validate(cfg)
+
+
+def test_baseline_is_plain_distillation_with_a_larger_budget():
+  load = lambda name: config_flags.config_flags._LoadConfigModule(
+      name, os.path.join(ROOT, "configs", f"{name}.py")).get_config()
+  tailored, baseline = load("quickstart"), load("quickstart_baseline")
+  assert baseline.rounds == 1 and not baseline.method.feedback
+  assert not baseline.method.self_reflection
+  assert baseline.teacher.num_rationales > tailored.teacher.num_rationales
+  assert baseline.model == tailored.model and baseline.task == tailored.task
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rounds", 0, "config field rounds: must be >= 1"),
+    ("model.n_kv_heads", 3, "config field model.n_kv_heads"),
+    ("exam.top_p", 0.0, "config field exam.top_p"),
+    ("teacher.kind", "anthropic", "config field teacher.kind"),
+    ("task.synthetic.operations", "add,div", "config field task.synthetic.operations"),
+])
+def test_validate_names_the_field(field, value, message):
+  cfg = config_lib.base_config()
+  section, _, name = field.rpartition(".")
+  (cfg if not section else cfg[section] if "." not in section else
+   cfg[section.split(".")[0]][section.split(".")[1]])[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(cfg)
+
+
+def cli(*args):
+  return subprocess.run([sys.executable, "-m", "tailored_jax.main",
+                         f"--config={ROOT}/configs/quickstart.py", "--dry_run", *args],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_overrides_and_their_errors():
+  good = cli("--config.rounds=2", "--config.train.lr=3e-4")
+  assert good.returncode == 0, good.stderr
+  printed = json.loads(good.stdout)
+  assert printed["rounds"] == 2 and printed["train"]["lr"] == 3e-4
+  unknown = cli("--config.train.lrr=3e-4")
+  assert unknown.returncode != 0
+  assert "lrr" in unknown.stderr and "Traceback" not in unknown.stderr
+  mistyped = cli("--config.rounds=abc")
+  assert mistyped.returncode != 0 and "--config.rounds=abc" in mistyped.stderr
+  invalid = cli("--config.rounds=0")
+  assert invalid.returncode != 0 and "config field rounds: must be >= 1" in invalid.stderr

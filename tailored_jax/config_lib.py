@@ -21,9 +21,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.method.fresh_optimizer = True   # new optimizer state and warm-up every round
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = "synthetic_arith"
-  c.task.num_demos = 0              # few-shot demos in every prompt (train, exam and test)
-  c.task.max_new_tokens = 128       # greedy evaluation budget
+  c.task.name = "synthetic_arith"   # or gsm8k, multiarith, svamp, csqa, strategyqa
+  c.task.data_path = ""             # folder with the task's original files (real tasks)
+  c.task.num_val = 100              # validation slice held out of train (real tasks)
+  c.task.split_seed = 0             # seeds the 70/30 split and the validation slice
+  c.task.skip_malformed = False     # skip (and count) malformed records instead of failing
+  c.task.num_demos = 0              # few-shot demos in every prompt; -1: all the task has
+  c.task.max_new_tokens = 0         # greedy evaluation budget; 0: the task's default
   c.task.synthetic = ml_collections.ConfigDict()
   c.task.synthetic.seed = 0
   c.task.synthetic.num_train = 1000
@@ -76,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.sr_margin = 1.0            # ρ
   c.train.max_continuation_len = 192
   c.train.max_positives = 10
+  c.train.sr_batch_size = 0          # rows per step that get the triplet loss; 0: the whole batch
   c.train.max_negatives = 4
   c.train.checkpoint_every_steps = 200  # mid-round checkpoints, for resuming a killed round
   c.train.log_every_steps = 50
@@ -125,8 +130,9 @@ def _require(condition: bool, field: str, message: str) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad field."""
   _require(c.rounds >= 1, "rounds", f"must be >= 1, got {c.rounds}")
-  _require(c.task.num_demos >= 0, "task.num_demos", "must be >= 0")
-  _require(c.task.max_new_tokens > 0, "task.max_new_tokens", "must be > 0")
+  _require(c.task.num_demos >= -1, "task.num_demos", "must be >= -1")
+  _require(c.task.max_new_tokens >= 0, "task.max_new_tokens", "must be >= 0")
+  _require(c.task.num_val >= 1, "task.num_val", "must be >= 1")
   s = c.task.synthetic
   _require(1 <= s.min_steps <= s.max_steps, "task.synthetic.min_steps",
            f"need 1 <= min_steps <= max_steps, got {s.min_steps}, {s.max_steps}")
@@ -151,6 +157,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
   _require(0 <= t.prefix_weight <= 1, "train.prefix_weight", "must be in [0, 1]")
   _require(t.sr_weight >= 0, "train.sr_weight", "must be >= 0")
+  _require(0 <= t.sr_batch_size <= t.batch_size, "train.sr_batch_size",
+           f"must be in [0, train.batch_size={t.batch_size}], got {t.sr_batch_size}")
   _require(t.max_seq_len >= 8, "train.max_seq_len", "must be >= 8")
   _require(t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
   e = c.exam

@@ -18,7 +18,6 @@ import ml_collections
 
 from tailored_jax import checkpointing, config_lib, sharding, summary
 from tailored_jax import workdir as wd
-from tailored_jax.data import prompts as data_prompts
 from tailored_jax.data import scoring
 from tailored_jax.data.batching import Batcher, TrainExample
 from tailored_jax.data.tasks import Example, build_task
@@ -168,8 +167,8 @@ class Run:
     if self.cfg.tokenizer.path:
       tokenizer = Tokenizer.load(self.cfg.tokenizer.path)
     else:
-      corpus = [data_prompts.format_prefix(d.question, self.demos)
-                + data_prompts.format_continuation(d.rationale, d.answer)
+      corpus = [self.task.format_prefix(d.question, self.demos)
+                + self.task.format_continuation(d.question, d.rationale, d.answer)
                 for d in self.task.tokenizer_corpus() + self.demos]
       tokenizer = train_bpe(corpus, self.cfg.tokenizer.vocab_size)
     tokenizer.save(self.path("tokenizer.json"))
@@ -184,7 +183,8 @@ class Run:
       if not reply.rationale or reply.answer is None:
         counts["unparseable"] = counts.get("unparseable", 0) + 1
         continue
-      continuation = data_prompts.format_continuation(reply.rationale, reply.answer)
+      continuation = self.task.format_continuation(example.question, reply.rationale,
+                                                   reply.answer)
       record = scoring.score_output(self.task, example, continuation)
       if not record["correct"]:
         counts["wrong_answer"] = counts.get("wrong_answer", 0) + 1
@@ -193,8 +193,9 @@ class Run:
         counts["duplicate"] = counts.get("duplicate", 0) + 1
         continue
       seen.add(reply.rationale)
-      kept.append({"qid": example.id, "continuation": data_prompts.format_continuation(
-          reply.rationale, example.gold), "source": source, "round": round_index})
+      kept.append({"qid": example.id, "continuation": self.task.format_continuation(
+          example.question, reply.rationale, example.gold), "source": source,
+          "round": round_index})
     return kept
 
   def _ask_teacher(self, requests: list[ChatRequest], label: str):
@@ -221,7 +222,8 @@ class Run:
   def annotate(self) -> None:
     t = self.cfg.teacher
     train = self.splits["train"]
-    requests = [ChatRequest(teacher_prompts.annotation_messages(e.question, self.demos),
+    requests = [ChatRequest(teacher_prompts.annotation_messages(e.question, self.demos,
+                                                                self.task.format),
                             n=t.num_rationales, temperature=t.temperature, max_tokens=t.max_tokens)
                 for e in train]
     results, usage = self._ask_teacher(requests, "annotate")
@@ -242,7 +244,7 @@ class Run:
     params = self.params(round_index)
     outputs = generate_texts(
         self._decoder, params, self.tokenizer,
-        [data_prompts.format_prefix(x.question, self.demos) for x in train], mesh=self.mesh,
+        [self.task.format_prefix(x.question, self.demos) for x in train], mesh=self.mesh,
         num_samples=e.num_samples,
         sampling=SamplingConfig(e.temperature, e.top_k, e.top_p),
         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
@@ -275,7 +277,8 @@ class Run:
     t = self.cfg.teacher
     mistakes = wd.read_jsonl(self.path(f"round_{round_index}", "mistakes.jsonl"))
     requests = [ChatRequest(teacher_prompts.feedback_messages(
-        self.by_id[m["qid"]].question, m["output"], self.by_id[m["qid"]].gold, self.demos),
+        self.by_id[m["qid"]].question, m["output"], self.by_id[m["qid"]].gold, self.demos,
+        self.task.format),
         n=t.feedback_samples, temperature=t.temperature, max_tokens=t.max_tokens)
         for m in mistakes]
     results, usage = self._ask_teacher(requests, f"feedback {round_index}")
@@ -302,6 +305,11 @@ class Run:
 
   def train(self, round_index: int) -> None:
     c = self.cfg
+    params_dir = self.path("checkpoints", f"round_{round_index}")
+    checkpoint_dir = self.path("checkpoints", f"train_round_{round_index}")
+    if os.path.exists(self.path(f"round_{round_index}", "train.json")) and os.path.isdir(params_dir):
+      shutil.rmtree(checkpoint_dir, ignore_errors=True)  # killed after saving: nothing to redo
+      return
     data = self.training_data(round_index)
     if not data:
       raise RuntimeError(f"round {round_index}: no teacher data to train on (see round_*/teacher.json)")
@@ -311,23 +319,23 @@ class Run:
       for m in wd.read_jsonl(mistakes_path):
         negatives.setdefault(m["qid"], []).append(m["output"])
     qids = sorted({d["qid"] for d in data})
-    prefixes = {q: data_prompts.format_prefix(self.by_id[q].question, self.demos) for q in qids}
+    prefixes = {q: self.task.format_prefix(self.by_id[q].question, self.demos) for q in qids}
     batcher = Batcher(
         self.tokenizer, prefixes, [TrainExample(d["qid"], d["continuation"]) for d in data],
         negatives, batch_size=c.train.batch_size, max_seq_len=c.train.max_seq_len,
         max_continuation_len=c.train.max_continuation_len, prefix_weight=c.train.prefix_weight,
-        max_positives=c.train.max_positives, max_negatives=c.train.max_negatives)
+        max_positives=c.train.max_positives, max_negatives=c.train.max_negatives,
+        sr_batch_size=c.train.sr_batch_size)
     start_params = self.params(round_index - 1)
-    checkpoint_dir = self.path("checkpoints", f"train_round_{round_index}")
     params, metrics = self.trainer.train_round(
         start_params, batcher, seed=c.seed, round_index=round_index,
         checkpoint_dir=checkpoint_dir, self_reflection=c.method.self_reflection)
-    checkpointing.save_params(self.path("checkpoints", f"round_{round_index}"), params)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    checkpointing.save_params(params_dir, params)
     self._params = (round_index, params)
     wd.write_json(self.path(f"round_{round_index}", "train.json"), dict(
         metrics, examples=len(data), questions=len(qids),
         negatives=sum(len(v) for v in negatives.values())))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
   def evaluate(self, round_index: int) -> None:
     params = self.params(round_index)
@@ -336,7 +344,7 @@ class Run:
       examples = self.splits[split]
       outputs = generate_texts(
           self._decoder, params, self.tokenizer,
-          [data_prompts.format_prefix(x.question, self.demos) for x in examples], mesh=self.mesh,
+          [self.task.format_prefix(x.question, self.demos) for x in examples], mesh=self.mesh,
           num_samples=1, sampling=SamplingConfig(), max_new_tokens=self.task.max_new_tokens,
           batch_size=self.cfg.eval.batch_size, rng=jax.random.PRNGKey(0),
           label=f"evaluate {round_index} {split}")

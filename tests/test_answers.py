@@ -29,3 +29,25 @@ def test_is_correct():
   assert answers.is_correct("Yes", "yes")
   assert not answers.is_correct(None, "3")
   assert not answers.is_correct("30", "3")
+
+
+@pytest.mark.parametrize("output, expected", [
+    (" Sharks are fish. So yes.\nAnswer: Yes", "Yes"),
+    (" Yes, because it is.", "Yes"),
+    (" Yesterday it rained, no doubt.", "No"),
+    (" Nope. Therefore, the answer is no.", "No"),
+    (" It is unknown.", None),
+    (" yes\n\nAnswer: no", "Yes"),
+])
+def test_extract_yes_no(output, expected):
+  assert answers.extract_yes_no(output).answer == expected
+
+
+@pytest.mark.parametrize("output, expected", [
+    (" A bank has a revolving door. Therefore, the answer is bank (a).", "a"),
+    (" Not (b) but (c). Therefore, the answer is mall (d).", "b"),
+    (" No option here.\nTherefore, the answer is (e).", None),
+    (" (E) fits best.", "e"),
+])
+def test_extract_choice(output, expected):
+  assert answers.extract_choice(output).answer == expected

@@ -1,7 +1,7 @@
 import random
 
 from tailored_jax.data import answers, synthetic
-from tailored_jax.data.prompts import format_continuation
+from tailored_jax.data.prompts import QAFormat
 
 
 def test_splits_are_deterministic_and_disjoint():
@@ -41,7 +41,7 @@ def test_parse_roundtrip_and_reference_rationales_score_right():
     parsed = synthetic.parse_question(p.question())
     assert parsed.question() == p.question() and parsed.values() == p.values()
     assert min(p.values()) >= 0
-    text = format_continuation(synthetic.reference_rationale(p, rng=rng), str(p.answer))
+    text = QAFormat().continuation("", synthetic.reference_rationale(p, rng=rng), str(p.answer))
     assert answers.extract_number(text).answer == str(p.answer)
     assert synthetic.first_wrong_step(p, text) is None
 

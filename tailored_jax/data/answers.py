@@ -78,3 +78,32 @@ def _normalise_number(raw: str) -> str:
 def is_correct(answer: str | None, gold: str) -> bool:
   """Case-insensitive equality with the gold string; no answer is always wrong."""
   return answer is not None and answer.strip().lower() == gold.strip().lower()
+
+
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+_CHOICE = re.compile(r"\(([a-e])\)", re.IGNORECASE)
+
+
+def extract_yes_no(text: str) -> Extraction:
+  """StrategyQA: as the math rule, with the words yes/no in place of numbers ('Yes,' is yes)."""
+  text = cut_at_blank_line(text)
+  for marker in _ANSWER_MARKERS:
+    at = text.find(marker)
+    if at >= 0:
+      match = _YES_NO.search(text, at)
+      if match is None:
+        return Extraction(None, text, "no_yes_no_after_marker")
+      return Extraction(match.group(1).capitalize(), text[:match.end()], None)
+  matches = list(_YES_NO.finditer(text))
+  if not matches:
+    return Extraction(None, text, "no_yes_no")
+  return Extraction(matches[-1].group(1).capitalize(), text[:matches[-1].end()], None)
+
+
+def extract_choice(text: str) -> Extraction:
+  """CommonsenseQA: the first `(a)`–`(e)` mention on the first line, as a lower-case letter."""
+  line = text.lstrip("\n").split("\n", 1)[0]
+  match = _CHOICE.search(line)
+  if match is None:
+    return Extraction(None, line, "no_choice")
+  return Extraction(match.group(1).lower(), line[:match.end()], None)

@@ -71,10 +71,11 @@ class Batcher:
   def __init__(self, tokenizer: Tokenizer, prefixes: dict[str, str], examples: list[TrainExample],
                negatives: dict[str, list[str]], *, batch_size: int, max_seq_len: int,
                max_continuation_len: int, prefix_weight: float, max_positives: int,
-               max_negatives: int, bucket: int = 16):
+               max_negatives: int, sr_batch_size: int = 0, bucket: int = 16):
     self.tok = tokenizer
     self.examples = examples
     self.batch_size = batch_size
+    self.sr_batch_size = sr_batch_size or batch_size
     self.prefix_weight = prefix_weight
     self.max_positives = max_positives
     self.max_negatives = max_negatives
@@ -138,27 +139,28 @@ class Batcher:
     return batch
 
   def _self_reflection_arrays(self, indices, rng: random.Random):
-    b, p, c = self.batch_size, self.prefix_len, self.cont_len
+    """Rows of anchor/positive/negative continuations after a left-padded prefix.
+
+    Rows whose question has both a different teacher rationale and a student mistake get
+    sr_mask 1; when more than `sr_batch_size` rows qualify, a seeded random subset is used.
+    """
+    b, p, c = self.sr_batch_size, self.prefix_len, self.cont_len
     prefix = np.zeros((b, p), np.int32)
     prefix_mask = np.zeros((b, p), bool)
     conts = np.zeros((b, 3, c), np.int32)
     cont_mask = np.zeros((b, 3, c), bool)
     sr_mask = np.zeros((b,), np.float32)
-    for row, i in enumerate(indices):
-      q = self.qids[i]
-      ids = self.prefix_ids[q][-p:]
+    eligible = [i for i in indices if self.positives_of[i] and self.qids[i] in self.negative_ids]
+    if len(eligible) > b:
+      eligible = sorted(rng.sample(eligible, b), key=eligible.index)
+    for row, i in enumerate(eligible):
+      ids = self.prefix_ids[self.qids[i]][-p:]
       prefix[row, p - len(ids):] = ids
       prefix_mask[row, p - len(ids):] = True
-      positives = self.positives_of[i]
-      negatives = self.negative_ids.get(q, [])
-      anchor = self.cont_ids[i]
-      positive = anchor
-      negative = anchor
-      if positives and negatives:
-        positive = self.cont_ids[rng.choice(positives[:self.max_positives])]
-        negative = rng.choice(negatives[:self.max_negatives])
-        sr_mask[row] = 1.0
-      for k, ids in enumerate((anchor, positive, negative)):
+      positive = self.cont_ids[rng.choice(self.positives_of[i][:self.max_positives])]
+      negative = rng.choice(self.negative_ids[self.qids[i]][:self.max_negatives])
+      sr_mask[row] = 1.0
+      for k, ids in enumerate((self.cont_ids[i], positive, negative)):
         ids = ids[:c]
         conts[row, k, :len(ids)] = ids
         cont_mask[row, k, :len(ids)] = True

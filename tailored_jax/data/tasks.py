@@ -1,10 +1,12 @@
-"""The task registry: what a task gives the round loop (splits, demos, extraction, limits)."""
+"""The task registry: what a task gives the round loop (splits, demos, format, extraction)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+import random
+from typing import Callable
 
 from tailored_jax.data import answers, synthetic
+from tailored_jax.data.prompts import QAFormat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,56 +24,98 @@ class Demo:
   answer: str
 
 
-class Task(Protocol):
-  name: str
-  max_new_tokens: int
+class Task:
+  """A reasoning task. Subclasses set the class fields and implement `load_splits`."""
+  name = ""
+  default_max_new_tokens = 128
+  format = QAFormat()
+  all_demos: tuple[Demo, ...] = ()
+  extract_answer: Callable[[str], answers.Extraction] = staticmethod(answers.extract_number)
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.max_new_tokens = cfg.max_new_tokens or self.default_max_new_tokens
+    self.num_demos = len(self.all_demos) if cfg.num_demos < 0 else cfg.num_demos
+    if self.num_demos > len(self.all_demos):
+      raise ValueError(f"config field task.num_demos: {self.name} has {len(self.all_demos)} "
+                       f"demos, asked for {self.num_demos}")
+    self._splits = None
+
+  def load_splits(self) -> dict[str, list[Example]]:
+    raise NotImplementedError
 
   def splits(self) -> dict[str, list[Example]]:
     """'train', 'val' (held out of train, for model selection) and 'test'."""
-
-  def demos(self) -> list[Demo]:
-    ...
-
-  def extract(self, output: str) -> answers.Extraction:
-    ...
-
-  def tokenizer_corpus(self) -> list[Demo]:
-    """Worked examples to train a tokenizer on when the config names none."""
-
-
-class SyntheticArithmetic:
-  """Multi-step arithmetic word problems from `synthetic.py`, scored like the math tasks."""
-  name = "synthetic_arith"
-
-  def __init__(self, cfg):
-    self.max_new_tokens = cfg.max_new_tokens
-    self.num_demos = cfg.num_demos
-    self.difficulty = synthetic.Difficulty(
-        min_steps=cfg.synthetic.min_steps, max_steps=cfg.synthetic.max_steps,
-        max_start=cfg.synthetic.max_start, max_operand=cfg.synthetic.max_operand,
-        operations=cfg.synthetic.operations)
-    self.sizes = {"train": cfg.synthetic.num_train, "val": cfg.synthetic.num_val,
-                  "test": cfg.synthetic.num_test}
-    self.seed = cfg.synthetic.seed
-    self._splits = None
-
-  def splits(self) -> dict[str, list[Example]]:
     if self._splits is None:
-      problems = synthetic.generate_splits(self.seed, self.sizes, self.difficulty)
-      self._splits = {
-          split: [Example(f"{split}-{i}", p.question(), str(p.answer)) for i, p in enumerate(ps)]
-          for split, ps in problems.items()}
+      self._splits = self.load_splits()
     return self._splits
 
   def demos(self) -> list[Demo]:
-    out = []
-    for problem in _SYNTHETIC_DEMOS[:self.num_demos]:
-      out.append(Demo(problem.question(), synthetic.reference_rationale(problem),
-                      str(problem.answer)))
-    return out
+    return list(self.all_demos[:self.num_demos])
 
   def extract(self, output: str) -> answers.Extraction:
-    return answers.extract_number(output)
+    return self.extract_answer(output)
+
+  def format_prefix(self, question: str, demos: list[Demo]) -> str:
+    return self.format.prefix(question, demos)
+
+  def format_continuation(self, question: str, rationale: str, answer: str) -> str:
+    return self.format.continuation(question, rationale, answer)
+
+  def tokenizer_corpus(self) -> list[Demo]:
+    """Worked examples to train a tokenizer on when the config names none."""
+    return [Demo(e.question, "", e.gold) for e in self.splits()["train"]]
+
+
+def hold_out(examples: list[Example], num_val: int, seed: int
+             ) -> tuple[list[Example], list[Example]]:
+  """A seeded validation slice held out of train: (train, val)."""
+  if num_val >= len(examples):
+    raise ValueError(f"config field task.num_val: {num_val} >= {len(examples)} train examples")
+  order = list(range(len(examples)))
+  random.Random(seed).shuffle(order)
+  val = set(order[:num_val])
+  return ([e for i, e in enumerate(examples) if i not in val],
+          [e for i, e in enumerate(examples) if i in val])
+
+
+def split_70_30(examples: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
+  """The seeded 70/30 train/test split used where a dataset has no official one."""
+  order = list(range(len(examples)))
+  random.Random(seed).shuffle(order)
+  cut = round(0.7 * len(examples))
+  train, test = set(order[:cut]), set(order[cut:])
+  return ([e for i, e in enumerate(examples) if i in train],
+          [e for i, e in enumerate(examples) if i in test])
+
+
+class SyntheticArithmetic(Task):
+  """Multi-step arithmetic word problems from `synthetic.py`, scored like the math tasks."""
+  name = "synthetic_arith"
+  default_max_new_tokens = 128
+
+  def __init__(self, cfg):
+    problems = (
+        synthetic.Problem("Mia", "plums", 4, (synthetic.Step("add", 5, 0),
+                                              synthetic.Step("sub", 2, 1)), "Leo"),
+        synthetic.Problem("Tom", "kites", 3, (synthetic.Step("mul", 2, 0),), "Sam"),
+        synthetic.Problem("Zoe", "beads", 9, (synthetic.Step("sub", 4, 2),
+                                              synthetic.Step("mul", 3, 1),
+                                              synthetic.Step("add", 6, 1)), "Ray"))
+    self.all_demos = tuple(Demo(p.question(), synthetic.reference_rationale(p), str(p.answer))
+                           for p in problems)
+    super().__init__(cfg)
+    s = cfg.synthetic
+    self.difficulty = synthetic.Difficulty(
+        min_steps=s.min_steps, max_steps=s.max_steps, max_start=s.max_start,
+        max_operand=s.max_operand, operations=s.operations)
+    self.sizes = {"train": s.num_train, "val": s.num_val, "test": s.num_test}
+    self.seed = s.seed
+
+  def load_splits(self) -> dict[str, list[Example]]:
+    problems = synthetic.generate_splits(self.seed, self.sizes, self.difficulty)
+    return {split: [Example(f"{split}-{i}", p.question(), str(p.answer)) for i, p in enumerate(ps)]
+            for split, ps in problems.items()}
 
   def tokenizer_corpus(self) -> list[Demo]:
     problems = synthetic.generate_splits(self.seed, self.sizes, self.difficulty)["train"]
@@ -79,20 +123,16 @@ class SyntheticArithmetic:
             for p in problems for v in range(3)]
 
 
-_SYNTHETIC_DEMOS = (
-    synthetic.Problem("Mia", "plums", 4, (synthetic.Step("add", 5, 0),
-                                          synthetic.Step("sub", 2, 1)), "Leo"),
-    synthetic.Problem("Tom", "kites", 3, (synthetic.Step("mul", 2, 0),), "Sam"),
-    synthetic.Problem("Zoe", "beads", 9, (synthetic.Step("sub", 4, 2), synthetic.Step("mul", 3, 1),
-                                          synthetic.Step("add", 6, 1)), "Ray"),
-)
-
-TASKS: dict[str, Callable[..., Task]] = {SyntheticArithmetic.name: SyntheticArithmetic}
+def registry() -> dict[str, type[Task]]:
+  from tailored_jax.data import benchmarks
+  tasks = [SyntheticArithmetic, benchmarks.GSM8K, benchmarks.MultiArith, benchmarks.SVAMP,
+           benchmarks.CommonsenseQA, benchmarks.StrategyQA]
+  return {t.name: t for t in tasks}
 
 
 def build_task(cfg) -> Task:
   """The task named by `cfg.name`, built from the `task` section of the config."""
-  if cfg.name not in TASKS:
-    raise ValueError(f"config field task.name: unknown task {cfg.name!r}; "
-                     f"known: {sorted(TASKS)}")
-  return TASKS[cfg.name](cfg)
+  tasks = registry()
+  if cfg.name not in tasks:
+    raise ValueError(f"config field task.name: unknown task {cfg.name!r}; known: {sorted(tasks)}")
+  return tasks[cfg.name](cfg)

@@ -9,16 +9,15 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from tailored_jax.data.prompts import clean_rationale
+from tailored_jax.data.prompts import QAFormat, clean_rationale
 from tailored_jax.data.tasks import Demo
 
 PROMPT_VERSION = "tailored-1"
 
 SYSTEM = ("You are a patient, exact teacher. You solve reasoning problems step by step and "
           "explain a student's mistakes plainly.")
-_FORMAT = ("Reply in exactly this format:\n{feedback}Reasoning: <the step-by-step reasoning, one "
-           "short sentence per step, every calculation written as an equation like 12 + 7 = 19>\n"
-           "Answer: <the final answer only>")
+_FORMAT = ("Reply in exactly this format:\n{feedback}Reasoning: <the step-by-step reasoning, "
+           "{style}>\nAnswer: <{answer}>")
 _PROBLEM = "Problem: "
 _STUDENT = "Student's reasoning: "
 _GOLD = "Correct final answer: "
@@ -32,18 +31,24 @@ def _examples(demos: list[Demo]) -> str:
   return f"Examples of the expected style:\n\n{shots}\n\n"
 
 
-def annotation_messages(question: str, demos: list[Demo]) -> list[dict]:
-  user = (f"{_examples(demos)}Solve the problem below.\n{_FORMAT.format(feedback='')}\n\n"
+def _reply_format(style, feedback: str) -> str:
+  return _FORMAT.format(feedback=feedback, style=style.style_hint, answer=style.answer_hint)
+
+
+def annotation_messages(question: str, demos: list[Demo], style=QAFormat()) -> list[dict]:
+  """Ask for a step-by-step solution; `style` (the task's format) says how rationales read."""
+  user = (f"{_examples(demos)}Solve the problem below.\n{_reply_format(style, '')}\n\n"
           f"{_PROBLEM}{question.strip()}")
   return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
-def feedback_messages(question: str, student_rationale: str, gold: str, demos: list[Demo]
-                      ) -> list[dict]:
+def feedback_messages(question: str, student_rationale: str, gold: str, demos: list[Demo],
+                      style=QAFormat()) -> list[dict]:
+  """Show a mistake and the gold answer; ask where it went wrong and for a correct solution."""
   user = (f"{_examples(demos)}A student tried the problem below and got it wrong.\n"
           "First say in one sentence where the student's reasoning first goes wrong. Then write "
           "a complete, correct solution in the style of the examples.\n"
-          f"{_FORMAT.format(feedback='Feedback: <where the student first went wrong>' + chr(10))}"
+          f"{_reply_format(style, 'Feedback: <where the student first went wrong>' + chr(10))}"
           f"\n\n{_PROBLEM}{question.strip()}\n{_STUDENT}{clean_rationale(student_rationale)}\n"
           f"{_GOLD}{gold.strip()}")
   return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]

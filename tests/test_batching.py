@@ -1,0 +1,67 @@
+import random
+
+import numpy as np
+
+from tailored_jax.data import batching
+from tailored_jax.data.tokenizer import train_bpe
+
+
+def test_epoch_order_visits_every_example_once_with_distinct_questions():
+  rng = random.Random(0)
+  qids = [f"q{rng.randrange(12)}" for _ in range(100)] + ["q0"] * 10
+  batches = batching.epoch_order(qids, batch_size=8, seed=3)
+  flat = [i for b in batches for i in b]
+  assert sorted(flat) == list(range(len(qids)))
+  for b in batches:
+    assert len(b) <= 8
+    assert len({qids[i] for i in b}) == len(b)
+  assert batches == batching.epoch_order(qids, batch_size=8, seed=3)
+  assert batches != batching.epoch_order(qids, batch_size=8, seed=4)
+
+
+def make_batcher(sr_batch_size=0):
+  tok = train_bpe(["Question: a b c\nReasoning: x y 1 2 3\nAnswer: 7"] * 4, 280)
+  prefixes = {"q1": "Question: a b\nReasoning:", "q2": "Question: c\nReasoning:"}
+  examples = [batching.TrainExample("q1", " x 1\nAnswer: 1"),
+              batching.TrainExample("q1", " y 1\nAnswer: 1"),
+              batching.TrainExample("q2", " x y 2\nAnswer: 2")]
+  negatives = {"q1": [" x 2\nAnswer: 2"], "q2": [" y\nAnswer: 3"]}
+  return tok, batching.Batcher(
+      tok, prefixes, examples, negatives, batch_size=4, max_seq_len=64, max_continuation_len=32,
+      prefix_weight=0.1, max_positives=10, max_negatives=4, sr_batch_size=sr_batch_size)
+
+
+def test_lm_arrays_weights_and_padding():
+  tok, batcher = make_batcher()
+  batch = batcher.build([0, 2], seed=0, self_reflection=False)
+  prefix = [tok.bos_id] + tok.encode("Question: a b\nReasoning:")
+  cont = tok.encode(" x 1\nAnswer: 1") + [tok.eos_id]
+  n = len(prefix) + len(cont) - 1
+  assert batch["inputs"][0, :n].tolist() == (prefix + cont)[:-1]
+  assert batch["targets"][0, :n].tolist() == (prefix + cont)[1:]
+  expected = [0.1] * (len(prefix) - 1) + [1.0] * len(cont)
+  np.testing.assert_allclose(batch["target_weights"][0, :n], expected)
+  assert not batch["target_mask"][0, n:].any() and not batch["target_mask"][3].any()
+  assert batch["inputs"].shape == (4, batcher.seq_len) and batcher.seq_len % 16 == 0
+
+
+def test_self_reflection_rows():
+  tok, batcher = make_batcher()
+  assert batcher.sr_candidates == 2  # q2 has a single rationale: no positive besides the anchor
+  batch = batcher.build([0, 1, 2], seed=0, self_reflection=True)
+  assert batch["sr_mask"].tolist() == [1.0, 1.0, 0.0, 0.0]
+  decode = lambda row, k: tok.decode(batch["continuations"][row, k][
+      batch["continuation_mask"][row, k]])
+  assert (decode(0, 0), decode(0, 1), decode(0, 2)) == (
+      " x 1\nAnswer: 1", " y 1\nAnswer: 1", " x 2\nAnswer: 2")
+  assert (decode(1, 0), decode(1, 1)) == (" y 1\nAnswer: 1", " x 1\nAnswer: 1")
+  prefix = batch["prefix"][0][batch["prefix_mask"][0]].tolist()
+  assert prefix == [tok.bos_id] + tok.encode("Question: a b\nReasoning:")
+  assert batch["prefix_mask"][0, -1]  # left-padded
+
+
+def test_self_reflection_sub_batch():
+  _, batcher = make_batcher(sr_batch_size=1)
+  batch = batcher.build([0, 1, 2], seed=5, self_reflection=True)
+  assert batch["sr_mask"].tolist() == [1.0]
+  assert batch["prefix"].shape[0] == 1 and batch["inputs"].shape[0] == 4

@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.family = "llama"
+  c.model.init_from = ""             # an HF directory or a .gguf file; sizes below are then ignored
   c.model.d_model = 128
   c.model.n_layers = 4
   c.model.n_heads = 4
@@ -120,6 +121,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 class ConfigError(ValueError):
   pass
+
+
+def from_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file, so experiment files can start from another one."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _require(condition: bool, field: str, message: str) -> None:

@@ -14,6 +14,7 @@ import shutil
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from tailored_jax import checkpointing, config_lib, sharding, summary
@@ -23,6 +24,8 @@ from tailored_jax.data.batching import Batcher, TrainExample
 from tailored_jax.data.tasks import Example, build_task
 from tailored_jax.data.tokenizer import Tokenizer, train_bpe
 from tailored_jax.models import build_model
+from tailored_jax.models.hf_io import tree_get
+from tailored_jax.models.pretrained import Pretrained, open_pretrained
 from tailored_jax.sample.decode import Decoder, StopTables
 from tailored_jax.sample.runner import generate_texts
 from tailored_jax.sample.sampling import SamplingConfig
@@ -56,6 +59,7 @@ class Run:
     self._trainer = None
     self._decoder = None
     self._params = None  # (round, params) held in memory between phases
+    self._pretrained = None
     self._server = None
     self._client = None
     self.mesh = sharding.make_mesh(cfg)
@@ -97,12 +101,20 @@ class Run:
       self._tokenizer = Tokenizer.load(self.path("tokenizer.json"))
     return self._tokenizer
 
+  def pretrained(self) -> Pretrained | None:
+    if self.cfg.model.init_from and self._pretrained is None:
+      self._pretrained = open_pretrained(self.cfg.model.init_from)
+    return self._pretrained
+
   @property
   def trainer(self) -> Trainer:
     if self._trainer is None:
-      self.model = build_model(self.cfg.model, self.tokenizer.vocab_size)
+      pretrained = self.pretrained()
+      self.model = build_model(self.cfg.model, self.tokenizer.vocab_size,
+                               pretrained.cfg if pretrained else None)
       self._trainer = Trainer(self.model, self.cfg.train, self.mesh)
-      self._decoder = Decoder(self.model, StopTables.from_tokenizer(self.tokenizer))
+      self._decoder = Decoder(self.model, StopTables.from_tokenizer(
+          self.tokenizer, self.model.cfg.vocab_size))
     return self._trainer
 
   def params(self, round_index: int):
@@ -110,7 +122,11 @@ class Run:
     if self._params is not None and self._params[0] == round_index:
       return self._params[1]
     trainer = self.trainer
-    if round_index == 0:
+    if round_index == 0 and self.pretrained() is not None:
+      dtype = jnp.dtype(self.cfg.model.param_dtype)
+      params = self.pretrained().load_params(lambda path, array: jax.device_put(
+          array.astype(dtype), tree_get(trainer.param_shardings, path)))
+    elif round_index == 0:
       params = trainer.init_params(self.cfg.seed)
     else:
       params = checkpointing.restore_params(self.path("checkpoints", f"round_{round_index}"),
@@ -164,7 +180,9 @@ class Run:
     for split, examples in self.splits.items():
       wd.write_jsonl(self.path("data", f"{split}.jsonl"),
                      [{"id": e.id, "question": e.question, "gold": e.gold} for e in examples])
-    if self.cfg.tokenizer.path:
+    if self.cfg.model.init_from:
+      tokenizer = self.pretrained().tokenizer
+    elif self.cfg.tokenizer.path:
       tokenizer = Tokenizer.load(self.cfg.tokenizer.path)
     else:
       corpus = [self.task.format_prefix(d.question, self.demos)

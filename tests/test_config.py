@@ -6,8 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags
-
 from tailored_jax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,13 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
 def test_every_config_file_parses_and_validates(path):
-  cfg = config_flags.config_flags._LoadConfigModule("cfg", path).get_config()
-  config_lib.validate(cfg)
+  config_lib.validate(config_lib.from_file(path))
 
 
 def test_baseline_is_plain_distillation_with_a_larger_budget():
-  load = lambda name: config_flags.config_flags._LoadConfigModule(
-      name, os.path.join(ROOT, "configs", f"{name}.py")).get_config()
+  load = lambda name: config_lib.from_file(os.path.join(ROOT, "configs", f"{name}.py"))
   tailored, baseline = load("quickstart"), load("quickstart_baseline")
   assert baseline.rounds == 1 and not baseline.method.feedback
   assert not baseline.method.self_reflection

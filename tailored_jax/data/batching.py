@@ -83,7 +83,7 @@ class Batcher:
     missing = sorted({q for q in self.qids if q not in prefixes})
     if missing:
       raise KeyError(f"training examples refer to unknown questions: {missing[:5]}")
-    self.prefix_ids = {q: [tokenizer.bos_id] + ids for q, ids in
+    self.prefix_ids = {q: tokenizer.bos() + ids for q, ids in
                        zip(prefixes, tokenizer.encode_batch(list(prefixes.values())))}
     eos = [tokenizer.eos_id]
     self.cont_ids = [ids + eos for ids in tokenizer.encode_batch([e.continuation for e in examples])]

@@ -5,6 +5,7 @@ and decodes byte-exactly, so answer extraction reads what the model wrote.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -15,35 +16,56 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 
 class Tokenizer:
-  """Encode/decode plus the ids and per-token tables the decoder and batchers need."""
+  """Encode/decode plus the ids and per-token tables the decoder and batchers need.
 
-  def __init__(self, tok: tokenizers.Tokenizer):
+  `bos_id`/`eos_id`/`pad_id` default to the `<s>`, `</s>`, `<pad>` tokens; a pretrained model
+  passes its own. They are saved beside tokenizer.json in special_tokens.json.
+  """
+
+  def __init__(self, tok: tokenizers.Tokenizer, bos_id: int | None = None,
+               eos_id: int | None = None, pad_id: int | None = None, add_bos: bool = True):
     self._tok = tok
-    self.pad_id = self._require(PAD)
-    self.bos_id = self._require(BOS)
-    self.eos_id = self._require(EOS)
+    self.bos_id = self._require(BOS) if bos_id is None else bos_id
+    self.eos_id = self._require(EOS) if eos_id is None else eos_id
+    self.pad_id = self._require(PAD) if pad_id is None else pad_id
+    self.add_bos = add_bos
     self.vocab_size = tok.get_vocab_size()
-    self.special_ids = sorted({self.pad_id, self.bos_id, self.eos_id})
+    added = [i for i, t in tok.get_added_tokens_decoder().items() if t.special]
+    self.special_ids = sorted({self.pad_id, self.bos_id, self.eos_id, *added})
 
   def _require(self, token: str) -> int:
     token_id = self._tok.token_to_id(token)
     if token_id is None:
-      raise ValueError(f"tokenizer has no {token!r} token")
+      raise ValueError(f"tokenizer has no {token!r} token; name the special token ids")
     return token_id
+
+  def bos(self) -> list[int]:
+    """What starts every sequence: [bos] when the tokenizer adds it, else nothing."""
+    return [self.bos_id] if self.add_bos else []
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
     if not os.path.exists(path):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
     try:
-      return cls(tokenizers.Tokenizer.from_file(path))
+      tok = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
       raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
+    ids = {}
+    sidecar = os.path.join(os.path.dirname(path), "special_tokens.json")
+    if os.path.exists(sidecar):
+      with open(sidecar) as f:
+        ids = json.load(f)
+    return cls(tok, ids.get("bos_id"), ids.get("eos_id"), ids.get("pad_id"),
+               ids.get("add_bos", True))
 
   def save(self, path: str) -> None:
     tmp = path + ".tmp"
     self._tok.save(tmp)
     os.replace(tmp, path)
+    with open(os.path.join(os.path.dirname(path), "special_tokens.json"), "w") as f:
+      json.dump({"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                 "add_bos": self.add_bos}, f)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids

@@ -1,6 +1,8 @@
 """Student model families, built from the `model` section of the config."""
 from __future__ import annotations
 
+import dataclasses
+
 from tailored_jax.models.llama import Llama, LlamaConfig
 
 
@@ -12,8 +14,12 @@ def llama_config(cfg, vocab_size: int) -> LlamaConfig:
       param_dtype=cfg.param_dtype, remat=cfg.remat)
 
 
-def build_model(cfg, vocab_size: int) -> Llama:
-  """The student named by `cfg.family` (only 'llama' so far: LLaMA 2/3, Mistral, SmolLM2 shapes)."""
+def build_model(cfg, vocab_size: int, pretrained: LlamaConfig | None = None) -> Llama:
+  """The student: a pretrained model's architecture (with our dtype/remat settings), or one
+  built from `cfg` (family 'llama': LLaMA 2/3, Mistral, Qwen2, SmolLM2 shapes)."""
+  if pretrained is not None:
+    return Llama(dataclasses.replace(pretrained, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                     remat=cfg.remat))
   if cfg.family != "llama":
     raise ValueError(f"config field model.family: unknown family {cfg.family!r}; known: ['llama']")
   return Llama(llama_config(cfg, vocab_size))

@@ -34,9 +34,14 @@ class KVCache:
                    jnp.repeat(self.valid_bs, times, axis=0), self.index)
 
 
-def attention_mask(valid_bs: jax.Array, index: jax.Array, num_new: int) -> jax.Array:
-  """[batch, new, slots]: a new token at slot index+t sees valid slots up to and including itself."""
+def attention_mask(valid_bs: jax.Array, index: jax.Array, num_new: int, window: int = 0
+                   ) -> jax.Array:
+  """[batch, new, slots]: a new token at slot index+t sees valid slots up to and including itself
+  (and, with a sliding `window`, only the last `window` slots; real tokens are contiguous)."""
   slots = valid_bs.shape[1]
   query_slot_t = index + jnp.arange(num_new)
-  causal_ts = jnp.arange(slots)[None, :] <= query_slot_t[:, None]
+  key_slot_s = jnp.arange(slots)[None, :]
+  causal_ts = key_slot_s <= query_slot_t[:, None]
+  if window:
+    causal_ts &= key_slot_s > query_slot_t[:, None] - window
   return valid_bs[:, None, :] & causal_ts[None, :, :]

@@ -10,6 +10,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache, attention_mask
 
@@ -29,6 +30,13 @@ class LlamaConfig:
   dtype: str = "float32"        # activation/compute dtype
   param_dtype: str = "float32"
   remat: bool = False
+  qkv_bias: bool = False           # Qwen2
+  sliding_window: int = 0          # Mistral; 0: full causal attention
+  rope_scaling: str = ""           # "" or "llama3"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -55,10 +63,28 @@ class RMSNorm(nn.Module):
     return (normed * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+  """Rotary inverse frequencies, with LLaMA 3's long-context rescaling when configured."""
+  half = cfg.head_dim // 2
+  exponent = np.arange(half, dtype=np.float32) / np.float32(half)
+  inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+  if cfg.rope_scaling == "llama3":
+    low_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+    smooth = ((cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor)
+              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled)
+  elif cfg.rope_scaling:
+    raise ValueError(f"unsupported rope_scaling {cfg.rope_scaling!r}; supported: llama3")
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq_h) -> jax.Array:
   """Rotary embedding, half-split layout (HF's rotate_half)."""
-  half = x_bthd.shape[-1] // 2
-  inv_freq_h = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
   angle_bth = positions_bt[:, :, None].astype(jnp.float32) * inv_freq_h[None, None, :]
   cos, sin = jnp.cos(angle_bth)[:, :, None, :], jnp.sin(angle_bth)[:, :, None, :]
   x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)
@@ -86,8 +112,17 @@ class Attention(nn.Module):
     q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, wq.astype(dt))
     k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, wk.astype(dt))
     v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, wv.astype(dt))
-    q_btnh = apply_rope(q_btnh, positions_bt, cfg.rope_theta)
-    k_btkh = apply_rope(k_btkh, positions_bt, cfg.rope_theta)
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q_btnh += self.param("bq", nn.with_logical_partitioning(zeros, ("heads", "head_dim")),
+                           (cfg.n_heads, cfg.head_dim), pdt).astype(dt)
+      k_btkh += self.param("bk", nn.with_logical_partitioning(zeros, ("kv_heads", "head_dim")),
+                           (cfg.n_kv_heads, cfg.head_dim), pdt).astype(dt)
+      v_btkh += self.param("bv", nn.with_logical_partitioning(zeros, ("kv_heads", "head_dim")),
+                           (cfg.n_kv_heads, cfg.head_dim), pdt).astype(dt)
+    inv_freq_h = jnp.asarray(rope_inv_freq(cfg))
+    q_btnh = apply_rope(q_btnh, positions_bt, inv_freq_h)
+    k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
 
     cache_k_bskh = jax.lax.dynamic_update_slice_in_dim(
         cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), index, axis=1)
@@ -155,7 +190,7 @@ class Llama(nn.Module):
     if cache is None:
       cache = KVCache.zeros(cfg.n_layers, b, t, cfg.n_kv_heads, cfg.head_dim, dt)
     valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
-    mask_bts = attention_mask(valid_bs, cache.index, t)
+    mask_bts = attention_mask(valid_bs, cache.index, t, cfg.sliding_window)
 
     embedding_vd = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                           pdt, cfg.d_model ** -0.5)

@@ -28,11 +28,23 @@ class StopTables:
   pad_id: int
 
   @classmethod
-  def from_tokenizer(cls, tok) -> "StopTables":
-    starts, ends, blank = tok.newline_tables()
-    never = np.zeros(tok.vocab_size, bool)
+  def from_tokenizer(cls, tok, vocab_size: int | None = None, blank_line: bool = True
+                     ) -> "StopTables":
+    """Stops at EOS, and at a blank line unless `blank_line` is False. Tables span the model's
+    `vocab_size` (embedding rows past the tokenizer's vocabulary are never generated)."""
+    size = tok.vocab_size if vocab_size is None else vocab_size
+    if size < tok.vocab_size:
+      raise ValueError(f"model vocabulary ({size}) is smaller than the tokenizer's "
+                       f"({tok.vocab_size})")
+    starts, ends, blank = (np.zeros(size, bool) for _ in range(3))
+    if blank_line:
+      for table, values in zip((starts, ends, blank), tok.newline_tables()):
+        table[:tok.vocab_size] = values
+    never = np.zeros(size, bool)
     never[[tok.pad_id, tok.bos_id]] = True
-    special = np.zeros(tok.vocab_size, bool)
+    never[tok.vocab_size:] = True
+    never[tok.eos_id] = False  # some models pad with their EOS
+    special = np.zeros(size, bool)
     special[tok.special_ids] = True
     return cls(starts, ends, blank, never, special, tok.eos_id, tok.pad_id)
 

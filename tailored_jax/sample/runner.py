@@ -27,7 +27,7 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
                    num_samples: int, sampling: SamplingConfig, max_new_tokens: int,
                    batch_size: int, rng, label: str, bucket: int = 32) -> list[list[str]]:
   """`num_samples` continuations per prompt, as text (special tokens dropped)."""
-  encoded = [[tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(prompts)]
+  encoded = [tokenizer.bos() + ids for ids in tokenizer.encode_batch(prompts)]
   order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
   outputs: list[list[str]] = [[] for _ in prompts]
   start = time.time()

@@ -1,0 +1,61 @@
+"""Load a student from any source the tools accept: an HF directory, a GGUF file, or a
+tailored_jax round checkpoint (`WORKDIR/checkpoints/round_R`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tailored_jax import checkpointing
+from tailored_jax.data.tokenizer import Tokenizer
+from tailored_jax.models import build_model
+from tailored_jax.models.hf_io import ModelImportError
+from tailored_jax.models.llama import Llama
+from tailored_jax.models.pretrained import open_pretrained
+
+
+@dataclasses.dataclass
+class Student:
+  model: Llama
+  params: dict
+  tokenizer: Tokenizer
+  model_type: str
+  chat_template: str | None = None
+
+
+def _workdir_of(checkpoint: str) -> str | None:
+  workdir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+  if os.path.exists(os.path.join(workdir, "config.json")) and os.path.exists(
+      os.path.join(workdir, "tokenizer.json")):
+    return workdir
+  return None
+
+
+def load_student(src: str) -> Student:
+  workdir = _workdir_of(src) if os.path.isdir(src) else None
+  if workdir is None or os.path.exists(os.path.join(src, "config.json")):
+    pretrained = open_pretrained(src)
+    model = Llama(pretrained.cfg)
+    params = jax.tree.map(jnp.asarray, pretrained.load_params())
+    return Student(model, params, pretrained.tokenizer, pretrained.model_type,
+                   pretrained.chat_template)
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  tokenizer = Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
+  pretrained = open_pretrained(cfg.model.init_from) if cfg.model.init_from else None
+  model = build_model(cfg.model, tokenizer.vocab_size, pretrained.cfg if pretrained else None)
+  dummy = jnp.zeros((1, 4), jnp.int32)
+  abstract = nn.meta.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), dummy, dummy, dummy > -1))["params"])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  try:
+    params = checkpointing.restore_params(src, abstract, jax.tree.map(lambda _: device, abstract))
+  except checkpointing.CheckpointError as e:
+    raise ModelImportError(str(e)) from e
+  return Student(model, params, tokenizer, pretrained.model_type if pretrained else "llama",
+                 pretrained.chat_template if pretrained else None)

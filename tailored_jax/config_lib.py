@@ -123,6 +123,18 @@ class ConfigError(ValueError):
   pass
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A workdir's config.json over today's defaults (fields added since keep their defaults)."""
+  cfg = base_config()
+  for key, value in flatten(saved).items():
+    section, _, name = key.rpartition(".")
+    target = cfg
+    for part in section.split(".") if section else []:
+      target = target[part]
+    target[name] = value
+  return cfg
+
+
 def from_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file, so experiment files can start from another one."""
   import importlib.util

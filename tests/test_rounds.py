@@ -135,3 +135,32 @@ def test_changed_config_on_resume_is_refused(reference):
   c.train.lr = 1e-4
   with pytest.raises(config_lib.ConfigError, match=r"fields changed: train.lr"):
     rounds.run(c, reference[0])
+
+
+def test_export_round_checkpoint_loads_in_transformers(reference, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import numpy as np
+  from tailored_jax import export
+  from tailored_jax.generate import generate
+  from tailored_jax.models.student import load_student
+  from tailored_jax.sample.sampling import SamplingConfig
+  checkpoint = os.path.join(reference[0], "checkpoints", "round_2")
+  export.export(checkpoint, str(tmp_path))
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  student = load_student(checkpoint)
+  prompt = "Question: Ava has 7 pens. Ava buys 5 more pens. How many pens does Ava have now?"
+  ids = student.tokenizer.bos() + student.tokenizer.encode(prompt)
+  assert ids == [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+  with torch.no_grad():
+    expected = model(torch.tensor([ids])).logits[0].numpy()
+  got, _, _ = student.model.apply({"params": student.params}, np.asarray([ids], np.int32),
+                                  np.arange(len(ids))[None], np.ones((1, len(ids)), bool))
+  assert np.abs(np.asarray(got[0]) - expected).max() <= 1e-4
+  with torch.no_grad():
+    greedy = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                            eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+  tokens, _ = generate(student, prompt, 12, SamplingConfig())
+  assert tokens == greedy

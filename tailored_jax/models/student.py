@@ -9,9 +9,8 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from tailored_jax import checkpointing
+from tailored_jax import checkpointing, config_lib
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.models import build_model
 from tailored_jax.models.hf_io import ModelImportError
@@ -45,7 +44,7 @@ def load_student(src: str) -> Student:
     return Student(model, params, pretrained.tokenizer, pretrained.model_type,
                    pretrained.chat_template)
   with open(os.path.join(workdir, "config.json")) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+    cfg = config_lib.from_saved(json.load(f))
   tokenizer = Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
   pretrained = open_pretrained(cfg.model.init_from) if cfg.model.init_from else None
   model = build_model(cfg.model, tokenizer.vocab_size, pretrained.cfg if pretrained else None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from tailored_jax.models.gptj import GPTJ, GPTJConfig
 from tailored_jax.models.llama import Llama, LlamaConfig
 
 
@@ -14,12 +15,17 @@ def llama_config(cfg, vocab_size: int) -> LlamaConfig:
       param_dtype=cfg.param_dtype, remat=cfg.remat)
 
 
-def build_model(cfg, vocab_size: int, pretrained: LlamaConfig | None = None) -> Llama:
+def model_for(cfg: LlamaConfig | GPTJConfig):
+  """The Flax module of an architecture config."""
+  return GPTJ(cfg) if isinstance(cfg, GPTJConfig) else Llama(cfg)
+
+
+def build_model(cfg, vocab_size: int, pretrained: LlamaConfig | GPTJConfig | None = None):
   """The student: a pretrained model's architecture (with our dtype/remat settings), or one
   built from `cfg` (family 'llama': LLaMA 2/3, Mistral, Qwen2, SmolLM2 shapes)."""
   if pretrained is not None:
-    return Llama(dataclasses.replace(pretrained, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                     remat=cfg.remat))
+    return model_for(dataclasses.replace(pretrained, dtype=cfg.dtype,
+                                         param_dtype=cfg.param_dtype, remat=cfg.remat))
   if cfg.family != "llama":
     raise ValueError(f"config field model.family: unknown family {cfg.family!r}; known: ['llama']")
   return Llama(llama_config(cfg, vocab_size))

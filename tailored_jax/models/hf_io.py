@@ -1,4 +1,4 @@
-"""Hugging Face LLaMA-family checkpoints (llama, mistral, qwen2) <-> our Flax params.
+"""Hugging Face checkpoints (llama, mistral, qwen2, gptj) <-> our Flax params.
 
 Import reads config.json and (sharded) safetensors tensor by tensor, so a model larger than host
 memory streams onto the mesh one parameter at a time; export writes config.json and
@@ -12,21 +12,38 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from tailored_jax.models.gptj import GPTJConfig
 from tailored_jax.models.llama import LlamaConfig
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "gptj")
 
 
 class ModelImportError(ValueError):
   pass
 
 
-def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LlamaConfig, str]:
+def _gptj_config(hf: dict, source: str) -> GPTJConfig:
+  if hf.get("activation_function", "gelu_new") != "gelu_new":
+    raise ModelImportError(f"{source}: activation_function {hf['activation_function']!r} is not "
+                           "supported (gelu_new)")
+  try:
+    return GPTJConfig(vocab_size=hf["vocab_size"], d_model=hf["n_embd"], n_layers=hf["n_layer"],
+                      n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
+                      rotary_dim=hf.get("rotary_dim") or hf["n_embd"] // hf["n_head"],
+                      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+  except KeyError as e:
+    raise ModelImportError(f"{source}: missing field {e}") from e
+
+
+def config_from_hf(hf: dict, source: str = "config.json"
+                   ) -> tuple[LlamaConfig | GPTJConfig, str]:
   """Our config and the HF model_type, from an HF config dict."""
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED:
     raise ModelImportError(f"{source}: model_type {model_type!r} is not supported; "
                            f"supported: {', '.join(SUPPORTED)}")
+  if model_type == "gptj":
+    return _gptj_config(hf, source), model_type
   try:
     n_heads = hf["num_attention_heads"]
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
@@ -57,7 +74,14 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LlamaConfig, 
   return cfg, model_type
 
 
-def hf_config(cfg: LlamaConfig, model_type: str, bos_id: int | None, eos_id: int | None) -> dict:
+def hf_config(cfg, model_type: str, bos_id: int | None, eos_id: int | None) -> dict:
+  if isinstance(cfg, GPTJConfig):
+    return {"architectures": ["GPTJForCausalLM"], "model_type": "gptj",
+            "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "rotary_dim": cfg.rotary_dim,
+            "n_positions": 2048, "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": False,
+            "torch_dtype": "float32", "bos_token_id": bos_id, "eos_token_id": eos_id}
   arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
           "qwen2": "Qwen2ForCausalLM"}[model_type]
   out = {
@@ -84,7 +108,38 @@ def hf_config(cfg: LlamaConfig, model_type: str, bos_id: int | None, eos_id: int
   return out
 
 
-def _expected_shapes(cfg: LlamaConfig) -> dict[str, tuple]:
+def _gptj_table(cfg: GPTJConfig) -> dict[str, tuple[tuple[str, ...], tuple, Callable, Callable]]:
+  """HF name -> (our path, HF shape, HF->ours, ours->HF) for every GPT-J tensor."""
+  d, n, h, f, v = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+  same = lambda w: w
+  table = {
+      "transformer.wte.weight": (("embedding",), (v, d), same, same),
+      "transformer.ln_f.weight": (("final_norm", "scale"), (d,), same, same),
+      "transformer.ln_f.bias": (("final_norm", "bias"), (d,), same, same),
+      "lm_head.weight": (("lm_head",), (v, d), lambda w: w.T, lambda w: w.T),
+      "lm_head.bias": (("lm_head_bias",), (v,), same, same),
+  }
+  for i in range(cfg.n_layers):
+    p, l = f"transformer.h.{i}.", f"layer_{i}"
+    table.update({
+        p + "ln_1.weight": ((l, "ln", "scale"), (d,), same, same),
+        p + "ln_1.bias": ((l, "ln", "bias"), (d,), same, same),
+        p + "mlp.fc_in.weight": ((l, "w_in"), (f, d), lambda w: w.T, lambda w: w.T),
+        p + "mlp.fc_in.bias": ((l, "b_in"), (f,), same, same),
+        p + "mlp.fc_out.weight": ((l, "w_out"), (d, f), lambda w: w.T, lambda w: w.T),
+        p + "mlp.fc_out.bias": ((l, "b_out"), (d,), same, same),
+        p + "attn.out_proj.weight": ((l, "wo"), (d, d), lambda w: w.T.reshape(n, h, d),
+                                     lambda w: w.reshape(n * h, d).T),
+    })
+    for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj")):
+      table[p + f"attn.{theirs}.weight"] = ((l, ours), (d, d), lambda w: w.T.reshape(d, n, h),
+                                            lambda w: w.reshape(d, n * h).T)
+  return table
+
+
+def _expected_shapes(cfg) -> dict[str, tuple]:
+  if isinstance(cfg, GPTJConfig):
+    return {name: entry[1] for name, entry in _gptj_table(cfg).items()}
   d, n, k, h, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
                       cfg.vocab_size)
   shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
@@ -104,8 +159,11 @@ def _expected_shapes(cfg: LlamaConfig) -> dict[str, tuple]:
   return shapes
 
 
-def _to_ours(name: str, w: np.ndarray, cfg: LlamaConfig) -> tuple[tuple[str, ...], np.ndarray]:
+def _to_ours(name: str, w: np.ndarray, cfg) -> tuple[tuple[str, ...], np.ndarray]:
   """(path in our param tree, array in our layout) for one HF tensor."""
+  if isinstance(cfg, GPTJConfig):
+    path, _, convert, _ = _gptj_table(cfg)[name]
+    return path, np.ascontiguousarray(convert(w))
   d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   if name == "model.embed_tokens.weight":
     return ("embedding",), w
@@ -133,9 +191,12 @@ def _to_ours(name: str, w: np.ndarray, cfg: LlamaConfig) -> tuple[tuple[str, ...
   return (layer, *path), np.ascontiguousarray(convert())
 
 
-def to_hf(params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+def to_hf(params, cfg) -> dict[str, np.ndarray]:
   """Our params (a nested dict of arrays) as HF tensors (float32 numpy)."""
   get = lambda *path: np.asarray(tree_get(params, path), np.float32)
+  if isinstance(cfg, GPTJConfig):
+    return {name: np.ascontiguousarray(back(get(*path)))
+            for name, (path, _, _, back) in _gptj_table(cfg).items()}
   out = {"model.embed_tokens.weight": get("embedding"), "model.norm.weight": get("final_norm",
                                                                                  "scale")}
   if not cfg.tie_embeddings:
@@ -189,7 +250,7 @@ def iter_hf_tensors(directory: str) -> Iterator[tuple[str, str, np.ndarray]]:
         yield path, name, np.asarray(f.get_tensor(name), np.float32)
 
 
-def load_params(tensors: Iterator[tuple[str, str, np.ndarray]], cfg: LlamaConfig,
+def load_params(tensors: Iterator[tuple[str, str, np.ndarray]], cfg,
                 place: Callable[[tuple[str, ...], np.ndarray], object] = lambda path, a: a) -> dict:
   """Our param tree from HF-named tensors; `place` puts each onto devices as it is converted.
 
@@ -199,7 +260,9 @@ def load_params(tensors: Iterator[tuple[str, str, np.ndarray]], cfg: LlamaConfig
   params: dict = {}
   seen = set()
   for source, name, array in tensors:
-    if name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight"):
+    if (name.endswith("rotary_emb.inv_freq") or name.endswith("attn.bias")
+        or name.endswith("attn.masked_bias")
+        or (getattr(cfg, "tie_embeddings", False) and name == "lm_head.weight")):
       continue
     if name not in expected:
       raise ModelImportError(f"{source}: unexpected tensor {name!r} for this architecture")
@@ -215,7 +278,7 @@ def load_params(tensors: Iterator[tuple[str, str, np.ndarray]], cfg: LlamaConfig
   return params
 
 
-def save_hf_dir(directory: str, params, cfg: LlamaConfig, model_type: str = "llama",
+def save_hf_dir(directory: str, params, cfg, model_type: str = "llama",
                 bos_id: int | None = None, eos_id: int | None = None) -> None:
   from safetensors.numpy import save_file
   os.makedirs(directory, exist_ok=True)

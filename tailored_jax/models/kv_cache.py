@@ -45,3 +45,26 @@ def attention_mask(valid_bs: jax.Array, index: jax.Array, num_new: int, window: 
   if window:
     causal_ts &= key_slot_s > query_slot_t[:, None] - window
   return valid_bs[:, None, :] & causal_ts[None, :, :]
+
+
+def cached_attention(q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, mask_bts, dtype,
+                     scale: float | None = None):
+  """Writes the new keys/values at `index`, then attends over the whole buffer (grouped-query:
+  each of the k kv-heads serves n/k query heads). Softmax in float32.
+
+  Returns (out_btnh, cache_k_bskh, cache_v_bskh).
+  """
+  cache_k_bskh = jax.lax.dynamic_update_slice_in_dim(
+      cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), index, axis=1)
+  cache_v_bskh = jax.lax.dynamic_update_slice_in_dim(
+      cache_v_bskh, v_btkh.astype(cache_v_bskh.dtype), index, axis=1)
+  b, t, n, h = q_btnh.shape
+  kv_heads = cache_k_bskh.shape[2]
+  q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
+  logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh.astype(dtype),
+                            cache_k_bskh.astype(dtype))
+  logits_bkgts = logits_bkgts.astype(jnp.float32) * (h ** -0.5 if scale is None else scale)
+  logits_bkgts = jnp.where(mask_bts[:, None, None, :, :], logits_bkgts, -1e30)
+  probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dtype)
+  out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, cache_v_bskh.astype(dtype))
+  return out_btkgh.reshape(b, t, n, h), cache_k_bskh, cache_v_bskh

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax.models.kv_cache import KVCache, attention_mask
+from tailored_jax.models.kv_cache import KVCache, attention_mask, cached_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,20 +124,8 @@ class Attention(nn.Module):
     q_btnh = apply_rope(q_btnh, positions_bt, inv_freq_h)
     k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
 
-    cache_k_bskh = jax.lax.dynamic_update_slice_in_dim(
-        cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), index, axis=1)
-    cache_v_bskh = jax.lax.dynamic_update_slice_in_dim(
-        cache_v_bskh, v_btkh.astype(cache_v_bskh.dtype), index, axis=1)
-
-    b, t, n, h = q_btnh.shape
-    groups = cfg.n_heads // cfg.n_kv_heads
-    q_btkgh = q_btnh.reshape(b, t, cfg.n_kv_heads, groups, h)
-    logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, cache_k_bskh.astype(dt))
-    logits_bkgts = logits_bkgts.astype(jnp.float32) * (h ** -0.5)
-    logits_bkgts = jnp.where(mask_bts[:, None, None, :, :], logits_bkgts, -1e30)
-    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dt)
-    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, cache_v_bskh.astype(dt))
-    out_btnh = out_btkgh.reshape(b, t, n, h)
+    out_btnh, cache_k_bskh, cache_v_bskh = cached_attention(
+        q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, mask_bts, dt)
     out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(dt))
     return out_btd, cache_k_bskh, cache_v_bskh
 

@@ -16,13 +16,12 @@ import tokenizers
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.models import gguf_io, hf_io
 from tailored_jax.models.hf_io import ModelImportError
-from tailored_jax.models.llama import LlamaConfig
 
 
 @dataclasses.dataclass
 class Pretrained:
   path: str
-  cfg: LlamaConfig
+  cfg: object  # LlamaConfig | GPTJConfig
   model_type: str
   tokenizer: Tokenizer
   chat_template: str | None

@@ -12,15 +12,16 @@ import jax.numpy as jnp
 
 from tailored_jax import checkpointing, config_lib
 from tailored_jax.data.tokenizer import Tokenizer
-from tailored_jax.models import build_model
+from tailored_jax.models import build_model, model_for
 from tailored_jax.models.hf_io import ModelImportError
+from tailored_jax.models.gptj import GPTJ
 from tailored_jax.models.llama import Llama
 from tailored_jax.models.pretrained import open_pretrained
 
 
 @dataclasses.dataclass
 class Student:
-  model: Llama
+  model: Llama | GPTJ
   params: dict
   tokenizer: Tokenizer
   model_type: str
@@ -39,7 +40,7 @@ def load_student(src: str) -> Student:
   workdir = _workdir_of(src) if os.path.isdir(src) else None
   if workdir is None or os.path.exists(os.path.join(src, "config.json")):
     pretrained = open_pretrained(src)
-    model = Llama(pretrained.cfg)
+    model = model_for(pretrained.cfg)
     params = jax.tree.map(jnp.asarray, pretrained.load_params())
     return Student(model, params, pretrained.tokenizer, pretrained.model_type,
                    pretrained.chat_template)

@@ -1,0 +1,139 @@
+"""GPT-J (the paper's student) in Flax Linen: one LayerNorm feeding attention and MLP in parallel,
+rotary embedding on the first `rotary_dim` dims of each head (interleaved pairs), GELU MLP with
+biases, untied LM head with bias. Same call signature and logical axes as `llama.Llama`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tailored_jax.models.kv_cache import KVCache, attention_mask, cached_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTJConfig:
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  d_ff: int
+  rotary_dim: int
+  norm_eps: float = 1e-5
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def n_kv_heads(self) -> int:
+    return self.n_heads
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads or self.rotary_dim > self.d_model // self.n_heads:
+      raise ValueError(f"GPT-J: n_embd={self.d_model}, n_head={self.n_heads} and "
+                       f"rotary_dim={self.rotary_dim} do not fit")
+
+
+def _param(module, name, shape, axes, dtype, init):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def apply_interleaved_rope(x_bthd, positions_bt, rotary_dim: int):
+  """GPT-J rotary: pairs (0,1), (2,3)… of the first `rotary_dim` dims rotate; the rest pass."""
+  rot, rest = x_bthd[..., :rotary_dim], x_bthd[..., rotary_dim:]
+  inv_freq = 1.0 / (10000.0 ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
+  angle_btr = positions_bt[:, :, None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None]
+  sin = jnp.repeat(jnp.sin(angle_btr), 2, axis=-1)[:, :, None, :]
+  cos = jnp.repeat(jnp.cos(angle_btr), 2, axis=-1)[:, :, None, :]
+  rot32 = rot.astype(jnp.float32)
+  rotated = jnp.stack([-rot32[..., 1::2], rot32[..., ::2]], axis=-1).reshape(rot32.shape)
+  out = rot32 * cos + rotated * sin
+  return jnp.concatenate([out.astype(x_bthd.dtype), rest], axis=-1)
+
+
+class LayerNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = _param(self, "scale", (d,), ("norm",), self.param_dtype, nn.initializers.ones)
+    bias = _param(self, "bias", (d,), ("norm",), self.param_dtype, nn.initializers.zeros)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class GPTJBlock(nn.Module):
+  cfg: GPTJConfig
+
+  @nn.compact
+  def __call__(self, x_btd, positions_bt, mask_bts, cache_k_bskh, cache_v_bskh, index):
+    cfg = self.cfg
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
+    normal = lambda fan_in: nn.initializers.normal(stddev=fan_in ** -0.5)
+    h_btd = LayerNorm(cfg.norm_eps, dt, pdt, name="ln")(x_btd)
+    wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), pdt, normal(d))
+    wk = _param(self, "wk", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
+    wv = _param(self, "wv", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
+    wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), pdt, normal(d))
+    q_btnh = apply_interleaved_rope(jnp.einsum("btd,dnh->btnh", h_btd, wq.astype(dt)),
+                                    positions_bt, cfg.rotary_dim)
+    k_btnh = apply_interleaved_rope(jnp.einsum("btd,dnh->btnh", h_btd, wk.astype(dt)),
+                                    positions_bt, cfg.rotary_dim)
+    v_btnh = jnp.einsum("btd,dnh->btnh", h_btd, wv.astype(dt))
+    out_btnh, cache_k_bskh, cache_v_bskh = cached_attention(
+        q_btnh, k_btnh, v_btnh, cache_k_bskh, cache_v_bskh, index, mask_bts, dt)
+    attn_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(dt))
+    w_in = _param(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), pdt, normal(d))
+    b_in = _param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
+    w_out = _param(self, "w_out", (cfg.d_ff, d), ("mlp", "embed"), pdt, normal(cfg.d_ff))
+    b_out = _param(self, "b_out", (d,), ("norm",), pdt, nn.initializers.zeros)
+    ff_btf = jax.nn.gelu(h_btd @ w_in.astype(dt) + b_in.astype(dt), approximate=True)
+    mlp_btd = ff_btf @ w_out.astype(dt) + b_out.astype(dt)
+    return x_btd + attn_btd + mlp_btd, cache_k_bskh, cache_v_bskh
+
+
+class GPTJ(nn.Module):
+  """(tokens, positions, valid, cache) -> (logits_btv float32, hidden after ln_f, cache)."""
+  cfg: GPTJConfig
+
+  @nn.compact
+  def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None):
+    cfg = self.cfg
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    b, t = tokens_bt.shape
+    if cache is None:
+      cache = KVCache.zeros(cfg.n_layers, b, t, cfg.n_heads, cfg.head_dim, dt)
+    valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
+    mask_bts = attention_mask(valid_bs, cache.index, t)
+    embedding_vd = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                          pdt, nn.initializers.normal(stddev=cfg.d_model ** -0.5))
+    x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt)
+    block = nn.remat(GPTJBlock) if cfg.remat else GPTJBlock
+    new_k, new_v = [], []
+    for layer in range(cfg.n_layers):
+      x_btd, k_bskh, v_bskh = block(cfg, name=f"layer_{layer}")(
+          x_btd, positions_bt, mask_bts, cache.k_lbskh[layer], cache.v_lbskh[layer], cache.index)
+      new_k.append(k_bskh)
+      new_v.append(v_bskh)
+    hidden_btd = LayerNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x_btd)
+    head_dv = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
+                     nn.initializers.normal(stddev=cfg.d_model ** -0.5))
+    head_bias_v = _param(self, "lm_head_bias", (cfg.vocab_size,), ("vocab",), pdt,
+                         nn.initializers.zeros)
+    logits_btv = hidden_btd @ head_dv.astype(dt) + head_bias_v.astype(dt)
+    new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, cache.index + t)
+    return logits_btv.astype(jnp.float32), hidden_btd, new_cache

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.family = "llama"
   c.model.init_from = ""             # an HF directory or a .gguf file; sizes below are then ignored
+  c.model.add_pad_token = True       # pretrained tokenizer without a pad: add one, mean-initialised
   c.model.d_model = 128
   c.model.n_layers = 4
   c.model.n_heads = 4

@@ -23,7 +23,7 @@ from tailored_jax.data import scoring
 from tailored_jax.data.batching import Batcher, TrainExample
 from tailored_jax.data.tasks import Example, build_task
 from tailored_jax.data.tokenizer import Tokenizer, train_bpe
-from tailored_jax.models import build_model
+from tailored_jax.models import build_model, vocab
 from tailored_jax.models.hf_io import tree_get
 from tailored_jax.models.pretrained import Pretrained, open_pretrained
 from tailored_jax.sample.decode import Decoder, StopTables
@@ -124,8 +124,16 @@ class Run:
     trainer = self.trainer
     if round_index == 0 and self.pretrained() is not None:
       dtype = jnp.dtype(self.cfg.model.param_dtype)
-      params = self.pretrained().load_params(lambda path, array: jax.device_put(
-          array.astype(dtype), tree_get(trainer.param_shardings, path)))
+      source_tokenizer = self.pretrained().tokenizer
+      pad_added = self.tokenizer.pad_id != source_tokenizer.pad_id
+
+      def place(path, array):
+        if pad_added and path in vocab.VOCAB_AXIS:
+          array = vocab.with_mean_row(array, vocab.VOCAB_AXIS[path], self.tokenizer.pad_id,
+                                      source_tokenizer.vocab_size)
+        return jax.device_put(array.astype(dtype), tree_get(trainer.param_shardings, path))
+
+      params = self.pretrained().load_params(place)
     elif round_index == 0:
       params = trainer.init_params(self.cfg.seed)
     else:
@@ -182,6 +190,8 @@ class Run:
                      [{"id": e.id, "question": e.question, "gold": e.gold} for e in examples])
     if self.cfg.model.init_from:
       tokenizer = self.pretrained().tokenizer
+      if self.cfg.model.add_pad_token and vocab.needs_pad(tokenizer):
+        tokenizer = vocab.add_pad_token(tokenizer)
     elif self.cfg.tokenizer.path:
       tokenizer = Tokenizer.load(self.cfg.tokenizer.path)
     else:

@@ -164,3 +164,48 @@ def test_export_round_checkpoint_loads_in_transformers(reference, tmp_path):
                             pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
   tokens, _ = generate(student, prompt, 12, SamplingConfig())
   assert tokens == greedy
+
+
+def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
+  """init_from an HF directory: tokenizer from the source, a pad token added with mean rows,
+  weights streamed in, one round trained and evaluated."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import numpy as np
+  from tailored_jax.data.tokenizer import train_bpe
+  from tailored_jax.data.tasks import build_task
+  from tailored_jax.models.student import load_student
+  cfg = tiny_config()
+  cfg.rounds = 1
+  task = build_task(cfg.task)
+  tok = train_bpe([task.format_prefix(d.question, []) + task.format_continuation(
+      d.question, d.rationale, d.answer) for d in task.tokenizer_corpus()], 300)
+  source = tmp_path / "gptj"
+  torch.manual_seed(0)
+  model = transformers.GPTJForCausalLM(transformers.GPTJConfig(
+      vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=256))
+  model.save_pretrained(source)
+  tok._tok.save(str(source / "tokenizer.json"))
+  (source / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+  cfg.model.init_from = str(source)
+  workdir = str(tmp_path / "run")
+  records = rounds.run(cfg, workdir)
+  assert len(records) == 1 and records[0]["test_accuracy"] is not None
+  student = load_student(os.path.join(workdir, "checkpoints", "round_1"))
+  assert student.model.cfg.vocab_size == tok.vocab_size + 1  # the added <|pad|> row
+  assert student.tokenizer.pad_id == tok.vocab_size
+  assert student.tokenizer._tok.id_to_token(tok.vocab_size) == "<|pad|>"
+
+
+
+def test_pad_row_is_the_mean_of_the_old_rows():
+  import numpy as np
+  from tailored_jax.models import vocab
+  embedding = np.arange(12, dtype=np.float32).reshape(4, 3)
+  grown = vocab.with_mean_row(embedding, 0, pad_id=4, old_vocab=4)
+  assert grown.shape == (5, 3) and grown[4].tolist() == [4.5, 5.5, 6.5]
+  head = embedding.T  # [embed, vocab]
+  inside = vocab.with_mean_row(head, 1, pad_id=3, old_vocab=3)  # GPT-J: spare rows exist
+  assert inside.shape == (3, 4) and inside[:, 3].tolist() == [3.0, 4.0, 5.0]
+  assert (inside[:, :3] == head[:, :3]).all()

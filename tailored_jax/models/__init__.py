@@ -21,11 +21,13 @@ def model_for(cfg: LlamaConfig | GPTJConfig):
 
 
 def build_model(cfg, vocab_size: int, pretrained: LlamaConfig | GPTJConfig | None = None):
-  """The student: a pretrained model's architecture (with our dtype/remat settings), or one
-  built from `cfg` (family 'llama': LLaMA 2/3, Mistral, Qwen2, SmolLM2 shapes)."""
+  """The student: a pretrained model's architecture (with our dtype/remat settings, and room for
+  a pad token added to its tokenizer), or one built from `cfg` (family 'llama': LLaMA 2/3,
+  Mistral, Qwen2, SmolLM2 shapes)."""
   if pretrained is not None:
-    return model_for(dataclasses.replace(pretrained, dtype=cfg.dtype,
-                                         param_dtype=cfg.param_dtype, remat=cfg.remat))
+    return model_for(dataclasses.replace(
+        pretrained, vocab_size=max(pretrained.vocab_size, vocab_size), dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, remat=cfg.remat))
   if cfg.family != "llama":
     raise ValueError(f"config field model.family: unknown family {cfg.family!r}; known: ['llama']")
   return Llama(llama_config(cfg, vocab_size))

@@ -31,29 +31,49 @@ class Pretrained:
     return hf_io.load_params(self.tensors(), self.cfg, place)
 
 
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ModelImportError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+
+
 def _hf_tokenizer(directory: str) -> tuple[Tokenizer, str | None]:
+  """tokenizer.json with its special ids: token strings in tokenizer_config.json first, then the
+  ids in generation_config.json / config.json."""
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.exists(path):
     raise ModelImportError(f"{directory}: no tokenizer.json")
   tok = tokenizers.Tokenizer.from_file(path)
-  settings = {}
-  for name in ("tokenizer_config.json", "config.json"):
-    p = os.path.join(directory, name)
-    if os.path.exists(p):
-      with open(p) as f:
-        settings = {**json.load(f), **settings}
+  settings = _read_json(os.path.join(directory, "tokenizer_config.json"))
+  id_sources = [(name, _read_json(os.path.join(directory, name)))
+                for name in ("generation_config.json", "config.json")]
 
   def token_id(key):
-    value = settings.get(f"{key}_token_id")
-    if value is None:
-      token = settings.get(f"{key}_token")
-      token = token.get("content") if isinstance(token, dict) else token
-      value = tok.token_to_id(token) if token else None
-    return value[0] if isinstance(value, list) else value
+    token = settings.get(f"{key}_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    if token:
+      if tok.token_to_id(token) is None:
+        raise ModelImportError(f"{directory}/tokenizer_config.json: {key}_token {token!r} is "
+                               "not in tokenizer.json")
+      return tok.token_to_id(token)
+    for name, source in id_sources:
+      value = source.get(f"{key}_token_id")
+      value = value[0] if isinstance(value, list) and value else value
+      if value is not None:
+        if not 0 <= value < tok.get_vocab_size():
+          raise ModelImportError(f"{directory}/{name}: {key}_token_id {value} is outside the "
+                                 f"tokenizer's {tok.get_vocab_size()} tokens")
+        return value
+    return None
 
   bos, eos, pad = token_id("bos"), token_id("eos"), token_id("pad")
   if eos is None:
-    raise ModelImportError(f"{directory}: cannot tell the EOS token (no eos_token_id)")
+    raise ModelImportError(f"{directory}: cannot tell the EOS token (no eos_token or "
+                           "eos_token_id)")
   tokenizer = Tokenizer(tok, bos if bos is not None else eos, eos, pad if pad is not None else eos,
                         add_bos=bool(settings.get("add_bos_token", bos is not None)))
   return tokenizer, settings.get("chat_template")

@@ -120,6 +120,27 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def paper_config(task: str, family: str) -> ml_collections.ConfigDict:
+  """The paper's setting (METHOD §4) for one of its tasks, sized for a GPU/TPU pod: bf16,
+  parameters sharded over fsdp, remat, all the task's demos, ChatGPT-class teacher. The user
+  supplies `--config.model.init_from` and `--config.task.data_path`."""
+  c = base_config()
+  c.task.name = task
+  c.task.num_demos = -1
+  c.model.family = family
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.teacher.kind = "openai"
+  c.teacher.model = "gpt-3.5-turbo"
+  c.teacher.max_tokens = 512
+  c.exam.batch_size = 32
+  c.eval.batch_size = 64
+  c.train.max_seq_len = 1024
+  return c
+
+
 class ConfigError(ValueError):
   pass
 
@@ -165,6 +186,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(bool(ops) and ops <= {"add", "sub", "mul"}, "task.synthetic.operations",
            f"a comma list of add, sub, mul; got {s.operations!r}")
   m = c.model
+  _require(m.family in ("llama", "gptj"), "model.family", f"'llama' or 'gptj', got {m.family!r}")
+  _require(m.family != "gptj" or bool(m.init_from), "model.init_from",
+           "GPT-J students start from pretrained weights: set it to an HF directory")
   for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
     _require(m[name] >= 1, f"model.{name}", f"must be >= 1, got {m[name]}")
   _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",

@@ -13,7 +13,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
 def test_every_config_file_parses_and_validates(path):
-  config_lib.validate(config_lib.from_file(path))
+  cfg = config_lib.from_file(path)
+  if cfg.model.family == "gptj":  # pretrained-only: refused without weights, fine with them
+    with pytest.raises(config_lib.ConfigError, match="model.init_from"):
+      config_lib.validate(cfg)
+    cfg.model.init_from = "/models/gpt-j-6b"
+  config_lib.validate(cfg)
+
+
+def test_paper_configs_carry_the_papers_hyper_parameters():
+  cfg = config_lib.from_file(os.path.join(ROOT, "configs", "gsm8k_gptj6b.py"))
+  t = cfg.train
+  assert (t.batch_size, t.epochs, t.lr, t.warmup_steps, t.weight_decay) == (16, 10, 7e-6, 100,
+                                                                             0.01)
+  assert (t.b1, t.b2, t.eps, t.prefix_weight, t.sr_weight, t.sr_margin) == (
+      0.9, 0.999, 1e-8, 0.1, 0.5, 1.0)
+  assert (cfg.exam.num_samples, cfg.exam.temperature, cfg.exam.top_k, cfg.exam.top_p) == (
+      4, 1.0, 50, 1.0)
+  assert cfg.rounds == 3 and cfg.seed == 42 and cfg.model.dtype == "bfloat16"
 
 
 def test_baseline_is_plain_distillation_with_a_larger_budget():

@@ -22,7 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "synthetic_arith"   # or gsm8k, multiarith, svamp, csqa, strategyqa
-  c.task.data_path = ""             # folder with the task's original files (real tasks)
+  c.task.source = "files"           # 'files' (original files) or 'tfds:NAME' (prepared TFDS)
+  c.task.data_path = ""             # folder with the original files, or the TFDS data_dir
   c.task.num_val = 100              # validation slice held out of train (real tasks)
   c.task.split_seed = 0             # seeds the 70/30 split and the validation slice
   c.task.skip_malformed = False     # skip (and count) malformed records instead of failing
@@ -177,6 +178,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.task.num_demos >= -1, "task.num_demos", "must be >= -1")
   _require(c.task.max_new_tokens >= 0, "task.max_new_tokens", "must be >= 0")
   _require(c.task.num_val >= 1, "task.num_val", "must be >= 1")
+  _require(c.task.source == "files" or c.task.source.startswith("tfds:"), "task.source",
+           f"'files' or 'tfds:NAME', got {c.task.source!r}")
   s = c.task.synthetic
   _require(1 <= s.min_steps <= s.max_steps, "task.synthetic.min_steps",
            f"need 1 <= min_steps <= max_steps, got {s.min_steps}, {s.max_steps}")

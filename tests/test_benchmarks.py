@@ -154,3 +154,33 @@ def test_score_cli_matches_by_id_and_question(tmp_path, capsys):
   path.write_text('{"id": "nope", "output": "1"}\n')
   assert score.main(["--task=synthetic_arith", f"--predictions={path}"]) == 2
   assert "pred.jsonl:1: id 'nope' is not in synthetic_arith test" in capsys.readouterr().err
+
+
+def test_gsm8k_from_a_prepared_tfds_dataset(tmp_path):
+  """tfds:gsm8k read with as_data_source from a local data_dir; preparing it here feeds the
+  builder local files instead of downloading."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("array_record")
+  from unittest import mock
+  from tensorflow_datasets.text.gsm8k import gsm8k as builder_module
+  lines = {"train": [{"question": f"What is {i} + {i}?", "answer": f"{i}+{i}=<<{i}+{i}={2 * i}>>"
+                      f"{2 * i}\n#### {2 * i:,}"} for i in range(998, 1006)],
+           "test": [{"question": "What is 2 - 5?", "answer": "2-5=-3\n#### -3"}]}
+  files = {}
+  for split, records in lines.items():
+    path = tmp_path / f"{split}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    files[split] = files[f"{split}_socratic"] = str(path)
+  with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
+                         lambda self, urls: files):
+    builder_module.Gsm8k(data_dir=str(tmp_path / "tfds"),
+                         file_format="array_record").download_and_prepare()
+  t = task("gsm8k", source="tfds:gsm8k", data_path=str(tmp_path / "tfds"), num_val=2)
+  assert sizes(t) == {"train": 6, "val": 2, "test": 1}
+  train_golds = sorted(int(e.gold) for s in ("train", "val") for e in t.splits()[s])
+  assert train_golds == [2 * i for i in range(998, 1006)]  # '1,996' read as 1996
+  assert t.splits()["test"][0].gold == "-3"
+  with pytest.raises(DataError, match=r"tfds:gsm8k split 'train' is not prepared in"):
+    task("gsm8k", source="tfds:gsm8k", data_path=str(tmp_path / "empty")).splits()
+  with pytest.raises(ValueError, match=r"task.source: svamp reads files only"):
+    task("svamp", source="tfds:svamp")

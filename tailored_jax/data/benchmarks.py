@@ -7,10 +7,12 @@ validation slice (`task.num_val`) is always held out of train, never of test.
 from __future__ import annotations
 
 import os
+import re
 
 from tailored_jax.data import answers
 from tailored_jax.data.prompts import ChoiceFormat, QAFormat, choices_block
-from tailored_jax.data.sources import DataError, field, load
+from tailored_jax.data.sources import (DataError, field, iter_tfds_records, load,
+                                       load_records)
 from tailored_jax.data.tasks import Demo, Example, Task, hold_out, split_70_30
 
 MATH_DEMOS = (
@@ -91,6 +93,7 @@ class _MathTask(Task):
 
 class GSM8K(_MathTask):
   name = "gsm8k"
+  tfds_name = "gsm8k"
   default_max_new_tokens = 256
 
   @staticmethod
@@ -100,14 +103,20 @@ class GSM8K(_MathTask):
       if "#### " not in solution:
         raise DataError(f"{where}: field 'answer' has no '#### <final>' line")
       gold = solution.rsplit("#### ", 1)[1].strip().replace(",", "")
-      return Example(f"{split}-{where.rsplit(':', 1)[1]}", field(record, "question", where).strip(),
-                     gold)
+      number = re.search(r"(\d+)\]?$", where).group(1)  # file line or TFDS index
+      return Example(f"{split}-{number}", field(record, "question", where).strip(), gold)
     return parse_record
 
   def load_splits(self):
     skip = self.cfg.skip_malformed
-    train = load(_path(self.cfg, "train.jsonl"), self.parse("train"), skip)
-    test = load(_path(self.cfg, "test.jsonl"), self.parse("test"), skip)
+    if self.cfg.source.startswith("tfds:"):
+      name = self.cfg.source[len("tfds:"):]
+      train, test = (load_records(iter_tfds_records(name, split, self.cfg.data_path),
+                                  self.parse(split), skip, f"tfds:{name}/{split}")
+                     for split in ("train", "test"))
+    else:
+      train = load(_path(self.cfg, "train.jsonl"), self.parse("train"), skip)
+      test = load(_path(self.cfg, "test.jsonl"), self.parse("test"), skip)
     return self._split_with_val(train, test)
 
 

@@ -58,9 +58,42 @@ def field(record: Any, name: str, where: str, kind: type | tuple = (str,)) -> An
 
 
 def load(path: str, parse: Callable[[Any, str], Any], skip_malformed: bool = False) -> list:
-  """parse(record, where) over every record; DataError stops the load unless skipping."""
+  """parse(record, where) over every record of a file; DataError stops unless skipping."""
+  return load_records(iter_records(path), parse, skip_malformed, path)
+
+
+# TFDS builders that hold one of our tasks (only GSM8K exists in tensorflow-datasets).
+TFDS_BUILDER_MODULES = {"gsm8k": "tensorflow_datasets.text.gsm8k"}
+
+
+def iter_tfds_records(name: str, split: str, data_dir: str) -> Iterator[tuple[str, Any]]:
+  """(location, record) from a prepared TFDS dataset (array_record), never downloading."""
+  if name not in TFDS_BUILDER_MODULES:
+    raise DataError(f"config field task.source: no tensorflow-datasets builder for {name!r} "
+                    f"(have: {sorted(TFDS_BUILDER_MODULES)}); use the original files")
+  try:
+    import importlib
+    import tensorflow_datasets as tfds
+    importlib.import_module(TFDS_BUILDER_MODULES[name])
+  except ImportError as e:
+    raise DataError(f"task.source=tfds:{name} needs tensorflow-datasets and array_record "
+                    f"(pip install -e '.[tfds]'): {e}") from e
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  except Exception as e:  # tfds raises AssertionError/DatasetNotFoundError/…
+    raise DataError(f"tfds:{name} split {split!r} is not prepared in {data_dir or '~/tensorflow_datasets'} "
+                    f"(prepare it once with file_format='array_record'): {e}") from e
+  for index in range(len(source)):
+    record = {k: v.decode("utf-8") if isinstance(v, bytes) else v
+              for k, v in source[index].items()}
+    yield f"tfds:{name}/{split}[{index}]", record
+
+
+def load_records(records: Iterator[tuple[str, Any]], parse: Callable[[Any, str], Any],
+                 skip_malformed: bool = False, label: str = "") -> list:
+  """parse(record, where) over (where, record) pairs; DataError stops unless skipping."""
   out, skipped = [], []
-  for where, record in iter_records(path):
+  for where, record in records:
     try:
       out.append(parse(record, where))
     except DataError as e:
@@ -68,5 +101,6 @@ def load(path: str, parse: Callable[[Any, str], Any], skip_malformed: bool = Fal
         raise
       skipped.append(str(e))
   if skipped:
-    logging.warning("%s: skipped %d malformed records (first: %s)", path, len(skipped), skipped[0])
+    logging.warning("%s: skipped %d malformed records (first: %s)", label, len(skipped),
+                    skipped[0])
   return out

@@ -31,9 +31,14 @@ class Task:
   format = QAFormat()
   all_demos: tuple[Demo, ...] = ()
   extract_answer: Callable[[str], answers.Extraction] = staticmethod(answers.extract_number)
+  tfds_name = ""  # the tensorflow-datasets builder holding this task, if any
 
   def __init__(self, cfg):
     self.cfg = cfg
+    if cfg.source != "files" and cfg.source != f"tfds:{self.tfds_name}":
+      raise ValueError(f"config field task.source: {self.name} reads "
+                       f"{'files or tfds:' + self.tfds_name if self.tfds_name else 'files only'}"
+                       f", not {cfg.source!r}")
     self.max_new_tokens = cfg.max_new_tokens or self.default_max_new_tokens
     self.num_demos = len(self.all_demos) if cfg.num_demos < 0 else cfg.num_demos
     if self.num_demos > len(self.all_demos):

@@ -1,5 +1,5 @@
-"""`python -m tailored_jax.generate --model=SRC --prompt="..." [--max_new_tokens=N]
-[--greedy | --temperature=T] [--json]`: try a student (HF dir, GGUF file or round checkpoint)."""
+"""`python -m tailored_jax.generate --model=SRC --prompt="..." [--max-new-tokens N]
+[--greedy | --temperature T] [--json]`: try a student (HF dir, GGUF file or round checkpoint)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,11 +15,11 @@ from tailored_jax.sample.sampling import SamplingConfig
 
 _MODEL = flags.DEFINE_string("model", None, "HF directory, .gguf file or round checkpoint")
 _PROMPT = flags.DEFINE_string("prompt", None, "the prompt text")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
+_MAX_NEW = flags.DEFINE_integer("max-new-tokens", 64, "tokens to generate at most")
 _GREEDY = flags.DEFINE_bool("greedy", False, "greedy decoding (the default at temperature 0)")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "sampling temperature; 0 is greedy")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "top-k filter (0: off)")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "top-p filter (1: off)")
+_TOP_K = flags.DEFINE_integer("top-k", 0, "top-k filter (0: off)")
+_TOP_P = flags.DEFINE_float("top-p", 1.0, "top-p filter (1: off)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _JSON = flags.DEFINE_bool("json", False, "print token ids and text as JSON")
 

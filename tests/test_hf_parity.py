@@ -73,7 +73,7 @@ def no_stop_tables(vocab):
   return decode.StopTables(none, none, none, none, none, eos_id=-1, pad_id=0)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "gptj"])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_greedy_generation_matches_transformers(name, tmp_path):
   model, cfg, _, params = build(name, tmp_path)
   prompt = [5, 17, 42, 8, 33]

@@ -79,12 +79,16 @@ class Run:
             f"{', '.join(changed)}. Use a new --workdir, or the same values.")
     wd.write_json(path, current)
 
-  def _phase(self, name: str, fn) -> None:
+  def _phase(self, name: str, fn, writer_only: bool = False) -> None:
+    """Runs a phase not yet done; `writer_only` phases (teacher calls, preparing files) run on
+    process 0 alone, the others on every process; all meet at a barrier afterwards."""
     if self.state.done(name):
       return
     logging.info("phase %s: start", name)
     start = time.time()
-    fn()
+    if wd.is_writer() or not writer_only:
+      fn()
+    sharding.barrier(f"phase {name}")
     seconds = time.time() - start
     timings_path = self.path("timings.json")
     timings = wd.read_json(timings_path) if os.path.exists(timings_path) else {}
@@ -131,7 +135,7 @@ class Run:
         if pad_added and path in vocab.VOCAB_AXIS:
           array = vocab.with_mean_row(array, vocab.VOCAB_AXIS[path], self.tokenizer.pad_id,
                                       source_tokenizer.vocab_size)
-        return jax.device_put(array.astype(dtype), tree_get(trainer.param_shardings, path))
+        return sharding.put_global(array.astype(dtype), tree_get(trainer.param_shardings, path))
 
       params = self.pretrained().load_params(place)
     elif round_index == 0:
@@ -167,8 +171,8 @@ class Run:
   # ---- the loop -------------------------------------------------------------------------------
   def run(self) -> list[dict]:
     try:
-      self._phase("prepare", self.prepare)
-      self._phase("annotate", self.annotate)
+      self._phase("prepare", self.prepare, writer_only=True)
+      self._phase("annotate", self.annotate, writer_only=True)
       if self.cfg.method.initial_exam and self.cfg.method.self_reflection:
         self._phase("exam_0", lambda: self.exam(0))
       for r in range(1, self.cfg.rounds + 1):
@@ -177,9 +181,10 @@ class Run:
         if r < self.cfg.rounds and (self.cfg.method.feedback or self.cfg.method.self_reflection):
           self._phase(f"exam_{r}", lambda: self.exam(r))
           if self.cfg.method.feedback:
-            self._phase(f"feedback_{r}", lambda: self.feedback(r))
+            self._phase(f"feedback_{r}", lambda: self.feedback(r), writer_only=True)
       records = self.summary_records()
-      summary.write(self.workdir, records)
+      if wd.is_writer():
+        summary.write(self.workdir, records)
       return records
     finally:
       self.close()
@@ -336,7 +341,8 @@ class Run:
     params_dir = self.path("checkpoints", f"round_{round_index}")
     checkpoint_dir = self.path("checkpoints", f"train_round_{round_index}")
     if os.path.exists(self.path(f"round_{round_index}", "train.json")) and os.path.isdir(params_dir):
-      shutil.rmtree(checkpoint_dir, ignore_errors=True)  # killed after saving: nothing to redo
+      if wd.is_writer():  # killed after saving: nothing to redo
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
       return
     data = self.training_data(round_index)
     if not data:
@@ -363,7 +369,9 @@ class Run:
     wd.write_json(self.path(f"round_{round_index}", "train.json"), dict(
         metrics, examples=len(data), questions=len(qids),
         negatives=sum(len(v) for v in negatives.values())))
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    sharding.barrier(f"saved round {round_index}")
+    if wd.is_writer():
+      shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
   def evaluate(self, round_index: int) -> None:
     params = self.params(round_index)

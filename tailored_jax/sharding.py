@@ -72,3 +72,24 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def put_global(array, target: NamedSharding) -> jax.Array:
+  """A global array from a host array that every process holds in full (our batches are built
+  identically on every host); each process hands over only the shards it addresses."""
+  return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """The whole value of a (possibly multi-host) global array, on every host."""
+  if jax.process_count() == 1 or array.is_fully_addressable:
+    return np.asarray(array)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (a no-op in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -1,11 +1,23 @@
-"""The run directory: atomic JSON/JSONL writes and `state.json`, the record of completed phases."""
+"""The run directory: atomic JSON/JSONL writes and `state.json`, the record of completed phases.
+
+On a multi-host run the workdir is shared and process 0 alone writes: elsewhere the writers
+are no-ops, and processes meet at a barrier after every phase.
+"""
 from __future__ import annotations
 
 import json
 import os
 
+import jax
+
+
+def is_writer() -> bool:
+  return jax.process_index() == 0
+
 
 def write_json(path: str, obj) -> None:
+  if not is_writer():
+    return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -23,6 +35,8 @@ def read_json(path: str):
 
 
 def write_jsonl(path: str, records) -> None:
+  if not is_writer():
+    return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

@@ -37,11 +37,11 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
     chunk = order[at:at + batch_size]
     length = round_up(max(len(encoded[i]) for i in chunk), bucket)
     tokens, valid = left_pad([encoded[i] for i in chunk], length, batch_size, tokenizer.pad_id)
-    put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))
+    put = lambda a: sharding.put_global(a, sharding.batch_sharding(mesh, a.ndim))
     out, lengths = decoder(params, put(tokens), put(valid), jax.random.fold_in(rng, batch_index),
                            max_new_tokens=max_new_tokens, num_samples=num_samples,
                            sampling=sampling)
-    out, lengths = np.asarray(out), np.asarray(lengths)
+    out, lengths = sharding.to_host(out), sharding.to_host(lengths)
     texts = tokenizer.decode_batch([row[:n] for row, n in zip(out, lengths)])
     for j, i in enumerate(chunk):
       outputs[i] = texts[j * num_samples:(j + 1) * num_samples]

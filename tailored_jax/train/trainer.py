@@ -52,8 +52,8 @@ class Trainer:
     return self._init_params(jax.random.PRNGKey(seed))
 
   def new_state(self, params) -> step_lib.TrainState:
-    return step_lib.TrainState(jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(self.mesh)),
-                               params, self._init_opt(params))
+    step = sharding.put_global(np.zeros((), np.int32), sharding.replicated(self.mesh))
+    return step_lib.TrainState(step, params, self._init_opt(params))
 
   def step_fn(self, self_reflection: bool):
     if self_reflection not in self._steps:
@@ -66,7 +66,7 @@ class Trainer:
     return self._steps[self_reflection]
 
   def put_batch(self, batch: dict) -> dict:
-    return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.ndim))
+    return {k: sharding.put_global(v, sharding.batch_sharding(self.mesh, v.ndim))
             for k, v in batch.items()}
 
   def schedule(self, batcher: Batcher, seed: int, round_index: int) -> list[list[int]]:

@@ -1,0 +1,66 @@
+"""Two processes (2 CPU devices each, gloo collectives) run one round on a shared workdir and
+get exactly what one process with the same 4-device mesh gets."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tailored_jax import rounds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+assert jax.process_count() == 2 and jax.device_count() == 4
+sys.path.insert(0, sys.argv[4])
+from tests.test_rounds import tiny_config
+from tailored_jax import rounds
+cfg = tiny_config()
+cfg.rounds = 2
+cfg.mesh.num_devices = 0
+rounds.run(cfg, sys.argv[3])
+"""
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def read(workdir, *parts):
+  with open(os.path.join(workdir, *parts)) as f:
+    return f.read()
+
+
+def test_two_processes_match_one(tmp_path):
+  from tests.test_rounds import tiny_config
+  shared = str(tmp_path / "shared")
+  address = f"127.0.0.1:{free_port()}"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  workers = [subprocess.Popen([sys.executable, "-c", WORKER, address, str(i), shared, ROOT],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+  outputs = [w.communicate(timeout=600)[0] for w in workers]
+  for w, out in zip(workers, outputs):
+    assert w.returncode == 0, out[-3000:]
+  cfg = tiny_config()
+  cfg.rounds = 2
+  cfg.mesh.num_devices = 4
+  single = str(tmp_path / "single")
+  records = rounds.run(cfg, single)
+  shared_records = json.loads(read(shared, "summary.json"))
+  assert [dict(r, seconds=0) for r in shared_records] == [dict(r, seconds=0) for r in records]
+  for name in ("eval_test.jsonl", "eval_val.jsonl"):
+    assert read(shared, "round_2", name) == read(single, "round_2", name)
+  assert read(shared, "round_1", "mistakes.jsonl") == read(single, "round_1", "mistakes.jsonl")
+  # one teacher, one writer: every request was paid once
+  assert read(shared, "teacher_cache.jsonl").count("\n") == read(
+      single, "teacher_cache.jsonl").count("\n")

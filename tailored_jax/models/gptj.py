@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax.models.kv_cache import KVCache, attention_mask, cached_attention
+from tailored_jax.models.kv_cache import KVCache, cached_attention, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,26 +114,14 @@ class GPTJ(nn.Module):
   def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    b, t = tokens_bt.shape
-    if cache is None:
-      cache = KVCache.zeros(cfg.n_layers, b, t, cfg.n_heads, cfg.head_dim, dt)
-    valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
-    mask_bts = attention_mask(valid_bs, cache.index, t)
     embedding_vd = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                           pdt, nn.initializers.normal(stddev=cfg.d_model ** -0.5))
     x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt)
-    block = nn.remat(GPTJBlock) if cfg.remat else GPTJBlock
-    new_k, new_v = [], []
-    for layer in range(cfg.n_layers):
-      x_btd, k_bskh, v_bskh = block(cfg, name=f"layer_{layer}")(
-          x_btd, positions_bt, mask_bts, cache.k_lbskh[layer], cache.v_lbskh[layer], cache.index)
-      new_k.append(k_bskh)
-      new_v.append(v_bskh)
+    x_btd, new_cache = run_blocks(GPTJBlock, cfg, x_btd, positions_bt, valid_bt, cache)
     hidden_btd = LayerNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x_btd)
     head_dv = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
                      nn.initializers.normal(stddev=cfg.d_model ** -0.5))
     head_bias_v = _param(self, "lm_head_bias", (cfg.vocab_size,), ("vocab",), pdt,
                          nn.initializers.zeros)
     logits_btv = hidden_btd @ head_dv.astype(dt) + head_bias_v.astype(dt)
-    new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, cache.index + t)
     return logits_btv.astype(jnp.float32), hidden_btd, new_cache

@@ -5,6 +5,7 @@ marks which buffer slots hold real tokens, so padding is masked everywhere.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -68,3 +69,23 @@ def cached_attention(q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, 
   probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dtype)
   out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, cache_v_bskh.astype(dtype))
   return out_btkgh.reshape(b, t, n, h), cache_k_bskh, cache_v_bskh
+
+
+def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | None,
+               window: int = 0):
+  """The layer stack shared by every family: prepares the cache (fresh if None) and the mask,
+  runs `cfg.n_layers` blocks named layer_i (rematerialised if `cfg.remat`), returns
+  (x_btd, updated cache). Call it from inside a compact module method."""
+  b, t = x_btd.shape[:2]
+  if cache is None:
+    cache = KVCache.zeros(cfg.n_layers, b, t, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
+  valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
+  mask_bts = attention_mask(valid_bs, cache.index, t, window)
+  block = nn.remat(block_cls) if cfg.remat else block_cls
+  new_k, new_v = [], []
+  for layer in range(cfg.n_layers):
+    x_btd, k_bskh, v_bskh = block(cfg, name=f"layer_{layer}")(
+        x_btd, positions_bt, mask_bts, cache.k_lbskh[layer], cache.v_lbskh[layer], cache.index)
+    new_k.append(k_bskh)
+    new_v.append(v_bskh)
+  return x_btd, KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, cache.index + t)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax.models.kv_cache import KVCache, attention_mask, cached_attention
+from tailored_jax.models.kv_cache import KVCache, cached_attention, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,22 +174,11 @@ class Llama(nn.Module):
   def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    b, t = tokens_bt.shape
-    if cache is None:
-      cache = KVCache.zeros(cfg.n_layers, b, t, cfg.n_kv_heads, cfg.head_dim, dt)
-    valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
-    mask_bts = attention_mask(valid_bs, cache.index, t, cfg.sliding_window)
-
     embedding_vd = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                           pdt, cfg.d_model ** -0.5)
     x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt)
-    block = nn.remat(Block) if cfg.remat else Block
-    new_k, new_v = [], []
-    for layer in range(cfg.n_layers):
-      x_btd, k_bskh, v_bskh = block(cfg, name=f"layer_{layer}")(
-          x_btd, positions_bt, mask_bts, cache.k_lbskh[layer], cache.v_lbskh[layer], cache.index)
-      new_k.append(k_bskh)
-      new_v.append(v_bskh)
+    x_btd, new_cache = run_blocks(Block, cfg, x_btd, positions_bt, valid_bt, cache,
+                                  cfg.sliding_window)
     hidden_btd = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x_btd)
     if cfg.tie_embeddings:
       logits_btv = jnp.einsum("btd,vd->btv", hidden_btd, embedding_vd.astype(dt))
@@ -197,5 +186,4 @@ class Llama(nn.Module):
       head_dv = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
                        cfg.d_model ** -0.5)
       logits_btv = hidden_btd @ head_dv.astype(dt)
-    new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, cache.index + t)
     return logits_btv.astype(jnp.float32), hidden_btd, new_cache

@@ -86,7 +86,18 @@ class Run:
       return
     logging.info("phase %s: start", name)
     start = time.time()
-    if wd.is_writer() or not writer_only:
+    if writer_only:
+      error = None
+      if wd.is_writer():
+        try:
+          fn()
+        except BaseException as e:  # re-raised below, once the other processes know
+          error = e
+      if sharding.agree(error is not None):
+        if error is not None:
+          raise error
+        raise RuntimeError(f"phase {name} failed on process 0; see its log")
+    else:
       fn()
     sharding.barrier(f"phase {name}")
     seconds = time.time() - start

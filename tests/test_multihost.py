@@ -25,6 +25,7 @@ from tailored_jax import rounds
 cfg = tiny_config()
 cfg.rounds = 2
 cfg.mesh.num_devices = 0
+cfg.teacher.max_requests = int(sys.argv[5])
 rounds.run(cfg, sys.argv[3])
 """
 
@@ -40,17 +41,27 @@ def read(workdir, *parts):
     return f.read()
 
 
+def run_two(workdir: str, max_requests: int = 0) -> list[tuple[int, str]]:
+  address = f"127.0.0.1:{free_port()}"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  workers = [subprocess.Popen([sys.executable, "-c", WORKER, address, str(i), workdir, ROOT,
+                               str(max_requests)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  return [(w.returncode, out) for w, out in
+          ((w, w.communicate(timeout=600)[0]) for w in workers)]
+
+
+def test_a_failure_on_process_0_stops_every_process(tmp_path):
+  (rc0, out0), (rc1, out1) = run_two(str(tmp_path / "w"), max_requests=3)
+  assert rc0 != 0 and "teacher.max_requests=3 reached" in out0
+  assert rc1 != 0 and "phase annotate failed on process 0" in out1
+
+
 def test_two_processes_match_one(tmp_path):
   from tests.test_rounds import tiny_config
   shared = str(tmp_path / "shared")
-  address = f"127.0.0.1:{free_port()}"
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  workers = [subprocess.Popen([sys.executable, "-c", WORKER, address, str(i), shared, ROOT],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-  outputs = [w.communicate(timeout=600)[0] for w in workers]
-  for w, out in zip(workers, outputs):
-    assert w.returncode == 0, out[-3000:]
+  for rc, out in run_two(shared):
+    assert rc == 0, out[-3000:]
   cfg = tiny_config()
   cfg.rounds = 2
   cfg.mesh.num_devices = 4

@@ -50,6 +50,9 @@ def main(argv):
   logging.info("devices: %s", jax.devices())
   records = rounds.run(_CONFIG.value, _WORKDIR.value)
   print(summary.table(records))
+  best = summary.best_round(records)
+  if best:
+    print(f"best round by validation: {best['round']} ({_WORKDIR.value}/{best['checkpoint']})")
   print(f"summary: {_WORKDIR.value}/summary.json, {_WORKDIR.value}/summary.png")
 
 

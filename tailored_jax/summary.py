@@ -9,8 +9,20 @@ COLUMNS = ("round", "train_examples", "mistakes", "teacher_requests", "teacher_t
            "val_accuracy", "test_accuracy", "seconds")
 
 
+def best_round(records: list[dict]) -> dict | None:
+  """The round to keep, chosen on validation accuracy (never test); ties go to the later round."""
+  scored = [r for r in records if r.get("val_accuracy") is not None]
+  if not scored:
+    return None
+  best = max(scored, key=lambda r: (r["val_accuracy"], r["round"]))
+  return {"round": best["round"], "val_accuracy": best["val_accuracy"],
+          "test_accuracy": best.get("test_accuracy"),
+          "checkpoint": os.path.join("checkpoints", f"round_{best['round']}")}
+
+
 def write(workdir: str, records: list[dict]) -> None:
   wd.write_json(os.path.join(workdir, "summary.json"), records)
+  wd.write_json(os.path.join(workdir, "best_round.json"), best_round(records))
   plot(os.path.join(workdir, "summary.png"), records)
 
 

@@ -64,6 +64,9 @@ def test_end_to_end_outputs(reference):
   assert train2["self_reflection"] and train2["negatives"] == exam["mistakes"]
   assert json.loads(read(workdir, "state.json"))["last_completed"] == "evaluate_2"
   assert json.loads(read(workdir, "summary.json")) == records
+  best = json.loads(read(workdir, "best_round.json"))
+  by_val = max(records, key=lambda r: (r["val_accuracy"], r["round"]))
+  assert best["round"] == by_val["round"] and best["checkpoint"] == f"checkpoints/round_{best['round']}"
   assert os.path.getsize(os.path.join(workdir, "summary.png")) > 1000
   for r in records:
     assert 0.0 <= r["test_accuracy"] <= 1.0

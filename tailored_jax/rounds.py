@@ -351,13 +351,15 @@ class Run:
     c = self.cfg
     params_dir = self.path("checkpoints", f"round_{round_index}")
     checkpoint_dir = self.path("checkpoints", f"train_round_{round_index}")
-    if os.path.exists(self.path(f"round_{round_index}", "train.json")) and os.path.isdir(params_dir):
+    trained = os.path.exists(self.path(f"round_{round_index}", "train.json"))
+    if trained and os.path.isdir(params_dir):
       if wd.is_writer():  # killed after saving: nothing to redo
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
       return
     data = self.training_data(round_index)
     if not data:
-      raise RuntimeError(f"round {round_index}: no teacher data to train on (see round_*/teacher.json)")
+      raise RuntimeError(f"round {round_index}: no teacher data to train on "
+                         "(see round_*/teacher.json)")
     negatives: dict[str, list[str]] = {}
     mistakes_path = self.path(f"round_{round_index - 1}", "mistakes.jsonl")
     if c.method.self_reflection and os.path.exists(mistakes_path):

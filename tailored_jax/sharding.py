@@ -60,7 +60,7 @@ def make_mesh(cfg, devices=None) -> Mesh:
 
 
 def logical_sharding(tree, mesh: Mesh):
-  """NamedShardings for a tree of logically-partitioned leaves (nn.Partitioned / LogicallyPartitioned)."""
+  """NamedShardings for a tree of logically partitioned (boxed) leaves, by `RULES`."""
   specs = nn.get_partition_spec(tree)
   return nn.logical_to_mesh_sharding(specs, mesh, RULES)
 

@@ -27,8 +27,8 @@ def permute(w, heads):
 
 
 def gguf_name(hf_name):
-  top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-         "lm_head.weight": "output.weight"}
+  top = {"model.embed_tokens.weight": "token_embd.weight",
+         "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
   if hf_name in top:
     return top[hf_name]
   layer, rest = hf_name.split(".")[2], hf_name.split(".", 3)[3]

@@ -78,8 +78,8 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
   model, cfg, _, params = build(name, tmp_path)
   prompt = [5, 17, 42, 8, 33]
   with torch.no_grad():
-    expected = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
-                              max_new_tokens=32, min_new_tokens=32, do_sample=False,
+    expected = model.generate(torch.tensor([prompt]),
+                              attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                               eos_token_id=None, pad_token_id=0)[0, 5:].tolist()
   decoder = decode.Decoder(model_for(cfg), no_stop_tables(cfg.vocab_size))
   tokens = np.array([[0, 0] + prompt], np.int32)  # left-padded, as the exam pads

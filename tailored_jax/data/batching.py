@@ -86,7 +86,8 @@ class Batcher:
     self.prefix_ids = {q: tokenizer.bos() + ids for q, ids in
                        zip(prefixes, tokenizer.encode_batch(list(prefixes.values())))}
     eos = [tokenizer.eos_id]
-    self.cont_ids = [ids + eos for ids in tokenizer.encode_batch([e.continuation for e in examples])]
+    self.cont_ids = [ids + eos for ids in
+                     tokenizer.encode_batch([e.continuation for e in examples])]
     self.negative_ids = {q: [ids + eos for ids in tokenizer.encode_batch(texts)]
                          for q, texts in negatives.items() if texts}
     self.positives_of: list[list[int]] = []

@@ -81,8 +81,9 @@ def iter_tfds_records(name: str, split: str, data_dir: str) -> Iterator[tuple[st
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as e:  # tfds raises AssertionError/DatasetNotFoundError/…
-    raise DataError(f"tfds:{name} split {split!r} is not prepared in {data_dir or '~/tensorflow_datasets'} "
-                    f"(prepare it once with file_format='array_record'): {e}") from e
+    where = data_dir or "~/tensorflow_datasets"
+    raise DataError(f"tfds:{name} split {split!r} is not prepared in {where} (prepare it once "
+                    f"with file_format='array_record'): {e}") from e
   for index in range(len(source)):
     record = {k: v.decode("utf-8") if isinstance(v, bytes) else v
               for k, v in source[index].items()}

@@ -22,7 +22,7 @@ class SamplingConfig:
 
 
 def filter_logits(logits_bv, top_k: int, top_p: float):
-  """Logits outside the top-k, or outside the smallest set with probability ≥ top_p, set to -inf."""
+  """Logits outside the top-k, or outside the smallest set with mass ≥ top_p, set to -inf."""
   if top_k and top_k < logits_bv.shape[-1]:
     kth_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
     logits_bv = jnp.where(logits_bv < kth_b1, NEG_INF, logits_bv)

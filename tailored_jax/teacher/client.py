@@ -88,7 +88,8 @@ class ChatClient:
             "n": request.n if n is None else n, "temperature": request.temperature,
             "max_tokens": request.max_tokens}
 
-  def run(self, requests: list[ChatRequest], on_reply: Callable[[int, ChatReply], None] | None = None
+  def run(self, requests: list[ChatRequest],
+          on_reply: Callable[[int, ChatReply], None] | None = None
           ) -> tuple[list[ChatReply | TeacherError], Usage]:
     """Sends all requests (cache first); results in request order, failures as TeacherError."""
     return asyncio.run(self._run(requests, on_reply))

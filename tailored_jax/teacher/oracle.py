@@ -1,4 +1,4 @@
-"""The local teacher's brain for the synthetic task: solves, rewords and corrects, like an LLM would.
+"""The local teacher's brain for the synthetic task: it solves, rewords and corrects.
 
 It sees only the chat messages (our real prompts) and answers in the requested format. With
 `error_rate` > 0 it sometimes slips on one step, so the loop's answer check has work to do.

@@ -8,7 +8,8 @@ import optax
 
 def lm_loss(logits_btv, targets_bt, weights_bt, target_mask_bt):
   """Σ w·CE / (number of real target tokens): w = 0.1 on prefix targets, 1 on the continuation."""
-  ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32), targets_bt)
+  ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32),
+                                                          targets_bt)
   total = jnp.sum(ce_bt * weights_bt)
   count = jnp.sum(target_mask_bt.astype(jnp.float32))
   return total / jnp.maximum(count, 1.0)

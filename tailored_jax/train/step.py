@@ -30,7 +30,8 @@ class LossConfig:
 def make_optimizer(cfg) -> optax.GradientTransformation:
   """AdamW with linear warm-up then constant lr; no decay on 1-D params (norm scales)."""
   schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)), optax.constant_schedule(cfg.lr)],
+      [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
+       optax.constant_schedule(cfg.lr)],
       [max(cfg.warmup_steps, 1)])
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   chain = []

@@ -1,5 +1,4 @@
 """The student's forward, its KV cache, the decoder and the sharded train step, on tiny shapes."""
-import functools
 
 import flax.linen as nn
 import jax
@@ -12,7 +11,6 @@ from tailored_jax import sharding
 from tailored_jax.models.kv_cache import KVCache
 from tailored_jax.models.llama import Llama, LlamaConfig
 from tailored_jax.sample import decode, sampling
-from tailored_jax.train import step as step_lib
 from tailored_jax.train.trainer import Trainer
 
 CFG = LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,

@@ -176,11 +176,10 @@ def test_export_round_checkpoint_loads_in_transformers(reference, tmp_path):
 
 
 def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
-  """init_from an HF directory: tokenizer from the source, a pad token added with mean rows,
-  weights streamed in, one round trained and evaluated."""
+  """init_from an HF directory: tokenizer from the source, a pad token added (one more embedding
+  row; its mean initialisation is checked below), weights streamed in, a round trained."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  import numpy as np
   from tailored_jax.data.tokenizer import train_bpe
   from tailored_jax.data.tasks import build_task
   from tailored_jax.models.student import load_student

@@ -1,6 +1,5 @@
 """The loopback teacher's protocol, and the client's retries, errors and persistent cache."""
 import json
-import os
 import urllib.error
 import urllib.request
 

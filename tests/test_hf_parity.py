@@ -68,11 +68,6 @@ def test_logits_match_transformers(name, tmp_path):
   assert diff <= 1e-4, diff
 
 
-def no_stop_tables(vocab):
-  none = np.zeros(vocab, bool)
-  return decode.StopTables(none, none, none, none, none, eos_id=-1, pad_id=0)
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_greedy_generation_matches_transformers(name, tmp_path):
   model, cfg, _, params = build(name, tmp_path)
@@ -81,7 +76,7 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
     expected = model.generate(torch.tensor([prompt]),
                               attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                               eos_token_id=None, pad_token_id=0)[0, 5:].tolist()
-  decoder = decode.Decoder(model_for(cfg), no_stop_tables(cfg.vocab_size))
+  decoder = decode.Decoder(model_for(cfg), decode.StopTables.never_stop(cfg.vocab_size))
   tokens = np.array([[0, 0] + prompt], np.int32)  # left-padded, as the exam pads
   out, lengths = decoder(params, tokens, tokens > 0, jax.random.PRNGKey(0), max_new_tokens=32,
                          num_samples=1, sampling=sampling.SamplingConfig())

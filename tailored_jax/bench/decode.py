@@ -14,11 +14,6 @@ from tailored_jax.sample.decode import Decoder, StopTables
 from tailored_jax.sample.sampling import SamplingConfig
 
 
-def no_stop_tables(vocab: int) -> StopTables:
-  none = np.zeros(vocab, bool)
-  return StopTables(none, none, none, none, none, eos_id=-1, pad_id=0)
-
-
 def recompute_generate(model, params, prompt_bp, new_tokens: int):
   """Greedy decoding without a cache: one full forward over the growing sequence per token."""
   b, p = prompt_bp.shape
@@ -50,7 +45,7 @@ def main(argv=None) -> None:
   prompts = jnp.asarray(rng.integers(3, args.vocab_size, (args.prompts, args.prompt_len)),
                         jnp.int32)
   valid = jnp.ones(prompts.shape, bool)
-  decoder = Decoder(model, no_stop_tables(args.vocab_size))
+  decoder = Decoder(model, StopTables.never_stop(args.vocab_size))
   results = {}
   for name, samples, sampling in (("kv_cache_greedy", 1, SamplingConfig()),
                                   ("kv_cache_sampled_k", args.samples,

@@ -28,6 +28,12 @@ class StopTables:
   pad_id: int
 
   @classmethod
+  def never_stop(cls, vocab_size: int, pad_id: int = 0) -> "StopTables":
+    """Every row runs the full budget and any token may be drawn (parity tests, benchmarks)."""
+    none = np.zeros(vocab_size, bool)
+    return cls(none, none, none, none, none, eos_id=-1, pad_id=pad_id)
+
+  @classmethod
   def from_tokenizer(cls, tok, vocab_size: int | None = None, blank_line: bool = True
                      ) -> "StopTables":
     """Stops at EOS, and at a blank line unless `blank_line` is False. Tables span the model's

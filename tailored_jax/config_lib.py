@@ -6,6 +6,7 @@ checks values and cross-field constraints and names the offending field.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -16,9 +17,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict()
   c.method.feedback = True          # ask the teacher for tailored rationales on exam mistakes
   c.method.self_reflection = True   # add the triplet loss against the student's own mistakes
-  c.method.initial_exam = False     # exam the untrained student for round-1 negatives (N_0)
+  # Exam the initial student for round-1 negatives (N_0, METHOD §2). Unset: on exactly when
+  # model.init_from names a pretrained student; a student trained from scratch (quickstart) has
+  # no reasoning to learn from, so it is off there.
+  c.method.initial_exam = config_dict.placeholder(bool)
   c.method.accumulate_data = True   # train round r on D_1 ∪ … ∪ D_r (else D_r alone)
-  c.method.fresh_optimizer = True   # new optimizer state and warm-up every round
+  # New optimizer state and warm-up every round (METHOD §2); False carries the AdamW moments and
+  # the schedule's step from round r-1 into round r (saved beside each round's params).
+  c.method.fresh_optimizer = True
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "synthetic_arith"   # or gsm8k, multiarith, svamp, csqa, strategyqa
@@ -29,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.skip_malformed = False     # skip (and count) malformed records instead of failing
   c.task.num_demos = 0              # few-shot demos in every prompt; -1: all the task has
   c.task.max_new_tokens = 0         # greedy evaluation budget; 0: the task's default
+  # Math answers compared as numbers (`18.00` equals `18`). Off: METHOD §5's rule, the string
+  # after removing commas (and a sentence's full stop) must equal the gold string.
+  c.task.numeric_equality = False
   c.task.synthetic = ml_collections.ConfigDict()
   c.task.synthetic.seed = 0
   c.task.synthetic.num_train = 1000
@@ -76,7 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b2 = 0.999
   c.train.eps = 1e-8
   c.train.weight_decay = 0.01
-  c.train.grad_clip = 1.0            # global-norm clip; 0 turns it off
+  # Global-norm clip; 0: off, as in the paper (METHOD §4) and so in every paper config. The
+  # quickstart's from-scratch student at lr 1e-3 sets 1.0.
+  c.train.grad_clip = 0.0
   c.train.max_seq_len = 1024         # longer training strings are cut (and counted)
   c.train.prefix_weight = 0.1        # LM loss weight on prefix (demos + question) tokens
   c.train.sr_weight = 0.5            # λ
@@ -146,6 +157,13 @@ class ConfigError(ValueError):
   pass
 
 
+def initial_exam(c: ml_collections.ConfigDict) -> bool:
+  """Whether the run exams the initial student (N_0): the field, or its default by student."""
+  if c.method.initial_exam is None:
+    return bool(c.model.init_from)
+  return bool(c.method.initial_exam)
+
+
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
   """A workdir's config.json over today's defaults (fields added since keep their defaults)."""
   cfg = base_config()
@@ -210,6 +228,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(0 <= t.sr_batch_size <= t.batch_size, "train.sr_batch_size",
            f"must be in [0, train.batch_size={t.batch_size}], got {t.sr_batch_size}")
   _require(t.max_seq_len >= 8, "train.max_seq_len", "must be >= 8")
+  _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
   _require(t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
   e = c.exam
   _require(e.num_samples >= 1, "exam.num_samples", "must be >= 1")

@@ -24,11 +24,15 @@ def export(src: str, out: str) -> None:
   tok = student.tokenizer
   hf_io.save_hf_dir(out, jax.device_get(student.params), student.model.cfg, student.model_type,
                     bos_id=tok.bos_id, eos_id=tok.eos_id)
-  tok._tok.save(os.path.join(out, "tokenizer.json"))
-  name = lambda i: tok._tok.id_to_token(i)
+  # tokenizer.json's post-processor carries which special tokens start and end a sequence;
+  # transformers applies it as it is, so the exported model sees the ids training used.
+  tok.backend.save(os.path.join(out, "tokenizer.json"))
+  name = lambda i: tok.backend.id_to_token(i)
+  prefix, suffix = tok.special_affixes()
   settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tok.bos_id),
               "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id),
-              "add_bos_token": tok.add_bos, "model_max_length": 32768}
+              "add_bos_token": tok.bos_id in prefix, "add_eos_token": tok.eos_id in suffix,
+              "model_max_length": 32768}
   if student.chat_template:
     settings["chat_template"] = student.chat_template
   with open(os.path.join(out, "tokenizer_config.json"), "w") as f:

@@ -27,7 +27,7 @@ _JSON = flags.DEFINE_bool("json", False, "print token ids and text as JSON")
 def generate(student, prompt: str, max_new_tokens: int, sampling: SamplingConfig, seed: int = 0
              ) -> tuple[list[int], str]:
   tok = student.tokenizer
-  ids = tok.bos() + tok.encode(prompt)
+  ids = tok.encode(prompt)
   tables = StopTables.from_tokenizer(tok, student.model.cfg.vocab_size, blank_line=False)
   # Plain generation, as transformers does it: only ids past the tokenizer are banned.
   tables = dataclasses.replace(tables, never_v=np.arange(len(tables.never_v)) >= tok.vocab_size,

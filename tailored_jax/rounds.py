@@ -33,7 +33,7 @@ from tailored_jax.teacher import prompts as teacher_prompts
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
 from tailored_jax.teacher.server import DEFAULT_MODEL, LocalTeacherServer
-from tailored_jax.train.trainer import Trainer
+from tailored_jax.train.trainer import Trainer, derive_seed
 
 
 class RunStopped(Exception):
@@ -141,11 +141,13 @@ class Run:
       dtype = jnp.dtype(self.cfg.model.param_dtype)
       source_tokenizer = self.pretrained().tokenizer
       pad_added = self.tokenizer.pad_id != source_tokenizer.pad_id
+      # rows that hold trained tokens (transformers may know tokens the model has no row for)
+      trained_rows = min(source_tokenizer.vocab_size, self.pretrained().cfg.vocab_size)
 
       def place(path, array):
         if pad_added and path in vocab.VOCAB_AXIS:
           array = vocab.with_mean_row(array, vocab.VOCAB_AXIS[path], self.tokenizer.pad_id,
-                                      source_tokenizer.vocab_size)
+                                      trained_rows)
         return sharding.put_global(array.astype(dtype), tree_get(trainer.param_shardings, path))
 
       params = self.pretrained().load_params(place)
@@ -184,7 +186,7 @@ class Run:
     try:
       self._phase("prepare", self.prepare, writer_only=True)
       self._phase("annotate", self.annotate, writer_only=True)
-      if self.cfg.method.initial_exam and self.cfg.method.self_reflection:
+      if config_lib.initial_exam(self.cfg) and self.cfg.method.self_reflection:
         self._phase("exam_0", lambda: self.exam(0))
       for r in range(1, self.cfg.rounds + 1):
         self._phase(f"train_{r}", lambda: self.train(r))
@@ -372,11 +374,19 @@ class Run:
         negatives, batch_size=c.train.batch_size, max_seq_len=c.train.max_seq_len,
         max_continuation_len=c.train.max_continuation_len, prefix_weight=c.train.prefix_weight,
         max_positives=c.train.max_positives, max_negatives=c.train.max_negatives,
-        sr_batch_size=c.train.sr_batch_size)
+        sr_batch_size=c.train.sr_batch_size, seed=derive_seed(c.seed, round_index, 2))
     start_params = self.params(round_index - 1)
-    params, metrics = self.trainer.train_round(
+    carried = None
+    if not c.method.fresh_optimizer and round_index > 1:
+      carried = self.trainer.restore_carry(self._optimizer_dir(round_index - 1), start_params)
+    state, metrics = self.trainer.train_round(
         start_params, batcher, seed=c.seed, round_index=round_index,
-        checkpoint_dir=checkpoint_dir, self_reflection=c.method.self_reflection)
+        checkpoint_dir=checkpoint_dir, self_reflection=c.method.self_reflection, state=carried)
+    params = state.params
+    if not c.method.fresh_optimizer:
+      # Saved before the params: a round counts as trained once its params exist.
+      checkpointing.save_params(self._optimizer_dir(round_index),
+                                self.trainer.optimizer_carry(state))
     checkpointing.save_params(params_dir, params)
     self._params = (round_index, params)
     wd.write_json(self.path(f"round_{round_index}", "train.json"), dict(
@@ -385,6 +395,9 @@ class Run:
     sharding.barrier(f"saved round {round_index}")
     if wd.is_writer():
       shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+  def _optimizer_dir(self, round_index: int) -> str:
+    return self.path("checkpoints", f"optimizer_round_{round_index}")
 
   def evaluate(self, round_index: int) -> None:
     params = self.params(round_index)

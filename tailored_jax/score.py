@@ -25,7 +25,7 @@ def score_file(task, split: str, predictions_path: str) -> dict:
   examples = task.splits()[split]
   by_id = {e.id: e for e in examples}
   by_question = {_key(e.question): e for e in examples}
-  matched, outputs = [], []
+  matched, outputs, seen = [], [], {}
   for where, record in iter_records(predictions_path):
     output = field(record, "output", where)
     if isinstance(record, dict) and "id" in record:
@@ -37,6 +37,10 @@ def score_file(task, split: str, predictions_path: str) -> dict:
       example = by_question.get(_key(question))
       if example is None:
         raise DataError(f"{where}: question not found in {task.name} {split}: {question[:80]!r}")
+    if example.id in seen:
+      raise DataError(f"{where}: a second output for question {example.id!r} (line "
+                      f"{seen[example.id]}); each question is scored once")
+    seen[example.id] = where
     matched.append(example)
     outputs.append(output)
   _, summary = scoring.score(task, matched, outputs)

@@ -11,7 +11,8 @@ from tailored_jax.data import answers
     (" Therefore, the answer is -4. Then 9.", "-4", " Therefore, the answer is -4."),
     (" No numbers here.", None, " No numbers here."),
     (" 5 - 9 = -4\nAnswer: -4.", "-4", " 5 - 9 = -4\nAnswer: -4."),
-    (" half is 2.50\nAnswer: 2.50", "2.5", " half is 2.50\nAnswer: 2.50"),
+    (" half is 2.50\nAnswer: 2.50", "2.50", " half is 2.50\nAnswer: 2.50"),
+    (" It makes 18.00 dollars.", "18.00", " It makes 18.00"),
     (" 1 + 1 = 2\n\n\nAnswer: 5", "2", " 1 + 1 = 2"),
 ])
 def test_extract_number(output, expected, rationale):
@@ -29,6 +30,33 @@ def test_is_correct():
   assert answers.is_correct("Yes", "yes")
   assert not answers.is_correct(None, "3")
   assert not answers.is_correct("30", "3")
+
+
+def test_answers_are_strings_unless_numeric_equality_is_asked_for():
+  """METHOD §5: string equality after the stated cleaning; 18.00 is not 18 in the paper's rule."""
+  answer = answers.extract_number(" 9 * 2 = 18.00\nAnswer: 18.00").answer
+  assert answer == "18.00" and not answers.is_correct(answer, "18")
+  assert answers.is_correct(answer, "18", numeric=True)
+  assert answers.is_correct("2.5", "2.50", numeric=True)
+  assert not answers.is_correct("2.5", "2.50")
+  assert not answers.is_correct("Yes", "18", numeric=True)
+  assert not answers.is_correct(None, "18", numeric=True)
+
+
+def test_numeric_equality_is_a_task_option_off_in_paper_configs():
+  from tailored_jax import config_lib
+  from tailored_jax.data import scoring
+  from tailored_jax.data.tasks import Example, build_task
+  cfg = config_lib.paper_config("gsm8k", "gptj")
+  assert cfg.task.numeric_equality is False
+  example = Example("x", "q", "18")
+  cfg.task.name = "synthetic_arith"
+  cfg.task.num_demos = 0
+  strict = build_task(cfg.task)
+  assert not scoring.score_output(strict, example, " 9 * 2 = 18.00\nAnswer: 18.00")["correct"]
+  cfg.task.numeric_equality = True
+  numeric = build_task(cfg.task)
+  assert scoring.score_output(numeric, example, " 9 * 2 = 18.00\nAnswer: 18.00")["correct"]
 
 
 @pytest.mark.parametrize("output, expected", [

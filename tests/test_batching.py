@@ -21,6 +21,7 @@ def test_epoch_order_visits_every_example_once_with_distinct_questions():
 
 def make_batcher(sr_batch_size=0):
   tok = train_bpe(["Question: a b c\nReasoning: x y 1 2 3\nAnswer: 7"] * 4, 280)
+  assert tok.encode("a")[0] == tok.bos_id  # the trained BPE starts every sequence with <s>
   prefixes = {"q1": "Question: a b\nReasoning:", "q2": "Question: c\nReasoning:"}
   examples = [batching.TrainExample("q1", " x 1\nAnswer: 1"),
               batching.TrainExample("q1", " y 1\nAnswer: 1"),
@@ -34,11 +35,13 @@ def make_batcher(sr_batch_size=0):
 def test_lm_arrays_weights_and_padding():
   tok, batcher = make_batcher()
   batch = batcher.build([0, 2], seed=0, self_reflection=False)
-  prefix = [tok.bos_id] + tok.encode("Question: a b\nReasoning:")
-  cont = tok.encode(" x 1\nAnswer: 1") + [tok.eos_id]
-  n = len(prefix) + len(cont) - 1
-  assert batch["inputs"][0, :n].tolist() == (prefix + cont)[:-1]
-  assert batch["targets"][0, :n].tolist() == (prefix + cont)[1:]
+  prefix = tok.encode("Question: a b\nReasoning:")
+  full = tok.encode("Question: a b\nReasoning: x 1\nAnswer: 1") + [tok.eos_id]
+  cont = full[len(prefix):]
+  assert full[:len(prefix)] == prefix
+  n = len(full) - 1
+  assert batch["inputs"][0, :n].tolist() == full[:-1]
+  assert batch["targets"][0, :n].tolist() == full[1:]
   expected = [0.1] * (len(prefix) - 1) + [1.0] * len(cont)
   np.testing.assert_allclose(batch["target_weights"][0, :n], expected)
   assert not batch["target_mask"][0, n:].any() and not batch["target_mask"][3].any()
@@ -56,7 +59,7 @@ def test_self_reflection_rows():
       " x 1\nAnswer: 1", " y 1\nAnswer: 1", " x 2\nAnswer: 2")
   assert (decode(1, 0), decode(1, 1)) == (" y 1\nAnswer: 1", " x 1\nAnswer: 1")
   prefix = batch["prefix"][0][batch["prefix_mask"][0]].tolist()
-  assert prefix == [tok.bos_id] + tok.encode("Question: a b\nReasoning:")
+  assert prefix == tok.encode("Question: a b\nReasoning:")
   assert batch["prefix_mask"][0, -1]  # left-padded
 
 
@@ -65,3 +68,62 @@ def test_self_reflection_sub_batch():
   batch = batcher.build([0, 1, 2], seed=5, self_reflection=True)
   assert batch["sr_mask"].tolist() == [1.0]
   assert batch["prefix"].shape[0] == 1 and batch["inputs"].shape[0] == 4
+
+
+def test_training_ids_are_the_whole_string_tokenised_once():
+  """A SentencePiece-style tokenizer (LLaMA 2's: '▁' prepended to the text, spaces as '▁')
+  tokenises a continuation differently alone than after its prefix; the trainer must use the
+  joint ids."""
+  import tokenizers
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+  from tailored_jax.data.tokenizer import Tokenizer
+  backend = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+  backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                             normalizers.Replace(" ", "▁")])
+  backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
+  backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+  corpus = ["Question: a b\nReasoning: x 1\nAnswer: 1", "Question: c\nReasoning: y 2"] * 4
+  backend.train_from_iterator(corpus, trainers.BpeTrainer(
+      vocab_size=120, special_tokens=["<unk>", "<pad>", "<s>", "</s>"], show_progress=False))
+  tok = Tokenizer(backend)
+  text = "Question: a b\nReasoning: x 1\nAnswer: 1"
+  at = text.index(" x")
+  assert tok.encode(text[:at]) + tok.encode(text[at:]) != tok.encode(text)
+  batcher = batching.Batcher(
+      tok, {"q1": text[:at]}, [batching.TrainExample("q1", text[at:])], {}, batch_size=1,
+      max_seq_len=64, max_continuation_len=32, prefix_weight=0.1, max_positives=10,
+      max_negatives=4)
+  batch = batcher.build([0], seed=0, self_reflection=False)
+  full = tok.encode(text) + [tok.eos_id]
+  n = len(full) - 1
+  assert batch["inputs"][0, :n].tolist() == full[:-1]
+  assert batch["targets"][0, :n].tolist() == full[1:]
+  ids, split = tok.encode_split([text], [at])[0]
+  assert tok.decode(ids[:split]) == text[:at] and split == len(tok.encode(text[:at]))
+  np.testing.assert_allclose(batch["target_weights"][0, :n],
+                             [0.1] * (split - 1) + [1.0] * (n - split + 1))
+
+
+def test_positive_candidates_are_drawn_at_random_beyond_the_first_ten():
+  """METHOD §3: at most 10 positives per anchor, drawn at random (seeded), not the first 10."""
+  tok = train_bpe(["Question: a\nReasoning: r 1 2 3 4 5 6 7 8 9\nAnswer: 1"] * 4, 280)
+  examples = [batching.TrainExample("q1", f" r {i}\nAnswer: 1") for i in range(15)]
+
+  def make(seed):
+    return batching.Batcher(
+        tok, {"q1": "Question: a\nReasoning:"}, examples, {"q1": [" w\nAnswer: 2"]},
+        batch_size=1, max_seq_len=64, max_continuation_len=32, prefix_weight=0.1,
+        max_positives=10, max_negatives=4, seed=seed)
+
+  batcher = make(0)
+  assert all(len(p) == 10 for p in batcher.positives_of)
+  assert any(j > 10 for j in batcher.positives_of[0])  # the first 10 others are 1..10
+  assert batcher.positives_of == make(0).positives_of
+  assert batcher.positives_of != make(1).positives_of
+  used = set()
+  for seed in range(40):
+    batch = batcher.build([0], seed=seed, self_reflection=True)
+    row = batch["continuations"][0, 1][batch["continuation_mask"][0, 1]]
+    used.add(tok.decode(row))
+  assert used == {f" r {j}\nAnswer: 1" for j in batcher.positives_of[0]}

@@ -30,7 +30,7 @@ def sizes(t):
 @needs_data
 @pytest.mark.parametrize("name, expected", [
     ("gsm8k", {"train": 7373, "val": 100, "test": 1319}),
-    ("multiarith", {"train": 320, "val": 100, "test": 180}),
+    ("multiarith", {"train": 306, "val": 100, "test": 174}),  # 600 records, 580 questions
     ("svamp", {"train": 600, "val": 100, "test": 300}),
     ("csqa", {"train": 9641, "val": 100, "test": 1221}),
 ])
@@ -41,6 +41,22 @@ def test_record_counts_and_splits(name, expected):
   ids = [e.id for s in splits.values() for e in s]
   assert len(set(ids)) == len(ids)
   assert sizes(task(name)) == expected and task(name).splits() == splits  # deterministic
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["gsm8k", "multiarith", "svamp", "csqa", "strategyqa"])
+def test_every_question_text_sits_in_one_split_once(name):
+  from tailored_jax.data.tasks import question_key
+  keys = [question_key(e.question) for s in task(name).splits().values() for e in s]
+  assert len(set(keys)) == len(keys)
+
+
+def test_accuracy_counts_each_question_once():
+  from tailored_jax.data.tasks import Example
+  t = task("synthetic_arith")
+  example = Example("q1", "How many?", "3")
+  with pytest.raises(ValueError, match="repeated ids: \\['q1'\\]"):
+    scoring.score(t, [example, example], ["Answer: 3", "Answer: 4"])
 
 
 @needs_data

@@ -33,6 +33,30 @@ def test_paper_configs_carry_the_papers_hyper_parameters():
   assert cfg.rounds == 3 and cfg.seed == 42 and cfg.model.dtype == "bfloat16"
 
 
+@pytest.mark.parametrize("name", [os.path.basename(p)[:-3] for p in sorted(glob.glob(
+    os.path.join(ROOT, "configs", "*.py"))) if not os.path.basename(p).startswith(
+        ("quickstart", "base"))])
+def test_paper_configs_do_not_clip_and_exam_the_pretrained_student(name):
+  """METHOD §4: no gradient clipping; METHOD §2: N_0 from the initial (pretrained) student."""
+  cfg = config_lib.from_file(os.path.join(ROOT, "configs", f"{name}.py"))
+  assert cfg.train.grad_clip == 0.0
+  cfg.model.init_from = "/models/student"
+  assert config_lib.initial_exam(cfg)
+  cfg.method.initial_exam = False  # an explicit choice wins
+  assert not config_lib.initial_exam(cfg)
+
+
+def test_students_from_scratch_skip_the_initial_exam():
+  cfg = config_lib.from_file(os.path.join(ROOT, "configs", "quickstart.py"))
+  assert cfg.method.initial_exam is None and not config_lib.initial_exam(cfg)
+  assert cfg.train.grad_clip == 1.0 and config_lib.base_config().train.grad_clip == 0.0
+  saved = config_lib.from_saved(json.loads(cfg.to_json()))
+  assert saved.method.initial_exam is None
+  on = cli("--config.method.initial_exam=True")
+  assert on.returncode == 0, on.stderr
+  assert json.loads(on.stdout)["method"]["initial_exam"] is True
+
+
 def test_baseline_is_plain_distillation_with_a_larger_budget():
   load = lambda name: config_lib.from_file(os.path.join(ROOT, "configs", f"{name}.py"))
   tailored, baseline = load("quickstart"), load("quickstart_baseline")

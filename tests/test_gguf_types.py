@@ -63,7 +63,7 @@ def write_gguf(path, tok, state, qtype):
   writer.add_head_count_kv(N_KV)
   writer.add_rope_freq_base(10000.0)
   writer.add_layer_norm_rms_eps(1e-5)
-  vocab = json.loads(tok._tok.to_str())["model"]
+  vocab = json.loads(tok.backend.to_str())["model"]
   tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
   writer.add_tokenizer_model("gpt2")
   writer.add_token_list(tokens)

@@ -193,3 +193,34 @@ def test_lm_loss_decreases_on_a_fixed_batch():
     state, metrics = step_fn(state, batch)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.5 * losses[0]
+
+
+def test_exam_samples_do_not_depend_on_batch_size_or_order(params):
+  """Sample keys come from (prompt, sample): batch size and prompt order leave texts unchanged."""
+  from tailored_jax.sample.runner import generate_texts
+
+  class CharTokenizer:  # one token per letter a..z, ids 3..28; pad 0, bos 2, eos 1
+    pad_id = 0
+
+    def encode_batch(self, texts):
+      return [[2] + [3 + ord(c) - ord("a") for c in t] for t in texts]
+
+    def decode_batch(self, rows):
+      return [",".join(str(int(t)) for t in row) for row in rows]
+
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(
+      {"mesh": dict(data=-1, fsdp=1, tensor=1, num_devices=1)}))
+  decoder = decode.Decoder(MODEL, decode.StopTables.never_stop(CFG.vocab_size))
+  prompts = ["abc", "hello", "xyz", "qq", "mnop"]
+
+  def run(batch_size, order):
+    texts = generate_texts(
+        decoder, params, CharTokenizer(), [prompts[i] for i in order], mesh=mesh,
+        num_samples=3, sampling=sampling.SamplingConfig(1.0, 10, 1.0), max_new_tokens=5,
+        batch_size=batch_size, rng=jax.random.PRNGKey(7), label="test")
+    return {prompts[i]: t for i, t in zip(order, texts)}
+
+  reference = run(2, [0, 1, 2, 3, 4])
+  assert run(4, [4, 3, 2, 1, 0]) == reference
+  assert run(5, [2, 0, 4, 1, 3]) == reference
+  assert len({s for samples in reference.values() for s in samples}) > 5  # samples differ

@@ -22,8 +22,8 @@ def tiny_config():
   c.tokenizer.vocab_size = 300
   c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
   c.mesh.num_devices = 1
-  c.train.update(batch_size=8, epochs=2, lr=3e-3, warmup_steps=2, checkpoint_every_steps=3,
-                 log_every_steps=4)
+  c.train.update(batch_size=8, epochs=2, lr=3e-3, warmup_steps=2, grad_clip=1.0,
+                 checkpoint_every_steps=3, log_every_steps=4)
   c.exam.update(num_samples=2, max_new_tokens=24, batch_size=16)
   c.eval.batch_size = 8
   c.teacher.update(num_rationales=2, backoff_s=0.0)
@@ -160,8 +160,8 @@ def test_export_round_checkpoint_loads_in_transformers(reference, tmp_path):
   tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
   student = load_student(checkpoint)
   prompt = "Question: Ava has 7 pens. Ava buys 5 more pens. How many pens does Ava have now?"
-  ids = student.tokenizer.bos() + student.tokenizer.encode(prompt)
-  assert ids == [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+  ids = student.tokenizer.encode(prompt)
+  assert ids == tokenizer(prompt).input_ids and ids[0] == tokenizer.bos_token_id
   with torch.no_grad():
     expected = model(torch.tensor([ids])).logits[0].numpy()
   got, _, _ = student.model.apply({"params": student.params}, np.asarray([ids], np.int32),
@@ -177,14 +177,16 @@ def test_export_round_checkpoint_loads_in_transformers(reference, tmp_path):
 
 def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   """init_from an HF directory: tokenizer from the source, a pad token added (one more embedding
-  row; its mean initialisation is checked below), weights streamed in, a round trained."""
+  row; its mean initialisation is checked below), weights streamed in; the pretrained student is
+  examined before round 1 (N_0, on by default with init_from) and, with fresh_optimizer off,
+  round 2 continues round 1's AdamW state and schedule."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from tailored_jax.data.tokenizer import train_bpe
   from tailored_jax.data.tasks import build_task
   from tailored_jax.models.student import load_student
   cfg = tiny_config()
-  cfg.rounds = 1
+  cfg.method.fresh_optimizer = False
   task = build_task(cfg.task)
   tok = train_bpe([task.format_prefix(d.question, []) + task.format_continuation(
       d.question, d.rationale, d.answer) for d in task.tokenizer_corpus()], 300)
@@ -193,17 +195,26 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   model = transformers.GPTJForCausalLM(transformers.GPTJConfig(
       vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=256))
   model.save_pretrained(source)
-  tok._tok.save(str(source / "tokenizer.json"))
+  tok.backend.save(str(source / "tokenizer.json"))
   (source / "tokenizer_config.json").write_text(json.dumps(
-      {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+      {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
   cfg.model.init_from = str(source)
   workdir = str(tmp_path / "run")
   records = rounds.run(cfg, workdir)
-  assert len(records) == 1 and records[0]["test_accuracy"] is not None
+  assert len(records) == 2 and records[0]["test_accuracy"] is not None
+  state = json.loads(read(workdir, "state.json"))
+  assert "exam_0" in state["completed"]
+  exam_0 = json.loads(read(workdir, "round_0", "exam.json"))
+  train_1 = json.loads(read(workdir, "round_1", "train.json"))
+  train_2 = json.loads(read(workdir, "round_2", "train.json"))
+  assert exam_0["mistakes"] > 0 and train_1["negatives"] == exam_0["mistakes"]
+  assert train_1["self_reflection"] and records[0]["mistakes"] == exam_0["mistakes"]
+  assert train_1["optimizer_step_at_start"] == 0
+  assert train_2["optimizer_step_at_start"] == train_1["steps"]
   student = load_student(os.path.join(workdir, "checkpoints", "round_1"))
   assert student.model.cfg.vocab_size == tok.vocab_size + 1  # the added <|pad|> row
   assert student.tokenizer.pad_id == tok.vocab_size
-  assert student.tokenizer._tok.id_to_token(tok.vocab_size) == "<|pad|>"
+  assert student.tokenizer.backend.id_to_token(tok.vocab_size) == "<|pad|>"
 
 
 
@@ -217,3 +228,14 @@ def test_pad_row_is_the_mean_of_the_old_rows():
   inside = vocab.with_mean_row(head, 1, pad_id=3, old_vocab=3)  # GPT-J: spare rows exist
   assert inside.shape == (3, 4) and inside[:, 3].tolist() == [3.0, 4.0, 5.0]
   assert (inside[:, :3] == head[:, :3]).all()
+
+
+def test_two_runs_of_one_config_are_identical(reference, tmp_path):
+  """Same config, same machine: every summary field but `seconds`, and every data file."""
+  workdir, records = reference
+  again = rounds.run(tiny_config(), str(tmp_path))
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+  assert strip(again) == strip(records)
+  for parts in (("round_1", "teacher_data.jsonl"), ("round_1", "mistakes.jsonl"),
+                ("round_2", "teacher_data.jsonl"), ("round_2", "eval_test.jsonl")):
+    assert read(str(tmp_path), *parts) == read(workdir, *parts), parts

@@ -153,3 +153,23 @@ def test_parse_reply_formats():
   assert got.rationale == "a b = 3" and got.answer == "3 apples"
   got = prompts.parse_reply("no format at all 7")
   assert got.rationale == "no format at all 7" and got.answer is None
+
+
+def test_local_teacher_replies_depend_on_the_request_alone():
+  """The oracle's slips and wordings are seeded by (server seed, request body): the order and
+  concurrency in which requests arrive change nothing."""
+  problems = [synthetic.Problem("Ava", "pens", a, (synthetic.Step("add", 3, 0),), "Ben")
+              for a in range(1, 13)]
+  requests = [ChatRequest(prompts.annotation_messages(p.question(), []), n=3, temperature=0.7)
+              for p in problems]
+
+  def replies(order, concurrency):
+    with LocalTeacherServer(seed=5, error_rate=0.5) as s:
+      client = ChatClient(s.url, DEFAULT_MODEL, cache=None, max_concurrency=concurrency)
+      results, _ = client.run([requests[i] for i in order])
+    return {i: r.texts for i, r in zip(order, results)}
+
+  first = replies(list(range(12)), 1)
+  assert replies(list(reversed(range(12))), 12) == first
+  answers = [prompts.parse_reply(t).answer for texts in first.values() for t in texts]
+  assert len(set(answers)) > len(problems)  # slips happen at error_rate 0.5

@@ -23,7 +23,9 @@ def cut_at_blank_line(text: str) -> str:
 def extract_number(text: str) -> Extraction:
   """Math rule: first number after `\\nAnswer` or `Therefore, the answer is`, else the last number.
 
-  Commas are removed before matching; the returned rationale is cut right after the number used.
+  Commas are removed before matching; the answer is the matched string less a final `.` (the
+  sentence's full stop the regex takes along), otherwise as written: `2.50` stays `2.50`. The
+  returned rationale is cut right after the number used.
   """
   text = cut_at_blank_line(text)
   for marker in _ANSWER_MARKERS:
@@ -40,7 +42,7 @@ def extract_number(text: str) -> Extraction:
     return Extraction(None, text, "no_number")
   # Map the match in the comma-free text back to the original text to cut the rationale.
   last = matches[-1]
-  return Extraction(_normalise_number(last.group()),
+  return Extraction(_without_full_stop(last.group()),
                     _cut_after_nth_comma_free(text, last.end()), None)
 
 
@@ -49,7 +51,7 @@ def _first_number(text: str) -> tuple[str, int] | None:
   match = _NUMBER.search(stripped)
   if match is None:
     return None
-  return _normalise_number(match.group()), _original_index(text, match.end())
+  return _without_full_stop(match.group()), _original_index(text, match.end())
 
 
 def _original_index(text: str, comma_free_index: int) -> int:
@@ -67,18 +69,26 @@ def _cut_after_nth_comma_free(text: str, comma_free_index: int) -> str:
   return text[:_original_index(text, comma_free_index)]
 
 
-def _normalise_number(raw: str) -> str:
-  """`12.` -> `12`, `3.50` -> `3.5`, `4.0` -> `4`: a number as gold strings write it."""
-  if "." in raw:
-    raw = raw.rstrip("0").rstrip(".") or "0"
-  if raw in ("-0", "-"):
-    raw = "0"
-  return raw
+def _without_full_stop(raw: str) -> str:
+  return raw[:-1] if raw.endswith(".") else raw
 
 
-def is_correct(answer: str | None, gold: str) -> bool:
-  """Case-insensitive equality with the gold string; no answer is always wrong."""
-  return answer is not None and answer.strip().lower() == gold.strip().lower()
+def is_correct(answer: str | None, gold: str, numeric: bool = False) -> bool:
+  """Case-insensitive equality with the gold string (METHOD §5); no answer is always wrong.
+
+  `numeric` (config `task.numeric_equality`, off in the paper's setting) also accepts two
+  numbers of equal value written differently: `18.00` and `18`.
+  """
+  if answer is None:
+    return False
+  if answer.strip().lower() == gold.strip().lower():
+    return True
+  if numeric:
+    try:
+      return float(answer) == float(gold)
+    except ValueError:
+      return False
+  return False
 
 
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)

@@ -66,46 +66,67 @@ def epoch_order(qids: list[str], batch_size: int, seed: int) -> list[list[int]]:
 
 
 class Batcher:
-  """Builds numpy batches for `train.step`: LM arrays always, a/p/n arrays for self-reflection."""
+  """Builds numpy batches for `train.step`: LM arrays always, a/p/n arrays for self-reflection.
+
+  Every training string (prefix ⊕ continuation, and prefix ⊕ negative) is tokenised once and
+  split at the prefix's character offset; EOS ends it unless the tokenizer already put one there.
+  Self-reflection candidates (METHOD §3): per example, at most `max_positives` other rationales
+  of its question and `max_negatives` mistakes, drawn at random once per round (`seed`).
+  """
 
   def __init__(self, tokenizer: Tokenizer, prefixes: dict[str, str], examples: list[TrainExample],
                negatives: dict[str, list[str]], *, batch_size: int, max_seq_len: int,
                max_continuation_len: int, prefix_weight: float, max_positives: int,
-               max_negatives: int, sr_batch_size: int = 0, bucket: int = 16):
+               max_negatives: int, sr_batch_size: int = 0, bucket: int = 16, seed: int = 0):
     self.tok = tokenizer
     self.examples = examples
     self.batch_size = batch_size
     self.sr_batch_size = sr_batch_size or batch_size
     self.prefix_weight = prefix_weight
-    self.max_positives = max_positives
-    self.max_negatives = max_negatives
     self.qids = [e.qid for e in examples]
     missing = sorted({q for q in self.qids if q not in prefixes})
     if missing:
       raise KeyError(f"training examples refer to unknown questions: {missing[:5]}")
-    self.prefix_ids = {q: tokenizer.bos() + ids for q, ids in
-                       zip(prefixes, tokenizer.encode_batch(list(prefixes.values())))}
-    eos = [tokenizer.eos_id]
-    self.cont_ids = [ids + eos for ids in
-                     tokenizer.encode_batch([e.continuation for e in examples])]
-    self.negative_ids = {q: [ids + eos for ids in tokenizer.encode_batch(texts)]
-                         for q, texts in negatives.items() if texts}
-    self.positives_of: list[list[int]] = []
+    # (ids, number of prefix ids) per example, and per question per negative
+    self.sequences = self._tokenise(prefixes, [(e.qid, e.continuation) for e in examples])
+    negative_pairs = [(q, text) for q, texts in negatives.items() if q in prefixes
+                      for text in texts]
+    negative_sequences = self._tokenise(prefixes, negative_pairs)
+    self.negatives_of: dict[str, list[tuple[list[int], int]]] = defaultdict(list)
+    for (q, _), sequence in zip(negative_pairs, negative_sequences):
+      self.negatives_of[q].append(sequence)
+    rng = random.Random(seed)
     by_question: dict[str, list[int]] = defaultdict(list)
     for i, e in enumerate(examples):
       by_question[e.qid].append(i)
+    self.positives_of: list[list[int]] = []
+    self.negative_choices: list[list[int]] = []
     for i, e in enumerate(examples):
-      self.positives_of.append([j for j in by_question[e.qid]
-                                if examples[j].continuation != e.continuation])
-    full = [len(self.prefix_ids[q]) + len(c) for q, c in zip(self.qids, self.cont_ids)]
+      others = [j for j in by_question[e.qid] if examples[j].continuation != e.continuation]
+      self.positives_of.append(_draw(others, max_positives, rng))
+      self.negative_choices.append(
+          _draw(list(range(len(self.negatives_of.get(e.qid, [])))), max_negatives, rng))
+    full = [len(ids) for ids, _ in self.sequences]
     self.truncated = sum(n > max_seq_len for n in full)
     self.seq_len = min(round_up(max(full, default=1), bucket), max_seq_len)
-    self.prefix_len = round_up(max((len(p) for p in self.prefix_ids.values()), default=1), bucket)
-    longest_cont = max([len(c) for c in self.cont_ids]
-                       + [len(c) for cs in self.negative_ids.values() for c in cs], default=1)
+    self.prefix_len = round_up(max((split for _, split in self.sequences), default=1), bucket)
+    longest_cont = max([len(ids) - split for ids, split in self.sequences]
+                       + [len(ids) - split for ids, split in negative_sequences], default=1)
     self.cont_len = min(round_up(longest_cont, bucket), max_continuation_len)
-    self.sr_candidates = sum(1 for i, q in enumerate(self.qids)
-                             if self.positives_of[i] and q in self.negative_ids)
+    self.sr_candidates = sum(1 for i in range(len(examples)) if self._eligible(i))
+
+  def _tokenise(self, prefixes: dict[str, str], pairs: list[tuple[str, str]]
+                ) -> list[tuple[list[int], int]]:
+    texts = [prefixes[q] + continuation for q, continuation in pairs]
+    out = []
+    for ids, split in self.tok.encode_split(texts, [len(prefixes[q]) for q, _ in pairs]):
+      if not ids or ids[-1] != self.tok.eos_id:
+        ids = ids + [self.tok.eos_id]
+      out.append((ids, split))
+    return out
+
+  def _eligible(self, i: int) -> bool:
+    return bool(self.positives_of[i]) and bool(self.negative_choices[i])
 
   def __len__(self) -> int:
     return len(self.examples)
@@ -124,15 +145,15 @@ class Batcher:
     target_mask = np.zeros((b, length), bool)
     weights = np.zeros((b, length), np.float32)
     for row, i in enumerate(indices):
-      prefix = self.prefix_ids[self.qids[i]]
-      seq = (prefix + self.cont_ids[i])[:length + 1]
+      ids, split = self.sequences[i]
+      seq = ids[:length + 1]
       n = len(seq) - 1
       inputs[row, :n] = seq[:-1]
       targets[row, :n] = seq[1:]
       input_mask[row, :n] = True
       target_mask[row, :n] = True
-      # target j predicts seq[j+1]: a prefix token while j + 1 < len(prefix)
-      weights[row, :n] = np.where(np.arange(1, n + 1) < len(prefix), self.prefix_weight, 1.0)
+      # target j predicts seq[j+1]: a prefix token while j + 1 < split
+      weights[row, :n] = np.where(np.arange(1, n + 1) < split, self.prefix_weight, 1.0)
     batch = {"inputs": inputs, "targets": targets, "input_mask": input_mask,
              "target_mask": target_mask, "target_weights": weights}
     if self_reflection:
@@ -151,19 +172,27 @@ class Batcher:
     conts = np.zeros((b, 3, c), np.int32)
     cont_mask = np.zeros((b, 3, c), bool)
     sr_mask = np.zeros((b,), np.float32)
-    eligible = [i for i in indices if self.positives_of[i] and self.qids[i] in self.negative_ids]
+    eligible = [i for i in indices if self._eligible(i)]
     if len(eligible) > b:
       eligible = sorted(rng.sample(eligible, b), key=eligible.index)
     for row, i in enumerate(eligible):
-      ids = self.prefix_ids[self.qids[i]][-p:]
+      anchor, split = self.sequences[i]
+      ids = anchor[:split][-p:]
       prefix[row, p - len(ids):] = ids
       prefix_mask[row, p - len(ids):] = True
-      positive = self.cont_ids[rng.choice(self.positives_of[i][:self.max_positives])]
-      negative = rng.choice(self.negative_ids[self.qids[i]][:self.max_negatives])
+      positive = self.sequences[rng.choice(self.positives_of[i])]
+      negative = self.negatives_of[self.qids[i]][rng.choice(self.negative_choices[i])]
       sr_mask[row] = 1.0
-      for k, ids in enumerate((self.cont_ids[i], positive, negative)):
-        ids = ids[:c]
+      for k, (ids, at) in enumerate(((anchor, split), positive, negative)):
+        ids = ids[at:][:c]
         conts[row, k, :len(ids)] = ids
         cont_mask[row, k, :len(ids)] = True
     return {"prefix": prefix, "prefix_mask": prefix_mask, "continuations": conts,
             "continuation_mask": cont_mask, "sr_mask": sr_mask}
+
+
+def _draw(candidates: list[int], limit: int, rng: random.Random) -> list[int]:
+  """At most `limit` of `candidates`, drawn at random, in their original order."""
+  if len(candidates) <= limit:
+    return candidates
+  return sorted(rng.sample(candidates, limit))

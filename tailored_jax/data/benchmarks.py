@@ -13,7 +13,8 @@ from tailored_jax.data import answers
 from tailored_jax.data.prompts import ChoiceFormat, QAFormat, choices_block
 from tailored_jax.data.sources import (DataError, field, iter_tfds_records, load,
                                        load_records)
-from tailored_jax.data.tasks import Demo, Example, Task, hold_out, split_70_30
+from tailored_jax.data.tasks import (Demo, Example, Task, hold_out, split_70_30,
+                                     unique_questions)
 
 MATH_DEMOS = (
     Demo("A baker makes 24 muffins in the morning and 18 more in the afternoon. She sells 30 of "
@@ -134,7 +135,8 @@ class MultiArith(_MathTask):
 
   def load_splits(self):
     examples = load(_path(self.cfg, "MultiArith.json"), self.parse_record, self.cfg.skip_malformed)
-    return self._split_with_val(*split_70_30(examples, self.cfg.split_seed))
+    # 20 question texts appear twice in the file (same gold): kept once, before splitting.
+    return self._split_with_val(*split_70_30(unique_questions(examples), self.cfg.split_seed))
 
 
 class SVAMP(_MathTask):
@@ -151,7 +153,7 @@ class SVAMP(_MathTask):
 
   def load_splits(self):
     examples = load(_path(self.cfg, "SVAMP.json"), self.parse_record, self.cfg.skip_malformed)
-    return self._split_with_val(*split_70_30(examples, self.cfg.split_seed))
+    return self._split_with_val(*split_70_30(unique_questions(examples), self.cfg.split_seed))
 
 
 class StrategyQA(Task):
@@ -173,12 +175,7 @@ class StrategyQA(Task):
     for name in ("train.json", "dev.json"):
       examples += load(_path(self.cfg, name), self.parse_record, self.cfg.skip_malformed)
     # One question text appears in two records: keep it once so it cannot sit in train and test.
-    seen, unique = set(), []
-    for e in examples:
-      if (e.question, e.gold) not in seen:
-        seen.add((e.question, e.gold))
-        unique.append(e)
-    train, test = split_70_30(unique, self.cfg.split_seed)
+    train, test = split_70_30(unique_questions(examples), self.cfg.split_seed)
     train, val = hold_out(train, self.cfg.num_val, self.cfg.split_seed)
     return {"train": train, "val": val, "test": test}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from typing import Callable
 
@@ -40,6 +41,7 @@ class Task:
                        f"{'files or tfds:' + self.tfds_name if self.tfds_name else 'files only'}"
                        f", not {cfg.source!r}")
     self.max_new_tokens = cfg.max_new_tokens or self.default_max_new_tokens
+    self.numeric_equality = bool(cfg.numeric_equality)
     self.num_demos = len(self.all_demos) if cfg.num_demos < 0 else cfg.num_demos
     if self.num_demos > len(self.all_demos):
       raise ValueError(f"config field task.num_demos: {self.name} has {len(self.all_demos)} "
@@ -82,6 +84,26 @@ def hold_out(examples: list[Example], num_val: int, seed: int
   val = set(order[:num_val])
   return ([e for i, e in enumerate(examples) if i not in val],
           [e for i, e in enumerate(examples) if i in val])
+
+
+def question_key(question: str) -> str:
+  """A question's text with case and whitespace folded: what makes two records the same question."""
+  return " ".join(question.casefold().split())
+
+
+def unique_questions(examples: list[Example]) -> list[Example]:
+  """The first record of each question text; a repeated question would otherwise be counted
+  twice and could sit in both train and test (METHOD §5: each question counts once)."""
+  seen, unique = set(), []
+  for e in examples:
+    key = question_key(e.question)
+    if key not in seen:
+      seen.add(key)
+      unique.append(e)
+  if len(unique) < len(examples):
+    logging.info("%d repeated question texts dropped (first record kept)",
+                 len(examples) - len(unique))
+  return unique
 
 
 def split_70_30(examples: list[Example], seed: int) -> tuple[list[Example], list[Example]]:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 import tokenizers
 
-from tailored_jax.data.tokenizer import Tokenizer
+from tailored_jax.data.tokenizer import Tokenizer, special_affixes, with_special_affixes
 from tailored_jax.models import gguf_io, hf_io
 from tailored_jax.models.hf_io import ModelImportError
 
@@ -41,9 +41,41 @@ def _read_json(path: str) -> dict:
       raise ModelImportError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
 
 
+# Texts on which the tokenizer we use must give transformers' ids, special tokens included.
+_PROBES = ("Question: Mia has 4 plums.\nReasoning: 4 + 5 = 9.\nAnswer: 9", " leading space",
+           "Ünïcödé, 12,345.6!")
+
+
+def _as_transformers_encodes(directory: str, raw: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+  """The tokenizer exactly as `transformers.AutoTokenizer` applies it to this directory: its
+  backend (transformers may swap pre-tokenizers or post-processors by tokenizer class), with the
+  special tokens transformers inserts; checked on probe texts."""
+  import transformers
+  try:
+    hf = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  except Exception as e:  # any failure of transformers' loader: report, keep the cause
+    raise ModelImportError(f"{directory}: transformers cannot load this tokenizer "
+                           f"({type(e).__name__}: {e})") from e
+  backend = getattr(hf, "backend_tokenizer", None) or raw
+  backend = tokenizers.Tokenizer.from_str(backend.to_str())
+  with_specials = hf(_PROBES[0])["input_ids"]
+  content = hf(_PROBES[0], add_special_tokens=False)["input_ids"]
+  if backend.encode(_PROBES[0]).ids != with_specials:
+    at = next((i for i in range(len(with_specials) - len(content) + 1)
+               if with_specials[i:i + len(content)] == content), None)
+    if at is not None:
+      backend = with_special_affixes(backend, with_specials[:at], with_specials[at + len(content):])
+  for probe in _PROBES:
+    expected, got = hf(probe)["input_ids"], backend.encode(probe).ids
+    if got != expected:
+      raise ModelImportError(f"{directory}: cannot reproduce transformers' tokenization of "
+                             f"{probe!r}: {got} != {expected}")
+  return backend
+
+
 def _hf_tokenizer(directory: str) -> tuple[Tokenizer, str | None]:
-  """tokenizer.json with its special ids: token strings in tokenizer_config.json first, then the
-  ids in generation_config.json / config.json."""
+  """The directory's tokenizer as transformers applies it, with its special ids: token strings
+  in tokenizer_config.json first, then the ids in generation_config.json / config.json."""
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.exists(path):
     raise ModelImportError(f"{directory}: no tokenizer.json")
@@ -74,9 +106,24 @@ def _hf_tokenizer(directory: str) -> tuple[Tokenizer, str | None]:
   if eos is None:
     raise ModelImportError(f"{directory}: cannot tell the EOS token (no eos_token or "
                            "eos_token_id)")
-  tokenizer = Tokenizer(tok, bos if bos is not None else eos, eos, pad if pad is not None else eos,
-                        add_bos=bool(settings.get("add_bos_token", bos is not None)))
+  tokenizer = Tokenizer(_as_transformers_encodes(directory, tok),
+                        bos if bos is not None else eos, eos, pad if pad is not None else eos)
   return tokenizer, settings.get("chat_template")
+
+
+def _gguf_special_tokens(reader, backend: tokenizers.Tokenizer, bos: int | None, eos: int
+                         ) -> tokenizers.Tokenizer:
+  """llama.cpp's rule: BOS/EOS around every sequence as `tokenizer.ggml.add_{bos,eos}_token`
+  say; where the file does not say, what transformers' GGUF converter built."""
+  prefix, suffix = special_affixes(backend)
+  flags = {key: reader.fields.get(f"tokenizer.ggml.add_{key}_token") for key in ("bos", "eos")}
+  if flags["bos"] is not None:
+    prefix = [bos] if bool(flags["bos"].contents()) and bos is not None else []
+  if flags["eos"] is not None:
+    suffix = [eos] if bool(flags["eos"].contents()) else []
+  if (prefix, suffix) == special_affixes(backend):
+    return backend
+  return with_special_affixes(backend, prefix, suffix)
 
 
 def open_pretrained(path: str) -> Pretrained:
@@ -84,9 +131,8 @@ def open_pretrained(path: str) -> Pretrained:
     reader = gguf_io._reader(path)
     cfg = gguf_io.config_from_gguf(reader, path)
     backend, (bos, eos, pad), template = gguf_io.tokenizer_from_gguf(path)
-    add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
-    tokenizer = Tokenizer(backend, bos if bos is not None else eos, eos, pad,
-                          add_bos=bool(add_bos.contents()) if add_bos is not None else True)
+    tokenizer = Tokenizer(_gguf_special_tokens(reader, backend, bos, eos),
+                          bos if bos is not None else eos, eos, pad)
     arch = reader.fields["general.architecture"].contents()
     return Pretrained(path, cfg, arch, tokenizer, template,
                       lambda: gguf_io.iter_gguf_tensors(reader, path, cfg))

@@ -16,10 +16,9 @@ def needs_pad(tokenizer: Tokenizer) -> bool:
 
 def add_pad_token(tokenizer: Tokenizer) -> Tokenizer:
   """A copy of the tokenizer with PAD_TOKEN added as a special token and used as its pad id."""
-  tok = tokenizers.Tokenizer.from_str(tokenizer._tok.to_str())
+  tok = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
   tok.add_special_tokens([PAD_TOKEN])
-  return Tokenizer(tok, tokenizer.bos_id, tokenizer.eos_id, tok.token_to_id(PAD_TOKEN),
-                   tokenizer.add_bos)
+  return Tokenizer(tok, tokenizer.bos_id, tokenizer.eos_id, tok.token_to_id(PAD_TOKEN))
 
 
 # The vocabulary axis of each parameter that has one.

@@ -59,7 +59,9 @@ def generate(params, prompt_bp, prompt_valid_bp, rng, tables_arrays, *, model, e
              pad_id: int, max_new_tokens: int, num_samples: int, sampling: SamplingConfig):
   """Returns (tokens [B*k, max_new_tokens] padded with pad_id, lengths [B*k]).
 
-  Row b*k + j is sample j of prompt b. Prompts are left-padded.
+  Row b*k + j is sample j of prompt b. Prompts are left-padded. `rng` is one key (row r draws
+  with fold_in(rng, r)) or per-row keys [B, k, 2] (`sampling.sample_keys`); step t of a row
+  draws with fold_in(its key, t).
   """
   starts_v, ends_v, blank_v, never_v, special_v = tables_arrays
   cfg = model.cfg
@@ -70,20 +72,24 @@ def generate(params, prompt_bp, prompt_valid_bp, rng, tables_arrays, *, model, e
   logits_bpv, _, cache = model.apply({"params": params}, prompt_bp, positions_bp, prompt_valid_bp,
                                      cache)
   n = b * num_samples
+  if rng.ndim == 1:
+    keys_n = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(n))
+  else:
+    keys_n = rng.reshape(n, rng.shape[-1])
   cache = cache.repeat(num_samples)
   logits_nv = jnp.repeat(logits_bpv[:, -1], num_samples, axis=0)
   next_position_n = jnp.repeat(jnp.sum(prompt_valid_bp, axis=1).astype(jnp.int32), num_samples)
 
   def cond(carry):
-    step, _, _, _, done_n, _, _, _ = carry
+    step, _, _, _, done_n, _, _ = carry
     return (step < max_new_tokens) & ~jnp.all(done_n)
 
   def body(carry):
-    step, cache, logits_nv, out_nm, done_n, prev_n, lengths_n, rng = carry
-    rng, key = jax.random.split(rng)
+    step, cache, logits_nv, out_nm, done_n, prev_n, lengths_n = carry
     banned_v = never_v | ((step == 0) & special_v)
     logits_nv = jnp.where(banned_v[None, :], NEG_INF, logits_nv)
-    token_n = choose_tokens(logits_nv, key, sampling)
+    step_keys_n = jax.vmap(lambda key: jax.random.fold_in(key, step))(keys_n)
+    token_n = choose_tokens(logits_nv, step_keys_n, sampling)
     token_n = jnp.where(done_n, pad_id, token_n)
     out_nm = jax.lax.dynamic_update_slice_in_dim(out_nm, token_n[:, None], step, axis=1)
     lengths_n = lengths_n + (~done_n).astype(jnp.int32)
@@ -91,12 +97,12 @@ def generate(params, prompt_bp, prompt_valid_bp, rng, tables_arrays, *, model, e
     positions_n1 = (next_position_n + step)[:, None]
     logits_n1v, _, cache = model.apply({"params": params}, token_n[:, None], positions_n1,
                                        (~done_n)[:, None], cache)
-    return (step + 1, cache, logits_n1v[:, 0], out_nm, done_n | stops_n, token_n, lengths_n, rng)
+    return (step + 1, cache, logits_n1v[:, 0], out_nm, done_n | stops_n, token_n, lengths_n)
 
   carry = (jnp.zeros((), jnp.int32), cache, logits_nv,
            jnp.full((n, max_new_tokens), pad_id, jnp.int32), jnp.zeros((n,), bool),
-           jnp.full((n,), pad_id, jnp.int32), jnp.zeros((n,), jnp.int32), rng)
-  _, _, _, out_nm, _, _, lengths_n, _ = jax.lax.while_loop(cond, body, carry)
+           jnp.full((n,), pad_id, jnp.int32), jnp.zeros((n,), jnp.int32))
+  _, _, _, out_nm, _, _, lengths_n = jax.lax.while_loop(cond, body, carry)
   return out_nm, lengths_n
 
 

@@ -37,8 +37,18 @@ def filter_logits(logits_bv, top_k: int, top_p: float):
   return logits_bv
 
 
-def choose_tokens(logits_bv, rng, cfg: SamplingConfig):
+def choose_tokens(logits_bv, keys_b, cfg: SamplingConfig):
+  """One token per row; row b draws with its own key `keys_b[b]`, so what a row samples does not
+  depend on which other rows share its batch."""
   if cfg.temperature == 0.0:
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
   logits_bv = filter_logits(logits_bv.astype(jnp.float32) / cfg.temperature, cfg.top_k, cfg.top_p)
-  return jax.random.categorical(rng, logits_bv, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys_b, logits_bv).astype(jnp.int32)
+
+
+def sample_keys(rng, prompt_hashes_b, num_samples: int):
+  """Keys [B, k, 2]: sample j of the prompt with hash h draws from fold_in(fold_in(rng, h), j),
+  a function of (prompt, sample) alone, never of the batch a prompt lands in."""
+  per_prompt = jax.vmap(lambda h: jax.random.fold_in(rng, h))(prompt_hashes_b)
+  return jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(
+      jnp.arange(num_samples)))(per_prompt)

@@ -20,7 +20,8 @@ from tailored_jax.data.batching import Batcher
 from tailored_jax.train import step as step_lib
 
 
-def _seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
+  """One 32-bit seed from several integers (run seed, round, epoch, step, ...)."""
   return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
@@ -41,6 +42,7 @@ class Trainer:
     self.param_shardings = sharding.logical_sharding(abstract_params, mesh)
     self.opt_shardings = sharding.logical_sharding(abstract_opt, mesh)
     self.abstract_params = nn.meta.unbox(abstract_params)
+    self.abstract_opt = nn.meta.unbox(abstract_opt)
     self.state_shardings = step_lib.TrainState(sharding.replicated(mesh), self.param_shardings,
                                                self.opt_shardings)
     self._init_params = jax.jit(lambda key: nn.meta.unbox(init_boxed(key)[0]),
@@ -73,17 +75,29 @@ class Trainer:
     """Every batch of the round, in order: `epochs` epochs of distinct-question batches."""
     batches = []
     for epoch in range(self.cfg.epochs):
-      batches.extend(batcher.epoch(_seed(seed, round_index, epoch)))
+      batches.extend(batcher.epoch(derive_seed(seed, round_index, epoch)))
     return batches
+
+  def optimizer_carry(self, state: step_lib.TrainState) -> dict:
+    """What `method.fresh_optimizer=False` carries into the next round: step and AdamW state."""
+    return {"step": state.step, "opt_state": state.opt_state}
+
+  def restore_carry(self, directory: str, params) -> step_lib.TrainState:
+    like = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": self.abstract_opt}
+    shardings = {"step": sharding.replicated(self.mesh), "opt_state": self.opt_shardings}
+    carry = checkpointing.restore_params(directory, like, shardings)
+    return step_lib.TrainState(carry["step"], params, carry["opt_state"])
 
   def train_round(self, params, batcher: Batcher, *, seed: int, round_index: int,
                   checkpoint_dir: str, self_reflection: bool, state=None):
-    """Trains one round from `params` (or a given state); returns (params, summary dict)."""
+    """Trains one round from `params` (or from a given state, optimizer included); returns
+    (final state, summary dict)."""
     use_sr = self_reflection and batcher.has_self_reflection()
     step_fn = self.step_fn(use_sr)
     batches = self.schedule(batcher, seed, round_index)
     checkpoints = checkpointing.StepCheckpoints(checkpoint_dir)
     state = self.new_state(params) if state is None else state
+    start_optimizer_step = int(jax.device_get(state.step))
     start = 0
     latest = checkpoints.latest_step()
     if latest is not None:
@@ -97,7 +111,7 @@ class Trainer:
     window_steps = window_tokens = total_tokens = 0
     last = {}
     for i in range(start, len(batches)):
-      batch = batcher.build(batches[i], _seed(seed, round_index, i, 1), use_sr)
+      batch = batcher.build(batches[i], derive_seed(seed, round_index, i, 1), use_sr)
       tokens = int(batch["target_mask"].sum())
       window_tokens += tokens
       total_tokens += tokens
@@ -117,8 +131,9 @@ class Trainer:
     checkpoints.close()
     seconds = time.time() - round_start
     summary = {"steps": len(batches), "resumed_at_step": start, "seconds": seconds,
-               "self_reflection": use_sr, "final_loss": last.get("loss"),
+               "self_reflection": use_sr, "optimizer_step_at_start": start_optimizer_step,
+               "final_loss": last.get("loss"),
                "final_lm_loss": last.get("lm_loss"), "final_sr_loss": last.get("sr_loss"),
                "target_tokens": total_tokens,
                "target_tokens_per_s": total_tokens / max(seconds, 1e-9)}
-    return state.params, summary
+    return state, summary

@@ -2,7 +2,6 @@
 [--greedy | --temperature T] [--json]`: try a student (HF dir, GGUF file or round checkpoint)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
@@ -30,8 +29,8 @@ def generate(student, prompt: str, max_new_tokens: int, sampling: SamplingConfig
   ids = tok.encode(prompt)
   tables = StopTables.from_tokenizer(tok, student.model.cfg.vocab_size, blank_line=False)
   # Plain generation, as transformers does it: only ids past the tokenizer are banned.
-  tables = dataclasses.replace(tables, never_v=np.arange(len(tables.never_v)) >= tok.vocab_size,
-                               special_v=np.zeros_like(tables.special_v))
+  tables = tables.replace(never_v=np.arange(len(tables.never_v)) >= tok.vocab_size,
+                         special_v=np.zeros_like(tables.special_v))
   decoder = Decoder(student.model, tables)
   tokens = np.asarray([ids], np.int32)
   out, lengths = decoder(student.params, tokens, np.ones_like(tokens, bool),

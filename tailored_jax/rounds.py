@@ -14,7 +14,6 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from tailored_jax import checkpointing, config_lib, sharding, summary
@@ -23,17 +22,17 @@ from tailored_jax.data import scoring
 from tailored_jax.data.batching import Batcher, TrainExample
 from tailored_jax.data.tasks import Example, build_task
 from tailored_jax.data.tokenizer import Tokenizer, train_bpe
-from tailored_jax.models import build_model, vocab
-from tailored_jax.models.hf_io import tree_get
+from tailored_jax.layout import Layout
+from tailored_jax.models import vocab
 from tailored_jax.models.pretrained import Pretrained, open_pretrained
-from tailored_jax.sample.decode import Decoder, StopTables
+from tailored_jax.runtime import StudentRuntime
 from tailored_jax.sample.runner import generate_texts
 from tailored_jax.sample.sampling import SamplingConfig
 from tailored_jax.teacher import prompts as teacher_prompts
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
 from tailored_jax.teacher.server import DEFAULT_MODEL, LocalTeacherServer
-from tailored_jax.train.trainer import Trainer, derive_seed
+from tailored_jax.train.trainer import derive_seed
 
 
 class RunStopped(Exception):
@@ -47,6 +46,7 @@ class Run:
     config_lib.validate(cfg)
     self.cfg = cfg
     self.workdir = workdir
+    self.layout = Layout(workdir)
     self.stop_after = stop_after
     os.makedirs(workdir, exist_ok=True)
     self._check_config()
@@ -55,21 +55,16 @@ class Run:
     self.splits = self.task.splits()
     self.by_id: dict[str, Example] = {e.id: e for split in self.splits.values() for e in split}
     self.demos = self.task.demos()
-    self._tokenizer = None
-    self._trainer = None
-    self._decoder = None
-    self._params = None  # (round, params) held in memory between phases
-    self._pretrained = None
+    self.mesh = sharding.make_mesh(cfg)
+    self.pretrained: Pretrained | None = (open_pretrained(cfg.model.init_from)
+                                          if cfg.model.init_from else None)
+    self.student: StudentRuntime | None = None  # built once the tokenizer exists (after prepare)
     self._server = None
     self._client = None
-    self.mesh = sharding.make_mesh(cfg)
 
   # ---- plumbing -------------------------------------------------------------------------------
-  def path(self, *parts: str) -> str:
-    return os.path.join(self.workdir, *parts)
-
   def _check_config(self) -> None:
-    path = self.path("config.json")
+    path = self.layout.config
     current = json.loads(self.cfg.to_json())
     if os.path.exists(path):
       changed = config_lib.changed_fields(wd.read_json(path), current)
@@ -101,63 +96,13 @@ class Run:
       fn()
     sharding.barrier(f"phase {name}")
     seconds = time.time() - start
-    timings_path = self.path("timings.json")
-    timings = wd.read_json(timings_path) if os.path.exists(timings_path) else {}
+    timings = wd.read_json(self.layout.timings) if os.path.exists(self.layout.timings) else {}
     timings[name] = timings.get(name, 0.0) + seconds
-    wd.write_json(timings_path, timings)
+    wd.write_json(self.layout.timings, timings)
     self.state.mark(name)
     logging.info("phase %s: done in %.1fs", name, seconds)
     if self.stop_after == name:
       raise RunStopped(name)
-
-  @property
-  def tokenizer(self) -> Tokenizer:
-    if self._tokenizer is None:
-      self._tokenizer = Tokenizer.load(self.path("tokenizer.json"))
-    return self._tokenizer
-
-  def pretrained(self) -> Pretrained | None:
-    if self.cfg.model.init_from and self._pretrained is None:
-      self._pretrained = open_pretrained(self.cfg.model.init_from)
-    return self._pretrained
-
-  @property
-  def trainer(self) -> Trainer:
-    if self._trainer is None:
-      pretrained = self.pretrained()
-      self.model = build_model(self.cfg.model, self.tokenizer.vocab_size,
-                               pretrained.cfg if pretrained else None)
-      self._trainer = Trainer(self.model, self.cfg.train, self.mesh)
-      self._decoder = Decoder(self.model, StopTables.from_tokenizer(
-          self.tokenizer, self.model.cfg.vocab_size))
-    return self._trainer
-
-  def params(self, round_index: int):
-    """The weights after `round_index` (0: the initial student)."""
-    if self._params is not None and self._params[0] == round_index:
-      return self._params[1]
-    trainer = self.trainer
-    if round_index == 0 and self.pretrained() is not None:
-      dtype = jnp.dtype(self.cfg.model.param_dtype)
-      source_tokenizer = self.pretrained().tokenizer
-      pad_added = self.tokenizer.pad_id != source_tokenizer.pad_id
-      # rows that hold trained tokens (transformers may know tokens the model has no row for)
-      trained_rows = min(source_tokenizer.vocab_size, self.pretrained().cfg.vocab_size)
-
-      def place(path, array):
-        if pad_added and path in vocab.VOCAB_AXIS:
-          array = vocab.with_mean_row(array, vocab.VOCAB_AXIS[path], self.tokenizer.pad_id,
-                                      trained_rows)
-        return sharding.put_global(array.astype(dtype), tree_get(trainer.param_shardings, path))
-
-      params = self.pretrained().load_params(place)
-    elif round_index == 0:
-      params = trainer.init_params(self.cfg.seed)
-    else:
-      params = checkpointing.restore_params(self.path("checkpoints", f"round_{round_index}"),
-                                            trainer.abstract_params, trainer.param_shardings)
-    self._params = (round_index, params)
-    return params
 
   def client(self) -> ChatClient:
     if self._client is None:
@@ -167,7 +112,7 @@ class Run:
         base_url, model, api_key = self._server.start(), DEFAULT_MODEL, ""
       else:
         base_url, model, api_key = t.base_url, t.model, os.environ.get(t.api_key_env, "")
-      cache = ReplyCache(self.path("teacher_cache.jsonl"), teacher_prompts.PROMPT_VERSION)
+      cache = ReplyCache(self.layout.teacher_cache, teacher_prompts.PROMPT_VERSION)
       self._client = ChatClient(
           base_url, model, api_key=api_key, cache=cache, max_concurrency=t.max_concurrency,
           max_retries=t.max_retries, timeout_s=t.timeout_s, backoff_s=t.backoff_s,
@@ -185,6 +130,7 @@ class Run:
   def run(self) -> list[dict]:
     try:
       self._phase("prepare", self.prepare, writer_only=True)
+      self.student = StudentRuntime(self.cfg, self.layout, self.mesh, self.pretrained)
       self._phase("annotate", self.annotate, writer_only=True)
       if config_lib.initial_exam(self.cfg) and self.cfg.method.self_reflection:
         self._phase("exam_0", lambda: self.exam(0))
@@ -195,19 +141,19 @@ class Run:
           self._phase(f"exam_{r}", lambda: self.exam(r))
           if self.cfg.method.feedback:
             self._phase(f"feedback_{r}", lambda: self.feedback(r), writer_only=True)
-      records = self.summary_records()
+      records = summary.records(self.layout, self.state, self.cfg.rounds)
       if wd.is_writer():
-        summary.write(self.workdir, records)
+        summary.write(self.layout, records)
       return records
     finally:
       self.close()
 
   def prepare(self) -> None:
     for split, examples in self.splits.items():
-      wd.write_jsonl(self.path("data", f"{split}.jsonl"),
+      wd.write_jsonl(self.layout.data(split),
                      [{"id": e.id, "question": e.question, "gold": e.gold} for e in examples])
-    if self.cfg.model.init_from:
-      tokenizer = self.pretrained().tokenizer
+    if self.pretrained is not None:
+      tokenizer = self.pretrained.tokenizer
       if self.cfg.model.add_pad_token and vocab.needs_pad(tokenizer):
         tokenizer = vocab.add_pad_token(tokenizer)
     elif self.cfg.tokenizer.path:
@@ -217,8 +163,7 @@ class Run:
                 + self.task.format_continuation(d.question, d.rationale, d.answer)
                 for d in self.task.tokenizer_corpus() + self.demos]
       tokenizer = train_bpe(corpus, self.cfg.tokenizer.vocab_size)
-    tokenizer.save(self.path("tokenizer.json"))
-    self._tokenizer = None
+    tokenizer.save(self.layout.tokenizer)
 
   def _keep_correct(self, example: Example, texts: list[str], source: str, round_index: int,
                     seen: set[str], counts: dict) -> list[dict]:
@@ -276,8 +221,8 @@ class Run:
     data, counts = [], {}
     for example, reply in zip(train, results):
       data.extend(self._keep_correct(example, reply.texts, "annotation", 1, set(), counts))
-    wd.write_jsonl(self.path("round_1", "teacher_data.jsonl"), data)
-    wd.write_json(self.path("round_1", "teacher.json"), {
+    wd.write_jsonl(self.layout.teacher_data(1), data)
+    wd.write_json(self.layout.teacher_report(1), {
         "phase": "annotate", "usage": usage.as_dict(), "kept": len(data), "dropped": counts,
         "questions": len(train),
         "questions_with_two_rationales": _count_questions_with(data, 2),
@@ -287,9 +232,9 @@ class Run:
     """k sampled rationales per train question; distinct wrong ones are the round's mistakes."""
     e = self.cfg.exam
     train = self.splits["train"]
-    params = self.params(round_index)
+    params = self.student.params(round_index)
     outputs = generate_texts(
-        self._decoder, params, self.tokenizer,
+        self.student.decoder, params, self.student.tokenizer,
         [self.task.format_prefix(x.question, self.demos) for x in train], mesh=self.mesh,
         num_samples=e.num_samples,
         sampling=SamplingConfig(e.temperature, e.top_k, e.top_p),
@@ -311,9 +256,8 @@ class Run:
           mistakes.append({"qid": example.id, "output": negative, "answer": record["answer"],
                            "error": record["error"]})
       always_right += wrong_here == 0
-    directory = self.path(f"round_{round_index}")
-    wd.write_jsonl(os.path.join(directory, "mistakes.jsonl"), mistakes)
-    wd.write_json(os.path.join(directory, "exam.json"), {
+    wd.write_jsonl(self.layout.mistakes(round_index), mistakes)
+    wd.write_json(self.layout.exam_report(round_index), {
         "questions": len(train), "samples": len(train) * e.num_samples,
         "correct_samples": correct_samples, "questions_always_right": always_right,
         "mistakes": len(mistakes)})
@@ -321,7 +265,7 @@ class Run:
   def feedback(self, round_index: int) -> None:
     """Tailored rationales for round r's mistakes: the data D_{r+1}."""
     t = self.cfg.teacher
-    mistakes = wd.read_jsonl(self.path(f"round_{round_index}", "mistakes.jsonl"))
+    mistakes = wd.read_jsonl(self.layout.mistakes(round_index))
     requests = [ChatRequest(teacher_prompts.feedback_messages(
         self.by_id[m["qid"]].question, m["output"], self.by_id[m["qid"]].gold, self.demos,
         self.task.format),
@@ -333,9 +277,8 @@ class Run:
       seen = seen_by_question.setdefault(mistake["qid"], set())
       data.extend(self._keep_correct(self.by_id[mistake["qid"]], reply.texts, "feedback",
                                      round_index + 1, seen, counts))
-    directory = self.path(f"round_{round_index + 1}")
-    wd.write_jsonl(os.path.join(directory, "teacher_data.jsonl"), data)
-    wd.write_json(os.path.join(directory, "teacher.json"), {
+    wd.write_jsonl(self.layout.teacher_data(round_index + 1), data)
+    wd.write_json(self.layout.teacher_report(round_index + 1), {
         "phase": f"feedback_{round_index}", "usage": usage.as_dict(), "kept": len(data),
         "dropped": counts, "mistakes": len(mistakes),
         "prompt_version": teacher_prompts.PROMPT_VERSION})
@@ -344,16 +287,16 @@ class Run:
     first = 1 if self.cfg.method.accumulate_data else round_index
     data = []
     for r in range(first, round_index + 1):
-      path = self.path(f"round_{r}", "teacher_data.jsonl")
+      path = self.layout.teacher_data(r)
       if os.path.exists(path):
         data.extend(wd.read_jsonl(path))
     return data
 
   def train(self, round_index: int) -> None:
     c = self.cfg
-    params_dir = self.path("checkpoints", f"round_{round_index}")
-    checkpoint_dir = self.path("checkpoints", f"train_round_{round_index}")
-    trained = os.path.exists(self.path(f"round_{round_index}", "train.json"))
+    params_dir = self.layout.params_dir(round_index)
+    checkpoint_dir = self.layout.step_dir(round_index)
+    trained = os.path.exists(self.layout.train_report(round_index))
     if trained and os.path.isdir(params_dir):
       if wd.is_writer():  # killed after saving: nothing to redo
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -363,85 +306,57 @@ class Run:
       raise RuntimeError(f"round {round_index}: no teacher data to train on "
                          "(see round_*/teacher.json)")
     negatives: dict[str, list[str]] = {}
-    mistakes_path = self.path(f"round_{round_index - 1}", "mistakes.jsonl")
+    mistakes_path = self.layout.mistakes(round_index - 1)
     if c.method.self_reflection and os.path.exists(mistakes_path):
       for m in wd.read_jsonl(mistakes_path):
         negatives.setdefault(m["qid"], []).append(m["output"])
     qids = sorted({d["qid"] for d in data})
     prefixes = {q: self.task.format_prefix(self.by_id[q].question, self.demos) for q in qids}
     batcher = Batcher(
-        self.tokenizer, prefixes, [TrainExample(d["qid"], d["continuation"]) for d in data],
+        self.student.tokenizer, prefixes, [TrainExample(d["qid"], d["continuation"]) for d in data],
         negatives, batch_size=c.train.batch_size, max_seq_len=c.train.max_seq_len,
         max_continuation_len=c.train.max_continuation_len, prefix_weight=c.train.prefix_weight,
         max_positives=c.train.max_positives, max_negatives=c.train.max_negatives,
         sr_batch_size=c.train.sr_batch_size, seed=derive_seed(c.seed, round_index, 2))
-    start_params = self.params(round_index - 1)
+    trainer = self.student.trainer
+    start_params = self.student.params(round_index - 1)
     carried = None
     if not c.method.fresh_optimizer and round_index > 1:
-      carried = self.trainer.restore_carry(self._optimizer_dir(round_index - 1), start_params)
-    state, metrics = self.trainer.train_round(
+      carried = trainer.restore_carry(self.layout.optimizer_dir(round_index - 1), start_params)
+    state, metrics = trainer.train_round(
         start_params, batcher, seed=c.seed, round_index=round_index,
-        checkpoint_dir=checkpoint_dir, self_reflection=c.method.self_reflection, state=carried)
+        checkpoint_dir=checkpoint_dir, state=carried)
     params = state.params
     if not c.method.fresh_optimizer:
       # Saved before the params: a round counts as trained once its params exist.
-      checkpointing.save_params(self._optimizer_dir(round_index),
-                                self.trainer.optimizer_carry(state))
+      checkpointing.save_params(self.layout.optimizer_dir(round_index),
+                                trainer.optimizer_carry(state))
     checkpointing.save_params(params_dir, params)
-    self._params = (round_index, params)
-    wd.write_json(self.path(f"round_{round_index}", "train.json"), dict(
+    self.student.hold(round_index, params)
+    wd.write_json(self.layout.train_report(round_index), dict(
         metrics, examples=len(data), questions=len(qids),
         negatives=sum(len(v) for v in negatives.values())))
     sharding.barrier(f"saved round {round_index}")
     if wd.is_writer():
       shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
-  def _optimizer_dir(self, round_index: int) -> str:
-    return self.path("checkpoints", f"optimizer_round_{round_index}")
-
   def evaluate(self, round_index: int) -> None:
-    params = self.params(round_index)
+    params = self.student.params(round_index)
     results = {}
     for split in [s.strip() for s in self.cfg.eval.splits.split(",") if s.strip()]:
       examples = self.splits[split]
       outputs = generate_texts(
-          self._decoder, params, self.tokenizer,
+          self.student.decoder, params, self.student.tokenizer,
           [self.task.format_prefix(x.question, self.demos) for x in examples], mesh=self.mesh,
           num_samples=1, sampling=SamplingConfig(), max_new_tokens=self.task.max_new_tokens,
           batch_size=self.cfg.eval.batch_size, rng=jax.random.PRNGKey(0),
           label=f"evaluate {round_index} {split}")
       records, summary_ = scoring.score(self.task, examples, [o[0] for o in outputs])
-      wd.write_jsonl(self.path(f"round_{round_index}", f"eval_{split}.jsonl"), records)
+      wd.write_jsonl(self.layout.eval_records(round_index, split), records)
       results[split] = summary_
       logging.info("round %d %s accuracy: %.3f (%d/%d)", round_index, split,
                    summary_["accuracy"], summary_["correct"], summary_["total"])
-    wd.write_json(self.path(f"round_{round_index}", "eval.json"), results)
-
-  def summary_records(self) -> list[dict]:
-    """One record per completed round, from the phase outputs in the workdir."""
-    records = []
-    timings_path = self.path("timings.json")
-    timings = wd.read_json(timings_path) if os.path.exists(timings_path) else {}
-    for r in range(1, self.cfg.rounds + 1):
-      if not self.state.done(f"evaluate_{r}"):
-        break
-      evals = wd.read_json(self.path(f"round_{r}", "eval.json"))
-      teacher_path = self.path(f"round_{r}", "teacher.json")
-      teacher = wd.read_json(teacher_path)["usage"] if os.path.exists(teacher_path) else {}
-      train = wd.read_json(self.path(f"round_{r}", "train.json"))
-      mistakes_path = self.path(f"round_{r - 1}", "exam.json")
-      records.append({
-          "round": r, "train_examples": train["examples"],
-          "mistakes": wd.read_json(mistakes_path)["mistakes"] if os.path.exists(mistakes_path)
-          else 0,
-          "teacher_requests": teacher.get("requests", 0) + teacher.get("cache_hits", 0),
-          "teacher_tokens": teacher.get("tokens", 0) + teacher.get("cached_tokens", 0),
-          "val_accuracy": evals.get("val", {}).get("accuracy"),
-          "test_accuracy": evals.get("test", {}).get("accuracy"),
-          "seconds": round(sum(timings.get(f"{phase}_{r}", 0.0) for phase in (
-              "train", "evaluate", "exam", "feedback")) + (timings.get("annotate", 0.0)
-                                                          if r == 1 else 0.0), 1)})
-    return records
+    wd.write_json(self.layout.eval_report(round_index), results)
 
 
 def _count_questions_with(data: list[dict], at_least: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from tailored_jax import workdir as wd
+from tailored_jax.layout import Layout
 
 COLUMNS = ("round", "train_examples", "mistakes", "teacher_requests", "teacher_tokens",
            "val_accuracy", "test_accuracy", "seconds")
@@ -17,13 +18,38 @@ def best_round(records: list[dict]) -> dict | None:
   best = max(scored, key=lambda r: (r["val_accuracy"], r["round"]))
   return {"round": best["round"], "val_accuracy": best["val_accuracy"],
           "test_accuracy": best.get("test_accuracy"),
-          "checkpoint": os.path.join("checkpoints", f"round_{best['round']}")}
+          "checkpoint": os.path.relpath(Layout("").params_dir(best["round"]))}
 
 
-def write(workdir: str, records: list[dict]) -> None:
-  wd.write_json(os.path.join(workdir, "summary.json"), records)
-  wd.write_json(os.path.join(workdir, "best_round.json"), best_round(records))
-  plot(os.path.join(workdir, "summary.png"), records)
+def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
+  """One record per round whose evaluation is done, read from the phase outputs."""
+  timings = wd.read_json(layout.timings) if os.path.exists(layout.timings) else {}
+  out = []
+  for r in range(1, rounds + 1):
+    if not state.done(f"evaluate_{r}"):
+      break
+    evals = wd.read_json(layout.eval_report(r))
+    teacher_path = layout.teacher_report(r)
+    teacher = wd.read_json(teacher_path)["usage"] if os.path.exists(teacher_path) else {}
+    train = wd.read_json(layout.train_report(r))
+    exam_path = layout.exam_report(r - 1)
+    out.append({
+        "round": r, "train_examples": train["examples"],
+        "mistakes": wd.read_json(exam_path)["mistakes"] if os.path.exists(exam_path) else 0,
+        "teacher_requests": teacher.get("requests", 0) + teacher.get("cache_hits", 0),
+        "teacher_tokens": teacher.get("tokens", 0) + teacher.get("cached_tokens", 0),
+        "val_accuracy": evals.get("val", {}).get("accuracy"),
+        "test_accuracy": evals.get("test", {}).get("accuracy"),
+        "seconds": round(sum(timings.get(f"{phase}_{r}", 0.0) for phase in (
+            "train", "evaluate", "exam", "feedback")) + (timings.get("annotate", 0.0)
+                                                        if r == 1 else 0.0), 1)})
+  return out
+
+
+def write(layout: Layout, records: list[dict]) -> None:
+  wd.write_json(layout.summary, records)
+  wd.write_json(layout.best_round, best_round(records))
+  plot(layout.summary_plot, records)
 
 
 def plot(path: str, records: list[dict]) -> None:

@@ -34,40 +34,40 @@ def make_batcher(sr_batch_size=0):
 
 def test_lm_arrays_weights_and_padding():
   tok, batcher = make_batcher()
-  batch = batcher.build([0, 2], seed=0, self_reflection=False)
+  lm, _ = batcher.build([0, 2], seed=0)
   prefix = tok.encode("Question: a b\nReasoning:")
   full = tok.encode("Question: a b\nReasoning: x 1\nAnswer: 1") + [tok.eos_id]
   cont = full[len(prefix):]
   assert full[:len(prefix)] == prefix
   n = len(full) - 1
-  assert batch["inputs"][0, :n].tolist() == full[:-1]
-  assert batch["targets"][0, :n].tolist() == full[1:]
+  assert lm.inputs[0, :n].tolist() == full[:-1]
+  assert lm.targets[0, :n].tolist() == full[1:]
   expected = [0.1] * (len(prefix) - 1) + [1.0] * len(cont)
-  np.testing.assert_allclose(batch["target_weights"][0, :n], expected)
-  assert not batch["target_mask"][0, n:].any() and not batch["target_mask"][3].any()
-  assert batch["inputs"].shape == (4, batcher.seq_len) and batcher.seq_len % 16 == 0
+  np.testing.assert_allclose(lm.target_weights[0, :n], expected)
+  assert not lm.target_mask[0, n:].any() and not lm.target_mask[3].any()
+  assert lm.inputs.shape == (4, batcher.seq_len) and batcher.seq_len % 16 == 0
 
 
 def test_self_reflection_rows():
   tok, batcher = make_batcher()
   assert batcher.sr_candidates == 2  # q2 has a single rationale: no positive besides the anchor
-  batch = batcher.build([0, 1, 2], seed=0, self_reflection=True)
-  assert batch["sr_mask"].tolist() == [1.0, 1.0, 0.0, 0.0]
-  decode = lambda row, k: tok.decode(batch["continuations"][row, k][
-      batch["continuation_mask"][row, k]])
+  lm, reflection = batcher.build([0, 1, 2], seed=0)
+  assert reflection.sr_mask.tolist() == [1.0, 1.0, 0.0, 0.0]
+  decode = lambda row, k: tok.decode(reflection.continuations[row, k][
+      reflection.continuation_mask[row, k]])
   assert (decode(0, 0), decode(0, 1), decode(0, 2)) == (
       " x 1\nAnswer: 1", " y 1\nAnswer: 1", " x 2\nAnswer: 2")
   assert (decode(1, 0), decode(1, 1)) == (" y 1\nAnswer: 1", " x 1\nAnswer: 1")
-  prefix = batch["prefix"][0][batch["prefix_mask"][0]].tolist()
+  prefix = reflection.prefix[0][reflection.prefix_mask[0]].tolist()
   assert prefix == tok.encode("Question: a b\nReasoning:")
-  assert batch["prefix_mask"][0, -1]  # left-padded
+  assert reflection.prefix_mask[0, -1]  # left-padded
 
 
 def test_self_reflection_sub_batch():
   _, batcher = make_batcher(sr_batch_size=1)
-  batch = batcher.build([0, 1, 2], seed=5, self_reflection=True)
-  assert batch["sr_mask"].tolist() == [1.0]
-  assert batch["prefix"].shape[0] == 1 and batch["inputs"].shape[0] == 4
+  lm, reflection = batcher.build([0, 1, 2], seed=5)
+  assert reflection.sr_mask.tolist() == [1.0]
+  assert reflection.prefix.shape[0] == 1 and lm.inputs.shape[0] == 4
 
 
 def test_training_ids_are_the_whole_string_tokenised_once():
@@ -94,14 +94,14 @@ def test_training_ids_are_the_whole_string_tokenised_once():
       tok, {"q1": text[:at]}, [batching.TrainExample("q1", text[at:])], {}, batch_size=1,
       max_seq_len=64, max_continuation_len=32, prefix_weight=0.1, max_positives=10,
       max_negatives=4)
-  batch = batcher.build([0], seed=0, self_reflection=False)
+  lm, _ = batcher.build([0], seed=0)
   full = tok.encode(text) + [tok.eos_id]
   n = len(full) - 1
-  assert batch["inputs"][0, :n].tolist() == full[:-1]
-  assert batch["targets"][0, :n].tolist() == full[1:]
+  assert lm.inputs[0, :n].tolist() == full[:-1]
+  assert lm.targets[0, :n].tolist() == full[1:]
   ids, split = tok.encode_split([text], [at])[0]
   assert tok.decode(ids[:split]) == text[:at] and split == len(tok.encode(text[:at]))
-  np.testing.assert_allclose(batch["target_weights"][0, :n],
+  np.testing.assert_allclose(lm.target_weights[0, :n],
                              [0.1] * (split - 1) + [1.0] * (n - split + 1))
 
 
@@ -123,7 +123,7 @@ def test_positive_candidates_are_drawn_at_random_beyond_the_first_ten():
   assert batcher.positives_of != make(1).positives_of
   used = set()
   for seed in range(40):
-    batch = batcher.build([0], seed=seed, self_reflection=True)
-    row = batch["continuations"][0, 1][batch["continuation_mask"][0, 1]]
+    _, reflection = batcher.build([0], seed=seed)
+    row = reflection.continuations[0, 1][reflection.continuation_mask[0, 1]]
     used.add(tok.decode(row))
   assert used == {f" r {j}\nAnswer: 1" for j in batcher.positives_of[0]}

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from tailored_jax import sharding  # noqa: E402
-from tailored_jax.models import hf_io  # noqa: E402
+from tailored_jax.models import hf_io, layers  # noqa: E402
 from tailored_jax.models import model_for  # noqa: E402
 from tailored_jax.sample import decode, sampling  # noqa: E402
 
@@ -133,9 +133,8 @@ def test_sharded_forward_matches_unsharded(tmp_path):
   single = forward(params, tokens, positions, mask)
   mesh_cfg = ml_collections.ConfigDict({"mesh": dict(data=2, fsdp=2, tensor=2, num_devices=0)})
   mesh = sharding.make_mesh(mesh_cfg)
-  dummy = jnp.zeros((1, 4), jnp.int32)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, dummy, dummy > -1))
-  shardings = sharding.logical_sharding(boxed["params"], mesh)
+  boxed = jax.eval_shape(lambda: layers.init_boxed_params(model, jax.random.PRNGKey(0)))
+  shardings = sharding.logical_sharding(boxed, mesh)
   sharded_params = jax.device_put(params, shardings)
   assert sharded_params["layer_0"]["mlp"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(
       "fsdp", "tensor")

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from tailored_jax import sharding
+from tailored_jax.data.batching import LMBatch, ReflectionBatch
+from tailored_jax.models import layers
 from tailored_jax.models.kv_cache import KVCache
 from tailored_jax.models.llama import Llama, LlamaConfig
 from tailored_jax.sample import decode, sampling
@@ -20,8 +22,7 @@ MODEL = Llama(CFG)
 
 @pytest.fixture(scope="module")
 def params():
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  return nn.meta.unbox(MODEL.init(jax.random.PRNGKey(0), tokens, tokens, tokens > -1)["params"])
+  return nn.meta.unbox(layers.init_boxed_params(MODEL, jax.random.PRNGKey(0)))
 
 
 def forward(params, tokens, positions, valid, cache=None):
@@ -145,12 +146,13 @@ def _batch(rng):
   prefix_mask[1::2, :2] = False
   cont_mask = np.ones((b, 3, c), bool)
   cont_mask[:, 2, 3:] = False
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "input_mask": mask,
-          "target_mask": mask, "target_weights": np.where(mask, 1.0, 0.0).astype(np.float32),
-          "prefix": rng.integers(3, CFG.vocab_size, (b, p)).astype(np.int32),
-          "prefix_mask": prefix_mask,
-          "continuations": rng.integers(3, CFG.vocab_size, (b, 3, c)).astype(np.int32),
-          "continuation_mask": cont_mask, "sr_mask": (np.arange(b) % 4 != 0).astype(np.float32)}
+  lm = LMBatch(tokens[:, :-1], tokens[:, 1:], mask, mask,
+               np.where(mask, 1.0, 0.0).astype(np.float32))
+  reflection = ReflectionBatch(
+      rng.integers(3, CFG.vocab_size, (b, p)).astype(np.int32), prefix_mask,
+      rng.integers(3, CFG.vocab_size, (b, 3, c)).astype(np.int32), cont_mask,
+      (np.arange(b) % 4 != 0).astype(np.float32))
+  return lm, reflection
 
 
 def _mesh_cfg(data, fsdp, tensor, num_devices):
@@ -165,10 +167,11 @@ def test_sharded_train_step_matches_single_device():
     mesh = sharding.make_mesh(mesh_cfg)
     trainer = Trainer(MODEL, _train_cfg(), mesh)
     state = trainer.new_state(trainer.init_params(0))
-    step_fn = trainer.step_fn(self_reflection=True)
+    step_fn = trainer.step_fn()
     rng = np.random.default_rng(0)
     for _ in range(3):
-      state, metrics = step_fn(state, trainer.put_batch(_batch(rng)))
+      lm, reflection = _batch(rng)
+      state, metrics = step_fn(state, trainer.put_batch(lm), trainer.put_batch(reflection))
     wq = state.params["layer_0"]["attn"]["wq"]
     results.append((jax.device_get(state.params), jax.device_get(metrics)))
     if mesh.size == 8:
@@ -184,13 +187,11 @@ def test_lm_loss_decreases_on_a_fixed_batch():
   mesh = sharding.make_mesh(_mesh_cfg(1, 1, 1, 1))
   trainer = Trainer(MODEL, _train_cfg(), mesh)
   state = trainer.new_state(trainer.init_params(1))
-  step_fn = trainer.step_fn(self_reflection=False)
-  batch = trainer.put_batch({k: v for k, v in _batch(np.random.default_rng(1)).items()
-                             if k in ("inputs", "targets", "input_mask", "target_mask",
-                                      "target_weights")})
+  step_fn = trainer.step_fn()
+  batch = trainer.put_batch(_batch(np.random.default_rng(1))[0])
   losses = []
   for _ in range(30):
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, batch, None)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.5 * losses[0]
 

@@ -96,14 +96,14 @@ def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, mon
   real_step_fn = Trainer.step_fn
   calls = {"n": 0}
 
-  def dying_step_fn(self, self_reflection):
-    fn = real_step_fn(self, self_reflection)
+  def dying_step_fn(self):
+    fn = real_step_fn(self)
 
-    def step(state, batch):
+    def step(state, lm, reflection):
       calls["n"] += 1
       if calls["n"] == 5:  # round 1, after the checkpoint at step 3
         raise KeyboardInterrupt("killed mid-training")
-      return fn(state, batch)
+      return fn(state, lm, reflection)
     return step
 
   monkeypatch.setattr(Trainer, "step_fn", dying_step_fn)

@@ -1,7 +1,7 @@
 import random
 
 from tailored_jax.data import answers, synthetic
-from tailored_jax.data.prompts import QAFormat
+from tailored_jax.data.formats import QAFormat
 
 
 def test_splits_are_deterministic_and_disjoint():

@@ -113,9 +113,9 @@ def test_ids_greedy_and_export_match_transformers(tokenizer_case, family, tmp_pa
       trainer_tok, {"q": PREFIX}, [batching.TrainExample("q", CONTINUATION)], {}, batch_size=1,
       max_seq_len=128, max_continuation_len=64, prefix_weight=0.1, max_positives=10,
       max_negatives=4)
-  batch = batcher.build([0], seed=0, self_reflection=False)
-  n = int(batch["input_mask"][0].sum())
-  trained = batch["inputs"][0, :n].tolist() + [int(batch["targets"][0, n - 1])]
+  lm, _ = batcher.build([0], seed=0)
+  n = int(lm.input_mask[0].sum())
+  trained = lm.inputs[0, :n].tolist() + [int(lm.targets[0, n - 1])]
   out = tmp_path / "exported"
   export.export(str(source), str(out))
   exported = transformers.AutoTokenizer.from_pretrained(out)

@@ -6,17 +6,15 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from tailored_jax import config_lib
-from tailored_jax.models import build_model
+from tailored_jax.models import build_model, layers
 
 
 def model_from_config(path: str, vocab_size: int):
   cfg = config_lib.from_file(path)
   model = build_model(cfg.model, vocab_size)
-  dummy = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), dummy, dummy, dummy > -1)["params"])
+  params = nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(0)))
   return cfg, model, params
 
 

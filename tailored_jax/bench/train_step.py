@@ -10,20 +10,21 @@ import numpy as np
 
 from tailored_jax import sharding
 from tailored_jax.bench.common import model_from_config, report, timed
+from tailored_jax.data.batching import LMBatch, ReflectionBatch
 from tailored_jax.train.trainer import Trainer
 
 
 def synthetic_batch(rng, batch: int, seq_len: int, prefix_len: int, cont_len: int, sr_rows: int,
-                    vocab: int) -> dict:
+                    vocab: int) -> tuple[LMBatch, ReflectionBatch]:
   tokens = rng.integers(3, vocab, (batch, seq_len + 1)).astype(np.int32)
   ones = np.ones((batch, seq_len), bool)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "input_mask": ones,
-          "target_mask": ones, "target_weights": ones.astype(np.float32),
-          "prefix": rng.integers(3, vocab, (sr_rows, prefix_len)).astype(np.int32),
-          "prefix_mask": np.ones((sr_rows, prefix_len), bool),
-          "continuations": rng.integers(3, vocab, (sr_rows, 3, cont_len)).astype(np.int32),
-          "continuation_mask": np.ones((sr_rows, 3, cont_len), bool),
-          "sr_mask": np.ones((sr_rows,), np.float32)}
+  lm = LMBatch(tokens[:, :-1], tokens[:, 1:], ones, ones, ones.astype(np.float32))
+  reflection = ReflectionBatch(
+      rng.integers(3, vocab, (sr_rows, prefix_len)).astype(np.int32),
+      np.ones((sr_rows, prefix_len), bool),
+      rng.integers(3, vocab, (sr_rows, 3, cont_len)).astype(np.int32),
+      np.ones((sr_rows, 3, cont_len), bool), np.ones((sr_rows,), np.float32))
+  return lm, reflection
 
 
 def main(argv=None) -> None:
@@ -39,16 +40,16 @@ def main(argv=None) -> None:
   trainer = Trainer(model, cfg.train, sharding.make_mesh(cfg))
   b = cfg.train.batch_size
   sr_rows = cfg.train.sr_batch_size or b
-  batch = trainer.put_batch(synthetic_batch(np.random.default_rng(0), b, args.seq_len,
-                                            args.prefix_len, args.continuation_len, sr_rows,
-                                            args.vocab_size))
+  lm, reflection = (trainer.put_batch(x) for x in synthetic_batch(
+      np.random.default_rng(0), b, args.seq_len, args.prefix_len, args.continuation_len, sr_rows,
+      args.vocab_size))
   results = {}
-  for name, self_reflection in (("lm", False), ("lm_plus_self_reflection", True)):
-    step = trainer.step_fn(self_reflection)
+  step = trainer.step_fn()
+  for name, rows in (("lm", None), ("lm_plus_self_reflection", reflection)):
     state = {"s": trainer.new_state(jax.tree.map(jnp.copy, params))}  # the step donates it
 
     def run():
-      state["s"], metrics = step(state["s"], batch)
+      state["s"], metrics = step(state["s"], lm, rows)
       jax.block_until_ready(metrics)
 
     seconds = timed(run, args.repeats)

@@ -9,6 +9,7 @@ import dataclasses
 import random
 from collections import defaultdict
 
+import flax.struct
 import numpy as np
 
 from tailored_jax.data.tokenizer import Tokenizer
@@ -19,6 +20,28 @@ class TrainExample:
   """One teacher rationale to learn from: `continuation` is the text after the prefix."""
   qid: str
   continuation: str
+
+
+@flax.struct.dataclass
+class LMBatch:
+  """Next-token arrays [batch, seq]: filler rows and padding have masks 0; prefix targets weigh
+  `train.prefix_weight`, continuation targets 1 (METHOD §3)."""
+  inputs: np.ndarray          # int32
+  targets: np.ndarray         # int32
+  input_mask: np.ndarray      # bool
+  target_mask: np.ndarray     # bool
+  target_weights: np.ndarray  # float32
+
+
+@flax.struct.dataclass
+class ReflectionBatch:
+  """Self-reflection rows: a left-padded shared prefix [rows, p] and the anchor, positive and
+  negative continuations [rows, 3, c]; `sr_mask` [rows] is 0 where a row has no triplet."""
+  prefix: np.ndarray             # int32
+  prefix_mask: np.ndarray        # bool
+  continuations: np.ndarray      # int32
+  continuation_mask: np.ndarray  # bool
+  sr_mask: np.ndarray            # float32
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -114,6 +137,8 @@ class Batcher:
                        + [len(ids) - split for ids, split in negative_sequences], default=1)
     self.cont_len = min(round_up(longest_cont, bucket), max_continuation_len)
     self.sr_candidates = sum(1 for i in range(len(examples)) if self._eligible(i))
+    # The one place that decides whether this round's steps carry the triplet loss.
+    self.self_reflection = self.sr_candidates > 0
 
   def _tokenise(self, prefixes: dict[str, str], pairs: list[tuple[str, str]]
                 ) -> list[tuple[list[int], int]]:
@@ -131,13 +156,12 @@ class Batcher:
   def __len__(self) -> int:
     return len(self.examples)
 
-  def has_self_reflection(self) -> bool:
-    return self.sr_candidates > 0
-
   def epoch(self, seed: int) -> list[list[int]]:
     return epoch_order(self.qids, self.batch_size, seed)
 
-  def build(self, indices: list[int], seed: int, self_reflection: bool) -> dict[str, np.ndarray]:
+  def build(self, indices: list[int], seed: int) -> tuple[LMBatch, ReflectionBatch | None]:
+    """The step's arrays for `indices`; the reflection rows (drawn with `seed`) exist exactly
+    when the round trains self-reflection."""
     b, length = self.batch_size, self.seq_len
     inputs = np.zeros((b, length), np.int32)
     targets = np.zeros((b, length), np.int32)
@@ -154,13 +178,12 @@ class Batcher:
       target_mask[row, :n] = True
       # target j predicts seq[j+1]: a prefix token while j + 1 < split
       weights[row, :n] = np.where(np.arange(1, n + 1) < split, self.prefix_weight, 1.0)
-    batch = {"inputs": inputs, "targets": targets, "input_mask": input_mask,
-             "target_mask": target_mask, "target_weights": weights}
-    if self_reflection:
-      batch.update(self._self_reflection_arrays(indices, random.Random(seed)))
-    return batch
+    lm = LMBatch(inputs, targets, input_mask, target_mask, weights)
+    if not self.self_reflection:
+      return lm, None
+    return lm, self._reflection_rows(indices, random.Random(seed))
 
-  def _self_reflection_arrays(self, indices, rng: random.Random):
+  def _reflection_rows(self, indices, rng: random.Random) -> ReflectionBatch:
     """Rows of anchor/positive/negative continuations after a left-padded prefix.
 
     Rows whose question has both a different teacher rationale and a student mistake get
@@ -187,8 +210,7 @@ class Batcher:
         ids = ids[at:][:c]
         conts[row, k, :len(ids)] = ids
         cont_mask[row, k, :len(ids)] = True
-    return {"prefix": prefix, "prefix_mask": prefix_mask, "continuations": conts,
-            "continuation_mask": cont_mask, "sr_mask": sr_mask}
+    return ReflectionBatch(prefix, prefix_mask, conts, cont_mask, sr_mask)
 
 
 def _draw(candidates: list[int], limit: int, rng: random.Random) -> list[int]:

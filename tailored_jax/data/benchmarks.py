@@ -10,7 +10,7 @@ import os
 import re
 
 from tailored_jax.data import answers
-from tailored_jax.data.prompts import ChoiceFormat, QAFormat, choices_block
+from tailored_jax.data.formats import ChoiceFormat, QAFormat, choices_block
 from tailored_jax.data.sources import (DataError, field, iter_tfds_records, load,
                                        load_records)
 from tailored_jax.data.tasks import (Demo, Example, Task, hold_out, split_70_30,

@@ -7,7 +7,7 @@ import random
 from typing import Callable
 
 from tailored_jax.data import answers, synthetic
-from tailored_jax.data.prompts import QAFormat
+from tailored_jax.data.formats import QAFormat
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,9 +15,12 @@ def llama_config(cfg, vocab_size: int) -> LlamaConfig:
       param_dtype=cfg.param_dtype, remat=cfg.remat)
 
 
+MODULES = {LlamaConfig: Llama, GPTJConfig: GPTJ}
+
+
 def model_for(cfg: LlamaConfig | GPTJConfig):
   """The Flax module of an architecture config."""
-  return GPTJ(cfg) if isinstance(cfg, GPTJConfig) else Llama(cfg)
+  return MODULES[type(cfg)](cfg)
 
 
 def build_model(cfg, vocab_size: int, pretrained: LlamaConfig | GPTJConfig | None = None):

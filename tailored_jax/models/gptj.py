@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax.models.kv_cache import KVCache, cached_attention, run_blocks
+from tailored_jax.models.kv_cache import KVCache
+from tailored_jax.models.layers import HFTensor, cached_attention, param, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +42,6 @@ class GPTJConfig:
                        f"rotary_dim={self.rotary_dim} do not fit")
 
 
-def _param(module, name, shape, axes, dtype, init):
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
 def apply_interleaved_rope(x_bthd, positions_bt, rotary_dim: int):
   """GPT-J rotary: pairs (0,1), (2,3)… of the first `rotary_dim` dims rotate; the rest pass."""
   rot, rest = x_bthd[..., :rotary_dim], x_bthd[..., rotary_dim:]
@@ -66,8 +63,8 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    scale = _param(self, "scale", (d,), ("norm",), self.param_dtype, nn.initializers.ones)
-    bias = _param(self, "bias", (d,), ("norm",), self.param_dtype, nn.initializers.zeros)
+    scale = param(self, "scale", (d,), ("norm",), self.param_dtype, nn.initializers.ones)
+    bias = param(self, "bias", (d,), ("norm",), self.param_dtype, nn.initializers.zeros)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -85,10 +82,10 @@ class GPTJBlock(nn.Module):
     d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
     normal = lambda fan_in: nn.initializers.normal(stddev=fan_in ** -0.5)
     h_btd = LayerNorm(cfg.norm_eps, dt, pdt, name="ln")(x_btd)
-    wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), pdt, normal(d))
-    wk = _param(self, "wk", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
-    wv = _param(self, "wv", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
-    wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), pdt, normal(d))
+    wq = param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), pdt, normal(d))
+    wk = param(self, "wk", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
+    wv = param(self, "wv", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
+    wo = param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), pdt, normal(d))
     q_btnh = apply_interleaved_rope(jnp.einsum("btd,dnh->btnh", h_btd, wq.astype(dt)),
                                     positions_bt, cfg.rotary_dim)
     k_btnh = apply_interleaved_rope(jnp.einsum("btd,dnh->btnh", h_btd, wk.astype(dt)),
@@ -97,10 +94,10 @@ class GPTJBlock(nn.Module):
     out_btnh, cache_k_bskh, cache_v_bskh = cached_attention(
         q_btnh, k_btnh, v_btnh, cache_k_bskh, cache_v_bskh, index, mask_bts, dt)
     attn_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(dt))
-    w_in = _param(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), pdt, normal(d))
-    b_in = _param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
-    w_out = _param(self, "w_out", (cfg.d_ff, d), ("mlp", "embed"), pdt, normal(cfg.d_ff))
-    b_out = _param(self, "b_out", (d,), ("norm",), pdt, nn.initializers.zeros)
+    w_in = param(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), pdt, normal(d))
+    b_in = param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
+    w_out = param(self, "w_out", (cfg.d_ff, d), ("mlp", "embed"), pdt, normal(cfg.d_ff))
+    b_out = param(self, "b_out", (d,), ("norm",), pdt, nn.initializers.zeros)
     ff_btf = jax.nn.gelu(h_btd @ w_in.astype(dt) + b_in.astype(dt), approximate=True)
     mlp_btd = ff_btf @ w_out.astype(dt) + b_out.astype(dt)
     return x_btd + attn_btd + mlp_btd, cache_k_bskh, cache_v_bskh
@@ -114,14 +111,69 @@ class GPTJ(nn.Module):
   def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    embedding_vd = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
-                          pdt, nn.initializers.normal(stddev=cfg.d_model ** -0.5))
+    embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                         pdt, nn.initializers.normal(stddev=cfg.d_model ** -0.5))
     x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt)
     x_btd, new_cache = run_blocks(GPTJBlock, cfg, x_btd, positions_bt, valid_bt, cache)
     hidden_btd = LayerNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x_btd)
-    head_dv = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
+    head_dv = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
                      nn.initializers.normal(stddev=cfg.d_model ** -0.5))
-    head_bias_v = _param(self, "lm_head_bias", (cfg.vocab_size,), ("vocab",), pdt,
+    head_bias_v = param(self, "lm_head_bias", (cfg.vocab_size,), ("vocab",), pdt,
                          nn.initializers.zeros)
     logits_btv = hidden_btd @ head_dv.astype(dt) + head_bias_v.astype(dt)
     return logits_btv.astype(jnp.float32), hidden_btd, new_cache
+
+
+# ---- Hugging Face interchange ------------------------------------------------------------------
+HF_MODEL_TYPES = ("gptj",)
+
+
+def from_hf_config(hf: dict, model_type: str) -> GPTJConfig:
+  """Our config from an HF config dict (KeyError names a missing field, ValueError the rest)."""
+  del model_type
+  if hf.get("activation_function", "gelu_new") != "gelu_new":
+    raise ValueError(f"activation_function {hf['activation_function']!r} is not supported "
+                     "(gelu_new)")
+  return GPTJConfig(vocab_size=hf["vocab_size"], d_model=hf["n_embd"], n_layers=hf["n_layer"],
+                    n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
+                    rotary_dim=hf.get("rotary_dim") or hf["n_embd"] // hf["n_head"],
+                    norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+
+
+def to_hf_config(cfg: GPTJConfig, model_type: str) -> dict:
+  del model_type
+  return {"architectures": ["GPTJForCausalLM"], "model_type": "gptj",
+          "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
+          "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "rotary_dim": cfg.rotary_dim,
+          "n_positions": 2048, "activation_function": "gelu_new",
+          "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": False}
+
+
+def hf_tensors(cfg: GPTJConfig) -> dict[str, HFTensor]:
+  """HF name -> (our path, HF shape, HF->ours, ours->HF) for every GPT-J tensor."""
+  d, n, h, f, v = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+  same = lambda w: w
+  transpose = lambda w: w.T
+  table = {
+      "transformer.wte.weight": HFTensor(("embedding",), (v, d), same, same),
+      "transformer.ln_f.weight": HFTensor(("final_norm", "scale"), (d,), same, same),
+      "transformer.ln_f.bias": HFTensor(("final_norm", "bias"), (d,), same, same),
+      "lm_head.weight": HFTensor(("lm_head",), (v, d), transpose, transpose),
+      "lm_head.bias": HFTensor(("lm_head_bias",), (v,), same, same),
+  }
+  for i in range(cfg.n_layers):
+    p, l = f"transformer.h.{i}.", f"layer_{i}"
+    table.update({
+        p + "ln_1.weight": HFTensor((l, "ln", "scale"), (d,), same, same),
+        p + "ln_1.bias": HFTensor((l, "ln", "bias"), (d,), same, same),
+        p + "mlp.fc_in.weight": HFTensor((l, "w_in"), (f, d), transpose, transpose),
+        p + "mlp.fc_in.bias": HFTensor((l, "b_in"), (f,), same, same),
+        p + "mlp.fc_out.weight": HFTensor((l, "w_out"), (d, f), transpose, transpose),
+        p + "mlp.fc_out.bias": HFTensor((l, "b_out"), (d,), same, same),
+        p + "attn.out_proj.weight": HFTensor((l, "wo"), (d, d), lambda w: w.T.reshape(n, h, d),
+                                             lambda w: w.reshape(n * h, d).T),
+    })
+    for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj")):
+      table[p + f"attn.{theirs}.weight"] = HFTensor(
+          (l, ours), (d, d), lambda w: w.T.reshape(d, n, h), lambda w: w.reshape(d, n * h).T)
+  return table

@@ -1,11 +1,11 @@
 """The KV cache: one fixed-size buffer shared by generation and the self-reflection prefix.
 
 New tokens are written at `index` (the same for every row: prompts are left-padded); `valid_bs`
-marks which buffer slots hold real tokens, so padding is masked everywhere.
+marks which buffer slots hold real tokens, so padding is masked everywhere. The attention that
+reads and writes it is in `layers.py`.
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -33,59 +33,3 @@ class KVCache:
     """Each row repeated `times` times in place (row b -> rows b*times..), e.g. k exam samples."""
     return KVCache(jnp.repeat(self.k_lbskh, times, axis=1), jnp.repeat(self.v_lbskh, times, axis=1),
                    jnp.repeat(self.valid_bs, times, axis=0), self.index)
-
-
-def attention_mask(valid_bs: jax.Array, index: jax.Array, num_new: int, window: int = 0
-                   ) -> jax.Array:
-  """[batch, new, slots]: a new token at slot index+t sees valid slots up to and including itself
-  (and, with a sliding `window`, only the last `window` slots; real tokens are contiguous)."""
-  slots = valid_bs.shape[1]
-  query_slot_t = index + jnp.arange(num_new)
-  key_slot_s = jnp.arange(slots)[None, :]
-  causal_ts = key_slot_s <= query_slot_t[:, None]
-  if window:
-    causal_ts &= key_slot_s > query_slot_t[:, None] - window
-  return valid_bs[:, None, :] & causal_ts[None, :, :]
-
-
-def cached_attention(q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, mask_bts, dtype,
-                     scale: float | None = None):
-  """Writes the new keys/values at `index`, then attends over the whole buffer (grouped-query:
-  each of the k kv-heads serves n/k query heads). Softmax in float32.
-
-  Returns (out_btnh, cache_k_bskh, cache_v_bskh).
-  """
-  cache_k_bskh = jax.lax.dynamic_update_slice_in_dim(
-      cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), index, axis=1)
-  cache_v_bskh = jax.lax.dynamic_update_slice_in_dim(
-      cache_v_bskh, v_btkh.astype(cache_v_bskh.dtype), index, axis=1)
-  b, t, n, h = q_btnh.shape
-  kv_heads = cache_k_bskh.shape[2]
-  q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
-  logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh.astype(dtype),
-                            cache_k_bskh.astype(dtype))
-  logits_bkgts = logits_bkgts.astype(jnp.float32) * (h ** -0.5 if scale is None else scale)
-  logits_bkgts = jnp.where(mask_bts[:, None, None, :, :], logits_bkgts, -1e30)
-  probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dtype)
-  out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, cache_v_bskh.astype(dtype))
-  return out_btkgh.reshape(b, t, n, h), cache_k_bskh, cache_v_bskh
-
-
-def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | None,
-               window: int = 0):
-  """The layer stack shared by every family: prepares the cache (fresh if None) and the mask,
-  runs `cfg.n_layers` blocks named layer_i (rematerialised if `cfg.remat`), returns
-  (x_btd, updated cache). Call it from inside a compact module method."""
-  b, t = x_btd.shape[:2]
-  if cache is None:
-    cache = KVCache.zeros(cfg.n_layers, b, t, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
-  valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
-  mask_bts = attention_mask(valid_bs, cache.index, t, window)
-  block = nn.remat(block_cls) if cfg.remat else block_cls
-  new_k, new_v = [], []
-  for layer in range(cfg.n_layers):
-    x_btd, k_bskh, v_bskh = block(cfg, name=f"layer_{layer}")(
-        x_btd, positions_bt, mask_bts, cache.k_lbskh[layer], cache.v_lbskh[layer], cache.index)
-    new_k.append(k_bskh)
-    new_v.append(v_bskh)
-  return x_btd, KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, cache.index + t)

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax.models.kv_cache import KVCache, cached_attention, run_blocks
+from tailored_jax.models.kv_cache import KVCache
+from tailored_jax.models.layers import HFTensor, cached_attention, param, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +45,8 @@ class LlamaConfig:
                        f"model.n_kv_heads={self.n_kv_heads}")
 
 
-def _param(module, name, shape, axes, dtype, scale):
-  init = nn.with_logical_partitioning(nn.initializers.normal(stddev=scale), axes)
-  return module.param(name, init, shape, dtype)
+def _normal(stddev: float):
+  return nn.initializers.normal(stddev=stddev)
 
 
 class RMSNorm(nn.Module):
@@ -56,8 +56,8 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = param(self, "scale", (x.shape[-1],), ("norm",), self.param_dtype,
+                  nn.initializers.ones)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (normed * scale.astype(jnp.float32)).astype(self.dtype)
@@ -100,26 +100,26 @@ class Attention(nn.Module):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     scale = cfg.d_model ** -0.5
-    wq = _param(self, "wq", (cfg.d_model, cfg.n_heads, cfg.head_dim),
-                ("embed", "heads", "head_dim"), pdt, scale)
-    wk = _param(self, "wk", (cfg.d_model, cfg.n_kv_heads, cfg.head_dim),
-                ("embed", "kv_heads", "head_dim"), pdt, scale)
-    wv = _param(self, "wv", (cfg.d_model, cfg.n_kv_heads, cfg.head_dim),
-                ("embed", "kv_heads", "head_dim"), pdt, scale)
-    wo = _param(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.d_model),
-                ("heads", "head_dim", "embed"), pdt, (cfg.n_heads * cfg.head_dim) ** -0.5)
+    wq = param(self, "wq", (cfg.d_model, cfg.n_heads, cfg.head_dim),
+                ("embed", "heads", "head_dim"), pdt, _normal(scale))
+    wk = param(self, "wk", (cfg.d_model, cfg.n_kv_heads, cfg.head_dim),
+                ("embed", "kv_heads", "head_dim"), pdt, _normal(scale))
+    wv = param(self, "wv", (cfg.d_model, cfg.n_kv_heads, cfg.head_dim),
+                ("embed", "kv_heads", "head_dim"), pdt, _normal(scale))
+    wo = param(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.d_model),
+                ("heads", "head_dim", "embed"), pdt, _normal((cfg.n_heads * cfg.head_dim) ** -0.5))
     x_btd = x_btd.astype(dt)
     q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, wq.astype(dt))
     k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, wk.astype(dt))
     v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, wv.astype(dt))
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
-      q_btnh += self.param("bq", nn.with_logical_partitioning(zeros, ("heads", "head_dim")),
-                           (cfg.n_heads, cfg.head_dim), pdt).astype(dt)
-      k_btkh += self.param("bk", nn.with_logical_partitioning(zeros, ("kv_heads", "head_dim")),
-                           (cfg.n_kv_heads, cfg.head_dim), pdt).astype(dt)
-      v_btkh += self.param("bv", nn.with_logical_partitioning(zeros, ("kv_heads", "head_dim")),
-                           (cfg.n_kv_heads, cfg.head_dim), pdt).astype(dt)
+      q_btnh += param(self, "bq", (cfg.n_heads, cfg.head_dim), ("heads", "head_dim"), pdt,
+                      zeros).astype(dt)
+      k_btkh += param(self, "bk", (cfg.n_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), pdt,
+                      zeros).astype(dt)
+      v_btkh += param(self, "bv", (cfg.n_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), pdt,
+                      zeros).astype(dt)
     inv_freq_h = jnp.asarray(rope_inv_freq(cfg))
     q_btnh = apply_rope(q_btnh, positions_bt, inv_freq_h)
     k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
@@ -137,12 +137,12 @@ class MLP(nn.Module):
   def __call__(self, x_btd):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    w_gate = _param(self, "w_gate", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt,
-                    cfg.d_model ** -0.5)
-    w_up = _param(self, "w_up", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt,
-                  cfg.d_model ** -0.5)
-    w_down = _param(self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pdt,
-                    cfg.d_ff ** -0.5)
+    w_gate = param(self, "w_gate", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt,
+                   _normal(cfg.d_model ** -0.5))
+    w_up = param(self, "w_up", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt,
+                 _normal(cfg.d_model ** -0.5))
+    w_down = param(self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pdt,
+                   _normal(cfg.d_ff ** -0.5))
     x_btd = x_btd.astype(dt)
     gate_btf = jax.nn.silu(x_btd @ w_gate.astype(dt))
     return (gate_btf * (x_btd @ w_up.astype(dt))) @ w_down.astype(dt)
@@ -174,8 +174,8 @@ class Llama(nn.Module):
   def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    embedding_vd = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
-                          pdt, cfg.d_model ** -0.5)
+    embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                          pdt, _normal(cfg.d_model ** -0.5))
     x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt)
     x_btd, new_cache = run_blocks(Block, cfg, x_btd, positions_bt, valid_bt, cache,
                                   cfg.sliding_window)
@@ -183,7 +183,100 @@ class Llama(nn.Module):
     if cfg.tie_embeddings:
       logits_btv = jnp.einsum("btd,vd->btv", hidden_btd, embedding_vd.astype(dt))
     else:
-      head_dv = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
-                       cfg.d_model ** -0.5)
+      head_dv = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
+                      _normal(cfg.d_model ** -0.5))
       logits_btv = hidden_btd @ head_dv.astype(dt)
     return logits_btv.astype(jnp.float32), hidden_btd, new_cache
+
+
+# ---- Hugging Face interchange (llama, mistral, qwen2) ------------------------------------------
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def from_hf_config(hf: dict, model_type: str) -> LlamaConfig:
+  """Our config from an HF config dict (KeyError names a missing field, ValueError the rest)."""
+  n_heads = hf["num_attention_heads"]
+  scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+  rope_type = scaling.get("rope_type", scaling.get("type", "")) if scaling else ""
+  if rope_type in ("default", None):
+    rope_type = ""
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (silu)")
+  return LlamaConfig(
+      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+      n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+      n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+      d_ff=hf["intermediate_size"],
+      rope_theta=float(hf.get("rope_theta", scaling.get("rope_theta", 10000.0))),
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", model_type != "mistral")),
+      qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+      sliding_window=int(hf.get("sliding_window") or 0) if (
+          model_type == "mistral" or hf.get("use_sliding_window")) else 0,
+      rope_scaling=rope_type,
+      rope_factor=float(scaling.get("factor", 1.0)),
+      rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+      rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+      rope_original_max_positions=int(scaling.get("original_max_position_embeddings", 8192)))
+
+
+def to_hf_config(cfg: LlamaConfig, model_type: str) -> dict:
+  arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+          "qwen2": "Qwen2ForCausalLM"}[model_type]
+  out = {
+      "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+      "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+      "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff, "hidden_act": "silu",
+      "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps,
+      "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": 32768,
+  }
+  if model_type == "llama":
+    out["attention_bias"] = cfg.qkv_bias
+    out["mlp_bias"] = False
+  if cfg.sliding_window:
+    out["sliding_window"] = cfg.sliding_window
+    if model_type == "qwen2":
+      out["use_sliding_window"] = True
+  if cfg.rope_scaling == "llama3":
+    out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
+                           "low_freq_factor": cfg.rope_low_freq_factor,
+                           "high_freq_factor": cfg.rope_high_freq_factor,
+                           "original_max_position_embeddings": cfg.rope_original_max_positions}
+  return out
+
+
+def hf_tensors(cfg: LlamaConfig) -> dict[str, HFTensor]:
+  """HF name -> (our path, HF shape, HF->ours, ours->HF) for every tensor of the checkpoint."""
+  d, n, k, h, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                      cfg.vocab_size)
+  same = lambda w: w
+  transpose = lambda w: w.T
+  table = {"model.embed_tokens.weight": HFTensor(("embedding",), (v, d), same, same),
+           "model.norm.weight": HFTensor(("final_norm", "scale"), (d,), same, same)}
+  if not cfg.tie_embeddings:
+    table["lm_head.weight"] = HFTensor(("lm_head",), (v, d), transpose, transpose)
+  for i in range(cfg.n_layers):
+    p, l = f"model.layers.{i}.", f"layer_{i}"
+    table.update({
+        p + "input_layernorm.weight": HFTensor((l, "attn_norm", "scale"), (d,), same, same),
+        p + "post_attention_layernorm.weight": HFTensor((l, "mlp_norm", "scale"), (d,), same,
+                                                        same),
+        p + "self_attn.o_proj.weight": HFTensor((l, "attn", "wo"), (d, n * h),
+                                                lambda w: w.T.reshape(n, h, d),
+                                                lambda w: w.reshape(n * h, d).T),
+        p + "mlp.gate_proj.weight": HFTensor((l, "mlp", "w_gate"), (f, d), transpose, transpose),
+        p + "mlp.up_proj.weight": HFTensor((l, "mlp", "w_up"), (f, d), transpose, transpose),
+        p + "mlp.down_proj.weight": HFTensor((l, "mlp", "w_down"), (d, f), transpose, transpose),
+    })
+    for ours, theirs, heads in (("q", "q_proj", n), ("k", "k_proj", k), ("v", "v_proj", k)):
+      table[p + f"self_attn.{theirs}.weight"] = HFTensor(
+          (l, "attn", f"w{ours}"), (heads * h, d),
+          lambda w, heads=heads: w.T.reshape(d, heads, h),
+          lambda w, heads=heads: w.reshape(d, heads * h).T)
+      if cfg.qkv_bias:
+        table[p + f"self_attn.{theirs}.bias"] = HFTensor(
+            (l, "attn", f"b{ours}"), (heads * h,), lambda w, heads=heads: w.reshape(heads, h),
+            lambda w: w.reshape(-1))
+  return table

@@ -6,14 +6,15 @@ import dataclasses
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from tailored_jax import checkpointing, config_lib
 from tailored_jax.data.tokenizer import Tokenizer
+from tailored_jax.layout import Layout
 from tailored_jax.models import build_model, model_for
 from tailored_jax.models.hf_io import ModelImportError
+from tailored_jax.models.layers import abstract_params
 from tailored_jax.models.gptj import GPTJ
 from tailored_jax.models.llama import Llama
 from tailored_jax.models.pretrained import open_pretrained
@@ -28,30 +29,27 @@ class Student:
   chat_template: str | None = None
 
 
-def _workdir_of(checkpoint: str) -> str | None:
-  workdir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-  if os.path.exists(os.path.join(workdir, "config.json")) and os.path.exists(
-      os.path.join(workdir, "tokenizer.json")):
-    return workdir
+def _layout_of(checkpoint: str) -> Layout | None:
+  layout = Layout.of_params_dir(checkpoint)
+  if os.path.exists(layout.config) and os.path.exists(layout.tokenizer):
+    return layout
   return None
 
 
 def load_student(src: str) -> Student:
-  workdir = _workdir_of(src) if os.path.isdir(src) else None
-  if workdir is None or os.path.exists(os.path.join(src, "config.json")):
+  layout = _layout_of(src) if os.path.isdir(src) else None
+  if layout is None or os.path.exists(os.path.join(src, "config.json")):
     pretrained = open_pretrained(src)
     model = model_for(pretrained.cfg)
     params = jax.tree.map(jnp.asarray, pretrained.load_params())
     return Student(model, params, pretrained.tokenizer, pretrained.model_type,
                    pretrained.chat_template)
-  with open(os.path.join(workdir, "config.json")) as f:
+  with open(layout.config) as f:
     cfg = config_lib.from_saved(json.load(f))
-  tokenizer = Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
+  tokenizer = Tokenizer.load(layout.tokenizer)
   pretrained = open_pretrained(cfg.model.init_from) if cfg.model.init_from else None
   model = build_model(cfg.model, tokenizer.vocab_size, pretrained.cfg if pretrained else None)
-  dummy = jnp.zeros((1, 4), jnp.int32)
-  abstract = nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), dummy, dummy, dummy > -1))["params"])
+  abstract = abstract_params(model)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   try:
     params = checkpointing.restore_params(src, abstract, jax.tree.map(lambda _: device, abstract))

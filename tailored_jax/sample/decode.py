@@ -5,9 +5,9 @@ as soon as every row has stopped (the release always ran the full budget).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,16 +16,17 @@ from tailored_jax.models.kv_cache import KVCache
 from tailored_jax.sample.sampling import NEG_INF, SamplingConfig, choose_tokens
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class StopTables:
-  """Per-token facts the loop needs, as arrays over the vocabulary."""
+  """Per-token facts the loop needs, as arrays over the vocabulary (a pytree: the arrays are
+  traced, the ids static)."""
   starts_newline_v: np.ndarray
   ends_newline_v: np.ndarray
   blank_line_v: np.ndarray
   never_v: np.ndarray        # tokens never generated (pad, bos)
   special_v: np.ndarray      # tokens the first generated token may not be
-  eos_id: int
-  pad_id: int
+  eos_id: int = flax.struct.field(pytree_node=False)
+  pad_id: int = flax.struct.field(pytree_node=False)
 
   @classmethod
   def never_stop(cls, vocab_size: int, pad_id: int = 0) -> "StopTables":
@@ -55,15 +56,27 @@ class StopTables:
     return cls(starts, ends, blank, never, special, tok.eos_id, tok.pad_id)
 
 
-def generate(params, prompt_bp, prompt_valid_bp, rng, tables_arrays, *, model, eos_id: int,
-             pad_id: int, max_new_tokens: int, num_samples: int, sampling: SamplingConfig):
+@flax.struct.dataclass
+class DecodeState:
+  """The while-loop carry: `tokens_nm` holds what each row generated so far (pad after it
+  stopped), `logits_nv` the next-token logits, `prev_n` each row's last token."""
+  step: jax.Array
+  cache: KVCache
+  logits_nv: jax.Array
+  tokens_nm: jax.Array
+  done_n: jax.Array
+  prev_n: jax.Array
+  lengths_n: jax.Array
+
+
+def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables, *, model,
+             max_new_tokens: int, num_samples: int, sampling: SamplingConfig):
   """Returns (tokens [B*k, max_new_tokens] padded with pad_id, lengths [B*k]).
 
   Row b*k + j is sample j of prompt b. Prompts are left-padded. `rng` is one key (row r draws
   with fold_in(rng, r)) or per-row keys [B, k, 2] (`sampling.sample_keys`); step t of a row
   draws with fold_in(its key, t).
   """
-  starts_v, ends_v, blank_v, never_v, special_v = tables_arrays
   cfg = model.cfg
   b, p = prompt_bp.shape
   positions_bp = jnp.maximum(jnp.cumsum(prompt_valid_bp, axis=1) - 1, 0)
@@ -76,34 +89,35 @@ def generate(params, prompt_bp, prompt_valid_bp, rng, tables_arrays, *, model, e
     keys_n = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(n))
   else:
     keys_n = rng.reshape(n, rng.shape[-1])
-  cache = cache.repeat(num_samples)
-  logits_nv = jnp.repeat(logits_bpv[:, -1], num_samples, axis=0)
   next_position_n = jnp.repeat(jnp.sum(prompt_valid_bp, axis=1).astype(jnp.int32), num_samples)
 
-  def cond(carry):
-    step, _, _, _, done_n, _, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(done_n)
+  def cond(s: DecodeState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done_n)
 
-  def body(carry):
-    step, cache, logits_nv, out_nm, done_n, prev_n, lengths_n = carry
-    banned_v = never_v | ((step == 0) & special_v)
-    logits_nv = jnp.where(banned_v[None, :], NEG_INF, logits_nv)
-    step_keys_n = jax.vmap(lambda key: jax.random.fold_in(key, step))(keys_n)
+  def body(s: DecodeState) -> DecodeState:
+    banned_v = tables.never_v | ((s.step == 0) & tables.special_v)
+    logits_nv = jnp.where(banned_v[None, :], NEG_INF, s.logits_nv)
+    step_keys_n = jax.vmap(lambda key: jax.random.fold_in(key, s.step))(keys_n)
     token_n = choose_tokens(logits_nv, step_keys_n, sampling)
-    token_n = jnp.where(done_n, pad_id, token_n)
-    out_nm = jax.lax.dynamic_update_slice_in_dim(out_nm, token_n[:, None], step, axis=1)
-    lengths_n = lengths_n + (~done_n).astype(jnp.int32)
-    stops_n = (token_n == eos_id) | blank_v[token_n] | (ends_v[prev_n] & starts_v[token_n])
-    positions_n1 = (next_position_n + step)[:, None]
+    token_n = jnp.where(s.done_n, tables.pad_id, token_n)
+    tokens_nm = jax.lax.dynamic_update_slice_in_dim(s.tokens_nm, token_n[:, None], s.step, axis=1)
+    stops_n = ((token_n == tables.eos_id) | tables.blank_line_v[token_n]
+               | (tables.ends_newline_v[s.prev_n] & tables.starts_newline_v[token_n]))
+    positions_n1 = (next_position_n + s.step)[:, None]
     logits_n1v, _, cache = model.apply({"params": params}, token_n[:, None], positions_n1,
-                                       (~done_n)[:, None], cache)
-    return (step + 1, cache, logits_n1v[:, 0], out_nm, done_n | stops_n, token_n, lengths_n)
+                                       (~s.done_n)[:, None], s.cache)
+    return DecodeState(step=s.step + 1, cache=cache, logits_nv=logits_n1v[:, 0],
+                       tokens_nm=tokens_nm, done_n=s.done_n | stops_n, prev_n=token_n,
+                       lengths_n=s.lengths_n + (~s.done_n).astype(jnp.int32))
 
-  carry = (jnp.zeros((), jnp.int32), cache, logits_nv,
-           jnp.full((n, max_new_tokens), pad_id, jnp.int32), jnp.zeros((n,), bool),
-           jnp.full((n,), pad_id, jnp.int32), jnp.zeros((n,), jnp.int32))
-  _, _, _, out_nm, _, _, lengths_n = jax.lax.while_loop(cond, body, carry)
-  return out_nm, lengths_n
+  start = DecodeState(
+      step=jnp.zeros((), jnp.int32), cache=cache.repeat(num_samples),
+      logits_nv=jnp.repeat(logits_bpv[:, -1], num_samples, axis=0),
+      tokens_nm=jnp.full((n, max_new_tokens), tables.pad_id, jnp.int32),
+      done_n=jnp.zeros((n,), bool), prev_n=jnp.full((n,), tables.pad_id, jnp.int32),
+      lengths_n=jnp.zeros((n,), jnp.int32))
+  end = jax.lax.while_loop(cond, body, start)
+  return end.tokens_nm, end.lengths_n
 
 
 class Decoder:
@@ -112,9 +126,7 @@ class Decoder:
   def __init__(self, model, tables: StopTables):
     self.model = model
     self.tables = tables
-    self._arrays = tuple(jnp.asarray(a) for a in (
-        tables.starts_newline_v, tables.ends_newline_v, tables.blank_line_v, tables.never_v,
-        tables.special_v))
+    self._arrays = jax.tree.map(jnp.asarray, tables)
     self._jitted = {}
 
   def __call__(self, params, prompt_bp, prompt_valid_bp, rng, *, max_new_tokens: int,
@@ -122,6 +134,6 @@ class Decoder:
     key = (max_new_tokens, num_samples, sampling)
     if key not in self._jitted:
       self._jitted[key] = jax.jit(functools.partial(
-          generate, model=self.model, eos_id=self.tables.eos_id, pad_id=self.tables.pad_id,
-          max_new_tokens=max_new_tokens, num_samples=num_samples, sampling=sampling))
+          generate, model=self.model, max_new_tokens=max_new_tokens, num_samples=num_samples,
+          sampling=sampling))
     return self._jitted[key](params, prompt_bp, prompt_valid_bp, rng, self._arrays)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from tailored_jax.data.prompts import QAFormat, clean_rationale
+from tailored_jax.data.formats import QAFormat, clean_rationale
 from tailored_jax.data.tasks import Demo
 
 PROMPT_VERSION = "tailored-1"

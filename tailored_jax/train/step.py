@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tailored_jax.data.batching import LMBatch, ReflectionBatch
 from tailored_jax.models.kv_cache import KVCache
 from tailored_jax.train import losses
 
@@ -22,9 +23,8 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  sr_weight: float      # λ
-  sr_margin: float      # ρ
-  self_reflection: bool  # static: whether the batch carries the a/p/n continuations
+  sr_weight: float  # λ
+  sr_margin: float  # ρ
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -42,19 +42,17 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
-def lm_forward_loss(model, params, batch):
-  tokens_bt = batch["inputs"]
-  valid_bt = batch["input_mask"]
+def lm_forward_loss(model, params, lm: LMBatch):
+  tokens_bt = lm.inputs
   positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-  logits_btv, _, _ = model.apply({"params": params}, tokens_bt, positions_bt, valid_bt)
-  return losses.lm_loss(logits_btv, batch["targets"], batch["target_weights"],
-                        batch["target_mask"])
+  logits_btv, _, _ = model.apply({"params": params}, tokens_bt, positions_bt, lm.input_mask)
+  return losses.lm_loss(logits_btv, lm.targets, lm.target_weights, lm.target_mask)
 
 
-def self_reflection_loss(model, params, batch, margin: float):
+def self_reflection_loss(model, params, reflection: ReflectionBatch, margin: float):
   """Prefix encoded once without gradient; anchor/positive/negative continue from its cache."""
-  prefix_bp, prefix_valid_bp = batch["prefix"], batch["prefix_mask"]
-  cont_bkc, cont_valid_bkc = batch["continuations"], batch["continuation_mask"]
+  prefix_bp, prefix_valid_bp = reflection.prefix, reflection.prefix_mask
+  cont_bkc, cont_valid_bkc = reflection.continuations, reflection.continuation_mask
   b, p = prefix_bp.shape
   k, c = cont_bkc.shape[1:]
   cfg = model.cfg
@@ -70,23 +68,26 @@ def self_reflection_loss(model, params, batch, margin: float):
       jnp.broadcast_to(positions_bkc, (b, k, c)).reshape(b * k, c),
       cont_valid_bkc.reshape(b * k, c), cache)
   h_bkd = losses.last_real_token(hidden_ncd, cont_valid_bkc.reshape(b * k, c)).reshape(b, k, -1)
-  return losses.triplet_loss(h_bkd[:, 0], h_bkd[:, 1], h_bkd[:, 2], batch["sr_mask"], margin)
+  return losses.triplet_loss(h_bkd[:, 0], h_bkd[:, 1], h_bkd[:, 2], reflection.sr_mask, margin)
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, loss_cfg: LossConfig):
+def train_step(state: TrainState, lm: LMBatch, reflection: ReflectionBatch | None, *, model,
+               optimizer, loss_cfg: LossConfig):
+  """One optimizer step on L_LM + λ·L_SR; without reflection rows (None) L_SR is 0."""
   def loss_fn(params):
-    lm = lm_forward_loss(model, params, batch)
-    if loss_cfg.self_reflection:
-      sr = self_reflection_loss(model, params, batch, loss_cfg.sr_margin)
+    lm_loss = lm_forward_loss(model, params, lm)
+    if reflection is None:
+      sr_loss = jnp.zeros((), jnp.float32)
     else:
-      sr = jnp.zeros((), jnp.float32)
-    return lm + loss_cfg.sr_weight * sr, (lm, sr)
+      sr_loss = self_reflection_loss(model, params, reflection, loss_cfg.sr_margin)
+    return lm_loss + loss_cfg.sr_weight * sr_loss, (lm_loss, sr_loss)
 
-  (loss, (lm, sr)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (lm_loss, sr_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "lm_loss": lm, "sr_loss": sr, "grad_norm": optax.tree.norm(grads),
-             "target_tokens": jnp.sum(batch["target_mask"].astype(jnp.int32)),
-             "sr_examples": jnp.sum(batch["sr_mask"].astype(jnp.int32)) if "sr_mask" in batch
-             else jnp.zeros((), jnp.int32)}
+  metrics = {"loss": loss, "lm_loss": lm_loss, "sr_loss": sr_loss,
+             "grad_norm": optax.tree.norm(grads),
+             "target_tokens": jnp.sum(lm.target_mask.astype(jnp.int32)),
+             "sr_examples": (jnp.zeros((), jnp.int32) if reflection is None
+                             else jnp.sum(reflection.sr_mask.astype(jnp.int32)))}
   return TrainState(state.step + 1, params, opt_state), metrics

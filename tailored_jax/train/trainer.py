@@ -17,6 +17,7 @@ import numpy as np
 
 from tailored_jax import checkpointing, sharding
 from tailored_jax.data.batching import Batcher
+from tailored_jax.models import layers
 from tailored_jax.train import step as step_lib
 
 
@@ -32,10 +33,9 @@ class Trainer:
     self.cfg = train_cfg
     self.mesh = mesh
     self.optimizer = step_lib.make_optimizer(train_cfg)
-    dummy = jnp.zeros((1, 8), jnp.int32)
 
     def init_boxed(key):
-      params = model.init(key, dummy, dummy, jnp.ones((1, 8), bool))["params"]
+      params = layers.init_boxed_params(model, key)
       return params, self.optimizer.init(params)
 
     abstract_params, abstract_opt = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
@@ -48,7 +48,10 @@ class Trainer:
     self._init_params = jax.jit(lambda key: nn.meta.unbox(init_boxed(key)[0]),
                                 out_shardings=self.param_shardings)
     self._init_opt = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)
-    self._steps = {}
+    self._step = jax.jit(
+        functools.partial(step_lib.train_step, model=self.model, optimizer=self.optimizer,
+                          loss_cfg=step_lib.LossConfig(train_cfg.sr_weight, train_cfg.sr_margin)),
+        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
 
   def init_params(self, seed: int):
     return self._init_params(jax.random.PRNGKey(seed))
@@ -57,19 +60,15 @@ class Trainer:
     step = sharding.put_global(np.zeros((), np.int32), sharding.replicated(self.mesh))
     return step_lib.TrainState(step, params, self._init_opt(params))
 
-  def step_fn(self, self_reflection: bool):
-    if self_reflection not in self._steps:
-      loss_cfg = step_lib.LossConfig(self.cfg.sr_weight, self.cfg.sr_margin, self_reflection)
-      self._steps[self_reflection] = jax.jit(
-          functools.partial(step_lib.train_step, model=self.model, optimizer=self.optimizer,
-                            loss_cfg=loss_cfg),
-          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-          donate_argnums=0)
-    return self._steps[self_reflection]
+  def step_fn(self):
+    """The jitted step `(state, lm, reflection | None) -> (state, metrics)`; it compiles once
+    per batch shape, with and without reflection rows."""
+    return self._step
 
-  def put_batch(self, batch: dict) -> dict:
-    return {k: sharding.put_global(v, sharding.batch_sharding(self.mesh, v.ndim))
-            for k, v in batch.items()}
+  def put_batch(self, batch):
+    """A batch dataclass (or None) as global arrays, rows split over the batch axes."""
+    return jax.tree.map(lambda v: sharding.put_global(v, sharding.batch_sharding(self.mesh, v.ndim)),
+                        batch)
 
   def schedule(self, batcher: Batcher, seed: int, round_index: int) -> list[list[int]]:
     """Every batch of the round, in order: `epochs` epochs of distinct-question batches."""
@@ -89,11 +88,10 @@ class Trainer:
     return step_lib.TrainState(carry["step"], params, carry["opt_state"])
 
   def train_round(self, params, batcher: Batcher, *, seed: int, round_index: int,
-                  checkpoint_dir: str, self_reflection: bool, state=None):
+                  checkpoint_dir: str, state=None):
     """Trains one round from `params` (or from a given state, optimizer included); returns
     (final state, summary dict)."""
-    use_sr = self_reflection and batcher.has_self_reflection()
-    step_fn = self.step_fn(use_sr)
+    step_fn = self.step_fn()
     batches = self.schedule(batcher, seed, round_index)
     checkpoints = checkpointing.StepCheckpoints(checkpoint_dir)
     state = self.new_state(params) if state is None else state
@@ -111,12 +109,12 @@ class Trainer:
     window_steps = window_tokens = total_tokens = 0
     last = {}
     for i in range(start, len(batches)):
-      batch = batcher.build(batches[i], derive_seed(seed, round_index, i, 1), use_sr)
-      tokens = int(batch["target_mask"].sum())
+      lm, reflection = batcher.build(batches[i], derive_seed(seed, round_index, i, 1))
+      tokens = int(lm.target_mask.sum())
       window_tokens += tokens
       total_tokens += tokens
       window_steps += 1
-      state, metrics = step_fn(state, self.put_batch(batch))
+      state, metrics = step_fn(state, self.put_batch(lm), self.put_batch(reflection))
       step_number = i + 1
       if step_number % self.cfg.log_every_steps == 0 or step_number == len(batches):
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -131,7 +129,7 @@ class Trainer:
     checkpoints.close()
     seconds = time.time() - round_start
     summary = {"steps": len(batches), "resumed_at_step": start, "seconds": seconds,
-               "self_reflection": use_sr, "optimizer_step_at_start": start_optimizer_step,
+               "self_reflection": batcher.self_reflection, "optimizer_step_at_start": start_optimizer_step,
                "final_loss": last.get("loss"),
                "final_lm_loss": last.get("lm_loss"), "final_sr_loss": last.get("sr_loss"),
                "target_tokens": total_tokens,

@@ -1,0 +1,71 @@
+"""The student on devices, built in one place: tokenizer, model, trainer, decoder and weights.
+
+Phases ask it for the weights after round r (0: the initial student, pad-token rows included);
+nothing here depends on which phase ran before.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from tailored_jax import checkpointing, sharding
+from tailored_jax.data.tokenizer import Tokenizer
+from tailored_jax.layout import Layout
+from tailored_jax.models import build_model, vocab
+from tailored_jax.models.layers import tree_get
+from tailored_jax.models.pretrained import Pretrained
+from tailored_jax.sample.decode import Decoder, StopTables
+from tailored_jax.train.trainer import Trainer
+
+
+class StudentRuntime:
+
+  def __init__(self, cfg: ml_collections.ConfigDict, layout: Layout, mesh,
+               pretrained: Pretrained | None):
+    self.cfg = cfg
+    self.layout = layout
+    self.mesh = mesh
+    self.pretrained = pretrained
+    self.tokenizer = Tokenizer.load(layout.tokenizer)
+    self.model = build_model(cfg.model, self.tokenizer.vocab_size,
+                             pretrained.cfg if pretrained else None)
+    self.trainer = Trainer(self.model, cfg.train, mesh)
+    self.decoder = Decoder(self.model, StopTables.from_tokenizer(self.tokenizer,
+                                                                 self.model.cfg.vocab_size))
+    self._held = None  # (round, params): the last weights asked for or trained
+
+  def params(self, round_index: int):
+    """The weights after `round_index` (0: the initial student)."""
+    if self._held is not None and self._held[0] == round_index:
+      return self._held[1]
+    if round_index > 0:
+      params = checkpointing.restore_params(self.layout.params_dir(round_index),
+                                            self.trainer.abstract_params,
+                                            self.trainer.param_shardings)
+    elif self.pretrained is not None:
+      params = self._pretrained_params()
+    else:
+      params = self.trainer.init_params(self.cfg.seed)
+    self.hold(round_index, params)
+    return params
+
+  def hold(self, round_index: int, params) -> None:
+    self._held = (round_index, params)
+
+  def _pretrained_params(self):
+    """The pretrained weights streamed onto their shardings; an added pad token's embedding and
+    LM-head rows are the mean of the trained rows (METHOD §4)."""
+    dtype = jnp.dtype(self.cfg.model.param_dtype)
+    source = self.pretrained.tokenizer
+    pad_added = self.tokenizer.pad_id != source.pad_id
+    # rows that hold trained tokens (transformers may know tokens the model has no row for)
+    trained_rows = min(source.vocab_size, self.pretrained.cfg.vocab_size)
+
+    def place(path, array):
+      if pad_added and path in vocab.VOCAB_AXIS:
+        array = vocab.with_mean_row(array, vocab.VOCAB_AXIS[path], self.tokenizer.pad_id,
+                                    trained_rows)
+      return sharding.put_global(array.astype(dtype),
+                                 tree_get(self.trainer.param_shardings, path))
+
+    return self.pretrained.load_params(place)

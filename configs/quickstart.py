@@ -23,8 +23,8 @@ def get_config():
   c.train.epochs = 3
   c.train.lr = 1e-3
   c.train.warmup_steps = 30
-  c.train.grad_clip = 1.0            # a from-scratch student at lr 1e-3 (the paper clips nothing)
-  c.train.sr_batch_size = 8          # triplet loss on 8 rows per step keeps rounds 2-3 fast on CPU
+  c.train.grad_clip = 1.0  # a from-scratch student at lr 1e-3 (the paper clips nothing)
+  c.train.sr_batch_size = 8  # triplet loss on 8 rows per step keeps rounds 2-3 fast on CPU
   c.train.log_every_steps = 25
   c.train.checkpoint_every_steps = 100
   c.exam.max_new_tokens = 96

@@ -15,8 +15,10 @@ class CheckpointError(RuntimeError):
 
 
 def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False))
 
 
 def _abstract(tree, shardings):

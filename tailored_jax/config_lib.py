@@ -11,37 +11,37 @@ from ml_collections import config_dict
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 42                  # seeds data order, sampling and init
-  c.rounds = 3                 # R: training rounds (round 1 learns from teacher rationales)
+  c.seed = 42  # seeds data order, sampling and init
+  c.rounds = 3  # R: training rounds (round 1 learns from teacher rationales)
 
   c.method = ml_collections.ConfigDict()
-  c.method.feedback = True          # ask the teacher for tailored rationales on exam mistakes
-  c.method.self_reflection = True   # add the triplet loss against the student's own mistakes
+  c.method.feedback = True  # ask the teacher for tailored rationales on exam mistakes
+  c.method.self_reflection = True  # add the triplet loss against the student's own mistakes
   # Exam the initial student for round-1 negatives (N_0, METHOD §2). Unset: on exactly when
   # model.init_from names a pretrained student; a student trained from scratch (quickstart) has
   # no reasoning to learn from, so it is off there.
   c.method.initial_exam = config_dict.placeholder(bool)
-  c.method.accumulate_data = True   # train round r on D_1 ∪ … ∪ D_r (else D_r alone)
+  c.method.accumulate_data = True  # train round r on D_1 ∪ … ∪ D_r (else D_r alone)
   # New optimizer state and warm-up every round (METHOD §2); False carries the AdamW moments and
   # the schedule's step from round r-1 into round r (saved beside each round's params).
   c.method.fresh_optimizer = True
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = "synthetic_arith"   # or gsm8k, multiarith, svamp, csqa, strategyqa
-  c.task.source = "files"           # 'files' (original files) or 'tfds:NAME' (prepared TFDS)
-  c.task.data_path = ""             # folder with the original files, or the TFDS data_dir
-  c.task.num_val = 100              # validation slice held out of train (real tasks)
-  c.task.split_seed = 0             # seeds the 70/30 split and the validation slice
-  c.task.skip_malformed = False     # skip (and count) malformed records instead of failing
-  c.task.num_demos = 0              # few-shot demos in every prompt; -1: all the task has
-  c.task.max_new_tokens = 0         # greedy evaluation budget; 0: the task's default
+  c.task.name = "synthetic_arith"  # or gsm8k, multiarith, svamp, csqa, strategyqa
+  c.task.source = "files"  # 'files' (original files) or 'tfds:NAME' (prepared TFDS)
+  c.task.data_path = ""  # folder with the original files, or the TFDS data_dir
+  c.task.num_val = 100  # validation slice held out of train (real tasks)
+  c.task.split_seed = 0  # seeds the 70/30 split and the validation slice
+  c.task.skip_malformed = False  # skip (and count) malformed records instead of failing
+  c.task.num_demos = 0  # few-shot demos in every prompt; -1: all the task has
+  c.task.max_new_tokens = 0  # greedy evaluation budget; 0: the task's default
   # Math answers compared as numbers (`18.00` equals `18`). Off: METHOD §5's rule, the string
   # after removing commas (and a sentence's full stop) must equal the gold string.
   c.task.numeric_equality = False
   c.task.synthetic = ml_collections.ConfigDict()
   c.task.synthetic.seed = 0
   c.task.synthetic.num_train = 1000
-  c.task.synthetic.num_val = 200     # held out of training, for model selection
+  c.task.synthetic.num_val = 200  # held out of training, for model selection
   c.task.synthetic.num_test = 500
   c.task.synthetic.min_steps = 1
   c.task.synthetic.max_steps = 3
@@ -50,13 +50,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.synthetic.operations = "add,sub,mul"
 
   c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.path = ""             # a tokenizer.json; empty: train a byte-level BPE on the task
-  c.tokenizer.vocab_size = 600      # for the trained BPE
+  c.tokenizer.path = ""  # a tokenizer.json; empty: train a byte-level BPE on the task
+  c.tokenizer.vocab_size = 600  # for the trained BPE
 
   c.model = ml_collections.ConfigDict()
   c.model.family = "llama"
-  c.model.init_from = ""             # an HF directory or a .gguf file; sizes below are then ignored
-  c.model.add_pad_token = True       # pretrained tokenizer without a pad: add one, mean-initialised
+  c.model.init_from = ""  # an HF directory or a .gguf file; sizes below are then ignored
+  c.model.add_pad_token = True  # pretrained tokenizer without a pad: add one, mean-initialised
   c.model.d_model = 128
   c.model.n_layers = 4
   c.model.n_heads = 4
@@ -66,19 +66,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0
   c.model.norm_eps = 1e-5
   c.model.tie_embeddings = True
-  c.model.dtype = "float32"          # compute dtype; bfloat16 on GPU/TPU
+  c.model.dtype = "float32"  # compute dtype; bfloat16 on GPU/TPU
   c.model.param_dtype = "float32"
-  c.model.remat = False              # recompute each block in the backward pass
+  c.model.remat = False  # recompute each block in the backward pass
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                   # -1: all devices not used by the other axes
+  c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
-  c.mesh.num_devices = 0             # use the first N devices; 0: all of them
+  c.mesh.num_devices = 0  # use the first N devices; 0: all of them
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 16            # global batch, distinct questions per batch
-  c.train.epochs = 10                # per round
+  c.train.batch_size = 16  # global batch, distinct questions per batch
+  c.train.epochs = 10  # per round
   c.train.lr = 7e-6
   c.train.warmup_steps = 100
   c.train.b1 = 0.9
@@ -88,36 +88,36 @@ def base_config() -> ml_collections.ConfigDict:
   # Global-norm clip; 0: off, as in the paper (METHOD §4) and so in every paper config. The
   # quickstart's from-scratch student at lr 1e-3 sets 1.0.
   c.train.grad_clip = 0.0
-  c.train.max_seq_len = 1024         # longer training strings are cut (and counted)
-  c.train.prefix_weight = 0.1        # LM loss weight on prefix (demos + question) tokens
-  c.train.sr_weight = 0.5            # λ
-  c.train.sr_margin = 1.0            # ρ
+  c.train.max_seq_len = 1024  # longer training strings are cut (and counted)
+  c.train.prefix_weight = 0.1  # LM loss weight on prefix (demos + question) tokens
+  c.train.sr_weight = 0.5  # λ
+  c.train.sr_margin = 1.0  # ρ
   c.train.max_continuation_len = 192
   c.train.max_positives = 10
-  c.train.sr_batch_size = 0          # rows per step that get the triplet loss; 0: the whole batch
+  c.train.sr_batch_size = 0  # rows per step that get the triplet loss; 0: the whole batch
   c.train.max_negatives = 4
   c.train.checkpoint_every_steps = 200  # mid-round checkpoints, for resuming a killed round
   c.train.log_every_steps = 50
 
   c.exam = ml_collections.ConfigDict()
-  c.exam.num_samples = 4             # k sampled rationales per train question
+  c.exam.num_samples = 4  # k sampled rationales per train question
   c.exam.temperature = 1.0
   c.exam.top_k = 50
   c.exam.top_p = 1.0
   c.exam.max_new_tokens = 128
-  c.exam.batch_size = 64             # prompts per generation batch (x num_samples rows)
+  c.exam.batch_size = 64  # prompts per generation batch (x num_samples rows)
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 256            # prompts per greedy batch
+  c.eval.batch_size = 256  # prompts per greedy batch
   c.eval.splits = "val,test"
 
   c.teacher = ml_collections.ConfigDict()
-  c.teacher.kind = "local"           # 'local': start the loopback oracle; 'openai': base_url
+  c.teacher.kind = "local"  # 'local': start the loopback oracle; 'openai': base_url
   c.teacher.base_url = "https://api.openai.com/v1"
-  c.teacher.model = "gpt-4o-mini"    # ignored for 'local'
+  c.teacher.model = "gpt-4o-mini"  # ignored for 'local'
   c.teacher.api_key_env = "OPENAI_API_KEY"
-  c.teacher.num_rationales = 4       # rationales asked per question at annotation
-  c.teacher.feedback_samples = 1     # tailored rationales asked per mistake
+  c.teacher.num_rationales = 4  # rationales asked per question at annotation
+  c.teacher.feedback_samples = 1  # tailored rationales asked per mistake
   c.teacher.temperature = 0.7
   c.teacher.max_tokens = 512
   c.teacher.max_concurrency = 32
@@ -125,10 +125,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.timeout_s = 120.0
   c.teacher.backoff_s = 1.0
   c.teacher.requests_per_minute = 0.0  # 0: no pacing
-  c.teacher.supports_n = True        # False: send n single-choice requests (Ollama)
-  c.teacher.max_requests = 0         # budget of paid requests per run; 0: unlimited
+  c.teacher.supports_n = True  # False: send n single-choice requests (Ollama)
+  c.teacher.max_requests = 0  # budget of paid requests per run; 0: unlimited
   c.teacher.max_mistakes_per_question = 4
-  c.teacher.local_error_rate = 0.1   # local oracle: chance a rationale has an arithmetic slip
+  c.teacher.local_error_rate = 0.1  # local oracle: chance a rationale has an arithmetic slip
   return c
 
 
@@ -204,8 +204,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ("num_train", "num_val", "num_test", "max_start", "max_operand"):
     _require(s[name] >= 1, f"task.synthetic.{name}", f"must be >= 1, got {s[name]}")
   ops = {o.strip() for o in s.operations.split(",") if o.strip()}
-  _require(bool(ops) and ops <= {"add", "sub", "mul"}, "task.synthetic.operations",
-           f"a comma list of add, sub, mul; got {s.operations!r}")
+  _require(
+      bool(ops) and ops <= {"add", "sub", "mul"}, "task.synthetic.operations",
+      f"a comma list of add, sub, mul; got {s.operations!r}")
   m = c.model
   _require(m.family in ("llama", "gptj"), "model.family", f"'llama' or 'gptj', got {m.family!r}")
   _require(m.family != "gptj" or bool(m.init_from), "model.init_from",

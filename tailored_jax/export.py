@@ -29,17 +29,19 @@ def export(src: str, out: str) -> None:
   tok.backend.save(os.path.join(out, "tokenizer.json"))
   name = lambda i: tok.backend.id_to_token(i)
   prefix, suffix = tok.special_affixes()
-  settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tok.bos_id),
-              "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id),
-              "add_bos_token": tok.bos_id in prefix, "add_eos_token": tok.eos_id in suffix,
-              "model_max_length": 32768}
+  settings = {
+      "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tok.bos_id),
+      "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id),
+      "add_bos_token": tok.bos_id in prefix, "add_eos_token": tok.eos_id in suffix,
+      "model_max_length": 32768
+  }
   if student.chat_template:
     settings["chat_template"] = student.chat_template
   with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
     json.dump(settings, f, indent=2)
   with open(os.path.join(out, "generation_config.json"), "w") as f:
-    json.dump({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-               "pad_token_id": tok.pad_id}, f, indent=2)
+    json.dump({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id},
+              f, indent=2)
 
 
 def main(argv):

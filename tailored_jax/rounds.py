@@ -113,11 +113,11 @@ class Run:
       else:
         base_url, model, api_key = t.base_url, t.model, os.environ.get(t.api_key_env, "")
       cache = ReplyCache(self.layout.teacher_cache, teacher_prompts.PROMPT_VERSION)
-      self._client = ChatClient(
-          base_url, model, api_key=api_key, cache=cache, max_concurrency=t.max_concurrency,
-          max_retries=t.max_retries, timeout_s=t.timeout_s, backoff_s=t.backoff_s,
-          requests_per_minute=t.requests_per_minute, supports_n=t.supports_n,
-          max_requests=t.max_requests)
+      self._client = ChatClient(base_url, model, api_key=api_key, cache=cache,
+                                max_concurrency=t.max_concurrency, max_retries=t.max_retries,
+                                timeout_s=t.timeout_s, backoff_s=t.backoff_s,
+                                requests_per_minute=t.requests_per_minute, supports_n=t.supports_n,
+                                max_requests=t.max_requests)
     return self._client
 
   def close(self) -> None:
@@ -159,9 +159,11 @@ class Run:
     elif self.cfg.tokenizer.path:
       tokenizer = Tokenizer.load(self.cfg.tokenizer.path)
     else:
-      corpus = [self.task.format_prefix(d.question, self.demos)
-                + self.task.format_continuation(d.question, d.rationale, d.answer)
-                for d in self.task.tokenizer_corpus() + self.demos]
+      corpus = [
+          self.task.format_prefix(d.question, self.demos)
+          + self.task.format_continuation(d.question, d.rationale, d.answer)
+          for d in self.task.tokenizer_corpus() + self.demos
+      ]
       tokenizer = train_bpe(corpus, self.cfg.tokenizer.vocab_size)
     tokenizer.save(self.layout.tokenizer)
 
@@ -174,8 +176,7 @@ class Run:
       if not reply.rationale or reply.answer is None:
         counts["unparseable"] = counts.get("unparseable", 0) + 1
         continue
-      continuation = self.task.format_continuation(example.question, reply.rationale,
-                                                   reply.answer)
+      continuation = self.task.format_continuation(example.question, reply.rationale, reply.answer)
       record = scoring.score_output(self.task, example, continuation)
       if not record["correct"]:
         counts["wrong_answer"] = counts.get("wrong_answer", 0) + 1
@@ -184,9 +185,12 @@ class Run:
         counts["duplicate"] = counts.get("duplicate", 0) + 1
         continue
       seen.add(reply.rationale)
-      kept.append({"qid": example.id, "continuation": self.task.format_continuation(
-          example.question, reply.rationale, example.gold), "source": source,
-          "round": round_index})
+      kept.append({
+          "qid": example.id,
+          "continuation": self.task.format_continuation(example.question, reply.rationale,
+                                                        example.gold), "source": source,
+          "round": round_index
+      })
     return kept
 
   def _ask_teacher(self, requests: list[ChatRequest], label: str):
@@ -213,33 +217,35 @@ class Run:
   def annotate(self) -> None:
     t = self.cfg.teacher
     train = self.splits["train"]
-    requests = [ChatRequest(teacher_prompts.annotation_messages(e.question, self.demos,
-                                                                self.task.format),
-                            n=t.num_rationales, temperature=t.temperature, max_tokens=t.max_tokens)
-                for e in train]
+    requests = [
+        ChatRequest(teacher_prompts.annotation_messages(e.question, self.demos, self.task.format),
+                    n=t.num_rationales, temperature=t.temperature, max_tokens=t.max_tokens)
+        for e in train
+    ]
     results, usage = self._ask_teacher(requests, "annotate")
     data, counts = [], {}
     for example, reply in zip(train, results):
       data.extend(self._keep_correct(example, reply.texts, "annotation", 1, set(), counts))
     wd.write_jsonl(self.layout.teacher_data(1), data)
-    wd.write_json(self.layout.teacher_report(1), {
-        "phase": "annotate", "usage": usage.as_dict(), "kept": len(data), "dropped": counts,
-        "questions": len(train),
-        "questions_with_two_rationales": _count_questions_with(data, 2),
-        "prompt_version": teacher_prompts.PROMPT_VERSION})
+    wd.write_json(
+        self.layout.teacher_report(1), {
+            "phase": "annotate", "usage": usage.as_dict(), "kept": len(data), "dropped": counts,
+            "questions": len(train), "questions_with_two_rationales": _count_questions_with(
+                data, 2), "prompt_version": teacher_prompts.PROMPT_VERSION
+        })
 
   def exam(self, round_index: int) -> None:
     """k sampled rationales per train question; distinct wrong ones are the round's mistakes."""
     e = self.cfg.exam
     train = self.splits["train"]
     params = self.student.params(round_index)
-    outputs = generate_texts(
-        self.student.decoder, params, self.student.tokenizer,
-        [self.task.format_prefix(x.question, self.demos) for x in train], mesh=self.mesh,
-        num_samples=e.num_samples,
-        sampling=SamplingConfig(e.temperature, e.top_k, e.top_p),
-        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-        rng=jax.random.PRNGKey(self.cfg.seed * 1000 + round_index), label=f"exam {round_index}")
+    outputs = generate_texts(self.student.decoder, params, self.student.tokenizer,
+                             [self.task.format_prefix(x.question, self.demos) for x in train],
+                             mesh=self.mesh, num_samples=e.num_samples, sampling=SamplingConfig(
+                                 e.temperature, e.top_k,
+                                 e.top_p), max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                             rng=jax.random.PRNGKey(self.cfg.seed * 1000 + round_index),
+                             label=f"exam {round_index}")
     mistakes, correct_samples, always_right = [], 0, 0
     for example, samples in zip(train, outputs):
       seen, wrong_here = set(), 0
@@ -253,35 +259,44 @@ class Run:
         if negative.strip() and negative not in seen and (
             len(seen) < self.cfg.teacher.max_mistakes_per_question):
           seen.add(negative)
-          mistakes.append({"qid": example.id, "output": negative, "answer": record["answer"],
-                           "error": record["error"]})
+          mistakes.append({
+              "qid": example.id, "output": negative, "answer": record["answer"],
+              "error": record["error"]
+          })
       always_right += wrong_here == 0
     wd.write_jsonl(self.layout.mistakes(round_index), mistakes)
-    wd.write_json(self.layout.exam_report(round_index), {
-        "questions": len(train), "samples": len(train) * e.num_samples,
-        "correct_samples": correct_samples, "questions_always_right": always_right,
-        "mistakes": len(mistakes)})
+    wd.write_json(
+        self.layout.exam_report(round_index), {
+            "questions": len(train), "samples": len(train) * e.num_samples,
+            "correct_samples": correct_samples, "questions_always_right": always_right,
+            "mistakes": len(mistakes)
+        })
 
   def feedback(self, round_index: int) -> None:
     """Tailored rationales for round r's mistakes: the data D_{r+1}."""
     t = self.cfg.teacher
     mistakes = wd.read_jsonl(self.layout.mistakes(round_index))
-    requests = [ChatRequest(teacher_prompts.feedback_messages(
-        self.by_id[m["qid"]].question, m["output"], self.by_id[m["qid"]].gold, self.demos,
-        self.task.format),
-        n=t.feedback_samples, temperature=t.temperature, max_tokens=t.max_tokens)
-        for m in mistakes]
+    requests = [
+        ChatRequest(
+            teacher_prompts.feedback_messages(self.by_id[m["qid"]].question, m["output"],
+                                              self.by_id[m["qid"]].gold, self.demos,
+                                              self.task.format), n=t.feedback_samples,
+            temperature=t.temperature, max_tokens=t.max_tokens) for m in mistakes
+    ]
     results, usage = self._ask_teacher(requests, f"feedback {round_index}")
     data, counts, seen_by_question = [], {}, {}
     for mistake, reply in zip(mistakes, results):
       seen = seen_by_question.setdefault(mistake["qid"], set())
-      data.extend(self._keep_correct(self.by_id[mistake["qid"]], reply.texts, "feedback",
-                                     round_index + 1, seen, counts))
+      data.extend(
+          self._keep_correct(self.by_id[mistake["qid"]], reply.texts, "feedback", round_index + 1,
+                             seen, counts))
     wd.write_jsonl(self.layout.teacher_data(round_index + 1), data)
-    wd.write_json(self.layout.teacher_report(round_index + 1), {
-        "phase": f"feedback_{round_index}", "usage": usage.as_dict(), "kept": len(data),
-        "dropped": counts, "mistakes": len(mistakes),
-        "prompt_version": teacher_prompts.PROMPT_VERSION})
+    wd.write_json(
+        self.layout.teacher_report(round_index + 1), {
+            "phase": f"feedback_{round_index}", "usage": usage.as_dict(), "kept": len(data),
+            "dropped": counts, "mistakes": len(mistakes),
+            "prompt_version": teacher_prompts.PROMPT_VERSION
+        })
 
   def training_data(self, round_index: int) -> list[dict]:
     first = 1 if self.cfg.method.accumulate_data else round_index
@@ -312,20 +327,21 @@ class Run:
         negatives.setdefault(m["qid"], []).append(m["output"])
     qids = sorted({d["qid"] for d in data})
     prefixes = {q: self.task.format_prefix(self.by_id[q].question, self.demos) for q in qids}
-    batcher = Batcher(
-        self.student.tokenizer, prefixes, [TrainExample(d["qid"], d["continuation"]) for d in data],
-        negatives, batch_size=c.train.batch_size, max_seq_len=c.train.max_seq_len,
-        max_continuation_len=c.train.max_continuation_len, prefix_weight=c.train.prefix_weight,
-        max_positives=c.train.max_positives, max_negatives=c.train.max_negatives,
-        sr_batch_size=c.train.sr_batch_size, seed=derive_seed(c.seed, round_index, 2))
+    batcher = Batcher(self.student.tokenizer, prefixes,
+                      [TrainExample(d["qid"], d["continuation"]) for d in data], negatives,
+                      batch_size=c.train.batch_size, max_seq_len=c.train.max_seq_len,
+                      max_continuation_len=c.train.max_continuation_len,
+                      prefix_weight=c.train.prefix_weight, max_positives=c.train.max_positives,
+                      max_negatives=c.train.max_negatives, sr_batch_size=c.train.sr_batch_size,
+                      seed=derive_seed(c.seed, round_index, 2))
     trainer = self.student.trainer
     start_params = self.student.params(round_index - 1)
     carried = None
     if not c.method.fresh_optimizer and round_index > 1:
       carried = trainer.restore_carry(self.layout.optimizer_dir(round_index - 1), start_params)
-    state, metrics = trainer.train_round(
-        start_params, batcher, seed=c.seed, round_index=round_index,
-        checkpoint_dir=checkpoint_dir, state=carried)
+    state, metrics = trainer.train_round(start_params, batcher, seed=c.seed,
+                                         round_index=round_index, checkpoint_dir=checkpoint_dir,
+                                         state=carried)
     params = state.params
     if not c.method.fresh_optimizer:
       # Saved before the params: a round counts as trained once its params exist.
@@ -333,9 +349,10 @@ class Run:
                                 trainer.optimizer_carry(state))
     checkpointing.save_params(params_dir, params)
     self.student.hold(round_index, params)
-    wd.write_json(self.layout.train_report(round_index), dict(
-        metrics, examples=len(data), questions=len(qids),
-        negatives=sum(len(v) for v in negatives.values())))
+    wd.write_json(
+        self.layout.train_report(round_index),
+        dict(metrics, examples=len(data), questions=len(qids),
+             negatives=sum(len(v) for v in negatives.values())))
     sharding.barrier(f"saved round {round_index}")
     if wd.is_writer():
       shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -345,17 +362,17 @@ class Run:
     results = {}
     for split in [s.strip() for s in self.cfg.eval.splits.split(",") if s.strip()]:
       examples = self.splits[split]
-      outputs = generate_texts(
-          self.student.decoder, params, self.student.tokenizer,
-          [self.task.format_prefix(x.question, self.demos) for x in examples], mesh=self.mesh,
-          num_samples=1, sampling=SamplingConfig(), max_new_tokens=self.task.max_new_tokens,
-          batch_size=self.cfg.eval.batch_size, rng=jax.random.PRNGKey(0),
-          label=f"evaluate {round_index} {split}")
+      outputs = generate_texts(self.student.decoder, params, self.student.tokenizer,
+                               [self.task.format_prefix(x.question, self.demos) for x in examples],
+                               mesh=self.mesh, num_samples=1, sampling=SamplingConfig(),
+                               max_new_tokens=self.task.max_new_tokens,
+                               batch_size=self.cfg.eval.batch_size, rng=jax.random.PRNGKey(0),
+                               label=f"evaluate {round_index} {split}")
       records, summary_ = scoring.score(self.task, examples, [o[0] for o in outputs])
       wd.write_jsonl(self.layout.eval_records(round_index, split), records)
       results[split] = summary_
-      logging.info("round %d %s accuracy: %.3f (%d/%d)", round_index, split,
-                   summary_["accuracy"], summary_["correct"], summary_["total"])
+      logging.info("round %d %s accuracy: %.3f (%d/%d)", round_index, split, summary_["accuracy"],
+                   summary_["correct"], summary_["total"])
     wd.write_json(self.layout.eval_report(round_index), results)
 
 

@@ -30,8 +30,8 @@ class StudentRuntime:
     self.model = build_model(cfg.model, self.tokenizer.vocab_size,
                              pretrained.cfg if pretrained else None)
     self.trainer = Trainer(self.model, cfg.train, mesh)
-    self.decoder = Decoder(self.model, StopTables.from_tokenizer(self.tokenizer,
-                                                                 self.model.cfg.vocab_size))
+    self.decoder = Decoder(self.model,
+                           StopTables.from_tokenizer(self.tokenizer, self.model.cfg.vocab_size))
     self._held = None  # (round, params): the last weights asked for or trained
 
   def params(self, round_index: int):
@@ -65,7 +65,6 @@ class StudentRuntime:
       if pad_added and path in vocab.VOCAB_AXIS:
         array = vocab.with_mean_row(array, vocab.VOCAB_AXIS[path], self.tokenizer.pad_id,
                                     trained_rows)
-      return sharding.put_global(array.astype(dtype),
-                                 tree_get(self.trainer.param_shardings, path))
+      return sharding.put_global(array.astype(dtype), tree_get(self.trainer.param_shardings, path))
 
     return self.pretrained.load_params(place)

@@ -55,8 +55,8 @@ def make_mesh(cfg, devices=None) -> Mesh:
                          f"{len(devices)} present")
       devices = devices[:cfg.mesh.num_devices]
   shape = mesh_shape(cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(
+      np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_sharding(tree, mesh: Mesh):

@@ -16,9 +16,11 @@ def best_round(records: list[dict]) -> dict | None:
   if not scored:
     return None
   best = max(scored, key=lambda r: (r["val_accuracy"], r["round"]))
-  return {"round": best["round"], "val_accuracy": best["val_accuracy"],
-          "test_accuracy": best.get("test_accuracy"),
-          "checkpoint": os.path.relpath(Layout("").params_dir(best["round"]))}
+  return {
+      "round": best["round"], "val_accuracy": best["val_accuracy"],
+      "test_accuracy": best.get("test_accuracy"),
+      "checkpoint": os.path.relpath(Layout("").params_dir(best["round"]))
+  }
 
 
 def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
@@ -39,10 +41,12 @@ def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
         "teacher_requests": teacher.get("requests", 0) + teacher.get("cache_hits", 0),
         "teacher_tokens": teacher.get("tokens", 0) + teacher.get("cached_tokens", 0),
         "val_accuracy": evals.get("val", {}).get("accuracy"),
-        "test_accuracy": evals.get("test", {}).get("accuracy"),
-        "seconds": round(sum(timings.get(f"{phase}_{r}", 0.0) for phase in (
-            "train", "evaluate", "exam", "feedback")) + (timings.get("annotate", 0.0)
-                                                        if r == 1 else 0.0), 1)})
+        "test_accuracy": evals.get("test", {}).get("accuracy"), "seconds": round(
+            sum(
+                timings.get(f"{phase}_{r}", 0.0)
+                for phase in ("train", "evaluate", "exam", "feedback")) +
+            (timings.get("annotate", 0.0) if r == 1 else 0.0), 1)
+    })
   return out
 
 
@@ -78,6 +82,7 @@ def plot(path: str, records: list[dict]) -> None:
 
 
 def table(records: list[dict]) -> str:
+
   def cell(v):
     if v is None:
       return "-"

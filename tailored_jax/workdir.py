@@ -15,15 +15,25 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-def write_json(path: str, obj) -> None:
+def _write_atomically(path: str, write) -> None:
+  """`write(file)` into `path.tmp`, then renamed over `path`: readers see old or new, never half.
+  A no-op except on the writing process."""
   if not is_writer():
     return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+
+  def write(f):
     json.dump(obj, f, indent=2, sort_keys=False)
     f.write("\n")
-  os.replace(tmp, path)
+
+  _write_atomically(path, write)
 
 
 def read_json(path: str):
@@ -35,14 +45,7 @@ def read_json(path: str):
 
 
 def write_jsonl(path: str, records) -> None:
-  if not is_writer():
-    return
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for record in records:
-      f.write(json.dumps(record) + "\n")
-  os.replace(tmp, path)
+  _write_atomically(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
 
 
 def read_jsonl(path: str) -> list[dict]:

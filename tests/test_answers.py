@@ -3,18 +3,20 @@ import pytest
 from tailored_jax.data import answers
 
 
-@pytest.mark.parametrize("output, expected, rationale", [
-    (" 3 + 4 = 7. So 7 apples.\nAnswer: 7", "7", " 3 + 4 = 7. So 7 apples.\nAnswer: 7"),
-    (" 3 + 4 = 7.\nAnswer: 8\n\nQuestion: next 99", "8", " 3 + 4 = 7.\nAnswer: 8"),
-    (" I think 12 then 15.", "15", " I think 12 then 15."),  # the regex takes the period
-    (" It costs 2,125 dollars.", "2125", " It costs 2,125"),
-    (" Therefore, the answer is -4. Then 9.", "-4", " Therefore, the answer is -4."),
-    (" No numbers here.", None, " No numbers here."),
-    (" 5 - 9 = -4\nAnswer: -4.", "-4", " 5 - 9 = -4\nAnswer: -4."),
-    (" half is 2.50\nAnswer: 2.50", "2.50", " half is 2.50\nAnswer: 2.50"),
-    (" It makes 18.00 dollars.", "18.00", " It makes 18.00"),
-    (" 1 + 1 = 2\n\n\nAnswer: 5", "2", " 1 + 1 = 2"),
-])
+@pytest.mark.parametrize(
+    "output, expected, rationale",
+    [
+        (" 3 + 4 = 7. So 7 apples.\nAnswer: 7", "7", " 3 + 4 = 7. So 7 apples.\nAnswer: 7"),
+        (" 3 + 4 = 7.\nAnswer: 8\n\nQuestion: next 99", "8", " 3 + 4 = 7.\nAnswer: 8"),
+        (" I think 12 then 15.", "15", " I think 12 then 15."),  # the regex takes the period
+        (" It costs 2,125 dollars.", "2125", " It costs 2,125"),
+        (" Therefore, the answer is -4. Then 9.", "-4", " Therefore, the answer is -4."),
+        (" No numbers here.", None, " No numbers here."),
+        (" 5 - 9 = -4\nAnswer: -4.", "-4", " 5 - 9 = -4\nAnswer: -4."),
+        (" half is 2.50\nAnswer: 2.50", "2.50", " half is 2.50\nAnswer: 2.50"),
+        (" It makes 18.00 dollars.", "18.00", " It makes 18.00"),
+        (" 1 + 1 = 2\n\n\nAnswer: 5", "2", " 1 + 1 = 2"),
+    ])
 def test_extract_number(output, expected, rationale):
   got = answers.extract_number(output)
   assert got.answer == expected

@@ -23,13 +23,15 @@ def make_batcher(sr_batch_size=0):
   tok = train_bpe(["Question: a b c\nReasoning: x y 1 2 3\nAnswer: 7"] * 4, 280)
   assert tok.encode("a")[0] == tok.bos_id  # the trained BPE starts every sequence with <s>
   prefixes = {"q1": "Question: a b\nReasoning:", "q2": "Question: c\nReasoning:"}
-  examples = [batching.TrainExample("q1", " x 1\nAnswer: 1"),
-              batching.TrainExample("q1", " y 1\nAnswer: 1"),
-              batching.TrainExample("q2", " x y 2\nAnswer: 2")]
+  examples = [
+      batching.TrainExample("q1", " x 1\nAnswer: 1"),
+      batching.TrainExample("q1", " y 1\nAnswer: 1"),
+      batching.TrainExample("q2", " x y 2\nAnswer: 2")
+  ]
   negatives = {"q1": [" x 2\nAnswer: 2"], "q2": [" y\nAnswer: 3"]}
-  return tok, batching.Batcher(
-      tok, prefixes, examples, negatives, batch_size=4, max_seq_len=64, max_continuation_len=32,
-      prefix_weight=0.1, max_positives=10, max_negatives=4, sr_batch_size=sr_batch_size)
+  return tok, batching.Batcher(tok, prefixes, examples, negatives, batch_size=4, max_seq_len=64,
+                               max_continuation_len=32, prefix_weight=0.1, max_positives=10,
+                               max_negatives=4, sr_batch_size=sr_batch_size)
 
 
 def test_lm_arrays_weights_and_padding():
@@ -53,10 +55,10 @@ def test_self_reflection_rows():
   assert batcher.sr_candidates == 2  # q2 has a single rationale: no positive besides the anchor
   lm, reflection = batcher.build([0, 1, 2], seed=0)
   assert reflection.sr_mask.tolist() == [1.0, 1.0, 0.0, 0.0]
-  decode = lambda row, k: tok.decode(reflection.continuations[row, k][
-      reflection.continuation_mask[row, k]])
-  assert (decode(0, 0), decode(0, 1), decode(0, 2)) == (
-      " x 1\nAnswer: 1", " y 1\nAnswer: 1", " x 2\nAnswer: 2")
+  decode = lambda row, k: tok.decode(reflection.continuations[row, k][reflection.continuation_mask[
+      row, k]])
+  assert (decode(0, 0), decode(0, 1), decode(0, 2)) == (" x 1\nAnswer: 1", " y 1\nAnswer: 1",
+                                                        " x 2\nAnswer: 2")
   assert (decode(1, 0), decode(1, 1)) == (" y 1\nAnswer: 1", " x 1\nAnswer: 1")
   prefix = reflection.prefix[0][reflection.prefix_mask[0]].tolist()
   assert prefix == tok.encode("Question: a b\nReasoning:")
@@ -78,22 +80,24 @@ def test_training_ids_are_the_whole_string_tokenised_once():
   from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
   from tailored_jax.data.tokenizer import Tokenizer
   backend = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
-  backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
-                                             normalizers.Replace(" ", "▁")])
+  backend.normalizer = normalizers.Sequence(
+      [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
   backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
-  backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(),
-                                       decoders.Strip(" ", 1, 0)])
+  backend.decoder = decoders.Sequence(
+      [decoders.Replace("▁", " "),
+       decoders.Fuse(), decoders.Strip(" ", 1, 0)])
   corpus = ["Question: a b\nReasoning: x 1\nAnswer: 1", "Question: c\nReasoning: y 2"] * 4
-  backend.train_from_iterator(corpus, trainers.BpeTrainer(
-      vocab_size=120, special_tokens=["<unk>", "<pad>", "<s>", "</s>"], show_progress=False))
+  backend.train_from_iterator(
+      corpus,
+      trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<pad>", "<s>", "</s>"],
+                          show_progress=False))
   tok = Tokenizer(backend)
   text = "Question: a b\nReasoning: x 1\nAnswer: 1"
   at = text.index(" x")
   assert tok.encode(text[:at]) + tok.encode(text[at:]) != tok.encode(text)
-  batcher = batching.Batcher(
-      tok, {"q1": text[:at]}, [batching.TrainExample("q1", text[at:])], {}, batch_size=1,
-      max_seq_len=64, max_continuation_len=32, prefix_weight=0.1, max_positives=10,
-      max_negatives=4)
+  batcher = batching.Batcher(tok, {"q1": text[:at]}, [batching.TrainExample("q1", text[at:])], {},
+                             batch_size=1, max_seq_len=64, max_continuation_len=32,
+                             prefix_weight=0.1, max_positives=10, max_negatives=4)
   lm, _ = batcher.build([0], seed=0)
   full = tok.encode(text) + [tok.eos_id]
   n = len(full) - 1
@@ -101,8 +105,8 @@ def test_training_ids_are_the_whole_string_tokenised_once():
   assert lm.targets[0, :n].tolist() == full[1:]
   ids, split = tok.encode_split([text], [at])[0]
   assert tok.decode(ids[:split]) == text[:at] and split == len(tok.encode(text[:at]))
-  np.testing.assert_allclose(lm.target_weights[0, :n],
-                             [0.1] * (split - 1) + [1.0] * (n - split + 1))
+  np.testing.assert_allclose(lm.target_weights[0, :n], [0.1] * (split - 1) + [1.0] *
+                             (n - split + 1))
 
 
 def test_positive_candidates_are_drawn_at_random_beyond_the_first_ten():
@@ -111,10 +115,10 @@ def test_positive_candidates_are_drawn_at_random_beyond_the_first_ten():
   examples = [batching.TrainExample("q1", f" r {i}\nAnswer: 1") for i in range(15)]
 
   def make(seed):
-    return batching.Batcher(
-        tok, {"q1": "Question: a\nReasoning:"}, examples, {"q1": [" w\nAnswer: 2"]},
-        batch_size=1, max_seq_len=64, max_continuation_len=32, prefix_weight=0.1,
-        max_positives=10, max_negatives=4, seed=seed)
+    return batching.Batcher(tok, {"q1": "Question: a\nReasoning:"}, examples,
+                            {"q1": [" w\nAnswer: 2"]}, batch_size=1, max_seq_len=64,
+                            max_continuation_len=32, prefix_weight=0.1, max_positives=10,
+                            max_negatives=4, seed=seed)
 
   batcher = make(0)
   assert all(len(p) == 10 for p in batcher.positives_of)

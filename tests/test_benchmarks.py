@@ -28,12 +28,14 @@ def sizes(t):
 
 
 @needs_data
-@pytest.mark.parametrize("name, expected", [
-    ("gsm8k", {"train": 7373, "val": 100, "test": 1319}),
-    ("multiarith", {"train": 306, "val": 100, "test": 174}),  # 600 records, 580 questions
-    ("svamp", {"train": 600, "val": 100, "test": 300}),
-    ("csqa", {"train": 9641, "val": 100, "test": 1221}),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("gsm8k", {"train": 7373, "val": 100, "test": 1319}),
+        ("multiarith", {"train": 306, "val": 100, "test": 174}),  # 600 records, 580 questions
+        ("svamp", {"train": 600, "val": 100, "test": 300}),
+        ("csqa", {"train": 9641, "val": 100, "test": 1221}),
+    ])
 def test_record_counts_and_splits(name, expected):
   t = task(name)
   assert sizes(t) == expected
@@ -126,7 +128,7 @@ def test_csqa_format_and_unlabeled_test_file():
   bad = os.path.join(DATA, "csqa", "test_rand_split_no_answers.jsonl")
   from tailored_jax.data.sources import load
   with pytest.raises(DataError, match=r"test_rand_split_no_answers.jsonl:1: missing field "
-                                      r"'answerKey'"):
+                     r"'answerKey'"):
     load(bad, t.parse_record)
 
 
@@ -141,17 +143,21 @@ def test_malformed_records_name_file_line_and_field(tmp_path):
   t = task("gsm8k", data_path=str(tmp_path), num_val=1, skip_malformed=True)
   assert sizes(t) == {"train": 1, "val": 1, "test": 1}
   (tmp_path / "SVAMP.json").write_text('[{"ID": "a", "Body": "b", "Question": "q", '
-                                        '"Answer": "5"}]')
+                                       '"Answer": "5"}]')
   with pytest.raises(DataError, match=r"SVAMP.json\[0\]: field 'Answer' has type str"):
     task("svamp", data_path=str(tmp_path)).splits()
 
 
 def test_num_demos_per_task():
-  counts = {name: len(task(name, num_demos=-1).demos())
-            for name in ("gsm8k", "svamp", "multiarith", "strategyqa", "csqa")}
+  counts = {
+      name: len(task(name, num_demos=-1).demos())
+      for name in ("gsm8k", "svamp", "multiarith", "strategyqa", "csqa")
+  }
   assert counts == {"gsm8k": 3, "svamp": 3, "multiarith": 3, "strategyqa": 4, "csqa": 5}
-  limits = {name: task(name).max_new_tokens
-            for name in ("gsm8k", "svamp", "multiarith", "csqa", "strategyqa")}
+  limits = {
+      name: task(name).max_new_tokens
+      for name in ("gsm8k", "svamp", "multiarith", "csqa", "strategyqa")
+  }
   assert limits == {"gsm8k": 256, "svamp": 192, "multiarith": 192, "csqa": 96, "strategyqa": 128}
 
 
@@ -179,9 +185,13 @@ def test_gsm8k_from_a_prepared_tfds_dataset(tmp_path):
   pytest.importorskip("array_record")
   from unittest import mock
   from tensorflow_datasets.text.gsm8k import gsm8k as builder_module
-  lines = {"train": [{"question": f"What is {i} + {i}?", "answer": f"{i}+{i}=<<{i}+{i}={2 * i}>>"
-                      f"{2 * i}\n#### {2 * i:,}"} for i in range(998, 1006)],
-           "test": [{"question": "What is 2 - 5?", "answer": "2-5=-3\n#### -3"}]}
+  lines = {
+      "train": [{
+          "question": f"What is {i} + {i}?", "answer": f"{i}+{i}=<<{i}+{i}={2 * i}>>"
+                                                       f"{2 * i}\n#### {2 * i:,}"
+      } for i in range(998, 1006)],
+      "test": [{"question": "What is 2 - 5?", "answer": "2-5=-3\n#### -3"}]
+  }
   files = {}
   for split, records in lines.items():
     path = tmp_path / f"{split}.jsonl"

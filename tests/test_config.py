@@ -24,18 +24,18 @@ def test_every_config_file_parses_and_validates(path):
 def test_paper_configs_carry_the_papers_hyper_parameters():
   cfg = config_lib.from_file(os.path.join(ROOT, "configs", "gsm8k_gptj6b.py"))
   t = cfg.train
-  assert (t.batch_size, t.epochs, t.lr, t.warmup_steps, t.weight_decay) == (16, 10, 7e-6, 100,
-                                                                             0.01)
-  assert (t.b1, t.b2, t.eps, t.prefix_weight, t.sr_weight, t.sr_margin) == (
-      0.9, 0.999, 1e-8, 0.1, 0.5, 1.0)
-  assert (cfg.exam.num_samples, cfg.exam.temperature, cfg.exam.top_k, cfg.exam.top_p) == (
-      4, 1.0, 50, 1.0)
+  assert (t.batch_size, t.epochs, t.lr, t.warmup_steps, t.weight_decay) == (16, 10, 7e-6, 100, 0.01)
+  assert (t.b1, t.b2, t.eps, t.prefix_weight, t.sr_weight, t.sr_margin) == (0.9, 0.999, 1e-8, 0.1,
+                                                                            0.5, 1.0)
+  assert (cfg.exam.num_samples, cfg.exam.temperature, cfg.exam.top_k, cfg.exam.top_p) == (4, 1.0,
+                                                                                          50, 1.0)
   assert cfg.rounds == 3 and cfg.seed == 42 and cfg.model.dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("name", [os.path.basename(p)[:-3] for p in sorted(glob.glob(
-    os.path.join(ROOT, "configs", "*.py"))) if not os.path.basename(p).startswith(
-        ("quickstart", "base"))])
+@pytest.mark.parametrize("name", [
+    os.path.basename(p)[:-3] for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+    if not os.path.basename(p).startswith(("quickstart", "base"))
+])
 def test_paper_configs_do_not_clip_and_exam_the_pretrained_student(name):
   """METHOD §4: no gradient clipping; METHOD §2: N_0 from the initial (pretrained) student."""
   cfg = config_lib.from_file(os.path.join(ROOT, "configs", f"{name}.py"))
@@ -76,16 +76,17 @@ def test_baseline_is_plain_distillation_with_a_larger_budget():
 def test_validate_names_the_field(field, value, message):
   cfg = config_lib.base_config()
   section, _, name = field.rpartition(".")
-  (cfg if not section else cfg[section] if "." not in section else
-   cfg[section.split(".")[0]][section.split(".")[1]])[name] = value
+  (cfg if not section else cfg[section]
+   if "." not in section else cfg[section.split(".")[0]][section.split(".")[1]])[name] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(cfg)
 
 
 def cli(*args):
-  return subprocess.run([sys.executable, "-m", "tailored_jax.main",
-                         f"--config={ROOT}/configs/quickstart.py", "--dry_run", *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  return subprocess.run([
+      sys.executable, "-m", "tailored_jax.main", f"--config={ROOT}/configs/quickstart.py",
+      "--dry_run", *args
+  ], capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
 def test_cli_overrides_and_their_errors():

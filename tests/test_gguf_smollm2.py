@@ -32,8 +32,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Question: What is 1
 def both():
   ours = load_student(GGUF)
   directory, name = os.path.split(GGUF)
-  theirs = transformers.AutoModelForCausalLM.from_pretrained(
-      directory, gguf_file=name, torch_dtype=torch.float32).eval()
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                             torch_dtype=torch.float32).eval()
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
   return ours, theirs, tokenizer
 
@@ -41,8 +41,8 @@ def both():
 def test_config_and_tokenizer(both):
   ours, _, tokenizer = both
   cfg = ours.model.cfg
-  assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == (
-      30, 576, 9, 3, 49152)
+  assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == (30, 576, 9, 3,
+                                                                                      49152)
   assert cfg.tie_embeddings and ours.chat_template
   for prompt in PROMPTS:
     assert ours.tokenizer.encode(prompt) == tokenizer(prompt, add_special_tokens=False).input_ids
@@ -50,8 +50,9 @@ def test_config_and_tokenizer(both):
 
 def test_logits_match_transformers(both):
   ours, theirs, tokenizer = both
-  forward = jax.jit(lambda p, t: Llama(ours.model.cfg).apply(
-      {"params": p}, t, np.arange(t.shape[1])[None], t > -1)[0])
+  forward = jax.jit(
+      lambda p, t: Llama(ours.model.cfg).apply({"params": p}, t,
+                                               np.arange(t.shape[1])[None], t > -1)[0])
   for prompt in PROMPTS:
     ids = ours.tokenizer.encode(prompt)
     with torch.no_grad():
@@ -66,8 +67,8 @@ def test_greedy_text_matches_transformers(both):
   for prompt in PROMPTS:
     ids = ours.tokenizer.encode(prompt)
     with torch.no_grad():
-      expected = theirs.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                                                                dtype=torch.long),
+      expected = theirs.generate(torch.tensor([ids]),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=16, do_sample=False,
                                  pad_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
     got, text = generate(ours, prompt, 16, SamplingConfig())

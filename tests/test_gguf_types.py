@@ -27,18 +27,21 @@ def permute(w, heads):
 
 
 def gguf_name(hf_name):
-  top = {"model.embed_tokens.weight": "token_embd.weight",
-         "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+  top = {
+      "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+      "lm_head.weight": "output.weight"
+  }
   if hf_name in top:
     return top[hf_name]
   layer, rest = hf_name.split(".")[2], hf_name.split(".", 3)[3]
-  rename = {"input_layernorm.weight": "attn_norm.weight",
-            "post_attention_layernorm.weight": "ffn_norm.weight",
-            "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-            "self_attn.v_proj.weight": "attn_v.weight",
-            "self_attn.o_proj.weight": "attn_output.weight",
-            "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-            "mlp.down_proj.weight": "ffn_down.weight"}
+  rename = {
+      "input_layernorm.weight": "attn_norm.weight",
+      "post_attention_layernorm.weight": "ffn_norm.weight",
+      "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+      "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+      "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+      "mlp.down_proj.weight": "ffn_down.weight"
+  }
   return f"blk.{layer}.{rename[rest]}"
 
 
@@ -46,10 +49,11 @@ def gguf_name(hf_name):
 def source():
   tok = train_bpe([f"Question: {i} + {i} = {2 * i}\nAnswer: {2 * i}" for i in range(200)], 300)
   torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=N_HEADS, num_key_value_heads=N_KV, rms_norm_eps=1e-5,
-      tie_word_embeddings=False)).eval()
+  model = transformers.LlamaForCausalLM(
+      transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=N_HEADS,
+                               num_key_value_heads=N_KV, rms_norm_eps=1e-5,
+                               tie_word_embeddings=False)).eval()
   return tok, model, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
@@ -111,9 +115,9 @@ def test_each_type_loads_as_gguf_dequantises_it(source, tmp_path, qtype):
     ids = np.array([[5, 17, 42, 8, 33]])
     with torch.no_grad():
       want = model(torch.tensor(ids)).logits.numpy()
-    logits, _, _ = model_for(pretrained.cfg).apply(
-        {"params": pretrained.load_params()}, ids.astype(np.int32), np.arange(5)[None],
-        np.ones((1, 5), bool))
+    logits, _, _ = model_for(pretrained.cfg).apply({"params": pretrained.load_params()},
+                                                   ids.astype(np.int32),
+                                                   np.arange(5)[None], np.ones((1, 5), bool))
     assert np.abs(np.asarray(logits) - want).max() <= 1e-4
 
 

@@ -20,9 +20,10 @@ COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_l
 CASES = {
     "llama_gqa": lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=False),
     "llama3_rope": lambda: transformers.LlamaConfig(
-        **dict(COMMON, rope_theta=500000.0), tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        **dict(COMMON, rope_theta=500000.0), tie_word_embeddings=True, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64
+        }),
     "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=4096),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
     "gptj": lambda: transformers.GPTJConfig(vocab_size=96, n_embd=64, n_layer=2, n_head=4,
@@ -62,7 +63,7 @@ def test_logits_match_transformers(name, tmp_path):
     expected = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
   positions = np.broadcast_to(np.arange(10), tokens.shape)
   got, _, _ = model_for(cfg).apply({"params": params}, jnp.asarray(tokens, jnp.int32),
-                               jnp.asarray(positions), jnp.asarray(mask, bool))
+                                   jnp.asarray(positions), jnp.asarray(mask, bool))
   valid = mask.astype(bool)
   diff = np.abs(np.asarray(got)[valid] - expected.numpy()[valid]).max()
   assert diff <= 1e-4, diff
@@ -74,8 +75,9 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
   prompt = [5, 17, 42, 8, 33]
   with torch.no_grad():
     expected = model.generate(torch.tensor([prompt]),
-                              attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)[0, 5:].tolist()
+                              attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=32,
+                              min_new_tokens=32, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, 5:].tolist()
   decoder = decode.Decoder(model_for(cfg), decode.StopTables.never_stop(cfg.vocab_size))
   tokens = np.array([[0, 0] + prompt], np.int32)  # left-padded, as the exam pads
   out, lengths = decoder(params, tokens, tokens > 0, jax.random.PRNGKey(0), max_new_tokens=32,
@@ -107,9 +109,10 @@ def test_export_round_trip_is_bit_exact(name, tmp_path):
 def test_import_errors_name_file_and_tensor(tmp_path):
   model, cfg, _, _ = build("llama_gqa", tmp_path)
   bad = dataclasses_replace(cfg, d_ff=100)
-  with pytest.raises(hf_io.ModelImportError, match=r"model.safetensors: tensor "
-                                                   r"'model.layers.0.mlp.(gate|up|down)_proj.weight' "
-                                                   r"has shape"):
+  with pytest.raises(
+      hf_io.ModelImportError, match=r"model.safetensors: tensor "
+      r"'model.layers.0.mlp.(gate|up|down)_proj.weight' "
+      r"has shape"):
     hf_io.load_params(hf_io.iter_hf_tensors(str(tmp_path)), bad)
   with pytest.raises(hf_io.ModelImportError, match=r"model_type 'gpt_neox' is not supported"):
     hf_io.config_from_hf({"model_type": "gpt_neox"})

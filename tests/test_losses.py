@@ -30,4 +30,3 @@ def test_last_real_token():
   h = np.arange(2 * 4 * 1, dtype=np.float32).reshape(2, 4, 1)
   valid = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], bool)
   assert losses.last_real_token(h, valid)[:, 0].tolist() == [1.0, 7.0]
-

@@ -57,13 +57,13 @@ def test_left_padding_is_masked(params):
 def test_prefix_cache_continuation_matches_full_hidden(params):
   """Self-reflection encodes continuations from a shared prefix cache: same hidden states."""
   prefix, cont = [4, 8, 15], [16, 23, 42 % 40]
-  _, full_hidden, _ = forward(params, np.array([prefix + cont]), np.arange(6)[None],
-                              np.ones((1, 6), bool))
+  _, full_hidden, _ = forward(params, np.array([prefix + cont]),
+                              np.arange(6)[None], np.ones((1, 6), bool))
   cache = KVCache.zeros(CFG.n_layers, 1, 3 + 4, CFG.n_kv_heads, CFG.head_dim, jnp.float32)
-  _, _, cache = forward(params, np.array([prefix]), np.arange(3)[None], np.ones((1, 3), bool),
-                        cache)
-  _, hidden, _ = forward(params, np.array([cont + [0]]), np.arange(3, 7)[None],
-                         np.array([[True, True, True, False]]), cache)
+  _, _, cache = forward(params, np.array([prefix]),
+                        np.arange(3)[None], np.ones((1, 3), bool), cache)
+  _, hidden, _ = forward(params, np.array([cont + [0]]),
+                         np.arange(3, 7)[None], np.array([[True, True, True, False]]), cache)
   np.testing.assert_allclose(hidden[:, :3], full_hidden[:, 3:], atol=1e-5)
 
 
@@ -89,8 +89,8 @@ def test_greedy_decode_equals_stepwise_argmax(params):
   seq = list(prompt)
   expected = []
   for _ in range(6):
-    logits, _, _ = forward(params, np.array([seq]), np.arange(len(seq))[None],
-                           np.ones((1, len(seq)), bool))
+    logits, _, _ = forward(params, np.array([seq]),
+                           np.arange(len(seq))[None], np.ones((1, len(seq)), bool))
     row = np.array(logits[0, -1])
     row[[0, 2]] = -np.inf
     if not expected:
@@ -115,8 +115,10 @@ def test_rows_stop_on_their_own_and_samples_repeat_prompts(params):
   out, lengths = np.asarray(out), np.asarray(lengths)
   assert out.shape == (5, 8)
   for row, n in zip(out, lengths):
-    stops = [i for i, t in enumerate(row[:n]) if t == 1 or t == 31
-             or (i > 0 and row[i - 1] == 30 and t == 30)]
+    stops = [
+        i for i, t in enumerate(row[:n])
+        if t == 1 or t == 31 or (i > 0 and row[i - 1] == 30 and t == 30)
+    ]
     assert not stops or stops[0] == n - 1  # nothing after the first stop
     assert (row[n:] == 0).all()
     assert 0 not in row[:n] and 2 not in row[:n]
@@ -124,17 +126,17 @@ def test_rows_stop_on_their_own_and_samples_repeat_prompts(params):
 
 def test_filter_logits_top_k_and_top_p():
   logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-  kept = np.isfinite(np.asarray(sampling.filter_logits(logits, 2, 1.0))) & (
-      np.asarray(sampling.filter_logits(logits, 2, 1.0)) > -1e29)
+  kept = np.isfinite(np.asarray(sampling.filter_logits(logits, 2, 1.0))) & (np.asarray(
+      sampling.filter_logits(logits, 2, 1.0)) > -1e29)
   assert kept.tolist() == [[True, True, False, False, False]]
   top_p = np.asarray(sampling.filter_logits(logits, 0, 0.8)) > -1e29
   assert top_p.tolist() == [[True, True, True, False, False]]
 
 
 def _train_cfg():
-  return ml_collections.ConfigDict(dict(
-      lr=1e-2, warmup_steps=1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
-      sr_weight=0.5, sr_margin=1.0))
+  return ml_collections.ConfigDict(
+      dict(lr=1e-2, warmup_steps=1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
+           sr_weight=0.5, sr_margin=1.0))
 
 
 def _batch(rng):
@@ -156,8 +158,8 @@ def _batch(rng):
 
 
 def _mesh_cfg(data, fsdp, tensor, num_devices):
-  return ml_collections.ConfigDict({"mesh": dict(data=data, fsdp=fsdp, tensor=tensor,
-                                                 num_devices=num_devices)})
+  return ml_collections.ConfigDict(
+      {"mesh": dict(data=data, fsdp=fsdp, tensor=tensor, num_devices=num_devices)})
 
 
 def test_sharded_train_step_matches_single_device():
@@ -209,16 +211,16 @@ def test_exam_samples_do_not_depend_on_batch_size_or_order(params):
     def decode_batch(self, rows):
       return [",".join(str(int(t)) for t in row) for row in rows]
 
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(
-      {"mesh": dict(data=-1, fsdp=1, tensor=1, num_devices=1)}))
+  mesh = sharding.make_mesh(
+      ml_collections.ConfigDict({"mesh": dict(data=-1, fsdp=1, tensor=1, num_devices=1)}))
   decoder = decode.Decoder(MODEL, decode.StopTables.never_stop(CFG.vocab_size))
   prompts = ["abc", "hello", "xyz", "qq", "mnop"]
 
   def run(batch_size, order):
-    texts = generate_texts(
-        decoder, params, CharTokenizer(), [prompts[i] for i in order], mesh=mesh,
-        num_samples=3, sampling=sampling.SamplingConfig(1.0, 10, 1.0), max_new_tokens=5,
-        batch_size=batch_size, rng=jax.random.PRNGKey(7), label="test")
+    texts = generate_texts(decoder, params, CharTokenizer(), [prompts[i] for i in order], mesh=mesh,
+                           num_samples=3, sampling=sampling.SamplingConfig(1.0, 10,
+                                                                           1.0), max_new_tokens=5,
+                           batch_size=batch_size, rng=jax.random.PRNGKey(7), label="test")
     return {prompts[i]: t for i, t in zip(order, texts)}
 
   reference = run(2, [0, 1, 2, 3, 4])

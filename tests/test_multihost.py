@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-
 from tailored_jax import rounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,11 +42,14 @@ def read(workdir, *parts):
 def run_two(workdir: str, max_requests: int = 0) -> list[tuple[int, str]]:
   address = f"127.0.0.1:{free_port()}"
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  workers = [subprocess.Popen([sys.executable, "-c", WORKER, address, str(i), workdir, ROOT,
-                               str(max_requests)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  return [(w.returncode, out) for w, out in
-          ((w, w.communicate(timeout=600)[0]) for w in workers)]
+  workers = [
+      subprocess.Popen(
+          [sys.executable, "-c", WORKER, address,
+           str(i), workdir, ROOT,
+           str(max_requests)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)
+  ]
+  return [(w.returncode, out) for w, out in ((w, w.communicate(timeout=600)[0]) for w in workers)]
 
 
 def test_a_failure_on_process_0_stops_every_process(tmp_path):
@@ -72,5 +74,5 @@ def test_two_processes_match_one(tmp_path):
     assert read(shared, "round_2", name) == read(single, "round_2", name)
   assert read(shared, "round_1", "mistakes.jsonl") == read(single, "round_1", "mistakes.jsonl")
   # one teacher, one writer: every request was paid once
-  assert read(shared, "teacher_cache.jsonl").count("\n") == read(
-      single, "teacher_cache.jsonl").count("\n")
+  assert read(shared, "teacher_cache.jsonl").count("\n") == read(single,
+                                                                 "teacher_cache.jsonl").count("\n")

@@ -51,8 +51,10 @@ def reference(tmp_path_factory):
 def test_end_to_end_outputs(reference):
   workdir, records = reference
   assert [r["round"] for r in records] == [1, 2]
-  assert set(records[0]) == {"round", "train_examples", "mistakes", "teacher_requests",
-                             "teacher_tokens", "val_accuracy", "test_accuracy", "seconds"}
+  assert set(records[0]) == {
+      "round", "train_examples", "mistakes", "teacher_requests", "teacher_tokens", "val_accuracy",
+      "test_accuracy", "seconds"
+  }
   assert records[0]["teacher_requests"] == 16 and records[0]["mistakes"] == 0
   annotate = json.loads(read(workdir, "round_1", "teacher.json"))
   assert annotate["usage"]["requests"] == 16
@@ -88,7 +90,7 @@ def test_resume_after_kill_between_phases(reference, tmp_path):
   assert cache_lines(workdir) == cache_lines(reference[0])  # no teacher call paid twice
   assert paid_before == 16
   assert read(workdir, "round_2", "eval_test.jsonl") == read(reference[0], "round_2",
-                                                              "eval_test.jsonl")
+                                                             "eval_test.jsonl")
 
 
 def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, monkeypatch):
@@ -104,6 +106,7 @@ def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, mon
       if calls["n"] == 5:  # round 1, after the checkpoint at step 3
         raise KeyboardInterrupt("killed mid-training")
       return fn(state, lm, reflection)
+
     return step
 
   monkeypatch.setattr(Trainer, "step_fn", dying_step_fn)
@@ -116,11 +119,13 @@ def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, mon
   real_run = ChatClient.run
 
   def dying_run(self, requests, on_reply=None):
+
     def reply_then_die(i, reply):
       if len(self.cache) >= 16 + 3:  # three feedback replies paid, then the kill
         raise SimulatedKill("killed mid-feedback")
       if on_reply:
         on_reply(i, reply)
+
     return real_run(self, requests, reply_then_die)
 
   monkeypatch.setattr(ChatClient, "run", dying_run)
@@ -136,7 +141,7 @@ def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, mon
   assert train1["resumed_at_step"] == 3
   assert [dict(r, seconds=0) for r in records] == [dict(r, seconds=0) for r in reference[1]]
   assert read(workdir, "round_2", "eval_test.jsonl") == read(reference[0], "round_2",
-                                                              "eval_test.jsonl")
+                                                             "eval_test.jsonl")
 
 
 def test_changed_config_on_resume_is_refused(reference):
@@ -188,16 +193,21 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   cfg = tiny_config()
   cfg.method.fresh_optimizer = False
   task = build_task(cfg.task)
-  tok = train_bpe([task.format_prefix(d.question, []) + task.format_continuation(
-      d.question, d.rationale, d.answer) for d in task.tokenizer_corpus()], 300)
+  tok = train_bpe([
+      task.format_prefix(d.question, [])
+      + task.format_continuation(d.question, d.rationale, d.answer)
+      for d in task.tokenizer_corpus()
+  ], 300)
   source = tmp_path / "gptj"
   torch.manual_seed(0)
-  model = transformers.GPTJForCausalLM(transformers.GPTJConfig(
-      vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=256))
+  model = transformers.GPTJForCausalLM(
+      transformers.GPTJConfig(vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2,
+                              rotary_dim=8, n_positions=256))
   model.save_pretrained(source)
   tok.backend.save(str(source / "tokenizer.json"))
-  (source / "tokenizer_config.json").write_text(json.dumps(
-      {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
+  (source / "tokenizer_config.json").write_text(
+      json.dumps(
+          {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
   cfg.model.init_from = str(source)
   workdir = str(tmp_path / "run")
   records = rounds.run(cfg, workdir)
@@ -215,7 +225,6 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   assert student.model.cfg.vocab_size == tok.vocab_size + 1  # the added <|pad|> row
   assert student.tokenizer.pad_id == tok.vocab_size
   assert student.tokenizer.backend.id_to_token(tok.vocab_size) == "<|pad|>"
-
 
 
 def test_pad_row_is_the_mean_of_the_old_rows():

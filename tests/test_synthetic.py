@@ -47,8 +47,8 @@ def test_parse_roundtrip_and_reference_rationales_score_right():
 
 
 def test_first_wrong_step():
-  p = synthetic.Problem("Ava", "pens", 5, (synthetic.Step("add", 3, 0),
-                                          synthetic.Step("mul", 2, 0)), "Ben")
+  p = synthetic.Problem("Ava", "pens", 5,
+                        (synthetic.Step("add", 3, 0), synthetic.Step("mul", 2, 0)), "Ben")
   assert p.values() == [5, 8, 16]
   assert synthetic.first_wrong_step(p, "5 + 3 = 8. 8 * 2 = 17.") == (2, "8 * 2 = 17")
   assert synthetic.first_wrong_step(p, "5 + 4 = 9. 9 * 2 = 18.") == (1, "5 + 4 = 9")

@@ -11,8 +11,8 @@ from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
 from tailored_jax.teacher.server import DEFAULT_MODEL, LocalTeacherServer
 
-PROBLEM = synthetic.Problem("Ava", "pens", 5, (synthetic.Step("add", 3, 0),
-                                               synthetic.Step("mul", 2, 0)), "Ben")
+PROBLEM = synthetic.Problem("Ava", "pens", 5,
+                            (synthetic.Step("add", 3, 0), synthetic.Step("mul", 2, 0)), "Ben")
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,9 @@ def server():
 
 def post(server, body, key="sk-test", path="/chat/completions", method="POST"):
   data = body if isinstance(body, bytes) else json.dumps(body).encode()
-  request = urllib.request.Request(server.url + path, data=data if method == "POST" else None,
-                                   method=method, headers={"Authorization": f"Bearer {key}",
-                                                           "Content-Type": "application/json"})
+  request = urllib.request.Request(
+      server.url + path, data=data if method == "POST" else None, method=method,
+      headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
   try:
     with urllib.request.urlopen(request) as response:
       return response.status, json.loads(response.read())
@@ -34,8 +34,10 @@ def post(server, body, key="sk-test", path="/chat/completions", method="POST"):
 
 
 def annotation_body(n=3):
-  return {"model": DEFAULT_MODEL, "n": n, "temperature": 0.7,
-          "messages": prompts.annotation_messages(PROBLEM.question(), [])}
+  return {
+      "model": DEFAULT_MODEL, "n": n, "temperature": 0.7,
+      "messages": prompts.annotation_messages(PROBLEM.question(), [])
+  }
 
 
 def test_completion_has_n_choices_usage_and_correct_rationales(server):
@@ -54,8 +56,10 @@ def test_completion_has_n_choices_usage_and_correct_rationales(server):
 
 
 def test_feedback_names_first_wrong_step(server):
-  body = {"model": DEFAULT_MODEL, "messages": prompts.feedback_messages(
-      PROBLEM.question(), "Ava starts with 5. 5 + 3 = 8. 8 * 2 = 18.\nAnswer: 18", "16", [])}
+  body = {
+      "model": DEFAULT_MODEL, "messages": prompts.feedback_messages(
+          PROBLEM.question(), "Ava starts with 5. 5 + 3 = 8. 8 * 2 = 18.\nAnswer: 18", "16", [])
+  }
   status, reply = post(server, body)
   assert status == 200
   text = reply["choices"][0]["message"]["content"]
@@ -71,8 +75,7 @@ def test_feedback_names_first_wrong_step(server):
     (dict(annotation_body(), n=0), 400, "n"),
     (dict(annotation_body(), temperature=3), 400, "temperature"),
     (dict(annotation_body(), model="gpt-9"), 404, "model"),
-    ({"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hello"}]}, 400,
-     "messages"),
+    ({"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hello"}]}, 400, "messages"),
 ])
 def test_bad_requests_get_openai_error_bodies(server, body, status, param):
   got_status, got = post(server, body)
@@ -125,8 +128,8 @@ def test_client_reports_non_retryable_errors_and_gives_up(server, tmp_path):
 def test_client_without_n_support_sends_single_choice_requests(server, tmp_path):
   client = ChatClient(server.url, DEFAULT_MODEL, api_key="sk-test", backoff_s=0.0,
                       cache=ReplyCache(str(tmp_path / "c.jsonl"), "v"), supports_n=False)
-  results, usage = client.run([ChatRequest(prompts.annotation_messages(PROBLEM.question(), []),
-                                           n=3)])
+  results, usage = client.run(
+      [ChatRequest(prompts.annotation_messages(PROBLEM.question(), []), n=3)])
   assert usage.requests == 3 and len(results[0].texts) == 3
 
 
@@ -158,10 +161,14 @@ def test_parse_reply_formats():
 def test_local_teacher_replies_depend_on_the_request_alone():
   """The oracle's slips and wordings are seeded by (server seed, request body): the order and
   concurrency in which requests arrive change nothing."""
-  problems = [synthetic.Problem("Ava", "pens", a, (synthetic.Step("add", 3, 0),), "Ben")
-              for a in range(1, 13)]
-  requests = [ChatRequest(prompts.annotation_messages(p.question(), []), n=3, temperature=0.7)
-              for p in problems]
+  problems = [
+      synthetic.Problem("Ava", "pens", a, (synthetic.Step("add", 3, 0),), "Ben")
+      for a in range(1, 13)
+  ]
+  requests = [
+      ChatRequest(prompts.annotation_messages(p.question(), []), n=3, temperature=0.7)
+      for p in problems
+  ]
 
   def replies(order, concurrency):
     with LocalTeacherServer(seed=5, error_rate=0.5) as s:

@@ -31,6 +31,9 @@ def timed(fn, repeats: int) -> float:
 
 def report(name: str, **fields) -> None:
   device = jax.devices()[0]
-  print(json.dumps({"benchmark": name, "backend": jax.default_backend(),
-                    "device": getattr(device, "device_kind", str(device)),
-                    "devices": jax.device_count(), **fields}, indent=2))
+  print(
+      json.dumps(
+          {
+              "benchmark": name, "backend": jax.default_backend(), "device": getattr(
+                  device, "device_kind", str(device)), "devices": jax.device_count(), **fields
+          }, indent=2))

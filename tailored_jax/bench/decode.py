@@ -48,25 +48,31 @@ def main(argv=None) -> None:
   decoder = Decoder(model, StopTables.never_stop(args.vocab_size))
   results = {}
   for name, samples, sampling in (("kv_cache_greedy", 1, SamplingConfig()),
-                                  ("kv_cache_sampled_k", args.samples,
-                                   SamplingConfig(1.0, 50, 1.0))):
-    seconds = timed(lambda: jax.block_until_ready(decoder(
-        params, prompts, valid, jax.random.PRNGKey(0), max_new_tokens=args.new_tokens,
-        num_samples=samples, sampling=sampling)), args.repeats)
+                                  ("kv_cache_sampled_k", args.samples, SamplingConfig(1.0, 50,
+                                                                                      1.0))):
+    seconds = timed(
+        lambda: jax.block_until_ready(
+            decoder(params, prompts, valid, jax.random.PRNGKey(0), max_new_tokens=args.new_tokens,
+                    num_samples=samples, sampling=sampling)), args.repeats)
     tokens = args.prompts * samples * args.new_tokens
-    results[name] = {"sequences": args.prompts * samples, "seconds": seconds,
-                     "generated_tokens_per_s": tokens / seconds}
+    results[name] = {
+        "sequences": args.prompts * samples, "seconds": seconds,
+        "generated_tokens_per_s": tokens / seconds
+    }
   recompute = jax.jit(lambda p, t: recompute_generate(model, p, t, args.new_tokens))
   seconds = timed(lambda: jax.block_until_ready(recompute(params, prompts)), args.repeats)
-  results["recompute_greedy"] = {"sequences": args.prompts, "seconds": seconds,
-                                 "generated_tokens_per_s": args.prompts * args.new_tokens / seconds}
+  results["recompute_greedy"] = {
+      "sequences": args.prompts, "seconds": seconds,
+      "generated_tokens_per_s": args.prompts * args.new_tokens / seconds
+  }
   cached, again = decoder(params, prompts, valid, jax.random.PRNGKey(0),
                           max_new_tokens=args.new_tokens, num_samples=1,
                           sampling=SamplingConfig())[0], recompute(params, prompts)
-  report("decode", config=args.config, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-         **results, same_greedy_tokens=bool((np.asarray(cached) == np.asarray(again)).all()),
-         kv_cache_speedup=(results["recompute_greedy"]["seconds"]
-                           / results["kv_cache_greedy"]["seconds"]))
+  report(
+      "decode", config=args.config, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+      **results, same_greedy_tokens=bool((np.asarray(cached) == np.asarray(again)).all()),
+      kv_cache_speedup=(results["recompute_greedy"]["seconds"]
+                        / results["kv_cache_greedy"]["seconds"]))
 
 
 if __name__ == "__main__":

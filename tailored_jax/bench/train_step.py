@@ -40,9 +40,8 @@ def main(argv=None) -> None:
   trainer = Trainer(model, cfg.train, sharding.make_mesh(cfg))
   b = cfg.train.batch_size
   sr_rows = cfg.train.sr_batch_size or b
-  lm, reflection = (trainer.put_batch(x) for x in synthetic_batch(
-      np.random.default_rng(0), b, args.seq_len, args.prefix_len, args.continuation_len, sr_rows,
-      args.vocab_size))
+  lm, reflection = (trainer.put_batch(x) for x in synthetic_batch(np.random.default_rng(
+      0), b, args.seq_len, args.prefix_len, args.continuation_len, sr_rows, args.vocab_size))
   results = {}
   step = trainer.step_fn()
   for name, rows in (("lm", None), ("lm_plus_self_reflection", reflection)):
@@ -53,13 +52,16 @@ def main(argv=None) -> None:
       jax.block_until_ready(metrics)
 
     seconds = timed(run, args.repeats)
-    results[name] = {"seconds_per_step": seconds, "steps_per_s": 1 / seconds,
-                     "target_tokens_per_s": b * args.seq_len / seconds}
+    results[name] = {
+        "seconds_per_step": seconds, "steps_per_s": 1 / seconds,
+        "target_tokens_per_s": b * args.seq_len / seconds
+    }
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  report("train_step", config=args.config, parameters=n_params, batch=b,
-         seq_len=args.seq_len, self_reflection_rows=sr_rows, **results,
-         self_reflection_cost_ratio=(results["lm_plus_self_reflection"]["seconds_per_step"]
-                                     / results["lm"]["seconds_per_step"]))
+  report(
+      "train_step", config=args.config, parameters=n_params, batch=b, seq_len=args.seq_len,
+      self_reflection_rows=sr_rows, **results,
+      self_reflection_cost_ratio=(results["lm_plus_self_reflection"]["seconds_per_step"]
+                                  / results["lm"]["seconds_per_step"]))
 
 
 if __name__ == "__main__":

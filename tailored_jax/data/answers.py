@@ -42,8 +42,8 @@ def extract_number(text: str) -> Extraction:
     return Extraction(None, text, "no_number")
   # Map the match in the comma-free text back to the original text to cut the rationale.
   last = matches[-1]
-  return Extraction(_without_full_stop(last.group()),
-                    _cut_after_nth_comma_free(text, last.end()), None)
+  return Extraction(_without_full_stop(last.group()), _cut_after_nth_comma_free(text, last.end()),
+                    None)
 
 
 def _first_number(text: str) -> tuple[str, int] | None:

@@ -26,10 +26,10 @@ class TrainExample:
 class LMBatch:
   """Next-token arrays [batch, seq]: filler rows and padding have masks 0; prefix targets weigh
   `train.prefix_weight`, continuation targets 1 (METHOD §3)."""
-  inputs: np.ndarray          # int32
-  targets: np.ndarray         # int32
-  input_mask: np.ndarray      # bool
-  target_mask: np.ndarray     # bool
+  inputs: np.ndarray  # int32
+  targets: np.ndarray  # int32
+  input_mask: np.ndarray  # bool
+  target_mask: np.ndarray  # bool
   target_weights: np.ndarray  # float32
 
 
@@ -37,11 +37,11 @@ class LMBatch:
 class ReflectionBatch:
   """Self-reflection rows: a left-padded shared prefix [rows, p] and the anchor, positive and
   negative continuations [rows, 3, c]; `sr_mask` [rows] is 0 where a row has no triplet."""
-  prefix: np.ndarray             # int32
-  prefix_mask: np.ndarray        # bool
-  continuations: np.ndarray      # int32
+  prefix: np.ndarray  # int32
+  prefix_mask: np.ndarray  # bool
+  continuations: np.ndarray  # int32
   continuation_mask: np.ndarray  # bool
-  sr_mask: np.ndarray            # float32
+  sr_mask: np.ndarray  # float32
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -140,8 +140,8 @@ class Batcher:
     # The one place that decides whether this round's steps carry the triplet loss.
     self.self_reflection = self.sr_candidates > 0
 
-  def _tokenise(self, prefixes: dict[str, str], pairs: list[tuple[str, str]]
-                ) -> list[tuple[list[int], int]]:
+  def _tokenise(self, prefixes: dict[str, str],
+                pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
     texts = [prefixes[q] + continuation for q, continuation in pairs]
     out = []
     for ids, split in self.tok.encode_split(texts, [len(prefixes[q]) for q, _ in pairs]):

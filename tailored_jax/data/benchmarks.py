@@ -11,63 +11,69 @@ import re
 
 from tailored_jax.data import answers
 from tailored_jax.data.formats import ChoiceFormat, QAFormat, choices_block
-from tailored_jax.data.sources import (DataError, field, iter_tfds_records, load,
-                                       load_records)
-from tailored_jax.data.tasks import (Demo, Example, Task, hold_out, split_70_30,
-                                     unique_questions)
+from tailored_jax.data.sources import (DataError, field, iter_tfds_records, load, load_records)
+from tailored_jax.data.tasks import (Demo, Example, Task, hold_out, split_70_30, unique_questions)
 
 MATH_DEMOS = (
-    Demo("A baker makes 24 muffins in the morning and 18 more in the afternoon. She sells 30 of "
-         "them. How many muffins are left?",
-         "The baker makes 24 + 18 = 42 muffins. After selling 30, 42 - 30 = 12 muffins are left.",
-         "12"),
-    Demo("Liam reads 15 pages every day for 6 days, then reads 20 pages on the seventh day. How "
-         "many pages does he read that week?",
-         "In the first 6 days he reads 15 * 6 = 90 pages. With the seventh day that is "
-         "90 + 20 = 110 pages.", "110"),
-    Demo("A box holds 8 crayons. A teacher has 5 full boxes and gives 12 crayons away. She "
-         "shares the rest equally among 4 tables. How many crayons does each table get?",
-         "The teacher has 5 * 8 = 40 crayons. After giving 12 away she has 40 - 12 = 28. Each "
-         "of the 4 tables gets 28 / 4 = 7 crayons.", "7"),
+    Demo(
+        "A baker makes 24 muffins in the morning and 18 more in the afternoon. She sells 30 of "
+        "them. How many muffins are left?",
+        "The baker makes 24 + 18 = 42 muffins. After selling 30, 42 - 30 = 12 muffins are left.",
+        "12"),
+    Demo(
+        "Liam reads 15 pages every day for 6 days, then reads 20 pages on the seventh day. How "
+        "many pages does he read that week?",
+        "In the first 6 days he reads 15 * 6 = 90 pages. With the seventh day that is "
+        "90 + 20 = 110 pages.", "110"),
+    Demo(
+        "A box holds 8 crayons. A teacher has 5 full boxes and gives 12 crayons away. She "
+        "shares the rest equally among 4 tables. How many crayons does each table get?",
+        "The teacher has 5 * 8 = 40 crayons. After giving 12 away she has 40 - 12 = 28. Each "
+        "of the 4 tables gets 28 / 4 = 7 crayons.", "7"),
 )
 
 STRATEGY_DEMOS = (
-    Demo("Could a penguin walk from Antarctica to Australia?",
-         "Antarctica and Australia are separated by the Southern Ocean, thousands of kilometres "
-         "of open water. Nobody can walk across an ocean. So the walk is impossible.", "No"),
-    Demo("Is a teaspoon of honey heavier than a teaspoon of water?",
-         "Honey is denser than water, about 1.4 grams per millilitre. The same volume of a "
-         "denser liquid weighs more. So the honey is heavier.", "Yes"),
-    Demo("Could a person born in 1990 vote in the 2004 United States presidential election?",
-         "In 2004 a person born in 1990 was at most 14. Voting in US federal elections needs an "
-         "age of at least 18. So they could not vote.", "No"),
-    Demo("Can a standard piano play a note lower than the lowest string of a guitar?",
-         "A guitar's lowest open string is E2, about 82 Hz. A standard piano reaches down to A0, "
-         "about 27.5 Hz. So the piano goes lower.", "Yes"),
+    Demo(
+        "Could a penguin walk from Antarctica to Australia?",
+        "Antarctica and Australia are separated by the Southern Ocean, thousands of kilometres "
+        "of open water. Nobody can walk across an ocean. So the walk is impossible.", "No"),
+    Demo(
+        "Is a teaspoon of honey heavier than a teaspoon of water?",
+        "Honey is denser than water, about 1.4 grams per millilitre. The same volume of a "
+        "denser liquid weighs more. So the honey is heavier.", "Yes"),
+    Demo(
+        "Could a person born in 1990 vote in the 2004 United States presidential election?",
+        "In 2004 a person born in 1990 was at most 14. Voting in US federal elections needs an "
+        "age of at least 18. So they could not vote.", "No"),
+    Demo(
+        "Can a standard piano play a note lower than the lowest string of a guitar?",
+        "A guitar's lowest open string is E2, about 82 Hz. A standard piano reaches down to A0, "
+        "about 27.5 Hz. So the piano goes lower.", "Yes"),
 )
 
-CSQA_DEMOS = tuple(Demo(choices_block(stem, choices), rationale, letter) for stem, choices,
-                   rationale, letter in (
-    ("Where would you keep milk so that it stays cold?",
-     ["cupboard", "refrigerator", "oven", "backpack", "windowsill"],
-     "Milk needs a cold place to stay fresh, and a refrigerator is built to keep food cold. "
-     "Therefore, the answer is refrigerator (b).", "b"),
-    ("What do people usually do when they feel tired at night?",
-     ["run", "cook", "sleep", "shout", "swim"],
-     "Tiredness at night is the body asking for rest. Therefore, the answer is sleep (c).", "c"),
-    ("What tool would a carpenter use to drive a nail into wood?",
-     ["hammer", "spoon", "brush", "ruler", "pillow"],
-     "A nail goes in when it is struck hard, which is what a hammer is for. Therefore, the "
-     "answer is hammer (a).", "a"),
-    ("If you want to see many kinds of wild animals in one place in a city, where would you go?",
-     ["library", "bank", "stadium", "office", "zoo"],
-     "A zoo keeps many kinds of wild animals where visitors can see them. Therefore, the answer "
-     "is zoo (e).", "e"),
-    ("What usually happens to a houseplant that nobody waters for weeks?",
-     ["it grows faster", "it sings", "it becomes taller", "it wilts", "it freezes"],
-     "A plant without water loses the pressure that holds its leaves up, so they droop and dry "
-     "out. Therefore, the answer is it wilts (d).", "d"),
-))
+CSQA_DEMOS = tuple(
+    Demo(choices_block(stem, choices), rationale, letter) for stem, choices, rationale, letter in (
+        ("Where would you keep milk so that it stays cold?",
+         ["cupboard", "refrigerator", "oven", "backpack", "windowsill"],
+         "Milk needs a cold place to stay fresh, and a refrigerator is built to keep food cold. "
+         "Therefore, the answer is refrigerator (b).", "b"),
+        ("What do people usually do when they feel tired at night?",
+         ["run", "cook", "sleep", "shout", "swim"],
+         "Tiredness at night is the body asking for rest. Therefore, the answer is sleep (c).",
+         "c"),
+        ("What tool would a carpenter use to drive a nail into wood?",
+         ["hammer", "spoon", "brush", "ruler", "pillow"],
+         "A nail goes in when it is struck hard, which is what a hammer is for. Therefore, the "
+         "answer is hammer (a).", "a"),
+        ("If you want to see many kinds of wild animals in one place in a city, where would you "
+         "go?", ["library", "bank", "stadium", "office", "zoo"],
+         "A zoo keeps many kinds of wild animals where visitors can see them. Therefore, the "
+         "answer is zoo (e).", "e"),
+        ("What usually happens to a houseplant that nobody waters for weeks?",
+         ["it grows faster", "it sings", "it becomes taller", "it wilts", "it freezes"],
+         "A plant without water loses the pressure that holds its leaves up, so they droop and dry "
+         "out. Therefore, the answer is it wilts (d).", "d"),
+    ))
 
 
 def _path(cfg, name: str) -> str:
@@ -99,6 +105,7 @@ class GSM8K(_MathTask):
 
   @staticmethod
   def parse(split: str):
+
     def parse_record(record, where):
       solution = field(record, "answer", where)
       if "#### " not in solution:
@@ -106,6 +113,7 @@ class GSM8K(_MathTask):
       gold = solution.rsplit("#### ", 1)[1].strip().replace(",", "")
       number = re.search(r"(\d+)\]?$", where).group(1)  # file line or TFDS index
       return Example(f"{split}-{number}", field(record, "question", where).strip(), gold)
+
     return parse_record
 
   def load_splits(self):

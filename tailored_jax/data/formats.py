@@ -43,8 +43,8 @@ class ChoiceFormat:
   answer_hint: str = "the letter of the choice, like (b)"
 
   def prefix(self, question: str, demos) -> str:
-    shots = "".join(f"Question: {d.question}\nAnswer: {clean_rationale(d.rationale)}\n\n"
-                    for d in demos)
+    shots = "".join(
+        f"Question: {d.question}\nAnswer: {clean_rationale(d.rationale)}\n\n" for d in demos)
     return f"{shots}Question: {question.strip()}\nAnswer:"
 
   def continuation(self, question: str, rationale: str, answer: str) -> str:

@@ -11,9 +11,10 @@ def score_output(task: Task, example: Example, output: str) -> dict:
   extraction = task.extract(output)
   correct = answers.is_correct(extraction.answer, example.gold, task.numeric_equality)
   error = None if correct else (extraction.error or "wrong_answer")
-  return {"id": example.id, "gold": example.gold, "answer": extraction.answer,
-          "correct": correct, "error": error, "output": output,
-          "rationale": extraction.rationale}
+  return {
+      "id": example.id, "gold": example.gold, "answer": extraction.answer, "correct": correct,
+      "error": error, "output": output, "rationale": extraction.rationale
+  }
 
 
 def score(task: Task, examples: list[Example], outputs: list[str]) -> tuple[list[dict], dict]:
@@ -27,5 +28,7 @@ def score(task: Task, examples: list[Example], outputs: list[str]) -> tuple[list
   records = [score_output(task, e, o) for e, o in zip(examples, outputs)]
   correct = sum(r["correct"] for r in records)
   errors = Counter(r["error"] for r in records if r["error"])
-  return records, {"accuracy": correct / max(len(records), 1), "correct": correct,
-                   "total": len(records), "errors": dict(sorted(errors.items()))}
+  return records, {
+      "accuracy": correct / max(len(records), 1), "correct": correct, "total": len(records),
+      "errors": dict(sorted(errors.items()))
+  }

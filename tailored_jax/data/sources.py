@@ -51,8 +51,8 @@ def field(record: Any, name: str, where: str, kind: type | tuple = (str,)) -> An
   if name not in record:
     raise DataError(f"{where}: missing field '{name}'")
   value = record[name]
-  if not isinstance(value, kind) or isinstance(value, bool) and bool not in (
-      kind if isinstance(kind, tuple) else (kind,)):
+  if not isinstance(value, kind) or isinstance(
+      value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
     raise DataError(f"{where}: field '{name}' has type {type(value).__name__}")
   return value
 
@@ -85,8 +85,7 @@ def iter_tfds_records(name: str, split: str, data_dir: str) -> Iterator[tuple[st
     raise DataError(f"tfds:{name} split {split!r} is not prepared in {where} (prepare it once "
                     f"with file_format='array_record'): {e}") from e
   for index in range(len(source)):
-    record = {k: v.decode("utf-8") if isinstance(v, bytes) else v
-              for k, v in source[index].items()}
+    record = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in source[index].items()}
     yield f"tfds:{name}/{split}[{index}]", record
 
 
@@ -102,6 +101,5 @@ def load_records(records: Iterator[tuple[str, Any]], parse: Callable[[Any, str],
         raise
       skipped.append(str(e))
   if skipped:
-    logging.warning("%s: skipped %d malformed records (first: %s)", label, len(skipped),
-                    skipped[0])
+    logging.warning("%s: skipped %d malformed records (first: %s)", label, len(skipped), skipped[0])
   return out

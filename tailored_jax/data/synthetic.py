@@ -28,9 +28,9 @@ RATIONALE_STEPS = {
     "sub": ("After losing {x}, {n} has {p} - {x} = {r} {item}.",
             "{p} - {x} = {r}, so {r} {item} are left.",
             "Taking away {x} {item} leaves {p} - {x} = {r}."),
-    "mul": ("Multiplying by {x} gives {p} * {x} = {r} {item}.",
-            "{p} * {x} = {r}, so now there are {r} {item}.",
-            "{x} times as many is {p} * {x} = {r}."),
+    "mul":
+        ("Multiplying by {x} gives {p} * {x} = {r} {item}.",
+         "{p} * {x} = {r}, so now there are {r} {item}.", "{x} times as many is {p} * {x} = {r}."),
 }
 RATIONALE_STARTS = ("{n} starts with {a} {item}.", "At first {n} has {a} {item}.",
                     "{n} begins with {a} {item}.")
@@ -44,7 +44,7 @@ SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  op: str        # 'add' | 'sub' | 'mul'
+  op: str  # 'add' | 'sub' | 'mul'
   operand: int
   template: int  # index into QUESTION_STEPS[op]
 
@@ -120,8 +120,8 @@ def generate_problem(rng: random.Random, difficulty: Difficulty) -> Problem:
   return Problem(name, item, start, tuple(steps), friend)
 
 
-def generate_splits(seed: int, sizes: dict[str, int], difficulty: Difficulty
-                    ) -> dict[str, list[Problem]]:
+def generate_splits(seed: int, sizes: dict[str, int],
+                    difficulty: Difficulty) -> dict[str, list[Problem]]:
   """Disjoint splits (no question text in two splits), the same for the same seed and sizes."""
   rng = random.Random(seed)
   seen: set[str] = set()
@@ -143,9 +143,10 @@ def generate_splits(seed: int, sizes: dict[str, int], difficulty: Difficulty
   return splits
 
 
-def reference_rationale(problem: Problem, variant: int = 0, rng: random.Random | None = None
-                        ) -> str:
+def reference_rationale(problem: Problem, variant: int = 0,
+                        rng: random.Random | None = None) -> str:
   """A correct step-by-step rationale; `rng` picks a wording per sentence, else `variant` does."""
+
   def pick(options):
     return rng.choice(options) if rng is not None else options[variant % len(options)]
 
@@ -168,8 +169,9 @@ def _template_regex(template: str) -> re.Pattern:
 
 _START_RE = _template_regex(QUESTION_START)
 _END_RE = _template_regex(QUESTION_END)
-_STEP_RES = [(op, i, _template_regex(t)) for op, ts in QUESTION_STEPS.items()
-             for i, t in enumerate(ts)]
+_STEP_RES = [
+    (op, i, _template_regex(t)) for op, ts in QUESTION_STEPS.items() for i, t in enumerate(ts)
+]
 _SENTENCE = re.compile(r"[^.?]+[.?]")
 
 

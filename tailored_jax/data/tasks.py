@@ -74,8 +74,8 @@ class Task:
     return [Demo(e.question, "", e.gold) for e in self.splits()["train"]]
 
 
-def hold_out(examples: list[Example], num_val: int, seed: int
-             ) -> tuple[list[Example], list[Example]]:
+def hold_out(examples: list[Example], num_val: int,
+             seed: int) -> tuple[list[Example], list[Example]]:
   """A seeded validation slice held out of train: (train, val)."""
   if num_val >= len(examples):
     raise ValueError(f"config field task.num_val: {num_val} >= {len(examples)} train examples")
@@ -122,38 +122,43 @@ class SyntheticArithmetic(Task):
   default_max_new_tokens = 128
 
   def __init__(self, cfg):
-    problems = (
-        synthetic.Problem("Mia", "plums", 4, (synthetic.Step("add", 5, 0),
-                                              synthetic.Step("sub", 2, 1)), "Leo"),
-        synthetic.Problem("Tom", "kites", 3, (synthetic.Step("mul", 2, 0),), "Sam"),
-        synthetic.Problem("Zoe", "beads", 9, (synthetic.Step("sub", 4, 2),
-                                              synthetic.Step("mul", 3, 1),
-                                              synthetic.Step("add", 6, 1)), "Ray"))
-    self.all_demos = tuple(Demo(p.question(), synthetic.reference_rationale(p), str(p.answer))
-                           for p in problems)
+    problems = (synthetic.Problem("Mia", "plums", 4,
+                                  (synthetic.Step("add", 5, 0), synthetic.Step("sub", 2, 1)),
+                                  "Leo"),
+                synthetic.Problem("Tom", "kites", 3, (synthetic.Step("mul", 2, 0),), "Sam"),
+                synthetic.Problem("Zoe", "beads", 9, (synthetic.Step(
+                    "sub", 4, 2), synthetic.Step("mul", 3, 1), synthetic.Step("add", 6, 1)), "Ray"))
+    self.all_demos = tuple(
+        Demo(p.question(), synthetic.reference_rationale(p), str(p.answer)) for p in problems)
     super().__init__(cfg)
     s = cfg.synthetic
-    self.difficulty = synthetic.Difficulty(
-        min_steps=s.min_steps, max_steps=s.max_steps, max_start=s.max_start,
-        max_operand=s.max_operand, operations=s.operations)
+    self.difficulty = synthetic.Difficulty(min_steps=s.min_steps, max_steps=s.max_steps,
+                                           max_start=s.max_start, max_operand=s.max_operand,
+                                           operations=s.operations)
     self.sizes = {"train": s.num_train, "val": s.num_val, "test": s.num_test}
     self.seed = s.seed
 
   def load_splits(self) -> dict[str, list[Example]]:
     problems = synthetic.generate_splits(self.seed, self.sizes, self.difficulty)
-    return {split: [Example(f"{split}-{i}", p.question(), str(p.answer)) for i, p in enumerate(ps)]
-            for split, ps in problems.items()}
+    return {
+        split: [Example(f"{split}-{i}", p.question(), str(p.answer)) for i, p in enumerate(ps)]
+        for split, ps in problems.items()
+    }
 
   def tokenizer_corpus(self) -> list[Demo]:
     problems = synthetic.generate_splits(self.seed, self.sizes, self.difficulty)["train"]
-    return [Demo(p.question(), synthetic.reference_rationale(p, variant=v), str(p.answer))
-            for p in problems for v in range(3)]
+    return [
+        Demo(p.question(), synthetic.reference_rationale(p, variant=v), str(p.answer))
+        for p in problems for v in range(3)
+    ]
 
 
 def registry() -> dict[str, type[Task]]:
   from tailored_jax.data import benchmarks
-  tasks = [SyntheticArithmetic, benchmarks.GSM8K, benchmarks.MultiArith, benchmarks.SVAMP,
-           benchmarks.CommonsenseQA, benchmarks.StrategyQA]
+  tasks = [
+      SyntheticArithmetic, benchmarks.GSM8K, benchmarks.MultiArith, benchmarks.SVAMP,
+      benchmarks.CommonsenseQA, benchmarks.StrategyQA
+  ]
   return {t.name: t for t in tasks}
 
 

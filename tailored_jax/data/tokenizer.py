@@ -93,8 +93,7 @@ class Tokenizer:
     out = []
     for encoding, at in zip(self._tok.encode_batch(texts), split_at):
       split = len(encoding.ids)
-      for i, ((_, end), special) in enumerate(zip(encoding.offsets,
-                                                  encoding.special_tokens_mask)):
+      for i, ((_, end), special) in enumerate(zip(encoding.offsets, encoding.special_tokens_mask)):
         if not special and end > at:
           split = i
           break
@@ -134,9 +133,9 @@ def train_bpe(corpus: list[str], vocab_size: int) -> Tokenizer:
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
   ])
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS,
+                                                                       EOS], show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(corpus, trainer=trainer)
   return Tokenizer(with_special_affixes(tok, [tok.token_to_id(BOS)], []))
 
@@ -154,13 +153,13 @@ def special_affixes(tok: tokenizers.Tokenizer) -> tuple[list[int], list[int]]:
   return list(encoding.ids[:content[0]]), list(encoding.ids[content[-1] + 1:])
 
 
-def with_special_affixes(tok: tokenizers.Tokenizer, prefix: list[int], suffix: list[int]
-                         ) -> tokenizers.Tokenizer:
+def with_special_affixes(tok: tokenizers.Tokenizer, prefix: list[int],
+                         suffix: list[int]) -> tokenizers.Tokenizer:
   """A copy of `tok` whose post-processor puts `prefix` before and `suffix` after a sequence."""
   tok = tokenizers.Tokenizer.from_str(tok.to_str())
   names = [tok.id_to_token(i) for i in prefix + suffix]
-  single = [f"{t}:0" for t in names[:len(prefix)]] + ["$A:0"] + [
-      f"{t}:0" for t in names[len(prefix):]]
+  single = [f"{t}:0" for t in names[:len(prefix)]] + ["$A:0"
+                                                     ] + [f"{t}:0" for t in names[len(prefix):]]
   pair = single + ["$B:1"]
   tok.post_processor = processors.TemplateProcessing(
       single=single, pair=pair, special_tokens=sorted(set(zip(names, prefix + suffix))))

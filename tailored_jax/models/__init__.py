@@ -8,11 +8,11 @@ from tailored_jax.models.llama import Llama, LlamaConfig
 
 
 def llama_config(cfg, vocab_size: int) -> LlamaConfig:
-  return LlamaConfig(
-      vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-      n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, d_ff=cfg.d_ff, rope_theta=cfg.rope_theta,
-      norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype, remat=cfg.remat)
+  return LlamaConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
+                     n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                     d_ff=cfg.d_ff, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
+                     tie_embeddings=cfg.tie_embeddings, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, remat=cfg.remat)
 
 
 MODULES = {LlamaConfig: Llama, GPTJConfig: GPTJ}
@@ -28,9 +28,9 @@ def build_model(cfg, vocab_size: int, pretrained: LlamaConfig | GPTJConfig | Non
   a pad token added to its tokenizer), or one built from `cfg` (family 'llama': LLaMA 2/3,
   Mistral, Qwen2, SmolLM2 shapes)."""
   if pretrained is not None:
-    return model_for(dataclasses.replace(
-        pretrained, vocab_size=max(pretrained.vocab_size, vocab_size), dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, remat=cfg.remat))
+    return model_for(
+        dataclasses.replace(pretrained, vocab_size=max(pretrained.vocab_size, vocab_size),
+                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat))
   if cfg.family != "llama":
     raise ValueError(f"config field model.family: unknown family {cfg.family!r}; known: ['llama']")
   return Llama(llama_config(cfg, vocab_size))

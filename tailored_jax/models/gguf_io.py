@@ -27,8 +27,10 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-              "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight"
+}
 
 
 def _reader(path: str):
@@ -71,12 +73,10 @@ def config_from_gguf(reader, path: str) -> LlamaConfig:
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
   """Undo llama.cpp's convert-time permutation of q/k rows (interleaved -> half-split rotary)."""
   rows = w.shape[0]
-  return (w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2)
-          .reshape(w.shape))
+  return (w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
-def iter_gguf_tensors(reader, path: str, cfg: LlamaConfig
-                      ) -> Iterator[tuple[str, str, np.ndarray]]:
+def iter_gguf_tensors(reader, path: str, cfg: LlamaConfig) -> Iterator[tuple[str, str, np.ndarray]]:
   """(file, HF name, float32 array) per tensor, dequantised one at a time."""
   from gguf.quants import dequantize
   for tensor in reader.tensors:

@@ -45,7 +45,7 @@ class GPTJConfig:
 def apply_interleaved_rope(x_bthd, positions_bt, rotary_dim: int):
   """GPT-J rotary: pairs (0,1), (2,3)… of the first `rotary_dim` dims rotate; the rest pass."""
   rot, rest = x_bthd[..., :rotary_dim], x_bthd[..., rotary_dim:]
-  inv_freq = 1.0 / (10000.0 ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
+  inv_freq = 1.0 / (10000.0**(np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
   angle_btr = positions_bt[:, :, None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None]
   sin = jnp.repeat(jnp.sin(angle_btr), 2, axis=-1)[:, :, None, :]
   cos = jnp.repeat(jnp.cos(angle_btr), 2, axis=-1)[:, :, None, :]
@@ -80,19 +80,19 @@ class GPTJBlock(nn.Module):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
-    normal = lambda fan_in: nn.initializers.normal(stddev=fan_in ** -0.5)
+    normal = lambda fan_in: nn.initializers.normal(stddev=fan_in**-0.5)
     h_btd = LayerNorm(cfg.norm_eps, dt, pdt, name="ln")(x_btd)
     wq = param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), pdt, normal(d))
     wk = param(self, "wk", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
     wv = param(self, "wv", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
     wo = param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), pdt, normal(d))
-    q_btnh = apply_interleaved_rope(jnp.einsum("btd,dnh->btnh", h_btd, wq.astype(dt)),
-                                    positions_bt, cfg.rotary_dim)
-    k_btnh = apply_interleaved_rope(jnp.einsum("btd,dnh->btnh", h_btd, wk.astype(dt)),
-                                    positions_bt, cfg.rotary_dim)
+    q_btnh = apply_interleaved_rope(jnp.einsum("btd,dnh->btnh", h_btd, wq.astype(dt)), positions_bt,
+                                    cfg.rotary_dim)
+    k_btnh = apply_interleaved_rope(jnp.einsum("btd,dnh->btnh", h_btd, wk.astype(dt)), positions_bt,
+                                    cfg.rotary_dim)
     v_btnh = jnp.einsum("btd,dnh->btnh", h_btd, wv.astype(dt))
-    out_btnh, cache_k_bskh, cache_v_bskh = cached_attention(
-        q_btnh, k_btnh, v_btnh, cache_k_bskh, cache_v_bskh, index, mask_bts, dt)
+    out_btnh, cache_k_bskh, cache_v_bskh = cached_attention(q_btnh, k_btnh, v_btnh, cache_k_bskh,
+                                                            cache_v_bskh, index, mask_bts, dt)
     attn_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(dt))
     w_in = param(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), pdt, normal(d))
     b_in = param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
@@ -111,15 +111,15 @@ class GPTJ(nn.Module):
   def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
-                         pdt, nn.initializers.normal(stddev=cfg.d_model ** -0.5))
+    embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt,
+                         nn.initializers.normal(stddev=cfg.d_model**-0.5))
     x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt)
     x_btd, new_cache = run_blocks(GPTJBlock, cfg, x_btd, positions_bt, valid_bt, cache)
     hidden_btd = LayerNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x_btd)
     head_dv = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
-                     nn.initializers.normal(stddev=cfg.d_model ** -0.5))
+                    nn.initializers.normal(stddev=cfg.d_model**-0.5))
     head_bias_v = param(self, "lm_head_bias", (cfg.vocab_size,), ("vocab",), pdt,
-                         nn.initializers.zeros)
+                        nn.initializers.zeros)
     logits_btv = hidden_btd @ head_dv.astype(dt) + head_bias_v.astype(dt)
     return logits_btv.astype(jnp.float32), hidden_btd, new_cache
 
@@ -142,11 +142,12 @@ def from_hf_config(hf: dict, model_type: str) -> GPTJConfig:
 
 def to_hf_config(cfg: GPTJConfig, model_type: str) -> dict:
   del model_type
-  return {"architectures": ["GPTJForCausalLM"], "model_type": "gptj",
-          "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
-          "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "rotary_dim": cfg.rotary_dim,
-          "n_positions": 2048, "activation_function": "gelu_new",
-          "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": False}
+  return {
+      "architectures": ["GPTJForCausalLM"], "model_type": "gptj", "vocab_size": cfg.vocab_size,
+      "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff,
+      "rotary_dim": cfg.rotary_dim, "n_positions": 2048, "activation_function": "gelu_new",
+      "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": False
+  }
 
 
 def hf_tensors(cfg: GPTJConfig) -> dict[str, HFTensor]:
@@ -162,18 +163,18 @@ def hf_tensors(cfg: GPTJConfig) -> dict[str, HFTensor]:
       "lm_head.bias": HFTensor(("lm_head_bias",), (v,), same, same),
   }
   for i in range(cfg.n_layers):
-    p, l = f"transformer.h.{i}.", f"layer_{i}"
+    p, layer = f"transformer.h.{i}.", f"layer_{i}"
     table.update({
-        p + "ln_1.weight": HFTensor((l, "ln", "scale"), (d,), same, same),
-        p + "ln_1.bias": HFTensor((l, "ln", "bias"), (d,), same, same),
-        p + "mlp.fc_in.weight": HFTensor((l, "w_in"), (f, d), transpose, transpose),
-        p + "mlp.fc_in.bias": HFTensor((l, "b_in"), (f,), same, same),
-        p + "mlp.fc_out.weight": HFTensor((l, "w_out"), (d, f), transpose, transpose),
-        p + "mlp.fc_out.bias": HFTensor((l, "b_out"), (d,), same, same),
-        p + "attn.out_proj.weight": HFTensor((l, "wo"), (d, d), lambda w: w.T.reshape(n, h, d),
+        p + "ln_1.weight": HFTensor((layer, "ln", "scale"), (d,), same, same),
+        p + "ln_1.bias": HFTensor((layer, "ln", "bias"), (d,), same, same),
+        p + "mlp.fc_in.weight": HFTensor((layer, "w_in"), (f, d), transpose, transpose),
+        p + "mlp.fc_in.bias": HFTensor((layer, "b_in"), (f,), same, same),
+        p + "mlp.fc_out.weight": HFTensor((layer, "w_out"), (d, f), transpose, transpose),
+        p + "mlp.fc_out.bias": HFTensor((layer, "b_out"), (d,), same, same),
+        p + "attn.out_proj.weight": HFTensor((layer, "wo"), (d, d), lambda w: w.T.reshape(n, h, d),
                                              lambda w: w.reshape(n * h, d).T),
     })
     for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj")):
       table[p + f"attn.{theirs}.weight"] = HFTensor(
-          (l, ours), (d, d), lambda w: w.T.reshape(d, n, h), lambda w: w.reshape(d, n * h).T)
+          (layer, ours), (d, d), lambda w: w.T.reshape(d, n, h), lambda w: w.reshape(d, n * h).T)
   return table

@@ -17,6 +17,7 @@ from tailored_jax.models.gptj import GPTJConfig
 from tailored_jax.models.layers import HFTensor, tree_get, tree_set
 from tailored_jax.models.llama import LlamaConfig
 
+
 class ModelImportError(ValueError):
   pass
 
@@ -33,8 +34,7 @@ def family(cfg):
   return FAMILIES[type(cfg)]
 
 
-def config_from_hf(hf: dict, source: str = "config.json"
-                   ) -> tuple[LlamaConfig | GPTJConfig, str]:
+def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LlamaConfig | GPTJConfig, str]:
   """Our config and the HF model_type, from an HF config dict."""
   model_type = hf.get("model_type")
   if model_type not in _BY_MODEL_TYPE:
@@ -49,8 +49,9 @@ def config_from_hf(hf: dict, source: str = "config.json"
 
 
 def hf_config(cfg, model_type: str, bos_id: int | None, eos_id: int | None) -> dict:
-  return dict(family(cfg).to_hf_config(cfg, model_type), torch_dtype="float32",
-              bos_token_id=bos_id, eos_token_id=eos_id)
+  return dict(
+      family(cfg).to_hf_config(cfg, model_type), torch_dtype="float32", bos_token_id=bos_id,
+      eos_token_id=eos_id)
 
 
 def tensor_table(cfg) -> dict[str, HFTensor]:
@@ -59,9 +60,10 @@ def tensor_table(cfg) -> dict[str, HFTensor]:
 
 def to_hf(params, cfg) -> dict[str, np.ndarray]:
   """Our params (a nested dict of arrays) as HF tensors (float32 numpy)."""
-  return {name: np.ascontiguousarray(entry.to_hf(np.asarray(tree_get(params, entry.path),
-                                                            np.float32)))
-          for name, entry in tensor_table(cfg).items()}
+  return {
+      name: np.ascontiguousarray(entry.to_hf(np.asarray(tree_get(params, entry.path), np.float32)))
+      for name, entry in tensor_table(cfg).items()
+  }
 
 
 def safetensors_files(directory: str) -> list[str]:
@@ -95,9 +97,9 @@ def load_params(tensors: Iterator[tuple[str, str, np.ndarray]], cfg,
   params: dict = {}
   seen = set()
   for source, name, array in tensors:
-    if (name.endswith("rotary_emb.inv_freq") or name.endswith("attn.bias")
-        or name.endswith("attn.masked_bias")
-        or (getattr(cfg, "tie_embeddings", False) and name == "lm_head.weight")):
+    if (name.endswith("rotary_emb.inv_freq") or name.endswith("attn.bias") or
+        name.endswith("attn.masked_bias") or
+        (getattr(cfg, "tie_embeddings", False) and name == "lm_head.weight")):
       continue
     if name not in expected:
       raise ModelImportError(f"{source}: unexpected tensor {name!r} for this architecture")
@@ -113,8 +115,8 @@ def load_params(tensors: Iterator[tuple[str, str, np.ndarray]], cfg,
   return params
 
 
-def save_hf_dir(directory: str, params, cfg, model_type: str = "llama",
-                bos_id: int | None = None, eos_id: int | None = None) -> None:
+def save_hf_dir(directory: str, params, cfg, model_type: str = "llama", bos_id: int | None = None,
+                eos_id: int | None = None) -> None:
   from safetensors.numpy import save_file
   os.makedirs(directory, exist_ok=True)
   save_file(to_hf(params, cfg), os.path.join(directory, "model.safetensors"),

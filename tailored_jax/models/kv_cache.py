@@ -16,14 +16,14 @@ class KVCache:
   k_lbskh: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
   v_lbskh: jax.Array
   valid_bs: jax.Array  # [batch, slots] bool
-  index: jax.Array     # int32 scalar: the next slot to write
+  index: jax.Array  # int32 scalar: the next slot to write
 
   @classmethod
-  def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype
-            ) -> "KVCache":
+  def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int,
+            dtype) -> "KVCache":
     shape = (layers, batch, slots, kv_heads, head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-               jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool),
+               jnp.zeros((), jnp.int32))
 
   @property
   def slots(self) -> int:

@@ -26,8 +26,8 @@ def init_boxed_params(model: nn.Module, key) -> dict:
 
 def abstract_params(model: nn.Module) -> dict:
   """Shapes and dtypes of the parameters (nothing allocated), unboxed."""
-  return nn.meta.unbox(jax.eval_shape(lambda key: init_boxed_params(model, key),
-                                      jax.random.PRNGKey(0)))
+  return nn.meta.unbox(
+      jax.eval_shape(lambda key: init_boxed_params(model, key), jax.random.PRNGKey(0)))
 
 
 class HFTensor(NamedTuple):
@@ -51,8 +51,8 @@ def tree_set(tree: dict, path: tuple[str, ...], value) -> None:
   tree[path[-1]] = value
 
 
-def attention_mask(valid_bs: jax.Array, index: jax.Array, num_new: int, window: int = 0
-                   ) -> jax.Array:
+def attention_mask(valid_bs: jax.Array, index: jax.Array, num_new: int,
+                   window: int = 0) -> jax.Array:
   """[batch, new, slots]: a new token at slot index+t sees valid slots up to and including itself
   (and, with a sliding `window`, only the last `window` slots; real tokens are contiguous)."""
   slots = valid_bs.shape[1]
@@ -71,16 +71,17 @@ def cached_attention(q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, 
 
   Returns (out_btnh, cache_k_bskh, cache_v_bskh).
   """
-  cache_k_bskh = jax.lax.dynamic_update_slice_in_dim(
-      cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), index, axis=1)
-  cache_v_bskh = jax.lax.dynamic_update_slice_in_dim(
-      cache_v_bskh, v_btkh.astype(cache_v_bskh.dtype), index, axis=1)
+  cache_k_bskh = jax.lax.dynamic_update_slice_in_dim(cache_k_bskh,
+                                                     k_btkh.astype(cache_k_bskh.dtype), index,
+                                                     axis=1)
+  cache_v_bskh = jax.lax.dynamic_update_slice_in_dim(cache_v_bskh,
+                                                     v_btkh.astype(cache_v_bskh.dtype), index,
+                                                     axis=1)
   b, t, n, h = q_btnh.shape
   kv_heads = cache_k_bskh.shape[2]
   q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
-  logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh.astype(dtype),
-                            cache_k_bskh.astype(dtype))
-  logits_bkgts = logits_bkgts.astype(jnp.float32) * (h ** -0.5 if scale is None else scale)
+  logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh.astype(dtype), cache_k_bskh.astype(dtype))
+  logits_bkgts = logits_bkgts.astype(jnp.float32) * (h**-0.5 if scale is None else scale)
   logits_bkgts = jnp.where(mask_bts[:, None, None, :, :], logits_bkgts, -1e30)
   probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dtype)
   out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, cache_v_bskh.astype(dtype))
@@ -100,8 +101,9 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | N
   block = nn.remat(block_cls) if cfg.remat else block_cls
   new_k, new_v = [], []
   for layer in range(cfg.n_layers):
-    x_btd, k_bskh, v_bskh = block(cfg, name=f"layer_{layer}")(
-        x_btd, positions_bt, mask_bts, cache.k_lbskh[layer], cache.v_lbskh[layer], cache.index)
+    x_btd, k_bskh, v_bskh = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, mask_bts,
+                                                              cache.k_lbskh[layer],
+                                                              cache.v_lbskh[layer], cache.index)
     new_k.append(k_bskh)
     new_v.append(v_bskh)
   return x_btd, KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, cache.index + t)

@@ -28,12 +28,12 @@ class LlamaConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
-  dtype: str = "float32"        # activation/compute dtype
+  dtype: str = "float32"  # activation/compute dtype
   param_dtype: str = "float32"
   remat: bool = False
-  qkv_bias: bool = False           # Qwen2
-  sliding_window: int = 0          # Mistral; 0: full causal attention
-  rope_scaling: str = ""           # "" or "llama3"
+  qkv_bias: bool = False  # Qwen2
+  sliding_window: int = 0  # Mistral; 0: full causal attention
+  rope_scaling: str = ""  # "" or "llama3"
   rope_factor: float = 1.0
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
@@ -56,8 +56,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = param(self, "scale", (x.shape[-1],), ("norm",), self.param_dtype,
-                  nn.initializers.ones)
+    scale = param(self, "scale", (x.shape[-1],), ("norm",), self.param_dtype, nn.initializers.ones)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (normed * scale.astype(jnp.float32)).astype(self.dtype)
@@ -67,14 +66,14 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
   """Rotary inverse frequencies, with LLaMA 3's long-context rescaling when configured."""
   half = cfg.head_dim // 2
   exponent = np.arange(half, dtype=np.float32) / np.float32(half)
-  inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+  inv_freq = (1.0 / (np.float32(cfg.rope_theta)**exponent)).astype(np.float32)
   if cfg.rope_scaling == "llama3":
     low_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
     high_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
     wavelen = 2 * np.pi / inv_freq
     scaled = np.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
-    smooth = ((cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor)
-              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    smooth = ((cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor) /
+              (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
     smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     inv_freq = np.where(medium, smoothed, scaled)
@@ -99,15 +98,15 @@ class Attention(nn.Module):
   def __call__(self, x_btd, positions_bt, mask_bts, cache_k_bskh, cache_v_bskh, index):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    scale = cfg.d_model ** -0.5
-    wq = param(self, "wq", (cfg.d_model, cfg.n_heads, cfg.head_dim),
-                ("embed", "heads", "head_dim"), pdt, _normal(scale))
+    scale = cfg.d_model**-0.5
+    wq = param(self, "wq", (cfg.d_model, cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+               pdt, _normal(scale))
     wk = param(self, "wk", (cfg.d_model, cfg.n_kv_heads, cfg.head_dim),
-                ("embed", "kv_heads", "head_dim"), pdt, _normal(scale))
+               ("embed", "kv_heads", "head_dim"), pdt, _normal(scale))
     wv = param(self, "wv", (cfg.d_model, cfg.n_kv_heads, cfg.head_dim),
-                ("embed", "kv_heads", "head_dim"), pdt, _normal(scale))
-    wo = param(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.d_model),
-                ("heads", "head_dim", "embed"), pdt, _normal((cfg.n_heads * cfg.head_dim) ** -0.5))
+               ("embed", "kv_heads", "head_dim"), pdt, _normal(scale))
+    wo = param(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"),
+               pdt, _normal((cfg.n_heads * cfg.head_dim)**-0.5))
     x_btd = x_btd.astype(dt)
     q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, wq.astype(dt))
     k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, wk.astype(dt))
@@ -124,8 +123,8 @@ class Attention(nn.Module):
     q_btnh = apply_rope(q_btnh, positions_bt, inv_freq_h)
     k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
 
-    out_btnh, cache_k_bskh, cache_v_bskh = cached_attention(
-        q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, mask_bts, dt)
+    out_btnh, cache_k_bskh, cache_v_bskh = cached_attention(q_btnh, k_btkh, v_btkh, cache_k_bskh,
+                                                            cache_v_bskh, index, mask_bts, dt)
     out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(dt))
     return out_btd, cache_k_bskh, cache_v_bskh
 
@@ -138,11 +137,11 @@ class MLP(nn.Module):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     w_gate = param(self, "w_gate", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt,
-                   _normal(cfg.d_model ** -0.5))
+                   _normal(cfg.d_model**-0.5))
     w_up = param(self, "w_up", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt,
-                 _normal(cfg.d_model ** -0.5))
+                 _normal(cfg.d_model**-0.5))
     w_down = param(self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pdt,
-                   _normal(cfg.d_ff ** -0.5))
+                   _normal(cfg.d_ff**-0.5))
     x_btd = x_btd.astype(dt)
     gate_btf = jax.nn.silu(x_btd @ w_gate.astype(dt))
     return (gate_btf * (x_btd @ w_up.astype(dt))) @ w_down.astype(dt)
@@ -155,9 +154,9 @@ class Block(nn.Module):
   def __call__(self, x_btd, positions_bt, mask_bts, cache_k_bskh, cache_v_bskh, index):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    h_btd, cache_k_bskh, cache_v_bskh = Attention(cfg, name="attn")(
-        RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(x_btd), positions_bt, mask_bts,
-        cache_k_bskh, cache_v_bskh, index)
+    h_btd, cache_k_bskh, cache_v_bskh = Attention(cfg, name="attn")(RMSNorm(
+        cfg.norm_eps, dt, pdt, name="attn_norm")(x_btd), positions_bt, mask_bts, cache_k_bskh,
+                                                                    cache_v_bskh, index)
     x_btd = x_btd + h_btd
     x_btd = x_btd + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x_btd))
     return x_btd, cache_k_bskh, cache_v_bskh
@@ -174,8 +173,8 @@ class Llama(nn.Module):
   def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
-                          pdt, _normal(cfg.d_model ** -0.5))
+    embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt,
+                         _normal(cfg.d_model**-0.5))
     x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt)
     x_btd, new_cache = run_blocks(Block, cfg, x_btd, positions_bt, valid_bt, cache,
                                   cfg.sliding_window)
@@ -184,7 +183,7 @@ class Llama(nn.Module):
       logits_btv = jnp.einsum("btd,vd->btv", hidden_btd, embedding_vd.astype(dt))
     else:
       head_dv = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
-                      _normal(cfg.d_model ** -0.5))
+                      _normal(cfg.d_model**-0.5))
       logits_btv = hidden_btd @ head_dv.astype(dt)
     return logits_btv.astype(jnp.float32), hidden_btd, new_cache
 
@@ -203,34 +202,41 @@ def from_hf_config(hf: dict, model_type: str) -> LlamaConfig:
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (silu)")
   return LlamaConfig(
-      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-      n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-      n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-      d_ff=hf["intermediate_size"],
-      rope_theta=float(hf.get("rope_theta", scaling.get("rope_theta", 10000.0))),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", model_type != "mistral")),
-      qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-      sliding_window=int(hf.get("sliding_window") or 0) if (
-          model_type == "mistral" or hf.get("use_sliding_window")) else 0,
-      rope_scaling=rope_type,
-      rope_factor=float(scaling.get("factor", 1.0)),
-      rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-      rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+      n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, d_ff=hf["intermediate_size"],
+      rope_theta=float(hf.get("rope_theta",
+                              scaling.get("rope_theta",
+                                          10000.0))), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", model_type
+                                 != "mistral")), qkv_bias=model_type == "qwen2" or
+      bool(hf.get("attention_bias", False)), sliding_window=int(hf.get("sliding_window") or 0) if
+      (model_type == "mistral" or hf.get("use_sliding_window")) else 0, rope_scaling=rope_type,
+      rope_factor=float(scaling.get("factor", 1.0)), rope_low_freq_factor=float(
+          scaling.get("low_freq_factor",
+                      1.0)), rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
       rope_original_max_positions=int(scaling.get("original_max_position_embeddings", 8192)))
 
 
 def to_hf_config(cfg: LlamaConfig, model_type: str) -> dict:
-  arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-          "qwen2": "Qwen2ForCausalLM"}[model_type]
+  arch = {
+      "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"
+  }[model_type]
   out = {
-      "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-      "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-      "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff, "hidden_act": "silu",
-      "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps,
-      "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": 32768,
+      "architectures": [arch],
+      "model_type": model_type,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model,
+      "num_hidden_layers": cfg.n_layers,
+      "num_attention_heads": cfg.n_heads,
+      "num_key_value_heads": cfg.n_kv_heads,
+      "head_dim": cfg.head_dim,
+      "intermediate_size": cfg.d_ff,
+      "hidden_act": "silu",
+      "rope_theta": cfg.rope_theta,
+      "rms_norm_eps": cfg.norm_eps,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "max_position_embeddings": 32768,
   }
   if model_type == "llama":
     out["attention_bias"] = cfg.qkv_bias
@@ -240,10 +246,11 @@ def to_hf_config(cfg: LlamaConfig, model_type: str) -> dict:
     if model_type == "qwen2":
       out["use_sliding_window"] = True
   if cfg.rope_scaling == "llama3":
-    out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
-                           "low_freq_factor": cfg.rope_low_freq_factor,
-                           "high_freq_factor": cfg.rope_high_freq_factor,
-                           "original_max_position_embeddings": cfg.rope_original_max_positions}
+    out["rope_scaling"] = {
+        "rope_type": "llama3", "factor": cfg.rope_factor,
+        "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+        "original_max_position_embeddings": cfg.rope_original_max_positions
+    }
   return out
 
 
@@ -253,30 +260,34 @@ def hf_tensors(cfg: LlamaConfig) -> dict[str, HFTensor]:
                       cfg.vocab_size)
   same = lambda w: w
   transpose = lambda w: w.T
-  table = {"model.embed_tokens.weight": HFTensor(("embedding",), (v, d), same, same),
-           "model.norm.weight": HFTensor(("final_norm", "scale"), (d,), same, same)}
+  table = {
+      "model.embed_tokens.weight": HFTensor(("embedding",), (v, d), same, same),
+      "model.norm.weight": HFTensor(("final_norm", "scale"), (d,), same, same)
+  }
   if not cfg.tie_embeddings:
     table["lm_head.weight"] = HFTensor(("lm_head",), (v, d), transpose, transpose)
   for i in range(cfg.n_layers):
-    p, l = f"model.layers.{i}.", f"layer_{i}"
+    p, layer = f"model.layers.{i}.", f"layer_{i}"
     table.update({
-        p + "input_layernorm.weight": HFTensor((l, "attn_norm", "scale"), (d,), same, same),
-        p + "post_attention_layernorm.weight": HFTensor((l, "mlp_norm", "scale"), (d,), same,
+        p + "input_layernorm.weight": HFTensor((layer, "attn_norm", "scale"), (d,), same, same),
+        p + "post_attention_layernorm.weight": HFTensor((layer, "mlp_norm", "scale"), (d,), same,
                                                         same),
-        p + "self_attn.o_proj.weight": HFTensor((l, "attn", "wo"), (d, n * h),
+        p + "self_attn.o_proj.weight": HFTensor((layer, "attn", "wo"), (d, n * h),
                                                 lambda w: w.T.reshape(n, h, d),
                                                 lambda w: w.reshape(n * h, d).T),
-        p + "mlp.gate_proj.weight": HFTensor((l, "mlp", "w_gate"), (f, d), transpose, transpose),
-        p + "mlp.up_proj.weight": HFTensor((l, "mlp", "w_up"), (f, d), transpose, transpose),
-        p + "mlp.down_proj.weight": HFTensor((l, "mlp", "w_down"), (d, f), transpose, transpose),
+        p + "mlp.gate_proj.weight": HFTensor((layer, "mlp", "w_gate"), (f, d), transpose,
+                                             transpose),
+        p + "mlp.up_proj.weight": HFTensor((layer, "mlp", "w_up"), (f, d), transpose, transpose),
+        p + "mlp.down_proj.weight": HFTensor((layer, "mlp", "w_down"), (d, f), transpose,
+                                             transpose),
     })
     for ours, theirs, heads in (("q", "q_proj", n), ("k", "k_proj", k), ("v", "v_proj", k)):
       table[p + f"self_attn.{theirs}.weight"] = HFTensor(
-          (l, "attn", f"w{ours}"), (heads * h, d),
+          (layer, "attn", f"w{ours}"), (heads * h, d),
           lambda w, heads=heads: w.T.reshape(d, heads, h),
           lambda w, heads=heads: w.reshape(d, heads * h).T)
       if cfg.qkv_bias:
-        table[p + f"self_attn.{theirs}.bias"] = HFTensor(
-            (l, "attn", f"b{ours}"), (heads * h,), lambda w, heads=heads: w.reshape(heads, h),
-            lambda w: w.reshape(-1))
+        table[p + f"self_attn.{theirs}.bias"] = HFTensor((layer, "attn", f"b{ours}"), (heads * h,),
+                                                         lambda w, heads=heads: w.reshape(heads, h),
+                                                         lambda w: w.reshape(-1))
   return table

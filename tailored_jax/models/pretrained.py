@@ -106,13 +106,13 @@ def _hf_tokenizer(directory: str) -> tuple[Tokenizer, str | None]:
   if eos is None:
     raise ModelImportError(f"{directory}: cannot tell the EOS token (no eos_token or "
                            "eos_token_id)")
-  tokenizer = Tokenizer(_as_transformers_encodes(directory, tok),
-                        bos if bos is not None else eos, eos, pad if pad is not None else eos)
+  tokenizer = Tokenizer(_as_transformers_encodes(directory, tok), bos if bos is not None else eos,
+                        eos, pad if pad is not None else eos)
   return tokenizer, settings.get("chat_template")
 
 
-def _gguf_special_tokens(reader, backend: tokenizers.Tokenizer, bos: int | None, eos: int
-                         ) -> tokenizers.Tokenizer:
+def _gguf_special_tokens(reader, backend: tokenizers.Tokenizer, bos: int | None,
+                         eos: int) -> tokenizers.Tokenizer:
   """llama.cpp's rule: BOS/EOS around every sequence as `tokenizer.ggml.add_{bos,eos}_token`
   say; where the file does not say, what transformers' GGUF converter built."""
   prefix, suffix = special_affixes(backend)

@@ -23,8 +23,8 @@ class StopTables:
   starts_newline_v: np.ndarray
   ends_newline_v: np.ndarray
   blank_line_v: np.ndarray
-  never_v: np.ndarray        # tokens never generated (pad, bos)
-  special_v: np.ndarray      # tokens the first generated token may not be
+  never_v: np.ndarray  # tokens never generated (pad, bos)
+  special_v: np.ndarray  # tokens the first generated token may not be
   eos_id: int = flax.struct.field(pytree_node=False)
   pad_id: int = flax.struct.field(pytree_node=False)
 
@@ -35,8 +35,8 @@ class StopTables:
     return cls(none, none, none, none, none, eos_id=-1, pad_id=pad_id)
 
   @classmethod
-  def from_tokenizer(cls, tok, vocab_size: int | None = None, blank_line: bool = True
-                     ) -> "StopTables":
+  def from_tokenizer(cls, tok, vocab_size: int | None = None,
+                     blank_line: bool = True) -> "StopTables":
     """Stops at EOS, and at a blank line unless `blank_line` is False. Tables span the model's
     `vocab_size` (embedding rows past the tokenizer's vocabulary are never generated)."""
     size = tok.vocab_size if vocab_size is None else vocab_size
@@ -110,12 +110,12 @@ def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables, *, mod
                        tokens_nm=tokens_nm, done_n=s.done_n | stops_n, prev_n=token_n,
                        lengths_n=s.lengths_n + (~s.done_n).astype(jnp.int32))
 
-  start = DecodeState(
-      step=jnp.zeros((), jnp.int32), cache=cache.repeat(num_samples),
-      logits_nv=jnp.repeat(logits_bpv[:, -1], num_samples, axis=0),
-      tokens_nm=jnp.full((n, max_new_tokens), tables.pad_id, jnp.int32),
-      done_n=jnp.zeros((n,), bool), prev_n=jnp.full((n,), tables.pad_id, jnp.int32),
-      lengths_n=jnp.zeros((n,), jnp.int32))
+  start = DecodeState(step=jnp.zeros((), jnp.int32), cache=cache.repeat(num_samples),
+                      logits_nv=jnp.repeat(logits_bpv[:, -1], num_samples, axis=0),
+                      tokens_nm=jnp.full((n, max_new_tokens), tables.pad_id,
+                                         jnp.int32), done_n=jnp.zeros((n,), bool), prev_n=jnp.full(
+                                             (n,), tables.pad_id, jnp.int32), lengths_n=jnp.zeros(
+                                                 (n,), jnp.int32))
   end = jax.lax.while_loop(cond, body, start)
   return end.tokens_nm, end.lengths_n
 
@@ -133,7 +133,7 @@ class Decoder:
                num_samples: int, sampling: SamplingConfig):
     key = (max_new_tokens, num_samples, sampling)
     if key not in self._jitted:
-      self._jitted[key] = jax.jit(functools.partial(
-          generate, model=self.model, max_new_tokens=max_new_tokens, num_samples=num_samples,
-          sampling=sampling))
+      self._jitted[key] = jax.jit(
+          functools.partial(generate, model=self.model, max_new_tokens=max_new_tokens,
+                            num_samples=num_samples, sampling=sampling))
     return self._jitted[key](params, prompt_bp, prompt_valid_bp, rng, self._arrays)

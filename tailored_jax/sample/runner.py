@@ -33,8 +33,8 @@ _sample_keys = jax.jit(sample_keys, static_argnums=2)
 
 
 def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, mesh,
-                   num_samples: int, sampling: SamplingConfig, max_new_tokens: int,
-                   batch_size: int, rng, label: str, bucket: int = 32) -> list[list[str]]:
+                   num_samples: int, sampling: SamplingConfig, max_new_tokens: int, batch_size: int,
+                   rng, label: str, bucket: int = 32) -> list[list[str]]:
   """`num_samples` continuations per prompt, as text (special tokens dropped)."""
   encoded = tokenizer.encode_batch(prompts)
   order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
@@ -60,7 +60,6 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
     generated_tokens += int(lengths[:len(chunk) * num_samples].sum())
     rows_done += len(chunk) * num_samples
   elapsed = max(time.time() - start, 1e-9)
-  logging.info("%s: %d sequences, %d tokens in %.1fs (%.1f seq/s, %.0f tokens/s)", label,
-               rows_done, generated_tokens, elapsed, rows_done / elapsed,
-               generated_tokens / elapsed)
+  logging.info("%s: %d sequences, %d tokens in %.1fs (%.1f seq/s, %.0f tokens/s)", label, rows_done,
+               generated_tokens, elapsed, rows_done / elapsed, generated_tokens / elapsed)
   return outputs

@@ -12,8 +12,8 @@ NEG_INF = -1e30
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   temperature: float = 0.0  # 0: greedy
-  top_k: int = 0            # 0: off
-  top_p: float = 1.0        # 1: off
+  top_k: int = 0  # 0: off
+  top_p: float = 1.0  # 1: off
 
   def __post_init__(self):
     if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
@@ -50,5 +50,5 @@ def sample_keys(rng, prompt_hashes_b, num_samples: int):
   """Keys [B, k, 2]: sample j of the prompt with hash h draws from fold_in(fold_in(rng, h), j),
   a function of (prompt, sample) alone, never of the batch a prompt lands in."""
   per_prompt = jax.vmap(lambda h: jax.random.fold_in(rng, h))(prompt_hashes_b)
-  return jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(
-      jnp.arange(num_samples)))(per_prompt)
+  return jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))
+                  (jnp.arange(num_samples)))(per_prompt)

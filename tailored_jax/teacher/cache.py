@@ -60,8 +60,10 @@ class ReplyCache:
     return self._entries.get(key)
 
   def put(self, key: str, payload: dict, texts: list[str], usage: dict) -> None:
-    entry = {"key": key, "prompt_version": self.prompt_version, "time": time.time(),
-             "request": payload, "texts": texts, "usage": usage}
+    entry = {
+        "key": key, "prompt_version": self.prompt_version, "time": time.time(), "request": payload,
+        "texts": texts, "usage": usage
+    }
     line = json.dumps(entry) + "\n"
     with self._lock:
       self._entries[key] = entry

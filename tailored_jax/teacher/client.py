@@ -84,13 +84,14 @@ class ChatClient:
     self.paid_requests = 0  # over the client's life, for the budget
 
   def payload(self, request: ChatRequest, n: int | None = None) -> dict:
-    return {"model": self.model, "messages": request.messages,
-            "n": request.n if n is None else n, "temperature": request.temperature,
-            "max_tokens": request.max_tokens}
+    return {
+        "model": self.model, "messages": request.messages, "n": request.n if n is None else n,
+        "temperature": request.temperature, "max_tokens": request.max_tokens
+    }
 
-  def run(self, requests: list[ChatRequest],
-          on_reply: Callable[[int, ChatReply], None] | None = None
-          ) -> tuple[list[ChatReply | TeacherError], Usage]:
+  def run(
+      self, requests: list[ChatRequest], on_reply: Callable[[int, ChatReply], None] | None = None
+  ) -> tuple[list[ChatReply | TeacherError], Usage]:
     """Sends all requests (cache first); results in request order, failures as TeacherError."""
     return asyncio.run(self._run(requests, on_reply))
 
@@ -163,7 +164,7 @@ class ChatClient:
   async def _post_with_retries(self, session, payload, usage) -> dict:
     last_error = ""
     for attempt in range(self.max_retries + 1):
-      delay = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
+      delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
       try:
         async with session.post(self.url, json=payload) as response:
           text = await response.text()

@@ -16,8 +16,8 @@ def _slipped_rationale(problem: synthetic.Problem, rng: random.Random) -> tuple[
   text = synthetic.reference_rationale(problem, rng=rng)
   values = problem.values()
   wrong = values[-1] + rng.choice([-2, -1, 1, 2])
-  return text.replace(f"= {values[-1]}", f"= {wrong}").replace(
-      f"has {values[-1]} {problem.item}", f"has {wrong} {problem.item}"), wrong
+  return text.replace(f"= {values[-1]}", f"= {wrong}").replace(f"has {values[-1]} {problem.item}",
+                                                               f"has {wrong} {problem.item}"), wrong
 
 
 def _solution(problem: synthetic.Problem, rng: random.Random, error_rate: float) -> tuple[str, int]:

@@ -68,9 +68,10 @@ class OracleApp:
     return None
 
   async def models(self, request):
-    return self._unauthorised(request) or web.json_response(
-        {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
-                                     "owned_by": "tailored_jax"}]})
+    return self._unauthorised(request) or web.json_response({
+        "object": "list",
+        "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "tailored_jax"}]
+    })
 
   async def chat_completions(self, request):
     denied = self._unauthorised(request)
@@ -103,11 +104,14 @@ class OracleApp:
     completion_tokens = sum(_count_tokens(t) for t in texts)
     return web.json_response({
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-        "created": int(time.time()), "model": self.model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": t},
-                     "finish_reason": "stop", "logprobs": None} for i, t in enumerate(texts)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens}})
+        "created": int(time.time()), "model": self.model, "choices": [{
+            "index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop",
+            "logprobs": None
+        } for i, t in enumerate(texts)], "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens
+        }
+    })
 
   def _validate(self, body: dict) -> web.Response | None:
     if "model" not in body:
@@ -117,8 +121,8 @@ class OracleApp:
       return _error(404, f"The model `{body['model']}` does not exist.", "invalid_request_error",
                     "model_not_found", "model")
     messages = body.get("messages")
-    if (not isinstance(messages, list) or not messages
-        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+    if (not isinstance(messages, list) or not messages or
+        not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
       return _error(400, "'messages' must be a non-empty list of {role, content} objects.",
                     "invalid_request_error", param="messages")
     n = body.get("n", 1)

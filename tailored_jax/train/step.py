@@ -29,16 +29,17 @@ class LossConfig:
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
   """AdamW with linear warm-up then constant lr; no decay on 1-D params (norm scales)."""
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
-       optax.constant_schedule(cfg.lr)],
-      [max(cfg.warmup_steps, 1)])
+  schedule = optax.join_schedules([
+      optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
+      optax.constant_schedule(cfg.lr)
+  ], [max(cfg.warmup_steps, 1)])
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   chain = []
   if cfg.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(cfg.grad_clip))
-  chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  chain.append(
+      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                  mask=decay_mask))
   return optax.chain(*chain)
 
 
@@ -63,10 +64,9 @@ def self_reflection_loss(model, params, reflection: ReflectionBatch, margin: flo
   cache = jax.lax.stop_gradient(cache).repeat(k)
   prefix_len_b = jnp.sum(prefix_valid_bp.astype(jnp.int32), axis=1)
   positions_bkc = prefix_len_b[:, None, None] + jnp.arange(c)[None, None, :]
-  _, hidden_ncd, _ = model.apply(
-      {"params": params}, cont_bkc.reshape(b * k, c),
-      jnp.broadcast_to(positions_bkc, (b, k, c)).reshape(b * k, c),
-      cont_valid_bkc.reshape(b * k, c), cache)
+  _, hidden_ncd, _ = model.apply({"params": params}, cont_bkc.reshape(b * k, c),
+                                 jnp.broadcast_to(positions_bkc, (b, k, c)).reshape(b * k, c),
+                                 cont_valid_bkc.reshape(b * k, c), cache)
   h_bkd = losses.last_real_token(hidden_ncd, cont_valid_bkc.reshape(b * k, c)).reshape(b, k, -1)
   return losses.triplet_loss(h_bkd[:, 0], h_bkd[:, 1], h_bkd[:, 2], reflection.sr_mask, margin)
 
@@ -74,6 +74,7 @@ def self_reflection_loss(model, params, reflection: ReflectionBatch, margin: flo
 def train_step(state: TrainState, lm: LMBatch, reflection: ReflectionBatch | None, *, model,
                optimizer, loss_cfg: LossConfig):
   """One optimizer step on L_LM + λ·L_SR; without reflection rows (None) L_SR is 0."""
+
   def loss_fn(params):
     lm_loss = lm_forward_loss(model, params, lm)
     if reflection is None:
@@ -85,9 +86,9 @@ def train_step(state: TrainState, lm: LMBatch, reflection: ReflectionBatch | Non
   (loss, (lm_loss, sr_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "lm_loss": lm_loss, "sr_loss": sr_loss,
-             "grad_norm": optax.tree.norm(grads),
-             "target_tokens": jnp.sum(lm.target_mask.astype(jnp.int32)),
-             "sr_examples": (jnp.zeros((), jnp.int32) if reflection is None
-                             else jnp.sum(reflection.sr_mask.astype(jnp.int32)))}
+  metrics = {
+      "loss": loss, "lm_loss": lm_loss, "sr_loss": sr_loss, "grad_norm": optax.tree.norm(grads),
+      "target_tokens": jnp.sum(lm.target_mask.astype(jnp.int32)), "sr_examples": (jnp.zeros(
+          (), jnp.int32) if reflection is None else jnp.sum(reflection.sr_mask.astype(jnp.int32)))
+  }
   return TrainState(state.step + 1, params, opt_state), metrics

@@ -67,8 +67,8 @@ class Trainer:
 
   def put_batch(self, batch):
     """A batch dataclass (or None) as global arrays, rows split over the batch axes."""
-    return jax.tree.map(lambda v: sharding.put_global(v, sharding.batch_sharding(self.mesh, v.ndim)),
-                        batch)
+    return jax.tree.map(
+        lambda v: sharding.put_global(v, sharding.batch_sharding(self.mesh, v.ndim)), batch)
 
   def schedule(self, batcher: Batcher, seed: int, round_index: int) -> list[list[int]]:
     """Every batch of the round, in order: `epochs` epochs of distinct-question batches."""
@@ -102,9 +102,10 @@ class Trainer:
       state = checkpoints.restore(latest, state, self.state_shardings)
       start = latest
       logging.info("round %d: resuming training at step %d/%d", round_index, start, len(batches))
-    logging.info("round %d: training on %d examples (%d with self-reflection pairs), %d steps, "
-                 "seq_len %d%s", round_index, len(batcher), batcher.sr_candidates, len(batches),
-                 batcher.seq_len, f", {batcher.truncated} cut" if batcher.truncated else "")
+    logging.info(
+        "round %d: training on %d examples (%d with self-reflection pairs), %d steps, "
+        "seq_len %d%s", round_index, len(batcher), batcher.sr_candidates, len(batches),
+        batcher.seq_len, f", {batcher.truncated} cut" if batcher.truncated else "")
     window_start = round_start = time.time()
     window_steps = window_tokens = total_tokens = 0
     last = {}
@@ -119,19 +120,20 @@ class Trainer:
       if step_number % self.cfg.log_every_steps == 0 or step_number == len(batches):
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = max(time.time() - window_start, 1e-9)
-        logging.info("round %d step %d/%d: loss %.4f (lm %.4f, sr %.4f), %.2f steps/s, "
-                     "%.0f target tokens/s", round_index, step_number, len(batches), last["loss"],
-                     last["lm_loss"], last["sr_loss"], window_steps / elapsed,
-                     window_tokens / elapsed)
+        logging.info(
+            "round %d step %d/%d: loss %.4f (lm %.4f, sr %.4f), %.2f steps/s, "
+            "%.0f target tokens/s", round_index, step_number, len(batches), last["loss"],
+            last["lm_loss"], last["sr_loss"], window_steps / elapsed, window_tokens / elapsed)
         window_start, window_steps, window_tokens = time.time(), 0, 0
       if step_number % self.cfg.checkpoint_every_steps == 0 and step_number < len(batches):
         checkpoints.save(step_number, state)
     checkpoints.close()
     seconds = time.time() - round_start
-    summary = {"steps": len(batches), "resumed_at_step": start, "seconds": seconds,
-               "self_reflection": batcher.self_reflection, "optimizer_step_at_start": start_optimizer_step,
-               "final_loss": last.get("loss"),
-               "final_lm_loss": last.get("lm_loss"), "final_sr_loss": last.get("sr_loss"),
-               "target_tokens": total_tokens,
-               "target_tokens_per_s": total_tokens / max(seconds, 1e-9)}
+    summary = {
+        "steps": len(batches), "resumed_at_step": start, "seconds": seconds,
+        "self_reflection": batcher.self_reflection, "optimizer_step_at_start": start_optimizer_step,
+        "final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss"),
+        "final_sr_loss": last.get("sr_loss"), "target_tokens": total_tokens,
+        "target_tokens_per_s": total_tokens / max(seconds, 1e-9)
+    }
     return state, summary

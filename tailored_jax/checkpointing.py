@@ -1,13 +1,26 @@
-"""Orbax checkpoints: the train state mid-round (to resume a killed round) and params per round.
+"""Orbax checkpoints, verified: the train state mid-round (to resume a killed round) and params per
+round, each with a manifest of per-array CRC-32 checksums computed on the host as it is written.
 
-Restores go straight onto the target shardings, so a run can resume on a different mesh.
+Restores go straight onto the target shardings (a run can resume on a different mesh) and are
+checked against the manifest. A step checkpoint that fails is set aside (moved, never deleted) and
+the next older one is tried; round params that fail stop the run naming the directory.
 """
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import shutil
+import zlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from tailored_jax import sharding
+from tailored_jax import workdir as wd
+
+MANIFEST = "tailored_manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -26,48 +39,127 @@ def _abstract(tree, shardings):
                       shardings)
 
 
-class StepCheckpoints:
-  """Step-numbered checkpoints of one round's train state; keeps the newest two."""
+def checksums(tree) -> dict[str, dict]:
+  """Per leaf (by tree path): shape, dtype and the CRC-32 of its bytes, one leaf on the host at a
+  time (a collective on multi-host runs: every process calls it)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    array = np.ascontiguousarray(sharding.to_host(leaf))
+    out[jax.tree_util.keystr(path)] = {
+        "shape": list(array.shape), "dtype": str(array.dtype),
+        "crc32": zlib.crc32(array.reshape(-1).view(np.uint8))
+    }
+  return out
 
-  def __init__(self, directory: str):
+
+def nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def ensure_space(directory: str, needed: int) -> None:
+  """Stops before a write that cannot fit: a StorageError naming the sizes."""
+  probe = os.path.abspath(directory)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  free = shutil.disk_usage(probe).free
+  if free < needed:
+    raise wd.StorageError(
+        f"no space left on device for checkpoint {directory}: needed ~{needed / 2**20:.1f} MiB, "
+        f"{free / 2**20:.1f} MiB free")
+
+
+def _save(mngr: ocp.CheckpointManager, directory: str, step: int, tree, **info) -> None:
+  ensure_space(directory, int(nbytes(tree) * 1.05) + 2**20)
+  try:
+    mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
+    mngr.wait_until_finished()
+  except Exception as e:  # orbax wraps OS errors in many types: name the directory and the cause
+    raise wd.StorageError(f"cannot save checkpoint {directory} step {step}: "
+                          f"{wd.root_cause(e)}") from e
+  manifest = {"step": step, **info, "arrays": checksums(tree)}
+  wd.write_json(os.path.join(directory, str(step), MANIFEST), manifest)
+
+
+def _restore_verified(mngr: ocp.CheckpointManager, directory: str, step: int, like, shardings):
+  """The checkpoint restored and checked against its manifest; CheckpointError says why not."""
+  where = os.path.join(directory, str(step))
+  manifest_path = os.path.join(where, MANIFEST)
+  if not os.path.exists(manifest_path):
+    raise CheckpointError(f"{where}: no {MANIFEST} (the save did not finish)")
+  try:
+    expected = wd.read_json(manifest_path)["arrays"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from e
+  try:
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(_abstract(like, shardings)))
+  except Exception as e:  # orbax raises many types on damaged files
+    raise CheckpointError(f"{where}: cannot be restored ({wd.root_cause(e)})") from e
+  got = checksums(restored)
+  bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+  if bad:
+    raise CheckpointError(f"{where}: {len(bad)} arrays differ from the manifest written with "
+                          f"them, e.g. {bad[0]}")
+  return restored
+
+
+class StepCheckpoints:
+  """Step-numbered, verified checkpoints of one round's train state; keeps the newest two."""
+
+  def __init__(self, directory: str, round_index: int = 0):
     self.directory = directory
+    self.round_index = round_index
     self._mngr = _manager(directory, max_to_keep=2)
 
-  def latest_step(self) -> int | None:
-    return self._mngr.latest_step()
+  def steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
 
   def save(self, step: int, state) -> None:
-    self._mngr.save(step, args=ocp.args.StandardSave(state), force=True)
-    self._mngr.wait_until_finished()
+    _save(self._mngr, self.directory, step, state, round=self.round_index, kind="train_state")
 
-  def restore(self, step: int, like, shardings):
-    try:
-      return self._mngr.restore(step, args=ocp.args.StandardRestore(_abstract(like, shardings)))
-    except Exception as e:  # orbax raises many types; say which checkpoint failed
-      raise CheckpointError(f"cannot restore {self.directory} step {step}: {e}") from e
+  def restore_latest_intact(self, like, shardings):
+    """(step, state) of the newest checkpoint that restores and verifies, or None. Each one that
+    fails is moved aside, with one log line."""
+    for step in reversed(self.steps()):
+      try:
+        return step, _restore_verified(self._mngr, self.directory, step, like, shardings)
+      except CheckpointError as e:
+        moved = self._set_aside(step)
+        logging.warning("checkpoint failed verification, set aside as %s: %s", moved, e)
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    target = os.path.join(f"{os.path.abspath(self.directory)}.set_aside", f"{step}-{stamp}")
+    if wd.is_writer():
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    sharding.barrier(f"set aside {self.directory} {step}")
+    self._mngr.close()
+    self._mngr = _manager(self.directory, max_to_keep=2)
+    return target
 
   def close(self) -> None:
     self._mngr.close()
 
 
-def save_params(directory: str, params) -> None:
-  """The round's final weights (params only), the unit later rounds and export start from."""
+def save_params(directory: str, params, **info) -> None:
+  """A round's final weights (params only), the unit later rounds and export start from."""
   mngr = _manager(directory, max_to_keep=1)
-  mngr.save(0, args=ocp.args.StandardSave(params), force=True)
-  mngr.wait_until_finished()
-  mngr.close()
+  try:
+    _save(mngr, directory, 0, params, kind="params", **info)
+  finally:
+    mngr.close()
 
 
 def restore_params(directory: str, like, shardings):
+  """Verified weights; a CheckpointError names the directory when they are missing or damaged."""
   mngr = _manager(directory, max_to_keep=1)
   try:
     if mngr.latest_step() is None:
       raise CheckpointError(f"no checkpoint in {directory}")
-    return mngr.restore(mngr.latest_step(),
-                        args=ocp.args.StandardRestore(_abstract(like, shardings)))
-  except CheckpointError:
-    raise
-  except Exception as e:
-    raise CheckpointError(f"cannot restore params from {directory}: {e}") from e
+    return _restore_verified(mngr, directory, mngr.latest_step(), like, shardings)
+  except CheckpointError as e:
+    raise CheckpointError(f"{e}; these weights cannot be used (restore them from a backup, or "
+                          f"move {directory} away to retrain that round)") from e
   finally:
     mngr.close()

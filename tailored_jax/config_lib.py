@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_positives = 10
   c.train.sr_batch_size = 0  # rows per step that get the triplet loss; 0: the whole batch
   c.train.max_negatives = 4
+  # A step whose loss or gradient is not finite is skipped (weights and AdamW state unchanged);
+  # this many in a row stop the run (checked at log points and checkpoints). 0: no guard.
+  c.train.max_nonfinite_steps = 3
   c.train.checkpoint_every_steps = 200  # mid-round checkpoints, for resuming a killed round
   c.train.log_every_steps = 50
 
@@ -230,6 +233,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"must be in [0, train.batch_size={t.batch_size}], got {t.sr_batch_size}")
   _require(t.max_seq_len >= 8, "train.max_seq_len", "must be >= 8")
   _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+  _require(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
   _require(t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
   e = c.exam
   _require(e.num_samples >= 1, "exam.num_samples", "must be >= 1")

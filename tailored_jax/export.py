@@ -14,6 +14,8 @@ from absl import app, flags
 
 from tailored_jax.models import hf_io
 from tailored_jax.models.student import load_student
+from tailored_jax.train.step import all_finite
+from tailored_jax.train.trainer import NonFiniteError
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "round checkpoint, HF dir or .gguf")
 _OUT = flags.DEFINE_string("out", None, "output directory")
@@ -21,6 +23,8 @@ _OUT = flags.DEFINE_string("out", None, "output directory")
 
 def export(src: str, out: str) -> None:
   student = load_student(src)
+  if not bool(all_finite(student.params)):
+    raise NonFiniteError(f"{src}: the weights hold NaN or infinite values; not exported")
   tok = student.tokenizer
   hf_io.save_hf_dir(out, jax.device_get(student.params), student.model.cfg, student.model_type,
                     bos_id=tok.bos_id, eos_id=tok.eos_id)

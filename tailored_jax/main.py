@@ -5,6 +5,7 @@ Parses flags, sets up logging and (on pods) jax.distributed, then hands over to 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -16,6 +17,29 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumed if it ex
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "validate and print the config, then exit")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "call jax.distributed.initialize() (multi-host pods)")
+
+
+def _stopping_errors() -> tuple[type[BaseException], ...]:
+  """Failures a user fixes from one clear line: storage, damaged checkpoints, divergence, bad
+  config or data, a teacher that failed for good."""
+  from tailored_jax import checkpointing, config_lib
+  from tailored_jax.data.sources import DataError
+  from tailored_jax.models.hf_io import ModelImportError
+  from tailored_jax.teacher.client import TeacherError
+  from tailored_jax.train.trainer import NonFiniteError
+  from tailored_jax.workdir import StorageError
+  return (StorageError, checkpointing.CheckpointError, NonFiniteError, config_lib.ConfigError,
+          DataError, ModelImportError, TeacherError)
+
+
+class _QuietLibraries(logging.Filter):
+  """Below --verbosity=1, libraries' own log lines (Orbax's option dumps and error tracebacks,
+  asyncio's task reports) stay out of the terminal; ours and CRITICAL ones pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    noisy = record.name == "asyncio" or any(
+        f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "asyncio"))
+    return record.levelno >= logging.CRITICAL or not noisy
 
 
 def _parse_flags(argv):
@@ -34,6 +58,9 @@ def main(argv):
   if _CONFIG.value is None:
     sys.exit("error: --config is required")
   logging.getLogger().setLevel(logging.INFO)
+  if flags.FLAGS.verbosity < 1:
+    for handler in logging.getLogger().handlers:
+      handler.addFilter(_QuietLibraries())
   import jax
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
@@ -48,7 +75,13 @@ def main(argv):
   if _WORKDIR.value is None:
     sys.exit("error: --workdir is required")
   logging.info("devices: %s", jax.devices())
-  records = rounds.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    records = rounds.run(_CONFIG.value, _WORKDIR.value)
+  except _stopping_errors() as e:
+    if flags.FLAGS.verbosity >= 1:
+      logging.exception("the run stopped")
+    sys.exit(f"error: {e}\n(the same command resumes once this is fixed; --verbosity=1 shows "
+             "the traceback)")
   print(summary.table(records))
   best = summary.best_round(records)
   if best:

@@ -239,6 +239,7 @@ class Run:
     e = self.cfg.exam
     train = self.splits["train"]
     params = self.student.params(round_index)
+    self.student.trainer.check_finite_params(params, f"round {round_index}, before the exam")
     outputs = generate_texts(self.student.decoder, params, self.student.tokenizer,
                              [self.task.format_prefix(x.question, self.demos) for x in train],
                              mesh=self.mesh, num_samples=e.num_samples, sampling=SamplingConfig(
@@ -343,6 +344,7 @@ class Run:
                                          round_index=round_index, checkpoint_dir=checkpoint_dir,
                                          state=carried)
     params = state.params
+    trainer.check_finite_params(params, f"round {round_index} after training")
     if not c.method.fresh_optimizer:
       # Saved before the params: a round counts as trained once its params exist.
       checkpointing.save_params(self.layout.optimizer_dir(round_index),

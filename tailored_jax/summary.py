@@ -1,6 +1,7 @@
 """The end-of-run report: summary.json (one record per round), summary.png and a terminal table."""
 from __future__ import annotations
 
+import math
 import os
 
 from tailored_jax import workdir as wd
@@ -12,7 +13,9 @@ COLUMNS = ("round", "train_examples", "mistakes", "teacher_requests", "teacher_t
 
 def best_round(records: list[dict]) -> dict | None:
   """The round to keep, chosen on validation accuracy (never test); ties go to the later round."""
-  scored = [r for r in records if r.get("val_accuracy") is not None]
+  scored = [
+      r for r in records if r.get("val_accuracy") is not None and math.isfinite(r["val_accuracy"])
+  ]
   if not scored:
     return None
   best = max(scored, key=lambda r: (r["val_accuracy"], r["round"]))

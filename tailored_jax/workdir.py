@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 
@@ -15,16 +16,45 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+class StorageError(OSError):
+  """A write that failed (disk full, permissions, a vanished mount): says what, where and why."""
+
+
+def root_cause(error: BaseException) -> str:
+  """The innermost OS error under `error` (libraries wrap them), as 'strerror' or the message."""
+  seen, e = set(), error
+  innermost = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError):
+      innermost = e
+    e = e.__cause__ or e.__context__
+  if isinstance(innermost, OSError) and innermost.strerror:
+    return innermost.strerror.lower()
+  return f"{type(innermost).__name__}: {innermost}"
+
+
+def free_mib(path: str) -> float:
+  probe = os.path.abspath(path)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  return shutil.disk_usage(probe).free / 2**20
+
+
 def _write_atomically(path: str, write) -> None:
   """`write(file)` into `path.tmp`, then renamed over `path`: readers see old or new, never half.
   A no-op except on the writing process."""
   if not is_writer():
     return
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    write(f)
-  os.replace(tmp, path)
+  try:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(tmp, "w") as f:
+      write(f)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise StorageError(f"cannot write {path}: {root_cause(e)} ({free_mib(path):.1f} MiB "
+                       "free)") from e
 
 
 def write_json(path: str, obj) -> None:

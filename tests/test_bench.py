@@ -18,3 +18,4 @@ def test_train_step_benchmark_reports(capsys):
   result = json.loads(capsys.readouterr().out)
   assert result["parameters"] == 667520 and result["batch"] == 32
   assert result["lm"]["steps_per_s"] > 0 and result["self_reflection_cost_ratio"] > 0
+  assert result["nonfinite_guard_cost_ratio"] > 0

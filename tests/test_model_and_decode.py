@@ -136,7 +136,7 @@ def test_filter_logits_top_k_and_top_p():
 def _train_cfg():
   return ml_collections.ConfigDict(
       dict(lr=1e-2, warmup_steps=1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
-           sr_weight=0.5, sr_margin=1.0))
+           sr_weight=0.5, sr_margin=1.0, max_nonfinite_steps=3))
 
 
 def _batch(rng):

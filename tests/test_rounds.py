@@ -41,13 +41,6 @@ def cache_lines(workdir):
   return len(read(workdir, "teacher_cache.jsonl").splitlines())
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("reference"))
-  records = rounds.run(tiny_config(), workdir)
-  return workdir, records
-
-
 def test_end_to_end_outputs(reference):
   workdir, records = reference
   assert [r["round"] for r in records] == [1, 2]

@@ -1,15 +1,17 @@
 """`python -m tailored_jax.bench.train_step [--config=configs/quickstart.py]`: steps/s and target
-tokens/s of the jitted train step, LM-only and with self-reflection, measured side by side."""
+tokens/s of the jitted train step, LM-only, with self-reflection, and with self-reflection but
+without the non-finite guard, measured side by side (interleaved repeats, medians)."""
 from __future__ import annotations
 
 import argparse
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax import sharding
-from tailored_jax.bench.common import model_from_config, report, timed
+from tailored_jax.bench.common import model_from_config, report
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
 from tailored_jax.train.trainer import Trainer
 
@@ -37,31 +39,45 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args(argv)
   cfg, model, params = model_from_config(args.config, args.vocab_size)
-  trainer = Trainer(model, cfg.train, sharding.make_mesh(cfg))
+  mesh = sharding.make_mesh(cfg)
+  trainer = Trainer(model, cfg.train, mesh)
+  unguarded_cfg = cfg.train.copy_and_resolve_references()
+  unguarded_cfg.max_nonfinite_steps = 0
+  unguarded = Trainer(model, unguarded_cfg, mesh)
   b = cfg.train.batch_size
   sr_rows = cfg.train.sr_batch_size or b
   lm, reflection = (trainer.put_batch(x) for x in synthetic_batch(np.random.default_rng(
       0), b, args.seq_len, args.prefix_len, args.continuation_len, sr_rows, args.vocab_size))
-  results = {}
-  step = trainer.step_fn()
-  for name, rows in (("lm", None), ("lm_plus_self_reflection", reflection)):
-    state = {"s": trainer.new_state(jax.tree.map(jnp.copy, params))}  # the step donates it
-
-    def run():
-      state["s"], metrics = step(state["s"], lm, rows)
+  variants = {
+      "lm": (trainer, None), "lm_plus_self_reflection": (trainer, reflection),
+      "lm_plus_self_reflection_without_nonfinite_guard": (unguarded, reflection)
+  }
+  states = {name: trainer.new_state(jax.tree.map(jnp.copy, params)) for name in variants}
+  times = {name: [] for name in variants}
+  for name, (owner, rows) in variants.items():  # compile and warm up each variant
+    states[name], metrics = owner.step_fn()(states[name], lm, rows)
+    jax.block_until_ready(metrics)
+  for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
+    for name, (owner, rows) in variants.items():
+      start = time.perf_counter()
+      states[name], metrics = owner.step_fn()(states[name], lm, rows)  # the step donates it
       jax.block_until_ready(metrics)
-
-    seconds = timed(run, args.repeats)
+      times[name].append(time.perf_counter() - start)
+  results = {}
+  for name, samples in times.items():
+    seconds = float(np.median(samples))
     results[name] = {
         "seconds_per_step": seconds, "steps_per_s": 1 / seconds,
         "target_tokens_per_s": b * args.seq_len / seconds
     }
   n_params = sum(x.size for x in jax.tree.leaves(params))
+  seconds = lambda name: results[name]["seconds_per_step"]
   report(
       "train_step", config=args.config, parameters=n_params, batch=b, seq_len=args.seq_len,
-      self_reflection_rows=sr_rows, **results,
-      self_reflection_cost_ratio=(results["lm_plus_self_reflection"]["seconds_per_step"]
-                                  / results["lm"]["seconds_per_step"]))
+      self_reflection_rows=sr_rows, repeats=args.repeats, **results,
+      self_reflection_cost_ratio=seconds("lm_plus_self_reflection") / seconds("lm"),
+      nonfinite_guard_cost_ratio=(seconds("lm_plus_self_reflection")
+                                  / seconds("lm_plus_self_reflection_without_nonfinite_guard")))
 
 
 if __name__ == "__main__":

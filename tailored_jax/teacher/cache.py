@@ -13,6 +13,8 @@ import os
 import threading
 import time
 
+from tailored_jax.workdir import StorageError, free_mib, root_cause
+
 
 def request_key(payload: dict) -> str:
   fields = {k: payload.get(k) for k in ("model", "messages", "n", "temperature", "max_tokens")}
@@ -66,8 +68,13 @@ class ReplyCache:
     }
     line = json.dumps(entry) + "\n"
     with self._lock:
+      try:
+        with open(self.path, "a") as f:
+          f.write(line)
+          f.flush()
+          os.fsync(f.fileno())
+      except OSError as e:
+        raise StorageError(f"cannot append a paid teacher reply to {self.path}: {root_cause(e)} "
+                           f"({free_mib(self.path):.1f} MiB free); replies written before it are "
+                           "kept") from e
       self._entries[key] = entry
-      with open(self.path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())

@@ -15,16 +15,32 @@ from tailored_jax.train import losses
 
 
 @flax.struct.dataclass
+class Guard:
+  """The non-finite guard's record, kept on device (read by the host only at log points)."""
+  nonfinite_run: jax.Array  # int32: consecutive steps whose loss or gradient was not finite
+  nonfinite_total: jax.Array  # int32: such steps this round
+  first_bad_step: jax.Array  # int32: the step where the current run began (-1: none)
+  last_finite_loss: jax.Array  # float32
+
+  @classmethod
+  def fresh(cls) -> "Guard":
+    return cls(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32),
+               jnp.full((), jnp.nan, jnp.float32))
+
+
+@flax.struct.dataclass
 class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  guard: Guard
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   sr_weight: float  # λ
   sr_margin: float  # ρ
+  skip_nonfinite: bool = True  # a step whose loss or gradient is not finite changes nothing
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -84,11 +100,28 @@ def train_step(state: TrainState, lm: LMBatch, reflection: ReflectionBatch | Non
     return lm_loss + loss_cfg.sr_weight * sr_loss, (lm_loss, sr_loss)
 
   (loss, (lm_loss, sr_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if loss_cfg.skip_nonfinite:  # the selects fuse into the update's elementwise pass
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  g = state.guard
+  guard = Guard(
+      nonfinite_run=jnp.where(finite, 0, g.nonfinite_run + 1), nonfinite_total=g.nonfinite_total +
+      (~finite).astype(jnp.int32),
+      first_bad_step=jnp.where(finite, -1,
+                               jnp.where(g.nonfinite_run == 0, state.step, g.first_bad_step)),
+      last_finite_loss=jnp.where(finite, loss, g.last_finite_loss))
   metrics = {
-      "loss": loss, "lm_loss": lm_loss, "sr_loss": sr_loss, "grad_norm": optax.tree.norm(grads),
+      "loss": loss, "lm_loss": lm_loss, "sr_loss": sr_loss, "grad_norm": grad_norm,
       "target_tokens": jnp.sum(lm.target_mask.astype(jnp.int32)), "sr_examples": (jnp.zeros(
           (), jnp.int32) if reflection is None else jnp.sum(reflection.sr_mask.astype(jnp.int32)))
   }
-  return TrainState(state.step + 1, params, opt_state), metrics
+  return TrainState(state.step + 1, params, opt_state, guard), metrics
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether every element of every array in `tree` is finite (a scalar bool)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

@@ -21,6 +21,10 @@ from tailored_jax.models import layers
 from tailored_jax.train import step as step_lib
 
 
+class NonFiniteError(RuntimeError):
+  """Training diverged (or was fed NaN): nothing from the failing steps was applied or saved."""
+
+
 def derive_seed(*parts: int) -> int:
   """One 32-bit seed from several integers (run seed, round, epoch, step, ...)."""
   return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
@@ -43,14 +47,19 @@ class Trainer:
     self.opt_shardings = sharding.logical_sharding(abstract_opt, mesh)
     self.abstract_params = nn.meta.unbox(abstract_params)
     self.abstract_opt = nn.meta.unbox(abstract_opt)
-    self.state_shardings = step_lib.TrainState(sharding.replicated(mesh), self.param_shardings,
-                                               self.opt_shardings)
+    replicated = sharding.replicated(mesh)
+    self.state_shardings = step_lib.TrainState(
+        replicated, self.param_shardings, self.opt_shardings,
+        step_lib.Guard(replicated, replicated, replicated, replicated))
     self._init_params = jax.jit(lambda key: nn.meta.unbox(init_boxed(key)[0]),
                                 out_shardings=self.param_shardings)
     self._init_opt = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)
+    self._all_finite = jax.jit(step_lib.all_finite)
     self._step = jax.jit(
-        functools.partial(step_lib.train_step, model=self.model, optimizer=self.optimizer,
-                          loss_cfg=step_lib.LossConfig(train_cfg.sr_weight, train_cfg.sr_margin)),
+        functools.partial(
+            step_lib.train_step, model=self.model, optimizer=self.optimizer,
+            loss_cfg=step_lib.LossConfig(train_cfg.sr_weight, train_cfg.sr_margin,
+                                         train_cfg.max_nonfinite_steps > 0)),
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
 
   def init_params(self, seed: int):
@@ -58,12 +67,38 @@ class Trainer:
 
   def new_state(self, params) -> step_lib.TrainState:
     step = sharding.put_global(np.zeros((), np.int32), sharding.replicated(self.mesh))
-    return step_lib.TrainState(step, params, self._init_opt(params))
+    return step_lib.TrainState(step, params, self._init_opt(params), self._fresh_guard())
+
+  def _fresh_guard(self) -> step_lib.Guard:
+    return jax.tree.map(
+        lambda x: sharding.put_global(np.asarray(x), sharding.replicated(self.mesh)),
+        step_lib.Guard.fresh())
+
+  def check_finite_params(self, params, what: str) -> None:
+    """Stops with NonFiniteError when any weight is NaN or infinite."""
+    if not bool(self._all_finite(params)):
+      raise NonFiniteError(f"{what}: the weights hold NaN or infinite values; they are not used "
+                           "(lower train.lr, or use float32 if bf16 overflowed)")
 
   def step_fn(self):
     """The jitted step `(state, lm, reflection | None) -> (state, metrics)`; it compiles once
     per batch shape, with and without reflection rows."""
     return self._step
+
+  def _checked_guard(self, state: step_lib.TrainState, round_index: int, step_number: int):
+    """The guard's record (one small device read); NonFiniteError once too many consecutive
+    steps were skipped. Checked at log points, before each checkpoint and at the round's end."""
+    guard = jax.device_get(state.guard)
+    limit = self.cfg.max_nonfinite_steps
+    if limit and int(guard.nonfinite_run) >= limit:
+      first = int(guard.first_bad_step) + 1
+      raise NonFiniteError(
+          f"round {round_index}: {int(guard.nonfinite_run)} consecutive steps ({first} to "
+          f"{step_number}) had a non-finite loss or gradient and were skipped; last finite loss "
+          f"{float(guard.last_finite_loss):.4f}. Try a lower train.lr (now {self.cfg.lr:g}), "
+          "float32 if bfloat16 overflowed, or look for a bad data row in those steps' batches. "
+          "The round is not marked complete.")
+    return guard
 
   def put_batch(self, batch):
     """A batch dataclass (or None) as global arrays, rows split over the batch axes."""
@@ -85,7 +120,7 @@ class Trainer:
     like = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": self.abstract_opt}
     shardings = {"step": sharding.replicated(self.mesh), "opt_state": self.opt_shardings}
     carry = checkpointing.restore_params(directory, like, shardings)
-    return step_lib.TrainState(carry["step"], params, carry["opt_state"])
+    return step_lib.TrainState(carry["step"], params, carry["opt_state"], self._fresh_guard())
 
   def train_round(self, params, batcher: Batcher, *, seed: int, round_index: int,
                   checkpoint_dir: str, state=None):
@@ -93,15 +128,19 @@ class Trainer:
     (final state, summary dict)."""
     step_fn = self.step_fn()
     batches = self.schedule(batcher, seed, round_index)
-    checkpoints = checkpointing.StepCheckpoints(checkpoint_dir)
+    checkpoints = checkpointing.StepCheckpoints(checkpoint_dir, round_index)
     state = self.new_state(params) if state is None else state
     start_optimizer_step = int(jax.device_get(state.step))
     start = 0
-    latest = checkpoints.latest_step()
-    if latest is not None:
-      state = checkpoints.restore(latest, state, self.state_shardings)
-      start = latest
+    had_checkpoints = bool(checkpoints.steps())
+    found = checkpoints.restore_latest_intact(state, self.state_shardings)
+    if found is not None:
+      start, state = found
       logging.info("round %d: resuming training at step %d/%d", round_index, start, len(batches))
+    elif had_checkpoints:
+      logging.warning(
+          "round %d: no intact step checkpoint left; training the round from its "
+          "start", round_index)
     logging.info(
         "round %d: training on %d examples (%d with self-reflection pairs), %d steps, "
         "seq_len %d%s", round_index, len(batcher), batcher.sr_candidates, len(batches),
@@ -119,21 +158,27 @@ class Trainer:
       step_number = i + 1
       if step_number % self.cfg.log_every_steps == 0 or step_number == len(batches):
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        guard = self._checked_guard(state, round_index, step_number)
         elapsed = max(time.time() - window_start, 1e-9)
         logging.info(
             "round %d step %d/%d: loss %.4f (lm %.4f, sr %.4f), %.2f steps/s, "
-            "%.0f target tokens/s", round_index, step_number, len(batches), last["loss"],
-            last["lm_loss"], last["sr_loss"], window_steps / elapsed, window_tokens / elapsed)
+            "%.0f target tokens/s%s", round_index, step_number, len(batches), last["loss"],
+            last["lm_loss"], last["sr_loss"], window_steps / elapsed, window_tokens / elapsed,
+            f", {int(guard.nonfinite_total)} non-finite steps skipped"
+            if guard.nonfinite_total else "")
         window_start, window_steps, window_tokens = time.time(), 0, 0
       if step_number % self.cfg.checkpoint_every_steps == 0 and step_number < len(batches):
+        self._checked_guard(state, round_index, step_number)
         checkpoints.save(step_number, state)
     checkpoints.close()
+    guard = self._checked_guard(state, round_index, len(batches))
     seconds = time.time() - round_start
     summary = {
         "steps": len(batches), "resumed_at_step": start, "seconds": seconds,
         "self_reflection": batcher.self_reflection, "optimizer_step_at_start": start_optimizer_step,
         "final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss"),
         "final_sr_loss": last.get("sr_loss"), "target_tokens": total_tokens,
-        "target_tokens_per_s": total_tokens / max(seconds, 1e-9)
+        "nonfinite_steps_skipped": int(guard.nonfinite_total
+                                      ), "target_tokens_per_s": total_tokens / max(seconds, 1e-9)
     }
     return state, summary

@@ -1,0 +1,220 @@
+"""Faults a long run meets: kills at every durable write, damaged checkpoints, diverging training,
+a full disk. Each ends with the uninterrupted run's results or one clear error, never garbage."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from tailored_jax import checkpointing, rounds
+from tailored_jax import workdir as wd
+from tailored_jax.teacher import oracle
+from tailored_jax.teacher.cache import ReplyCache
+from tailored_jax.train import step as step_lib
+from tailored_jax.train.trainer import NonFiniteError
+from tests.test_rounds import cache_lines, read, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Kill(Exception):
+  """Stands for the process dying right after the write it is raised from."""
+
+
+def strip_seconds(records):
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@pytest.fixture
+def paid(monkeypatch):
+  """Completions the local teacher served (paid requests, counted at the server)."""
+  count = {"n": 0}
+  real = oracle.reply
+
+  def counting(*args, **kwargs):
+    count["n"] += 1
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(oracle, "reply", counting)
+  return count
+
+
+def kill_after(monkeypatch, kind: str, name: str, nth: int):
+  """Raises Kill right after the `nth` write of `kind` whose path ends with `name`."""
+  seen = {"n": 0}
+
+  def hit(path):
+    if str(path).rstrip("/").endswith(name):
+      seen["n"] += 1
+      if seen["n"] == nth:
+        raise Kill(f"killed after {kind} write #{nth} of {name}")
+
+  if kind == "json":
+    real = wd._write_atomically
+    monkeypatch.setattr(wd, "_write_atomically", lambda path, write: (real(path, write), hit(path)))
+  elif kind == "cache":
+    real_put = ReplyCache.put
+    monkeypatch.setattr(ReplyCache, "put", lambda self, *a: (real_put(self, *a), hit(self.path)))
+  elif kind == "checkpoint":
+    real_save = checkpointing._save
+    monkeypatch.setattr(
+        checkpointing, "_save", lambda mngr, directory, step, tree, **info:
+        (real_save(mngr, directory, step, tree, **info), hit(directory)))
+  elif kind == "manifest":  # the Orbax files are written, the manifest is not: a torn save
+    monkeypatch.setattr(checkpointing, "checksums", lambda tree:
+                        (_ for _ in ()).throw(Kill("killed before the manifest")))
+
+
+@pytest.mark.parametrize(
+    "kind, name, nth",
+    [
+        ("cache", "teacher_cache.jsonl", 5),  # mid-annotation, a paid reply just appended
+        ("manifest", "", 1),  # a step checkpoint torn before its manifest
+        ("checkpoint", "round_1", 1),  # round 1's params saved, train.json not yet
+        ("json", "mistakes.jsonl", 1),  # N_1 written, exam_1 not yet marked done
+        ("json", "summary.json", 1),  # the summary written, best_round.json not yet
+        # (a kill between phases and mid-training: tests/test_rounds.py)
+    ])
+def test_kill_at_every_durable_write_then_resume(kind, name, nth, reference, tmp_path, paid,
+                                                 monkeypatch):
+  workdir = str(tmp_path)
+  with monkeypatch.context() as m:
+    kill_after(m, kind, name, nth)
+    with pytest.raises(Kill):
+      rounds.run(tiny_config(), workdir)
+  records = rounds.run(tiny_config(), workdir)
+  assert strip_seconds(records) == strip_seconds(reference[1])
+  assert paid["n"] == cache_lines(reference[0])  # every paid request reached the server once
+  assert read(workdir, "round_2", "eval_test.jsonl") == read(reference[0], "round_2",
+                                                             "eval_test.jsonl")
+  assert json.loads(read(workdir,
+                         "best_round.json")) == json.loads(read(reference[0], "best_round.json"))
+  if kind == "manifest":
+    assert os.listdir(os.path.join(workdir, "checkpoints", "train_round_1.set_aside"))
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_training_falls_back(reference, tmp_path,
+                                                                   monkeypatch):
+  """Killed once step checkpoints 2 and 4 exist; 4 KiB in the middle of step 4's largest file
+  are overwritten. The resumed round must fall back to step 2 and end as the uninterrupted one."""
+  workdir = str(tmp_path)
+  cfg = tiny_config()
+  cfg.train.checkpoint_every_steps = 2
+  with monkeypatch.context() as m:
+    kill_after(m, "checkpoint", "train_round_1", 2)
+    with pytest.raises(Kill):
+      rounds.run(cfg, workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "train_round_1", "4")
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+  largest = max(files, key=os.path.getsize)
+  size = os.path.getsize(largest)
+  with open(largest, "r+b") as f:
+    f.seek(max(size // 2 - 2048, 0))
+    f.write(os.urandom(min(4096, size)))
+  with pytest.raises(rounds.RunStopped):
+    rounds.run(cfg, workdir, stop_after="evaluate_1")
+  assert json.loads(read(workdir, "round_1", "train.json"))["resumed_at_step"] == 2
+  assert [
+      n.split("-")[0]
+      for n in os.listdir(os.path.join(workdir, "checkpoints", "train_round_1.set_aside"))
+  ] == ["4"]
+  for name in ("eval_test.jsonl", "eval_val.jsonl"):
+    assert read(workdir, "round_1", name) == read(reference[0], "round_1", name)
+
+  # Round params that fail verification stop the run, naming them.
+  params_dir = os.path.join(workdir, "checkpoints", "round_1")
+  manifest = os.path.join(params_dir, "0", checkpointing.MANIFEST)
+  record = json.loads(read(manifest))
+  first = sorted(record["arrays"])[0]
+  record["arrays"][first]["crc32"] ^= 1
+  with open(manifest, "w") as f:
+    json.dump(record, f)
+  with pytest.raises(checkpointing.CheckpointError, match=rf"{params_dir}.*differ.*cannot be used"):
+    rounds.run(cfg, workdir)
+
+
+def test_a_non_finite_step_changes_nothing():
+  from tests.test_model_and_decode import MODEL, _batch, _train_cfg
+  from tailored_jax import sharding
+  from tailored_jax.train.trainer import Trainer
+  import ml_collections
+  mesh = sharding.make_mesh(
+      ml_collections.ConfigDict({"mesh": dict(data=1, fsdp=1, tensor=1, num_devices=1)}))
+  trainer = Trainer(MODEL, _train_cfg(), mesh)
+  state = trainer.new_state(trainer.init_params(0))
+  lm, _ = _batch(np.random.default_rng(0))
+  bad = lm.replace(target_weights=np.where(lm.target_mask, np.nan, 0.0).astype(np.float32))
+  before = jax.device_get((state.params, state.opt_state))
+  state, metrics = trainer.step_fn()(state, trainer.put_batch(bad), None)
+  assert not np.isfinite(float(metrics["loss"]))
+  after = jax.device_get((state.params, state.opt_state))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.guard.nonfinite_run) == 1 and int(state.guard.first_bad_step) == 0
+  state, metrics = trainer.step_fn()(state, trainer.put_batch(lm), None)
+  assert int(state.guard.nonfinite_run) == 0 and int(state.guard.nonfinite_total) == 1
+  assert float(state.guard.last_finite_loss) == float(metrics["loss"])
+  assert not bool(step_lib.all_finite({"a": np.array([1.0, np.inf])}))
+
+
+def test_diverging_training_stops_and_marks_nothing_done(tmp_path):
+  cfg = tiny_config()
+  cfg.train.lr = 1e30
+  cfg.train.grad_clip = 0.0
+  with pytest.raises(
+      NonFiniteError, match=r"round 1: \d+ consecutive steps .* non-finite .*"
+      r"train.lr \(now 1e\+30\).*not marked complete"):
+    rounds.run(cfg, str(tmp_path))
+  state = json.loads(read(str(tmp_path), "state.json"))
+  assert state["completed"] == ["prepare", "annotate"]
+  assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints", "round_1"))
+
+
+WRAPPER = textwrap.dedent("""
+    import shutil, sys
+    real = shutil.disk_usage
+    def full(path):  # the first checkpoint cannot fit: 1 MiB free
+      usage = real(path)
+      return usage._replace(free=2**20)
+    shutil.disk_usage = full
+    sys.argv = ["main", "--config=" + sys.argv[1], "--workdir=" + sys.argv[2]]
+    from tailored_jax import main
+    main.run()
+""")
+
+CONFIG = textwrap.dedent("""
+    from tests.test_rounds import tiny_config
+    def get_config():
+      c = tiny_config()
+      c.model.update(d_model=128, d_ff=512)  # about 1.5 MiB of train state
+      return c
+""")
+
+
+def test_a_full_disk_ends_with_one_clear_line_and_the_same_command_resumes(reference, tmp_path):
+  config = tmp_path / "tiny.py"
+  config.write_text(CONFIG)
+  workdir = str(tmp_path / "run")
+  result = subprocess.run(
+      [sys.executable, "-c", WRAPPER, str(config), workdir], cwd=ROOT, capture_output=True,
+      text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, result.stderr[-2000:]
+  assert errors[0].startswith("error: no space left on device for checkpoint ")
+  assert "train_round_1: needed ~" in errors[0] and "MiB, 1.0 MiB free" in errors[0]
+  assert json.loads(read(workdir, "state.json"))["completed"] == ["prepare", "annotate"]
+  paid_before = cache_lines(workdir)
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny_config_file", config)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  rounds.run(module.get_config(), workdir)  # space freed: the same config resumes
+  assert cache_lines(workdir) >= paid_before == 16
+  assert shutil.disk_usage(workdir).free > 2**20

@@ -125,7 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.max_tokens = 512
   c.teacher.max_concurrency = 32
   c.teacher.max_retries = 6
-  c.teacher.timeout_s = 120.0
+  c.teacher.timeout_s = 120.0  # one attempt on the wire: total, and the wait for each read
+  c.teacher.connect_timeout_s = 10.0  # one attempt's TCP/TLS connect
   c.teacher.backoff_s = 1.0
   c.teacher.requests_per_minute = 0.0  # 0: no pacing
   c.teacher.supports_n = True  # False: send n single-choice requests (Ollama)
@@ -257,9 +258,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 # Fields that may change between a run and its resumption (they do not change results).
 RESUMABLE_FIELDS = ("rounds", "teacher.base_url", "teacher.max_concurrency", "teacher.max_retries",
-                    "teacher.timeout_s", "teacher.backoff_s", "teacher.requests_per_minute",
-                    "teacher.max_requests", "train.log_every_steps", "eval.batch_size",
-                    "exam.batch_size", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.num_devices")
+                    "teacher.timeout_s", "teacher.connect_timeout_s", "teacher.backoff_s",
+                    "teacher.requests_per_minute", "teacher.max_requests", "train.log_every_steps",
+                    "eval.batch_size", "exam.batch_size", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                    "mesh.num_devices")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

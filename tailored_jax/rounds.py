@@ -117,7 +117,7 @@ class Run:
                                 max_concurrency=t.max_concurrency, max_retries=t.max_retries,
                                 timeout_s=t.timeout_s, backoff_s=t.backoff_s,
                                 requests_per_minute=t.requests_per_minute, supports_n=t.supports_n,
-                                max_requests=t.max_requests)
+                                max_requests=t.max_requests, connect_timeout_s=t.connect_timeout_s)
     return self._client
 
   def close(self) -> None:

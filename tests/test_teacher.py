@@ -180,3 +180,25 @@ def test_local_teacher_replies_depend_on_the_request_alone():
   assert replies(list(reversed(range(12))), 12) == first
   answers = [prompts.parse_reply(t).answer for texts in first.values() for t in texts]
   assert len(set(answers)) > len(problems)  # slips happen at error_rate 0.5
+
+
+def test_high_concurrency_with_slow_replies_pays_each_request_once():
+  """150 requests in flight (above aiohttp's default pool of 100), each reply taking 0.3 s, and a
+  0.5 s timeout per attempt: timeouts must not count time queued for a connection, or queued
+  requests time out while the server serves them and get paid twice."""
+  problems = [
+      synthetic.Problem("Ava", "pens", a, (synthetic.Step("add", b, 0),), "Ben")
+      for a in range(1, 16) for b in range(1, 11)
+  ]
+  requests = [
+      ChatRequest(prompts.annotation_messages(p.question(), []), n=1, temperature=0.7)
+      for p in problems
+  ]
+  with LocalTeacherServer(reply_delay_s=0.3) as s:
+    client = ChatClient(s.url, DEFAULT_MODEL, cache=None, max_concurrency=150, timeout_s=0.5,
+                        backoff_s=0.0, max_retries=2)
+    results, usage = client.run(requests)
+    served = s.oracle_app.completions
+  assert not [r for r in results if isinstance(r, TeacherError)]
+  assert usage.retries == 0 and usage.requests == len(requests) == 150
+  assert served == len(requests)  # counted at the server: no request was paid twice

@@ -69,7 +69,7 @@ class ChatClient:
   def __init__(self, base_url: str, model: str, *, api_key: str = "", cache: ReplyCache | None,
                max_concurrency: int = 16, max_retries: int = 5, timeout_s: float = 120.0,
                backoff_s: float = 1.0, requests_per_minute: float = 0.0, supports_n: bool = True,
-               max_requests: int = 0):
+               max_requests: int = 0, connect_timeout_s: float = 10.0):
     self.url = base_url.rstrip("/") + "/chat/completions"
     self.model = model
     self.api_key = api_key
@@ -77,6 +77,7 @@ class ChatClient:
     self.max_concurrency = max_concurrency
     self.max_retries = max_retries
     self.timeout_s = timeout_s
+    self.connect_timeout_s = min(connect_timeout_s, timeout_s)
     self.backoff_s = backoff_s
     self.min_interval_s = 60.0 / requests_per_minute if requests_per_minute > 0 else 0.0
     self.supports_n = supports_n
@@ -104,8 +105,16 @@ class ChatClient:
     headers = {"Content-Type": "application/json"}
     if self.api_key:
       headers["Authorization"] = f"Bearer {self.api_key}"
-    timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+    # The pool holds a connection for every request the semaphore lets through, so no request
+    # waits for one; the timeouts then cover one attempt on the wire only (connect, first byte /
+    # each read, total), never time spent queued here. A timeout that started while a request
+    # was still queued would abandon and re-send requests the server is already serving.
+    connector = aiohttp.TCPConnector(limit=self.max_concurrency,
+                                     limit_per_host=self.max_concurrency)
+    timeout = aiohttp.ClientTimeout(total=self.timeout_s, connect=self.connect_timeout_s,
+                                    sock_connect=self.connect_timeout_s, sock_read=self.timeout_s)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout,
+                                     connector=connector) as session:
 
       async def one(i: int, request: ChatRequest):
         try:

@@ -36,11 +36,12 @@ class OracleApp:
   """The aiohttp application and its counters; `fail_next` injects retryable failures."""
 
   def __init__(self, *, model: str = DEFAULT_MODEL, api_key: str = "", seed: int = 0,
-               error_rate: float = 0.0):
+               error_rate: float = 0.0, reply_delay_s: float = 0.0):
     self.model = model
     self.api_key = api_key
     self.seed = seed
     self.error_rate = error_rate
+    self.reply_delay_s = reply_delay_s  # a slow provider's latency (tests, benchmarks)
     self.completions = 0
     self.fail_next: list[int] = []  # statuses to answer the next requests with (tests)
     self.app = web.Application(middlewares=[self._errors_as_json])
@@ -99,6 +100,8 @@ class OracleApp:
     except ValueError as e:
       return _error(400, f"The local teacher cannot answer this prompt: {e}",
                     "invalid_request_error", param="messages")
+    if self.reply_delay_s:
+      await asyncio.sleep(self.reply_delay_s)
     self.completions += 1
     prompt_tokens = sum(_count_tokens(str(m.get("content", ""))) for m in body["messages"])
     completion_tokens = sum(_count_tokens(t) for t in texts)

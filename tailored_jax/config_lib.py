@@ -92,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.prefix_weight = 0.1  # LM loss weight on prefix (demos + question) tokens
   c.train.sr_weight = 0.5  # λ
   c.train.sr_margin = 1.0  # ρ
+  # > 0: the LM loss makes the vocabulary logits this many positions at a time (recomputed in
+  # the backward pass), for large vocabularies; 0: all positions at once.
+  c.train.loss_chunk_tokens = 0
   c.train.max_continuation_len = 192
   c.train.max_positives = 10
   c.train.sr_batch_size = 0  # rows per step that get the triplet loss; 0: the whole batch
@@ -146,6 +149,7 @@ def paper_config(task: str, family: str) -> ml_collections.ConfigDict:
   c.model.family = family
   c.model.dtype = "bfloat16"
   c.model.remat = True
+  c.train.loss_chunk_tokens = 128  # 49k–151k-token vocabularies: no full [b, t, v] logits
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.teacher.kind = "openai"
@@ -235,6 +239,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(t.max_seq_len >= 8, "train.max_seq_len", "must be >= 8")
   _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
   _require(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
+  _require(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0")
   _require(t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
   e = c.exam
   _require(e.num_samples >= 1, "exam.num_samples", "must be >= 1")

@@ -1,5 +1,7 @@
 """The student's forward, its KV cache, the decoder and the sharded train step, on tiny shapes."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -136,7 +138,7 @@ def test_filter_logits_top_k_and_top_p():
 def _train_cfg():
   return ml_collections.ConfigDict(
       dict(lr=1e-2, warmup_steps=1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
-           sr_weight=0.5, sr_margin=1.0, max_nonfinite_steps=3))
+           sr_weight=0.5, sr_margin=1.0, max_nonfinite_steps=3, loss_chunk_tokens=0))
 
 
 def _batch(rng):
@@ -227,3 +229,25 @@ def test_exam_samples_do_not_depend_on_batch_size_or_order(params):
   assert run(4, [4, 3, 2, 1, 0]) == reference
   assert run(5, [2, 0, 4, 1, 3]) == reference
   assert len({s for samples in reference.values() for s in samples}) > 5  # samples differ
+
+
+@pytest.mark.parametrize("family", ["llama_tied", "llama_untied", "gptj"])
+def test_chunked_lm_loss_equals_the_whole_sequence_loss(family):
+  """Logits made 5 positions at a time (12 is not a multiple: the last chunk is padded) give the
+  same loss and gradients as all positions at once."""
+  from tailored_jax.models import model_for
+  from tailored_jax.models.gptj import GPTJConfig
+  from tailored_jax.train import step as step_lib
+  cfg = {
+      "llama_tied": CFG, "llama_untied": dataclasses.replace(CFG, tie_embeddings=False),
+      "gptj": GPTJConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=64, rotary_dim=4)
+  }[family]
+  model = model_for(cfg)
+  params = nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(1)))
+  lm, _ = _batch(np.random.default_rng(2))
+  lm = jax.tree.map(jnp.asarray, lm)
+  whole = jax.value_and_grad(lambda p: step_lib.lm_forward_loss(model, p, lm))(params)
+  chunked = jax.value_and_grad(lambda p: step_lib.lm_forward_loss(model, p, lm, 5))(params)
+  np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(chunked[1]), jax.tree.leaves(whole[1])):
+    np.testing.assert_allclose(a, b, atol=1e-6)

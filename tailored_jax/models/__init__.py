@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from tailored_jax.models import gptj, llama
 from tailored_jax.models.gptj import GPTJ, GPTJConfig
 from tailored_jax.models.llama import Llama, LlamaConfig
 
@@ -16,11 +17,17 @@ def llama_config(cfg, vocab_size: int) -> LlamaConfig:
 
 
 MODULES = {LlamaConfig: Llama, GPTJConfig: GPTJ}
+HEADS = {LlamaConfig: llama.head_logits, GPTJConfig: gptj.head_logits}
 
 
 def model_for(cfg: LlamaConfig | GPTJConfig):
   """The Flax module of an architecture config."""
   return MODULES[type(cfg)](cfg)
+
+
+def head_logits(params, hidden_btd, cfg: LlamaConfig | GPTJConfig):
+  """The family's LM head applied outside the module (chunked losses)."""
+  return HEADS[type(cfg)](params, hidden_btd, cfg)
 
 
 def build_model(cfg, vocab_size: int, pretrained: LlamaConfig | GPTJConfig | None = None):

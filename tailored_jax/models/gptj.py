@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
-from tailored_jax.models.layers import HFTensor, cached_attention, param, run_blocks
+from tailored_jax.models.layers import HFTensor, attend, param, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +76,7 @@ class GPTJBlock(nn.Module):
   cfg: GPTJConfig
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, mask_bts, cache_k_bskh, cache_v_bskh, index):
+  def __call__(self, x_btd, positions_bt, mask, cache_k_bskh, cache_v_bskh, index):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
@@ -91,8 +91,8 @@ class GPTJBlock(nn.Module):
     k_btnh = apply_interleaved_rope(jnp.einsum("btd,dnh->btnh", h_btd, wk.astype(dt)), positions_bt,
                                     cfg.rotary_dim)
     v_btnh = jnp.einsum("btd,dnh->btnh", h_btd, wv.astype(dt))
-    out_btnh, cache_k_bskh, cache_v_bskh = cached_attention(q_btnh, k_btnh, v_btnh, cache_k_bskh,
-                                                            cache_v_bskh, index, mask_bts, dt)
+    out_btnh, cache_k_bskh, cache_v_bskh = attend(q_btnh, k_btnh, v_btnh, cache_k_bskh,
+                                                  cache_v_bskh, index, mask, dt)
     attn_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(dt))
     w_in = param(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), pdt, normal(d))
     b_in = param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
@@ -104,11 +104,13 @@ class GPTJBlock(nn.Module):
 
 
 class GPTJ(nn.Module):
-  """(tokens, positions, valid, cache) -> (logits_btv float32, hidden after ln_f, cache)."""
+  """(tokens, positions, valid, cache) -> (logits_btv float32, hidden after ln_f, cache); with
+  `with_logits=False` the logits are None (the loss applies `head_logits` in chunks)."""
   cfg: GPTJConfig
 
   @nn.compact
-  def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None):
+  def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None,
+               with_logits: bool = True):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt,
@@ -120,8 +122,17 @@ class GPTJ(nn.Module):
                     nn.initializers.normal(stddev=cfg.d_model**-0.5))
     head_bias_v = param(self, "lm_head_bias", (cfg.vocab_size,), ("vocab",), pdt,
                         nn.initializers.zeros)
-    logits_btv = hidden_btd @ head_dv.astype(dt) + head_bias_v.astype(dt)
-    return logits_btv.astype(jnp.float32), hidden_btd, new_cache
+    head = {"lm_head": head_dv, "lm_head_bias": head_bias_v}
+    logits_btv = head_logits(head, hidden_btd, cfg) if with_logits else None
+    return logits_btv, hidden_btd, new_cache
+
+
+def head_logits(params, hidden_btd, cfg: GPTJConfig):
+  """The biased LM head on hidden states, float32 logits; `params` is the parameter tree (or the
+  part holding the head)."""
+  dt = jnp.dtype(cfg.dtype)
+  logits_btv = hidden_btd @ params["lm_head"].astype(dt) + params["lm_head_bias"].astype(dt)
+  return logits_btv.astype(jnp.float32)
 
 
 # ---- Hugging Face interchange ------------------------------------------------------------------

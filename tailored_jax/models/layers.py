@@ -88,17 +88,39 @@ def cached_attention(q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, 
   return out_btkgh.reshape(b, t, n, h), cache_k_bskh, cache_v_bskh
 
 
+def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
+  """Self-attention over the tokens themselves, with no cache (training): causal, keys at
+  padding masked, grouped-query, the platform's fused kernel where jax has one."""
+  return jax.nn.dot_product_attention(q_btnh.astype(dtype), k_btkh.astype(dtype),
+                                      v_btkh.astype(dtype), mask=valid_bt[:, None,
+                                                                          None, :], is_causal=True,
+                                      local_window_size=(window - 1, 0) if window else None)
+
+
+def attend(q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, mask, dtype, window: int = 0):
+  """Attention for one layer: with a cache, `mask` is [batch, new, slots] and the new keys and
+  values are written into it (`cached_attention`); without one (`cache_k_bskh` None), `mask` is
+  the tokens' own validity [batch, new] and nothing is stored. Returns (out, cache_k, cache_v)."""
+  if cache_k_bskh is None:
+    return causal_attention(q_btnh, k_btkh, v_btkh, mask, dtype, window), None, None
+  return cached_attention(q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, mask, dtype)
+
+
 def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | None,
                window: int = 0):
-  """The layer stack shared by every family: prepares the cache (fresh if None) and the mask,
-  runs `cfg.n_layers` blocks named layer_i (rematerialised if `cfg.remat`), returns
-  (x_btd, updated cache). Call it from inside a compact module method."""
-  b, t = x_btd.shape[:2]
+  """The layer stack shared by every family: `cfg.n_layers` blocks named layer_i
+  (rematerialised if `cfg.remat`). With a cache, the mask comes from its slots and the updated
+  cache is returned; without one (training), tokens attend causally to themselves, no keys or
+  values are kept, and the returned cache is None. Call it from inside a compact method."""
+  block = nn.remat(block_cls) if cfg.remat else block_cls
   if cache is None:
-    cache = KVCache.zeros(cfg.n_layers, b, t, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
+    for layer in range(cfg.n_layers):
+      x_btd, _, _ = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, None, None,
+                                                      None)
+    return x_btd, None
+  t = x_btd.shape[1]
   valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
   mask_bts = attention_mask(valid_bs, cache.index, t, window)
-  block = nn.remat(block_cls) if cfg.remat else block_cls
   new_k, new_v = [], []
   for layer in range(cfg.n_layers):
     x_btd, k_bskh, v_bskh = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, mask_bts,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
-from tailored_jax.models.layers import HFTensor, cached_attention, param, run_blocks
+from tailored_jax.models.layers import HFTensor, attend, param, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,7 @@ class Attention(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, mask_bts, cache_k_bskh, cache_v_bskh, index):
+  def __call__(self, x_btd, positions_bt, mask, cache_k_bskh, cache_v_bskh, index):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     scale = cfg.d_model**-0.5
@@ -123,8 +123,8 @@ class Attention(nn.Module):
     q_btnh = apply_rope(q_btnh, positions_bt, inv_freq_h)
     k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
 
-    out_btnh, cache_k_bskh, cache_v_bskh = cached_attention(q_btnh, k_btkh, v_btkh, cache_k_bskh,
-                                                            cache_v_bskh, index, mask_bts, dt)
+    out_btnh, cache_k_bskh, cache_v_bskh = attend(q_btnh, k_btkh, v_btkh, cache_k_bskh,
+                                                  cache_v_bskh, index, mask, dt, cfg.sliding_window)
     out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(dt))
     return out_btd, cache_k_bskh, cache_v_bskh
 
@@ -151,11 +151,11 @@ class Block(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, mask_bts, cache_k_bskh, cache_v_bskh, index):
+  def __call__(self, x_btd, positions_bt, mask, cache_k_bskh, cache_v_bskh, index):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h_btd, cache_k_bskh, cache_v_bskh = Attention(cfg, name="attn")(RMSNorm(
-        cfg.norm_eps, dt, pdt, name="attn_norm")(x_btd), positions_bt, mask_bts, cache_k_bskh,
+        cfg.norm_eps, dt, pdt, name="attn_norm")(x_btd), positions_bt, mask, cache_k_bskh,
                                                                     cache_v_bskh, index)
     x_btd = x_btd + h_btd
     x_btd = x_btd + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x_btd))
@@ -165,12 +165,14 @@ class Block(nn.Module):
 class Llama(nn.Module):
   """Forward over new tokens given a KV cache (fresh if None).
 
-  Returns (logits_btv float32, hidden_btd after the final norm, updated cache).
+  Returns (logits_btv float32, hidden_btd after the final norm, updated cache); with
+  `with_logits=False` the logits are None (the loss applies `head_logits` in chunks).
   """
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None):
+  def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None,
+               with_logits: bool = True):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt,
@@ -179,13 +181,23 @@ class Llama(nn.Module):
     x_btd, new_cache = run_blocks(Block, cfg, x_btd, positions_bt, valid_bt, cache,
                                   cfg.sliding_window)
     hidden_btd = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x_btd)
-    if cfg.tie_embeddings:
-      logits_btv = jnp.einsum("btd,vd->btv", hidden_btd, embedding_vd.astype(dt))
-    else:
-      head_dv = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
-                      _normal(cfg.d_model**-0.5))
-      logits_btv = hidden_btd @ head_dv.astype(dt)
-    return logits_btv.astype(jnp.float32), hidden_btd, new_cache
+    head = {"embedding": embedding_vd}
+    if not cfg.tie_embeddings:
+      head["lm_head"] = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                              pdt, _normal(cfg.d_model**-0.5))
+    logits_btv = head_logits(head, hidden_btd, cfg) if with_logits else None
+    return logits_btv, hidden_btd, new_cache
+
+
+def head_logits(params, hidden_btd, cfg: LlamaConfig):
+  """The LM head (the embedding when tied) on hidden states, float32 logits; `params` is the
+  parameter tree (or the part holding the head)."""
+  dt = jnp.dtype(cfg.dtype)
+  if cfg.tie_embeddings:
+    logits_btv = jnp.einsum("btd,vd->btv", hidden_btd, params["embedding"].astype(dt))
+  else:
+    logits_btv = hidden_btd @ params["lm_head"].astype(dt)
+  return logits_btv.astype(jnp.float32)
 
 
 # ---- Hugging Face interchange (llama, mistral, qwen2) ------------------------------------------

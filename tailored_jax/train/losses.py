@@ -15,6 +15,28 @@ def lm_loss(logits_btv, targets_bt, weights_bt, target_mask_bt):
   return total / jnp.maximum(count, 1.0)
 
 
+def chunked_lm_loss(hidden_btd, head_fn, targets_bt, weights_bt, target_mask_bt, chunk: int):
+  """`lm_loss` with the logits made `chunk` positions at a time and remade in the backward
+  pass, so [batch, seq, vocab] logits (1 GB at 8 × 656 × 49k in float32) never exist at once."""
+  b, t, d = hidden_btd.shape
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  pad_bt = lambda x: jnp.pad(x, ((0, 0), (0, pad)))
+  h_nbcd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+  y_nbc = pad_bt(targets_bt).reshape(b, n, chunk).swapaxes(0, 1)
+  w_nbc = pad_bt(weights_bt).reshape(b, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk_total(h_bcd, y_bc, w_bc):
+    ce_bc = optax.softmax_cross_entropy_with_integer_labels(head_fn(h_bcd), y_bc)
+    return jnp.sum(ce_bc * w_bc)
+
+  total, _ = jax.lax.scan(lambda acc, xs: (acc + chunk_total(*xs), None), jnp.zeros(
+      (), jnp.float32), (h_nbcd, y_nbc, w_nbc))
+  count = jnp.sum(target_mask_bt.astype(jnp.float32))
+  return total / jnp.maximum(count, 1.0)
+
+
 def cosine(x_bd, y_bd, eps: float = 1e-8):
   x_bd, y_bd = x_bd.astype(jnp.float32), y_bd.astype(jnp.float32)
   dot = jnp.sum(x_bd * y_bd, axis=-1)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
+from tailored_jax.models import head_logits
 from tailored_jax.models.kv_cache import KVCache
 from tailored_jax.train import losses
 
@@ -41,6 +42,7 @@ class LossConfig:
   sr_weight: float  # λ
   sr_margin: float  # ρ
   skip_nonfinite: bool = True  # a step whose loss or gradient is not finite changes nothing
+  loss_chunk_tokens: int = 0  # > 0: LM-head logits made this many positions at a time
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -59,9 +61,14 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
-def lm_forward_loss(model, params, lm: LMBatch):
+def lm_forward_loss(model, params, lm: LMBatch, chunk: int = 0):
   tokens_bt = lm.inputs
   positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+  if chunk:
+    _, hidden_btd, _ = model.apply({"params": params}, tokens_bt, positions_bt, lm.input_mask,
+                                   with_logits=False)
+    return losses.chunked_lm_loss(hidden_btd, lambda h: head_logits(params, h, model.cfg),
+                                  lm.targets, lm.target_weights, lm.target_mask, chunk)
   logits_btv, _, _ = model.apply({"params": params}, tokens_bt, positions_bt, lm.input_mask)
   return losses.lm_loss(logits_btv, lm.targets, lm.target_weights, lm.target_mask)
 
@@ -76,13 +83,13 @@ def self_reflection_loss(model, params, reflection: ReflectionBatch, margin: flo
   prefix_positions_bp = jnp.maximum(jnp.cumsum(prefix_valid_bp, axis=1) - 1, 0)
   cache = KVCache.zeros(cfg.n_layers, b, p + c, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
   _, _, cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp, prefix_valid_bp,
-                            cache)
+                            cache, with_logits=False)
   cache = jax.lax.stop_gradient(cache).repeat(k)
   prefix_len_b = jnp.sum(prefix_valid_bp.astype(jnp.int32), axis=1)
   positions_bkc = prefix_len_b[:, None, None] + jnp.arange(c)[None, None, :]
   _, hidden_ncd, _ = model.apply({"params": params}, cont_bkc.reshape(b * k, c),
                                  jnp.broadcast_to(positions_bkc, (b, k, c)).reshape(b * k, c),
-                                 cont_valid_bkc.reshape(b * k, c), cache)
+                                 cont_valid_bkc.reshape(b * k, c), cache, with_logits=False)
   h_bkd = losses.last_real_token(hidden_ncd, cont_valid_bkc.reshape(b * k, c)).reshape(b, k, -1)
   return losses.triplet_loss(h_bkd[:, 0], h_bkd[:, 1], h_bkd[:, 2], reflection.sr_mask, margin)
 
@@ -92,7 +99,7 @@ def train_step(state: TrainState, lm: LMBatch, reflection: ReflectionBatch | Non
   """One optimizer step on L_LM + λ·L_SR; without reflection rows (None) L_SR is 0."""
 
   def loss_fn(params):
-    lm_loss = lm_forward_loss(model, params, lm)
+    lm_loss = lm_forward_loss(model, params, lm, loss_cfg.loss_chunk_tokens)
     if reflection is None:
       sr_loss = jnp.zeros((), jnp.float32)
     else:

@@ -59,7 +59,8 @@ class Trainer:
         functools.partial(
             step_lib.train_step, model=self.model, optimizer=self.optimizer,
             loss_cfg=step_lib.LossConfig(train_cfg.sr_weight, train_cfg.sr_margin,
-                                         train_cfg.max_nonfinite_steps > 0)),
+                                         train_cfg.max_nonfinite_steps > 0,
+                                         train_cfg.loss_chunk_tokens)),
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
 
   def init_params(self, seed: int):

@@ -63,6 +63,10 @@ class Layout:
     """N_r: the distinct wrong exam rationales of the student after round r."""
     return self.path(f"round_{r}", "mistakes.jsonl")
 
+  def exam_outcomes(self, r: int) -> str:
+    """Per train question: how many of the exam's samples after round r were wrong."""
+    return self.path(f"round_{r}", "exam_outcomes.jsonl")
+
   def exam_report(self, r: int) -> str:
     return self.path(f"round_{r}", "exam.json")
 

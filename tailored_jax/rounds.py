@@ -247,7 +247,7 @@ class Run:
                                  e.top_p), max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                              rng=jax.random.PRNGKey(self.cfg.seed * 1000 + round_index),
                              label=f"exam {round_index}")
-    mistakes, correct_samples, always_right = [], 0, 0
+    mistakes, outcomes, correct_samples, always_right = [], [], 0, 0
     for example, samples in zip(train, outputs):
       seen, wrong_here = set(), 0
       for text in samples:
@@ -265,6 +265,8 @@ class Run:
               "error": record["error"]
           })
       always_right += wrong_here == 0
+      outcomes.append({"qid": example.id, "samples": len(samples), "wrong": wrong_here})
+    wd.write_jsonl(self.layout.exam_outcomes(round_index), outcomes)
     wd.write_jsonl(self.layout.mistakes(round_index), mistakes)
     wd.write_json(
         self.layout.exam_report(round_index), {

@@ -26,6 +26,23 @@ def best_round(records: list[dict]) -> dict | None:
   }
 
 
+def mistake_transitions(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+  """Questions wrong (≥ 1 wrong sample) in the exam before a round and in the one after it:
+  fixed (wrong, then right), persistent (wrong both times) and new (right, then wrong)."""
+  wrong_before = {q for q, n in before.items() if n}
+  wrong_after = {q for q, n in after.items() if n}
+  return {
+      "fixed": len(wrong_before - wrong_after), "persistent": len(wrong_before & wrong_after),
+      "new": len(wrong_after - wrong_before)
+  }
+
+
+def _wrong_counts(path: str) -> dict[str, int] | None:
+  if not os.path.exists(path):
+    return None
+  return {r["qid"]: int(r["wrong"]) for r in wd.read_jsonl(path)}
+
+
 def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
   """One record per round whose evaluation is done, read from the phase outputs."""
   timings = wd.read_json(layout.timings) if os.path.exists(layout.timings) else {}
@@ -38,11 +55,17 @@ def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
     teacher = wd.read_json(teacher_path)["usage"] if os.path.exists(teacher_path) else {}
     train = wd.read_json(layout.train_report(r))
     exam_path = layout.exam_report(r - 1)
+    before, after = _wrong_counts(layout.exam_outcomes(r - 1)), _wrong_counts(
+        layout.exam_outcomes(r))
+    moved = mistake_transitions(before, after) if before is not None and after is not None else {}
+    rejected = wd.read_json(teacher_path).get("dropped", {}) if os.path.exists(teacher_path) else {}
     out.append({
         "round": r, "train_examples": train["examples"],
         "mistakes": wd.read_json(exam_path)["mistakes"] if os.path.exists(exam_path) else 0,
         "teacher_requests": teacher.get("requests", 0) + teacher.get("cache_hits", 0),
         "teacher_tokens": teacher.get("tokens", 0) + teacher.get("cached_tokens", 0),
+        "mistakes_fixed": moved.get("fixed"), "mistakes_persistent": moved.get("persistent"),
+        "mistakes_new": moved.get("new"), "teacher_rejected": dict(sorted(rejected.items())),
         "val_accuracy": evals.get("val", {}).get("accuracy"),
         "test_accuracy": evals.get("test", {}).get("accuracy"), "seconds": round(
             sum(
@@ -60,11 +83,13 @@ def write(layout: Layout, records: list[dict]) -> None:
 
 
 def plot(path: str, records: list[dict]) -> None:
+  """Accuracy per round; beside it, where exams before and after a round exist, how many
+  questions the round fixed, left wrong and newly got wrong."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   rounds = [r["round"] for r in records]
-  fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+  fig, (ax, mistakes_ax) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=120)
   for key, label in (("val_accuracy", "validation"), ("test_accuracy", "test")):
     values = [r.get(key) for r in records]
     if any(v is not None for v in values):
@@ -76,7 +101,19 @@ def plot(path: str, records: list[dict]) -> None:
   ax.set_ylim(0, 100)
   ax.grid(alpha=0.3)
   ax.legend()
-  ax.set_title("Tailored learning: student accuracy per round")
+  ax.set_title("Student accuracy per round")
+  width = 0.27
+  for i, (key, label) in enumerate(
+      (("mistakes_fixed", "fixed"), ("mistakes_persistent", "persistent"), ("mistakes_new",
+                                                                            "new"))):
+    mistakes_ax.bar([x + (i - 1) * width for x in rounds], [r.get(key) or 0 for r in records],
+                    width, label=label)
+  mistakes_ax.set_xlabel("round")
+  mistakes_ax.set_ylabel("train questions")
+  mistakes_ax.set_xticks(rounds)
+  mistakes_ax.grid(alpha=0.3, axis="y")
+  mistakes_ax.legend()
+  mistakes_ax.set_title("Exam mistakes: before vs after the round")
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp)

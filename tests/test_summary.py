@@ -1,4 +1,6 @@
 """Choosing the round to keep, and the terminal table."""
+import os
+
 from tailored_jax import summary
 
 
@@ -18,3 +20,32 @@ def test_table_lists_every_round():
   lines = summary.table(records).splitlines()
   assert lines[0].split() == list(summary.COLUMNS)
   assert lines[2].split() == ["1", "10", "0", "5", "100", "0.250", "-", "3.5"]
+
+
+def test_mistakes_fixed_persistent_and_new_across_rounds(tmp_path):
+  """A crafted workdir: exams after rounds 0, 1 and 2 with known wrong questions."""
+  from tailored_jax import workdir as wd
+  from tailored_jax.layout import Layout
+  layout = Layout(str(tmp_path))
+  exams = {
+      0: {"a": 2, "b": 1, "c": 0, "d": 0}, 1: {"a": 0, "b": 3, "c": 1, "d": 0},
+      2: {"a": 1, "b": 0, "c": 0, "d": 0}
+  }
+  for r, wrong in exams.items():
+    wd.write_jsonl(layout.exam_outcomes(r),
+                   [{"qid": q, "samples": 4, "wrong": n} for q, n in wrong.items()])
+    wd.write_json(layout.exam_report(r), {"mistakes": sum(n > 0 for n in wrong.values())})
+  state = wd.RunState(str(tmp_path))
+  for r in (1, 2, 3):
+    wd.write_json(layout.eval_report(r), {"val": {"accuracy": 0.1 * r}})
+    wd.write_json(layout.train_report(r), {"examples": 10})
+    wd.write_json(layout.teacher_report(r),
+                  {"usage": {"requests": 1}, "dropped": {"wrong_answer": r, "unparseable": 1}})
+    state.mark(f"evaluate_{r}")
+  records = summary.records(layout, state, 3)
+  moved = [(r["mistakes_fixed"], r["mistakes_persistent"], r["mistakes_new"]) for r in records]
+  # round 1: a fixed, b persistent, c new; round 2: b and c fixed, a new; round 3: no exam after
+  assert moved == [(1, 1, 1), (2, 0, 1), (None, None, None)]
+  assert records[1]["teacher_rejected"] == {"unparseable": 1, "wrong_answer": 2}
+  summary.write(layout, records)
+  assert os.path.getsize(layout.summary_plot) > 1000

@@ -22,6 +22,11 @@ def base_config() -> ml_collections.ConfigDict:
   # no reasoning to learn from, so it is off there.
   c.method.initial_exam = config_dict.placeholder(bool)
   c.method.accumulate_data = True  # train round r on D_1 ∪ … ∪ D_r (else D_r alone)
+  # The stop rule (`rounds` is then a maximum): stop once validation accuracy has not improved
+  # for this many rounds (0: never), or once an exam finds fewer distinct mistakes than
+  # stop_min_mistakes (0: never). The reason is in summary.json (`stop_reason`) and stop.json.
+  c.method.stop_patience = 0
+  c.method.stop_min_mistakes = 0
   # New optimizer state and warm-up every round (METHOD §2); False carries the AdamW moments and
   # the schedule's step from round r-1 into round r (saved beside each round's params).
   c.method.fresh_optimizer = True
@@ -248,6 +253,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(0 < e.top_p <= 1, "exam.top_p", "must be in (0, 1]")
   _require(e.max_new_tokens >= 1, "exam.max_new_tokens", "must be >= 1")
   splits = {x.strip() for x in c.eval.splits.split(",") if x.strip()}
+  _require(c.method.stop_patience >= 0, "method.stop_patience", "must be >= 0")
+  _require(c.method.stop_min_mistakes >= 0, "method.stop_min_mistakes", "must be >= 0")
+  _require(not c.method.stop_patience or "val" in splits, "method.stop_patience",
+           "needs the val split in eval.splits")
   _require(splits <= {"val", "test"} and bool(splits), "eval.splits",
            f"a comma list of val, test; got {c.eval.splits!r}")
   tc = c.teacher

@@ -45,6 +45,11 @@ class Layout:
   def best_round(self) -> str:
     return self.path("best_round.json")
 
+  @property
+  def stop(self) -> str:
+    """Why the run ended before `rounds`, when the stop rule fired."""
+    return self.path("stop.json")
+
   def data(self, split: str) -> str:
     return self.path("data", f"{split}.jsonl")
 

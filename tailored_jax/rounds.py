@@ -137,8 +137,12 @@ class Run:
       for r in range(1, self.cfg.rounds + 1):
         self._phase(f"train_{r}", lambda: self.train(r))
         self._phase(f"evaluate_{r}", lambda: self.evaluate(r))
+        if self._stopped(r, self._plateau(r)):
+          break
         if r < self.cfg.rounds and (self.cfg.method.feedback or self.cfg.method.self_reflection):
           self._phase(f"exam_{r}", lambda: self.exam(r))
+          if self._stopped(r, self._few_mistakes(r)):
+            break
           if self.cfg.method.feedback:
             self._phase(f"feedback_{r}", lambda: self.feedback(r), writer_only=True)
       records = summary.records(self.layout, self.state, self.cfg.rounds)
@@ -147,6 +151,31 @@ class Run:
       return records
     finally:
       self.close()
+
+  # ---- the stop rule (`rounds` is then a maximum) ---------------------------------------------
+  def _plateau(self, r: int) -> str | None:
+    patience = self.cfg.method.stop_patience
+    if not patience:
+      return None
+    vals = [wd.read_json(self.layout.eval_report(i))["val"]["accuracy"] for i in range(1, r + 1)]
+    return summary.plateau(vals, patience)
+
+  def _few_mistakes(self, r: int) -> str | None:
+    least = self.cfg.method.stop_min_mistakes
+    found = wd.read_json(self.layout.exam_report(r))["mistakes"]
+    if least and found < least:
+      return (f"the exam after round {r} found {found} mistakes, fewer than "
+              f"method.stop_min_mistakes={least}")
+    return None
+
+  def _stopped(self, r: int, reason: str | None) -> bool:
+    """Records why the run ends after round r (a pure function of the workdir, so a resumed run
+    stops at the same place)."""
+    if reason is None:
+      return False
+    logging.info("stopping after round %d: %s", r, reason)
+    wd.write_json(self.layout.stop, {"round": r, "reason": reason})
+    return True
 
   def prepare(self) -> None:
     for split, examples in self.splits.items():

@@ -26,6 +26,17 @@ def best_round(records: list[dict]) -> dict | None:
   }
 
 
+def plateau(val_accuracies: list[float], patience: int) -> str | None:
+  """Why to stop after the last round when validation accuracy has not improved on its best
+  for `patience` rounds, else None."""
+  best = max(range(len(val_accuracies)), key=lambda i: (val_accuracies[i], -i))
+  if len(val_accuracies) - 1 - best >= patience:
+    return (f"validation accuracy has not improved for {len(val_accuracies) - 1 - best} rounds "
+            f"(best {val_accuracies[best]:.3f} in round {best + 1}; "
+            f"method.stop_patience={patience})")
+  return None
+
+
 def mistake_transitions(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
   """Questions wrong (≥ 1 wrong sample) in the exam before a round and in the one after it:
   fixed (wrong, then right), persistent (wrong both times) and new (right, then wrong)."""
@@ -46,6 +57,7 @@ def _wrong_counts(path: str) -> dict[str, int] | None:
 def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
   """One record per round whose evaluation is done, read from the phase outputs."""
   timings = wd.read_json(layout.timings) if os.path.exists(layout.timings) else {}
+  stop = wd.read_json(layout.stop) if os.path.exists(layout.stop) else {}
   out = []
   for r in range(1, rounds + 1):
     if not state.done(f"evaluate_{r}"):
@@ -66,6 +78,7 @@ def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
         "teacher_tokens": teacher.get("tokens", 0) + teacher.get("cached_tokens", 0),
         "mistakes_fixed": moved.get("fixed"), "mistakes_persistent": moved.get("persistent"),
         "mistakes_new": moved.get("new"), "teacher_rejected": dict(sorted(rejected.items())),
+        "stop_reason": stop.get("reason") if stop.get("round") == r else None,
         "val_accuracy": evals.get("val", {}).get("accuracy"),
         "test_accuracy": evals.get("test", {}).get("accuracy"), "seconds": round(
             sum(

@@ -46,8 +46,8 @@ def test_end_to_end_outputs(reference):
   assert [r["round"] for r in records] == [1, 2]
   assert set(records[0]) == {
       "round", "train_examples", "mistakes", "teacher_requests", "teacher_tokens", "mistakes_fixed",
-      "mistakes_persistent", "mistakes_new", "teacher_rejected", "val_accuracy", "test_accuracy",
-      "seconds"
+      "mistakes_persistent", "mistakes_new", "teacher_rejected", "stop_reason", "val_accuracy",
+      "test_accuracy", "seconds"
   }
   assert records[0]["teacher_requests"] == 16 and records[0]["mistakes"] == 0
   annotate = json.loads(read(workdir, "round_1", "teacher.json"))
@@ -242,3 +242,19 @@ def test_two_runs_of_one_config_are_identical(reference, tmp_path):
   for parts in (("round_1", "teacher_data.jsonl"), ("round_1", "mistakes.jsonl"),
                 ("round_2", "teacher_data.jsonl"), ("round_2", "eval_test.jsonl")):
     assert read(str(tmp_path), *parts) == read(workdir, *parts), parts
+
+
+def test_the_stop_rule_ends_the_run_early_and_says_why(reference, tmp_path):
+  """Too few mistakes left after round 1's exam: no feedback is paid, round 2 never trains."""
+  cfg = tiny_config()
+  cfg.method.stop_min_mistakes = 1000
+  records = rounds.run(cfg, str(tmp_path))
+  assert [r["round"] for r in records] == [1]
+  exam = json.loads(read(str(tmp_path), "round_1", "exam.json"))
+  assert records[0]["stop_reason"] == (
+      f"the exam after round 1 found {exam['mistakes']} mistakes, fewer than "
+      "method.stop_min_mistakes=1000")
+  assert cache_lines(str(tmp_path)) == 16  # annotation only
+  assert {k: v for k, v in records[0].items() if k not in ("seconds", "stop_reason")
+         } == {k: v for k, v in reference[1][0].items() if k not in ("seconds", "stop_reason")}
+  assert rounds.run(cfg, str(tmp_path)) == records  # a re-run stops at the same place

@@ -49,3 +49,13 @@ def test_mistakes_fixed_persistent_and_new_across_rounds(tmp_path):
   assert records[1]["teacher_rejected"] == {"unparseable": 1, "wrong_answer": 2}
   summary.write(layout, records)
   assert os.path.getsize(layout.summary_plot) > 1000
+
+
+def test_plateau_stops_after_patience_rounds_without_improvement():
+  assert summary.plateau([0.1, 0.2, 0.3], 1) is None
+  assert summary.plateau(
+      [0.1, 0.3, 0.3],
+      1) == ("validation accuracy has not improved for 1 rounds (best 0.300 in round 2; "
+             "method.stop_patience=1)")
+  assert summary.plateau([0.1, 0.3, 0.2], 2) is None
+  assert "for 2 rounds" in summary.plateau([0.4, 0.3, 0.2], 2)

@@ -89,13 +89,13 @@ def ours(cfg: LlamaConfig, tokens: np.ndarray, repeats: int, loss_chunk_tokens: 
   return {"first_call_s": first, "seconds_per_step": seconds}
 
 
-def theirs(cfg: LlamaConfig, tokens: np.ndarray, repeats: int) -> dict:
+def theirs(cfg: LlamaConfig, tokens: np.ndarray, repeats: int, device: str = "cpu") -> dict:
   import torch
-  model = torch_model(cfg)
+  model = torch_model(cfg).to(device)
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8,
                                 weight_decay=0.01)
-  inputs = torch.tensor(tokens[:, :-1], dtype=torch.long)
-  targets = torch.tensor(tokens[:, 1:], dtype=torch.long)
+  inputs = torch.tensor(tokens[:, :-1], dtype=torch.long, device=device)
+  targets = torch.tensor(tokens[:, 1:], dtype=torch.long, device=device)
 
   def step():
     logits = model(input_ids=inputs).logits
@@ -104,6 +104,8 @@ def theirs(cfg: LlamaConfig, tokens: np.ndarray, repeats: int) -> dict:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if device != "cpu":
+      torch.cuda.synchronize()
 
   first, seconds = median_seconds(step, repeats)
   return {"first_call_s": first, "seconds_per_step": seconds}
@@ -114,6 +116,7 @@ def main(argv=None) -> None:
   parser.add_argument("--model", default="llama_34m", choices=sorted(PRESETS))
   parser.add_argument("--shapes", default="8x128,8x256,8x512", help="BATCHxSEQ,...")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--torch_device", default="cpu", help="cpu, or cuda beside a JAX GPU")
   parser.add_argument("--remat", action="store_true", help="ours: recompute each block")
   parser.add_argument("--loss_chunk_tokens", type=int, default=0,
                       help="ours: LM-head logits this many positions at a time (0: all)")
@@ -127,7 +130,8 @@ def main(argv=None) -> None:
     b, t = (int(x) for x in shape.split("x"))
     tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (b, t + 1)).astype(np.int32)
     sides = {
-        "ours": functools.partial(ours, loss_chunk_tokens=args.loss_chunk_tokens), "torch": theirs
+        "ours": functools.partial(ours, loss_chunk_tokens=args.loss_chunk_tokens),
+        "torch": functools.partial(theirs, device=args.torch_device)
     }
     if args.side != "both":
       sides = {args.side: sides[args.side]}
@@ -141,7 +145,8 @@ def main(argv=None) -> None:
   import torch
   report("versus_torch", model=args.model, parameters=n_params, dtype="float32",
          ours_remat=args.remat, ours_loss_chunk_tokens=args.loss_chunk_tokens,
-         torch_threads=torch.get_num_threads(), repeats=args.repeats, shapes=rows)
+         torch_threads=torch.get_num_threads(), torch_device=args.torch_device,
+         torch_version=torch.__version__, repeats=args.repeats, shapes=rows)
 
 
 if __name__ == "__main__":

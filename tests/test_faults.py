@@ -73,7 +73,9 @@ def kill_after(monkeypatch, kind: str, name: str, nth: int):
 @pytest.mark.parametrize(
     "kind, name, nth",
     [
+        ("json", "state.json", 3),  # state.json just recorded train_1 as done
         ("cache", "teacher_cache.jsonl", 5),  # mid-annotation, a paid reply just appended
+        ("json", "teacher_data.jsonl", 2),  # D_2 written from feedback, feedback_1 not yet marked
         ("manifest", "", 1),  # a step checkpoint torn before its manifest
         ("checkpoint", "round_1", 1),  # round 1's params saved, train.json not yet
         ("json", "mistakes.jsonl", 1),  # N_1 written, exam_1 not yet marked done

@@ -183,9 +183,10 @@ def test_local_teacher_replies_depend_on_the_request_alone():
 
 
 def test_high_concurrency_with_slow_replies_pays_each_request_once():
-  """150 requests in flight (above aiohttp's default pool of 100), each reply taking 0.3 s, and a
-  0.5 s timeout per attempt: timeouts must not count time queued for a connection, or queued
-  requests time out while the server serves them and get paid twice."""
+  """150 requests in flight (above aiohttp's default pool of 100), each reply taking 1 s, and a
+  1.8 s timeout per attempt: a timeout that counted time queued for a connection (1 s) would
+  fire while the server serves the request (another 1 s), and the re-sent request would be paid
+  twice. The 0.8 s margin absorbs a loaded machine."""
   problems = [
       synthetic.Problem("Ava", "pens", a, (synthetic.Step("add", b, 0),), "Ben")
       for a in range(1, 16) for b in range(1, 11)
@@ -194,8 +195,8 @@ def test_high_concurrency_with_slow_replies_pays_each_request_once():
       ChatRequest(prompts.annotation_messages(p.question(), []), n=1, temperature=0.7)
       for p in problems
   ]
-  with LocalTeacherServer(reply_delay_s=0.3) as s:
-    client = ChatClient(s.url, DEFAULT_MODEL, cache=None, max_concurrency=150, timeout_s=0.5,
+  with LocalTeacherServer(reply_delay_s=1.0) as s:
+    client = ChatClient(s.url, DEFAULT_MODEL, cache=None, max_concurrency=150, timeout_s=1.8,
                         backoff_s=0.0, max_retries=2)
     results, usage = client.run(requests)
     served = s.oracle_app.completions

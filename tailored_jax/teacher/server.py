@@ -167,7 +167,7 @@ class LocalTeacherServer:
       try:
         self._runner = web.AppRunner(self.oracle_app.app, access_log=None)
         self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", self._port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self._port, backlog=4096)
         self._loop.run_until_complete(site.start())
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}/v1"

@@ -269,11 +269,11 @@ class Run:
     train = self.splits["train"]
     params = self.student.params(round_index)
     self.student.trainer.check_finite_params(params, f"round {round_index}, before the exam")
-    outputs = generate_texts(self.student.decoder, params, self.student.tokenizer,
-                             [self.task.format_prefix(x.question, self.demos) for x in train],
-                             mesh=self.mesh, num_samples=e.num_samples, sampling=SamplingConfig(
-                                 e.temperature, e.top_k,
-                                 e.top_p), max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+    prompts = [self.task.format_prefix(x.question, self.demos) for x in train]
+    sampling = SamplingConfig(e.temperature, e.top_k, e.top_p)
+    outputs = generate_texts(self.student.decoder, params, self.student.tokenizer, prompts,
+                             mesh=self.mesh, num_samples=e.num_samples, sampling=sampling,
+                             max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                              rng=jax.random.PRNGKey(self.cfg.seed * 1000 + round_index),
                              label=f"exam {round_index}")
     mistakes, outcomes, correct_samples, always_right = [], [], 0, 0

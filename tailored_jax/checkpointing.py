@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import shutil
 import zlib
 
 import jax
@@ -58,14 +57,11 @@ def nbytes(tree) -> int:
 
 def ensure_space(directory: str, needed: int) -> None:
   """Stops before a write that cannot fit: a StorageError naming the sizes."""
-  probe = os.path.abspath(directory)
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  free = shutil.disk_usage(probe).free
-  if free < needed:
+  free = wd.free_mib(directory)
+  if free < needed / 2**20:
     raise wd.StorageError(
         f"no space left on device for checkpoint {directory}: needed ~{needed / 2**20:.1f} MiB, "
-        f"{free / 2**20:.1f} MiB free")
+        f"{free:.1f} MiB free")
 
 
 def _save(mngr: ocp.CheckpointManager, directory: str, step: int, tree, **info) -> None:

@@ -251,3 +251,85 @@ def test_chunked_lm_loss_equals_the_whole_sequence_loss(family):
   np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(chunked[1]), jax.tree.leaves(whole[1])):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+class _LetterTokenizer:  # one token per letter a..z and space, ids 3..29; pad 0, bos 2, eos 1
+  pad_id = 0
+
+  def encode_batch(self, texts):
+    return [[2] + [3 + (26 if c == " " else ord(c) - ord("a")) for c in t] for t in texts]
+
+  def decode_batch(self, rows):
+    return [",".join(str(int(t)) for t in row) for row in rows]
+
+
+@pytest.mark.parametrize("window,mesh_shape", [(0, (1, 1, 1, 1)), (7, (1, 1, 1, 1)),
+                                               (0, (2, 2, 2, 0))])
+def test_shared_prefix_decoding_equals_whole_prompts(window, mesh_shape):
+  """The demos every prompt starts with, prefilled once and shared, give the same greedy and
+  sampled tokens as prefilling each whole prompt (GQA, left padding, a sliding window shorter
+  than the prompts, an 8-device mesh)."""
+  from tailored_jax.sample.runner import generate_texts
+  cfg = dataclasses.replace(CFG, sliding_window=window)
+  model = Llama(cfg)
+  params = nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(5)))
+  mesh = sharding.make_mesh(_mesh_cfg(*mesh_shape))
+  demos = "the quick brown fox jumps over the lazy dog "
+  prompts = [demos + q for q in ("abc", "hello world", "xyz", "qq", "mnop", "sphinx of quartz")]
+  for sampling_cfg, samples in ((sampling.SamplingConfig(), 1),
+                                (sampling.SamplingConfig(1.0, 10, 0.9), 3)):
+    texts = []
+    for share in (False, True):
+      decoder = decode.Decoder(model, decode.StopTables.never_stop(cfg.vocab_size))
+      texts.append(
+          generate_texts(decoder, params, _LetterTokenizer(), prompts, mesh=mesh,
+                         num_samples=samples, sampling=sampling_cfg, max_new_tokens=12,
+                         batch_size=4, rng=jax.random.PRNGKey(7), label="test", share_prefix=share))
+    assert texts[0] == texts[1]
+  assert decoder.compilations == 2  # the prefix, and one for the only length bucket
+
+
+def test_shared_prefix_cache_gives_the_whole_prompts_logits(params):
+  """Prefix prefilled once + each row's own left-padded tokens: the same next-token logits as the
+  whole prompts."""
+  prefix = np.array([2, 7, 12, 5, 9, 9, 4], np.int32)
+  own = np.array([[0, 0, 11, 3], [6, 8, 10, 13]], np.int32)
+  shared = decode.prefill_prefix(params, jnp.asarray(prefix), model=MODEL)
+  cache = KVCache.zeros(CFG.n_layers, 2, 4, CFG.n_kv_heads, CFG.head_dim, jnp.float32, shared)
+  valid = own > 0
+  positions = len(prefix) + np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+  got, _, _ = forward(params, own, positions, valid, cache)
+  for row in range(2):
+    whole = np.concatenate([prefix, own[row][valid[row]]])[None]
+    expected, _, _ = forward(params, whole,
+                             np.arange(whole.shape[1])[None], np.ones_like(whole, bool))
+    np.testing.assert_allclose(got[row, -1], expected[0, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k,top_p,allowed", [(4, 1.0, 4), (0, 0.75, 3), (4, 0.75, 3),
+                                                 (50, 0.75, 3)])
+def test_sampling_never_leaves_the_allowed_set_and_follows_the_distribution(top_k, top_p, allowed):
+  """A crafted distribution (6 likely tokens, 994 rare ones): every draw is among the `allowed`
+  best, and each one's frequency is within 5 binomial standard deviations of its renormalised
+  probability."""
+  probs = np.full(1000, 0.0, np.float64)
+  probs[:6] = [0.4, 0.25, 0.15, 0.1, 0.05, 0.04]
+  probs[6:] = 0.01 / 994
+  rank_of = np.random.default_rng(0).permutation(1000)  # the likely tokens are not ids 0..5
+  logits = np.log(probs[rank_of]).astype(np.float32)
+  draws = 20000
+  keys = jax.random.split(jax.random.PRNGKey(0), draws)
+  tokens = np.asarray(
+      jax.jit(lambda k: sampling.choose_tokens(jnp.broadcast_to(jnp.asarray(logits), (
+          draws, 1000)), k, sampling.SamplingConfig(1.0, top_k, top_p)))(keys))
+  ranks = rank_of[tokens]  # rank 0 is the most likely token
+  assert ranks.max() < allowed
+  expected = probs[:allowed] / probs[:allowed].sum()
+  counts = np.bincount(ranks, minlength=allowed)
+  bound = 5 * np.sqrt(draws * expected * (1 - expected))
+  assert (np.abs(counts - draws * expected) < bound).all(), (counts, draws * expected)
+
+
+def test_greedy_tokens_is_argmax_with_first_index_on_ties():
+  logits = jnp.array([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 5.0, 5.0], [-2.0, -3.0, -1.0, -1.5]])
+  assert sampling.greedy_tokens(logits).tolist() == [1, 0, 2]

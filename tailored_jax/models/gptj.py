@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
-from tailored_jax.models.layers import HFTensor, attend, param, run_blocks
+from tailored_jax.models.layers import HFTensor, LayerKV, attend, param, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +76,7 @@ class GPTJBlock(nn.Module):
   cfg: GPTJConfig
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, mask, cache_k_bskh, cache_v_bskh, index):
+  def __call__(self, x_btd, positions_bt, valid_bt, kv: LayerKV | None):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
@@ -91,8 +91,7 @@ class GPTJBlock(nn.Module):
     k_btnh = apply_interleaved_rope(jnp.einsum("btd,dnh->btnh", h_btd, wk.astype(dt)), positions_bt,
                                     cfg.rotary_dim)
     v_btnh = jnp.einsum("btd,dnh->btnh", h_btd, wv.astype(dt))
-    out_btnh, cache_k_bskh, cache_v_bskh = attend(q_btnh, k_btnh, v_btnh, cache_k_bskh,
-                                                  cache_v_bskh, index, mask, dt)
+    out_btnh, kv = attend(q_btnh, k_btnh, v_btnh, valid_bt, kv, dt)
     attn_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(dt))
     w_in = param(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), pdt, normal(d))
     b_in = param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
@@ -100,7 +99,7 @@ class GPTJBlock(nn.Module):
     b_out = param(self, "b_out", (d,), ("norm",), pdt, nn.initializers.zeros)
     ff_btf = jax.nn.gelu(h_btd @ w_in.astype(dt) + b_in.astype(dt), approximate=True)
     mlp_btd = ff_btf @ w_out.astype(dt) + b_out.astype(dt)
-    return x_btd + attn_btd + mlp_btd, cache_k_bskh, cache_v_bskh
+    return x_btd + attn_btd + mlp_btd, kv
 
 
 class GPTJ(nn.Module):

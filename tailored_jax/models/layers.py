@@ -1,11 +1,12 @@
 """Model pieces every family shares: the parameter helper, initialisation on dummy tokens, the
-grouped-query attention core over the KV cache, the layer stack, and the HF tensor-table entry.
+grouped-query attention core over the KV cache (and a shared prefix), the layer stack, and the HF tensor-table entry.
 """
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,28 +65,56 @@ def attention_mask(valid_bs: jax.Array, index: jax.Array, num_new: int,
   return valid_bs[:, None, :] & causal_ts[None, :, :]
 
 
-def cached_attention(q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, mask_bts, dtype,
-                     scale: float | None = None):
-  """Writes the new keys/values at `index`, then attends over the whole buffer (grouped-query:
-  each of the k kv-heads serves n/k query heads). Softmax in float32.
+def prefix_mask(positions_bt: jax.Array, prefix_length: int, window: int = 0) -> jax.Array:
+  """[batch, new, prefix]: which shared-prefix tokens (positions 0..prefix_length-1) each new
+  token sees: all of them, or with a sliding `window` the ones within it."""
+  key_position_p = jnp.arange(prefix_length)
+  if not window:
+    return jnp.ones(positions_bt.shape + (prefix_length,), bool)
+  return key_position_p[None, None, :] > positions_bt[:, :, None] - window
 
-  Returns (out_btnh, cache_k_bskh, cache_v_bskh).
-  """
-  cache_k_bskh = jax.lax.dynamic_update_slice_in_dim(cache_k_bskh,
-                                                     k_btkh.astype(cache_k_bskh.dtype), index,
-                                                     axis=1)
-  cache_v_bskh = jax.lax.dynamic_update_slice_in_dim(cache_v_bskh,
-                                                     v_btkh.astype(cache_v_bskh.dtype), index,
-                                                     axis=1)
+
+@flax.struct.dataclass
+class LayerKV:
+  """What one layer's attention reads from and writes to the cache: the stacked buffers (written
+  in place at [layer, :, index]), the masks, and the shared prefix's keys and values, if any."""
+  k_lbskh: jax.Array
+  v_lbskh: jax.Array
+  index: jax.Array
+  mask_bts: jax.Array
+  prefix_k_pkh: jax.Array | None = None
+  prefix_v_pkh: jax.Array | None = None
+  prefix_mask_btp: jax.Array | None = None
+  layer: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | None = None):
+  """Writes the new keys/values into the layer's buffer at `index`, then attends over the shared
+  prefix and the whole buffer under one softmax (grouped-query: each of the k kv-heads serves
+  n/k query heads). Softmax in float32. Returns (out_btnh, kv with the buffers updated)."""
+  start = (kv.layer, 0, kv.index, 0, 0)
+  k_lbskh = jax.lax.dynamic_update_slice(kv.k_lbskh, k_btkh[None].astype(kv.k_lbskh.dtype), start)
+  v_lbskh = jax.lax.dynamic_update_slice(kv.v_lbskh, v_btkh[None].astype(kv.v_lbskh.dtype), start)
   b, t, n, h = q_btnh.shape
-  kv_heads = cache_k_bskh.shape[2]
-  q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
-  logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh.astype(dtype), cache_k_bskh.astype(dtype))
-  logits_bkgts = logits_bkgts.astype(jnp.float32) * (h**-0.5 if scale is None else scale)
-  logits_bkgts = jnp.where(mask_bts[:, None, None, :, :], logits_bkgts, -1e30)
-  probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dtype)
-  out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, cache_v_bskh.astype(dtype))
-  return out_btkgh.reshape(b, t, n, h), cache_k_bskh, cache_v_bskh
+  kv_heads = k_lbskh.shape[3]
+  q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h).astype(dtype)
+  scale = h**-0.5 if scale is None else scale
+  k_bskh, v_bskh = k_lbskh[kv.layer].astype(dtype), v_lbskh[kv.layer].astype(dtype)
+  logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32) * scale
+  logits_bkgts = jnp.where(kv.mask_bts[:, None, None, :, :], logits_bkgts, -1e30)
+  if kv.prefix_k_pkh is None:
+    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dtype)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+  else:
+    prefix_k_pkh, prefix_v_pkh = kv.prefix_k_pkh.astype(dtype), kv.prefix_v_pkh.astype(dtype)
+    logits_bkgtp = jnp.einsum("btkgh,pkh->bkgtp", q_btkgh, prefix_k_pkh).astype(jnp.float32) * scale
+    logits_bkgtp = jnp.where(kv.prefix_mask_btp[:, None, None, :, :], logits_bkgtp, -1e30)
+    p = logits_bkgtp.shape[-1]
+    probs_bkgtx = jax.nn.softmax(jnp.concatenate([logits_bkgtp, logits_bkgts], axis=-1),
+                                 axis=-1).astype(dtype)
+    out_btkgh = (jnp.einsum("bkgtp,pkh->btkgh", probs_bkgtx[..., :p], prefix_v_pkh)
+                 + jnp.einsum("bkgts,bskh->btkgh", probs_bkgtx[..., p:], v_bskh))
+  return out_btkgh.reshape(b, t, n, h), kv.replace(k_lbskh=k_lbskh, v_lbskh=v_lbskh)
 
 
 def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
@@ -97,35 +126,37 @@ def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
                                       local_window_size=(window - 1, 0) if window else None)
 
 
-def attend(q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, mask, dtype, window: int = 0):
-  """Attention for one layer: with a cache, `mask` is [batch, new, slots] and the new keys and
-  values are written into it (`cached_attention`); without one (`cache_k_bskh` None), `mask` is
-  the tokens' own validity [batch, new] and nothing is stored. Returns (out, cache_k, cache_v)."""
-  if cache_k_bskh is None:
-    return causal_attention(q_btnh, k_btkh, v_btkh, mask, dtype, window), None, None
-  return cached_attention(q_btnh, k_btkh, v_btkh, cache_k_bskh, cache_v_bskh, index, mask, dtype)
+def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | None, dtype, window: int = 0):
+  """Attention for one layer: with the cache's `kv`, the new keys and values are written into it
+  (`cached_attention`); without one (training), tokens attend causally to themselves (`valid_bt`
+  masks padding) and nothing is stored. Returns (out, kv)."""
+  if kv is None:
+    return causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window), None
+  return cached_attention(q_btnh, k_btkh, v_btkh, kv, dtype)
 
 
 def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | None,
                window: int = 0):
   """The layer stack shared by every family: `cfg.n_layers` blocks named layer_i
-  (rematerialised if `cfg.remat`). With a cache, the mask comes from its slots and the updated
-  cache is returned; without one (training), tokens attend causally to themselves, no keys or
-  values are kept, and the returned cache is None. Call it from inside a compact method."""
+  (rematerialised if `cfg.remat`), each called as `block(x, positions, valid, kv)`. With a cache,
+  masks come from its slots (and its shared prefix) and the updated cache is returned; without
+  one (training), tokens attend causally to themselves, no keys or values are kept, and the
+  returned cache is None. Call it from inside a compact method."""
   block = nn.remat(block_cls) if cfg.remat else block_cls
   if cache is None:
     for layer in range(cfg.n_layers):
-      x_btd, _, _ = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, None, None,
-                                                      None)
+      x_btd, _ = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, None)
     return x_btd, None
   t = x_btd.shape[1]
   valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
-  mask_bts = attention_mask(valid_bs, cache.index, t, window)
-  new_k, new_v = [], []
+  kv = LayerKV(cache.k_lbskh, cache.v_lbskh, cache.index,
+               attention_mask(valid_bs, cache.index, t, window))
+  if cache.prefix is not None:
+    kv = kv.replace(prefix_mask_btp=prefix_mask(positions_bt, cache.prefix.length, window))
   for layer in range(cfg.n_layers):
-    x_btd, k_bskh, v_bskh = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, mask_bts,
-                                                              cache.k_lbskh[layer],
-                                                              cache.v_lbskh[layer], cache.index)
-    new_k.append(k_bskh)
-    new_v.append(v_bskh)
-  return x_btd, KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, cache.index + t)
+    kv = kv.replace(layer=layer)
+    if cache.prefix is not None:
+      kv = kv.replace(prefix_k_pkh=cache.prefix.k_lpkh[layer],
+                      prefix_v_pkh=cache.prefix.v_lpkh[layer])
+    x_btd, kv = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, kv)
+  return x_btd, KVCache(kv.k_lbskh, kv.v_lbskh, valid_bs, cache.index + t, cache.prefix)

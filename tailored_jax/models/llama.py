@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
-from tailored_jax.models.layers import HFTensor, attend, param, run_blocks
+from tailored_jax.models.layers import HFTensor, LayerKV, attend, param, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,7 @@ class Attention(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, mask, cache_k_bskh, cache_v_bskh, index):
+  def __call__(self, x_btd, positions_bt, valid_bt, kv: LayerKV | None):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     scale = cfg.d_model**-0.5
@@ -123,10 +123,9 @@ class Attention(nn.Module):
     q_btnh = apply_rope(q_btnh, positions_bt, inv_freq_h)
     k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
 
-    out_btnh, cache_k_bskh, cache_v_bskh = attend(q_btnh, k_btkh, v_btkh, cache_k_bskh,
-                                                  cache_v_bskh, index, mask, dt, cfg.sliding_window)
+    out_btnh, kv = attend(q_btnh, k_btkh, v_btkh, valid_bt, kv, dt, cfg.sliding_window)
     out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(dt))
-    return out_btd, cache_k_bskh, cache_v_bskh
+    return out_btd, kv
 
 
 class MLP(nn.Module):
@@ -151,15 +150,14 @@ class Block(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, mask, cache_k_bskh, cache_v_bskh, index):
+  def __call__(self, x_btd, positions_bt, valid_bt, kv: LayerKV | None):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    h_btd, cache_k_bskh, cache_v_bskh = Attention(cfg, name="attn")(RMSNorm(
-        cfg.norm_eps, dt, pdt, name="attn_norm")(x_btd), positions_bt, mask, cache_k_bskh,
-                                                                    cache_v_bskh, index)
+    h_btd, kv = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(x_btd),
+                                            positions_bt, valid_bt, kv)
     x_btd = x_btd + h_btd
     x_btd = x_btd + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x_btd))
-    return x_btd, cache_k_bskh, cache_v_bskh
+    return x_btd, kv
 
 
 class Llama(nn.Module):

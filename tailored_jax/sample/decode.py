@@ -1,7 +1,9 @@
 """Batched KV-cache generation in one jitted while-loop: prefill once, k samples per prompt.
 
-Each row stops on its own at EOS or a blank line (`\\n\\n`, one token or two) and the loop ends
-as soon as every row has stopped (the release always ran the full budget).
+A prefix every prompt starts with (the few-shot demos) can be prefilled once (`prefill_prefix`)
+and shared by all rows; then only each prompt's own tokens are prefilled per batch. Each row stops
+on its own at EOS or a blank line (`\\n\\n`, one token or two) and the loop ends as soon as
+every row has stopped (the release always ran the full budget).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax.models.kv_cache import KVCache
+from tailored_jax.models import head_logits
+from tailored_jax.models.kv_cache import KVCache, SharedPrefix
 from tailored_jax.sample.sampling import NEG_INF, SamplingConfig, choose_tokens
 
 
@@ -69,27 +72,41 @@ class DecodeState:
   lengths_n: jax.Array
 
 
-def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables, *, model,
-             max_new_tokens: int, num_samples: int, sampling: SamplingConfig):
+def prefill_prefix(params, prefix_p, *, model) -> SharedPrefix:
+  """Keys and values of a prefix (no padding) that every prompt of a batch starts with."""
+  cfg = model.cfg
+  p = prefix_p.shape[0]
+  cache = KVCache.zeros(cfg.n_layers, 1, p, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
+  _, _, cache = model.apply({"params": params}, prefix_p[None],
+                            jnp.arange(p)[None], jnp.ones((1, p), bool), cache, with_logits=False)
+  return cache.shared()
+
+
+def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables,
+             prefix: SharedPrefix | None = None, *, model, max_new_tokens: int, num_samples: int,
+             sampling: SamplingConfig):
   """Returns (tokens [B*k, max_new_tokens] padded with pad_id, lengths [B*k]).
 
-  Row b*k + j is sample j of prompt b. Prompts are left-padded. `rng` is one key (row r draws
-  with fold_in(rng, r)) or per-row keys [B, k, 2] (`sampling.sample_keys`); step t of a row
-  draws with fold_in(its key, t).
+  Row b*k + j is sample j of prompt b. Prompts are left-padded; with a shared `prefix` they are
+  the tokens after it. `rng` is one key (row r draws with fold_in(rng, r)) or per-row keys
+  [B, k, 2] (`sampling.sample_keys`); step t of a row draws with fold_in(its key, t).
   """
   cfg = model.cfg
   b, p = prompt_bp.shape
-  positions_bp = jnp.maximum(jnp.cumsum(prompt_valid_bp, axis=1) - 1, 0)
+  offset = 0 if prefix is None else prefix.length
+  positions_bp = offset + jnp.maximum(jnp.cumsum(prompt_valid_bp, axis=1) - 1, 0)
   cache = KVCache.zeros(cfg.n_layers, b, p + max_new_tokens, cfg.n_kv_heads, cfg.head_dim,
-                        jnp.dtype(cfg.dtype))
-  logits_bpv, _, cache = model.apply({"params": params}, prompt_bp, positions_bp, prompt_valid_bp,
-                                     cache)
+                        jnp.dtype(cfg.dtype), prefix)
+  _, hidden_bpd, cache = model.apply({"params": params}, prompt_bp, positions_bp, prompt_valid_bp,
+                                     cache, with_logits=False)
+  last_logits_bv = head_logits(params, hidden_bpd[:, -1:], cfg)[:, 0]
   n = b * num_samples
   if rng.ndim == 1:
     keys_n = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(n))
   else:
     keys_n = rng.reshape(n, rng.shape[-1])
-  next_position_n = jnp.repeat(jnp.sum(prompt_valid_bp, axis=1).astype(jnp.int32), num_samples)
+  next_position_n = offset + jnp.repeat(
+      jnp.sum(prompt_valid_bp, axis=1).astype(jnp.int32), num_samples)
 
   def cond(s: DecodeState):
     return (s.step < max_new_tokens) & ~jnp.all(s.done_n)
@@ -111,29 +128,40 @@ def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables, *, mod
                        lengths_n=s.lengths_n + (~s.done_n).astype(jnp.int32))
 
   start = DecodeState(step=jnp.zeros((), jnp.int32), cache=cache.repeat(num_samples),
-                      logits_nv=jnp.repeat(logits_bpv[:, -1], num_samples, axis=0),
-                      tokens_nm=jnp.full((n, max_new_tokens), tables.pad_id,
-                                         jnp.int32), done_n=jnp.zeros((n,), bool), prev_n=jnp.full(
-                                             (n,), tables.pad_id, jnp.int32), lengths_n=jnp.zeros(
-                                                 (n,), jnp.int32))
+                      logits_nv=jnp.repeat(last_logits_bv, num_samples, axis=0), tokens_nm=jnp.full(
+                          (n, max_new_tokens), tables.pad_id, jnp.int32), done_n=jnp.zeros(
+                              (n,), bool), prev_n=jnp.full((n,), tables.pad_id, jnp.int32),
+                      lengths_n=jnp.zeros((n,), jnp.int32))
   end = jax.lax.while_loop(cond, body, start)
   return end.tokens_nm, end.lengths_n
 
 
 class Decoder:
-  """Holds the jitted `generate` for one model and tokenizer; compiles once per shape."""
+  """Holds the jitted `generate` and `prefill_prefix` for one model and tokenizer; compiles once
+  per shape, and counts the distinct shapes it compiled (`compilations`)."""
 
   def __init__(self, model, tables: StopTables):
     self.model = model
     self.tables = tables
     self._arrays = jax.tree.map(jnp.asarray, tables)
     self._jitted = {}
+    self._prefill = jax.jit(functools.partial(prefill_prefix, model=model))
+    self._shapes: set = set()
+
+  @property
+  def compilations(self) -> int:
+    return len(self._shapes)
+
+  def prefill(self, params, prefix_p) -> SharedPrefix:
+    self._shapes.add(("prefix", prefix_p.shape))
+    return self._prefill(params, prefix_p)
 
   def __call__(self, params, prompt_bp, prompt_valid_bp, rng, *, max_new_tokens: int,
-               num_samples: int, sampling: SamplingConfig):
+               num_samples: int, sampling: SamplingConfig, prefix: SharedPrefix | None = None):
     key = (max_new_tokens, num_samples, sampling)
     if key not in self._jitted:
       self._jitted[key] = jax.jit(
           functools.partial(generate, model=self.model, max_new_tokens=max_new_tokens,
                             num_samples=num_samples, sampling=sampling))
-    return self._jitted[key](params, prompt_bp, prompt_valid_bp, rng, self._arrays)
+    self._shapes.add(key + (prompt_bp.shape, rng.shape, None if prefix is None else prefix.length))
+    return self._jitted[key](params, prompt_bp, prompt_valid_bp, rng, self._arrays, prefix)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 
 import jax
@@ -31,12 +32,34 @@ def prompt_hash(prompt: str) -> int:
 
 _sample_keys = jax.jit(sample_keys, static_argnums=2)
 
+MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is prefilled with each prompt
+
+
+def shared_prefix_length(encoded: list[list[int]]) -> int:
+  """How many leading tokens every prompt has in common, leaving each at least one of its own
+  (the prompts are tokenised whole, so a prefix's tokens are exactly the whole prompt's)."""
+  if not encoded:
+    return 0
+  common = os.path.commonprefix(encoded)  # works on any sequences: min and max compared by item
+  return max(0, min(len(common), min(len(ids) for ids in encoded) - 1))
+
 
 def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, mesh,
                    num_samples: int, sampling: SamplingConfig, max_new_tokens: int, batch_size: int,
-                   rng, label: str, bucket: int = 32) -> list[list[str]]:
-  """`num_samples` continuations per prompt, as text (special tokens dropped)."""
+                   rng, label: str, bucket: int = 32, share_prefix: bool = True) -> list[list[str]]:
+  """`num_samples` continuations per prompt, as text (special tokens dropped). With
+  `share_prefix`, the tokens every prompt starts with (a task's few-shot demos) are prefilled
+  once and their keys and values shared by every row."""
   encoded = tokenizer.encode_batch(prompts)
+  shared = shared_prefix_length(encoded) if share_prefix else 0
+  prefix = None
+  if shared >= MIN_SHARED_PREFIX:
+    prefix_tokens = np.asarray(encoded[0][:shared], np.int32)
+    prefix = decoder.prefill(params, sharding.put_global(prefix_tokens, sharding.replicated(mesh)))
+    encoded = [ids[shared:] for ids in encoded]
+  else:
+    shared = 0
+  compilations_before = decoder.compilations
   order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
   outputs: list[list[str]] = [[] for _ in prompts]
   start = time.time()
@@ -52,7 +75,7 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
     keys = np.asarray(_sample_keys(rng, hashes, num_samples))
     out, lengths = decoder(params, put(tokens), put(valid), put(keys),
                            max_new_tokens=max_new_tokens, num_samples=num_samples,
-                           sampling=sampling)
+                           sampling=sampling, prefix=prefix)
     out, lengths = sharding.to_host(out), sharding.to_host(lengths)
     texts = tokenizer.decode_batch([row[:n] for row, n in zip(out, lengths)])
     for j, i in enumerate(chunk):
@@ -60,6 +83,8 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
     generated_tokens += int(lengths[:len(chunk) * num_samples].sum())
     rows_done += len(chunk) * num_samples
   elapsed = max(time.time() - start, 1e-9)
-  logging.info("%s: %d sequences, %d tokens in %.1fs (%.1f seq/s, %.0f tokens/s)", label, rows_done,
-               generated_tokens, elapsed, rows_done / elapsed, generated_tokens / elapsed)
+  logging.info(
+      "%s: %d sequences, %d tokens in %.1fs (%.1f seq/s, %.0f tokens/s); shared prefix %d tokens, "
+      "%d new compilations", label, rows_done, generated_tokens, elapsed, rows_done / elapsed,
+      generated_tokens / elapsed, shared, decoder.compilations - compilations_before)
   return outputs

@@ -1,5 +1,6 @@
 """Model pieces every family shares: the parameter helper, initialisation on dummy tokens, the
-grouped-query attention core over the KV cache (and a shared prefix), the layer stack, and the HF tensor-table entry.
+grouped-query attention core over the KV cache (and a shared prefix), the layer stack, and the
+HF tensor-table entry.
 """
 from __future__ import annotations
 

@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.num_devices = 0  # use the first N devices; 0: all of them
+  # Weights while decoding (exam, evaluation): 'model_parallel' splits heads/mlp/vocab over
+  # tensor and fsdp (no per-token weight all-gather), 'replicated' keeps a whole copy per device,
+  # 'train' decodes in the training layout.
+  c.mesh.decode_layout = "model_parallel"
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global batch, distinct questions per batch
@@ -116,7 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.exam.top_k = 50
   c.exam.top_p = 1.0
   c.exam.max_new_tokens = 128
-  c.exam.batch_size = 64  # prompts per generation batch (x num_samples rows)
+  c.exam.batch_size = 64  # prompts per generation batch (x num_samples rows), at most
+  # Device memory a decode batch (exam and evaluation) may use; the batch shrinks to fit its KV
+  # cache. 0: half the device's free memory (host RAM available on CPU).
+  c.exam.memory_budget_gb = 0.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256  # prompts per greedy batch
@@ -252,6 +259,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(e.top_k >= 0, "exam.top_k", "must be >= 0")
   _require(0 < e.top_p <= 1, "exam.top_p", "must be in (0, 1]")
   _require(e.max_new_tokens >= 1, "exam.max_new_tokens", "must be >= 1")
+  _require(e.memory_budget_gb >= 0, "exam.memory_budget_gb", "must be >= 0")
+  _require(c.mesh.decode_layout in ("model_parallel", "replicated", "train"), "mesh.decode_layout",
+           f"must be 'model_parallel', 'replicated' or 'train', got {c.mesh.decode_layout!r}")
   splits = {x.strip() for x in c.eval.splits.split(",") if x.strip()}
   _require(c.method.stop_patience >= 0, "method.stop_patience", "must be >= 0")
   _require(c.method.stop_min_mistakes >= 0, "method.stop_min_mistakes", "must be >= 0")
@@ -275,7 +285,8 @@ RESUMABLE_FIELDS = ("rounds", "teacher.base_url", "teacher.max_concurrency", "te
                     "teacher.timeout_s", "teacher.connect_timeout_s", "teacher.backoff_s",
                     "teacher.requests_per_minute", "teacher.max_requests", "train.log_every_steps",
                     "eval.batch_size", "exam.batch_size", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                    "mesh.num_devices")
+                    "mesh.num_devices", "mesh.decode_layout",
+                    "exam.memory_budget_gb")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -271,11 +271,14 @@ class Run:
     self.student.trainer.check_finite_params(params, f"round {round_index}, before the exam")
     prompts = [self.task.format_prefix(x.question, self.demos) for x in train]
     sampling = SamplingConfig(e.temperature, e.top_k, e.top_p)
-    outputs = generate_texts(self.student.decoder, params, self.student.tokenizer, prompts,
-                             mesh=self.mesh, num_samples=e.num_samples, sampling=sampling,
+    outputs = generate_texts(self.student.decoder, self.student.decode_params(round_index),
+                             self.student.tokenizer, prompts, mesh=self.mesh,
+                             num_samples=e.num_samples, sampling=sampling,
                              max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                              rng=jax.random.PRNGKey(self.cfg.seed * 1000 + round_index),
-                             label=f"exam {round_index}")
+                             label=f"exam {round_index}",
+                             decode_layout=self.student.decode_layout,
+                             memory_budget_bytes=int(e.memory_budget_gb * 2**30))
     mistakes, outcomes, correct_samples, always_right = [], [], 0, 0
     for example, samples in zip(train, outputs):
       seen, wrong_here = set(), 0
@@ -391,7 +394,7 @@ class Run:
       shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
   def evaluate(self, round_index: int) -> None:
-    params = self.student.params(round_index)
+    params = self.student.decode_params(round_index)
     results = {}
     for split in [s.strip() for s in self.cfg.eval.splits.split(",") if s.strip()]:
       examples = self.splits[split]
@@ -400,7 +403,9 @@ class Run:
                                mesh=self.mesh, num_samples=1, sampling=SamplingConfig(),
                                max_new_tokens=self.task.max_new_tokens,
                                batch_size=self.cfg.eval.batch_size, rng=jax.random.PRNGKey(0),
-                               label=f"evaluate {round_index} {split}")
+                               label=f"evaluate {round_index} {split}",
+                               decode_layout=self.student.decode_layout,
+                             memory_budget_bytes=int(e.memory_budget_gb * 2**30))
       records, summary_ = scoring.score(self.task, examples, [o[0] for o in outputs])
       wd.write_jsonl(self.layout.eval_records(round_index, split), records)
       results[split] = summary_

@@ -5,6 +5,7 @@ nothing here depends on which phase ran before.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -33,6 +34,11 @@ class StudentRuntime:
     self.decoder = Decoder(self.model,
                            StopTables.from_tokenizer(self.tokenizer, self.model.cfg.vocab_size))
     self._held = None  # (round, params): the last weights asked for or trained
+    self.decode_layout = cfg.mesh.decode_layout
+    self._to_decode_layout = jax.jit(
+        lambda params: params, out_shardings=sharding.decode_shardings(
+            self.trainer.param_specs, self.trainer.abstract_params, mesh, self.decode_layout))
+    self._decode_held = None  # (round, params in the decode layout)
 
   def params(self, round_index: int):
     """The weights after `round_index` (0: the initial student)."""
@@ -49,8 +55,20 @@ class StudentRuntime:
     self.hold(round_index, params)
     return params
 
+  def decode_params(self, round_index: int):
+    """The weights after `round_index` in the decode layout (`mesh.decode_layout`), moved once
+    per round so that decoding never gathers a weight per token."""
+    if self._decode_held is None or self._decode_held[0] != round_index:
+      params = self.params(round_index)
+      if self.decode_layout != "train":
+        params = self._to_decode_layout(params)
+      self._decode_held = (round_index, params)
+    return self._decode_held[1]
+
   def hold(self, round_index: int, params) -> None:
     self._held = (round_index, params)
+    if self._decode_held is not None and self._decode_held[0] == round_index:
+      self._decode_held = None
 
   def _pretrained_params(self):
     """The pretrained weights streamed onto their shardings; an added pad token's embedding and

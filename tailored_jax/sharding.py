@@ -65,6 +65,45 @@ def logical_sharding(tree, mesh: Mesh):
   return nn.logical_to_mesh_sharding(specs, mesh, RULES)
 
 
+MODEL_AXES = ("heads", "kv_heads", "mlp", "vocab")  # the dims a decode layout splits
+DECODE_LAYOUTS = ("model_parallel", "replicated", "train")
+
+
+def decode_shardings(specs, abstract_params, mesh: Mesh, layout: str):
+  """Parameter shardings for decoding, where an FSDP layout would all-gather every weight at
+  every token. 'model_parallel': each weight's heads/mlp/vocab dim split over tensor and fsdp
+  (the largest of those that divides it; Megatron-style, activations all-reduced instead) and
+  its embed dim whole; 'replicated': every weight whole on every device; 'train': the training
+  layout unchanged. `specs` are the logical PartitionSpecs (`nn.get_partition_spec`)."""
+  if layout == "train":
+    return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+  if layout not in DECODE_LAYOUTS:
+    raise ValueError(f"config field mesh.decode_layout: {layout!r} is not one of "
+                     f"{list(DECODE_LAYOUTS)}")
+
+  def one(spec, abstract):
+    dims = []
+    for name, size in zip(spec, abstract.shape):
+      axes = None
+      if layout == "model_parallel" and name in MODEL_AXES:
+        for choice in (("tensor", "fsdp"), ("tensor",), ("fsdp",)):
+          if size % math.prod(mesh.shape[a] for a in choice) == 0:
+            axes = choice
+            break
+      dims.append(axes)
+    return NamedSharding(mesh, PartitionSpec(*dims))
+
+  return jax.tree.map(one, specs, abstract_params,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def decode_batch_sharding(mesh: Mesh, ndim: int, layout: str) -> NamedSharding:
+  """Decode rows split over data, and over fsdp too unless the decode layout splits the weights
+  over it."""
+  axes = ("data",) if layout == "model_parallel" else ("data", "fsdp")
+  return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Arrays whose leading axis is the batch: split over data and fsdp, replicated otherwise."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -1,6 +1,8 @@
 """The student's forward, its KV cache, the decoder and the sharded train step, on tiny shapes."""
 
 import dataclasses
+import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -333,3 +335,78 @@ def test_sampling_never_leaves_the_allowed_set_and_follows_the_distribution(top_
 def test_greedy_tokens_is_argmax_with_first_index_on_ties():
   logits = jnp.array([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 5.0, 5.0], [-2.0, -3.0, -1.0, -1.5]])
   assert sampling.greedy_tokens(logits).tolist() == [1, 0, 2]
+
+
+def _gathered_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+  """Result shapes of the all-gathers in a compiled module's text."""
+  shapes = []
+  for line in hlo_text.splitlines():
+    match = re.search(r"=\s*(.*?)\s+all-gather(?:-start)?\(", line)
+    if match:
+      for dims in re.findall(r"\w+\[([\d,]*)\]", match.group(1)):
+        shapes.append(tuple(int(d) for d in dims.split(",") if d))
+  return shapes
+
+
+@pytest.mark.parametrize("layout", ["model_parallel", "replicated"])
+def test_decoding_in_the_decode_layout_gathers_no_weight(layout):
+  """On a (1, 4, 2) mesh the training layout all-gathers weights (embed split over fsdp) inside
+  the compiled decode; the decode layouts compile with no all-gather of anything embed-sized."""
+  cfg = LlamaConfig(vocab_size=72, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                    d_ff=96)
+  model = Llama(cfg)
+  mesh = sharding.make_mesh(_mesh_cfg(1, 4, 2, 0))
+  trainer = Trainer(model, _train_cfg(), mesh)
+
+  def gathers(param_shardings, batch_layout):
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          trainer.abstract_params, param_shardings)
+    rows = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), batch_layout))
+    tables = jax.tree.map(jnp.asarray, decode.StopTables.never_stop(cfg.vocab_size))
+    generate = jax.jit(
+        functools.partial(decode.generate, model=model, max_new_tokens=4, num_samples=2,
+                          sampling=sampling.SamplingConfig(1.0, 5, 1.0)))
+    lowered = generate.lower(params, rows((8, 16), jnp.int32), rows((8, 16), bool),
+                             rows((8, 2, 2), jnp.uint32), tables)
+    return [s for s in _gathered_shapes(lowered.compile().as_text()) if cfg.d_model in s]
+
+  assert gathers(trainer.param_shardings, "train")  # FSDP: weights gathered for every token
+  decode_shardings = sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh,
+                                               layout)
+  assert gathers(decode_shardings, layout) == []
+  wq = decode_shardings["layer_0"]["attn"]["wq"].spec
+  assert wq == (jax.sharding.PartitionSpec(None, ("tensor", "fsdp"), None) if layout
+                == "model_parallel" else jax.sharding.PartitionSpec(None, None, None))
+
+
+def test_decode_memory_and_the_batch_that_fits():
+  from tailored_jax.sample import memory
+  need = memory.decode_memory(CFG, prompt_slots=32, max_new_tokens=16, num_samples=2,
+                              shared_prefix=10)
+  # 48 own slots: 2 (k, v) x 2 layers x 48 x 2 kv heads x 8 x 4 bytes, for 2 rows
+  assert need.kv_cache == 2 * 2 * 48 * 2 * 8 * 4 * 2
+  # per token: logits x3 + scores over 58 slots x2 (4 heads) + activations, for 2 rows
+  assert need.step == (4 * 40 * 3 + 4 * 4 * 58 * 2 + 4 * (64 * 3 + 32 * 4)) * 2
+  assert need.prefill == 4 * 4 * 32 * 42 * 2 + 4 * 32 * (64 * 3 + 32 * 4)
+  assert need.total == need.kv_cache + need.prefill
+  assert memory.fit_batch(64, need.total, 10 * need.total, 2) == 20
+  assert memory.fit_batch(16, need.total, 10 * need.total, 2) == 16
+  assert memory.fit_batch(64, need.total, 1, 4) == 4  # never below one row per shard
+
+
+def test_a_small_memory_budget_shrinks_the_batch_not_the_results(params, caplog):
+  from tailored_jax.sample.runner import generate_texts
+  mesh = sharding.make_mesh(_mesh_cfg(-1, 1, 1, 1))
+  decoder = decode.Decoder(MODEL, decode.StopTables.never_stop(CFG.vocab_size))
+  prompts = ["abc", "hello", "xyz", "qq", "mnop", "sphinx"]
+  run = lambda budget: generate_texts(
+      decoder, params, _LetterTokenizer(), prompts, mesh=mesh, num_samples=2,
+      sampling=sampling.SamplingConfig(1.0, 10, 1.0), max_new_tokens=5, batch_size=8,
+      rng=jax.random.PRNGKey(1), label="exam", memory_budget_bytes=budget)
+  with caplog.at_level("INFO"):
+    roomy, tight = run(2**30), run(100_000)
+  assert roomy == tight
+  batches = [r.getMessage() for r in caplog.records if "per batch" in r.getMessage()]
+  assert batches[0].startswith("exam: 6 prompts x 2 samples per batch (asked 8)")
+  assert batches[1].startswith("exam: 1 prompts x 2 samples per batch (asked 8)")

@@ -1,78 +1,175 @@
-"""`python -m tailored_jax.bench.decode [--config=configs/quickstart.py]`: generated tokens/s of
-the KV-cache decoder (prefill once, k samples per prompt), against recomputing the whole
-sequence for every new token, measured side by side on the same model and prompts."""
+"""`python -m tailored_jax.bench.decode [--model=llama_34m]`: our KV-cache decoder against
+transformers' `generate` on the same weights, prompts, batch and token budget, side by side in
+one process (float32; every row runs the full budget). Prints JSON.
+
+- greedy: batch 32, 64-token prompts, 64 new tokens: new tokens/s both, and whether the tokens
+  are the same; our sampled decoding (k samples, top-k 50) on the same number of rows.
+- exam: the GSM8K-shaped exam (16 questions after one shared ~450-token few-shot prefix, ~60
+  question tokens each, k=4 samples at T=1.0, top-k 50, 128 new tokens): wall time of
+  `generate(num_return_sequences=4)`, ours prefilling the whole prompts, and ours with the
+  prefix prefilled once and shared.
+"""
 from __future__ import annotations
 
 import argparse
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax.bench.common import model_from_config, report, timed
+from tailored_jax.bench.common import report
+from tailored_jax.bench.versus_torch import PRESETS, median_seconds, torch_model
+from tailored_jax.data.batching import round_up
+from tailored_jax.models import hf_io, layers
+from tailored_jax.models.llama import Llama
 from tailored_jax.sample.decode import Decoder, StopTables
-from tailored_jax.sample.sampling import SamplingConfig
+from tailored_jax.sample.runner import left_pad
+from tailored_jax.sample.sampling import SamplingConfig, sample_keys
+
+PAD = 0
 
 
-def recompute_generate(model, params, prompt_bp, new_tokens: int):
-  """Greedy decoding without a cache: one full forward over the growing sequence per token."""
-  b, p = prompt_bp.shape
-  tokens = jnp.concatenate([prompt_bp, jnp.zeros((b, new_tokens), jnp.int32)], axis=1)
-  positions = jnp.broadcast_to(jnp.arange(p + new_tokens), tokens.shape)
+def torch_twin(cfg, params, device: str):
+  """transformers' LlamaForCausalLM holding our weights, for inference."""
+  import torch
+  model = torch_model(cfg)
+  state = {name: torch.from_numpy(array) for name, array in hf_io.to_hf(params, cfg).items()}
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  if unexpected or [m for m in missing if m != "lm_head.weight"]:
+    raise RuntimeError(f"weights did not transfer: missing {missing}, unexpected {unexpected}")
+  model.generation_config.eos_token_id = None
+  model.generation_config.bos_token_id = None
+  return model.to(device).eval()
 
-  def body(i, tokens):
-    valid = jnp.arange(p + new_tokens)[None, :] < p + i
-    logits, _, _ = model.apply({"params": params}, tokens, positions,
-                               jnp.broadcast_to(valid, tokens.shape))
-    nxt = jnp.argmax(logits[:, p + i - 1], axis=-1).astype(jnp.int32)
-    return tokens.at[:, p + i].set(nxt)
 
-  return jax.lax.fori_loop(0, new_tokens, body, tokens)[:, p:]
+def hf_generate(model, rows: list[np.ndarray], new_tokens: int, samples: int, sampling, device):
+  """transformers' generate on left-padded prompts; returns (call, new tokens [rows*k, new])."""
+  import torch
+  length = round_up(max(len(r) for r in rows), 32)
+  tokens, valid = left_pad([r.tolist() for r in rows], length, len(rows), PAD)
+  ids = torch.tensor(tokens, dtype=torch.long, device=device)
+  mask = torch.tensor(valid, dtype=torch.long, device=device)
+  options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=PAD,
+                 num_return_sequences=samples)
+  if sampling.temperature:
+    options.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None,
+                   top_p=sampling.top_p)
+  else:
+    options.update(do_sample=False, top_k=None, top_p=None, temperature=None)
+
+  def call():
+    with torch.no_grad():
+      out = model.generate(input_ids=ids, attention_mask=mask, **options)
+    if device != "cpu":
+      torch.cuda.synchronize()
+    return out[:, length:].cpu().numpy()
+
+  return call
+
+
+def ours_generate(decoder, params, rows: list[np.ndarray], new_tokens: int, samples: int,
+                  sampling, shared: int = 0):
+  """Our decoder on the same prompts; with `shared` > 0, their first `shared` tokens (the same in
+  every row) are prefilled once and shared. Returns (call, new tokens [rows*k, new])."""
+  own = [r[shared:] for r in rows]
+  length = round_up(max(len(r) for r in own), 32)
+  tokens, valid = left_pad([r.tolist() for r in own], length, len(rows), PAD)
+  keys = sample_keys(jax.random.PRNGKey(0), jnp.arange(len(rows), dtype=jnp.uint32), samples)
+  tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
+  prefix_tokens = jnp.asarray(rows[0][:shared], jnp.int32)
+
+  def call():
+    prefix = decoder.prefill(params, prefix_tokens) if shared else None
+    out, _ = decoder(params, tokens, valid, keys, max_new_tokens=new_tokens, num_samples=samples,
+                     sampling=sampling, prefix=prefix)
+    return np.asarray(out)
+
+  return call
+
+
+def timed_row(call, repeats: int, new_tokens_total: int) -> dict:
+  first, seconds = median_seconds(call, repeats)
+  return {"first_call_s": first, "seconds": seconds, "new_tokens_per_s": new_tokens_total / seconds}
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--config", default="configs/quickstart.py")
-  parser.add_argument("--vocab_size", type=int, default=600)
-  parser.add_argument("--prompts", type=int, default=64)
-  parser.add_argument("--prompt_len", type=int, default=48)
-  parser.add_argument("--new_tokens", type=int, default=64)
-  parser.add_argument("--samples", type=int, default=4)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--model", default="llama_34m", choices=sorted(PRESETS))
+  parser.add_argument("--greedy_batch", type=int, default=32)
+  parser.add_argument("--greedy_prompt", type=int, default=64)
+  parser.add_argument("--greedy_new", type=int, default=64)
+  parser.add_argument("--exam_questions", type=int, default=16)
+  parser.add_argument("--exam_prefix", type=int, default=450)
+  parser.add_argument("--exam_question", type=int, default=60, help="mean; ±10 across questions")
+  parser.add_argument("--exam_samples", type=int, default=4)
+  parser.add_argument("--exam_new", type=int, default=128)
+  parser.add_argument("--top_k", type=int, default=50)
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--torch_device", default="cpu", help="cpu, or cuda beside a JAX GPU")
   args = parser.parse_args(argv)
-  _, model, params = model_from_config(args.config, args.vocab_size)
+  import torch
+
+  cfg = PRESETS[args.model]
+  model = Llama(cfg)
+  params = nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(0)))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  twin = torch_twin(cfg, params, args.torch_device)
+  decoder = Decoder(model, StopTables.never_stop(cfg.vocab_size, PAD))
   rng = np.random.default_rng(0)
-  prompts = jnp.asarray(rng.integers(3, args.vocab_size, (args.prompts, args.prompt_len)),
-                        jnp.int32)
-  valid = jnp.ones(prompts.shape, bool)
-  decoder = Decoder(model, StopTables.never_stop(args.vocab_size))
-  results = {}
-  for name, samples, sampling in (("kv_cache_greedy", 1, SamplingConfig()),
-                                  ("kv_cache_sampled_k", args.samples, SamplingConfig(1.0, 50,
-                                                                                      1.0))):
-    seconds = timed(
-        lambda: jax.block_until_ready(
-            decoder(params, prompts, valid, jax.random.PRNGKey(0), max_new_tokens=args.new_tokens,
-                    num_samples=samples, sampling=sampling)), args.repeats)
-    tokens = args.prompts * samples * args.new_tokens
-    results[name] = {
-        "sequences": args.prompts * samples, "seconds": seconds,
-        "generated_tokens_per_s": tokens / seconds
-    }
-  recompute = jax.jit(lambda p, t: recompute_generate(model, p, t, args.new_tokens))
-  seconds = timed(lambda: jax.block_until_ready(recompute(params, prompts)), args.repeats)
-  results["recompute_greedy"] = {
-      "sequences": args.prompts, "seconds": seconds,
-      "generated_tokens_per_s": args.prompts * args.new_tokens / seconds
+  greedy, sampled = SamplingConfig(), SamplingConfig(1.0, args.top_k, 1.0)
+
+  prompts = [rng.integers(3, cfg.vocab_size, args.greedy_prompt) for _ in range(args.greedy_batch)]
+  total = args.greedy_batch * args.greedy_new
+  ours_call = ours_generate(decoder, params, prompts, args.greedy_new, 1, greedy)
+  hf_call = hf_generate(twin, prompts, args.greedy_new, 1, greedy, args.torch_device)
+  ours_tokens, hf_tokens = ours_call(), hf_call()
+  k = args.exam_samples
+  per_prompt = max(1, args.greedy_batch // k)
+  sampled_call = ours_generate(decoder, params, prompts[:per_prompt], args.greedy_new, k, sampled)
+  greedy_rows = {
+      "ours": timed_row(ours_call, args.repeats, total),
+      "transformers": timed_row(hf_call, args.repeats, total),
+      "ours_sampled": timed_row(sampled_call, args.repeats, per_prompt * k * args.greedy_new),
+      "same_tokens_rows": int((ours_tokens == hf_tokens).all(axis=1).sum()),
+      "rows": args.greedy_batch,
   }
-  cached, again = decoder(params, prompts, valid, jax.random.PRNGKey(0),
-                          max_new_tokens=args.new_tokens, num_samples=1,
-                          sampling=SamplingConfig())[0], recompute(params, prompts)
+  greedy_rows["ours_over_transformers"] = (greedy_rows["ours"]["new_tokens_per_s"]
+                                           / greedy_rows["transformers"]["new_tokens_per_s"])
+  greedy_rows["ours_sampled_over_ours_greedy"] = (greedy_rows["ours_sampled"]["new_tokens_per_s"]
+                                                  / greedy_rows["ours"]["new_tokens_per_s"])
+
+  prefix = rng.integers(3, cfg.vocab_size, args.exam_prefix)
+  questions = [
+      np.concatenate([prefix, rng.integers(3, cfg.vocab_size, args.exam_question + d)])
+      for d in rng.integers(-10, 11, args.exam_questions)
+  ]
+  total = args.exam_questions * k * args.exam_new
+  whole = ours_generate(decoder, params, questions, args.exam_new, k, sampled)
+  shared = ours_generate(decoder, params, questions, args.exam_new, k, sampled, args.exam_prefix)
+  exam = {
+      "transformers": timed_row(
+          hf_generate(twin, questions, args.exam_new, k, sampled, args.torch_device), args.repeats,
+          total),
+      "ours_whole_prompts": timed_row(whole, args.repeats, total),
+      "ours_shared_prefix": timed_row(shared, args.repeats, total),
+  }
+  exam["same_tokens_with_and_without_prefix_reuse"] = bool((whole() == shared()).all())
+  exam["ours_shared_prefix_over_transformers"] = (exam["transformers"]["seconds"]
+                                                  / exam["ours_shared_prefix"]["seconds"])
+  exam["prefix_reuse_speedup"] = (exam["ours_whole_prompts"]["seconds"]
+                                  / exam["ours_shared_prefix"]["seconds"])
   report(
-      "decode", config=args.config, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-      **results, same_greedy_tokens=bool((np.asarray(cached) == np.asarray(again)).all()),
-      kv_cache_speedup=(results["recompute_greedy"]["seconds"]
-                        / results["kv_cache_greedy"]["seconds"]))
+      "decode", model=args.model, parameters=n_params, dtype="float32",
+      torch_threads=torch.get_num_threads(), torch_device=args.torch_device,
+      torch_version=torch.__version__, repeats=args.repeats, greedy={
+          "batch": args.greedy_batch, "prompt_tokens": args.greedy_prompt,
+          "new_tokens": args.greedy_new, **greedy_rows
+      }, exam={
+          "questions": args.exam_questions, "prefix_tokens": args.exam_prefix,
+          "question_tokens": args.exam_question, "samples": k, "top_k": args.top_k,
+          "new_tokens": args.exam_new, **exam
+      }, compilations=decoder.compilations)
 
 
 if __name__ == "__main__":

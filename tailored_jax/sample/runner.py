@@ -11,6 +11,7 @@ import numpy as np
 
 from tailored_jax import sharding
 from tailored_jax.data.batching import round_up
+from tailored_jax.sample import memory
 from tailored_jax.sample.decode import Decoder
 from tailored_jax.sample.sampling import SamplingConfig, sample_keys
 
@@ -44,12 +45,25 @@ def shared_prefix_length(encoded: list[list[int]]) -> int:
   return max(0, min(len(common), min(len(ids) for ids in encoded) - 1))
 
 
+def _row_shards(mesh, decode_layout: str) -> int:
+  """How many ways a decode batch is split (`sharding.decode_batch_sharding`)."""
+  spec = sharding.decode_batch_sharding(mesh, 1, decode_layout).spec[0]
+  return int(np.prod([mesh.shape[axis] for axis in spec]))
+
+
 def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, mesh,
                    num_samples: int, sampling: SamplingConfig, max_new_tokens: int, batch_size: int,
-                   rng, label: str, bucket: int = 32, share_prefix: bool = True) -> list[list[str]]:
-  """`num_samples` continuations per prompt, as text (special tokens dropped). With
-  `share_prefix`, the tokens every prompt starts with (a task's few-shot demos) are prefilled
-  once and their keys and values shared by every row."""
+                   rng, label: str, bucket: int = 32, share_prefix: bool = True,
+                   decode_layout: str = "train", memory_budget_bytes: int = 0) -> list[list[str]]:
+  """`num_samples` continuations per prompt, as text (special tokens dropped).
+
+  With `share_prefix`, the tokens every prompt starts with (a task's few-shot demos) are
+  prefilled once and their keys and values shared by every row. `decode_layout` names the layout
+  `params` are in (`sharding.decode_shardings`), which decides how rows are split over the mesh.
+  `batch_size` prompts per batch at most: fewer if their KV cache would not fit
+  `memory_budget_bytes` per device (0: half the device's free memory); one batch size for the
+  call, so it compiles once per length bucket.
+  """
   encoded = tokenizer.encode_batch(prompts)
   shared = shared_prefix_length(encoded) if share_prefix else 0
   prefix = None
@@ -60,6 +74,18 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
   else:
     shared = 0
   compilations_before = decoder.compilations
+  need = memory.decode_memory(decoder.model.cfg, round_up(max(len(ids) for ids in encoded), bucket),
+                              max_new_tokens, num_samples, shared)
+  row_shards = _row_shards(mesh, decode_layout)
+  budget = memory_budget_bytes or memory.device_budget_bytes()
+  requested = batch_size
+  batch_size = memory.fit_batch(min(batch_size, round_up(len(prompts), row_shards)), need.total,
+                                budget, row_shards)
+  logging.log(
+      logging.WARNING if batch_size < requested else logging.INFO,
+      "%s: %d prompts x %d samples per batch (asked %d), %.1f MiB per prompt (KV cache %.1f MiB) "
+      "of a %.0f MiB budget per device", label, batch_size, num_samples, requested,
+      need.total / 2**20, need.kv_cache / 2**20, budget / 2**20)
   order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
   outputs: list[list[str]] = [[] for _ in prompts]
   start = time.time()
@@ -69,7 +95,8 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
     chunk = order[at:at + batch_size]
     length = round_up(max(len(encoded[i]) for i in chunk), bucket)
     tokens, valid = left_pad([encoded[i] for i in chunk], length, batch_size, tokenizer.pad_id)
-    put = lambda a: sharding.put_global(a, sharding.batch_sharding(mesh, a.ndim))
+    put = lambda a: sharding.put_global(a, sharding.decode_batch_sharding(
+        mesh, a.ndim, decode_layout))
     hashes = np.zeros((batch_size,), np.uint32)
     hashes[:len(chunk)] = [prompt_hash(prompts[i]) for i in chunk]
     keys = np.asarray(_sample_keys(rng, hashes, num_samples))

@@ -44,6 +44,7 @@ class Trainer:
 
     abstract_params, abstract_opt = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
     self.param_shardings = sharding.logical_sharding(abstract_params, mesh)
+    self.param_specs = nn.get_partition_spec(abstract_params)  # logical axis names
     self.opt_shardings = sharding.logical_sharding(abstract_opt, mesh)
     self.abstract_params = nn.meta.unbox(abstract_params)
     self.abstract_opt = nn.meta.unbox(abstract_opt)

@@ -1,0 +1,58 @@
+"""How many prompts a decode batch can hold: the KV cache and per-step buffers a row needs, against
+a memory budget (the device's free memory, or host RAM on CPU). Pure arithmetic, plus one probe."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeMemory:
+  """Bytes one prompt of a decode batch needs on a device, by part."""
+  kv_cache: int  # its k rows' own slots (prompt after the shared prefix + new tokens), all layers
+  step: int  # per generated token: logits, attention scores, activations (k rows)
+  prefill: int  # prefilling its own prompt tokens: attention scores and MLP activations
+
+  @property
+  def total(self) -> int:
+    return self.kv_cache + max(self.step, self.prefill)
+
+
+def decode_memory(cfg, prompt_slots: int, max_new_tokens: int, num_samples: int,
+                  shared_prefix: int = 0) -> DecodeMemory:
+  """What one prompt (its `num_samples` rows) needs: float32 scores and logits, the model's
+  dtype for keys, values and activations. `prompt_slots` excludes the shared prefix."""
+  item = np.dtype(cfg.dtype).itemsize
+  slots = prompt_slots + max_new_tokens
+  seen = shared_prefix + slots
+  kv = 2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * item
+  step = 4 * cfg.vocab_size * 3 + 4 * cfg.n_heads * seen * 2 + item * (cfg.d_ff * 3 + cfg.d_model * 4)
+  prefill = (4 * cfg.n_heads * prompt_slots * (shared_prefix + prompt_slots) * 2 +
+             item * prompt_slots * (cfg.d_ff * 3 + cfg.d_model * 4))
+  return DecodeMemory(kv_cache=kv * num_samples, step=step * num_samples, prefill=prefill)
+
+
+def device_budget_bytes(fraction: float = 0.5) -> int:
+  """`fraction` of the first local device's free memory (host RAM available on CPU, where
+  devices report no memory statistics)."""
+  stats = None
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  else:
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  return int(free * fraction)
+
+
+def fit_batch(requested: int, per_prompt_bytes: int, budget_bytes: int, row_shards: int) -> int:
+  """The largest batch ≤ `requested` whose share per device (rows split over `row_shards`
+  devices) fits the budget, as a multiple of `row_shards` (at least `row_shards`)."""
+  per_device = max(1, budget_bytes // max(per_prompt_bytes, 1))
+  batch = min(requested, per_device * row_shards)
+  return max(row_shards, batch // row_shards * row_shards)

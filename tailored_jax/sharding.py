@@ -65,36 +65,43 @@ def logical_sharding(tree, mesh: Mesh):
   return nn.logical_to_mesh_sharding(specs, mesh, RULES)
 
 
-MODEL_AXES = ("heads", "kv_heads", "mlp", "vocab")  # the dims a decode layout splits
+# The dims a decode layout splits, in groups that must split alike (a query head and its kv
+# head on the same device; the MLP's three matrices; the vocabulary rows of embedding and head).
+MODEL_AXIS_GROUPS = (("heads", "kv_heads"), ("mlp",), ("vocab",))
 DECODE_LAYOUTS = ("model_parallel", "replicated", "train")
 
 
 def decode_shardings(specs, abstract_params, mesh: Mesh, layout: str):
   """Parameter shardings for decoding, where an FSDP layout would all-gather every weight at
-  every token. 'model_parallel': each weight's heads/mlp/vocab dim split over tensor and fsdp
-  (the largest of those that divides it; Megatron-style, activations all-reduced instead) and
-  its embed dim whole; 'replicated': every weight whole on every device; 'train': the training
-  layout unchanged. `specs` are the logical PartitionSpecs (`nn.get_partition_spec`)."""
+  every token. 'model_parallel': heads/mlp/vocab dims split over tensor and fsdp (or the one of
+  them that divides every dim of the group; Megatron-style, activations all-reduced instead)
+  and the embed dim whole; 'replicated': every weight whole on every device; 'train': the
+  training layout unchanged. `specs` are the logical PartitionSpecs (`nn.get_partition_spec`)."""
   if layout == "train":
     return nn.logical_to_mesh_sharding(specs, mesh, RULES)
   if layout not in DECODE_LAYOUTS:
     raise ValueError(f"config field mesh.decode_layout: {layout!r} is not one of "
                      f"{list(DECODE_LAYOUTS)}")
-
-  def one(spec, abstract):
-    dims = []
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  sizes: dict[str, set[int]] = {}
+  for spec, abstract in zip(jax.tree.leaves(specs, is_leaf=is_spec),
+                            jax.tree.leaves(abstract_params)):
     for name, size in zip(spec, abstract.shape):
-      axes = None
-      if layout == "model_parallel" and name in MODEL_AXES:
-        for choice in (("tensor", "fsdp"), ("tensor",), ("fsdp",)):
-          if size % math.prod(mesh.shape[a] for a in choice) == 0:
-            axes = choice
-            break
-      dims.append(axes)
-    return NamedSharding(mesh, PartitionSpec(*dims))
-
-  return jax.tree.map(one, specs, abstract_params,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+      sizes.setdefault(name, set()).add(size)
+  axes_for: dict[str, tuple[str, ...] | None] = {}
+  for group in MODEL_AXIS_GROUPS:
+    group_sizes = set().union(*(sizes.get(name, set()) for name in group))
+    choice = None
+    if layout == "model_parallel":
+      for axes in (("tensor", "fsdp"), ("tensor",), ("fsdp",)):
+        split = math.prod(mesh.shape[a] for a in axes)
+        if split > 1 and all(size % split == 0 for size in group_sizes):
+          choice = axes
+          break
+    axes_for.update({name: choice for name in group})
+  return jax.tree.map(
+      lambda spec, _: NamedSharding(mesh, PartitionSpec(*(axes_for.get(n) for n in spec))), specs,
+      abstract_params, is_leaf=is_spec)
 
 
 def decode_batch_sharding(mesh: Mesh, ndim: int, layout: str) -> NamedSharding:

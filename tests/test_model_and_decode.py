@@ -337,28 +337,32 @@ def test_greedy_tokens_is_argmax_with_first_index_on_ties():
   assert sampling.greedy_tokens(logits).tolist() == [1, 0, 2]
 
 
-def _gathered_shapes(hlo_text: str) -> list[tuple[int, ...]]:
-  """Result shapes of the all-gathers in a compiled module's text."""
-  shapes = []
+def _collectives(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(kind, first result shape) of every collective in a compiled module's text."""
+  found = []
   for line in hlo_text.splitlines():
-    match = re.search(r"=\s*(.*?)\s+all-gather(?:-start)?\(", line)
+    match = re.search(r"=\s*(.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                      r"collective-permute)(?:-start)?\(", line)
     if match:
-      for dims in re.findall(r"\w+\[([\d,]*)\]", match.group(1)):
-        shapes.append(tuple(int(d) for d in dims.split(",") if d))
-  return shapes
+      dims = re.search(r"\w+\[([\d,]*)\]", match.group(1)).group(1)
+      found.append((match.group(2), tuple(int(d) for d in dims.split(",") if d)))
+  return found
 
 
 @pytest.mark.parametrize("layout", ["model_parallel", "replicated"])
 def test_decoding_in_the_decode_layout_gathers_no_weight(layout):
-  """On a (1, 4, 2) mesh the training layout all-gathers weights (embed split over fsdp) inside
-  the compiled decode; the decode layouts compile with no all-gather of anything embed-sized."""
-  cfg = LlamaConfig(vocab_size=72, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+  """On a (1, 4, 2) mesh, decoding in the decode layout compiles to no all-gather of anything
+  embed-sized (no weight is gathered per token): model-parallel decoding all-reduces each
+  block's attention and MLP outputs and the embedding lookup (2 x layers + 1 per forward, for
+  the prefill and the loop) and gathers the logits once; the training layout compiles to more
+  collectives than that."""
+  cfg = LlamaConfig(vocab_size=72, d_model=48, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=8,
                     d_ff=96)
   model = Llama(cfg)
   mesh = sharding.make_mesh(_mesh_cfg(1, 4, 2, 0))
   trainer = Trainer(model, _train_cfg(), mesh)
 
-  def gathers(param_shardings, batch_layout):
+  def collectives(param_shardings, batch_layout):
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           trainer.abstract_params, param_shardings)
     rows = lambda shape, dtype: jax.ShapeDtypeStruct(
@@ -369,15 +373,24 @@ def test_decoding_in_the_decode_layout_gathers_no_weight(layout):
                           sampling=sampling.SamplingConfig(1.0, 5, 1.0)))
     lowered = generate.lower(params, rows((8, 16), jnp.int32), rows((8, 16), bool),
                              rows((8, 2, 2), jnp.uint32), tables)
-    return [s for s in _gathered_shapes(lowered.compile().as_text()) if cfg.d_model in s]
+    return _collectives(lowered.compile().as_text())
 
-  assert gathers(trainer.param_shardings, "train")  # FSDP: weights gathered for every token
   decode_shardings = sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh,
                                                layout)
-  assert gathers(decode_shardings, layout) == []
-  wq = decode_shardings["layer_0"]["attn"]["wq"].spec
-  assert wq == (jax.sharding.PartitionSpec(None, ("tensor", "fsdp"), None) if layout
-                == "model_parallel" else jax.sharding.PartitionSpec(None, None, None))
+  found = collectives(decode_shardings, layout)
+  assert not [shape for kind, shape in found if kind == "all-gather" and cfg.d_model in shape]
+  if layout == "replicated":  # rows split over data and fsdp; nothing model-sized moves
+    assert not [shape for _, shape in found if cfg.d_model in shape]
+    assert decode_shardings["layer_0"]["attn"]["wq"].spec == jax.sharding.PartitionSpec(
+        None, None, None)
+    return
+  assert decode_shardings["layer_0"]["attn"]["wq"].spec == jax.sharding.PartitionSpec(
+      None, ("tensor", "fsdp"), None)
+  per_forward = 2 * cfg.n_layers + 1
+  assert sorted(found) == sorted([("all-gather", (16, cfg.vocab_size))] +
+                                 [("all-reduce", (16, 1, cfg.d_model))] * per_forward +
+                                 [("all-reduce", (8, 16, cfg.d_model))] * per_forward)
+  assert len(collectives(trainer.param_shardings, "train")) > len(found)
 
 
 def test_decode_memory_and_the_batch_that_fits():

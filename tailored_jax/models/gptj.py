@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
-from tailored_jax.models.layers import HFTensor, LayerKV, attend, param, run_blocks
+from tailored_jax.models.layers import HFTensor, LayerKV, attend, merge_heads, param, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,7 @@ class GPTJBlock(nn.Module):
                                     cfg.rotary_dim)
     v_btnh = jnp.einsum("btd,dnh->btnh", h_btd, wv.astype(dt))
     out_btnh, kv = attend(q_btnh, k_btnh, v_btnh, valid_bt, kv, dt)
-    attn_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(dt))
+    attn_btd = merge_heads(out_btnh) @ wo.reshape(-1, wo.shape[-1]).astype(dt)
     w_in = param(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), pdt, normal(d))
     b_in = param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
     w_out = param(self, "w_out", (cfg.d_ff, d), ("mlp", "embed"), pdt, normal(cfg.d_ff))

@@ -15,18 +15,20 @@ import jax.numpy as jnp
 @flax.struct.dataclass
 class SharedPrefix:
   """Keys and values of the tokens every row starts with, at positions 0..length-1."""
-  k_lpkh: jax.Array  # [layers, prefix, kv_heads, head_dim]
-  v_lpkh: jax.Array
+  k_lkph: jax.Array  # [layers, kv_heads, prefix, head_dim]
+  v_lkph: jax.Array
 
   @property
   def length(self) -> int:
-    return self.k_lpkh.shape[1]
+    return self.k_lkph.shape[2]
 
 
 @flax.struct.dataclass
 class KVCache:
-  k_lbskh: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
-  v_lbskh: jax.Array
+  # [layers, batch, kv_heads, slots, head_dim]: the layout attention's batched matmuls read
+  # without a transpose (batch and head leading, slots then head_dim)
+  k_lbksh: jax.Array
+  v_lbksh: jax.Array
   valid_bs: jax.Array  # [batch, slots] bool
   index: jax.Array  # int32 scalar: the next slot to write
   prefix: SharedPrefix | None = None  # seen by every row before its own slots
@@ -34,7 +36,7 @@ class KVCache:
   @classmethod
   def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype,
             prefix: SharedPrefix | None = None) -> "KVCache":
-    shape = (layers, batch, slots, kv_heads, head_dim)
+    shape = (layers, batch, kv_heads, slots, head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool),
                jnp.zeros((), jnp.int32), prefix)
 
@@ -48,9 +50,9 @@ class KVCache:
 
   def repeat(self, times: int) -> "KVCache":
     """Each row repeated `times` times in place (row b -> rows b*times..), e.g. k exam samples."""
-    return KVCache(jnp.repeat(self.k_lbskh, times, axis=1), jnp.repeat(self.v_lbskh, times, axis=1),
+    return KVCache(jnp.repeat(self.k_lbksh, times, axis=1), jnp.repeat(self.v_lbksh, times, axis=1),
                    jnp.repeat(self.valid_bs, times, axis=0), self.index, self.prefix)
 
   def shared(self) -> SharedPrefix:
     """Row 0's filled slots as a prefix for other caches (its prompt had no padding)."""
-    return SharedPrefix(self.k_lbskh[:, 0], self.v_lbskh[:, 0])
+    return SharedPrefix(self.k_lbksh[:, 0], self.v_lbksh[:, 0])

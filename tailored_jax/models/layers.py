@@ -78,13 +78,13 @@ def prefix_mask(positions_bt: jax.Array, prefix_length: int, window: int = 0) ->
 @flax.struct.dataclass
 class LayerKV:
   """What one layer's attention reads from and writes to the cache: the stacked buffers (written
-  in place at [layer, :, index]), the masks, and the shared prefix's keys and values, if any."""
-  k_lbskh: jax.Array
-  v_lbskh: jax.Array
+  in place at [layer, :, :, index]), the masks, and the shared prefix's keys and values, if any."""
+  k_lbksh: jax.Array
+  v_lbksh: jax.Array
   index: jax.Array
   mask_bts: jax.Array
-  prefix_k_pkh: jax.Array | None = None
-  prefix_v_pkh: jax.Array | None = None
+  prefix_k_kph: jax.Array | None = None
+  prefix_v_kph: jax.Array | None = None
   prefix_mask_btp: jax.Array | None = None
   layer: int = flax.struct.field(pytree_node=False, default=0)
 
@@ -93,29 +93,43 @@ def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | 
   """Writes the new keys/values into the layer's buffer at `index`, then attends over the shared
   prefix and the whole buffer under one softmax (grouped-query: each of the k kv-heads serves
   n/k query heads). Softmax in float32. Returns (out_btnh, kv with the buffers updated)."""
-  start = (kv.layer, 0, kv.index, 0, 0)
-  k_lbskh = jax.lax.dynamic_update_slice(kv.k_lbskh, k_btkh[None].astype(kv.k_lbskh.dtype), start)
-  v_lbskh = jax.lax.dynamic_update_slice(kv.v_lbskh, v_btkh[None].astype(kv.v_lbskh.dtype), start)
+  start = (kv.layer, 0, 0, kv.index, 0)
+  new_k_1bkth = jnp.swapaxes(k_btkh, 1, 2)[None].astype(kv.k_lbksh.dtype)
+  new_v_1bkth = jnp.swapaxes(v_btkh, 1, 2)[None].astype(kv.v_lbksh.dtype)
+  k_lbksh = jax.lax.dynamic_update_slice(kv.k_lbksh, new_k_1bkth, start)
+  v_lbksh = jax.lax.dynamic_update_slice(kv.v_lbksh, new_v_1bkth, start)
   b, t, n, h = q_btnh.shape
-  kv_heads = k_lbskh.shape[3]
-  q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h).astype(dtype)
+  kv_heads = k_lbksh.shape[2]
+  g = n // kv_heads
+  # queries as [batch, kv_head, group*new, head_dim]: one matmul per (row, kv head)
+  q_bkxh = q_btnh.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(
+      b, kv_heads, g * t, h).astype(dtype)
   scale = h**-0.5 if scale is None else scale
-  k_bskh, v_bskh = k_lbskh[kv.layer].astype(dtype), v_lbskh[kv.layer].astype(dtype)
-  logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32) * scale
-  logits_bkgts = jnp.where(kv.mask_bts[:, None, None, :, :], logits_bkgts, -1e30)
-  if kv.prefix_k_pkh is None:
-    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dtype)
-    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+  k_bksh, v_bksh = k_lbksh[kv.layer].astype(dtype), v_lbksh[kv.layer].astype(dtype)
+  mask_b1xs = jnp.tile(kv.mask_bts, (1, g, 1))[:, None]
+  logits_bkxs = jnp.einsum("bkxh,bksh->bkxs", q_bkxh, k_bksh).astype(jnp.float32) * scale
+  logits_bkxs = jnp.where(mask_b1xs, logits_bkxs, -1e30)
+  if kv.prefix_k_kph is None:
+    probs_bkxs = jax.nn.softmax(logits_bkxs, axis=-1).astype(dtype)
+    out_bkxh = jnp.einsum("bkxs,bksh->bkxh", probs_bkxs, v_bksh)
   else:
-    prefix_k_pkh, prefix_v_pkh = kv.prefix_k_pkh.astype(dtype), kv.prefix_v_pkh.astype(dtype)
-    logits_bkgtp = jnp.einsum("btkgh,pkh->bkgtp", q_btkgh, prefix_k_pkh).astype(jnp.float32) * scale
-    logits_bkgtp = jnp.where(kv.prefix_mask_btp[:, None, None, :, :], logits_bkgtp, -1e30)
-    p = logits_bkgtp.shape[-1]
-    probs_bkgtx = jax.nn.softmax(jnp.concatenate([logits_bkgtp, logits_bkgts], axis=-1),
-                                 axis=-1).astype(dtype)
-    out_btkgh = (jnp.einsum("bkgtp,pkh->btkgh", probs_bkgtx[..., :p], prefix_v_pkh)
-                 + jnp.einsum("bkgts,bskh->btkgh", probs_bkgtx[..., p:], v_bskh))
-  return out_btkgh.reshape(b, t, n, h), kv.replace(k_lbskh=k_lbskh, v_lbskh=v_lbskh)
+    prefix_k_kph, prefix_v_kph = kv.prefix_k_kph.astype(dtype), kv.prefix_v_kph.astype(dtype)
+    logits_bkxp = jnp.einsum("bkxh,kph->bkxp", q_bkxh, prefix_k_kph).astype(jnp.float32) * scale
+    logits_bkxp = jnp.where(jnp.tile(kv.prefix_mask_btp, (1, g, 1))[:, None], logits_bkxp, -1e30)
+    p = logits_bkxp.shape[-1]
+    probs_bkxa = jax.nn.softmax(jnp.concatenate([logits_bkxp, logits_bkxs], axis=-1),
+                                axis=-1).astype(dtype)
+    out_bkxh = (jnp.einsum("bkxp,kph->bkxh", probs_bkxa[..., :p], prefix_v_kph)
+                + jnp.einsum("bkxs,bksh->bkxh", probs_bkxa[..., p:], v_bksh))
+  out_btnh = out_bkxh.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  return out_btnh, kv.replace(k_lbksh=k_lbksh, v_lbksh=v_lbksh)
+
+
+def merge_heads(x_btnh):
+  """[batch, new, heads, head_dim] -> [batch, new, heads*head_dim], so the output projection is
+  one plain matmul with its weight reshaped (no transposed copy of the weight per step)."""
+  b, t, n, h = x_btnh.shape
+  return x_btnh.reshape(b, t, n * h)
 
 
 def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
@@ -150,14 +164,14 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | N
     return x_btd, None
   t = x_btd.shape[1]
   valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
-  kv = LayerKV(cache.k_lbskh, cache.v_lbskh, cache.index,
+  kv = LayerKV(cache.k_lbksh, cache.v_lbksh, cache.index,
                attention_mask(valid_bs, cache.index, t, window))
   if cache.prefix is not None:
     kv = kv.replace(prefix_mask_btp=prefix_mask(positions_bt, cache.prefix.length, window))
   for layer in range(cfg.n_layers):
     kv = kv.replace(layer=layer)
     if cache.prefix is not None:
-      kv = kv.replace(prefix_k_pkh=cache.prefix.k_lpkh[layer],
-                      prefix_v_pkh=cache.prefix.v_lpkh[layer])
+      kv = kv.replace(prefix_k_kph=cache.prefix.k_lkph[layer],
+                      prefix_v_kph=cache.prefix.v_lkph[layer])
     x_btd, kv = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, kv)
-  return x_btd, KVCache(kv.k_lbskh, kv.v_lbskh, valid_bs, cache.index + t, cache.prefix)
+  return x_btd, KVCache(kv.k_lbksh, kv.v_lbksh, valid_bs, cache.index + t, cache.prefix)

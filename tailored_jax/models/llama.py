@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
-from tailored_jax.models.layers import HFTensor, LayerKV, attend, param, run_blocks
+from tailored_jax.models.layers import HFTensor, LayerKV, attend, merge_heads, param, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,7 @@ class Attention(nn.Module):
     k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
 
     out_btnh, kv = attend(q_btnh, k_btkh, v_btkh, valid_bt, kv, dt, cfg.sliding_window)
-    out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(dt))
+    out_btd = merge_heads(out_btnh) @ wo.reshape(-1, wo.shape[-1]).astype(dt)
     return out_btd, kv
 
 

@@ -285,8 +285,7 @@ RESUMABLE_FIELDS = ("rounds", "teacher.base_url", "teacher.max_concurrency", "te
                     "teacher.timeout_s", "teacher.connect_timeout_s", "teacher.backoff_s",
                     "teacher.requests_per_minute", "teacher.max_requests", "train.log_every_steps",
                     "eval.batch_size", "exam.batch_size", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                    "mesh.num_devices", "mesh.decode_layout",
-                    "exam.memory_budget_gb")
+                    "mesh.num_devices", "mesh.decode_layout", "exam.memory_budget_gb")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -36,8 +36,10 @@ class StudentRuntime:
     self._held = None  # (round, params): the last weights asked for or trained
     self.decode_layout = cfg.mesh.decode_layout
     self._to_decode_layout = jax.jit(
-        lambda params: params, out_shardings=sharding.decode_shardings(
-            self.trainer.param_specs, self.trainer.abstract_params, mesh, self.decode_layout))
+        lambda params: params,
+        out_shardings=sharding.decode_shardings(self.trainer.param_specs,
+                                                self.trainer.abstract_params, mesh,
+                                                self.decode_layout))
     self._decode_held = None  # (round, params in the decode layout)
 
   def params(self, round_index: int):

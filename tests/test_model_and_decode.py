@@ -341,8 +341,9 @@ def _collectives(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
   """(kind, first result shape) of every collective in a compiled module's text."""
   found = []
   for line in hlo_text.splitlines():
-    match = re.search(r"=\s*(.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
-                      r"collective-permute)(?:-start)?\(", line)
+    match = re.search(
+        r"=\s*(.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+        r"collective-permute)(?:-start)?\(", line)
     if match:
       dims = re.search(r"\w+\[([\d,]*)\]", match.group(1)).group(1)
       found.append((match.group(2), tuple(int(d) for d in dims.split(",") if d)))
@@ -387,9 +388,10 @@ def test_decoding_in_the_decode_layout_gathers_no_weight(layout):
   assert decode_shardings["layer_0"]["attn"]["wq"].spec == jax.sharding.PartitionSpec(
       None, ("tensor", "fsdp"), None)
   per_forward = 2 * cfg.n_layers + 1
-  assert sorted(found) == sorted([("all-gather", (16, cfg.vocab_size))] +
-                                 [("all-reduce", (16, 1, cfg.d_model))] * per_forward +
-                                 [("all-reduce", (8, 16, cfg.d_model))] * per_forward)
+  assert sorted(found) == sorted([("all-gather",
+                                   (16, cfg.vocab_size))] + [("all-reduce",
+                                                              (16, 1, cfg.d_model))] * per_forward
+                                 + [("all-reduce", (8, 16, cfg.d_model))] * per_forward)
   assert len(collectives(trainer.param_shardings, "train")) > len(found)
 
 
@@ -413,10 +415,10 @@ def test_a_small_memory_budget_shrinks_the_batch_not_the_results(params, caplog)
   mesh = sharding.make_mesh(_mesh_cfg(-1, 1, 1, 1))
   decoder = decode.Decoder(MODEL, decode.StopTables.never_stop(CFG.vocab_size))
   prompts = ["abc", "hello", "xyz", "qq", "mnop", "sphinx"]
-  run = lambda budget: generate_texts(
-      decoder, params, _LetterTokenizer(), prompts, mesh=mesh, num_samples=2,
-      sampling=sampling.SamplingConfig(1.0, 10, 1.0), max_new_tokens=5, batch_size=8,
-      rng=jax.random.PRNGKey(1), label="exam", memory_budget_bytes=budget)
+  run = lambda budget: generate_texts(decoder, params, _LetterTokenizer(), prompts,
+                                      mesh=mesh, num_samples=2, sampling=sampling.SamplingConfig(
+                                          1.0, 10, 1.0), max_new_tokens=5, batch_size=8, rng=jax.
+                                      random.PRNGKey(1), label="exam", memory_budget_bytes=budget)
   with caplog.at_level("INFO"):
     roomy, tight = run(2**30), run(100_000)
   assert roomy == tight

@@ -68,8 +68,8 @@ def hf_generate(model, rows: list[np.ndarray], new_tokens: int, samples: int, sa
   return call
 
 
-def ours_generate(decoder, params, rows: list[np.ndarray], new_tokens: int, samples: int,
-                  sampling, shared: int = 0):
+def ours_generate(decoder, params, rows: list[np.ndarray], new_tokens: int, samples: int, sampling,
+                  shared: int = 0):
   """Our decoder on the same prompts; with `shared` > 0, their first `shared` tokens (the same in
   every row) are prefilled once and shared. Returns (call, new tokens [rows*k, new])."""
   own = [r[shared:] for r in rows]
@@ -107,7 +107,9 @@ def main(argv=None) -> None:
   parser.add_argument("--top_k", type=int, default=50)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--torch_device", default="cpu", help="cpu, or cuda beside a JAX GPU")
+  parser.add_argument("--parts", default="greedy,exam", help="which comparisons to run")
   args = parser.parse_args(argv)
+  parts = set(args.parts.split(","))
   import torch
 
   cfg = PRESETS[args.model]
@@ -117,9 +119,30 @@ def main(argv=None) -> None:
   twin = torch_twin(cfg, params, args.torch_device)
   decoder = Decoder(model, StopTables.never_stop(cfg.vocab_size, PAD))
   rng = np.random.default_rng(0)
-  greedy, sampled = SamplingConfig(), SamplingConfig(1.0, args.top_k, 1.0)
 
   prompts = [rng.integers(3, cfg.vocab_size, args.greedy_prompt) for _ in range(args.greedy_batch)]
+  k = args.exam_samples
+  results = {}
+  if "greedy" in parts:
+    results["greedy"] = {
+        "batch": args.greedy_batch, "prompt_tokens": args.greedy_prompt,
+        "new_tokens": args.greedy_new, **compare_greedy(args, decoder, params, twin, prompts)
+    }
+  if "exam" in parts:
+    results["exam"] = {
+        "questions": args.exam_questions, "prefix_tokens": args.exam_prefix,
+        "question_tokens": args.exam_question, "samples": k, "top_k": args.top_k,
+        "new_tokens": args.exam_new, **compare_exam(args, decoder, params, twin, rng)
+    }
+  report("decode", model=args.model, parameters=n_params, dtype="float32",
+         torch_threads=torch.get_num_threads(), torch_device=args.torch_device,
+         torch_version=torch.__version__, repeats=args.repeats, **results,
+         compilations=decoder.compilations)
+
+
+def compare_greedy(args, decoder, params, twin, prompts) -> dict:
+  """Greedy new tokens/s, ours and transformers'; our sampled decoding on as many rows."""
+  greedy, sampled = SamplingConfig(), SamplingConfig(1.0, args.top_k, 1.0)
   total = args.greedy_batch * args.greedy_new
   ours_call = ours_generate(decoder, params, prompts, args.greedy_new, 1, greedy)
   hf_call = hf_generate(twin, prompts, args.greedy_new, 1, greedy, args.torch_device)
@@ -138,10 +161,18 @@ def main(argv=None) -> None:
                                            / greedy_rows["transformers"]["new_tokens_per_s"])
   greedy_rows["ours_sampled_over_ours_greedy"] = (greedy_rows["ours_sampled"]["new_tokens_per_s"]
                                                   / greedy_rows["ours"]["new_tokens_per_s"])
+  return greedy_rows
 
-  prefix = rng.integers(3, cfg.vocab_size, args.exam_prefix)
+
+def compare_exam(args, decoder, params, twin, rng) -> dict:
+  """Wall time of the GSM8K-shaped exam: transformers, ours on whole prompts, ours sharing the
+  prefix."""
+  sampled = SamplingConfig(1.0, args.top_k, 1.0)
+  k = args.exam_samples
+  vocab_size = decoder.model.cfg.vocab_size
+  prefix = rng.integers(3, vocab_size, args.exam_prefix)
   questions = [
-      np.concatenate([prefix, rng.integers(3, cfg.vocab_size, args.exam_question + d)])
+      np.concatenate([prefix, rng.integers(3, vocab_size, args.exam_question + d)])
       for d in rng.integers(-10, 11, args.exam_questions)
   ]
   total = args.exam_questions * k * args.exam_new
@@ -159,17 +190,7 @@ def main(argv=None) -> None:
                                                   / exam["ours_shared_prefix"]["seconds"])
   exam["prefix_reuse_speedup"] = (exam["ours_whole_prompts"]["seconds"]
                                   / exam["ours_shared_prefix"]["seconds"])
-  report(
-      "decode", model=args.model, parameters=n_params, dtype="float32",
-      torch_threads=torch.get_num_threads(), torch_device=args.torch_device,
-      torch_version=torch.__version__, repeats=args.repeats, greedy={
-          "batch": args.greedy_batch, "prompt_tokens": args.greedy_prompt,
-          "new_tokens": args.greedy_new, **greedy_rows
-      }, exam={
-          "questions": args.exam_questions, "prefix_tokens": args.exam_prefix,
-          "question_tokens": args.exam_question, "samples": k, "top_k": args.top_k,
-          "new_tokens": args.exam_new, **exam
-      }, compilations=decoder.compilations)
+  return exam
 
 
 if __name__ == "__main__":

@@ -102,8 +102,8 @@ def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | 
   kv_heads = k_lbksh.shape[2]
   g = n // kv_heads
   # queries as [batch, kv_head, group*new, head_dim]: one matmul per (row, kv head)
-  q_bkxh = q_btnh.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(
-      b, kv_heads, g * t, h).astype(dtype)
+  q_bkxh = q_btnh.reshape(b, t, kv_heads, g,
+                          h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h).astype(dtype)
   scale = h**-0.5 if scale is None else scale
   k_bksh, v_bksh = k_lbksh[kv.layer].astype(dtype), v_lbksh[kv.layer].astype(dtype)
   mask_b1xs = jnp.tile(kv.mask_bts, (1, g, 1))[:, None]

@@ -29,9 +29,11 @@ def decode_memory(cfg, prompt_slots: int, max_new_tokens: int, num_samples: int,
   slots = prompt_slots + max_new_tokens
   seen = shared_prefix + slots
   kv = 2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * item
-  step = 4 * cfg.vocab_size * 3 + 4 * cfg.n_heads * seen * 2 + item * (cfg.d_ff * 3 + cfg.d_model * 4)
-  prefill = (4 * cfg.n_heads * prompt_slots * (shared_prefix + prompt_slots) * 2 +
-             item * prompt_slots * (cfg.d_ff * 3 + cfg.d_model * 4))
+  step = 4 * cfg.vocab_size * 3 + 4 * cfg.n_heads * seen * 2 + item * (cfg.d_ff * 3
+                                                                       + cfg.d_model * 4)
+  prefill = (4 * cfg.n_heads * prompt_slots *
+             (shared_prefix + prompt_slots) * 2 + item * prompt_slots *
+             (cfg.d_ff * 3 + cfg.d_model * 4))
   return DecodeMemory(kv_cache=kv * num_samples, step=step * num_samples, prefill=prefill)
 
 

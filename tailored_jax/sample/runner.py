@@ -95,8 +95,8 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
     chunk = order[at:at + batch_size]
     length = round_up(max(len(encoded[i]) for i in chunk), bucket)
     tokens, valid = left_pad([encoded[i] for i in chunk], length, batch_size, tokenizer.pad_id)
-    put = lambda a: sharding.put_global(a, sharding.decode_batch_sharding(
-        mesh, a.ndim, decode_layout))
+    put = lambda a: sharding.put_global(a,
+                                        sharding.decode_batch_sharding(mesh, a.ndim, decode_layout))
     hashes = np.zeros((batch_size,), np.uint32)
     hashes[:len(chunk)] = [prompt_hash(prompts[i]) for i in chunk]
     keys = np.asarray(_sample_keys(rng, hashes, num_samples))

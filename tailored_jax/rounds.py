@@ -404,7 +404,7 @@ class Run:
                                batch_size=self.cfg.eval.batch_size, rng=jax.random.PRNGKey(0),
                                label=f"evaluate {round_index} {split}",
                                decode_layout=self.student.decode_layout,
-                               memory_budget_bytes=int(e.memory_budget_gb * 2**30))
+                               memory_budget_bytes=int(self.cfg.exam.memory_budget_gb * 2**30))
       records, summary_ = scoring.score(self.task, examples, [o[0] for o in outputs])
       wd.write_jsonl(self.layout.eval_records(round_index, split), records)
       results[split] = summary_

@@ -84,6 +84,12 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
                          num_samples=1, sampling=sampling.SamplingConfig())
   assert int(lengths[0]) == 32
   assert np.asarray(out[0]).tolist() == expected
+  # the first 3 tokens as a shared prefix, prefilled once; the rest left-padded after it
+  prefix = decoder.prefill(params, jnp.asarray(prompt[:3], jnp.int32))
+  own = np.array([[0, 0, 0] + prompt[3:]], np.int32)
+  out, _ = decoder(params, own, own > 0, jax.random.PRNGKey(0), max_new_tokens=32, num_samples=1,
+                   sampling=sampling.SamplingConfig(), prefix=prefix)
+  assert np.asarray(out[0]).tolist() == expected
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

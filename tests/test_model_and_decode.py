@@ -270,12 +270,19 @@ class _LetterTokenizer:  # one token per letter a..z and space, ids 3..29; pad 0
 def test_shared_prefix_decoding_equals_whole_prompts(window, mesh_shape):
   """The demos every prompt starts with, prefilled once and shared, give the same greedy and
   sampled tokens as prefilling each whole prompt (GQA, left padding, a sliding window shorter
-  than the prompts, an 8-device mesh)."""
+  than the prompts, an 8-device mesh with the weights in the model-parallel decode layout)."""
   from tailored_jax.sample.runner import generate_texts
   cfg = dataclasses.replace(CFG, sliding_window=window)
   model = Llama(cfg)
   params = nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(5)))
   mesh = sharding.make_mesh(_mesh_cfg(*mesh_shape))
+  layout = "train"
+  if mesh.size > 1:  # weights in the model-parallel decode layout, rows over data
+    layout = "model_parallel"
+    trainer = Trainer(model, _train_cfg(), mesh)
+    params = jax.device_put(
+        params,
+        sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh, layout))
   demos = "the quick brown fox jumps over the lazy dog "
   prompts = [demos + q for q in ("abc", "hello world", "xyz", "qq", "mnop", "sphinx of quartz")]
   for sampling_cfg, samples in ((sampling.SamplingConfig(), 1),
@@ -286,7 +293,8 @@ def test_shared_prefix_decoding_equals_whole_prompts(window, mesh_shape):
       texts.append(
           generate_texts(decoder, params, _LetterTokenizer(), prompts, mesh=mesh,
                          num_samples=samples, sampling=sampling_cfg, max_new_tokens=12,
-                         batch_size=4, rng=jax.random.PRNGKey(7), label="test", share_prefix=share))
+                         batch_size=4, rng=jax.random.PRNGKey(7), label="test", share_prefix=share,
+                         decode_layout=layout))
     assert texts[0] == texts[1]
   assert decoder.compilations == 2  # the prefix, and one for the only length bucket
 

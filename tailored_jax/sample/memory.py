@@ -48,8 +48,21 @@ def device_budget_bytes(fraction: float = 0.5) -> int:
   if stats and stats.get("bytes_limit"):
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
   else:
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = host_available_bytes()
   return int(free * fraction)
+
+
+def host_available_bytes() -> int:
+  """MemAvailable (free memory plus reclaimable page cache), or free pages where /proc is
+  missing."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def fit_batch(requested: int, per_prompt_bytes: int, budget_bytes: int, row_shards: int) -> int:

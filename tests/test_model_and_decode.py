@@ -305,7 +305,7 @@ def test_shared_prefix_cache_gives_the_whole_prompts_logits(params):
   prefix = np.array([2, 7, 12, 5, 9, 9, 4], np.int32)
   own = np.array([[0, 0, 11, 3], [6, 8, 10, 13]], np.int32)
   shared = decode.prefill_prefix(params, jnp.asarray(prefix), model=MODEL)
-  cache = KVCache.zeros(CFG.n_layers, 2, 4, CFG.n_kv_heads, CFG.head_dim, jnp.float32, shared)
+  cache = KVCache.zeros(CFG.n_layers, 2, 4, CFG.n_kv_heads, CFG.head_dim, jnp.float32, (shared,))
   valid = own > 0
   positions = len(prefix) + np.maximum(np.cumsum(valid, axis=1) - 1, 0)
   got, _, _ = forward(params, own, positions, valid, cache)

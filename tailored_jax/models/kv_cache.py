@@ -1,9 +1,10 @@
 """The KV cache: one fixed-size buffer shared by generation and the self-reflection prefix.
 
 New tokens are written at `index` (the same for every row: prompts are left-padded); `valid_bs`
-marks which buffer slots hold real tokens, so padding is masked everywhere. An optional
-`SharedPrefix` holds the keys and values of a prefix every row starts with (a task's few-shot
-demos), stored once rather than per row. The attention that reads and writes it is in `layers.py`.
+marks which buffer slots hold real tokens, so padding is masked everywhere. `context` holds keys
+and values that groups of rows read but never write, stored once per group: a task's few-shot
+prefix (one group: every row) and each prompt's own tokens (a group: its k samples). The
+attention that reads and writes it is in `layers.py`.
 """
 from __future__ import annotations
 
@@ -13,36 +14,36 @@ import jax.numpy as jnp
 
 
 @flax.struct.dataclass
-class SharedPrefix:
-  """Keys and values of the tokens every row starts with, at positions 0..length-1."""
-  k_lkph: jax.Array  # [layers, kv_heads, prefix, head_dim]
-  v_lkph: jax.Array
+class Context:
+  """Keys and values read by `rows / groups` consecutive rows per group; `positions_gs` are the
+  tokens' positions (-1: padding, never seen). Every context token precedes the rows' own."""
+  keys: tuple  # per layer: [groups, kv_heads, slots, head_dim]
+  values: tuple
+  positions_gs: jax.Array  # int32 [groups, slots]
 
   @property
   def length(self) -> int:
-    return self.k_lkph.shape[2]
+    return self.keys[0].shape[2]
 
 
 @flax.struct.dataclass
 class KVCache:
-  # [layers, batch, kv_heads, slots, head_dim]: the layout attention's batched matmuls read
-  # without a transpose (batch and head leading, slots then head_dim)
-  k_lbksh: jax.Array
-  v_lbksh: jax.Array
+  """Per layer, [batch, kv_heads, slots, head_dim] buffers: the layout attention's batched matmuls
+  read without a transpose, one array per layer so that a step reads and updates a layer's buffer
+  in place (slicing a stacked buffer makes XLA:CPU copy it every step)."""
+  keys: tuple
+  values: tuple
   valid_bs: jax.Array  # [batch, slots] bool
   index: jax.Array  # int32 scalar: the next slot to write
-  prefix: SharedPrefix | None = None  # seen by every row before its own slots
+  context: tuple[Context, ...] = ()  # read before the rows' own slots
 
   @classmethod
   def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype,
-            prefix: SharedPrefix | None = None) -> "KVCache":
-    shape = (layers, batch, kv_heads, slots, head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool),
-               jnp.zeros((), jnp.int32), prefix)
-
-  @property
-  def prefix_length(self) -> int:
-    return 0 if self.prefix is None else self.prefix.length
+            context: tuple[Context, ...] = ()) -> "KVCache":
+    shape = (batch, kv_heads, slots, head_dim)
+    return cls(tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+               tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+               jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32), context)
 
   @property
   def slots(self) -> int:
@@ -50,9 +51,11 @@ class KVCache:
 
   def repeat(self, times: int) -> "KVCache":
     """Each row repeated `times` times in place (row b -> rows b*times..), e.g. k exam samples."""
-    return KVCache(jnp.repeat(self.k_lbksh, times, axis=1), jnp.repeat(self.v_lbksh, times, axis=1),
-                   jnp.repeat(self.valid_bs, times, axis=0), self.index, self.prefix)
+    return self.replace(keys=tuple(jnp.repeat(k, times, axis=0) for k in self.keys),
+                        values=tuple(jnp.repeat(v, times, axis=0) for v in self.values),
+                        valid_bs=jnp.repeat(self.valid_bs, times, axis=0))
 
-  def shared(self) -> SharedPrefix:
-    """Row 0's filled slots as a prefix for other caches (its prompt had no padding)."""
-    return SharedPrefix(self.k_lbksh[:, 0], self.v_lbksh[:, 0])
+  def as_context(self, positions_bs: jax.Array) -> Context:
+    """The filled buffer as a context with one group per row (positions_bs: -1 where invalid)."""
+    return Context(self.keys, self.values,
+                   jnp.where(self.valid_bs, positions_bs, -1).astype(jnp.int32))

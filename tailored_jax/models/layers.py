@@ -1,5 +1,5 @@
 """Model pieces every family shares: the parameter helper, initialisation on dummy tokens, the
-grouped-query attention core over the KV cache (and a shared prefix), the layer stack, and the
+grouped-query attention core over the KV cache and its contexts, the layer stack, and the
 HF tensor-table entry.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
+
+NEG_INF = -1e30
 
 
 def param(module: nn.Module, name: str, shape: tuple, axes: tuple, dtype, init) -> jax.Array:
@@ -66,63 +68,91 @@ def attention_mask(valid_bs: jax.Array, index: jax.Array, num_new: int,
   return valid_bs[:, None, :] & causal_ts[None, :, :]
 
 
-def prefix_mask(positions_bt: jax.Array, prefix_length: int, window: int = 0) -> jax.Array:
-  """[batch, new, prefix]: which shared-prefix tokens (positions 0..prefix_length-1) each new
-  token sees: all of them, or with a sliding `window` the ones within it."""
-  key_position_p = jnp.arange(prefix_length)
-  if not window:
-    return jnp.ones(positions_bt.shape + (prefix_length,), bool)
-  return key_position_p[None, None, :] > positions_bt[:, :, None] - window
+def context_mask(positions_gs: jax.Array, positions_bt: jax.Array, window: int = 0) -> jax.Array:
+  """[batch, new, slots]: which context tokens each new token sees: the real ones (position
+  >= 0) of its row's group, or with a sliding `window` those within it. Groups are consecutive
+  rows (batch / groups per group)."""
+  b, g = positions_bt.shape[0], positions_gs.shape[0]
+  positions_bs = jnp.repeat(positions_gs, b // g, axis=0)
+  seen_bts = jnp.broadcast_to((positions_bs >= 0)[:, None, :], (b, positions_bt.shape[1],
+                                                                positions_bs.shape[1]))
+  if window:
+    seen_bts &= positions_bs[:, None, :] > positions_bt[:, :, None] - window
+  return seen_bts
 
 
 @flax.struct.dataclass
 class LayerKV:
-  """What one layer's attention reads from and writes to the cache: the stacked buffers (written
-  in place at [layer, :, :, index]), the masks, and the shared prefix's keys and values, if any."""
-  k_lbksh: jax.Array
-  v_lbksh: jax.Array
+  """What one layer's attention reads from and writes to the cache: its own buffers (written in
+  place at `index`) and their mask, and its context keys, values and masks."""
+  k_bksh: jax.Array
+  v_bksh: jax.Array
   index: jax.Array
   mask_bts: jax.Array
-  prefix_k_kph: jax.Array | None = None
-  prefix_v_kph: jax.Array | None = None
-  prefix_mask_btp: jax.Array | None = None
-  layer: int = flax.struct.field(pytree_node=False, default=0)
+  context_k: tuple = ()  # per context: [groups, kv_heads, slots, head_dim]
+  context_v: tuple = ()
+  context_masks: tuple = ()  # per context: [batch, new, slots]
+
+
+class Partial(NamedTuple):
+  """Softmax attention over part of the keys, to be merged with other parts: running max,
+  normaliser and unnormalised output, all float32."""
+  max_bkx: jax.Array
+  sum_bkx: jax.Array
+  out_bkxh: jax.Array
+
+
+def attend_part(q_bkxh, k_gksh, v_gksh, mask_bxs, dtype, scale: float) -> Partial:
+  """Attention of rows [batch, kv_head, x, head_dim] over keys shared by groups of consecutive
+  rows (groups = 1: every row; groups = batch: each row its own); x = query-group × new."""
+  b, kv_heads, x, h = q_bkxh.shape
+  g, s = k_gksh.shape[0], k_gksh.shape[2]
+  q_grkxh = q_bkxh.reshape(g, b // g, kv_heads, x, h)
+  logits_bkxs = jnp.einsum("grkxh,gksh->grkxs", q_grkxh, k_gksh.astype(dtype)).reshape(
+      b, kv_heads, x, s).astype(jnp.float32) * scale
+  mask_b1xs = mask_bxs[:, None]
+  logits_bkxs = jnp.where(mask_b1xs, logits_bkxs, NEG_INF)
+  max_bkx = jnp.max(logits_bkxs, axis=-1)
+  weights_bkxs = jnp.where(mask_b1xs, jnp.exp(logits_bkxs - max_bkx[..., None]), 0.0)
+  out_grkxh = jnp.einsum("grkxs,gksh->grkxh",
+                         weights_bkxs.reshape(g, b // g, kv_heads, x, s).astype(dtype),
+                         v_gksh.astype(dtype))
+  return Partial(max_bkx, jnp.sum(weights_bkxs, axis=-1),
+                 out_grkxh.reshape(b, kv_heads, x, h).astype(jnp.float32))
+
+
+def merge_parts(a: Partial, b: Partial) -> Partial:
+  """The softmax over the union of two parts' keys (online-softmax rescaling)."""
+  top_bkx = jnp.maximum(a.max_bkx, b.max_bkx)
+  scale_a, scale_b = jnp.exp(a.max_bkx - top_bkx), jnp.exp(b.max_bkx - top_bkx)
+  return Partial(top_bkx, a.sum_bkx * scale_a + b.sum_bkx * scale_b,
+                 a.out_bkxh * scale_a[..., None] + b.out_bkxh * scale_b[..., None])
 
 
 def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | None = None):
-  """Writes the new keys/values into the layer's buffer at `index`, then attends over the shared
-  prefix and the whole buffer under one softmax (grouped-query: each of the k kv-heads serves
-  n/k query heads). Softmax in float32. Returns (out_btnh, kv with the buffers updated)."""
-  start = (kv.layer, 0, 0, kv.index, 0)
-  new_k_1bkth = jnp.swapaxes(k_btkh, 1, 2)[None].astype(kv.k_lbksh.dtype)
-  new_v_1bkth = jnp.swapaxes(v_btkh, 1, 2)[None].astype(kv.v_lbksh.dtype)
-  k_lbksh = jax.lax.dynamic_update_slice(kv.k_lbksh, new_k_1bkth, start)
-  v_lbksh = jax.lax.dynamic_update_slice(kv.v_lbksh, new_v_1bkth, start)
+  """Writes the new keys/values into the layer's own buffer at `index`, then attends over the
+  contexts and the own buffer under one softmax (merged parts; grouped-query: each of the k
+  kv-heads serves n/k query heads). Scores in float32. Returns (out_btnh, kv updated)."""
+  start = (0, 0, kv.index, 0)
+  new_k_bkth = jnp.swapaxes(k_btkh, 1, 2).astype(kv.k_bksh.dtype)
+  new_v_bkth = jnp.swapaxes(v_btkh, 1, 2).astype(kv.v_bksh.dtype)
+  kv = kv.replace(k_bksh=jax.lax.dynamic_update_slice(kv.k_bksh, new_k_bkth, start),
+                  v_bksh=jax.lax.dynamic_update_slice(kv.v_bksh, new_v_bkth, start))
   b, t, n, h = q_btnh.shape
-  kv_heads = k_lbksh.shape[2]
+  kv_heads = kv.k_bksh.shape[1]
   g = n // kv_heads
-  # queries as [batch, kv_head, group*new, head_dim]: one matmul per (row, kv head)
-  q_bkxh = q_btnh.reshape(b, t, kv_heads, g,
-                          h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h).astype(dtype)
   scale = h**-0.5 if scale is None else scale
-  k_bksh, v_bksh = k_lbksh[kv.layer].astype(dtype), v_lbksh[kv.layer].astype(dtype)
-  mask_b1xs = jnp.tile(kv.mask_bts, (1, g, 1))[:, None]
-  logits_bkxs = jnp.einsum("bkxh,bksh->bkxs", q_bkxh, k_bksh).astype(jnp.float32) * scale
-  logits_bkxs = jnp.where(mask_b1xs, logits_bkxs, -1e30)
-  if kv.prefix_k_kph is None:
-    probs_bkxs = jax.nn.softmax(logits_bkxs, axis=-1).astype(dtype)
-    out_bkxh = jnp.einsum("bkxs,bksh->bkxh", probs_bkxs, v_bksh)
-  else:
-    prefix_k_kph, prefix_v_kph = kv.prefix_k_kph.astype(dtype), kv.prefix_v_kph.astype(dtype)
-    logits_bkxp = jnp.einsum("bkxh,kph->bkxp", q_bkxh, prefix_k_kph).astype(jnp.float32) * scale
-    logits_bkxp = jnp.where(jnp.tile(kv.prefix_mask_btp, (1, g, 1))[:, None], logits_bkxp, -1e30)
-    p = logits_bkxp.shape[-1]
-    probs_bkxa = jax.nn.softmax(jnp.concatenate([logits_bkxp, logits_bkxs], axis=-1),
-                                axis=-1).astype(dtype)
-    out_bkxh = (jnp.einsum("bkxp,kph->bkxh", probs_bkxa[..., :p], prefix_v_kph)
-                + jnp.einsum("bkxs,bksh->bkxh", probs_bkxa[..., p:], v_bksh))
+  # queries as [batch, kv_head, group*new, head_dim]: one matmul per (row, kv head)
+  q_bkxh = q_btnh.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(
+      b, kv_heads, g * t, h).astype(dtype)
+  as_bxs = lambda mask_bts: jnp.tile(mask_bts, (1, g, 1))
+  result = attend_part(q_bkxh, kv.k_bksh, kv.v_bksh, as_bxs(kv.mask_bts), dtype, scale)
+  for k_gksh, v_gksh, mask_bts in zip(kv.context_k, kv.context_v, kv.context_masks):
+    result = merge_parts(attend_part(q_bkxh, k_gksh, v_gksh, as_bxs(mask_bts), dtype, scale),
+                         result)
+  out_bkxh = result.out_bkxh / jnp.maximum(result.sum_bkx, 1e-30)[..., None]
   out_btnh = out_bkxh.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-  return out_btnh, kv.replace(k_lbksh=k_lbksh, v_lbksh=v_lbksh)
+  return out_btnh.astype(dtype), kv
 
 
 def merge_heads(x_btnh):
@@ -154,7 +184,7 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | N
                window: int = 0):
   """The layer stack shared by every family: `cfg.n_layers` blocks named layer_i
   (rematerialised if `cfg.remat`), each called as `block(x, positions, valid, kv)`. With a cache,
-  masks come from its slots (and its shared prefix) and the updated cache is returned; without
+  masks come from its slots and its contexts, and the updated cache is returned; without
   one (training), tokens attend causally to themselves, no keys or values are kept, and the
   returned cache is None. Call it from inside a compact method."""
   block = nn.remat(block_cls) if cfg.remat else block_cls
@@ -164,14 +194,15 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | N
     return x_btd, None
   t = x_btd.shape[1]
   valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
-  kv = LayerKV(cache.k_lbksh, cache.v_lbksh, cache.index,
-               attention_mask(valid_bs, cache.index, t, window))
-  if cache.prefix is not None:
-    kv = kv.replace(prefix_mask_btp=prefix_mask(positions_bt, cache.prefix.length, window))
+  mask_bts = attention_mask(valid_bs, cache.index, t, window)
+  context_masks = tuple(context_mask(c.positions_gs, positions_bt, window) for c in cache.context)
+  keys, values = [], []
   for layer in range(cfg.n_layers):
-    kv = kv.replace(layer=layer)
-    if cache.prefix is not None:
-      kv = kv.replace(prefix_k_kph=cache.prefix.k_lkph[layer],
-                      prefix_v_kph=cache.prefix.v_lkph[layer])
+    kv = LayerKV(cache.keys[layer], cache.values[layer], cache.index, mask_bts,
+                 tuple(c.keys[layer] for c in cache.context),
+                 tuple(c.values[layer] for c in cache.context), context_masks)
     x_btd, kv = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, kv)
-  return x_btd, KVCache(kv.k_lbksh, kv.v_lbksh, valid_bs, cache.index + t, cache.prefix)
+    keys.append(kv.k_bksh)
+    values.append(kv.v_bksh)
+  return x_btd, cache.replace(keys=tuple(keys), values=tuple(values), valid_bs=valid_bs,
+                              index=cache.index + t)

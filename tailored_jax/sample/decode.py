@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models import head_logits
-from tailored_jax.models.kv_cache import KVCache, SharedPrefix
+from tailored_jax.models.kv_cache import Context, KVCache
 from tailored_jax.sample.sampling import NEG_INF, SamplingConfig, choose_tokens
 
 
@@ -72,35 +72,40 @@ class DecodeState:
   lengths_n: jax.Array
 
 
-def prefill_prefix(params, prefix_p, *, model) -> SharedPrefix:
+def prefill_prefix(params, prefix_p, *, model) -> Context:
   """Keys and values of a prefix (no padding) that every prompt of a batch starts with."""
   cfg = model.cfg
   p = prefix_p.shape[0]
   cache = KVCache.zeros(cfg.n_layers, 1, p, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
-  _, _, cache = model.apply({"params": params}, prefix_p[None],
-                            jnp.arange(p)[None], jnp.ones((1, p), bool), cache, with_logits=False)
-  return cache.shared()
+  _, _, cache = model.apply({"params": params}, prefix_p[None], jnp.arange(p)[None],
+                            jnp.ones((1, p), bool), cache, with_logits=False)
+  return cache.as_context(jnp.arange(p)[None])
 
 
 def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables,
-             prefix: SharedPrefix | None = None, *, model, max_new_tokens: int, num_samples: int,
+             prefix: Context | None = None, *, model, max_new_tokens: int, num_samples: int,
              sampling: SamplingConfig):
   """Returns (tokens [B*k, max_new_tokens] padded with pad_id, lengths [B*k]).
 
   Row b*k + j is sample j of prompt b. Prompts are left-padded; with a shared `prefix` they are
-  the tokens after it. `rng` is one key (row r draws with fold_in(rng, r)) or per-row keys
-  [B, k, 2] (`sampling.sample_keys`); step t of a row draws with fold_in(its key, t).
+  the tokens after it. Each prompt is prefilled once and its keys and values are read by its k
+  samples as a context (not copied k times); each row's cache holds only what it generates.
+  `rng` is one key (row r draws with fold_in(rng, r)) or per-row keys [B, k, 2]
+  (`sampling.sample_keys`); step t of a row draws with fold_in(its key, t).
   """
   cfg = model.cfg
   b, p = prompt_bp.shape
+  dtype = jnp.dtype(cfg.dtype)
+  context = () if prefix is None else (prefix,)
   offset = 0 if prefix is None else prefix.length
   positions_bp = offset + jnp.maximum(jnp.cumsum(prompt_valid_bp, axis=1) - 1, 0)
-  cache = KVCache.zeros(cfg.n_layers, b, p + max_new_tokens, cfg.n_kv_heads, cfg.head_dim,
-                        jnp.dtype(cfg.dtype), prefix)
-  _, hidden_bpd, cache = model.apply({"params": params}, prompt_bp, positions_bp, prompt_valid_bp,
-                                     cache, with_logits=False)
+  prompt_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, dtype, context)
+  _, hidden_bpd, prompt_cache = model.apply({"params": params}, prompt_bp, positions_bp,
+                                            prompt_valid_bp, prompt_cache, with_logits=False)
   last_logits_bv = head_logits(params, hidden_bpd[:, -1:], cfg)[:, 0]
   n = b * num_samples
+  cache = KVCache.zeros(cfg.n_layers, n, max_new_tokens, cfg.n_kv_heads, cfg.head_dim, dtype,
+                        context + (prompt_cache.as_context(positions_bp),))
   if rng.ndim == 1:
     keys_n = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(n))
   else:
@@ -127,7 +132,7 @@ def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables,
                        tokens_nm=tokens_nm, done_n=s.done_n | stops_n, prev_n=token_n,
                        lengths_n=s.lengths_n + (~s.done_n).astype(jnp.int32))
 
-  start = DecodeState(step=jnp.zeros((), jnp.int32), cache=cache.repeat(num_samples),
+  start = DecodeState(step=jnp.zeros((), jnp.int32), cache=cache,
                       logits_nv=jnp.repeat(last_logits_bv, num_samples, axis=0), tokens_nm=jnp.full(
                           (n, max_new_tokens), tables.pad_id, jnp.int32), done_n=jnp.zeros(
                               (n,), bool), prev_n=jnp.full((n,), tables.pad_id, jnp.int32),
@@ -152,12 +157,12 @@ class Decoder:
   def compilations(self) -> int:
     return len(self._shapes)
 
-  def prefill(self, params, prefix_p) -> SharedPrefix:
+  def prefill(self, params, prefix_p) -> Context:
     self._shapes.add(("prefix", prefix_p.shape))
     return self._prefill(params, prefix_p)
 
   def __call__(self, params, prompt_bp, prompt_valid_bp, rng, *, max_new_tokens: int,
-               num_samples: int, sampling: SamplingConfig, prefix: SharedPrefix | None = None):
+               num_samples: int, sampling: SamplingConfig, prefix: Context | None = None):
     key = (max_new_tokens, num_samples, sampling)
     if key not in self._jitted:
       self._jitted[key] = jax.jit(

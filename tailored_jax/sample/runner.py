@@ -47,8 +47,9 @@ def shared_prefix_length(encoded: list[list[int]]) -> int:
 
 def _row_shards(mesh, decode_layout: str) -> int:
   """How many ways a decode batch is split (`sharding.decode_batch_sharding`)."""
-  spec = sharding.decode_batch_sharding(mesh, 1, decode_layout).spec[0]
-  return int(np.prod([mesh.shape[axis] for axis in spec]))
+  axes = sharding.decode_batch_sharding(mesh, 1, decode_layout).spec[0]
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[axis] for axis in axes]))
 
 
 def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, mesh,

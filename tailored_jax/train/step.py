@@ -74,17 +74,21 @@ def lm_forward_loss(model, params, lm: LMBatch, chunk: int = 0):
 
 
 def self_reflection_loss(model, params, reflection: ReflectionBatch, margin: float):
-  """Prefix encoded once without gradient; anchor/positive/negative continue from its cache."""
+  """Prefix encoded once without gradient; anchor/positive/negative continue from its keys and
+  values (a context shared by the three, not copied)."""
   prefix_bp, prefix_valid_bp = reflection.prefix, reflection.prefix_mask
   cont_bkc, cont_valid_bkc = reflection.continuations, reflection.continuation_mask
   b, p = prefix_bp.shape
   k, c = cont_bkc.shape[1:]
   cfg = model.cfg
   prefix_positions_bp = jnp.maximum(jnp.cumsum(prefix_valid_bp, axis=1) - 1, 0)
-  cache = KVCache.zeros(cfg.n_layers, b, p + c, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
-  _, _, cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp, prefix_valid_bp,
-                            cache, with_logits=False)
-  cache = jax.lax.stop_gradient(cache).repeat(k)
+  dtype = jnp.dtype(cfg.dtype)
+  prefix_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, dtype)
+  _, _, prefix_cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp,
+                                   prefix_valid_bp, prefix_cache, with_logits=False)
+  # the prefix's keys and values, stored once and read by its k continuations
+  context = jax.lax.stop_gradient(prefix_cache.as_context(prefix_positions_bp))
+  cache = KVCache.zeros(cfg.n_layers, b * k, c, cfg.n_kv_heads, cfg.head_dim, dtype, (context,))
   prefix_len_b = jnp.sum(prefix_valid_bp.astype(jnp.int32), axis=1)
   positions_bkc = prefix_len_b[:, None, None] + jnp.arange(c)[None, None, :]
   _, hidden_ncd, _ = model.apply({"params": params}, cont_bkc.reshape(b * k, c),

@@ -281,8 +281,8 @@ def test_shared_prefix_decoding_equals_whole_prompts(window, mesh_shape):
     layout = "model_parallel"
     trainer = Trainer(model, _train_cfg(), mesh)
     params = jax.device_put(
-        params,
-        sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh, layout))
+        params, sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh,
+                                          layout))
   demos = "the quick brown fox jumps over the lazy dog "
   prompts = [demos + q for q in ("abc", "hello world", "xyz", "qq", "mnop", "sphinx of quartz")]
   for sampling_cfg, samples in ((sampling.SamplingConfig(), 1),

@@ -42,8 +42,9 @@ class KVCache:
             context: tuple[Context, ...] = ()) -> "KVCache":
     shape = (batch, kv_heads, slots, head_dim)
     return cls(tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
-               tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
-               jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32), context)
+               tuple(jnp.zeros(shape, dtype) for _ in range(layers)), jnp.zeros((batch, slots),
+                                                                                bool),
+               jnp.zeros((), jnp.int32), context)
 
   @property
   def slots(self) -> int:

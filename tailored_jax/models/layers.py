@@ -74,8 +74,8 @@ def context_mask(positions_gs: jax.Array, positions_bt: jax.Array, window: int =
   rows (batch / groups per group)."""
   b, g = positions_bt.shape[0], positions_gs.shape[0]
   positions_bs = jnp.repeat(positions_gs, b // g, axis=0)
-  seen_bts = jnp.broadcast_to((positions_bs >= 0)[:, None, :], (b, positions_bt.shape[1],
-                                                                positions_bs.shape[1]))
+  seen_bts = jnp.broadcast_to((positions_bs >= 0)[:, None, :],
+                              (b, positions_bt.shape[1], positions_bs.shape[1]))
   if window:
     seen_bts &= positions_bs[:, None, :] > positions_bt[:, :, None] - window
   return seen_bts
@@ -143,8 +143,8 @@ def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | 
   g = n // kv_heads
   scale = h**-0.5 if scale is None else scale
   # queries as [batch, kv_head, group*new, head_dim]: one matmul per (row, kv head)
-  q_bkxh = q_btnh.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(
-      b, kv_heads, g * t, h).astype(dtype)
+  q_bkxh = q_btnh.reshape(b, t, kv_heads, g,
+                          h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h).astype(dtype)
   as_bxs = lambda mask_bts: jnp.tile(mask_bts, (1, g, 1))
   result = attend_part(q_bkxh, kv.k_bksh, kv.v_bksh, as_bxs(kv.mask_bts), dtype, scale)
   for k_gksh, v_gksh, mask_bts in zip(kv.context_k, kv.context_v, kv.context_masks):

@@ -77,8 +77,8 @@ def prefill_prefix(params, prefix_p, *, model) -> Context:
   cfg = model.cfg
   p = prefix_p.shape[0]
   cache = KVCache.zeros(cfg.n_layers, 1, p, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
-  _, _, cache = model.apply({"params": params}, prefix_p[None], jnp.arange(p)[None],
-                            jnp.ones((1, p), bool), cache, with_logits=False)
+  _, _, cache = model.apply({"params": params}, prefix_p[None],
+                            jnp.arange(p)[None], jnp.ones((1, p), bool), cache, with_logits=False)
   return cache.as_context(jnp.arange(p)[None])
 
 

@@ -72,7 +72,7 @@ def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
     moved = mistake_transitions(before, after) if before is not None and after is not None else {}
     rejected = wd.read_json(teacher_path).get("dropped", {}) if os.path.exists(teacher_path) else {}
     out.append({
-        "round": r, "train_examples": train["examples"],
+        "round": r, "train_examples": train["examples"], "optimizer_steps": train.get("steps"),
         "mistakes": wd.read_json(exam_path)["mistakes"] if os.path.exists(exam_path) else 0,
         "teacher_requests": teacher.get("requests", 0) + teacher.get("cache_hits", 0),
         "teacher_tokens": teacher.get("tokens", 0) + teacher.get("cached_tokens", 0),

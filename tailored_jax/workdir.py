@@ -66,6 +66,10 @@ def write_json(path: str, obj) -> None:
   _write_atomically(path, write)
 
 
+def write_text(path: str, text: str) -> None:
+  _write_atomically(path, lambda f: f.write(text))
+
+
 def read_json(path: str):
   try:
     with open(path) as f:

@@ -1,16 +1,22 @@
-"""The benchmarks run and report; their correctness check (cached == recomputed greedy tokens)
-holds. No timing is asserted."""
+"""The benchmarks run and report; their correctness checks (our greedy tokens equal transformers',
+prefix reuse changes no token) hold. No timing is asserted."""
 import json
 
 from tailored_jax.bench import decode, train_step, versus_torch
 
 
 def test_decode_benchmark_reports_and_agrees(capsys):
-  decode.main(["--prompts=4", "--prompt_len=8", "--new_tokens=6", "--samples=2", "--repeats=1"])
+  decode.main([
+      "--model=tiny", "--greedy_batch=4", "--greedy_prompt=8", "--greedy_new=6",
+      "--exam_questions=2", "--exam_prefix=20", "--exam_question=12", "--exam_new=6", "--repeats=1"
+  ])
   result = json.loads(capsys.readouterr().out)
-  assert result["same_greedy_tokens"] is True
-  assert result["kv_cache_sampled_k"]["sequences"] == 8
-  assert result["kv_cache_speedup"] > 0
+  greedy, exam = result["greedy"], result["exam"]
+  assert greedy["same_tokens_rows"] == greedy["rows"] == 4  # our greedy tokens are transformers'
+  assert greedy["ours"]["new_tokens_per_s"] > 0 and greedy["transformers"]["new_tokens_per_s"] > 0
+  assert exam["same_tokens_with_and_without_prefix_reuse"] is True
+  assert exam["prefix_reuse_speedup"] == (exam["ours_whole_prompts"]["seconds"]
+                                          / exam["ours_shared_prefix"]["seconds"])
 
 
 def test_train_step_benchmark_reports(capsys):

@@ -45,9 +45,9 @@ def test_end_to_end_outputs(reference):
   workdir, records = reference
   assert [r["round"] for r in records] == [1, 2]
   assert set(records[0]) == {
-      "round", "train_examples", "mistakes", "teacher_requests", "teacher_tokens", "mistakes_fixed",
-      "mistakes_persistent", "mistakes_new", "teacher_rejected", "stop_reason", "val_accuracy",
-      "test_accuracy", "seconds"
+      "round", "train_examples", "optimizer_steps", "mistakes", "teacher_requests",
+      "teacher_tokens", "mistakes_fixed", "mistakes_persistent", "mistakes_new", "teacher_rejected",
+      "stop_reason", "val_accuracy", "test_accuracy", "seconds"
   }
   assert records[0]["teacher_requests"] == 16 and records[0]["mistakes"] == 0
   annotate = json.loads(read(workdir, "round_1", "teacher.json"))

@@ -1,0 +1,71 @@
+"""`python -m tailored_jax.study --configs=A.py,B.py --seeds=N --workdir=DIR [--config.X=Y ...]`.
+
+Runs every (config, seed) as an ordinary run in DIR/<config>/seed_<seed>/ (resumable; a re-run
+skips finished runs), one at a time, then writes DIR/study.json, study.md and study.png: means
+with 95% Student-t intervals over seeds per config and round, and each config against the
+first, paired by seed and by test question. Seeds are each config's own seed + 0..N-1; the
+task's splits do not depend on them, so runs are paired by question. Run logs show with
+--verbosity=1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+
+_CONFIGS = flags.DEFINE_list("configs", None, "config files, the first is the baseline")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "seeds per config")
+_WORKDIR = flags.DEFINE_string("workdir", None, "study directory (resumed if it exists)")
+
+
+def _parse(argv):
+  """absl flags, leaving `--config.FIELD=VALUE` overrides (applied to every config)."""
+  try:
+    return flags.FLAGS(argv, known_only=True)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+
+
+def main(argv):
+  overrides = argv[1:]
+  unknown = [a for a in overrides if not a.startswith("--config.")]
+  if unknown:
+    sys.exit(f"error: unknown arguments {unknown}")
+  if not _CONFIGS.value or not _WORKDIR.value:
+    sys.exit("error: --configs and --workdir are required")
+  if _SEEDS.value < 1:
+    sys.exit("error: --seeds must be >= 1")
+  logging.getLogger().setLevel(logging.INFO)
+  from tailored_jax import config_lib
+  from tailored_jax import workdir as wd
+  from tailored_jax.study import report, runs
+  names = [runs.config_name(p) for p in _CONFIGS.value]
+  if len(set(names)) != len(names):
+    sys.exit(f"error: config file names must differ (they name the run folders): {names}")
+  args_path = os.path.join(_WORKDIR.value, "study_args.json")
+  current = {"configs": _CONFIGS.value, "overrides": overrides}
+  if os.path.exists(args_path) and wd.read_json(args_path) != current:
+    sys.exit(f"error: {_WORKDIR.value} holds a study of {wd.read_json(args_path)}; this command "
+             f"asks for {current} (use another --workdir)")
+  try:
+    base_seeds = {}
+    for path in _CONFIGS.value:
+      cfg = config_lib.from_file(path)
+      runs.apply_overrides(cfg, overrides)
+      base_seeds[path] = cfg.seed
+  except (OSError, config_lib.ConfigError) as e:
+    sys.exit(f"error: {e}")
+  wd.write_json(args_path, current)
+  plan = runs.plan(_CONFIGS.value, _SEEDS.value, _WORKDIR.value, base_seeds)
+  try:
+    runs.run_all(plan, overrides, quiet=flags.FLAGS.verbosity < 1)
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
+  report.write(_WORKDIR.value, plan)
+  print(open(os.path.join(_WORKDIR.value, "study.md")).read())
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse)

@@ -1,0 +1,121 @@
+"""Running a study's (config, seed) pairs as ordinary, resumable runs, one at a time."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import logging
+import os
+import time
+
+import ml_collections
+
+from tailored_jax import config_lib, rounds
+from tailored_jax import workdir as wd
+from tailored_jax.layout import Layout
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
+  """`--config.a.b=value` items applied as the command line of an ordinary run would: the value
+  parsed as the field's type. Unknown fields and unparsable values raise ConfigError."""
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      raise config_lib.ConfigError(f"override {item!r}: expected --config.FIELD=VALUE")
+    key, _, raw = item[len("--config."):].partition("=")
+    *path, name = key.split(".")
+    target = cfg
+    try:
+      for part in path:
+        target = target[part]
+      old = target[name]
+    except (KeyError, AttributeError, TypeError):
+      raise config_lib.ConfigError(f"override {item!r}: no config field {key}") from None
+    target[name] = _parse_like(old, raw, key)
+
+
+def _parse_like(old, raw: str, key: str):
+  try:
+    if isinstance(old, bool):
+      if raw.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(raw)
+      return raw.lower() in ("true", "1")
+    if isinstance(old, int):
+      return int(raw)
+    if isinstance(old, float):
+      return float(raw)
+    if isinstance(old, str):
+      return raw
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    raise config_lib.ConfigError(
+        f"config field {key}: cannot read {raw!r} as {type(old).__name__}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One (config, seed) of a study and where it lives."""
+  config_path: str
+  seed: int
+  workdir: str
+
+  @property
+  def name(self) -> str:
+    return config_name(self.config_path)
+
+
+def config_name(path: str) -> str:
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def plan(config_paths: list[str], seeds: int, study_dir: str, base_seeds: dict[str,
+                                                                               int]) -> list[Run]:
+  """Every (config, seed): seeds are the config's own seed + 0..seeds-1, so seed 0 of a study is
+  the config's ordinary run; runs live in DIR/<config>/seed_<seed>/."""
+  runs = []
+  for path in config_paths:
+    for offset in range(seeds):
+      seed = base_seeds[path] + offset
+      runs.append(Run(path, seed, os.path.join(study_dir, config_name(path), f"seed_{seed}")))
+  return runs
+
+
+def is_done(run: Run) -> bool:
+  return os.path.exists(Layout(run.workdir).summary)
+
+
+def load_config(run: Run, overrides: list[str]) -> ml_collections.ConfigDict:
+  cfg = config_lib.from_file(run.config_path)
+  apply_overrides(cfg, overrides)
+  cfg.seed = run.seed
+  config_lib.validate(cfg)
+  return cfg
+
+
+def run_all(runs: list[Run], overrides: list[str], quiet: bool = True) -> int:
+  """Runs what is not done yet, in order, with one progress line each; returns how many ran.
+  A killed study resumes inside the run it was in (an ordinary run's resume)."""
+  started = 0
+  for i, run in enumerate(runs, 1):
+    label = f"study: run {i}/{len(runs)} {run.name} seed {run.seed}"
+    if is_done(run):
+      logging.warning("%s: done before, skipped", label)
+      continue
+    logging.warning("%s: running in %s", label, run.workdir)
+    cfg = load_config(run, overrides)
+    start = time.time()
+    root = logging.getLogger()
+    level = root.level
+    if quiet:
+      root.setLevel(logging.WARNING)
+    try:
+      records = rounds.run(cfg, run.workdir)
+    finally:
+      root.setLevel(level)
+    started += 1
+    last = records[-1] if records else {}
+    logging.warning("%s: done in %.0fs, %d rounds, test accuracy %s", label,
+                    time.time() - start, len(records), last.get("test_accuracy"))
+  return started
+
+
+def read_summary(run: Run) -> list[dict]:
+  return wd.read_json(Layout(run.workdir).summary)

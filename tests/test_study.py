@@ -99,7 +99,7 @@ def test_a_tiny_study_resumes_reruns_nothing_and_reports_its_runs(tmp_path, refe
   assert comparison["per_question"]["only_second_right"] == sum(
       1 for a, b in zip(first, second) if b and not a)
   table = open(os.path.join(study, "study.md")).read()
-  assert f"| two_rounds | 2 | 2 | " in table
+  assert "| two_rounds | 2 | 2 | " in table
   assert os.path.getsize(os.path.join(study, "study.png")) > 10_000
 
   # the command line: finds everything done, runs nothing, prints the table

@@ -5,6 +5,8 @@ checks values and cross-field constraints and names the offending field.
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -39,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.split_seed = 0  # seeds the 70/30 split and the validation slice
   c.task.skip_malformed = False  # skip (and count) malformed records instead of failing
   c.task.num_demos = 0  # few-shot demos in every prompt; -1: all the task has
+  c.task.max_train = 0  # > 0: only the first N train questions (a fixed slice); 0: all
+  c.task.max_test = 0  # > 0: only the first N test questions; 0: all
   c.task.max_new_tokens = 0  # greedy evaluation budget; 0: the task's default
   # Math answers compared as numbers (`18.00` equals `18`). Off: METHOD §5's rule, the string
   # after removing commas (and a sentence's full stop) must equal the gold string.
@@ -130,7 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.splits = "val,test"
 
   c.teacher = ml_collections.ConfigDict()
-  c.teacher.kind = "local"  # 'local': start the loopback oracle; 'openai': base_url
+  # 'local': the loopback oracle (synthetic task); 'openai': any OpenAI-compatible base_url;
+  # 'dataset': the task's own human rationales (GSM8K, synthetic), no API; 'replay': the replies
+  # recorded in teacher.replay_from (another run's teacher_cache.jsonl), nothing sent.
+  c.teacher.kind = "local"
+  c.teacher.replay_from = ""
   c.teacher.base_url = "https://api.openai.com/v1"
   c.teacher.model = "gpt-4o-mini"  # ignored for 'local'
   c.teacher.api_key_env = "OPENAI_API_KEY"
@@ -270,7 +278,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(splits <= {"val", "test"} and bool(splits), "eval.splits",
            f"a comma list of val, test; got {c.eval.splits!r}")
   tc = c.teacher
-  _require(tc.kind in ("local", "openai"), "teacher.kind", f"'local' or 'openai', got {tc.kind!r}")
+  _require(c.task.max_train >= 0 and c.task.max_test >= 0, "task.max_train",
+           "task.max_train and task.max_test must be >= 0")
+  _require(tc.kind in ("local", "openai", "dataset", "replay"), "teacher.kind",
+           f"'local', 'openai', 'dataset' or 'replay', got {tc.kind!r}")
+  _require(tc.kind != "replay" or os.path.isfile(tc.replay_from), "teacher.replay_from",
+           f"teacher.kind=replay needs a recorded teacher_cache.jsonl, got {tc.replay_from!r}")
   _require(tc.num_rationales >= 1, "teacher.num_rationales", "must be >= 1")
   _require(tc.feedback_samples >= 1, "teacher.feedback_samples", "must be >= 1")
   _require(tc.max_concurrency >= 1, "teacher.max_concurrency", "must be >= 1")

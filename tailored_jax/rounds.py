@@ -30,6 +30,7 @@ from tailored_jax.sample.runner import generate_texts
 from tailored_jax.sample.sampling import SamplingConfig
 from tailored_jax.teacher import prompts as teacher_prompts
 from tailored_jax.teacher.cache import ReplyCache
+from tailored_jax.teacher.dataset import DatasetAnswers
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
 from tailored_jax.teacher.server import DEFAULT_MODEL, LocalTeacherServer
 from tailored_jax.train.trainer import derive_seed
@@ -107,17 +108,26 @@ class Run:
   def client(self) -> ChatClient:
     if self._client is None:
       t = self.cfg.teacher
-      if t.kind == "local":
-        self._server = LocalTeacherServer(seed=self.cfg.seed, error_rate=t.local_error_rate)
+      cache = ReplyCache(self.layout.teacher_cache, teacher_prompts.PROMPT_VERSION)
+      if t.kind in ("local", "dataset"):
+        answer = (DatasetAnswers(self.splits["train"], f"task {self.cfg.task.name}")
+                  if t.kind == "dataset" else None)
+        self._server = LocalTeacherServer(seed=self.cfg.seed, error_rate=t.local_error_rate,
+                                          answer=answer)
         base_url, model, api_key = self._server.start(), DEFAULT_MODEL, ""
+      elif t.kind == "replay":  # answers from a recording alone; nothing is sent anywhere
+        cache = ReplyCache(t.replay_from, teacher_prompts.PROMPT_VERSION, read_only=True)
+        models = cache.models()
+        model = models[0] if len(models) == 1 else t.model
+        base_url, api_key = "http://replay.invalid/v1", ""
       else:
         base_url, model, api_key = t.base_url, t.model, os.environ.get(t.api_key_env, "")
-      cache = ReplyCache(self.layout.teacher_cache, teacher_prompts.PROMPT_VERSION)
       self._client = ChatClient(base_url, model, api_key=api_key, cache=cache,
                                 max_concurrency=t.max_concurrency, max_retries=t.max_retries,
                                 timeout_s=t.timeout_s, backoff_s=t.backoff_s,
                                 requests_per_minute=t.requests_per_minute, supports_n=t.supports_n,
-                                max_requests=t.max_requests, connect_timeout_s=t.connect_timeout_s)
+                                max_requests=t.max_requests, connect_timeout_s=t.connect_timeout_s,
+                                replay_only=t.kind == "replay")
     return self._client
 
   def close(self) -> None:

@@ -258,3 +258,48 @@ def test_the_stop_rule_ends_the_run_early_and_says_why(reference, tmp_path):
   assert {k: v for k, v in records[0].items() if k not in ("seconds", "stop_reason")
          } == {k: v for k, v in reference[1][0].items() if k not in ("seconds", "stop_reason")}
   assert rounds.run(cfg, str(tmp_path)) == records  # a re-run stops at the same place
+
+
+def _without_seconds(records):
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_a_replayed_teacher_reruns_a_recorded_run_offline(reference, tmp_path):
+  """teacher.kind=replay answers from another run's teacher_cache.jsonl alone: the same results
+  with nothing sent, the recording untouched; a request it lacks fails naming the recording."""
+  from tailored_jax.teacher.client import TeacherError
+  recording = os.path.join(reference[0], "teacher_cache.jsonl")
+  before = read(reference[0], "teacher_cache.jsonl")
+  cfg = tiny_config()
+  cfg.teacher.update(kind="replay", replay_from=recording)
+  assert _without_seconds(rounds.run(cfg,
+                                     str(tmp_path / "replayed"))) == _without_seconds(reference[1])
+  assert not os.path.exists(tmp_path / "replayed" / "teacher_cache.jsonl")
+  cfg.teacher.num_rationales = 3  # requests the recorded run never made
+  with pytest.raises(TeacherError, match=r"replay: .*teacher_cache.jsonl has no reply for request"):
+    rounds.run(cfg, str(tmp_path / "missing"))
+  assert read(reference[0], "teacher_cache.jsonl") == before
+
+
+GSM8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
+
+
+@pytest.mark.skipif(not os.path.isdir(GSM8K), reason=f"GSM8K files not found at {GSM8K}")
+def test_a_gsm8k_slice_runs_end_to_end_with_the_human_rationale_teacher(tmp_path):
+  """teacher.kind=dataset: a fixed slice of the real GSM8K file, no API; the training data is
+  the dataset's own solutions, cleaned of calculator notes."""
+  cfg = tiny_config()
+  cfg.rounds = 1
+  cfg.task.update(name="gsm8k", data_path=GSM8K, num_val=4, max_train=8, max_test=4,
+                  max_new_tokens=8)
+  cfg.teacher.update(kind="dataset", num_rationales=1)  # one human solution per question
+  cfg.method.self_reflection = False  # which needs a second rationale as its positive
+  cfg.exam.max_new_tokens = 8
+  workdir = str(tmp_path / "gsm8k")
+  records = rounds.run(cfg, workdir)
+  assert records[0]["teacher_requests"] == 8 and records[0]["train_examples"] == 8
+  train = [json.loads(line) for line in read(workdir, "data", "train.jsonl").splitlines()]
+  data = [json.loads(line) for line in read(workdir, "round_1", "teacher_data.jsonl").splitlines()]
+  assert [d["qid"] for d in data] == [t["id"] for t in train]
+  assert all("<<" not in d["continuation"] and "####" not in d["continuation"] for d in data)
+  assert "Natalia sold 48/2 = 24 clips in May." in data[0]["continuation"]

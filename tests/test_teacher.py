@@ -217,3 +217,43 @@ def test_high_concurrency_with_slow_replies_pays_each_request_once():
   assert result.returncode == 0, result.stderr[-2000:]
   got = json.loads(result.stdout.strip().splitlines()[-1])
   assert got == {"failed": 0, "retries": 0, "requests": 150, "served": 150}  # paid once each
+
+
+def test_dataset_teacher_answers_with_the_human_rationale():
+  import random
+
+  from tailored_jax.data.tasks import Example
+  from tailored_jax.teacher.dataset import DatasetAnswers
+  question = "Tom has 3 apples.  He buys 2 more. How many apples does he have?"
+  answers = DatasetAnswers([Example("train-0", question, "5", "Tom has 3 + 2 = 5 apples.")], "t")
+  rng = random.Random(0)
+  texts = answers(prompts.annotation_messages(question, []), 2, rng)
+  assert texts == ["Reasoning: Tom has 3 + 2 = 5 apples.\nAnswer: 5"] * 2
+  reply = prompts.parse_reply(texts[0])
+  assert (reply.rationale, reply.answer) == ("Tom has 3 + 2 = 5 apples.", "5")
+  feedback = answers(prompts.feedback_messages(question, "Tom has 3 - 2 = 1.", "5", []), 1, rng)
+  assert feedback[0].startswith("Feedback: ") and feedback[0].endswith(texts[0])
+  with pytest.raises(ValueError, match="no human rationale for the question 'Sam has"):
+    answers(prompts.annotation_messages("Sam has 4 pens. How many?", []), 1, rng)
+  with pytest.raises(ValueError, match="task x has no human rationales"):
+    DatasetAnswers([Example("train-0", question, "5")], "task x")
+
+
+def test_gsm8k_human_rationale_drops_calculator_notes_and_the_answer_line():
+  from tailored_jax.data.benchmarks import human_rationale
+  solution = (
+      "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 "
+      "clips altogether in April and May.\n#### 72")
+  assert human_rationale(solution) == ("Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = "
+                                       "72 clips altogether in April and May.")
+
+
+def test_a_read_only_recording_is_never_written(tmp_path):
+  path = tmp_path / "teacher_cache.jsonl"
+  good = json.dumps({"key": "k1", "texts": ["a"], "request": {"model": "m1"}})
+  path.write_text(good + "\n" + '{"key": "k2", "te')  # a torn last line
+  recording = ReplyCache(str(path), prompts.PROMPT_VERSION, read_only=True)
+  assert recording.get("k1")["texts"] == ["a"] and recording.models() == ["m1"]
+  assert path.read_text().endswith('"te')  # the torn line is left alone
+  with pytest.raises(ValueError, match="read-only recording"):
+    recording.put("k3", {}, ["b"], {})

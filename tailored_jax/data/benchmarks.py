@@ -98,6 +98,13 @@ class _MathTask(Task):
     return {"train": train, "val": val, "test": test}
 
 
+def human_rationale(solution: str) -> str:
+  """A GSM8K solution as a rationale: calculator notes (`<<48/2=24>>`) and the `#### answer` line
+  removed, lines joined."""
+  body = solution.rsplit("#### ", 1)[0]
+  return " ".join(re.sub(r"<<[^>]*>>", "", body).split())
+
+
 class GSM8K(_MathTask):
   name = "gsm8k"
   tfds_name = "gsm8k"
@@ -112,7 +119,8 @@ class GSM8K(_MathTask):
         raise DataError(f"{where}: field 'answer' has no '#### <final>' line")
       gold = solution.rsplit("#### ", 1)[1].strip().replace(",", "")
       number = re.search(r"(\d+)\]?$", where).group(1)  # file line or TFDS index
-      return Example(f"{split}-{number}", field(record, "question", where).strip(), gold)
+      return Example(f"{split}-{number}",
+                     field(record, "question", where).strip(), gold, human_rationale(solution))
 
     return parse_record
 

@@ -12,10 +12,12 @@ from tailored_jax.data.formats import QAFormat
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One question with its gold answer string; `id` is unique within the task."""
+  """One question with its gold answer string; `id` is unique within the task. `rationale` is
+  the dataset's own human-written solution where it has one (the human-rationale teacher)."""
   id: str
   question: str
   gold: str
+  rationale: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +54,14 @@ class Task:
     raise NotImplementedError
 
   def splits(self) -> dict[str, list[Example]]:
-    """'train', 'val' (held out of train, for model selection) and 'test'."""
+    """'train', 'val' (held out of train, for model selection) and 'test'; with
+    task.max_train / task.max_test, the first N of train / test (a fixed slice)."""
     if self._splits is None:
       self._splits = self.load_splits()
+      limits = {"train": self.cfg.get("max_train", 0), "test": self.cfg.get("max_test", 0)}
+      for split, limit in limits.items():
+        if limit:
+          self._splits[split] = self._splits[split][:limit]
     return self._splits
 
   def demos(self) -> list[Demo]:
@@ -141,8 +148,10 @@ class SyntheticArithmetic(Task):
   def load_splits(self) -> dict[str, list[Example]]:
     problems = synthetic.generate_splits(self.seed, self.sizes, self.difficulty)
     return {
-        split: [Example(f"{split}-{i}", p.question(), str(p.answer)) for i, p in enumerate(ps)]
-        for split, ps in problems.items()
+        split: [
+            Example(f"{split}-{i}", p.question(), str(p.answer), synthetic.reference_rationale(p))
+            for i, p in enumerate(ps)
+        ] for split, ps in problems.items()
     }
 
   def tokenizer_corpus(self) -> list[Demo]:

@@ -22,10 +22,13 @@ def request_key(payload: dict) -> str:
 
 
 class ReplyCache:
+  """Replies by request key, loaded from `path` and appended to it; `read_only` (a replayed
+  recording) never writes, not even to drop a torn last line."""
 
-  def __init__(self, path: str, prompt_version: str):
+  def __init__(self, path: str, prompt_version: str, read_only: bool = False):
     self.path = path
     self.prompt_version = prompt_version
+    self.read_only = read_only
     self._entries: dict[str, dict] = {}
     self._lock = threading.Lock()
     if os.path.exists(path):
@@ -48,8 +51,9 @@ class ReplyCache:
       except (ValueError, KeyError, TypeError) as e:
         if is_last:
           logging.warning("%s:%d: dropping a torn last line (%s)", self.path, number, e)
-          with open(self.path, "rb+") as f:
-            f.truncate(good_bytes)
+          if not self.read_only:
+            with open(self.path, "rb+") as f:
+              f.truncate(good_bytes)
           return
         raise ValueError(f"{self.path}:{number}: corrupt teacher cache entry ({e})") from e
       self._entries[key] = entry
@@ -58,10 +62,16 @@ class ReplyCache:
   def __len__(self) -> int:
     return len(self._entries)
 
+  def models(self) -> list[str]:
+    """The models the recorded requests were sent to."""
+    return sorted({e.get("request", {}).get("model", "") for e in self._entries.values()} - {""})
+
   def get(self, key: str) -> dict | None:
     return self._entries.get(key)
 
   def put(self, key: str, payload: dict, texts: list[str], usage: dict) -> None:
+    if self.read_only:
+      raise ValueError(f"{self.path} is a read-only recording")
     entry = {
         "key": key, "prompt_version": self.prompt_version, "time": time.time(), "request": payload,
         "texts": texts, "usage": usage

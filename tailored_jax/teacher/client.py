@@ -65,11 +65,16 @@ class Usage:
 
 
 class ChatClient:
+  """Batches chat requests to an OpenAI-compatible server; `replay_only`: answers come from the
+  cache alone (a recorded run), and a request it has no reply for fails naming the request."""
 
   def __init__(self, base_url: str, model: str, *, api_key: str = "", cache: ReplyCache | None,
                max_concurrency: int = 16, max_retries: int = 5, timeout_s: float = 120.0,
                backoff_s: float = 1.0, requests_per_minute: float = 0.0, supports_n: bool = True,
-               max_requests: int = 0, connect_timeout_s: float = 10.0):
+               max_requests: int = 0, connect_timeout_s: float = 10.0, replay_only: bool = False):
+    if replay_only and cache is None:
+      raise ValueError("a replaying client needs the recording as its cache")
+    self.replay_only = replay_only
     self.url = base_url.rstrip("/") + "/chat/completions"
     self.model = model
     self.api_key = api_key
@@ -147,6 +152,12 @@ class ChatClient:
         texts.extend(entry["texts"])
         continue
       all_cached = False
+      if self.replay_only:
+        question = request.messages[-1].get("content", "") if request.messages else ""
+        raise TeacherError(
+            f"replay: {self.cache.path} has no reply for request {key[:16]} (model "
+            f"{self.model!r}, n={payload['n']}, temperature {payload['temperature']}; last message "
+            f"ends {question[-120:]!r})")
       if self.max_requests and self.paid_requests >= self.max_requests:
         raise TeacherBudgetError(f"teacher.max_requests={self.max_requests} reached; raise it to "
                                  "continue (cached replies are kept)")

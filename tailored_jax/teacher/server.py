@@ -14,6 +14,7 @@ import random
 import threading
 import time
 import uuid
+from typing import Callable
 
 from aiohttp import web
 
@@ -33,10 +34,14 @@ def _count_tokens(text: str) -> int:
 
 
 class OracleApp:
-  """The aiohttp application and its counters; `fail_next` injects retryable failures."""
+  """The aiohttp application and its counters; `fail_next` injects retryable failures. `answer`
+  (messages, n, rng) -> n texts replaces the synthetic oracle (e.g. `DatasetAnswers`)."""
 
   def __init__(self, *, model: str = DEFAULT_MODEL, api_key: str = "", seed: int = 0,
-               error_rate: float = 0.0, reply_delay_s: float = 0.0):
+               error_rate: float = 0.0, reply_delay_s: float = 0.0,
+               answer: Callable[[list[dict], int, random.Random], list[str]] | None = None):
+    self.answer = answer or (
+        lambda messages, n, rng: oracle.reply(messages, n, rng, self.error_rate))
     self.model = model
     self.api_key = api_key
     self.seed = seed
@@ -96,7 +101,7 @@ class OracleApp:
     key = hashlib.sha256(json.dumps([self.seed, body], sort_keys=True).encode()).digest()
     rng = random.Random(key)
     try:
-      texts = oracle.reply(body["messages"], n, rng, self.error_rate)
+      texts = self.answer(body["messages"], n, rng)
     except ValueError as e:
       return _error(400, f"The local teacher cannot answer this prompt: {e}",
                     "invalid_request_error", param="messages")

@@ -207,8 +207,9 @@ class Run:
     tokenizer.save(self.layout.tokenizer)
 
   def _keep_correct(self, example: Example, texts: list[str], source: str, round_index: int,
-                    seen: set[str], counts: dict) -> list[dict]:
-    """Teacher replies whose answer is right, in training form; counts why others were dropped."""
+                    seen: set[str], counts: dict, mistake: str = "") -> list[dict]:
+    """Teacher replies whose answer is right, in training form; counts why others were dropped.
+    Feedback records also keep the student's wrong rationale and the teacher's feedback line."""
     kept = []
     for text in texts:
       reply = teacher_prompts.parse_reply(text)
@@ -224,12 +225,15 @@ class Run:
         counts["duplicate"] = counts.get("duplicate", 0) + 1
         continue
       seen.add(reply.rationale)
-      kept.append({
+      record = {
           "qid": example.id,
           "continuation": self.task.format_continuation(example.question, reply.rationale,
                                                         example.gold), "source": source,
           "round": round_index
-      })
+      }
+      if mistake:
+        record.update(student_output=mistake, feedback=reply.feedback)
+      kept.append(record)
     return kept
 
   def _ask_teacher(self, requests: list[ChatRequest], label: str):
@@ -333,7 +337,7 @@ class Run:
       seen = seen_by_question.setdefault(mistake["qid"], set())
       data.extend(
           self._keep_correct(self.by_id[mistake["qid"]], reply.texts, "feedback", round_index + 1,
-                             seen, counts))
+                             seen, counts, mistake=mistake["output"]))
     wd.write_jsonl(self.layout.teacher_data(round_index + 1), data)
     wd.write_json(
         self.layout.teacher_report(round_index + 1), {

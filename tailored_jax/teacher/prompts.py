@@ -83,11 +83,14 @@ def parse_request(messages: list[dict]) -> ParsedRequest:
 _REASONING = re.compile(r"Reasoning:\s*(.*?)(?:\n\s*Answer:|\Z)", re.S)
 _ANSWER = re.compile(r"\n\s*Answer:\s*(.*)")
 
+_FEEDBACK = re.compile(r"Feedback:\s*(.*?)(?:\n\s*Reasoning:|\Z)", re.S)
+
 
 @dataclasses.dataclass(frozen=True)
 class ParsedReply:
   rationale: str
   answer: str | None  # the text after `Answer:`; None if the reply has no such line
+  feedback: str = ""  # the text after `Feedback:` (feedback replies), else empty
 
 
 def parse_reply(text: str) -> ParsedReply:
@@ -96,4 +99,6 @@ def parse_reply(text: str) -> ParsedReply:
   rationale = match.group(1) if match else text
   answer = _ANSWER.search("\n" + text[match.end(1):] if match else "\n" + text)
   answer_text = answer.group(1).strip().split("\n")[0].strip() if answer else None
-  return ParsedReply(clean_rationale(rationale), answer_text or None)
+  feedback = _FEEDBACK.search(text[:match.start()] if match else text)
+  return ParsedReply(clean_rationale(rationale), answer_text or None,
+                     clean_rationale(feedback.group(1)) if feedback else "")

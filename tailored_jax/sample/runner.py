@@ -80,10 +80,10 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
   row_shards = _row_shards(mesh, decode_layout)
   budget = memory_budget_bytes or memory.device_budget_bytes()
   requested = batch_size
-  batch_size = memory.fit_batch(min(batch_size, round_up(len(prompts), row_shards)), need.total,
-                                budget, row_shards)
+  wanted = min(batch_size, round_up(len(prompts), row_shards))  # no batch beyond the prompts
+  batch_size = memory.fit_batch(wanted, need.total, budget, row_shards)
   logging.log(
-      logging.WARNING if batch_size < requested else logging.INFO,
+      logging.WARNING if batch_size < wanted else logging.INFO,  # shrunk to fit the memory
       "%s: %d prompts x %d samples per batch (asked %d), %.1f MiB per prompt (KV cache %.1f MiB) "
       "of a %.0f MiB budget per device", label, batch_size, num_samples, requested,
       need.total / 2**20, need.kv_cache / 2**20, budget / 2**20)

@@ -26,6 +26,7 @@ from tailored_jax.layout import Layout
 from tailored_jax.models import vocab
 from tailored_jax.models.pretrained import Pretrained, open_pretrained
 from tailored_jax.runtime import StudentRuntime
+from tailored_jax.progress import Progress
 from tailored_jax.sample.runner import generate_texts
 from tailored_jax.sample.sampling import SamplingConfig
 from tailored_jax.teacher import prompts as teacher_prompts
@@ -238,15 +239,10 @@ class Run:
 
   def _ask_teacher(self, requests: list[ChatRequest], label: str):
     start = time.time()
-    done = [0]
-
-    def progress(i, reply):
-      done[0] += 1
-      if done[0] % max(len(requests) // 5, 1) == 0:
-        rate = done[0] / max(time.time() - start, 1e-9)
-        logging.info("%s: %d/%d replies (%.1f/s)", label, done[0], len(requests), rate)
-
-    results, usage = self.client().run(requests, on_reply=progress)
+    with Progress(label, len(requests), "requests") as progress:
+      results, usage = self.client().run(
+          requests, on_reply=lambda i, reply: progress.update(
+              1, tokens=reply.prompt_tokens + reply.completion_tokens))
     failures = [r for r in results if isinstance(r, TeacherError)]
     logging.info("%s: %d requests paid, %d from cache, %d tokens, %d retries, %.1fs", label,
                  usage.requests, usage.cache_hits, usage.tokens, usage.retries,

@@ -11,6 +11,7 @@ import numpy as np
 
 from tailored_jax import sharding
 from tailored_jax.data.batching import round_up
+from tailored_jax.progress import Progress
 from tailored_jax.sample import memory
 from tailored_jax.sample.decode import Decoder
 from tailored_jax.sample.sampling import SamplingConfig, sample_keys
@@ -85,13 +86,20 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
   logging.log(
       logging.WARNING if batch_size < wanted else logging.INFO,  # shrunk to fit the memory
       "%s: %d prompts x %d samples per batch (asked %d), %.1f MiB per prompt (KV cache %.1f MiB) "
-      "of a %.0f MiB budget per device", label, batch_size, num_samples, requested,
-      need.total / 2**20, need.kv_cache / 2**20, budget / 2**20)
+      "of a %.0f MiB budget per device",
+      label,
+      batch_size,
+      num_samples,
+      requested,
+      need.total / 2**20,
+      need.kv_cache / 2**20,
+      budget / 2**20)
   order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
   outputs: list[list[str]] = [[] for _ in prompts]
   start = time.time()
   generated_tokens = 0
   rows_done = 0
+  progress = Progress(label, len(prompts), "prompts")
   for at in range(0, len(order), batch_size):
     chunk = order[at:at + batch_size]
     length = round_up(max(len(encoded[i]) for i in chunk), bucket)
@@ -110,6 +118,9 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
       outputs[i] = texts[j * num_samples:(j + 1) * num_samples]
     generated_tokens += int(lengths[:len(chunk) * num_samples].sum())
     rows_done += len(chunk) * num_samples
+    progress.update(len(chunk),
+                    tokens_per_s=f"{generated_tokens / max(time.time() - start, 1e-9):.0f}")
+  progress.close()
   elapsed = max(time.time() - start, 1e-9)
   logging.info(
       "%s: %d sequences, %d tokens in %.1fs (%.1f seq/s, %.0f tokens/s); shared prefix %d tokens, "

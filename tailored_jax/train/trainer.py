@@ -18,6 +18,7 @@ import numpy as np
 from tailored_jax import checkpointing, sharding
 from tailored_jax.data.batching import Batcher
 from tailored_jax.models import layers
+from tailored_jax.progress import Progress
 from tailored_jax.train import step as step_lib
 
 
@@ -150,6 +151,7 @@ class Trainer:
     window_start = round_start = time.time()
     window_steps = window_tokens = total_tokens = 0
     last = {}
+    progress = Progress(f"train {round_index}", len(batches), "steps", start=start)
     for i in range(start, len(batches)):
       lm, reflection = batcher.build(batches[i], derive_seed(seed, round_index, i, 1))
       tokens = int(lm.target_mask.sum())
@@ -168,10 +170,14 @@ class Trainer:
             last["lm_loss"], last["sr_loss"], window_steps / elapsed, window_tokens / elapsed,
             f", {int(guard.nonfinite_total)} non-finite steps skipped"
             if guard.nonfinite_total else "")
+        progress.fields.update(loss=f"{last['loss']:.4f}",
+                               tokens_per_s=f"{window_tokens / elapsed:.0f}")
         window_start, window_steps, window_tokens = time.time(), 0, 0
+      progress.update(1)
       if step_number % self.cfg.checkpoint_every_steps == 0 and step_number < len(batches):
         self._checked_guard(state, round_index, step_number)
         checkpoints.save(step_number, state)
+    progress.close()
     checkpoints.close()
     guard = self._checked_guard(state, round_index, len(batches))
     seconds = time.time() - round_start

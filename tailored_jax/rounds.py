@@ -208,11 +208,18 @@ class Run:
     tokenizer.save(self.layout.tokenizer)
 
   def _keep_correct(self, example: Example, texts: list[str], source: str, round_index: int,
-                    seen: set[str], counts: dict, mistake: str = "") -> list[dict]:
-    """Teacher replies whose answer is right, in training form; counts why others were dropped.
-    Feedback records also keep the student's wrong rationale and the teacher's feedback line."""
+                    seen: set[str], counts: dict, mistake: str = "",
+                    finish_reasons: list[str] | None = None) -> list[dict]:
+    """Teacher replies whose answer is right, in training form; counts why others were dropped
+    (cut at max_tokens: truncated; withheld by the provider: content_filter; unparseable, wrong
+    answer, duplicate). Feedback records also keep the student's wrong rationale and the
+    teacher's feedback line."""
     kept = []
-    for text in texts:
+    for text, reason in zip(texts, finish_reasons or ["stop"] * len(texts)):
+      dropped = {"length": "truncated", "content_filter": "content_filter"}.get(reason)
+      if dropped:
+        counts[dropped] = counts.get(dropped, 0) + 1
+        continue
       reply = teacher_prompts.parse_reply(text)
       if not reply.rationale or reply.answer is None:
         counts["unparseable"] = counts.get("unparseable", 0) + 1
@@ -264,7 +271,9 @@ class Run:
     results, usage = self._ask_teacher(requests, "annotate")
     data, counts = [], {}
     for example, reply in zip(train, results):
-      data.extend(self._keep_correct(example, reply.texts, "annotation", 1, set(), counts))
+      data.extend(
+          self._keep_correct(example, reply.texts, "annotation", 1, set(), counts,
+                             finish_reasons=reply.finish_reasons))
     wd.write_jsonl(self.layout.teacher_data(1), data)
     wd.write_json(
         self.layout.teacher_report(1), {
@@ -333,7 +342,8 @@ class Run:
       seen = seen_by_question.setdefault(mistake["qid"], set())
       data.extend(
           self._keep_correct(self.by_id[mistake["qid"]], reply.texts, "feedback", round_index + 1,
-                             seen, counts, mistake=mistake["output"]))
+                             seen, counts, mistake=mistake["output"],
+                             finish_reasons=reply.finish_reasons))
     wd.write_jsonl(self.layout.teacher_data(round_index + 1), data)
     wd.write_json(
         self.layout.teacher_report(round_index + 1), {

@@ -303,3 +303,13 @@ def test_a_gsm8k_slice_runs_end_to_end_with_the_human_rationale_teacher(tmp_path
   assert [d["qid"] for d in data] == [t["id"] for t in train]
   assert all("<<" not in d["continuation"] and "####" not in d["continuation"] for d in data)
   assert "Natalia sold 48/2 = 24 clips in May." in data[0]["continuation"]
+
+
+def test_cut_or_withheld_teacher_replies_are_rejected_with_their_reason(tmp_path):
+  run = rounds.Run(tiny_config(), str(tmp_path / "run"))
+  example = run.splits["train"][0]
+  good = f"Reasoning: {example.rationale}\nAnswer: {example.gold}"
+  counts = {}
+  kept = run._keep_correct(example, [good, good[:20], "", good], "annotation", 1, set(), counts,
+                           finish_reasons=["length", "length", "content_filter", "stop"])
+  assert counts == {"truncated": 2, "content_filter": 1} and len(kept) == 1

@@ -257,3 +257,64 @@ def test_a_read_only_recording_is_never_written(tmp_path):
   assert path.read_text().endswith('"te')  # the torn line is left alone
   with pytest.raises(ValueError, match="read-only recording"):
     recording.put("k3", {}, ["b"], {})
+
+
+RETRIED = ["429", "429_retry_after_seconds", "429_retry_after_date", "500", "503"]
+RETRIED_AFTER_BILLING = ["timeout", "reset", "truncated", "malformed", "no_choices"]
+REFUSED = ["400", "401", "403", "404"]
+
+
+@pytest.mark.parametrize("fault",
+                         RETRIED + RETRIED_AFTER_BILLING + ["null_content", "length"] + REFUSED)
+def test_every_fault_ends_once_as_a_success_or_a_failure_with_its_reason(fault, tmp_path):
+  """One injected fault, then a healthy server: retryable faults succeed on the one retry (a
+  reply lost in delivery was billed, so the server computed two); withheld or cut replies are
+  successes whose finish reason says so; 4xx fail at once, naming the request, never the key."""
+  key = "sk-secret-123"
+  with LocalTeacherServer(api_key=key, seed=1) as server:
+    server.oracle_app.faults = [fault]
+    server.oracle_app.fault_delay_s = 1.0
+    cache = ReplyCache(str(tmp_path / "cache.jsonl"), prompts.PROMPT_VERSION)
+    client = ChatClient(server.url, DEFAULT_MODEL, api_key=key, cache=cache, max_retries=2,
+                        backoff_s=0.0, timeout_s=0.3)
+    request = ChatRequest(prompts.annotation_messages(PROBLEM.question(), []), n=2)
+    results, usage = client.run([request])
+    served = server.oracle_app.completions
+  (result,) = results
+  if fault in REFUSED:
+    assert isinstance(result, TeacherError) and usage.retries == 0 and served == 0
+    assert f"HTTP {fault} for request " in str(result) and key not in str(result)
+    assert len(cache) == 0
+    return
+  assert not isinstance(result, TeacherError), result
+  assert len(result.texts) == 2 and usage.requests == 1 and len(cache) == 1
+  if fault in RETRIED + RETRIED_AFTER_BILLING:
+    assert usage.retries == 1 and result.finish_reasons == ["stop", "stop"]
+    assert served == (2 if fault in RETRIED_AFTER_BILLING else 1)
+  elif fault == "null_content":
+    assert result.texts == ["", ""] and result.finish_reasons == ["content_filter"] * 2
+  else:
+    assert result.finish_reasons == ["length", "stop"] and len(result.texts[0].split()) == 4
+  again, usage = ChatClient(server.url, DEFAULT_MODEL, api_key=key, cache=cache).run([request])
+  assert usage.requests == 0 and again[0].texts == result.texts  # the cache: never paid twice
+  assert again[0].finish_reasons == result.finish_reasons
+
+
+def test_a_server_returning_fewer_choices_than_n_is_topped_up_singly(tmp_path):
+  with LocalTeacherServer(seed=1) as server:
+    server.oracle_app.faults = ["fewer_choices"]
+    cache = ReplyCache(str(tmp_path / "cache.jsonl"), prompts.PROMPT_VERSION)
+    client = ChatClient(server.url, DEFAULT_MODEL, cache=cache, backoff_s=0.0)
+    results, usage = client.run(
+        [ChatRequest(prompts.annotation_messages(PROBLEM.question(), []), n=3)])
+    assert len(results[0].texts) == 3 and usage.requests == 3
+    assert server.oracle_app.completions == 3 and len(cache) == 3
+
+
+def test_retry_after_reads_seconds_and_http_dates():
+  from tailored_jax.teacher.client import retry_after_seconds
+  assert retry_after_seconds("2.5") == 2.5 and retry_after_seconds(None) is None
+  now = 1_445_412_480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+  assert retry_after_seconds("Wed, 21 Oct 2015 07:28:30 GMT", now=now) == 30.0
+  assert retry_after_seconds("Wed, 21 Oct 2015 07:27:00 GMT", now=now) == 0.0
+  assert retry_after_seconds("soon") is None

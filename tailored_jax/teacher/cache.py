@@ -69,13 +69,16 @@ class ReplyCache:
   def get(self, key: str) -> dict | None:
     return self._entries.get(key)
 
-  def put(self, key: str, payload: dict, texts: list[str], usage: dict) -> None:
+  def put(self, key: str, payload: dict, texts: list[str], usage: dict,
+          finish_reasons: list[str] | None = None) -> None:
     if self.read_only:
       raise ValueError(f"{self.path} is a read-only recording")
     entry = {
         "key": key, "prompt_version": self.prompt_version, "time": time.time(), "request": payload,
         "texts": texts, "usage": usage
     }
+    if finish_reasons and any(r != "stop" for r in finish_reasons):
+      entry["finish_reasons"] = finish_reasons
     line = json.dumps(entry) + "\n"
     with self._lock:
       try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email.utils
 import json
 import logging
 import random
@@ -43,6 +44,7 @@ class ChatReply:
   prompt_tokens: int
   completion_tokens: int
   cached: bool
+  finish_reasons: list[str] = dataclasses.field(default_factory=list)  # per text: stop, length…
 
 
 @dataclasses.dataclass
@@ -140,8 +142,9 @@ class ChatClient:
       payloads = [self.payload(request)]
     else:  # servers without `n` (e.g. Ollama): n requests of one choice each, cached apart
       payloads = [dict(self.payload(request, n=1), seed=i) for i in range(request.n)]
-    texts, prompt_tokens, completion_tokens, all_cached = [], 0, 0, True
-    for payload in payloads:
+    texts, reasons, prompt_tokens, completion_tokens, all_cached = [], [], 0, 0, True
+    while payloads:
+      payload = payloads.pop(0)
       key = request_key(payload) + (f"-{payload['seed']}" if "seed" in payload else "")
       entry = self.cache.get(key) if self.cache is not None else None
       if entry is not None:
@@ -149,39 +152,55 @@ class ChatClient:
         recorded = entry.get("usage") or {}
         usage.cached_tokens += int(recorded.get("prompt_tokens", 0)) + int(
             recorded.get("completion_tokens", 0))
-        texts.extend(entry["texts"])
-        continue
-      all_cached = False
-      if self.replay_only:
-        question = request.messages[-1].get("content", "") if request.messages else ""
-        raise TeacherError(
-            f"replay: {self.cache.path} has no reply for request {key[:16]} (model "
-            f"{self.model!r}, n={payload['n']}, temperature {payload['temperature']}; last message "
-            f"ends {question[-120:]!r})")
-      if self.max_requests and self.paid_requests >= self.max_requests:
-        raise TeacherBudgetError(f"teacher.max_requests={self.max_requests} reached; raise it to "
-                                 "continue (cached replies are kept)")
-      self.paid_requests += 1
-      async with semaphore:
-        if self.min_interval_s:
-          async with pace_lock:
-            wait = pace["next"] - time.monotonic()
-            pace["next"] = max(pace["next"], time.monotonic()) + self.min_interval_s
-          if wait > 0:
-            await asyncio.sleep(wait)
-        body = await self._post_with_retries(session, payload, usage)
-      got, p_tok, c_tok = self._read_reply(body, payload["n"])
-      usage.requests += 1
-      usage.prompt_tokens += p_tok
-      usage.completion_tokens += c_tok
-      prompt_tokens += p_tok
-      completion_tokens += c_tok
-      if self.cache is not None:
-        self.cache.put(key, payload, got, {"prompt_tokens": p_tok, "completion_tokens": c_tok})
+        got = entry["texts"]
+        got_reasons = entry.get("finish_reasons") or ["stop"] * len(got)
+      else:
+        all_cached = False
+        if self.replay_only:
+          question = request.messages[-1].get("content", "") if request.messages else ""
+          raise TeacherError(
+              f"replay: {self.cache.path} has no reply for request {key[:16]} (model "
+              f"{self.model!r}, n={payload['n']}, temperature {payload['temperature']}; last "
+              f"message ends {question[-120:]!r})")
+        if self.max_requests and self.paid_requests >= self.max_requests:
+          raise TeacherBudgetError(f"teacher.max_requests={self.max_requests} reached; raise it "
+                                   "to continue (cached replies are kept)")
+        self.paid_requests += 1
+        async with semaphore:
+          if self.min_interval_s:
+            async with pace_lock:
+              wait = pace["next"] - time.monotonic()
+              pace["next"] = max(pace["next"], time.monotonic()) + self.min_interval_s
+            if wait > 0:
+              await asyncio.sleep(wait)
+          got, got_reasons, p_tok, c_tok = await self._post_with_retries(
+              session, payload, usage, key)
+        usage.requests += 1
+        usage.prompt_tokens += p_tok
+        usage.completion_tokens += c_tok
+        prompt_tokens += p_tok
+        completion_tokens += c_tok
+        if self.cache is not None:
+          self.cache.put(key, payload, got, {"prompt_tokens": p_tok, "completion_tokens": c_tok},
+                         got_reasons)
+      if len(got) < payload["n"]:  # a server that ignored `n`: the rest one by one, cached apart
+        logging.info("teacher request %s: %d of n=%d choices; asking for the rest singly", key[:12],
+                     len(got), payload["n"])
+        payloads += [dict(payload, n=1, seed=i) for i in range(len(got), payload["n"])]
       texts.extend(got)
-    return ChatReply(texts, prompt_tokens, completion_tokens, all_cached)
+      reasons.extend(got_reasons)
+    return ChatReply(texts, prompt_tokens, completion_tokens, all_cached, reasons)
 
-  async def _post_with_retries(self, session, payload, usage) -> dict:
+  def _redact(self, text: str) -> str:
+    """A server message with the API key (some echo it) masked: it never reaches a log."""
+    return text.replace(self.api_key, "***") if self.api_key else text
+
+  async def _post_with_retries(self, session, payload, usage,
+                               key: str) -> tuple[list[str], list[str], int, int]:
+    """One request until it succeeds (texts, finish reasons, prompt and completion tokens) or
+    fails for good: 408/409/429/5xx, timeouts, resets, and 200 replies that are not JSON or lack
+    `choices` are retried with backoff (Retry-After in seconds or as an HTTP date honoured);
+    other statuses are not. Errors name the request by its cache key, never the API key."""
     last_error = ""
     for attempt in range(self.max_retries + 1):
       delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
@@ -190,39 +209,58 @@ class ChatClient:
           text = await response.text()
           if response.status == 200:
             try:
-              return await response.json(content_type=None)
+              return self._read_reply(json.loads(text), payload["n"])
             except ValueError as e:
-              raise TeacherError(f"{self.url}: reply is not JSON ({e}): {text[:200]!r}") from e
-          message = _error_message(text)
-          if response.status not in RETRYABLE_STATUS:
-            raise TeacherError(f"{self.url}: HTTP {response.status}: {message}")
-          last_error = f"HTTP {response.status}: {message}"
-          retry_after = response.headers.get("Retry-After")
-          if retry_after:
-            try:
-              delay = max(delay, float(retry_after))
-            except ValueError:
-              pass
+              last_error = f"malformed reply ({self._redact(str(e))}): {self._redact(text[:120])!r}"
+          else:
+            message = self._redact(_error_message(text))
+            if response.status not in RETRYABLE_STATUS:
+              raise TeacherError(f"{self.url}: HTTP {response.status} for request {key[:16]}: "
+                                 f"{message}")
+            last_error = f"HTTP {response.status}: {message}"
+            wait = retry_after_seconds(response.headers.get("Retry-After"))
+            if wait is not None:
+              delay = max(delay, wait)
       except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        last_error = f"{type(e).__name__}: {e}"
+        last_error = self._redact(f"{type(e).__name__}: {e}")
       if attempt < self.max_retries:
         usage.retries += 1
-        logging.info("teacher request failed (%s); retry %d/%d in %.1fs", last_error, attempt + 1,
-                     self.max_retries, delay)
+        logging.info("teacher request %s failed (%s); retry %d/%d in %.1fs", key[:16], last_error,
+                     attempt + 1, self.max_retries, delay)
         await asyncio.sleep(delay)
-    raise TeacherError(f"{self.url}: gave up after {self.max_retries + 1} attempts: {last_error}")
+    raise TeacherError(f"{self.url}: request {key[:16]}: gave up after {self.max_retries + 1} "
+                       f"attempts: {last_error}")
 
-  def _read_reply(self, body: dict, n: int) -> tuple[list[str], int, int]:
+  def _read_reply(self, body, n: int) -> tuple[list[str], list[str], int, int]:
+    """Texts (a null content is ''), finish reasons and token counts; ValueError when the reply
+    has no usable `choices` or more than n of them (fewer are topped up by the caller)."""
     try:
       choices = sorted(body["choices"], key=lambda c: c.get("index", 0))
       texts = [c["message"]["content"] or "" for c in choices]
+      reasons = [str(c.get("finish_reason") or "stop") for c in choices]
     except (KeyError, TypeError, AttributeError) as e:
-      raise TeacherError(f"{self.url}: reply lacks field choices[].message.content ({e!r}): "
-                         f"{str(body)[:200]}") from e
-    if len(texts) != n:
-      raise TeacherError(f"{self.url}: asked for n={n} choices, got {len(texts)}")
+      raise ValueError(f"no choices[].message.content: {e!r}") from e
+    if not texts or len(texts) > n:
+      raise ValueError(f"asked for n={n} choices, got {len(texts)}")
     usage = body.get("usage") or {}
-    return texts, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    return texts, reasons, int(usage.get("prompt_tokens",
+                                         0)), int(usage.get("completion_tokens", 0))
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+  """A Retry-After header as seconds to wait: delta-seconds or an HTTP date (RFC 9110)."""
+  if not value:
+    return None
+  try:
+    return max(0.0, float(value))
+  except ValueError:
+    pass
+  try:
+    when = email.utils.parsedate_to_datetime(value)
+  except (TypeError, ValueError):
+    return None
+  now = time.time() if now is None else now
+  return max(0.0, when.timestamp() - now)
 
 
 def _error_message(text: str) -> str:

@@ -8,6 +8,7 @@ Usage counts whitespace-separated words as tokens. Run alone with
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import json
 import random
@@ -47,8 +48,10 @@ class OracleApp:
     self.seed = seed
     self.error_rate = error_rate
     self.reply_delay_s = reply_delay_s  # a slow provider's latency (tests, benchmarks)
-    self.completions = 0
+    self.completions = 0  # replies computed (what a provider bills), faulty deliveries included
     self.fail_next: list[int] = []  # statuses to answer the next requests with (tests)
+    self.faults: list[str] = []  # faults for the next requests, one each (FAULTS; tests)
+    self.fault_delay_s = 1.0  # how long a 'timeout' fault holds its reply
     self.app = web.Application(middlewares=[self._errors_as_json])
     self.app.router.add_post("/v1/chat/completions", self.chat_completions)
     self.app.router.add_get("/v1/models", self.models)
@@ -87,6 +90,9 @@ class OracleApp:
       status = self.fail_next.pop(0)
       return _error(status, "The server is overloaded; try again.",
                     "rate_limit_error" if status == 429 else "server_error")
+    fault = self.faults.pop(0) if self.faults else None
+    if fault in STATUS_FAULTS:
+      return STATUS_FAULTS[fault](self.api_key)
     try:
       body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -110,7 +116,7 @@ class OracleApp:
     self.completions += 1
     prompt_tokens = sum(_count_tokens(str(m.get("content", ""))) for m in body["messages"])
     completion_tokens = sum(_count_tokens(t) for t in texts)
-    return web.json_response({
+    reply = {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
         "created": int(time.time()), "model": self.model, "choices": [{
             "index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop",
@@ -119,7 +125,39 @@ class OracleApp:
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens
         }
-    })
+    }
+    if fault is not None:
+      return await self._deliver_badly(fault, request, reply)
+    return web.json_response(reply)
+
+  async def _deliver_badly(self, fault: str, request, reply: dict) -> web.StreamResponse:
+    """A computed (billed) reply delivered with one of REPLY_FAULTS."""
+    if fault == "timeout":
+      await asyncio.sleep(self.fault_delay_s)
+      return web.json_response(reply)
+    if fault == "reset":
+      request.transport.close()
+      return web.Response(status=200)
+    if fault == "truncated":
+      text = json.dumps(reply)
+      return web.Response(text=text[:len(text) // 2], content_type="application/json")
+    if fault == "malformed":
+      return web.Response(text="<html><body>502 Bad Gateway</body></html>",
+                          content_type="text/html")
+    if fault == "no_choices":
+      return web.json_response({k: v for k, v in reply.items() if k != "choices"})
+    if fault == "null_content":
+      for choice in reply["choices"]:
+        choice["message"]["content"], choice["finish_reason"] = None, "content_filter"
+    elif fault == "length":
+      first = reply["choices"][0]
+      first["message"]["content"] = " ".join(first["message"]["content"].split()[:4])
+      first["finish_reason"] = "length"
+    elif fault == "fewer_choices":
+      reply["choices"] = reply["choices"][:1]
+    else:
+      raise ValueError(f"unknown fault {fault!r}; known: {sorted(STATUS_FAULTS)} + {REPLY_FAULTS}")
+    return web.json_response(reply)
 
   def _validate(self, body: dict) -> web.Response | None:
     if "model" not in body:
@@ -142,6 +180,37 @@ class OracleApp:
       return _error(400, f"{temperature!r} is not valid for 'temperature': 0 to 2.",
                     "invalid_request_error", param="temperature")
     return None
+
+
+def _http_date(offset_s: float) -> str:
+  return email.utils.formatdate(time.time() + offset_s, usegmt=True)
+
+
+# Faults answered instead of a reply (nothing billed): status, body, headers as providers send.
+STATUS_FAULTS = {
+    "429": lambda key: _error(429, "Rate limit reached.", "rate_limit_error"),
+    "429_retry_after_seconds": lambda key: _with_header(
+        _error(429, "Rate limit reached.", "rate_limit_error"), "Retry-After", "0"),
+    "429_retry_after_date": lambda key: _with_header(
+        _error(429, "Rate limit reached.", "rate_limit_error"), "Retry-After", _http_date(-5)),
+    "500": lambda key: _error(500, "The server had an error.", "server_error"),
+    "503": lambda key: _error(503, "The engine is overloaded.", "server_error"),
+    "400": lambda key: _error(400, "Invalid request.", "invalid_request_error"),
+    "401": lambda key: _error(401, f"Incorrect API key provided: {key}.", "invalid_request_error",
+                              "invalid_api_key"),
+    "403": lambda key: _error(403, "Your organisation may not use this model.",
+                              "invalid_request_error"),
+    "404": lambda key: _error(404, "The model does not exist.", "invalid_request_error",
+                              "model_not_found"),
+}
+# Faults in delivering a computed (billed) reply.
+REPLY_FAULTS = ("timeout", "reset", "truncated", "malformed", "no_choices", "null_content",
+                "length", "fewer_choices")
+
+
+def _with_header(response: web.Response, name: str, value: str) -> web.Response:
+  response.headers[name] = value
+  return response
 
 
 class LocalTeacherServer:

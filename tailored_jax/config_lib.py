@@ -10,6 +10,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from tailored_jax.teacher.limits import parse_prices
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -154,6 +156,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.requests_per_minute = 0.0  # 0: no pacing
   c.teacher.supports_n = True  # False: send n single-choice requests (Ollama)
   c.teacher.max_requests = 0  # budget of paid requests per run; 0: unlimited
+  c.teacher.tokens_per_minute = 0.0  # 0: no token pacing (x-ratelimit-* headers still obeyed)
+  c.teacher.max_total_tokens = 0  # budget of prompt + completion tokens per run; 0: unlimited
+  c.teacher.max_cost = 0.0  # budget in USD per run (needs teacher.prices); 0: unlimited
+  # USD per million prompt/completion tokens: 'gpt-4o-mini=0.15/0.6,gpt-4o=2.5/10'
+  c.teacher.prices = ""
   c.teacher.max_mistakes_per_question = 4
   c.teacher.local_error_rate = 0.1  # local oracle: chance a rationale has an arithmetic slip
   return c
@@ -282,6 +289,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "task.max_train and task.max_test must be >= 0")
   _require(tc.kind in ("local", "openai", "dataset", "replay"), "teacher.kind",
            f"'local', 'openai', 'dataset' or 'replay', got {tc.kind!r}")
+  try:
+    prices = parse_prices(tc.prices)
+  except ValueError as e:
+    raise ConfigError(f"config field {e}") from None
+  _require(not tc.max_cost or tc.model in prices, "teacher.max_cost",
+           f"needs the price of {tc.model!r} in teacher.prices (USD per million tokens)")
+  _require(tc.tokens_per_minute >= 0 and tc.max_total_tokens >= 0 and tc.max_cost >= 0,
+           "teacher.tokens_per_minute", "teacher pacing and budgets must be >= 0")
   _require(tc.kind != "replay" or os.path.isfile(tc.replay_from), "teacher.replay_from",
            f"teacher.kind=replay needs a recorded teacher_cache.jsonl, got {tc.replay_from!r}")
   _require(tc.num_rationales >= 1, "teacher.num_rationales", "must be >= 1")
@@ -297,8 +312,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
 RESUMABLE_FIELDS = ("rounds", "teacher.base_url", "teacher.max_concurrency", "teacher.max_retries",
                     "teacher.timeout_s", "teacher.connect_timeout_s", "teacher.backoff_s",
                     "teacher.requests_per_minute", "teacher.max_requests", "train.log_every_steps",
-                    "eval.batch_size", "exam.batch_size", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                    "mesh.num_devices", "mesh.decode_layout", "exam.memory_budget_gb")
+                    "teacher.tokens_per_minute", "teacher.max_total_tokens", "teacher.max_cost",
+                    "teacher.prices", "eval.batch_size", "exam.batch_size", "mesh.data",
+                    "mesh.fsdp", "mesh.tensor", "mesh.num_devices", "mesh.decode_layout",
+                    "exam.memory_budget_gb")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -32,6 +32,7 @@ from tailored_jax.sample.sampling import SamplingConfig
 from tailored_jax.teacher import prompts as teacher_prompts
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.dataset import DatasetAnswers
+from tailored_jax.teacher.limits import parse_prices
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
 from tailored_jax.teacher.server import DEFAULT_MODEL, LocalTeacherServer
 from tailored_jax.train.trainer import derive_seed
@@ -128,7 +129,10 @@ class Run:
                                 timeout_s=t.timeout_s, backoff_s=t.backoff_s,
                                 requests_per_minute=t.requests_per_minute, supports_n=t.supports_n,
                                 max_requests=t.max_requests, connect_timeout_s=t.connect_timeout_s,
-                                replay_only=t.kind == "replay")
+                                replay_only=t.kind == "replay",
+                                tokens_per_minute=t.tokens_per_minute,
+                                max_total_tokens=t.max_total_tokens, max_cost=t.max_cost,
+                                price=parse_prices(t.prices).get(model))
     return self._client
 
   def close(self) -> None:

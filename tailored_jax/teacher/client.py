@@ -1,8 +1,10 @@
 """An asyncio (aiohttp) client for any OpenAI-compatible `/v1/chat/completions` endpoint.
 
-Many requests run concurrently under a semaphore and an optional requests-per-minute pace;
-429/5xx/timeouts are retried with exponential backoff (honouring Retry-After); every reply is
-cached before it is returned, so a crash never loses a paid call.
+Many requests run concurrently under a semaphore, within requests- and tokens-per-minute windows
+and the provider's `x-ratelimit-*` headers, and within a budget in requests, tokens or money
+(`limits.py`); 429/5xx/timeouts and malformed replies are retried with exponential backoff
+(honouring Retry-After); every reply is cached before it is returned, so a crash never loses a
+paid call.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Callable
 import aiohttp
 
 from tailored_jax.teacher.cache import ReplyCache, request_key
+from tailored_jax.teacher.limits import (Budget, BudgetExceeded, RateLimits, estimate_prompt_tokens)
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -73,7 +76,9 @@ class ChatClient:
   def __init__(self, base_url: str, model: str, *, api_key: str = "", cache: ReplyCache | None,
                max_concurrency: int = 16, max_retries: int = 5, timeout_s: float = 120.0,
                backoff_s: float = 1.0, requests_per_minute: float = 0.0, supports_n: bool = True,
-               max_requests: int = 0, connect_timeout_s: float = 10.0, replay_only: bool = False):
+               max_requests: int = 0, connect_timeout_s: float = 10.0, replay_only: bool = False,
+               tokens_per_minute: float = 0.0, max_total_tokens: int = 0, max_cost: float = 0.0,
+               price: tuple[float, float] | None = None):
     if replay_only and cache is None:
       raise ValueError("a replaying client needs the recording as its cache")
     self.replay_only = replay_only
@@ -86,10 +91,10 @@ class ChatClient:
     self.timeout_s = timeout_s
     self.connect_timeout_s = min(connect_timeout_s, timeout_s)
     self.backoff_s = backoff_s
-    self.min_interval_s = 60.0 / requests_per_minute if requests_per_minute > 0 else 0.0
+    self.requests_per_minute = requests_per_minute
+    self.tokens_per_minute = tokens_per_minute
     self.supports_n = supports_n
-    self.max_requests = max_requests
-    self.paid_requests = 0  # over the client's life, for the budget
+    self.budget = Budget(max_requests, max_total_tokens, max_cost, price)  # the client's life
 
   def payload(self, request: ChatRequest, n: int | None = None) -> dict:
     return {
@@ -107,8 +112,8 @@ class ChatClient:
     usage = Usage()
     results: list[ChatReply | TeacherError | None] = [None] * len(requests)
     semaphore = asyncio.Semaphore(self.max_concurrency)
-    pace = {"next": 0.0}
-    pace_lock = asyncio.Lock()
+    limits = RateLimits(self.requests_per_minute, self.tokens_per_minute)
+    in_flight: dict[str, asyncio.Future] = {}  # identical requests of a batch are sent once
     headers = {"Content-Type": "application/json"}
     if self.api_key:
       headers["Authorization"] = f"Bearer {self.api_key}"
@@ -125,7 +130,7 @@ class ChatClient:
 
       async def one(i: int, request: ChatRequest):
         try:
-          reply = await self._complete(session, request, semaphore, pace, pace_lock, usage)
+          reply = await self._complete(session, request, semaphore, limits, usage, in_flight)
         except TeacherError as e:
           usage.failures += 1
           results[i] = e
@@ -137,7 +142,8 @@ class ChatClient:
       await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
     return results, usage
 
-  async def _complete(self, session, request, semaphore, pace, pace_lock, usage) -> ChatReply:
+  async def _complete(self, session, request, semaphore, limits: RateLimits, usage,
+                      in_flight: dict[str, asyncio.Future]) -> ChatReply:
     if self.supports_n or request.n == 1:
       payloads = [self.payload(request)]
     else:  # servers without `n` (e.g. Ollama): n requests of one choice each, cached apart
@@ -147,6 +153,8 @@ class ChatClient:
       payload = payloads.pop(0)
       key = request_key(payload) + (f"-{payload['seed']}" if "seed" in payload else "")
       entry = self.cache.get(key) if self.cache is not None else None
+      if entry is None and key in in_flight:  # the same request is being paid for: share it
+        entry = await asyncio.shield(in_flight[key])
       if entry is not None:
         usage.cache_hits += 1
         recorded = entry.get("usage") or {}
@@ -162,19 +170,31 @@ class ChatClient:
               f"replay: {self.cache.path} has no reply for request {key[:16]} (model "
               f"{self.model!r}, n={payload['n']}, temperature {payload['temperature']}; last "
               f"message ends {question[-120:]!r})")
-        if self.max_requests and self.paid_requests >= self.max_requests:
-          raise TeacherBudgetError(f"teacher.max_requests={self.max_requests} reached; raise it "
-                                   "to continue (cached replies are kept)")
-        self.paid_requests += 1
-        async with semaphore:
-          if self.min_interval_s:
-            async with pace_lock:
-              wait = pace["next"] - time.monotonic()
-              pace["next"] = max(pace["next"], time.monotonic()) + self.min_interval_s
-            if wait > 0:
-              await asyncio.sleep(wait)
-          got, got_reasons, p_tok, c_tok = await self._post_with_retries(
-              session, payload, usage, key)
+        estimate = estimate_prompt_tokens(payload["messages"])
+        worst_completion = payload["max_tokens"] * payload["n"]
+        try:
+          reservation = self.budget.reserve(estimate, worst_completion)
+        except BudgetExceeded as e:
+          raise TeacherBudgetError(f"{e}; raise it to continue (replies received are kept)")
+        shared = in_flight[key] = asyncio.get_running_loop().create_future()
+        try:
+          async with semaphore:
+            window = await limits.acquire(estimate + worst_completion)
+            got, got_reasons, p_tok, c_tok = await self._post_with_retries(
+                session, payload, usage, key, limits)
+        except TeacherError as e:
+          self.budget.release(reservation)
+          shared.set_exception(e)
+          shared.exception()  # retrieved: requests sharing it fail with it, or nobody waits
+          raise
+        finally:
+          in_flight.pop(key, None)
+        shared.set_result({
+            "texts": got, "finish_reasons": got_reasons,
+            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok}
+        })
+        limits.settle(window, p_tok + c_tok)
+        self.budget.spend(reservation, p_tok, c_tok)
         usage.requests += 1
         usage.prompt_tokens += p_tok
         usage.completion_tokens += c_tok
@@ -195,8 +215,8 @@ class ChatClient:
     """A server message with the API key (some echo it) masked: it never reaches a log."""
     return text.replace(self.api_key, "***") if self.api_key else text
 
-  async def _post_with_retries(self, session, payload, usage,
-                               key: str) -> tuple[list[str], list[str], int, int]:
+  async def _post_with_retries(self, session, payload, usage, key: str,
+                               limits: RateLimits) -> tuple[list[str], list[str], int, int]:
     """One request until it succeeds (texts, finish reasons, prompt and completion tokens) or
     fails for good: 408/409/429/5xx, timeouts, resets, and 200 replies that are not JSON or lack
     `choices` are retried with backoff (Retry-After in seconds or as an HTTP date honoured);
@@ -207,6 +227,7 @@ class ChatClient:
       try:
         async with session.post(self.url, json=payload) as response:
           text = await response.text()
+          limits.observe(response.headers)
           if response.status == 200:
             try:
               return self._read_reply(json.loads(text), payload["n"])
@@ -225,6 +246,7 @@ class ChatClient:
         last_error = self._redact(f"{type(e).__name__}: {e}")
       if attempt < self.max_retries:
         usage.retries += 1
+        delay = max(delay, limits.not_before - time.monotonic())
         logging.info("teacher request %s failed (%s); retry %d/%d in %.1fs", key[:16], last_error,
                      attempt + 1, self.max_retries, delay)
         await asyncio.sleep(delay)

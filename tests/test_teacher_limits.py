@@ -1,4 +1,4 @@
-"""Rate windows, provider headers and budgets (limits.py) on a fake clock; the budget at a server."""
+"""Rate windows, provider headers and budgets (limits.py) on a fake clock; a budget at a server."""
 import asyncio
 import dataclasses
 

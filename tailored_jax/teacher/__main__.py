@@ -1,5 +1,5 @@
 """`python -m tailored_jax.teacher --requests=IN.jsonl --results=OUT.jsonl --base-url=URL
---model=NAME [--rpm --tpm --max-cost --prices ...]`: annotate a dataset with a teacher, nothing else.
+--model=NAME [--rpm --tpm --max-cost --prices ...]`: annotate a dataset with a teacher, no more.
 
 IN.jsonl holds one request per line: `{"id": ..., "messages": [...]}` or `{"id": ..., "prompt":
 "..."}`, optionally with `n`, `temperature`, `max_tokens`. Each finished request is appended to

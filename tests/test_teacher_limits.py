@@ -119,3 +119,12 @@ def test_identical_requests_in_one_batch_are_paid_once(tmp_path):
     results, usage = ChatClient(server.url, DEFAULT_MODEL, cache=cache).run([request] * 5)
     assert server.oracle_app.completions == usage.requests == 1 and usage.cache_hits == 4
     assert all(r.texts == results[0].texts for r in results)
+
+
+def test_the_server_never_sees_more_requests_at_once_than_max_concurrency(tmp_path):
+  with LocalTeacherServer(seed=1, reply_delay_s=0.02) as server:
+    questions = [dataclasses.replace(PROBLEM, start=5 + i).question() for i in range(12)]
+    client = ChatClient(server.url, DEFAULT_MODEL, cache=None, max_concurrency=3)
+    results, usage = client.run(
+        [ChatRequest(prompts.annotation_messages(q, [])) for q in questions])
+    assert usage.requests == 12 and server.oracle_app.max_in_flight == 3

@@ -49,6 +49,7 @@ class OracleApp:
     self.error_rate = error_rate
     self.reply_delay_s = reply_delay_s  # a slow provider's latency (tests, benchmarks)
     self.completions = 0  # replies computed (what a provider bills), faulty deliveries included
+    self.in_flight = self.max_in_flight = 0  # concurrent requests being answered (tests)
     self.fail_next: list[int] = []  # statuses to answer the next requests with (tests)
     self.faults: list[str] = []  # faults for the next requests, one each (FAULTS; tests)
     self.fault_delay_s = 1.0  # how long a 'timeout' fault holds its reply
@@ -83,6 +84,14 @@ class OracleApp:
     })
 
   async def chat_completions(self, request):
+    self.in_flight += 1
+    self.max_in_flight = max(self.max_in_flight, self.in_flight)
+    try:
+      return await self._chat_completions(request)
+    finally:
+      self.in_flight -= 1
+
+  async def _chat_completions(self, request):
     denied = self._unauthorised(request)
     if denied:
       return denied

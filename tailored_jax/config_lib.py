@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   # New optimizer state and warm-up every round (METHOD §2); False carries the AdamW moments and
   # the schedule's step from round r-1 into round r (saved beside each round's params).
   c.method.fresh_optimizer = True
+  # How the student learns from its own wrong rationales: 'triplet' (METHOD §3: hidden-state
+  # triplet loss) or 'dpo' (DPO on (correct, own wrong) pairs, reference: the round's start).
+  c.method.reflection_loss = "triplet"
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "synthetic_arith"  # or gsm8k, multiarith, svamp, csqa, strategyqa
@@ -114,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_positives = 10
   c.train.sr_batch_size = 0  # rows per step that get the triplet loss; 0: the whole batch
   c.train.max_negatives = 4
+  c.train.dpo_beta = 0.1  # DPO's β (method.reflection_loss='dpo')
   # A step whose loss or gradient is not finite is skipped (weights and AdamW state unchanged);
   # this many in a row stop the run (checked at log points and checkpoints). 0: no guard.
   c.train.max_nonfinite_steps = 3
@@ -261,6 +265,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
   _require(0 <= t.prefix_weight <= 1, "train.prefix_weight", "must be in [0, 1]")
   _require(t.sr_weight >= 0, "train.sr_weight", "must be >= 0")
+  _require(c.method.reflection_loss in ("triplet", "dpo"), "method.reflection_loss",
+           f"'triplet' or 'dpo', got {c.method.reflection_loss!r}")
+  _require(t.dpo_beta > 0, "train.dpo_beta", "must be > 0")
   _require(0 <= t.sr_batch_size <= t.batch_size, "train.sr_batch_size",
            f"must be in [0, train.batch_size={t.batch_size}], got {t.sr_batch_size}")
   _require(t.max_seq_len >= 8, "train.max_seq_len", "must be >= 8")

@@ -30,7 +30,7 @@ class StudentRuntime:
     self.tokenizer = Tokenizer.load(layout.tokenizer)
     self.model = build_model(cfg.model, self.tokenizer.vocab_size,
                              pretrained.cfg if pretrained else None)
-    self.trainer = Trainer(self.model, cfg.train, mesh)
+    self.trainer = Trainer(self.model, cfg.train, mesh, cfg.method.reflection_loss)
     self.decoder = Decoder(self.model,
                            StopTables.from_tokenizer(self.tokenizer, self.model.cfg.vocab_size))
     self._held = None  # (round, params): the last weights asked for or trained

@@ -56,3 +56,24 @@ def last_real_token(hidden_btd, valid_bt):
   """hidden state at each row's last valid position (rows are right-padded)."""
   last_b = jnp.maximum(jnp.sum(valid_bt.astype(jnp.int32), axis=1) - 1, 0)
   return jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)[:, 0, :]
+
+
+def dpo_loss(policy_chosen_b, policy_rejected_b, reference_chosen_b, reference_rejected_b, mask_b,
+             beta: float):
+  """Σ m·−log σ(β·((π_w − ref_w) − (π_l − ref_l))) / max(Σ m, 1e-6): DPO on sequence
+  log-probabilities of a chosen (correct) and a rejected (the student's wrong) rationale."""
+  margin_b = beta * ((policy_chosen_b - reference_chosen_b) -
+                     (policy_rejected_b - reference_rejected_b))
+  mask_b = mask_b.astype(jnp.float32)
+  return jnp.sum(-jax.nn.log_sigmoid(margin_b) * mask_b) / jnp.maximum(jnp.sum(mask_b), 1e-6)
+
+
+def sequence_logprob(first_logits_bv, logits_bcv, tokens_bc, valid_bc):
+  """Σ log p(token) over each row's valid tokens: the first predicted by `first_logits_bv` (the
+  prefix's last position), token j+1 by position j of `logits_bcv`."""
+  first_b = jnp.take_along_axis(jax.nn.log_softmax(first_logits_bv.astype(jnp.float32), axis=-1),
+                                tokens_bc[:, :1], axis=1)[:, 0]
+  rest_bc = jnp.take_along_axis(jax.nn.log_softmax(logits_bcv[:, :-1].astype(jnp.float32), axis=-1),
+                                tokens_bc[:, 1:, None], axis=2)[..., 0]
+  return (first_b * valid_bc[:, 0].astype(jnp.float32)
+          + jnp.sum(rest_bc * valid_bc[:, 1:].astype(jnp.float32), axis=1))

@@ -43,6 +43,8 @@ class LossConfig:
   sr_margin: float  # ρ
   skip_nonfinite: bool = True  # a step whose loss or gradient is not finite changes nothing
   loss_chunk_tokens: int = 0  # > 0: LM-head logits made this many positions at a time
+  reflection_loss: str = "triplet"  # or 'dpo': learning from the same (correct, wrong) pairs
+  dpo_beta: float = 0.1
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -98,14 +100,54 @@ def self_reflection_loss(model, params, reflection: ReflectionBatch, margin: flo
   return losses.triplet_loss(h_bkd[:, 0], h_bkd[:, 1], h_bkd[:, 2], reflection.sr_mask, margin)
 
 
-def train_step(state: TrainState, lm: LMBatch, reflection: ReflectionBatch | None, *, model,
-               optimizer, loss_cfg: LossConfig):
-  """One optimizer step on L_LM + λ·L_SR; without reflection rows (None) L_SR is 0."""
+def continuation_logprobs(model, params, reflection: ReflectionBatch, which: tuple[int, ...]):
+  """[rows, len(which)]: log p(continuation | prefix) of the continuations `which` (0 anchor,
+  1 positive, 2 negative); the prefix runs once and its keys and values are shared."""
+  prefix_bp, prefix_valid_bp = reflection.prefix, reflection.prefix_mask
+  b, p = prefix_bp.shape
+  cont_bmc = reflection.continuations[:, list(which)]
+  valid_bmc = reflection.continuation_mask[:, list(which)]
+  m, c = cont_bmc.shape[1:]
+  cfg = model.cfg
+  dtype = jnp.dtype(cfg.dtype)
+  prefix_positions_bp = jnp.maximum(jnp.cumsum(prefix_valid_bp, axis=1) - 1, 0)
+  prefix_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, dtype)
+  _, hidden_bpd, prefix_cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp,
+                                            prefix_valid_bp, prefix_cache, with_logits=False)
+  first_logits_bv = head_logits(params, hidden_bpd[:, -1:], cfg)[:, 0]  # prefixes left-padded
+  cache = KVCache.zeros(cfg.n_layers, b * m, c, cfg.n_kv_heads, cfg.head_dim, dtype,
+                        (prefix_cache.as_context(prefix_positions_bp),))
+  prefix_len_b = jnp.sum(prefix_valid_bp.astype(jnp.int32), axis=1)
+  positions_nc = jnp.broadcast_to(prefix_len_b[:, None, None] + jnp.arange(c),
+                                  (b, m, c)).reshape(b * m, c)
+  logits_ncv, _, _ = model.apply({"params": params}, cont_bmc.reshape(b * m, c), positions_nc,
+                                 valid_bmc.reshape(b * m, c), cache)
+  return losses.sequence_logprob(jnp.repeat(first_logits_bv, m, axis=0), logits_ncv,
+                                 cont_bmc.reshape(b * m, c), valid_bmc.reshape(b * m,
+                                                                               c)).reshape(b, m)
+
+
+def dpo_reflection_loss(model, params, reference_params, reflection: ReflectionBatch, beta: float):
+  """DPO on (anchor: a correct rationale, negative: the student's own wrong one), against the
+  round's starting weights as the reference model."""
+  policy_bm = continuation_logprobs(model, params, reflection, (0, 2))
+  reference_bm = jax.lax.stop_gradient(
+      continuation_logprobs(model, reference_params, reflection, (0, 2)))
+  return losses.dpo_loss(policy_bm[:, 0], policy_bm[:, 1], reference_bm[:, 0], reference_bm[:, 1],
+                         reflection.sr_mask, beta)
+
+
+def train_step(state: TrainState, lm: LMBatch, reflection: ReflectionBatch | None,
+               reference_params=None, *, model, optimizer, loss_cfg: LossConfig):
+  """One optimizer step on L_LM + λ·L_SR; without reflection rows (None) L_SR is 0. With
+  `loss_cfg.reflection_loss='dpo'`, L_SR is DPO against `reference_params`."""
 
   def loss_fn(params):
     lm_loss = lm_forward_loss(model, params, lm, loss_cfg.loss_chunk_tokens)
     if reflection is None:
       sr_loss = jnp.zeros((), jnp.float32)
+    elif loss_cfg.reflection_loss == "dpo":
+      sr_loss = dpo_reflection_loss(model, params, reference_params, reflection, loss_cfg.dpo_beta)
     else:
       sr_loss = self_reflection_loss(model, params, reflection, loss_cfg.sr_margin)
     return lm_loss + loss_cfg.sr_weight * sr_loss, (lm_loss, sr_loss)

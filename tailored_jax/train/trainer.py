@@ -33,9 +33,10 @@ def derive_seed(*parts: int) -> int:
 
 class Trainer:
 
-  def __init__(self, model, train_cfg, mesh):
+  def __init__(self, model, train_cfg, mesh, reflection_loss: str = "triplet"):
     self.model = model
     self.cfg = train_cfg
+    self.reflection_loss = reflection_loss
     self.mesh = mesh
     self.optimizer = step_lib.make_optimizer(train_cfg)
 
@@ -62,7 +63,8 @@ class Trainer:
             step_lib.train_step, model=self.model, optimizer=self.optimizer,
             loss_cfg=step_lib.LossConfig(train_cfg.sr_weight, train_cfg.sr_margin,
                                          train_cfg.max_nonfinite_steps > 0,
-                                         train_cfg.loss_chunk_tokens)),
+                                         train_cfg.loss_chunk_tokens, reflection_loss,
+                                         train_cfg.get("dpo_beta", 0.1))),
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
 
   def init_params(self, seed: int):
@@ -84,8 +86,8 @@ class Trainer:
                            "(lower train.lr, or use float32 if bf16 overflowed)")
 
   def step_fn(self):
-    """The jitted step `(state, lm, reflection | None) -> (state, metrics)`; it compiles once
-    per batch shape, with and without reflection rows."""
+    """The jitted step `(state, lm, reflection | None[, reference params]) -> (state, metrics)`;
+    it compiles once per batch shape, with and without reflection rows."""
     return self._step
 
   def _checked_guard(self, state: step_lib.TrainState, round_index: int, step_number: int):
@@ -132,6 +134,8 @@ class Trainer:
     step_fn = self.step_fn()
     batches = self.schedule(batcher, seed, round_index)
     checkpoints = checkpointing.StepCheckpoints(checkpoint_dir, round_index)
+    # DPO's reference model: the round's starting weights, copied before the state donates them
+    reference = jax.tree.map(jnp.copy, params) if self.reflection_loss == "dpo" else None
     state = self.new_state(params) if state is None else state
     start_optimizer_step = int(jax.device_get(state.step))
     start = 0
@@ -158,7 +162,7 @@ class Trainer:
       window_tokens += tokens
       total_tokens += tokens
       window_steps += 1
-      state, metrics = step_fn(state, self.put_batch(lm), self.put_batch(reflection))
+      state, metrics = step_fn(state, self.put_batch(lm), self.put_batch(reflection), reference)
       step_number = i + 1
       if step_number % self.cfg.log_every_steps == 0 or step_number == len(batches):
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -472,3 +472,17 @@ def test_dpo_step_starts_at_log_two_and_learns():
     sr.append(float(metrics["sr_loss"]))
   assert sr[0] == pytest.approx(math.log(2.0), rel=1e-6)
   assert sr[-1] < 0.9 * sr[0]
+
+
+def test_model_flops_and_mfu_text(monkeypatch):
+  from tailored_jax.train import trainer as trainer_lib
+
+  class H100:
+    device_kind = "NVIDIA H100 80GB HBM3"
+
+  monkeypatch.setattr(trainer_lib.jax, "devices", lambda: [H100()] * 2)
+  # 6 x 1e9 params x 100k tokens/s / 2 devices = 300 TFLOP/s each, 30.3% of 989
+  assert trainer_lib.model_flops_text(10**9, 1e5) == ("300 model TFLOP/s per device, MFU 30.3% "
+                                                      "of bf16 peak")
+  monkeypatch.setattr(trainer_lib.jax, "devices", lambda: [object()])
+  assert trainer_lib.model_flops_text(10**6, 1e3) == "0.006 model TFLOP/s per device"

@@ -31,6 +31,27 @@ def derive_seed(*parts: int) -> int:
   return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+# Dense bf16 peak TFLOP/s per chip, by device kind (vendor data sheets), for the MFU in logs.
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
+    "TPU v5p": 459.0, "TPU v6 lite": 918.0
+}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_kind), None)
+
+
+def model_flops_text(num_params: int, tokens_per_s: float) -> str:
+  """Achieved model FLOP/s per device (6 · parameters · tokens processed per second, attention
+  not counted), and the MFU against the chip's dense bf16 peak where it is known."""
+  devices = jax.devices()
+  per_device = 6.0 * num_params * tokens_per_s / len(devices) / 1e12
+  peak = peak_tflops(getattr(devices[0], "device_kind", ""))
+  mfu = f", MFU {100 * per_device / peak:.1f}% of bf16 peak" if peak else ""
+  return f"{per_device:.3g} model TFLOP/s per device{mfu}"
+
+
 class Trainer:
 
   def __init__(self, model, train_cfg, mesh, reflection_loss: str = "triplet"):
@@ -49,6 +70,7 @@ class Trainer:
     self.param_specs = nn.get_partition_spec(abstract_params)  # logical axis names
     self.opt_shardings = sharding.logical_sharding(abstract_opt, mesh)
     self.abstract_params = nn.meta.unbox(abstract_params)
+    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_params))
     self.abstract_opt = nn.meta.unbox(abstract_opt)
     replicated = sharding.replicated(mesh)
     self.state_shardings = step_lib.TrainState(
@@ -153,12 +175,14 @@ class Trainer:
         "seq_len %d%s", round_index, len(batcher), batcher.sr_candidates, len(batches),
         batcher.seq_len, f", {batcher.truncated} cut" if batcher.truncated else "")
     window_start = round_start = time.time()
-    window_steps = window_tokens = total_tokens = 0
+    window_steps = window_tokens = total_tokens = window_inputs = 0
     last = {}
     progress = Progress(f"train {round_index}", len(batches), "steps", start=start)
     for i in range(start, len(batches)):
       lm, reflection = batcher.build(batches[i], derive_seed(seed, round_index, i, 1))
       tokens = int(lm.target_mask.sum())
+      window_inputs += int(lm.input_mask.sum()) + (0 if reflection is None else int(
+          reflection.prefix_mask.sum() + reflection.continuation_mask.sum()))
       window_tokens += tokens
       total_tokens += tokens
       window_steps += 1
@@ -170,13 +194,14 @@ class Trainer:
         elapsed = max(time.time() - window_start, 1e-9)
         logging.info(
             "round %d step %d/%d: loss %.4f (lm %.4f, sr %.4f), %.2f steps/s, "
-            "%.0f target tokens/s%s", round_index, step_number, len(batches), last["loss"],
+            "%.0f target tokens/s, %s%s", round_index, step_number, len(batches), last["loss"],
             last["lm_loss"], last["sr_loss"], window_steps / elapsed, window_tokens / elapsed,
+            model_flops_text(self.num_params, window_inputs / elapsed),
             f", {int(guard.nonfinite_total)} non-finite steps skipped"
             if guard.nonfinite_total else "")
         progress.fields.update(loss=f"{last['loss']:.4f}",
                                tokens_per_s=f"{window_tokens / elapsed:.0f}")
-        window_start, window_steps, window_tokens = time.time(), 0, 0
+        window_start, window_steps, window_tokens, window_inputs = time.time(), 0, 0, 0
       progress.update(1)
       if step_number % self.cfg.checkpoint_every_steps == 0 and step_number < len(batches):
         self._checked_guard(state, round_index, step_number)

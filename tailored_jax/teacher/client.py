@@ -91,10 +91,9 @@ class ChatClient:
     self.timeout_s = timeout_s
     self.connect_timeout_s = min(connect_timeout_s, timeout_s)
     self.backoff_s = backoff_s
-    self.requests_per_minute = requests_per_minute
-    self.tokens_per_minute = tokens_per_minute
     self.supports_n = supports_n
     self.budget = Budget(max_requests, max_total_tokens, max_cost, price)  # the client's life
+    self.limits = RateLimits(requests_per_minute, tokens_per_minute)  # over the client's life
 
   def payload(self, request: ChatRequest, n: int | None = None) -> dict:
     return {
@@ -112,7 +111,8 @@ class ChatClient:
     usage = Usage()
     results: list[ChatReply | TeacherError | None] = [None] * len(requests)
     semaphore = asyncio.Semaphore(self.max_concurrency)
-    limits = RateLimits(self.requests_per_minute, self.tokens_per_minute)
+    limits = self.limits
+    limits.lock = asyncio.Lock()  # a lock belongs to one event loop; the windows carry over
     in_flight: dict[str, asyncio.Future] = {}  # identical requests of a batch are sent once
     headers = {"Content-Type": "application/json"}
     if self.api_key:

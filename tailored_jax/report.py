@@ -129,7 +129,7 @@ def markdown(workdir: str, compare: str | None, samples: int, plot_name: str | N
       after = f"wrong in {e['next_exam_wrong']} of {e['samples']} samples"
     lines += [
         f"### {e['qid']} (exam after round {e['round']})", "", f"**Question.** {e['question']}",
-        f"(gold: {e['gold']})", "", f"**Student (wrong).** {e['student']}", "",
+        f"(gold: {e['gold']})", "", f"**Student (wrong).** {' '.join(e['student'].split())}", "",
         f"**Teacher feedback.** {e['feedback'] or '—'}", "",
         f"**Teacher rationale (trained on next round).** {' '.join(e['teacher'].split())}", "",
         f"**Next exam.** {after}.", ""

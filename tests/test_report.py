@@ -31,7 +31,7 @@ def test_report_shows_the_runs_figures_and_its_feedback_examples(reference, tmp_
   assert not os.path.exists(os.path.join(workdir, "round_2", "exam_outcomes.jsonl"))
   for e in shown:  # the last round is not examined again
     assert e["next_exam_wrong"] is None and "**Next exam.** no later exam." in text
-    assert f"**Student (wrong).** {e['student']}" in text
+    assert f"**Student (wrong).** {' '.join(e['student'].split())}" in text
     assert f"**Teacher feedback.** {e['feedback']}" in text
 
 

@@ -96,6 +96,16 @@ class Trainer:
     step = sharding.put_global(np.zeros((), np.int32), sharding.replicated(self.mesh))
     return step_lib.TrainState(step, params, self._init_opt(params), self._fresh_guard())
 
+  def abstract_state(self) -> step_lib.TrainState:
+    """The train state as shapes, dtypes and shardings (nothing allocated): for lowering the
+    step ahead of time and reading XLA's memory analysis."""
+    abstract = step_lib.TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32), self.abstract_params, self.abstract_opt,
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x),
+                                                    np.asarray(x).dtype), step_lib.Guard.fresh()))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                        self.state_shardings)
+
   def _fresh_guard(self) -> step_lib.Guard:
     return jax.tree.map(
         lambda x: sharding.put_global(np.asarray(x), sharding.replicated(self.mesh)),

@@ -1,0 +1,193 @@
+"""`python -m tailored_jax.plan --config=configs/NAME.py --model=PRESET --mesh=DATA,FSDP,TENSOR`:
+lowers and compiles the real train step (LM + self-reflection) and the exam's decode step on
+abstract arguments (shapes, dtypes and shardings; no weights allocated) over a mesh of that many
+devices (host CPU devices are forced when the machine has fewer), and prints JSON: per-device
+bytes from XLA's memory analysis and the collectives in each compiled program.
+
+Presets carry the paper's students' public config.json values. A first step of the pod planner
+(issue 12): the numbers are XLA's own, not an analytic estimate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+PRESETS = {
+    # EleutherAI/gpt-j-6b config.json
+    "gptj_6b": ("gptj",
+                dict(vocab_size=50400, d_model=4096, n_layers=28, n_heads=16, d_ff=16384,
+                     rotary_dim=64, norm_eps=1e-5)),
+    # meta-llama/Meta-Llama-3-8B config.json
+    "llama3_8b": ("llama",
+                  dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       head_dim=128, d_ff=14336, rope_theta=500000.0, norm_eps=1e-5,
+                       tie_embeddings=False)),
+    # HuggingFaceTB/SmolLM2-135M config.json
+    "smollm2_135m": ("llama",
+                     dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                          head_dim=64, d_ff=1536, rope_theta=100000.0, norm_eps=1e-5,
+                          tie_embeddings=True)),
+    # for tests
+    "tiny": ("llama",
+             dict(vocab_size=512, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8,
+                  d_ff=128)),
+}
+
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?:-start)?\(")
+_BYTES = {
+    "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8,
+    "s64": 8
+}
+
+
+def collectives(hlo_text: str) -> dict:
+  """Count and result bytes of each collective kind in a compiled module's text."""
+  out: dict[str, dict] = {}
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if not match:
+      continue
+    size = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
+      count = 1
+      for d in filter(None, dims.split(",")):
+        count *= int(d)
+      size += count * _BYTES.get(dtype, 4)
+    entry = out.setdefault(match.group(2), {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += size
+  return out
+
+
+def memory(compiled) -> dict:
+  analysis = compiled.memory_analysis()
+  return {
+      k: int(getattr(analysis, f"{k}_size_in_bytes"))
+      for k in ("argument", "output", "temp", "alias", "generated_code")
+  }
+
+
+def sharded_bytes(tree) -> int:
+  """Bytes per device of a tree of ShapeDtypeStructs with shardings (the first device's shard)."""
+  import jax
+  import numpy as np
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    if leaf is None:
+      continue
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def model_config(preset: str, dtype: str, param_dtype: str, remat: bool):
+  from tailored_jax.models.gptj import GPTJConfig
+  from tailored_jax.models.llama import LlamaConfig
+  family, fields = PRESETS[preset]
+  cls = GPTJConfig if family == "gptj" else LlamaConfig
+  return cls(**fields, dtype=dtype, param_dtype=param_dtype, remat=remat)
+
+
+def lower(cfg, preset: str) -> dict:
+  """Compiles both steps for `cfg` (a config: train/exam sizes, dtype, remat, mesh) with the
+  preset's architecture; returns the report."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from tailored_jax import sharding
+  from tailored_jax.data.batching import LMBatch, ReflectionBatch
+  from tailored_jax.models import model_for
+  from tailored_jax.sample import decode
+  from tailored_jax.sample.sampling import SamplingConfig
+  from tailored_jax.train.trainer import Trainer
+
+  arch = model_config(preset, cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat)
+  model = model_for(arch)
+  mesh = sharding.make_mesh(cfg)
+  trainer = Trainer(model, cfg.train, mesh, cfg.method.reflection_loss)
+  t = cfg.train
+  rows = lambda shape, dtype, layout="train": jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), layout))
+  b, seq = t.batch_size, t.max_seq_len
+  lm = LMBatch(rows((b, seq), jnp.int32), rows((b, seq), jnp.int32), rows((b, seq), bool),
+               rows((b, seq), bool), rows((b, seq), jnp.float32))
+  sr_rows, cont = t.sr_batch_size or b, t.max_continuation_len
+  prefix = max(seq - cont, 8)
+  reflection = ReflectionBatch(rows((sr_rows, prefix), jnp.int32), rows((sr_rows, prefix), bool),
+                               rows((sr_rows, 3, cont), jnp.int32), rows((sr_rows, 3, cont), bool),
+                               rows((sr_rows,), jnp.float32))
+  reference = trainer.abstract_state().params if cfg.method.reflection_loss == "dpo" else None
+  train_args = (trainer.abstract_state(), lm, reflection, reference)
+  train = trainer.step_fn().lower(*train_args).compile()
+
+  layout = cfg.mesh.decode_layout
+  decode_shardings = sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh,
+                                               layout)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        trainer.abstract_params, decode_shardings)
+  e = cfg.exam
+  prompt = max(seq - e.max_new_tokens, 8)
+  tables = jax.tree.map(jnp.asarray, decode.StopTables.never_stop(arch.vocab_size))
+  generate = jax.jit(
+      functools.partial(decode.generate, model=model, max_new_tokens=e.max_new_tokens,
+                        num_samples=e.num_samples,
+                        sampling=SamplingConfig(e.temperature, e.top_k, e.top_p)))
+  exam_args = (params, rows((e.batch_size, prompt), jnp.int32,
+                            layout), rows((e.batch_size, prompt), bool, layout),
+               rows((e.batch_size, e.num_samples, 2), jnp.uint32, layout))
+  exam = generate.lower(*exam_args, tables).compile()
+  return {
+      "model": preset, "parameters": trainer.num_params, "dtype": arch.dtype,
+      "param_dtype": arch.param_dtype, "remat": arch.remat,
+      "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)), "devices": mesh.size,
+      "train_step": {
+          "batch": b, "seq_len": seq, "self_reflection_rows": sr_rows, "prefix": prefix,
+          "continuation": cont, "bytes_per_device": memory(train),
+          "inputs_from_shardings": sharded_bytes(train_args),
+          "parameters_per_device": sharded_bytes(train_args[0].params),
+          "optimizer_per_device": sharded_bytes(train_args[0].opt_state
+                                               ), "collectives": collectives(train.as_text())
+      }, "exam_decode": {
+          "prompts": e.batch_size, "samples": e.num_samples, "prompt_len": prompt,
+          "new_tokens": e.max_new_tokens, "layout": layout, "bytes_per_device": memory(exam),
+          "parameters_per_device": sharded_bytes(params), "collectives": collectives(exam.as_text())
+      }
+  }
+
+
+def main(argv=None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--model", required=True, choices=sorted(PRESETS))
+  parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
+  parser.add_argument("--devices", type=int, default=8, help="how many devices the mesh spans")
+  args, overrides = parser.parse_known_args(argv)
+  if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    env = dict(
+        os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={args.devices}"),
+        JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    sys.exit(subprocess.call([sys.executable, "-m", "tailored_jax.plan", *argv], env=env))
+  from tailored_jax import config_lib
+  from tailored_jax.study.runs import apply_overrides
+  cfg = config_lib.from_file(args.config)
+  try:
+    apply_overrides(cfg, overrides)
+    data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
+  except (config_lib.ConfigError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  cfg.mesh.update(data=data, fsdp=fsdp, tensor=tensor, num_devices=args.devices)
+  print(json.dumps(lower(cfg, args.model), indent=2))
+
+
+if __name__ == "__main__":
+  main()

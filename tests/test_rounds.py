@@ -95,11 +95,11 @@ def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, mon
   def dying_step_fn(self):
     fn = real_step_fn(self)
 
-    def step(state, lm, reflection):
+    def step(state, lm, reflection, *reference):
       calls["n"] += 1
       if calls["n"] == 5:  # round 1, after the checkpoint at step 3
         raise KeyboardInterrupt("killed mid-training")
-      return fn(state, lm, reflection)
+      return fn(state, lm, reflection, *reference)
 
     return step
 

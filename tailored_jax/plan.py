@@ -186,7 +186,12 @@ def main(argv=None) -> None:
   except (config_lib.ConfigError, ValueError) as e:
     sys.exit(f"error: {e}")
   cfg.mesh.update(data=data, fsdp=fsdp, tensor=tensor, num_devices=args.devices)
-  print(json.dumps(lower(cfg, args.model), indent=2))
+  try:
+    report = lower(cfg, args.model)
+  except ValueError as e:  # e.g. a batch the mesh's batch axes do not divide
+    sys.exit(f"error: {args.config} on mesh {args.mesh} over {args.devices} devices: "
+             f"{str(e).splitlines()[0]}")
+  print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

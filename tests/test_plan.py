@@ -47,3 +47,14 @@ def test_the_command_forces_32_host_devices():
   assert report["devices"] == 32 and report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 4}
   train = report["train_step"]
   assert train["bytes_per_device"]["argument"] == train["inputs_from_shardings"]
+
+
+def test_a_batch_the_mesh_cannot_split_is_one_line():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([
+      sys.executable, "-m", "tailored_jax.plan", "--config=configs/quickstart.py", "--model=tiny",
+      "--devices=8", "--mesh=1,8,1", "--config.train.batch_size=4"
+  ], capture_output=True, text=True, cwd=ROOT, env=env)
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "error: configs/quickstart.py on mesh 1,8,1 over 8 devices: ")

@@ -107,8 +107,9 @@ def decode_shardings(specs, abstract_params, mesh: Mesh, layout: str):
 def decode_batch_sharding(mesh: Mesh, ndim: int, layout: str) -> NamedSharding:
   """Decode rows split over data, and over fsdp too unless the decode layout splits the weights
   over it."""
-  axes = ("data",) if layout == "model_parallel" else ("data", "fsdp")
-  return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+  if layout != "model_parallel":
+    return batch_sharding(mesh, ndim)
+  return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -11,7 +11,6 @@ from tailored_jax.config_lib import paper_config
 def get_config():
   c = paper_config("gsm8k", "llama")
   c.model.dtype = "float32"
-  c.model.remat = False
   c.mesh.fsdp = 1
   c.mesh.data = -1
   c.train.lr = 2e-5

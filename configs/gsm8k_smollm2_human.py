@@ -26,7 +26,6 @@ def get_config():
   c.rounds = 1
   c.model.init_from = smollm2_gguf()
   c.model.dtype = "float32"
-  c.model.remat = False
   c.mesh.fsdp = 1
   c.mesh.data = -1
   c.task.update(num_val=50, max_train=200, max_test=200)

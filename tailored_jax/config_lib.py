@@ -12,6 +12,10 @@ from ml_collections import config_dict
 
 from tailored_jax.teacher.limits import parse_prices
 
+# Named here (this module imports no jax) and used by the models and `sharding.py`.
+REMAT_POLICIES = ("none", "full", "minimal", "save_attention")
+DECODE_LAYOUTS = ("model_parallel", "replicated", "train")
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -82,7 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True
   c.model.dtype = "float32"  # compute dtype; bfloat16 on GPU/TPU
   c.model.param_dtype = "float32"
-  c.model.remat = False  # recompute each block in the backward pass
+  # What each block keeps for the backward pass: 'none' (everything), 'full' (only its input;
+  # recomputed), 'minimal' (the weight matmuls' outputs), 'save_attention' (q, k, v and the
+  # attention output: attention is not recomputed).
+  c.model.remat = "none"
+  c.model.scan_layers = False  # one nn.scan over stacked layers: one layer compiled at any depth
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -179,7 +187,8 @@ def paper_config(task: str, family: str) -> ml_collections.ConfigDict:
   c.task.num_demos = -1
   c.model.family = family
   c.model.dtype = "bfloat16"
-  c.model.remat = True
+  c.model.remat = "full"
+  c.model.scan_layers = True
   c.train.loss_chunk_tokens = 128  # 49k–151k-token vocabularies: no full [b, t, v] logits
   c.mesh.data = 1
   c.mesh.fsdp = -1
@@ -211,6 +220,8 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
     target = cfg
     for part in section.split(".") if section else []:
       target = target[part]
+    if key == "model.remat" and isinstance(value, bool):  # saved before remat policies
+      value = "full" if value else "none"
     target[name] = value
   return cfg
 
@@ -252,6 +263,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "GPT-J students start from pretrained weights: set it to an HF directory")
   for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
     _require(m[name] >= 1, f"model.{name}", f"must be >= 1, got {m[name]}")
+  _require(m.remat in REMAT_POLICIES, "model.remat",
+           f"must be one of {list(REMAT_POLICIES)}, got {m.remat!r}")
   _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
            f"n_heads={m.n_heads} must be a multiple of n_kv_heads={m.n_kv_heads}")
   _require(m.head_dim % 2 == 0, "model.head_dim", "must be even (rotary embedding)")
@@ -282,7 +295,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(0 < e.top_p <= 1, "exam.top_p", "must be in (0, 1]")
   _require(e.max_new_tokens >= 1, "exam.max_new_tokens", "must be >= 1")
   _require(e.memory_budget_gb >= 0, "exam.memory_budget_gb", "must be >= 0")
-  _require(c.mesh.decode_layout in ("model_parallel", "replicated", "train"), "mesh.decode_layout",
+  _require(c.mesh.decode_layout in DECODE_LAYOUTS, "mesh.decode_layout",
            f"must be 'model_parallel', 'replicated' or 'train', got {c.mesh.decode_layout!r}")
   splits = {x.strip() for x in c.eval.splits.split(",") if x.strip()}
   _require(c.method.stop_patience >= 0, "method.stop_patience", "must be >= 0")

@@ -85,12 +85,12 @@ def sharded_bytes(tree) -> int:
   return total
 
 
-def model_config(preset: str, dtype: str, param_dtype: str, remat: bool):
+def model_config(preset: str, dtype: str, param_dtype: str, remat: str, scan_layers: bool):
   from tailored_jax.models.gptj import GPTJConfig
   from tailored_jax.models.llama import LlamaConfig
   family, fields = PRESETS[preset]
   cls = GPTJConfig if family == "gptj" else LlamaConfig
-  return cls(**fields, dtype=dtype, param_dtype=param_dtype, remat=remat)
+  return cls(**fields, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers)
 
 
 def lower(cfg, preset: str) -> dict:
@@ -103,12 +103,16 @@ def lower(cfg, preset: str) -> dict:
 
   from tailored_jax import sharding
   from tailored_jax.data.batching import LMBatch, ReflectionBatch
-  from tailored_jax.models import model_for
+  import flax.linen as nn
+
+  from tailored_jax.models import for_decoding, model_for
+  from tailored_jax.models.layers import abstract_boxed_params
   from tailored_jax.sample import decode
   from tailored_jax.sample.sampling import SamplingConfig
   from tailored_jax.train.trainer import Trainer
 
-  arch = model_config(preset, cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat)
+  arch = model_config(preset, cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat,
+                      cfg.model.scan_layers)
   model = model_for(arch)
   mesh = sharding.make_mesh(cfg)
   trainer = Trainer(model, cfg.train, mesh, cfg.method.reflection_loss)
@@ -128,15 +132,18 @@ def lower(cfg, preset: str) -> dict:
   train = trainer.step_fn().lower(*train_args).compile()
 
   layout = cfg.mesh.decode_layout
-  decode_shardings = sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh,
-                                               layout)
+  decode_model = for_decoding(model)
+  per_layer = abstract_boxed_params(decode_model)
+  per_layer_abstract = nn.meta.unbox(per_layer)
+  decode_shardings = sharding.decode_shardings(nn.get_partition_spec(per_layer), per_layer_abstract,
+                                               mesh, layout)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        trainer.abstract_params, decode_shardings)
+                        per_layer_abstract, decode_shardings)
   e = cfg.exam
   prompt = max(seq - e.max_new_tokens, 8)
   tables = jax.tree.map(jnp.asarray, decode.StopTables.never_stop(arch.vocab_size))
   generate = jax.jit(
-      functools.partial(decode.generate, model=model, max_new_tokens=e.max_new_tokens,
+      functools.partial(decode.generate, model=decode_model, max_new_tokens=e.max_new_tokens,
                         num_samples=e.num_samples,
                         sampling=SamplingConfig(e.temperature, e.top_k, e.top_p)))
   exam_args = (params, rows((e.batch_size, prompt), jnp.int32,
@@ -145,7 +152,7 @@ def lower(cfg, preset: str) -> dict:
   exam = generate.lower(*exam_args, tables).compile()
   return {
       "model": preset, "parameters": trainer.num_params, "dtype": arch.dtype,
-      "param_dtype": arch.param_dtype, "remat": arch.remat,
+      "param_dtype": arch.param_dtype, "remat": arch.remat, "scan_layers": arch.scan_layers,
       "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)), "devices": mesh.size,
       "train_step": {
           "batch": b, "seq_len": seq, "self_reflection_rows": sr_rows, "prefix": prefix,

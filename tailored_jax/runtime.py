@@ -5,6 +5,7 @@ nothing here depends on which phase ran before.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,7 +13,7 @@ import ml_collections
 from tailored_jax import checkpointing, sharding
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.layout import Layout
-from tailored_jax.models import build_model, vocab
+from tailored_jax.models import build_model, layers, vocab
 from tailored_jax.models.layers import tree_get
 from tailored_jax.models.pretrained import Pretrained
 from tailored_jax.sample.decode import Decoder, StopTables
@@ -35,10 +36,13 @@ class StudentRuntime:
                            StopTables.from_tokenizer(self.tokenizer, self.model.cfg.vocab_size))
     self._held = None  # (round, params): the last weights asked for or trained
     self.decode_layout = cfg.mesh.decode_layout
+    per_layer = layers.abstract_boxed_params(self.decoder.model)  # what decoding reads
+    per_layer_specs = nn.get_partition_spec(per_layer)
+    self._per_layer_shardings = sharding.decode_shardings(per_layer_specs, nn.meta.unbox(per_layer),
+                                                          mesh, "train")
     self._to_decode_layout = jax.jit(
-        lambda params: params,
-        out_shardings=sharding.decode_shardings(self.trainer.param_specs,
-                                                self.trainer.abstract_params, mesh,
+        layers.unstack_layers,
+        out_shardings=sharding.decode_shardings(per_layer_specs, nn.meta.unbox(per_layer), mesh,
                                                 self.decode_layout))
     self._decode_held = None  # (round, params in the decode layout)
 
@@ -62,7 +66,7 @@ class StudentRuntime:
     per round so that decoding never gathers a weight per token."""
     if self._decode_held is None or self._decode_held[0] != round_index:
       params = self.params(round_index)
-      if self.decode_layout != "train":
+      if self.decode_layout != "train" or layers.is_stacked(params):
         params = self._to_decode_layout(params)
       self._decode_held = (round_index, params)
     return self._decode_held[1]
@@ -73,8 +77,9 @@ class StudentRuntime:
       self._decode_held = None
 
   def _pretrained_params(self):
-    """The pretrained weights streamed onto their shardings; an added pad token's embedding and
-    LM-head rows are the mean of the trained rows (METHOD §4)."""
+    """The pretrained weights streamed onto their shardings (a scanned model's layers stacked
+    one parameter at a time); an added pad token's embedding and LM-head rows are the mean of
+    the trained rows (METHOD §4)."""
     dtype = jnp.dtype(self.cfg.model.param_dtype)
     source = self.pretrained.tokenizer
     pad_added = self.tokenizer.pad_id != source.pad_id
@@ -85,6 +90,15 @@ class StudentRuntime:
       if pad_added and path in vocab.VOCAB_AXIS:
         array = vocab.with_mean_row(array, vocab.VOCAB_AXIS[path], self.tokenizer.pad_id,
                                     trained_rows)
-      return sharding.put_global(array.astype(dtype), tree_get(self.trainer.param_shardings, path))
+      return sharding.put_global(array.astype(dtype), tree_get(self._per_layer_shardings, path))
 
-    return self.pretrained.load_params(place)
+    params = self.pretrained.load_params(place)
+    if not self.model.cfg.scan_layers:
+      return params
+    stacked_shardings = self.trainer.param_shardings[layers.LAYERS]
+
+    def stack(path, parts):
+      target = tree_get(stacked_shardings, path)
+      return jax.jit(lambda *parts: jnp.stack(parts), out_shardings=target)(*parts)
+
+    return layers.stack_layers(params, self.model.cfg.n_layers, stack)

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from tailored_jax.config_lib import DECODE_LAYOUTS
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 RULES = (
@@ -25,6 +27,7 @@ RULES = (
     ("head_dim", None),
     ("norm", None),
     ("length", None),
+    ("layers", None),
 )
 
 
@@ -68,7 +71,6 @@ def logical_sharding(tree, mesh: Mesh):
 # The dims a decode layout splits, in groups that must split alike (a query head and its kv
 # head on the same device; the MLP's three matrices; the vocabulary rows of embedding and head).
 MODEL_AXIS_GROUPS = (("heads", "kv_heads"), ("mlp",), ("vocab",))
-DECODE_LAYOUTS = ("model_parallel", "replicated", "train")
 
 
 def decode_shardings(specs, abstract_params, mesh: Mesh, layout: str):

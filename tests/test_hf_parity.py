@@ -67,6 +67,17 @@ def test_logits_match_transformers(name, tmp_path):
   valid = mask.astype(bool)
   diff = np.abs(np.asarray(got)[valid] - expected.numpy()[valid]).max()
   assert diff <= 1e-4, diff
+  # the same weights stacked for a scan over layers, each block recomputed in the backward pass
+  scanned = model_for(dataclasses_replace(cfg, scan_layers=True, remat="full"))
+  stacked = layers.stack_layers(jax.tree.map(lambda x: x, params), cfg.n_layers)
+  assert sorted(stacked) == sorted([k for k in params if not k.startswith("layer_")] + ["layers"])
+  got, _, _ = scanned.apply({"params": stacked}, jnp.asarray(tokens, jnp.int32),
+                            jnp.asarray(positions), jnp.asarray(mask, bool))
+  diff = np.abs(np.asarray(got)[valid] - expected.numpy()[valid]).max()
+  assert diff <= 1e-4, diff
+  # HF tensors from the stacked tree are the per-layer tree's, bit for bit
+  for name, value in hf_io.to_hf(params, cfg).items():
+    assert np.array_equal(hf_io.to_hf(stacked, cfg)[name], value), name
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -149,4 +160,14 @@ def test_sharded_forward_matches_unsharded(tmp_path):
       "fsdp", "tensor")
   put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))
   got = forward(sharded_params, put(tokens), put(np.asarray(positions)), put(mask))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(single), atol=1e-5)
+  # scanned: the stacked layer axis stays whole, the rest sharded as before
+  scanned = model_for(dataclasses_replace(cfg, scan_layers=True, remat="full"))
+  boxed = jax.eval_shape(lambda: layers.init_boxed_params(scanned, jax.random.PRNGKey(0)))
+  stacked = jax.device_put(layers.stack_layers(jax.tree.map(lambda x: x, params), cfg.n_layers),
+                           sharding.logical_sharding(boxed, mesh))
+  assert stacked["layers"]["mlp"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor")
+  forward = jax.jit(lambda p, t, pos, m: scanned.apply({"params": p}, t, pos, m)[0])
+  got = forward(stacked, put(tokens), put(np.asarray(positions)), put(mask))
   np.testing.assert_allclose(np.asarray(got), np.asarray(single), atol=1e-5)

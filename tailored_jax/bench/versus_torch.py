@@ -117,13 +117,15 @@ def main(argv=None) -> None:
   parser.add_argument("--shapes", default="8x128,8x256,8x512", help="BATCHxSEQ,...")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--torch_device", default="cpu", help="cpu, or cuda beside a JAX GPU")
-  parser.add_argument("--remat", action="store_true", help="ours: recompute each block")
+  parser.add_argument("--remat", default="none", choices=config_lib.REMAT_POLICIES,
+                      help="ours: what each block keeps for the backward pass")
+  parser.add_argument("--scan_layers", action="store_true", help="ours: nn.scan over layers")
   parser.add_argument("--loss_chunk_tokens", type=int, default=0,
                       help="ours: LM-head logits this many positions at a time (0: all)")
   parser.add_argument("--side", default="both", choices=["both", "ours", "torch"],
                       help="one side alone, e.g. to read its peak RSS with /usr/bin/time -v")
   args = parser.parse_args(argv)
-  cfg = dataclasses.replace(PRESETS[args.model], remat=args.remat)
+  cfg = dataclasses.replace(PRESETS[args.model], remat=args.remat, scan_layers=args.scan_layers)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(cfg))))
   rows = {}
   for shape in args.shapes.split(","):
@@ -144,9 +146,10 @@ def main(argv=None) -> None:
     rows[shape] = row
   import torch
   report("versus_torch", model=args.model, parameters=n_params, dtype="float32",
-         ours_remat=args.remat, ours_loss_chunk_tokens=args.loss_chunk_tokens,
-         torch_threads=torch.get_num_threads(), torch_device=args.torch_device,
-         torch_version=torch.__version__, repeats=args.repeats, shapes=rows)
+         ours_remat=args.remat, ours_scan_layers=args.scan_layers,
+         ours_loss_chunk_tokens=args.loss_chunk_tokens, torch_threads=torch.get_num_threads(),
+         torch_device=args.torch_device, torch_version=torch.__version__, repeats=args.repeats,
+         shapes=rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ def llama_config(cfg, vocab_size: int) -> LlamaConfig:
                      n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                      d_ff=cfg.d_ff, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
                      tie_embeddings=cfg.tie_embeddings, dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, remat=cfg.remat)
+                     param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
 
 
 MODULES = {LlamaConfig: Llama, GPTJConfig: GPTJ}
@@ -23,6 +23,13 @@ HEADS = {LlamaConfig: llama.head_logits, GPTJConfig: gptj.head_logits}
 def model_for(cfg: LlamaConfig | GPTJConfig):
   """The Flax module of an architecture config."""
   return MODULES[type(cfg)](cfg)
+
+
+def for_decoding(model):
+  """The same architecture with per-layer parameters and no remat: decoding updates one cache
+  buffer per layer in place, which a scan over stacked layers would copy every token (convert
+  the weights with `layers.unstack_layers`)."""
+  return model_for(dataclasses.replace(model.cfg, scan_layers=False, remat="none"))
 
 
 def head_logits(params, hidden_btd, cfg: LlamaConfig | GPTJConfig):
@@ -37,7 +44,8 @@ def build_model(cfg, vocab_size: int, pretrained: LlamaConfig | GPTJConfig | Non
   if pretrained is not None:
     return model_for(
         dataclasses.replace(pretrained, vocab_size=max(pretrained.vocab_size, vocab_size),
-                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat))
+                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+                            scan_layers=cfg.scan_layers))
   if cfg.family != "llama":
     raise ValueError(f"config field model.family: unknown family {cfg.family!r}; known: ['llama']")
   return Llama(llama_config(cfg, vocab_size))

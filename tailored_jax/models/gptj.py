@@ -26,7 +26,8 @@ class GPTJConfig:
   norm_eps: float = 1e-5
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"  # layers.REMAT_POLICIES
+  scan_layers: bool = False  # one nn.scan over stacked layers
 
   @property
   def head_dim(self) -> int:

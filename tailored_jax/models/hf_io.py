@@ -10,11 +10,12 @@ import json
 import os
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 
 from tailored_jax.models import gptj, llama
 from tailored_jax.models.gptj import GPTJConfig
-from tailored_jax.models.layers import HFTensor, tree_get, tree_set
+from tailored_jax.models.layers import HFTensor, is_stacked, tree_get, tree_set, unstack_layers
 from tailored_jax.models.llama import LlamaConfig
 
 
@@ -59,7 +60,10 @@ def tensor_table(cfg) -> dict[str, HFTensor]:
 
 
 def to_hf(params, cfg) -> dict[str, np.ndarray]:
-  """Our params (a nested dict of arrays) as HF tensors (float32 numpy)."""
+  """Our params (a nested dict of arrays; a scanned model's stacked layers too) as HF tensors
+  (float32 numpy)."""
+  if is_stacked(params):
+    params = unstack_layers({k: jax.tree.map(np.asarray, v) for k, v in params.items()})
   return {
       name: np.ascontiguousarray(entry.to_hf(np.asarray(tree_get(params, entry.path), np.float32)))
       for name, entry in tensor_table(cfg).items()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 class Context:
   """Keys and values read by `rows / groups` consecutive rows per group; `positions_gs` are the
   tokens' positions (-1: padding, never seen). Every context token precedes the rows' own."""
-  keys: tuple  # per layer: [groups, kv_heads, slots, head_dim]
+  keys: tuple  # per layer: [groups, kv_heads, slots, head_dim] (stacked when layers scan)
   values: tuple
   positions_gs: jax.Array  # int32 [groups, slots]
 
@@ -30,21 +30,24 @@ class Context:
 class KVCache:
   """Per layer, [batch, kv_heads, slots, head_dim] buffers: the layout attention's batched matmuls
   read without a transpose, one array per layer so that a step reads and updates a layer's buffer
-  in place (slicing a stacked buffer makes XLA:CPU copy it every step)."""
-  keys: tuple
-  values: tuple
+  in place (slicing a stacked buffer makes XLA:CPU copy it every step). A scanned model (in
+  training only: its self-reflection prefix) reads one stacked [layers, ...] array instead."""
+  keys: tuple | jax.Array
+  values: tuple | jax.Array
   valid_bs: jax.Array  # [batch, slots] bool
   index: jax.Array  # int32 scalar: the next slot to write
   context: tuple[Context, ...] = ()  # read before the rows' own slots
 
   @classmethod
   def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype,
-            context: tuple[Context, ...] = ()) -> "KVCache":
+            context: tuple[Context, ...] = (), stacked: bool = False) -> "KVCache":
     shape = (batch, kv_heads, slots, head_dim)
-    return cls(tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
-               tuple(jnp.zeros(shape, dtype) for _ in range(layers)), jnp.zeros((batch, slots),
-                                                                                bool),
-               jnp.zeros((), jnp.int32), context)
+    if stacked:
+      keys, values = jnp.zeros((layers, *shape), dtype), jnp.zeros((layers, *shape), dtype)
+    else:
+      keys = tuple(jnp.zeros(shape, dtype) for _ in range(layers))
+      values = tuple(jnp.zeros(shape, dtype) for _ in range(layers))
+    return cls(keys, values, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32), context)
 
   @property
   def slots(self) -> int:

@@ -4,6 +4,7 @@ HF tensor-table entry.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -11,7 +12,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from tailored_jax.config_lib import REMAT_POLICIES
 from tailored_jax.models.kv_cache import KVCache
 
 NEG_INF = -1e30
@@ -28,10 +31,14 @@ def init_boxed_params(model: nn.Module, key) -> dict:
   return model.init(key, tokens, tokens, jnp.ones((1, 8), bool))["params"]
 
 
+def abstract_boxed_params(model: nn.Module) -> dict:
+  """Shapes and dtypes of the parameters (nothing allocated), boxed with their logical axes."""
+  return jax.eval_shape(lambda key: init_boxed_params(model, key), jax.random.PRNGKey(0))
+
+
 def abstract_params(model: nn.Module) -> dict:
   """Shapes and dtypes of the parameters (nothing allocated), unboxed."""
-  return nn.meta.unbox(
-      jax.eval_shape(lambda key: init_boxed_params(model, key), jax.random.PRNGKey(0)))
+  return nn.meta.unbox(abstract_boxed_params(model))
 
 
 class HFTensor(NamedTuple):
@@ -162,9 +169,52 @@ def merge_heads(x_btnh):
   return x_btnh.reshape(b, t, n * h)
 
 
+ATTENTION_BLOCK = 128  # query rows per block of the CPU training attention
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4, 5, 6, 7))
+def _attention_block(q_bqkgh, k_bskh, v_bskh, valid_bs, q_start: int, k_start: int, window: int,
+                     scale: float):
+  """One block of queries over the keys it can see, recomputed in the backward pass (so only one
+  block's scores exist at a time)."""
+  logits_bkgqs = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh).astype(jnp.float32) * scale
+  q_pos = q_start + jnp.arange(q_bqkgh.shape[1])
+  k_pos = k_start + jnp.arange(k_bskh.shape[1])
+  seen_qs = k_pos[None, :] <= q_pos[:, None]
+  if window:
+    seen_qs &= k_pos[None, :] > q_pos[:, None] - window
+  seen_bqs = seen_qs[None] & valid_bs[:, None, :]
+  logits_bkgqs = jnp.where(seen_bqs[:, None, None], logits_bkgqs, NEG_INF)
+  probs_bkgqs = jax.nn.softmax(logits_bkgqs, axis=-1).astype(q_bqkgh.dtype)
+  return jnp.einsum("bkgqs,bskh->bqkgh", probs_bkgqs, v_bskh)
+
+
+def blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0,
+                               block: int = ATTENTION_BLOCK):
+  """Causal grouped-query self-attention a block of queries at a time, each block reading only
+  the keys at or before its last query (the masked upper triangle is never computed) and
+  recomputed in the backward pass: memory of one [batch, heads, block, keys] block instead of
+  the whole [batch, heads, tokens, tokens], and about half the FLOPs. Scores in float32."""
+  b, t, n, h = q_btnh.shape
+  kv_heads = k_btkh.shape[2]
+  q_btkgh = q_btnh.astype(dtype).reshape(b, t, kv_heads, n // kv_heads, h)
+  k_btkh, v_btkh = k_btkh.astype(dtype), v_btkh.astype(dtype)
+  outs = []
+  for start in range(0, t, block):
+    end = min(start + block, t)
+    k_start = max(0, start - window + 1) if window else 0
+    outs.append(
+        _attention_block(q_btkgh[:, start:end], k_btkh[:, k_start:end], v_btkh[:, k_start:end],
+                         valid_bt[:, k_start:end], start, k_start, window, h**-0.5))
+  return jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
+
+
 def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
   """Self-attention over the tokens themselves, with no cache (training): causal, keys at
-  padding masked, grouped-query, the platform's fused kernel where jax has one."""
+  padding masked, grouped-query. On CPU the blockwise form (no fused kernel there); elsewhere
+  `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU where it applies)."""
+  if jax.default_backend() == "cpu":
+    return blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
   return jax.nn.dot_product_attention(q_btnh.astype(dtype), k_btkh.astype(dtype),
                                       v_btkh.astype(dtype), mask=valid_bt[:, None,
                                                                           None, :], is_causal=True,
@@ -175,20 +225,95 @@ def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | None, dtype, window: 
   """Attention for one layer: with the cache's `kv`, the new keys and values are written into it
   (`cached_attention`); without one (training), tokens attend causally to themselves (`valid_bt`
   masks padding) and nothing is stored. Returns (out, kv)."""
+  q_btnh, k_btkh, v_btkh = (
+      tag(x, name) for x, name in zip((q_btnh, k_btkh, v_btkh), ATTENTION_NAMES))
   if kv is None:
-    return causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window), None
-  return cached_attention(q_btnh, k_btkh, v_btkh, kv, dtype)
+    out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
+  else:
+    out_btnh, kv = cached_attention(q_btnh, k_btkh, v_btkh, kv, dtype)
+  return tag(out_btnh, ATTENTION_NAMES[3]), kv
+
+
+LAYERS = "layers"  # the stacked layers' key in a scanned model's parameters
+
+# What a block keeps for the backward pass (model.remat): 'none' everything; 'full' only its
+# input (the block is recomputed); 'minimal' the weight matmuls' outputs (norms, rotary,
+# attention and activations recomputed); 'save_attention' the rotated query/key, the value and
+# the attention output (tagged with `checkpoint_name`), so attention is not recomputed.
+ATTENTION_NAMES = ("query", "key", "value", "attention")
+
+
+def remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"config field model.remat: {name!r} is not one of {list(REMAT_POLICIES)}")
+  policies = jax.checkpoint_policies
+  return {
+      "full": policies.nothing_saveable,
+      "minimal": policies.dots_with_no_batch_dims_saveable,
+      "save_attention": policies.save_only_these_names(*ATTENTION_NAMES),
+  }.get(name)
+
+
+def tag(x, name: str):
+  """Names an activation for the 'save_attention' remat policy."""
+  return checkpoint_name(x, name)
+
+
+@flax.struct.dataclass
+class _LayerCache:
+  """A scanned layer's slice of the cache: its own buffers and its contexts' keys/values."""
+  k_bksh: jax.Array
+  v_bksh: jax.Array
+  context_k: tuple
+  context_v: tuple
+
+
+class _ScannedLayer(nn.Module):
+  """One block as a scan body: the block shares this module's scope, so a scanned model's
+  parameters are `layers/<block's own names>` with a leading layer axis."""
+  block_cls: type
+  cfg: object
+
+  def setup(self):
+    self.block = self.block_cls(self.cfg)
+    nn.share_scope(self, self.block)
+
+  def __call__(self, x_btd, positions_bt, valid_bt, shared, layer: _LayerCache | None):
+    kv = None
+    if layer is not None:
+      index, mask_bts, context_masks = shared
+      kv = LayerKV(layer.k_bksh, layer.v_bksh, index, mask_bts, layer.context_k, layer.context_v,
+                   context_masks)
+    x_btd, kv = self.block(x_btd, positions_bt, valid_bt, kv)
+    return x_btd, None if kv is None else (kv.k_bksh, kv.v_bksh)
+
+
+def _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, shared, layer):
+  body = _ScannedLayer
+  if cfg.remat != "none":
+    body = nn.remat(body, policy=remat_policy(cfg.remat), prevent_cse=False)
+  scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
+                    metadata_params={nn.PARTITION_NAME: LAYERS})
+  return scanned(block_cls, cfg, name=LAYERS)(x_btd, positions_bt, valid_bt, shared, layer)
 
 
 def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | None,
                window: int = 0):
-  """The layer stack shared by every family: `cfg.n_layers` blocks named layer_i
-  (rematerialised if `cfg.remat`), each called as `block(x, positions, valid, kv)`. With a cache,
-  masks come from its slots and its contexts, and the updated cache is returned; without
-  one (training), tokens attend causally to themselves, no keys or values are kept, and the
-  returned cache is None. Call it from inside a compact method."""
-  block = nn.remat(block_cls) if cfg.remat else block_cls
+  """The layer stack shared by every family: `cfg.n_layers` blocks, each called as
+  `block(x, positions, valid, kv)` and rematerialised by `cfg.remat`'s policy; with
+  `cfg.scan_layers` one block body under `nn.scan` over stacked parameters (`layers/...`: one
+  compile of one layer, whatever the depth), else blocks named layer_i. With a cache (stacked
+  per layer when scanned), masks come from its slots and its contexts, and the updated cache is
+  returned; without one (training), tokens attend causally to themselves, no keys or values
+  are kept, and the returned cache is None. Call it from inside a compact method."""
+  scan = getattr(cfg, "scan_layers", False)
   if cache is None:
+    if scan:
+      return _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, None, None)[0], None
+    block = block_cls
+    if cfg.remat != "none":
+      block = nn.remat(block_cls, policy=remat_policy(cfg.remat))
     for layer in range(cfg.n_layers):
       x_btd, _ = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, None)
     return x_btd, None
@@ -196,13 +321,53 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | N
   valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
   mask_bts = attention_mask(valid_bs, cache.index, t, window)
   context_masks = tuple(context_mask(c.positions_gs, positions_bt, window) for c in cache.context)
-  keys, values = [], []
-  for layer in range(cfg.n_layers):
-    kv = LayerKV(cache.keys[layer], cache.values[layer], cache.index, mask_bts,
-                 tuple(c.keys[layer] for c in cache.context),
-                 tuple(c.values[layer] for c in cache.context), context_masks)
-    x_btd, kv = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, kv)
-    keys.append(kv.k_bksh)
-    values.append(kv.v_bksh)
-  return x_btd, cache.replace(keys=tuple(keys), values=tuple(values), valid_bs=valid_bs,
-                              index=cache.index + t)
+  if scan:
+    layer = _LayerCache(cache.keys, cache.values, tuple(c.keys for c in cache.context),
+                        tuple(c.values for c in cache.context))
+    x_btd, (keys, values) = _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt,
+                                         (cache.index, mask_bts, context_masks), layer)
+  else:
+    keys, values = [], []
+    for layer in range(cfg.n_layers):
+      kv = LayerKV(cache.keys[layer], cache.values[layer], cache.index, mask_bts,
+                   tuple(c.keys[layer] for c in cache.context),
+                   tuple(c.values[layer] for c in cache.context), context_masks)
+      x_btd, kv = block_cls(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, kv)
+      keys.append(kv.k_bksh)
+      values.append(kv.v_bksh)
+    keys, values = tuple(keys), tuple(values)
+  return x_btd, cache.replace(keys=keys, values=values, valid_bs=valid_bs, index=cache.index + t)
+
+
+def is_stacked(params) -> bool:
+  return LAYERS in params
+
+
+def stack_layers(params: dict, n_layers: int, stack=None) -> dict:
+  """A per-layer tree (`layer_i/...`) as a scanned model's (`layers/...`, leading layer axis),
+  one parameter at a time: `stack(path, parts)` builds each stacked array (e.g. onto its
+  devices), after which that parameter's per-layer arrays are dropped, so the peak is the model
+  plus one stacked parameter. Consumes `params`' per-layer subtrees."""
+  stack = stack or (lambda _, parts: np.stack(parts)
+                    if isinstance(parts[0], np.ndarray) else jnp.stack(parts))
+  out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  layers = [params[f"layer_{i}"] for i in range(n_layers)]
+  stacked: dict = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(layers[0])[0]:
+    keys = tuple(k.key for k in path)
+    tree_set(stacked, keys, stack(keys, [tree_get(layer, keys) for layer in layers]))
+    for layer in layers:
+      tree_set(layer, keys, None)
+  out[LAYERS] = stacked
+  return out
+
+
+def unstack_layers(params: dict) -> dict:
+  """A scanned model's tree as the per-layer one (`layer_i/...`); other trees unchanged."""
+  if not is_stacked(params):
+    return params
+  out = {k: v for k, v in params.items() if k != LAYERS}
+  n_layers = jax.tree.leaves(params[LAYERS])[0].shape[0]
+  for i in range(n_layers):
+    out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], params[LAYERS])
+  return out

@@ -30,7 +30,8 @@ class LlamaConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"  # activation/compute dtype
   param_dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"  # layers.REMAT_POLICIES
+  scan_layers: bool = False  # one nn.scan over stacked layers
   qkv_bias: bool = False  # Qwen2
   sliding_window: int = 0  # Mistral; 0: full causal attention
   rope_scaling: str = ""  # "" or "llama3"

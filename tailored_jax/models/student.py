@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from tailored_jax import checkpointing, config_lib
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.layout import Layout
-from tailored_jax.models import build_model, model_for
+from tailored_jax.models import build_model, for_decoding, model_for
 from tailored_jax.models.hf_io import ModelImportError
-from tailored_jax.models.layers import abstract_params
+from tailored_jax.models.layers import abstract_params, unstack_layers
 from tailored_jax.models.gptj import GPTJ
 from tailored_jax.models.llama import Llama
 from tailored_jax.models.pretrained import open_pretrained
@@ -55,5 +55,6 @@ def load_student(src: str) -> Student:
     params = checkpointing.restore_params(src, abstract, jax.tree.map(lambda _: device, abstract))
   except checkpointing.CheckpointError as e:
     raise ModelImportError(str(e)) from e
+  model, params = for_decoding(model), unstack_layers(params)
   return Student(model, params, tokenizer, pretrained.model_type if pretrained else "llama",
                  pretrained.chat_template if pretrained else None)

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax.models import head_logits
+from tailored_jax.models import for_decoding, head_logits
 from tailored_jax.models.kv_cache import Context, KVCache
+from tailored_jax.models.layers import is_stacked
 from tailored_jax.sample.sampling import NEG_INF, SamplingConfig, choose_tokens
 
 
@@ -141,12 +142,19 @@ def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables,
   return end.tokens_nm, end.lengths_n
 
 
+def _check_per_layer(params) -> None:
+  if is_stacked(params):
+    raise ValueError("decoding takes per-layer weights; convert a scanned model's stacked ones "
+                     "with models.layers.unstack_layers")
+
+
 class Decoder:
   """Holds the jitted `generate` and `prefill_prefix` for one model and tokenizer; compiles once
   per shape, and counts the distinct shapes it compiled (`compilations`)."""
 
   def __init__(self, model, tables: StopTables):
-    self.model = model
+    self.model = for_decoding(model)
+    model = self.model
     self.tables = tables
     self._arrays = jax.tree.map(jnp.asarray, tables)
     self._jitted = {}
@@ -158,11 +166,13 @@ class Decoder:
     return len(self._shapes)
 
   def prefill(self, params, prefix_p) -> Context:
+    _check_per_layer(params)
     self._shapes.add(("prefix", prefix_p.shape))
     return self._prefill(params, prefix_p)
 
   def __call__(self, params, prompt_bp, prompt_valid_bp, rng, *, max_new_tokens: int,
                num_samples: int, sampling: SamplingConfig, prefix: Context | None = None):
+    _check_per_layer(params)
     key = (max_new_tokens, num_samples, sampling)
     if key not in self._jitted:
       self._jitted[key] = jax.jit(

@@ -85,12 +85,14 @@ def self_reflection_loss(model, params, reflection: ReflectionBatch, margin: flo
   cfg = model.cfg
   prefix_positions_bp = jnp.maximum(jnp.cumsum(prefix_valid_bp, axis=1) - 1, 0)
   dtype = jnp.dtype(cfg.dtype)
-  prefix_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, dtype)
+  prefix_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, dtype,
+                               stacked=cfg.scan_layers)
   _, _, prefix_cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp,
                                    prefix_valid_bp, prefix_cache, with_logits=False)
   # the prefix's keys and values, stored once and read by its k continuations
   context = jax.lax.stop_gradient(prefix_cache.as_context(prefix_positions_bp))
-  cache = KVCache.zeros(cfg.n_layers, b * k, c, cfg.n_kv_heads, cfg.head_dim, dtype, (context,))
+  cache = KVCache.zeros(cfg.n_layers, b * k, c, cfg.n_kv_heads, cfg.head_dim, dtype, (context,),
+                        stacked=cfg.scan_layers)
   prefix_len_b = jnp.sum(prefix_valid_bp.astype(jnp.int32), axis=1)
   positions_bkc = prefix_len_b[:, None, None] + jnp.arange(c)[None, None, :]
   _, hidden_ncd, _ = model.apply({"params": params}, cont_bkc.reshape(b * k, c),
@@ -111,12 +113,13 @@ def continuation_logprobs(model, params, reflection: ReflectionBatch, which: tup
   cfg = model.cfg
   dtype = jnp.dtype(cfg.dtype)
   prefix_positions_bp = jnp.maximum(jnp.cumsum(prefix_valid_bp, axis=1) - 1, 0)
-  prefix_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, dtype)
+  prefix_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, dtype,
+                               stacked=cfg.scan_layers)
   _, hidden_bpd, prefix_cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp,
                                             prefix_valid_bp, prefix_cache, with_logits=False)
   first_logits_bv = head_logits(params, hidden_bpd[:, -1:], cfg)[:, 0]  # prefixes left-padded
   cache = KVCache.zeros(cfg.n_layers, b * m, c, cfg.n_kv_heads, cfg.head_dim, dtype,
-                        (prefix_cache.as_context(prefix_positions_bp),))
+                        (prefix_cache.as_context(prefix_positions_bp),), stacked=cfg.scan_layers)
   prefix_len_b = jnp.sum(prefix_valid_bp.astype(jnp.int32), axis=1)
   positions_nc = jnp.broadcast_to(prefix_len_b[:, None, None] + jnp.arange(c),
                                   (b, m, c)).reshape(b * m, c)

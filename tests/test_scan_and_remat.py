@@ -1,0 +1,132 @@
+"""The layer scan, the remat policies and the blockwise training attention: the same maths as the
+per-layer loop and the fused attention, with less memory and one compiled layer."""
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tailored_jax import sharding
+from tailored_jax.data.batching import LMBatch
+from tailored_jax.models import layers
+from tailored_jax.models.llama import Llama, LlamaConfig
+from tailored_jax.train import step as step_lib
+from tailored_jax.train.trainer import Trainer
+from tests.test_model_and_decode import CFG, _batch, _mesh_cfg, _train_cfg
+
+
+@pytest.mark.parametrize("window", [0, 9])
+def test_blockwise_attention_equals_dot_product_attention(window):
+  b, t, n, kv, h = 3, 37, 4, 2, 8
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q = jax.random.normal(keys[0], (b, t, n, h))
+  k = jax.random.normal(keys[1], (b, t, kv, h))
+  v = jax.random.normal(keys[2], (b, t, kv, h))
+  valid = np.ones((b, t), bool)
+  valid[1, 30:] = False  # right padding
+  valid[2, :5] = False  # left padding
+  weights = jnp.asarray(valid[:, :, None, None] * np.arange(1, h + 1), jnp.float32)
+
+  def loss(fn, q, k, v):
+    out = fn(q, k, v)
+    return jnp.sum(jnp.where(valid[:, :, None, None], out, 0.0) * weights), out
+
+  fused = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=jnp.asarray(valid)[:, None, None, :], is_causal=True, local_window_size=(
+          window - 1, 0) if window else None)
+  blockwise = lambda q, k, v: layers.blockwise_causal_attention(q, k, v, jnp.asarray(valid), jnp.
+                                                                float32, window, block=16)
+  (_, expected), expected_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)(fused, q, k, v)
+  (_, got), got_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)(blockwise, q, k, v)
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid], atol=2e-5)
+  for a, e in zip(got_grads, expected_grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=5e-5)
+
+
+def _loss_and_grads(model, params, lm, reflection):
+  loss = lambda p: (step_lib.lm_forward_loss(model, p, lm) + 0.5 * step_lib.self_reflection_loss(
+      model, p, reflection, 1.0))
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.fixture(scope="module")
+def loop_run():
+  params = nn.meta.unbox(layers.init_boxed_params(Llama(CFG), jax.random.PRNGKey(0)))
+  lm, reflection = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(0)))
+  return params, (lm, reflection), _loss_and_grads(Llama(CFG), params, lm, reflection)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "minimal", "save_attention"])
+def test_scanned_loss_and_gradients_equal_the_per_layer_loop(loop_run, remat):
+  """LM + self-reflection (the prefix's stacked cache included) from the same weights."""
+  params, batch, (loop_loss, loop_grads) = loop_run
+  scanned = Llama(dataclasses.replace(CFG, scan_layers=True, remat=remat))
+  stacked = layers.stack_layers(jax.tree.map(lambda x: x, params), CFG.n_layers)
+  loss, grads = _loss_and_grads(scanned, stacked, *batch)
+  np.testing.assert_allclose(loss, loop_loss, rtol=1e-6)
+  grads = layers.unstack_layers(grads)
+  assert jax.tree.structure(grads) == jax.tree.structure(loop_grads)
+  for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(loop_grads)):
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_a_scanned_student_trains_through_the_trainer():
+  scanned = Llama(dataclasses.replace(CFG, scan_layers=True, remat="full"))
+  trainer = Trainer(scanned, _train_cfg(), sharding.make_mesh(_mesh_cfg(2, 2, 2, 0)))
+  state = trainer.new_state(trainer.init_params(0))
+  assert state.params["layers"]["attn"]["wq"].sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor", None)
+  step_fn, rng, losses = trainer.step_fn(), np.random.default_rng(0), []
+  lm, reflection = _batch(rng)
+  for _ in range(20):
+    state, metrics = step_fn(state, trainer.put_batch(lm), trainer.put_batch(reflection))
+    losses.append(float(metrics["loss"]))
+  assert metrics["sr_examples"] == 6 and losses[-1] < 0.5 * losses[0]
+
+
+def _compiled_lm_step(cfg, batch, seq):
+  trainer = Trainer(Llama(cfg), _train_cfg(), sharding.make_mesh(_mesh_cfg(1, 1, 1, 1)))
+  rows = lambda dtype: jax.ShapeDtypeStruct((batch, seq), dtype)
+  lm = LMBatch(rows(jnp.int32), rows(jnp.int32), rows(bool), rows(bool), rows(jnp.float32))
+  return trainer.step_fn().lower(trainer.abstract_state(), lm, None).compile()
+
+
+def test_scan_compiles_one_layer_and_full_remat_keeps_only_block_inputs():
+  deep = dataclasses.replace(CFG, n_layers=8, d_model=64, d_ff=256)
+  size = lambda compiled: len(compiled.as_text().splitlines())
+  scan = lambda n, remat: dataclasses.replace(deep, n_layers=n, scan_layers=True, remat=remat)
+  # the program does not grow with depth under the scan; the per-layer loop's does
+  assert size(_compiled_lm_step(scan(8, "full"), 4,
+                                32)) < 1.1 * size(_compiled_lm_step(scan(2, "full"), 4, 32))
+  assert size(_compiled_lm_step(
+      deep, 4, 32)) > 2 * size(_compiled_lm_step(dataclasses.replace(deep, n_layers=2), 4, 32))
+  temp = lambda cfg: _compiled_lm_step(cfg, 8, 256).memory_analysis().temp_size_in_bytes
+  kept_everything, kept_inputs = temp(deep), temp(scan(8, "full"))
+  assert kept_inputs < 0.5 * kept_everything, (kept_inputs, kept_everything)
+
+
+def test_decoding_refuses_stacked_weights():
+  from tailored_jax.sample import decode
+  scanned = Llama(dataclasses.replace(CFG, scan_layers=True))
+  params = Trainer(scanned, _train_cfg(), sharding.make_mesh(_mesh_cfg(1, 1, 1, 1))).init_params(0)
+  decoder = decode.Decoder(scanned, decode.StopTables.never_stop(CFG.vocab_size))
+  with pytest.raises(ValueError, match="per-layer weights"):
+    decoder.prefill(params, jnp.zeros((4,), jnp.int32))
+  assert decoder.prefill(layers.unstack_layers(params), jnp.zeros((4,), jnp.int32)).length == 4
+
+
+def test_remat_policies_are_checked_and_old_workdirs_still_load():
+  from tailored_jax import config_lib
+  with pytest.raises(ValueError, match="model.remat: 'some'"):
+    layers.remat_policy("some")
+  cfg = config_lib.base_config()
+  cfg.model.remat = "some"
+  with pytest.raises(config_lib.ConfigError, match="config field model.remat: must be one of"):
+    config_lib.validate(cfg)
+  saved = json.loads(config_lib.base_config().to_json())
+  for old, new in ((True, "full"), (False, "none")):  # config.json written before the policies
+    saved["model"]["remat"] = old
+    assert config_lib.from_saved(saved).model.remat == new

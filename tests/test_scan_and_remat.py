@@ -12,7 +12,7 @@ import pytest
 from tailored_jax import sharding
 from tailored_jax.data.batching import LMBatch
 from tailored_jax.models import layers
-from tailored_jax.models.llama import Llama, LlamaConfig
+from tailored_jax.models.llama import Llama
 from tailored_jax.train import step as step_lib
 from tailored_jax.train.trainer import Trainer
 from tests.test_model_and_decode import CFG, _batch, _mesh_cfg, _train_cfg

@@ -1,7 +1,9 @@
 """`python -m tailored_jax.bench.versus_torch [--model=llama_34m] [--shapes=8x128,8x256,8x512]`:
 our jitted LM train step against transformers' `LlamaForCausalLM` + `torch.optim.AdamW` on the
 same config and the same batch, side by side in one process (float32, AdamW, median of
-`--repeats` after a warm-up). Prints JSON: tokens/s both, the ratio, compile/first-call time.
+`--repeats` after a warm-up). Prints JSON: tokens/s both, the ratio, compile/first-call time,
+model FLOP/s as a share of each library's measured matmul peak, and each side's peak resident
+memory (the process's high-water mark, reset before each side; Linux).
 
 Model presets carry public config.json values (SmolLM2-135M) or a stated small shape.
 """
@@ -13,6 +15,7 @@ import functools
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -62,6 +65,48 @@ def median_seconds(step, repeats: int) -> tuple[float, float]:
     step()
     times.append(time.perf_counter() - start)
   return first, float(np.median(times))
+
+
+def matmul_peak_gflops(side: str, n: int = 1024, repeats: int = 10) -> float:
+  """Float32 [n, n] @ [n, n] GFLOP/s of jnp or torch on this machine (median)."""
+  if side == "ours":
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    run = lambda: matmul(a).block_until_ready()
+  else:
+    import torch
+    a = torch.randn(n, n)
+    run = lambda: a @ a
+  return 2 * n**3 / median_seconds(run, repeats)[1] / 1e9
+
+
+def model_flops_per_token(cfg: LlamaConfig, n_params: int, seq: int) -> float:
+  """Training FLOPs per token: 6 · parameters, plus causal attention's scores and weighted sum
+  (6 · layers · seq · heads · head_dim: half of the full square's 12)."""
+  return 6.0 * n_params + 6.0 * cfg.n_layers * seq * cfg.n_heads * cfg.head_dim
+
+
+def _reset_peak_rss() -> int:
+  """Resets the process's resident high-water mark; returns the current resident bytes."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+  return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  raise KeyError(field)
+
+
+def with_peak_memory(run):
+  """`run()`'s result with its peak resident bytes, and the peak above the bytes at its start."""
+  start = _reset_peak_rss()
+  result = run()
+  peak = _status_bytes("VmHWM")
+  return dict(result, peak_rss_gb=peak / 1e9, peak_rss_above_start_gb=(peak - start) / 1e9)
 
 
 def train_cfg(lr: float, loss_chunk_tokens: int = 0) -> ml_collections.ConfigDict:
@@ -128,6 +173,8 @@ def main(argv=None) -> None:
   cfg = dataclasses.replace(PRESETS[args.model], remat=args.remat, scan_layers=args.scan_layers)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(cfg))))
   rows = {}
+  sides_run = ("ours", "torch") if args.side == "both" else (args.side,)
+  peaks = {side: matmul_peak_gflops(side) for side in sides_run}
   for shape in args.shapes.split(","):
     b, t = (int(x) for x in shape.split("x"))
     tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (b, t + 1)).astype(np.int32)
@@ -137,9 +184,18 @@ def main(argv=None) -> None:
     }
     if args.side != "both":
       sides = {args.side: sides[args.side]}
-    row = {side: run(cfg, tokens, args.repeats) for side, run in sides.items()}
+    row = {
+        side: with_peak_memory(lambda run=run: run(cfg, tokens, args.repeats))
+        for side, run in sides.items()
+    }
     for side in row:
-      row[side]["tokens_per_s"] = b * t / row[side]["seconds_per_step"]
+      tokens_per_s = b * t / row[side]["seconds_per_step"]
+      row[side]["tokens_per_s"] = tokens_per_s
+      # the first call's excess over a steady step: compilation on our side
+      row[side]["first_call_excess_s"] = row[side]["first_call_s"] - row[side]["seconds_per_step"]
+      flops = tokens_per_s * model_flops_per_token(cfg, n_params, t) / 1e9
+      row[side]["model_gflops"] = flops
+      row[side]["share_of_matmul_peak"] = flops / peaks[side]
     if len(row) == 2:
       row["ours_over_torch_tokens_per_s"] = (row["ours"]["tokens_per_s"]
                                              / row["torch"]["tokens_per_s"])

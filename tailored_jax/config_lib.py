@@ -128,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.dpo_beta = 0.1  # DPO's β (method.reflection_loss='dpo')
   # A step whose loss or gradient is not finite is skipped (weights and AdamW state unchanged);
   # this many in a row stop the run (checked at log points and checkpoints). 0: no guard.
+  # The largest step's planned bytes per device must fit this before anything is allocated
+  # (train/memory.py); 0: the device's memory (host RAM over its devices on CPU); -1: no check.
+  c.train.memory_budget_gb = 0.0
   c.train.max_nonfinite_steps = 3
   c.train.checkpoint_every_steps = 200  # mid-round checkpoints, for resuming a killed round
   c.train.log_every_steps = 50
@@ -335,7 +338,7 @@ RESUMABLE_FIELDS = ("rounds", "teacher.base_url", "teacher.max_concurrency", "te
                     "teacher.tokens_per_minute", "teacher.max_total_tokens", "teacher.max_cost",
                     "teacher.prices", "eval.batch_size", "exam.batch_size", "mesh.data",
                     "mesh.fsdp", "mesh.tensor", "mesh.num_devices", "mesh.decode_layout",
-                    "exam.memory_budget_gb")
+                    "train.memory_budget_gb", "exam.memory_budget_gb")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -31,6 +31,10 @@ PRESETS = {
                      dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
                           head_dim=64, d_ff=1536, rope_theta=100000.0, norm_eps=1e-5,
                           tie_embeddings=True)),
+    # for tests: a shape whose step the planner is checked on against XLA
+    "planner_check": ("llama",
+                      dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4,
+                           head_dim=32, d_ff=768)),
     # for tests
     "tiny": ("llama",
              dict(vocab_size=512, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8,
@@ -44,23 +48,68 @@ _BYTES = {
     "s64": 8
 }
 
+_HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
+_WHILE = re.compile(r"while\(.*body=%([\w.\-]+)")
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CALLS = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+  """The module's computations (name -> instruction lines) and the entry computation's name."""
+  blocks: dict[str, list[str]] = {}
+  entry, current = "", None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = header.group(1)
+      blocks[current] = []
+      entry = current if line.startswith("ENTRY") else entry
+    elif current is not None:
+      blocks[current].append(line)
+  return blocks, entry
+
+
+def _executions(blocks: dict[str, list[str]], entry: str) -> dict[str, int]:
+  """How many times each computation runs per call of the entry: a while body its known trip
+  count times its caller's (1 when XLA does not know it), called computations as their caller."""
+  runs = {entry: 1}
+  pending = [entry]
+  while pending:
+    name = pending.pop()
+    for line in blocks.get(name, ()):
+      loop = _WHILE.search(line)
+      if loop:
+        trips = _TRIPS.search(line)
+        callees = [(loop.group(1), int(trips.group(1)) if trips else 1)]
+      else:
+        callees = [(callee, 1) for callee in _CALLS.findall(line)]
+      for callee, times in callees:
+        if callee in blocks:
+          runs[callee] = runs.get(callee, 0) + runs[name] * times
+          pending.append(callee)
+  return runs
+
 
 def collectives(hlo_text: str) -> dict:
-  """Count and result bytes of each collective kind in a compiled module's text."""
+  """Per collective kind in a compiled module's text: how many run per call and their result
+  bytes (a scanned layer's collectives count once per layer: while bodies by trip count)."""
+  blocks, entry = _computations(hlo_text)
+  runs = _executions(blocks, entry) if entry else {name: 1 for name in blocks}
   out: dict[str, dict] = {}
-  for line in hlo_text.splitlines():
-    match = _COLLECTIVE.search(line)
-    if not match:
-      continue
-    size = 0
-    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
-      count = 1
-      for d in filter(None, dims.split(",")):
-        count *= int(d)
-      size += count * _BYTES.get(dtype, 4)
-    entry = out.setdefault(match.group(2), {"count": 0, "bytes": 0})
-    entry["count"] += 1
-    entry["bytes"] += size
+  for name, lines in blocks.items():
+    for line in lines:
+      match = _COLLECTIVE.search(line)
+      if not match:
+        continue
+      size = 0
+      for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
+        count = 1
+        for d in filter(None, dims.split(",")):
+          count *= int(d)
+        size += count * _BYTES.get(dtype, 4)
+      kind = out.setdefault(match.group(2), {"count": 0, "bytes": 0})
+      kind["count"] += runs.get(name, 1)
+      kind["bytes"] += size * runs.get(name, 1)
   return out
 
 
@@ -93,9 +142,24 @@ def model_config(preset: str, dtype: str, param_dtype: str, remat: str, scan_lay
   return cls(**fields, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers)
 
 
-def lower(cfg, preset: str) -> dict:
-  """Compiles both steps for `cfg` (a config: train/exam sizes, dtype, remat, mesh) with the
-  preset's architecture; returns the report."""
+def _split_of(name: str, specs, shardings, mesh) -> int:
+  """Over how many devices the weights' logical axis `name` is split."""
+  import jax
+  import numpy as np
+  from jax.sharding import PartitionSpec
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  for spec, placed in zip(jax.tree.leaves(specs, is_leaf=is_spec), jax.tree.leaves(shardings)):
+    if name in tuple(spec):
+      axes = placed.spec[tuple(spec).index(name)]
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      return int(np.prod([mesh.shape[a] for a in axes if a]))
+  return 1
+
+
+def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool = True) -> dict:
+  """The planner's per-device bytes for `cfg` (a config: train/exam sizes, dtype, remat, mesh)
+  with the preset's architecture, whether they fit `device_memory_gb` and the largest batch
+  that does; with `compile_steps`, both steps also compiled and XLA's figures beside them."""
   import functools
 
   import jax
@@ -108,7 +172,9 @@ def lower(cfg, preset: str) -> dict:
   from tailored_jax.models import for_decoding, model_for
   from tailored_jax.models.layers import abstract_boxed_params
   from tailored_jax.sample import decode
+  from tailored_jax.sample.memory import decode_memory
   from tailored_jax.sample.sampling import SamplingConfig
+  from tailored_jax.train import memory as train_memory
   from tailored_jax.train.trainer import Trainer
 
   arch = model_config(preset, cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat,
@@ -129,7 +195,16 @@ def lower(cfg, preset: str) -> dict:
                                rows((sr_rows,), jnp.float32))
   reference = trainer.abstract_state().params if cfg.method.reflection_loss == "dpo" else None
   train_args = (trainer.abstract_state(), lm, reflection, reference)
-  train = trainer.step_fn().lower(*train_args).compile()
+  planned, shape = trainer.planned_memory()
+  parameters, optimizer = trainer.state_bytes_per_device()
+  budget = int(device_memory_gb * train_memory.GB)
+  train_plan = {
+      "planned_gb": planned.as_gb(), "device_memory_gb": device_memory_gb,
+      "fits": planned.total <= budget,
+      "largest_batch_that_fits": train_memory.largest_batch(arch, shape, parameters, optimizer,
+                                                            arch.remat, budget,
+                                                            *trainer.gathered_bytes())
+  }
 
   layout = cfg.mesh.decode_layout
   decode_model = for_decoding(model)
@@ -141,6 +216,34 @@ def lower(cfg, preset: str) -> dict:
                         per_layer_abstract, decode_shardings)
   e = cfg.exam
   prompt = max(seq - e.max_new_tokens, 8)
+  decode_rows = e.batch_size // mesh.shape["data"] if layout == "model_parallel" else (
+      e.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"]))
+  per_prompt = decode_memory(arch, prompt, e.max_new_tokens, e.num_samples)
+  head_split = _split_of("kv_heads", nn.get_partition_spec(per_layer), decode_shardings, mesh)
+  exam_plan = {
+      "planned_gb": {
+          "parameters": round(sharded_bytes(params) / train_memory.GB, 3),
+          "cache_and_buffers": round(
+              per_prompt.total * max(decode_rows, 1) / head_split / train_memory.GB, 3)
+      }
+  }
+  report = {
+      "model": preset, "parameters": trainer.num_params, "dtype": arch.dtype,
+      "param_dtype": arch.param_dtype, "remat": arch.remat, "scan_layers": arch.scan_layers,
+      "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)), "devices": mesh.size,
+      "train_step": {
+          "batch": b, "seq_len": seq, "self_reflection_rows": sr_rows, "prefix": prefix,
+          "continuation": cont, "parameters_per_device": sharded_bytes(train_args[0].params),
+          "optimizer_per_device": sharded_bytes(train_args[0].opt_state), **train_plan
+      }, "exam_decode": {
+          "prompts": e.batch_size, "samples": e.num_samples, "prompt_len": prompt,
+          "new_tokens": e.max_new_tokens, "layout": layout,
+          "parameters_per_device": sharded_bytes(params), **exam_plan
+      }
+  }
+  if not compile_steps:
+    return report
+  train = trainer.step_fn().lower(*train_args).compile()
   tables = jax.tree.map(jnp.asarray, decode.StopTables.never_stop(arch.vocab_size))
   generate = jax.jit(
       functools.partial(decode.generate, model=decode_model, max_new_tokens=e.max_new_tokens,
@@ -150,23 +253,14 @@ def lower(cfg, preset: str) -> dict:
                             layout), rows((e.batch_size, prompt), bool, layout),
                rows((e.batch_size, e.num_samples, 2), jnp.uint32, layout))
   exam = generate.lower(*exam_args, tables).compile()
-  return {
-      "model": preset, "parameters": trainer.num_params, "dtype": arch.dtype,
-      "param_dtype": arch.param_dtype, "remat": arch.remat, "scan_layers": arch.scan_layers,
-      "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)), "devices": mesh.size,
-      "train_step": {
-          "batch": b, "seq_len": seq, "self_reflection_rows": sr_rows, "prefix": prefix,
-          "continuation": cont, "bytes_per_device": memory(train),
-          "inputs_from_shardings": sharded_bytes(train_args),
-          "parameters_per_device": sharded_bytes(train_args[0].params),
-          "optimizer_per_device": sharded_bytes(train_args[0].opt_state
-                                               ), "collectives": collectives(train.as_text())
-      }, "exam_decode": {
-          "prompts": e.batch_size, "samples": e.num_samples, "prompt_len": prompt,
-          "new_tokens": e.max_new_tokens, "layout": layout, "bytes_per_device": memory(exam),
-          "parameters_per_device": sharded_bytes(params), "collectives": collectives(exam.as_text())
-      }
-  }
+  train_memory_xla = memory(train)
+  report["train_step"].update(
+      xla_bytes_per_device=train_memory_xla, inputs_from_shardings=sharded_bytes(train_args),
+      planned_temp_over_xla_temp=round(planned.temporaries / max(train_memory_xla["temp"], 1),
+                                       3), collectives=collectives(train.as_text()))
+  report["exam_decode"].update(xla_bytes_per_device=memory(exam),
+                               collectives=collectives(exam.as_text()))
+  return report
 
 
 def main(argv=None) -> None:
@@ -177,6 +271,10 @@ def main(argv=None) -> None:
   parser.add_argument("--model", required=True, choices=sorted(PRESETS))
   parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
   parser.add_argument("--devices", type=int, default=8, help="how many devices the mesh spans")
+  parser.add_argument("--device_memory_gb", type=float, default=80.0,
+                      help="each device's memory, for 'fits' and the largest batch")
+  parser.add_argument("--no_compile", action="store_true",
+                      help="the planner's figures only (seconds), without XLA's")
   args, overrides = parser.parse_known_args(argv)
   if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     env = dict(
@@ -194,7 +292,7 @@ def main(argv=None) -> None:
     sys.exit(f"error: {e}")
   cfg.mesh.update(data=data, fsdp=fsdp, tensor=tensor, num_devices=args.devices)
   try:
-    report = lower(cfg, args.model)
+    report = lower(cfg, args.model, args.device_memory_gb, not args.no_compile)
   except ValueError as e:  # e.g. a batch the mesh's batch axes do not divide
     sys.exit(f"error: {args.config} on mesh {args.mesh} over {args.devices} devices: "
              f"{str(e).splitlines()[0]}")

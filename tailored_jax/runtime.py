@@ -32,6 +32,7 @@ class StudentRuntime:
     self.model = build_model(cfg.model, self.tokenizer.vocab_size,
                              pretrained.cfg if pretrained else None)
     self.trainer = Trainer(self.model, cfg.train, mesh, cfg.method.reflection_loss)
+    self.trainer.check_memory(cfg.train.memory_budget_gb)
     self.decoder = Decoder(self.model,
                            StopTables.from_tokenizer(self.tokenizer, self.model.cfg.vocab_size))
     self._held = None  # (round, params): the last weights asked for or trained

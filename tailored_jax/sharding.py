@@ -6,6 +6,7 @@ shard `batch` over data and fsdp.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -28,7 +29,17 @@ RULES = (
     ("norm", None),
     ("length", None),
     ("layers", None),
+    ("act_embed", None),
 )
+
+
+@contextlib.contextmanager
+def activation_layout(mesh: Mesh):
+  """Within: the models' activation constraints (`layers.constrain`) apply by `RULES` on `mesh`
+  (rows over data × fsdp, heads/MLP/vocabulary over tensor, the residual stream whole), so
+  the partitioner gathers FSDP weights instead of splitting the contraction of activations."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(RULES):
+    yield
 
 
 def mesh_shape(cfg, num_devices: int) -> tuple[int, ...]:

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tailored_jax import config_lib, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,17 +24,18 @@ def test_lowering_on_8_devices_reports_xlas_bytes_and_collectives():
   report = plan.lower(cfg, "tiny")
   train, exam = report["train_step"], report["exam_decode"]
   # XLA's argument bytes per device are exactly the sharded state and batch
-  assert train["bytes_per_device"]["argument"] == train["inputs_from_shardings"]
+  assert train["xla_bytes_per_device"]["argument"] == train["inputs_from_shardings"]
   # tiny: vocab 512, d 64, 2 layers, 8 heads / 4 kv of 8, d_ff 128, tied; every matrix split 4
   # ways (embed over fsdp and heads/mlp/vocab over tensor), the norms whole
   matrices = 512 * 64 + 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)
   assert train["parameters_per_device"] == 4 * (matrices // 4 + 5 * 64)
   assert train["optimizer_per_device"] >= 2 * train["parameters_per_device"]  # AdamW mu and nu
-  assert train["bytes_per_device"]["temp"] > 0 and train["collectives"]["all-reduce"]["count"] > 0
+  assert train["xla_bytes_per_device"]["temp"] > 0
+  assert train["collectives"]["all-reduce"]["count"] > 0
   # decoding: heads/mlp/vocab over tensor x fsdp, embed whole: the same bytes, laid out apart
   assert exam["layout"] == "model_parallel"
   assert exam["parameters_per_device"] == train["parameters_per_device"]
-  assert exam["bytes_per_device"]["argument"] > exam["parameters_per_device"]
+  assert exam["xla_bytes_per_device"]["argument"] > exam["parameters_per_device"]
 
 
 def test_the_command_forces_32_host_devices():
@@ -46,7 +49,7 @@ def test_the_command_forces_32_host_devices():
   report = json.loads(out.stdout)
   assert report["devices"] == 32 and report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 4}
   train = report["train_step"]
-  assert train["bytes_per_device"]["argument"] == train["inputs_from_shardings"]
+  assert train["xla_bytes_per_device"]["argument"] == train["inputs_from_shardings"]
 
 
 def test_a_batch_the_mesh_cannot_split_is_one_line():
@@ -58,3 +61,56 @@ def test_a_batch_the_mesh_cannot_split_is_one_line():
   assert out.returncode != 0
   assert out.stderr.strip().splitlines()[-1].startswith(
       "error: configs/quickstart.py on mesh 1,8,1 over 8 devices: ")
+
+
+def test_collectives_count_a_while_body_by_its_trip_count():
+  hlo = """
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ar = f32[8]{0} all-reduce(f32[8]{0} %x), replica_groups={}, to_apply=%add
+}
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %c = pred[] constant(true)
+}
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %ag = f32[16]{0} all-gather(f32[8]{0} %a), dimensions={0}
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"30"}}
+}
+"""
+  assert plan.collectives(hlo) == {
+      "all-gather": {"count": 1, "bytes": 64}, "all-reduce": {"count": 30, "bytes": 30 * 32}
+  }
+
+
+def test_the_planner_agrees_with_xla_and_names_the_batch_that_fits():
+  """A scanned student with each block recomputed: the planner's temporaries (gradients,
+  kept block inputs, one layer's recompute, logits) against XLA's compiled temp bytes."""
+  cfg = config_lib.from_file(os.path.join(ROOT, "configs", "quickstart.py"))
+  cfg.model.update(remat="full", scan_layers=True)
+  cfg.train.update(batch_size=16, max_seq_len=256, max_continuation_len=64, sr_batch_size=16,
+                   loss_chunk_tokens=64)
+  cfg.exam.update(batch_size=8, max_new_tokens=16)
+  cfg.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
+  report = plan.lower(cfg, "planner_check", device_memory_gb=0.5)
+  train = report["train_step"]
+  assert 0.7 <= train["planned_temp_over_xla_temp"] <= 1.3, train
+  planned = train["planned_gb"]
+  assert planned["gradients"] == planned["parameters"] > 0
+  assert train["fits"] == (planned["total"] <= 0.5)
+  batch = train["largest_batch_that_fits"]
+  smaller = plan.lower(cfg, "planner_check", device_memory_gb=planned["total"] / 2,
+                       compile_steps=False)["train_step"]
+  assert not smaller["fits"] and 0 < smaller["largest_batch_that_fits"] < 16 <= batch
+
+
+def test_a_round_refuses_a_step_that_cannot_fit_before_allocating(tmp_path):
+  from tailored_jax import rounds
+  from tests.test_rounds import tiny_config
+  cfg = tiny_config()
+  cfg.train.memory_budget_gb = 0.0001
+  with pytest.raises(config_lib.ConfigError) as error:
+    rounds.run(cfg, str(tmp_path / "run"))
+  message = str(error.value)
+  assert message.startswith("the train step needs ") and "GB per device (parameters " in message
+  assert "budget is 0.00 GB (train.memory_budget_gb" in message
+  assert "not even one row per device fits" in message or "largest train.batch_size" in message
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
-from tailored_jax.models.layers import HFTensor, LayerKV, attend, merge_heads, param, run_blocks
+from tailored_jax.models.layers import (LOGITS, MLP_HIDDEN, RESIDUAL, HFTensor, LayerKV, attend,
+                                        constrain, merge_heads, param, run_blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,8 @@ class GPTJBlock(nn.Module):
     b_in = param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
     w_out = param(self, "w_out", (cfg.d_ff, d), ("mlp", "embed"), pdt, normal(cfg.d_ff))
     b_out = param(self, "b_out", (d,), ("norm",), pdt, nn.initializers.zeros)
-    ff_btf = jax.nn.gelu(h_btd @ w_in.astype(dt) + b_in.astype(dt), approximate=True)
+    ff_btf = jax.nn.gelu(constrain(h_btd @ w_in.astype(dt) + b_in.astype(dt), MLP_HIDDEN),
+                         approximate=True)
     mlp_btd = ff_btf @ w_out.astype(dt) + b_out.astype(dt)
     return x_btd + attn_btd + mlp_btd, kv
 
@@ -115,7 +117,7 @@ class GPTJ(nn.Module):
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt,
                          nn.initializers.normal(stddev=cfg.d_model**-0.5))
-    x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt)
+    x_btd = constrain(jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt), RESIDUAL)
     x_btd, new_cache = run_blocks(GPTJBlock, cfg, x_btd, positions_bt, valid_bt, cache)
     hidden_btd = LayerNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x_btd)
     head_dv = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
@@ -132,7 +134,7 @@ def head_logits(params, hidden_btd, cfg: GPTJConfig):
   part holding the head)."""
   dt = jnp.dtype(cfg.dtype)
   logits_btv = hidden_btd @ params["lm_head"].astype(dt) + params["lm_head_bias"].astype(dt)
-  return logits_btv.astype(jnp.float32)
+  return constrain(logits_btv.astype(jnp.float32), LOGITS)
 
 
 # ---- Hugging Face interchange ------------------------------------------------------------------

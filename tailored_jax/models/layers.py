@@ -225,13 +225,15 @@ def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | None, dtype, window: 
   """Attention for one layer: with the cache's `kv`, the new keys and values are written into it
   (`cached_attention`); without one (training), tokens attend causally to themselves (`valid_bt`
   masks padding) and nothing is stored. Returns (out, kv)."""
-  q_btnh, k_btkh, v_btkh = (
-      tag(x, name) for x, name in zip((q_btnh, k_btkh, v_btkh), ATTENTION_NAMES))
+  q_btnh = tag(constrain(q_btnh, ("batch", "length", "heads", "head_dim")), "query")
+  k_btkh = tag(constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim")), "key")
+  v_btkh = tag(constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim")), "value")
   if kv is None:
     out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
   else:
     out_btnh, kv = cached_attention(q_btnh, k_btkh, v_btkh, kv, dtype)
-  return tag(out_btnh, ATTENTION_NAMES[3]), kv
+  out_btnh = constrain(out_btnh, ("batch", "length", "heads", "head_dim"))
+  return tag(out_btnh, "attention"), kv
 
 
 LAYERS = "layers"  # the stacked layers' key in a scanned model's parameters
@@ -252,6 +254,19 @@ def remat_policy(name: str):
       "minimal": policies.dots_with_no_batch_dims_saveable,
       "save_attention": policies.save_only_these_names(*ATTENTION_NAMES),
   }.get(name)
+
+
+# Logical axes of activations: rows over the batch mesh axes, heads/MLP/vocabulary over tensor,
+# the residual stream whole on each device ('act_embed': never the weights' fsdp split).
+RESIDUAL = ("batch", "length", "act_embed")
+MLP_HIDDEN = ("batch", "length", "mlp")
+LOGITS = ("batch", "length", "vocab")
+
+
+def constrain(x, axes: tuple):
+  """Pins an activation's layout by logical axis names when the trainer traces under
+  `sharding.activation_layout` (a no-op elsewhere: decoding, tests without a mesh)."""
+  return nn.with_logical_constraint(x, axes)
 
 
 def tag(x, name: str):
@@ -285,7 +300,7 @@ class _ScannedLayer(nn.Module):
       kv = LayerKV(layer.k_bksh, layer.v_bksh, index, mask_bts, layer.context_k, layer.context_v,
                    context_masks)
     x_btd, kv = self.block(x_btd, positions_bt, valid_bt, kv)
-    return x_btd, None if kv is None else (kv.k_bksh, kv.v_bksh)
+    return constrain(x_btd, RESIDUAL), None if kv is None else (kv.k_bksh, kv.v_bksh)
 
 
 def _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, shared, layer):
@@ -316,6 +331,7 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | N
       block = nn.remat(block_cls, policy=remat_policy(cfg.remat))
     for layer in range(cfg.n_layers):
       x_btd, _ = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, None)
+      x_btd = constrain(x_btd, RESIDUAL)
     return x_btd, None
   t = x_btd.shape[1]
   valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)

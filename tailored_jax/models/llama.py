@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
-from tailored_jax.models.layers import HFTensor, LayerKV, attend, merge_heads, param, run_blocks
+from tailored_jax.models.layers import (LOGITS, MLP_HIDDEN, RESIDUAL, HFTensor, LayerKV, attend,
+                                        constrain, merge_heads, param, run_blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +144,9 @@ class MLP(nn.Module):
     w_down = param(self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pdt,
                    _normal(cfg.d_ff**-0.5))
     x_btd = x_btd.astype(dt)
-    gate_btf = jax.nn.silu(x_btd @ w_gate.astype(dt))
-    return (gate_btf * (x_btd @ w_up.astype(dt))) @ w_down.astype(dt)
+    gate_btf = jax.nn.silu(constrain(x_btd @ w_gate.astype(dt), MLP_HIDDEN))
+    up_btf = constrain(x_btd @ w_up.astype(dt), MLP_HIDDEN)
+    return (gate_btf * up_btf) @ w_down.astype(dt)
 
 
 class Block(nn.Module):
@@ -176,7 +178,7 @@ class Llama(nn.Module):
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt,
                          _normal(cfg.d_model**-0.5))
-    x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt)
+    x_btd = constrain(jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt), RESIDUAL)
     x_btd, new_cache = run_blocks(Block, cfg, x_btd, positions_bt, valid_bt, cache,
                                   cfg.sliding_window)
     hidden_btd = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x_btd)
@@ -196,7 +198,7 @@ def head_logits(params, hidden_btd, cfg: LlamaConfig):
     logits_btv = jnp.einsum("btd,vd->btv", hidden_btd, params["embedding"].astype(dt))
   else:
     logits_btv = hidden_btd @ params["lm_head"].astype(dt)
-  return logits_btv.astype(jnp.float32)
+  return constrain(logits_btv.astype(jnp.float32), LOGITS)
 
 
 # ---- Hugging Face interchange (llama, mistral, qwen2) ------------------------------------------

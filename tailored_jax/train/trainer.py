@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax import checkpointing, sharding
+from tailored_jax import checkpointing, config_lib, sharding
 from tailored_jax.data.batching import Batcher
 from tailored_jax.models import layers
 from tailored_jax.progress import Progress
+from tailored_jax.sample.memory import host_available_bytes
+from tailored_jax.train import memory as train_memory
 from tailored_jax.train import step as step_lib
 
 
@@ -52,6 +54,19 @@ def model_flops_text(num_params: int, tokens_per_s: float) -> str:
   return f"{per_device:.3g} model TFLOP/s per device{mfu}"
 
 
+def device_memory_bytes() -> int:
+  """One device's memory: its allocator's limit on GPU/TPU; on CPU, the host's available memory
+  shared by its local devices."""
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  return host_available_bytes() // jax.local_device_count()
+
+
 class Trainer:
 
   def __init__(self, model, train_cfg, mesh, reflection_loss: str = "triplet"):
@@ -80,14 +95,19 @@ class Trainer:
                                 out_shardings=self.param_shardings)
     self._init_opt = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)
     self._all_finite = jax.jit(step_lib.all_finite)
-    self._step = jax.jit(
-        functools.partial(
-            step_lib.train_step, model=self.model, optimizer=self.optimizer,
-            loss_cfg=step_lib.LossConfig(train_cfg.sr_weight, train_cfg.sr_margin,
-                                         train_cfg.max_nonfinite_steps > 0,
-                                         train_cfg.loss_chunk_tokens, reflection_loss,
-                                         train_cfg.get("dpo_beta", 0.1))),
-        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+    step = functools.partial(
+        step_lib.train_step, model=self.model, optimizer=self.optimizer,
+        loss_cfg=step_lib.LossConfig(train_cfg.sr_weight, train_cfg.sr_margin,
+                                     train_cfg.max_nonfinite_steps > 0, train_cfg.loss_chunk_tokens,
+                                     reflection_loss, train_cfg.get("dpo_beta", 0.1)))
+
+    def train_step(*args):  # traced under the activations' logical layout
+      with sharding.activation_layout(mesh):
+        return step(*args)
+
+    self._step = jax.jit(train_step,
+                         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                         donate_argnums=0)
 
   def init_params(self, seed: int):
     return self._init_params(jax.random.PRNGKey(seed))
@@ -116,6 +136,50 @@ class Trainer:
     if not bool(self._all_finite(params)):
       raise NonFiniteError(f"{what}: the weights hold NaN or infinite values; they are not used "
                            "(lower train.lr, or use float32 if bf16 overflowed)")
+
+  def state_bytes_per_device(self) -> tuple[int, int]:
+    """(parameters, optimizer state) bytes on one device, from their shardings."""
+    per_device = lambda abstract, shardings: sum(
+        int(np.prod(s.shard_shape(a.shape), dtype=np.int64)) * np.dtype(a.dtype).itemsize
+        for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+    return (per_device(self.abstract_params,
+                       self.param_shardings), per_device(self.abstract_opt, self.opt_shardings))
+
+  def gathered_bytes(self) -> tuple[int, int]:
+    """(one layer's weights, the LM head's) bytes split over tensor only: what an FSDP step
+    gathers while it uses them."""
+    tensor = self.mesh.shape["tensor"]
+    nbytes = lambda tree: sum(
+        int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+        for a in jax.tree.leaves(tree))
+    params = self.abstract_params
+    layer = (nbytes(params[layers.LAYERS]) // self.model.cfg.n_layers
+             if layers.is_stacked(params) else nbytes(params.get("layer_0", {})))
+    head = nbytes({k: v for k, v in params.items() if k in ("lm_head", "embedding")})
+    return layer // tensor, head // tensor
+
+  def planned_memory(self) -> tuple[train_memory.TrainMemory, train_memory.StepShape]:
+    """What the config's largest step needs per device (nothing allocated)."""
+    shape = train_memory.worst_case_shape(self.cfg, dict(self.mesh.shape))
+    parameters, optimizer = self.state_bytes_per_device()
+    cfg = self.model.cfg
+    return train_memory.train_memory(cfg, shape, parameters, optimizer, cfg.remat,
+                                     *self.gathered_bytes()), shape
+
+  def check_memory(self, budget_gb: float) -> None:
+    """Refuses (ConfigError, naming the numbers and the batch that would fit) a config whose
+    largest step cannot fit `budget_gb` per device (0: the device's memory; < 0: no check)."""
+    if budget_gb < 0:
+      return
+    budget = int(budget_gb * train_memory.GB) if budget_gb else device_memory_bytes()
+    plan, shape = self.planned_memory()
+    logging.info("train step plan per device: %s GB; budget %.2f GB", plan.as_gb(),
+                 budget / train_memory.GB)
+    if plan.total > budget:
+      parameters, optimizer = self.state_bytes_per_device()
+      raise config_lib.ConfigError(
+          train_memory.refusal(self.model.cfg, plan, budget, shape, self.model.cfg.remat,
+                               parameters, optimizer, *self.gathered_bytes()))
 
   def step_fn(self):
     """The jitted step `(state, lm, reflection | None[, reference params]) -> (state, metrics)`;

@@ -1,0 +1,173 @@
+"""What the train step needs per device, by part, before anything is allocated: parameters,
+gradients and AdamW state (exact, from their shardings), activations kept for the backward pass
+(by remat policy), the loss's logits and the self-reflection rows; the largest batch that fits a
+budget. Pure arithmetic over the configs; `plan.py` checks it against XLA's memory analysis."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+  """The train step's work: global LM rows × tokens and self-reflection rows (0: none), split
+  over `row_shards` devices (data × fsdp); heads and MLP split `tensor` ways."""
+  batch: int
+  seq_len: int
+  sr_rows: int
+  prefix_len: int
+  continuation_len: int
+  loss_chunk_tokens: int
+  row_shards: int
+  tensor: int
+  fsdp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainMemory:
+  """Bytes per device of one train step, by part."""
+  parameters: int
+  gradients: int
+  optimizer: int
+  activations: int  # kept across layers for the backward pass (the remat policy's choice)
+  layer_working: int  # one layer's recomputed intermediates in the backward pass
+  logits: int  # the LM head's logits and their gradient (a chunk at a time when chunked)
+  self_reflection: int  # the stop-gradient prefix's keys/values and the continuations'
+  gathered_weights: int = 0  # FSDP: a layer's weights whole (and the next's), and the LM head
+
+  @property
+  def total(self) -> int:
+    return sum(dataclasses.astuple(self))
+
+  @property
+  def temporaries(self) -> int:
+    """What XLA reports as temp: everything but the (donated) parameters and optimizer state."""
+    return self.total - self.parameters - self.optimizer
+
+  def as_gb(self) -> dict:
+    out = {k: round(v / GB, 3) for k, v in dataclasses.asdict(self).items()}
+    out["total"] = round(self.total / GB, 3)
+    return out
+
+
+def _layer_dims(cfg, tensor: int) -> tuple[int, int, int, int]:
+  """(d_model, query width, key/value width, MLP width) per device."""
+  q = cfg.n_heads * cfg.head_dim
+  kv = cfg.n_kv_heads * cfg.head_dim
+  return cfg.d_model, q // tensor, kv // tensor, cfg.d_ff // tensor
+
+
+def kept_per_token(cfg, remat: str, tensor: int, seq: int) -> int:
+  """Bytes one token keeps per layer for the backward pass under a remat policy."""
+  item = np.dtype(cfg.dtype).itemsize
+  d, q, kv, f = _layer_dims(cfg, tensor)
+  kept = {
+      "full": d,  # the block's input
+      "save_attention": d + q + 2 * kv + q,  # + rotated q, k, v and the attention output
+      "minimal": d + q + 2 * kv + d + 2 * f + d,  # + every weight matmul's output
+  }
+  if remat in kept:
+    return kept[remat] * item
+  return working_per_token(cfg, tensor, seq)
+
+
+def working_per_token(cfg, tensor: int, seq: int, block: int = 128) -> int:
+  """Bytes per token of everything one layer computes: what no remat keeps, and what one
+  layer's recompute holds at once. Norms (float32 input and normalised output, twice); q, k, v
+  and their float32 rotary terms; each query block's inputs to the blockwise attention (its
+  queries and the keys/values up to it: (blocks + 1) / 2 times the sequence's); the attention
+  output, its projection and the residual; the MLP's gate, activation, its sigmoid, up and
+  product, and the down projection."""
+  item = np.dtype(cfg.dtype).itemsize
+  d, q, kv, f = _layer_dims(cfg, tensor)
+  blocks = math.ceil(seq / block)
+  norms = 2 * d * 4 + 2 * d * item
+  attention = ((q + 2 * kv) * item + (q + kv) * (item + 2 * 4) + q * item +
+               (blocks + 1) / 2 * 2 * kv * item + q * item + 2 * d * item)
+  mlp = 5 * f * item + d * item
+  return int(norms + attention + mlp)
+
+
+def attention_scores(cfg, rows: int, seq: int, tensor: int, block: int = 128) -> int:
+  """One layer's float32 scores, probabilities and their gradients: a block of queries at a time
+  (the blockwise form) against at most `seq` keys."""
+  return 3 * 4 * rows * max(cfg.n_heads // tensor, 1) * min(block, seq) * seq
+
+
+def train_memory(cfg, shape: StepShape, parameters: int, optimizer: int, remat: str,
+                 layer_bytes: int = 0, head_bytes: int = 0) -> TrainMemory:
+  """The train step's bytes per device; `parameters` and `optimizer` are the exact per-device
+  bytes from their shardings (gradients are the parameters' size); `layer_bytes` and
+  `head_bytes` are one layer's and the LM head's weights gathered over fsdp (split over tensor
+  only), which an FSDP step holds whole while it uses them."""
+  rows = math.ceil(shape.batch / shape.row_shards)
+  sr_rows = math.ceil(shape.sr_rows / shape.row_shards) if shape.sr_rows else 0
+  item = np.dtype(cfg.dtype).itemsize
+  tokens = rows * shape.seq_len
+  cont_tokens = 3 * sr_rows * shape.continuation_len
+  activations = cfg.n_layers * (
+      kept_per_token(cfg, remat, shape.tensor, shape.seq_len) * tokens
+      + kept_per_token(cfg, remat, shape.tensor, shape.continuation_len) * cont_tokens)
+  working = max(
+      working_per_token(cfg, shape.tensor, shape.seq_len) * tokens,
+      working_per_token(cfg, shape.tensor, shape.continuation_len)
+      * cont_tokens) + attention_scores(cfg, max(rows, 3 * sr_rows), shape.seq_len, shape.tensor)
+  vocab = cfg.vocab_size // shape.tensor
+  logit_tokens = rows * (shape.loss_chunk_tokens or shape.seq_len)
+  logits = 3 * 4 * vocab * logit_tokens
+  _, _, kv, _ = _layer_dims(cfg, shape.tensor)
+  prefix_context = 2 * cfg.n_layers * sr_rows * shape.prefix_len * kv * item
+  gathered = 2 * layer_bytes + head_bytes if shape.fsdp > 1 else 0
+  return TrainMemory(parameters=parameters, gradients=parameters, optimizer=optimizer,
+                     gathered_weights=gathered, activations=activations, layer_working=working,
+                     logits=logits, self_reflection=prefix_context)
+
+
+def largest_batch(cfg, shape: StepShape, parameters: int, optimizer: int, remat: str, budget: int,
+                  layer_bytes: int = 0, head_bytes: int = 0) -> int:
+  """The largest global batch (a multiple of the row shards, self-reflection rows scaled
+  alike) whose step fits `budget` bytes per device; 0 when not even one row per device does."""
+  best = 0
+  rows = shape.row_shards
+  while True:
+    scaled = dataclasses.replace(
+        shape, batch=rows,
+        sr_rows=min(rows, shape.sr_rows * rows // max(shape.batch, 1)) if shape.sr_rows else 0)
+    if train_memory(cfg, scaled, parameters, optimizer, remat, layer_bytes,
+                    head_bytes).total > budget:
+      return best
+    best = rows
+    if rows >= 1 << 16:
+      return best
+    rows += shape.row_shards
+
+
+def worst_case_shape(train_cfg, mesh_shape: dict) -> StepShape:
+  """The largest step a config can make: every row at `train.max_seq_len`, every
+  self-reflection row with a full prefix and `train.max_continuation_len` continuations."""
+  t = train_cfg
+  cont = t.max_continuation_len
+  return StepShape(batch=t.batch_size, seq_len=t.max_seq_len, sr_rows=t.sr_batch_size or
+                   t.batch_size, prefix_len=max(t.max_seq_len - cont, 8), continuation_len=cont,
+                   loss_chunk_tokens=t.loss_chunk_tokens,
+                   row_shards=mesh_shape["data"] * mesh_shape["fsdp"], tensor=mesh_shape["tensor"],
+                   fsdp=mesh_shape["fsdp"])
+
+
+def refusal(cfg, plan: TrainMemory, budget: int, shape: StepShape, remat: str, parameters: int,
+            optimizer: int, layer_bytes: int = 0, head_bytes: int = 0) -> str:
+  """The one-paragraph error for a step that does not fit: the numbers, and what would fit."""
+  batch = largest_batch(cfg, shape, parameters, optimizer, remat, budget, layer_bytes, head_bytes)
+  parts = ", ".join(f"{k} {v:.2f}" for k, v in plan.as_gb().items() if k != "total")
+  advice = (f"the largest train.batch_size that fits is {batch}"
+            if batch else "not even one row per device fits: shard the weights wider (mesh.fsdp)")
+  if remat != "full":
+    advice += "; model.remat=full keeps only each block's input"
+  return (f"the train step needs {plan.total / GB:.2f} GB per device ({parts} GB; "
+          f"batch {shape.batch} x {shape.seq_len} tokens, model.remat={remat}) but the budget is "
+          f"{budget / GB:.2f} GB (train.memory_budget_gb; 0: the device's memory, -1: no check); "
+          f"{advice}")

@@ -2,6 +2,9 @@
 # Multi-GPU / multi-node on SLURM, one process per node (JAX sees every local GPU):
 #   sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh CONFIG WORKDIR [--config.X=Y ...]
 # WORKDIR must be on a filesystem every node sees: process 0 writes it, all read it.
+# DRY_RUN=1 (outside or inside an allocation) prints the srun command and, per node, the
+# process id and coordinator jax.distributed.initialize() will read, and runs nothing;
+# NODES=N stands in for SLURM_JOB_NUM_NODES outside an allocation.
 #SBATCH --job-name=tailored_jax
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
@@ -11,5 +14,20 @@ workdir=${2:?usage: launch/slurm.sh CONFIG WORKDIR [overrides...]}
 shift 2
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 # jax.distributed.initialize() reads the coordinator and ranks from SLURM's environment.
-exec srun --ntasks-per-node=1 python -m tailored_jax.main --distributed \
-  --config="$config" --workdir="$workdir" "$@"
+command=(srun --ntasks-per-node=1 python -m tailored_jax.main --distributed
+  --config="$config" --workdir="$workdir" "$@")
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  nodes=${SLURM_JOB_NUM_NODES:-${NODES:-1}}
+  first=node0
+  if [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol > /dev/null; then
+    first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  fi
+  echo "cwd: $PWD"
+  echo "run: ${command[*]@Q}"
+  for ((rank = 0; rank < nodes; rank++)); do
+    echo "node $rank: SLURM_PROCID=$rank SLURM_NTASKS=$nodes coordinator=$first" \
+      "python -m tailored_jax.main --distributed --config=$config --workdir=$workdir$(printf ' %q' "$@")"
+  done
+  exit 0
+fi
+exec "${command[@]}"

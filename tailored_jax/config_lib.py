@@ -12,6 +12,18 @@ from ml_collections import config_dict
 
 from tailored_jax.teacher.limits import parse_prices
 
+# Common slices: devices, memory per device (GB, vendor figures) and the (data, fsdp, tensor)
+# mesh the paper's students use there: weights and AdamW state sharded over the fast
+# interconnect (fsdp), data parallel across hosts where a slice spans them.
+MESH_PRESETS = {
+    "tpu-v4-8": (4, 32, (1, 4, 1)),
+    "tpu-v4-32": (16, 32, (1, 16, 1)),
+    "tpu-v5e-16": (16, 16, (1, 16, 1)),
+    "tpu-v5p-8": (4, 95, (1, 4, 1)),
+    "h100-1x8": (8, 80, (1, 8, 1)),
+    "h100-2x8": (16, 80, (2, 8, 1)),
+}
+
 # Named here (this module imports no jax) and used by the models and `sharding.py`.
 REMAT_POLICIES = ("none", "full", "minimal", "save_attention")
 DECODE_LAYOUTS = ("model_parallel", "replicated", "train")
@@ -97,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.num_devices = 0  # use the first N devices; 0: all of them
+  # A slice from MESH_PRESETS (e.g. 'h100-1x8'): its (data, fsdp, tensor) replace the three
+  # sizes above, and the run checks it has that many devices.
+  c.mesh.preset = ""
   # Weights while decoding (exam, evaluation): 'model_parallel' splits heads/mlp/vocab over
   # tensor and fsdp (no per-token weight all-gather), 'replicated' keeps a whole copy per device,
   # 'train' decodes in the training layout.
@@ -298,6 +313,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(0 < e.top_p <= 1, "exam.top_p", "must be in (0, 1]")
   _require(e.max_new_tokens >= 1, "exam.max_new_tokens", "must be >= 1")
   _require(e.memory_budget_gb >= 0, "exam.memory_budget_gb", "must be >= 0")
+  _require(not c.mesh.preset or c.mesh.preset in MESH_PRESETS, "mesh.preset",
+           f"must be one of {sorted(MESH_PRESETS)}, got {c.mesh.preset!r}")
   _require(c.mesh.decode_layout in DECODE_LAYOUTS, "mesh.decode_layout",
            f"must be 'model_parallel', 'replicated' or 'train', got {c.mesh.decode_layout!r}")
   splits = {x.strip() for x in c.eval.splits.split(",") if x.strip()}

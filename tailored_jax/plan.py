@@ -231,7 +231,7 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
       "model": preset, "parameters": trainer.num_params, "dtype": arch.dtype,
       "param_dtype": arch.param_dtype, "remat": arch.remat, "scan_layers": arch.scan_layers,
       "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)), "devices": mesh.size,
-      "train_step": {
+      "slice": cfg.mesh.get("preset", ""), "train_step": {
           "batch": b, "seq_len": seq, "self_reflection_rows": sr_rows, "prefix": prefix,
           "continuation": cont, "parameters_per_device": sharded_bytes(train_args[0].params),
           "optimizer_per_device": sharded_bytes(train_args[0].opt_state), **train_plan
@@ -273,9 +273,17 @@ def main(argv=None) -> None:
   parser.add_argument("--devices", type=int, default=8, help="how many devices the mesh spans")
   parser.add_argument("--device_memory_gb", type=float, default=80.0,
                       help="each device's memory, for 'fits' and the largest batch")
+  parser.add_argument("--slice", default="",
+                      help="a mesh preset (config_lib.MESH_PRESETS): its devices, mesh, memory")
   parser.add_argument("--no_compile", action="store_true",
                       help="the planner's figures only (seconds), without XLA's")
   args, overrides = parser.parse_known_args(argv)
+  if args.slice:
+    from tailored_jax.config_lib import MESH_PRESETS
+    if args.slice not in MESH_PRESETS:
+      sys.exit(f"error: --slice={args.slice!r} is not one of {sorted(MESH_PRESETS)}")
+    devices, memory_gb, sizes = MESH_PRESETS[args.slice]
+    args.devices, args.device_memory_gb, args.mesh = devices, memory_gb, ",".join(map(str, sizes))
   if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     env = dict(
         os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
@@ -290,7 +298,7 @@ def main(argv=None) -> None:
     data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
   except (config_lib.ConfigError, ValueError) as e:
     sys.exit(f"error: {e}")
-  cfg.mesh.update(data=data, fsdp=fsdp, tensor=tensor, num_devices=args.devices)
+  cfg.mesh.update(data=data, fsdp=fsdp, tensor=tensor, num_devices=args.devices, preset=args.slice)
   try:
     report = lower(cfg, args.model, args.device_memory_gb, not args.no_compile)
   except ValueError as e:  # e.g. a batch the mesh's batch axes do not divide

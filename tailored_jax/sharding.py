@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from tailored_jax.config_lib import DECODE_LAYOUTS
+from tailored_jax.config_lib import DECODE_LAYOUTS, MESH_PRESETS
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -43,7 +43,15 @@ def activation_layout(mesh: Mesh):
 
 
 def mesh_shape(cfg, num_devices: int) -> tuple[int, ...]:
-  """Sizes of (data, fsdp, tensor) from `cfg.mesh`; one size may be -1: whatever is left."""
+  """Sizes of (data, fsdp, tensor) from `cfg.mesh` (or its preset); one size may be -1:
+  whatever is left."""
+  preset = cfg.mesh.get("preset", "")
+  if preset:
+    devices, _, sizes = MESH_PRESETS[preset]
+    if devices != num_devices:
+      raise ValueError(f"config field mesh.preset: {preset!r} is a slice of {devices} devices, "
+                       f"this run has {num_devices}")
+    return tuple(sizes)
   sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
   if sizes.count(-1) > 1:
     raise ValueError(f"config field mesh: at most one axis may be -1, got {sizes}")

@@ -73,9 +73,10 @@ def test_collectives_count_a_while_body_by_its_trip_count():
 }
 ENTRY %main (a: f32[8]) -> f32[8] {
   %ag = f32[16]{0} all-gather(f32[8]{0} %a), dimensions={0}
-  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"30"}}
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={TRIPS}
 }
 """
+  hlo = hlo.replace("{TRIPS}", '{"known_trip_count":{"n":"30"}}')
   assert plan.collectives(hlo) == {
       "all-gather": {"count": 1, "bytes": 64}, "all-reduce": {"count": 30, "bytes": 30 * 32}
   }
@@ -114,3 +115,31 @@ def test_a_round_refuses_a_step_that_cannot_fit_before_allocating(tmp_path):
   assert "budget is 0.00 GB (train.memory_budget_gb" in message
   assert "not even one row per device fits" in message or "largest train.batch_size" in message
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_gptj_6b_on_an_h100_slice_fits_by_the_planner():
+  """The paper's student at the paper's batch (16 x 656) on 1x8 H100 (fsdp 8, full remat)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([
+      sys.executable, "-m", "tailored_jax.plan", "--config=configs/gsm8k_gptj6b.py",
+      "--model=gptj_6b", "--slice=h100-1x8", "--no_compile", "--config.train.max_seq_len=656"
+  ], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+  report = json.loads(out.stdout)
+  assert report["slice"] == "h100-1x8" and report["devices"] == 8
+  assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  train = report["train_step"]
+  assert train["device_memory_gb"] == 80 and train["fits"] and train["batch"] == 16
+  assert train["planned_gb"]["parameters"] == round(6050882784 * 4 / 8 / 1e9, 3)
+  assert train["largest_batch_that_fits"] >= 16
+
+
+def test_a_mesh_preset_must_match_the_devices():
+  from tailored_jax import sharding
+  cfg = config_lib.base_config()
+  cfg.mesh.preset = "tpu-v4-32"
+  assert sharding.mesh_shape(cfg, 16) == (1, 16, 1)
+  with pytest.raises(ValueError, match="'tpu-v4-32' is a slice of 16 devices, this run has 8"):
+    sharding.mesh_shape(cfg, 8)
+  cfg.mesh.preset = "tpu-v9"
+  with pytest.raises(config_lib.ConfigError, match="config field mesh.preset: must be one of"):
+    config_lib.validate(cfg)

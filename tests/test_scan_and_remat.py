@@ -40,8 +40,9 @@ def test_blockwise_attention_equals_dot_product_attention(window):
           window - 1, 0) if window else None)
   blockwise = lambda q, k, v: layers.blockwise_causal_attention(q, k, v, jnp.asarray(valid), jnp.
                                                                 float32, window, block=16)
-  (_, expected), expected_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)(fused, q, k, v)
-  (_, got), got_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)(blockwise, q, k, v)
+  grads = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2), has_aux=True))
+  (_, expected), expected_grads = grads(fused)(q, k, v)
+  (_, got), got_grads = grads(blockwise)(q, k, v)
   np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid], atol=2e-5)
   for a, e in zip(got_grads, expected_grads):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=5e-5)
@@ -130,23 +131,35 @@ def test_remat_policies_are_checked_and_old_workdirs_still_load():
     assert config_lib.from_saved(saved).model.remat == new
 
 
-SHARDED = dataclasses.replace(CFG, n_kv_heads=4, scan_layers=True, remat="full")
+SHARDED = dataclasses.replace(CFG, n_kv_heads=4)
 
 
 def test_activation_layouts_give_one_devices_loss_and_updates():
-  """Megatron-style (1, 2, 4) and mixed (2, 2, 2) meshes against one device: LM + reflection."""
+  """LM + self-reflection steps from the same weights: the per-layer model on one device and on
+  a mixed (2, 2, 2) mesh, the scanned one on a Megatron-style (1, 2, 4) mesh."""
+  assert jax.device_count() == 8, "tests/conftest.py asks for 8 host devices"
+  initial = jax.device_get(
+      nn.meta.unbox(layers.init_boxed_params(Llama(SHARDED), jax.random.PRNGKey(0))))
+  runs = (((1, 1, 1, 1), SHARDED), ((2, 2, 2, 0), SHARDED),
+          ((1, 2, 4, 0), dataclasses.replace(SHARDED, scan_layers=True, remat="full")))
   results = []
-  for mesh_shape in ((1, 1, 1), (2, 2, 2), (1, 2, 4)):
-    mesh = sharding.make_mesh(_mesh_cfg(*mesh_shape, 0 if mesh_shape != (1, 1, 1) else 1))
-    trainer = Trainer(Llama(SHARDED), _train_cfg(), mesh)
-    state = trainer.new_state(trainer.init_params(0))
+  for mesh_shape, cfg in runs:
+    trainer = Trainer(Llama(cfg), _train_cfg(), sharding.make_mesh(_mesh_cfg(*mesh_shape)))
+    params = jax.tree.map(jnp.asarray, initial)
+    if cfg.scan_layers:
+      params = layers.stack_layers(params, cfg.n_layers)
+    state = trainer.new_state(jax.device_put(params, trainer.param_shardings))
     rng = np.random.default_rng(0)
     for _ in range(2):
       lm, reflection = _batch(rng)
       state, metrics = trainer.step_fn()(state, trainer.put_batch(lm),
                                          trainer.put_batch(reflection))
-    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    results.append((layers.unstack_layers(jax.device_get(state.params)), jax.device_get(metrics)))
+    if mesh_shape == (2, 2, 2, 0):
+      assert state.params["layer_0"]["attn"]["wq"].sharding.spec == jax.sharding.PartitionSpec(
+          "fsdp", "tensor", None)
   (p1, m1), *others = results
+  assert m1["sr_loss"] > 0 and m1["sr_examples"] == 6
   for params, metrics in others:
     np.testing.assert_allclose(metrics["loss"], m1["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p1)):
@@ -158,7 +171,7 @@ def test_fsdp_reduces_weights_not_activations():
   larger than the largest weight (splitting an activation's contraction over fsdp would
   all-reduce [batch, tokens, mlp] partial sums)."""
   from tailored_jax import plan
-  cfg = dataclasses.replace(SHARDED, d_model=64, d_ff=256)
+  cfg = dataclasses.replace(SHARDED, d_model=64, d_ff=256, scan_layers=True, remat="full")
   trainer = Trainer(Llama(cfg), _train_cfg(), sharding.make_mesh(_mesh_cfg(1, 8, 1, 0)))
   rows = lambda dtype: jax.ShapeDtypeStruct(
       (16, 64), dtype, sharding=sharding.batch_sharding(trainer.mesh, 2))

@@ -12,6 +12,7 @@ import optax
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
 from tailored_jax.models import head_logits
 from tailored_jax.models.kv_cache import KVCache
+from tailored_jax.models.layers import LAYERS
 from tailored_jax.train import losses
 
 
@@ -48,12 +49,14 @@ class LossConfig:
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-  """AdamW with linear warm-up then constant lr; no decay on 1-D params (norm scales)."""
+  """AdamW with linear warm-up then constant lr; no decay on 1-D params (norm scales; a scanned
+  model's stacked ones too)."""
   schedule = optax.join_schedules([
       optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
       optax.constant_schedule(cfg.lr)
   ], [max(cfg.warmup_steps, 1)])
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim - (path[0].key == LAYERS) > 1, params)
   chain = []
   if cfg.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(cfg.grad_clip))

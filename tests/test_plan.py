@@ -129,7 +129,8 @@ def test_gptj_6b_on_an_h100_slice_fits_by_the_planner():
   assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   train = report["train_step"]
   assert train["device_memory_gb"] == 80 and train["fits"] and train["batch"] == 16
-  assert train["planned_gb"]["parameters"] == round(6050882784 * 4 / 8 / 1e9, 3)
+  # float32 weights split 8 ways (norms and biases whole)
+  assert 6050882784 * 4 / 8 / 1e9 <= train["planned_gb"]["parameters"] < 3.03
   assert train["largest_batch_that_fits"] >= 16
 
 

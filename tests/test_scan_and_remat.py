@@ -75,20 +75,6 @@ def test_scanned_loss_and_gradients_equal_the_per_layer_loop(loop_run, remat):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-def test_a_scanned_student_trains_through_the_trainer():
-  scanned = Llama(dataclasses.replace(CFG, scan_layers=True, remat="full"))
-  trainer = Trainer(scanned, _train_cfg(), sharding.make_mesh(_mesh_cfg(2, 2, 2, 0)))
-  state = trainer.new_state(trainer.init_params(0))
-  assert state.params["layers"]["attn"]["wq"].sharding.spec == jax.sharding.PartitionSpec(
-      None, "fsdp", "tensor", None)
-  step_fn, rng, losses = trainer.step_fn(), np.random.default_rng(0), []
-  lm, reflection = _batch(rng)
-  for _ in range(20):
-    state, metrics = step_fn(state, trainer.put_batch(lm), trainer.put_batch(reflection))
-    losses.append(float(metrics["loss"]))
-  assert metrics["sr_examples"] == 6 and losses[-1] < 0.5 * losses[0]
-
-
 def _compiled_lm_step(cfg, batch, seq):
   trainer = Trainer(Llama(cfg), _train_cfg(), sharding.make_mesh(_mesh_cfg(1, 1, 1, 1)))
   rows = lambda dtype: jax.ShapeDtypeStruct((batch, seq), dtype)
@@ -97,13 +83,13 @@ def _compiled_lm_step(cfg, batch, seq):
 
 
 def test_scan_compiles_one_layer_and_full_remat_keeps_only_block_inputs():
-  deep = dataclasses.replace(CFG, n_layers=8, d_model=64, d_ff=256)
+  deep = dataclasses.replace(CFG, n_layers=4, d_model=64, d_ff=256)
   scan = lambda n, remat: dataclasses.replace(deep, n_layers=n, scan_layers=True, remat=remat)
   # the compiled program does not grow with depth under the scan
   size = lambda cfg: len(_compiled_lm_step(cfg, 4, 16).as_text().splitlines())
-  assert size(scan(8, "full")) < 1.1 * size(scan(2, "full"))
+  assert size(scan(8, "full")) < 1.1 * size(scan(2, "full"))  # 8 layers as 2
   temp = lambda cfg: _compiled_lm_step(cfg, 4, 128).memory_analysis().temp_size_in_bytes
-  kept_everything, kept_inputs = temp(deep), temp(scan(8, "full"))
+  kept_everything, kept_inputs = temp(deep), temp(scan(4, "full"))
   assert kept_inputs < 0.5 * kept_everything, (kept_inputs, kept_everything)
 
 
@@ -158,6 +144,9 @@ def test_activation_layouts_give_one_devices_loss_and_updates():
     if mesh_shape == (2, 2, 2, 0):
       assert state.params["layer_0"]["attn"]["wq"].sharding.spec == jax.sharding.PartitionSpec(
           "fsdp", "tensor", None)
+    if cfg.scan_layers:  # the stacked layer axis stays whole
+      assert state.params["layers"]["attn"]["wq"].sharding.spec == jax.sharding.PartitionSpec(
+          None, "fsdp", "tensor", None)
   (p1, m1), *others = results
   assert m1["sr_loss"] > 0 and m1["sr_examples"] == 6
   for params, metrics in others:

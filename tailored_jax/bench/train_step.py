@@ -36,6 +36,8 @@ def main(argv=None) -> None:
   parser.add_argument("--seq_len", type=int, default=112)
   parser.add_argument("--prefix_len", type=int, default=48)
   parser.add_argument("--continuation_len", type=int, default=80)
+  parser.add_argument("--sr_rows", type=int, default=0,
+                      help="rows with the triplet loss (0: every row of the batch)")
   parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args(argv)
   cfg, model, params = model_from_config(args.config, args.vocab_size)
@@ -45,7 +47,7 @@ def main(argv=None) -> None:
   unguarded_cfg.max_nonfinite_steps = 0
   unguarded = Trainer(model, unguarded_cfg, mesh)
   b = cfg.train.batch_size
-  sr_rows = cfg.train.sr_batch_size or b
+  sr_rows = args.sr_rows or b
   lm, reflection = (trainer.put_batch(x) for x in synthetic_batch(np.random.default_rng(
       0), b, args.seq_len, args.prefix_len, args.continuation_len, sr_rows, args.vocab_size))
   variants = {

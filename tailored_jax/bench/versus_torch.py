@@ -205,7 +205,7 @@ def main(argv=None) -> None:
          ours_remat=args.remat, ours_scan_layers=args.scan_layers,
          ours_loss_chunk_tokens=args.loss_chunk_tokens, torch_threads=torch.get_num_threads(),
          torch_device=args.torch_device, torch_version=torch.__version__, repeats=args.repeats,
-         shapes=rows)
+         matmul_peak_gflops=peaks, shapes=rows)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,9 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   """init_from an HF directory: tokenizer from the source, a pad token added (one more embedding
   row; its mean initialisation is checked below), weights streamed in; the pretrained student is
   examined before round 1 (N_0, on by default with init_from) and, with fresh_optimizer off,
-  round 2 continues round 1's AdamW state and schedule."""
+  round 2 continues round 1's AdamW state and schedule. As in the paper configs, the layers
+  run under a scan with full remat: the loaded per-layer weights are stacked, decoding reads
+  them unstacked, and the stacked round checkpoint loads back as a per-layer student."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from tailored_jax.data.tokenizer import train_bpe
@@ -186,6 +188,7 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   from tailored_jax.models.student import load_student
   cfg = tiny_config()
   cfg.method.fresh_optimizer = False
+  cfg.model.update(scan_layers=True, remat="full")
   task = build_task(cfg.task)
   tok = train_bpe([
       task.format_prefix(d.question, [])
@@ -195,7 +198,7 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   source = tmp_path / "gptj"
   torch.manual_seed(0)
   model = transformers.GPTJForCausalLM(
-      transformers.GPTJConfig(vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2,
+      transformers.GPTJConfig(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2,
                               rotary_dim=8, n_positions=256))
   model.save_pretrained(source)
   tok.backend.save(str(source / "tokenizer.json"))
@@ -219,6 +222,7 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   assert student.model.cfg.vocab_size == tok.vocab_size + 1  # the added <|pad|> row
   assert student.tokenizer.pad_id == tok.vocab_size
   assert student.tokenizer.backend.id_to_token(tok.vocab_size) == "<|pad|>"
+  assert sorted(k for k in student.params if k.startswith("layer_")) == ["layer_0", "layer_1"]
 
 
 def test_pad_row_is_the_mean_of_the_old_rows():

@@ -130,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
   # quickstart's from-scratch student at lr 1e-3 sets 1.0.
   c.train.grad_clip = 0.0
   c.train.max_seq_len = 1024  # longer training strings are cut (and counted)
+  # > 0: each batch's LM arrays padded to its own longest string, rounded up to a multiple of
+  # this (one compiled step per distinct length; train.json reports the padding share and the
+  # step shapes); 0: every batch at the round's longest string.
+  c.train.length_bucket = 0
   c.train.prefix_weight = 0.1  # LM loss weight on prefix (demos + question) tokens
   c.train.sr_weight = 0.5  # λ
   c.train.sr_margin = 1.0  # ρ
@@ -207,6 +211,7 @@ def paper_config(task: str, family: str) -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
   c.model.scan_layers = True
+  c.train.length_bucket = 64
   c.train.loss_chunk_tokens = 128  # 49k–151k-token vocabularies: no full [b, t, v] logits
   c.mesh.data = 1
   c.mesh.fsdp = -1
@@ -302,6 +307,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(0 <= t.sr_batch_size <= t.batch_size, "train.sr_batch_size",
            f"must be in [0, train.batch_size={t.batch_size}], got {t.sr_batch_size}")
   _require(t.max_seq_len >= 8, "train.max_seq_len", "must be >= 8")
+  _require(t.length_bucket >= 0, "train.length_bucket", "must be >= 0")
   _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
   _require(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
   _require(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0")

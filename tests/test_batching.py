@@ -1,6 +1,7 @@
 import random
 
 import numpy as np
+import pytest
 
 from tailored_jax.data import batching
 from tailored_jax.data.tokenizer import train_bpe
@@ -131,3 +132,28 @@ def test_positive_candidates_are_drawn_at_random_beyond_the_first_ten():
     row = reflection.continuations[0, 1][reflection.continuation_mask[0, 1]]
     used.add(tok.decode(row))
   assert used == {f" r {j}\nAnswer: 1" for j in batcher.positives_of[0]}
+
+
+def test_length_buckets_pad_each_batch_to_its_own_longest_string():
+  tok, whole = make_batcher()
+  _, bucketed = make_batcher()
+  bucketed.length_bucket = 4
+  lengths = [len(ids) - 1 for ids, _ in whole.sequences]  # LM positions per string
+  for indices in ([0], [2], [0, 1], [0, 1, 2]):
+    lm, _ = bucketed.build(indices, seed=0)
+    longest = max(lengths[i] for i in indices)
+    assert lm.inputs.shape == (4, -(-longest // 4) * 4)
+    reference, _ = whole.build(indices, seed=0)  # the same tokens, only less padding
+    for field in ("inputs", "targets", "input_mask", "target_mask", "target_weights"):
+      np.testing.assert_array_equal(getattr(lm, field),
+                                    getattr(reference, field)[:, :lm.inputs.shape[1]])
+      assert not getattr(reference, field)[:, lm.inputs.shape[1]:].any()
+  batches = [[0], [2], [1]]
+  share, shapes = bucketed.padding(batches)
+  widths = [-(-lengths[i] // 4) * 4 for i in (0, 2, 1)]
+  assert share == pytest.approx(1 - sum(lengths) / (4 * sum(widths)))
+  assert shapes == len(set(widths))
+  whole_share, whole_shapes = whole.padding(batches)
+  assert whole_shapes == 1 and whole_share == pytest.approx(1 - sum(lengths) /
+                                                            (4 * 3 * whole.seq_len))
+  assert share < whole_share

@@ -189,6 +189,7 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   cfg = tiny_config()
   cfg.method.fresh_optimizer = False
   cfg.model.update(scan_layers=True, remat="full")
+  cfg.train.length_bucket = 8  # each batch padded to its own longest string
   task = build_task(cfg.task)
   tok = train_bpe([
       task.format_prefix(d.question, [])
@@ -218,6 +219,8 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   assert train_1["self_reflection"] and records[0]["mistakes"] == exam_0["mistakes"]
   assert train_1["optimizer_step_at_start"] == 0
   assert train_2["optimizer_step_at_start"] == train_1["steps"]
+  for train in (train_1, train_2):
+    assert 0 <= train["padding_share"] < 0.5 and 1 <= train["step_shapes"] <= train["steps"]
   student = load_student(os.path.join(workdir, "checkpoints", "round_1"))
   assert student.model.cfg.vocab_size == tok.vocab_size + 1  # the added <|pad|> row
   assert student.tokenizer.pad_id == tok.vocab_size

@@ -100,11 +100,13 @@ class Batcher:
   def __init__(self, tokenizer: Tokenizer, prefixes: dict[str, str], examples: list[TrainExample],
                negatives: dict[str, list[str]], *, batch_size: int, max_seq_len: int,
                max_continuation_len: int, prefix_weight: float, max_positives: int,
-               max_negatives: int, sr_batch_size: int = 0, bucket: int = 16, seed: int = 0):
+               max_negatives: int, sr_batch_size: int = 0, bucket: int = 16, seed: int = 0,
+               length_bucket: int = 0):
     self.tok = tokenizer
     self.examples = examples
     self.batch_size = batch_size
     self.sr_batch_size = sr_batch_size or batch_size
+    self.length_bucket = length_bucket
     self.prefix_weight = prefix_weight
     self.qids = [e.qid for e in examples]
     missing = sorted({q for q in self.qids if q not in prefixes})
@@ -159,10 +161,29 @@ class Batcher:
   def epoch(self, seed: int) -> list[list[int]]:
     return epoch_order(self.qids, self.batch_size, seed)
 
+  def lm_length(self, indices: list[int]) -> int:
+    """The LM arrays' length for a batch: the round's longest string, or with `length_bucket`
+    the batch's own longest rounded up to a multiple of it (fewer padded positions; one
+    compiled step per distinct length)."""
+    if not self.length_bucket:
+      return self.seq_len
+    longest = max((len(self.sequences[i][0]) - 1 for i in indices), default=1)
+    return min(round_up(longest, self.length_bucket), self.seq_len)
+
+  def padding(self, batches: list[list[int]]) -> tuple[float, int]:
+    """(share of the LM arrays' positions that are padding or filler rows, distinct lengths)
+    over a round's batches."""
+    lengths = [self.lm_length(indices) for indices in batches]
+    real = sum(
+        min(len(self.sequences[i][0]) - 1, length) for indices, length in zip(batches, lengths)
+        for i in indices)
+    padded = self.batch_size * sum(lengths)
+    return (1.0 - real / padded if padded else 0.0), len(set(lengths))
+
   def build(self, indices: list[int], seed: int) -> tuple[LMBatch, ReflectionBatch | None]:
     """The step's arrays for `indices`; the reflection rows (drawn with `seed`) exist exactly
     when the round trains self-reflection."""
-    b, length = self.batch_size, self.seq_len
+    b, length = self.batch_size, self.lm_length(indices)
     inputs = np.zeros((b, length), np.int32)
     targets = np.zeros((b, length), np.int32)
     input_mask = np.zeros((b, length), bool)

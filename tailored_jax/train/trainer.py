@@ -229,6 +229,7 @@ class Trainer:
     (final state, summary dict)."""
     step_fn = self.step_fn()
     batches = self.schedule(batcher, seed, round_index)
+    padding_share, lm_lengths = batcher.padding(batches)
     checkpoints = checkpointing.StepCheckpoints(checkpoint_dir, round_index)
     # DPO's reference model: the round's starting weights, copied before the state donates them
     reference = jax.tree.map(jnp.copy, params) if self.reflection_loss == "dpo" else None
@@ -246,8 +247,9 @@ class Trainer:
           "start", round_index)
     logging.info(
         "round %d: training on %d examples (%d with self-reflection pairs), %d steps, "
-        "seq_len %d%s", round_index, len(batcher), batcher.sr_candidates, len(batches),
-        batcher.seq_len, f", {batcher.truncated} cut" if batcher.truncated else "")
+        "seq_len %d%s, %.1f%% padding, %d step shapes", round_index, len(batcher),
+        batcher.sr_candidates, len(batches), batcher.seq_len,
+        f", {batcher.truncated} cut" if batcher.truncated else "", 100 * padding_share, lm_lengths)
     window_start = round_start = time.time()
     window_steps = window_tokens = total_tokens = window_inputs = 0
     last = {}
@@ -289,6 +291,7 @@ class Trainer:
         "self_reflection": batcher.self_reflection, "optimizer_step_at_start": start_optimizer_step,
         "final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss"),
         "final_sr_loss": last.get("sr_loss"), "target_tokens": total_tokens,
+        "padding_share": round(padding_share, 4), "step_shapes": lm_lengths,
         "nonfinite_steps_skipped": int(guard.nonfinite_total
                                       ), "target_tokens_per_s": total_tokens / max(seconds, 1e-9)
     }

@@ -157,3 +157,22 @@ def test_length_buckets_pad_each_batch_to_its_own_longest_string():
   assert whole_shapes == 1 and whole_share == pytest.approx(1 - sum(lengths) /
                                                             (4 * 3 * whole.seq_len))
   assert share < whole_share
+
+
+def test_length_grouped_epochs_keep_every_example_once_in_distinct_question_batches():
+  rng = np.random.default_rng(0)
+  qids = [f"q{i % 37}" for i in range(300)]  # up to 9 rationales per question
+  lengths = rng.integers(100, 700, len(qids)).tolist()
+  batches = batching.epoch_order(qids, 8, seed=3, lengths=lengths, window_batches=4)
+  assert sorted(i for b in batches for i in b) == list(range(300))
+  assert all(len({qids[i] for i in b}) == len(b) for b in batches)
+  assert sum(len(b) < 8 for b in batches) <= 2  # only the end of the epoch is short
+  assert batches == batching.epoch_order(qids, 8, seed=3, lengths=lengths, window_batches=4)
+  padded = lambda bs: sum(8 * max(lengths[i] for i in b) for b in bs)
+  plain = batching.epoch_order(qids, 8, seed=3)
+  assert padded(batches) < 0.8 * padded(plain)
+  longest = [max(lengths[i] for i in b) for b in batches]
+  assert longest != sorted(longest)  # similar lengths together, batches in random order
+  spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+  assert np.median(spans) < 0.5 * np.median(
+      [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain])

@@ -48,11 +48,15 @@ def round_up(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-def epoch_order(qids: list[str], batch_size: int, seed: int) -> list[list[int]]:
+def epoch_order(qids: list[str], batch_size: int, seed: int, lengths: list[int] | None = None,
+                window_batches: int = 16) -> list[list[int]]:
   """Indices into `qids`, in batches of distinct questions; every index appears exactly once.
 
   Examples of one question are spread across levels (its 1st, 2nd, … example); a batch that would
-  take a question twice defers the example to the next batch.
+  take a question twice defers the example to the next batch. With `lengths`, each window of
+  `window_batches` batches' worth of that stream is sorted by length before it is cut into
+  batches (a window's last, unfilled batch carries into the next), and the batches are then
+  shuffled: batches of similar lengths, in random order.
   """
   rng = random.Random(seed)
   by_question: dict[str, list[int]] = defaultdict(list)
@@ -70,8 +74,24 @@ def epoch_order(qids: list[str], batch_size: int, seed: int) -> list[list[int]]:
     rng.shuffle(at_level)
     stream.extend(by_question[q][level] for q in at_level)
     level += 1
+  if lengths is None:
+    return _distinct_batches(stream, qids, batch_size)
+  window = batch_size * window_batches
   batches: list[list[int]] = []
-  pending = stream
+  carry: list[int] = []
+  for start in range(0, len(stream), window):
+    last = start + window >= len(stream)
+    chunk = sorted(carry + stream[start:start + window], key=lambda i: lengths[i])
+    cut = _distinct_batches(chunk, qids, batch_size)
+    carry = [] if last or len(cut[-1]) == batch_size else cut.pop()
+    batches.extend(cut)
+  rng.shuffle(batches)
+  return batches
+
+
+def _distinct_batches(pending: list[int], qids: list[str], batch_size: int) -> list[list[int]]:
+  """`pending` cut in order into batches of distinct questions (a repeat waits for the next)."""
+  batches: list[list[int]] = []
   while pending:
     batch, seen, deferred = [], set(), []
     for pos, i in enumerate(pending):
@@ -159,7 +179,9 @@ class Batcher:
     return len(self.examples)
 
   def epoch(self, seed: int) -> list[list[int]]:
-    return epoch_order(self.qids, self.batch_size, seed)
+    """One epoch's batches; with `length_bucket`, batches of similar lengths (in random order)."""
+    lengths = [len(ids) for ids, _ in self.sequences] if self.length_bucket else None
+    return epoch_order(self.qids, self.batch_size, seed, lengths)
 
   def lm_length(self, indices: list[int]) -> int:
     """The LM arrays' length for a batch: the round's longest string, or with `length_bucket`

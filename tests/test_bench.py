@@ -20,7 +20,8 @@ def test_decode_benchmark_reports_and_agrees(capsys):
 
 
 def test_train_step_benchmark_reports(capsys):
-  train_step.main(["--seq_len=16", "--prefix_len=8", "--continuation_len=8", "--repeats=1"])
+  train_step.main(
+      ["--seq_len=16", "--prefix_len=8", "--continuation_len=8", "--repeats=1", "--sr_rows=8"])
   result = json.loads(capsys.readouterr().out)
   assert result["parameters"] == 667520 and result["batch"] == 32
   assert result["lm"]["steps_per_s"] > 0 and result["self_reflection_cost_ratio"] > 0

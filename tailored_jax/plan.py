@@ -195,15 +195,11 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
                                rows((sr_rows,), jnp.float32))
   reference = trainer.abstract_state().params if cfg.method.reflection_loss == "dpo" else None
   train_args = (trainer.abstract_state(), lm, reflection, reference)
-  planned, shape = trainer.planned_memory()
-  parameters, optimizer = trainer.state_bytes_per_device()
+  planned, _ = trainer.planned_memory()
   budget = int(device_memory_gb * train_memory.GB)
   train_plan = {
       "planned_gb": planned.as_gb(), "device_memory_gb": device_memory_gb,
-      "fits": planned.total <= budget,
-      "largest_batch_that_fits": train_memory.largest_batch(arch, shape, parameters, optimizer,
-                                                            arch.remat, budget,
-                                                            *trainer.gathered_bytes())
+      "fits": planned.total <= budget, "largest_batch_that_fits": trainer.largest_batch(budget)
   }
 
   layout = cfg.mesh.decode_layout
@@ -233,8 +229,8 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
       "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)), "devices": mesh.size,
       "slice": cfg.mesh.get("preset", ""), "train_step": {
           "batch": b, "seq_len": seq, "self_reflection_rows": sr_rows, "prefix": prefix,
-          "continuation": cont, "parameters_per_device": sharded_bytes(train_args[0].params),
-          "optimizer_per_device": sharded_bytes(train_args[0].opt_state), **train_plan
+          "continuation": cont, "parameters_per_device": planned.parameters,
+          "optimizer_per_device": planned.optimizer, **train_plan
       }, "exam_decode": {
           "prompts": e.batch_size, "samples": e.num_samples, "prompt_len": prompt,
           "new_tokens": e.max_new_tokens, "layout": layout,

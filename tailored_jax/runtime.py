@@ -39,8 +39,7 @@ class StudentRuntime:
     self.decode_layout = cfg.mesh.decode_layout
     per_layer = layers.abstract_boxed_params(self.decoder.model)  # what decoding reads
     per_layer_specs = nn.get_partition_spec(per_layer)
-    self._per_layer_shardings = sharding.decode_shardings(per_layer_specs, nn.meta.unbox(per_layer),
-                                                          mesh, "train")
+    self._per_layer_shardings = sharding.logical_sharding(per_layer, mesh)
     self._to_decode_layout = jax.jit(
         layers.unstack_layers,
         out_shardings=sharding.decode_shardings(per_layer_specs, nn.meta.unbox(per_layer), mesh,

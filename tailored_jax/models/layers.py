@@ -225,15 +225,16 @@ def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | None, dtype, window: 
   """Attention for one layer: with the cache's `kv`, the new keys and values are written into it
   (`cached_attention`); without one (training), tokens attend causally to themselves (`valid_bt`
   masks padding) and nothing is stored. Returns (out, kv)."""
-  q_btnh = tag(constrain(q_btnh, ("batch", "length", "heads", "head_dim")), "query")
-  k_btkh = tag(constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim")), "key")
-  v_btkh = tag(constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim")), "value")
+  query, key, value, attention = ATTENTION_NAMES
+  q_btnh = tag(constrain(q_btnh, ("batch", "length", "heads", "head_dim")), query)
+  k_btkh = tag(constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim")), key)
+  v_btkh = tag(constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim")), value)
   if kv is None:
     out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
   else:
     out_btnh, kv = cached_attention(q_btnh, k_btkh, v_btkh, kv, dtype)
   out_btnh = constrain(out_btnh, ("batch", "length", "heads", "head_dim"))
-  return tag(out_btnh, "attention"), kv
+  return tag(out_btnh, attention), kv
 
 
 LAYERS = "layers"  # the stacked layers' key in a scanned model's parameters
@@ -322,7 +323,7 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | N
   per layer when scanned), masks come from its slots and its contexts, and the updated cache is
   returned; without one (training), tokens attend causally to themselves, no keys or values
   are kept, and the returned cache is None. Call it from inside a compact method."""
-  scan = getattr(cfg, "scan_layers", False)
+  scan = cfg.scan_layers
   if cache is None:
     if scan:
       return _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, None, None)[0], None

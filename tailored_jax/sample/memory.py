@@ -37,19 +37,33 @@ def decode_memory(cfg, prompt_slots: int, max_new_tokens: int, num_samples: int,
   return DecodeMemory(kv_cache=kv * num_samples, step=step * num_samples, prefill=prefill)
 
 
-def device_budget_bytes(fraction: float = 0.5) -> int:
-  """`fraction` of the first local device's free memory (host RAM available on CPU, where
-  devices report no memory statistics)."""
-  stats = None
+def _memory_stats() -> dict | None:
+  """The first local device's allocator statistics, or None where it has no limit (CPU)."""
   try:
     stats = jax.local_devices()[0].memory_stats()
   except Exception:  # noqa: BLE001 - some backends raise instead of returning None
-    stats = None
-  if stats and stats.get("bytes_limit"):
+    return None
+  return stats if stats and stats.get("bytes_limit") else None
+
+
+def device_budget_bytes(fraction: float = 0.5) -> int:
+  """`fraction` of the first local device's free memory (host RAM available on CPU, where
+  devices report no memory statistics)."""
+  stats = _memory_stats()
+  if stats:
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
   else:
     free = host_available_bytes()
   return int(free * fraction)
+
+
+def device_memory_bytes() -> int:
+  """One device's memory: its allocator's limit on GPU/TPU; on CPU, the host's available memory
+  shared by its local devices."""
+  stats = _memory_stats()
+  if stats:
+    return int(stats["bytes_limit"])
+  return host_available_bytes() // jax.local_device_count()
 
 
 def host_available_bytes() -> int:

@@ -158,10 +158,9 @@ def worst_case_shape(train_cfg, mesh_shape: dict) -> StepShape:
                    fsdp=mesh_shape["fsdp"])
 
 
-def refusal(cfg, plan: TrainMemory, budget: int, shape: StepShape, remat: str, parameters: int,
-            optimizer: int, layer_bytes: int = 0, head_bytes: int = 0) -> str:
-  """The one-paragraph error for a step that does not fit: the numbers, and what would fit."""
-  batch = largest_batch(cfg, shape, parameters, optimizer, remat, budget, layer_bytes, head_bytes)
+def refusal(plan: TrainMemory, budget: int, shape: StepShape, remat: str, batch: int) -> str:
+  """The one-paragraph error for a step that does not fit: the numbers, and the largest
+  `batch` that would."""
   parts = ", ".join(f"{k} {v:.2f}" for k, v in plan.as_gb().items() if k != "total")
   advice = (f"the largest train.batch_size that fits is {batch}"
             if batch else "not even one row per device fits: shard the weights wider (mesh.fsdp)")

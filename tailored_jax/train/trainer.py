@@ -19,7 +19,7 @@ from tailored_jax import checkpointing, config_lib, sharding
 from tailored_jax.data.batching import Batcher
 from tailored_jax.models import layers
 from tailored_jax.progress import Progress
-from tailored_jax.sample.memory import host_available_bytes
+from tailored_jax.sample.memory import device_memory_bytes
 from tailored_jax.train import memory as train_memory
 from tailored_jax.train import step as step_lib
 
@@ -52,19 +52,6 @@ def model_flops_text(num_params: int, tokens_per_s: float) -> str:
   peak = peak_tflops(getattr(devices[0], "device_kind", ""))
   mfu = f", MFU {100 * per_device / peak:.1f}% of bf16 peak" if peak else ""
   return f"{per_device:.3g} model TFLOP/s per device{mfu}"
-
-
-def device_memory_bytes() -> int:
-  """One device's memory: its allocator's limit on GPU/TPU; on CPU, the host's available memory
-  shared by its local devices."""
-  device = jax.local_devices()[0]
-  try:
-    stats = device.memory_stats()
-  except Exception:  # noqa: BLE001 - some backends raise instead of returning None
-    stats = None
-  if stats and stats.get("bytes_limit"):
-    return int(stats["bytes_limit"])
-  return host_available_bytes() // jax.local_device_count()
 
 
 class Trainer:
@@ -176,10 +163,17 @@ class Trainer:
     logging.info("train step plan per device: %s GB; budget %.2f GB", plan.as_gb(),
                  budget / train_memory.GB)
     if plan.total > budget:
-      parameters, optimizer = self.state_bytes_per_device()
       raise config_lib.ConfigError(
-          train_memory.refusal(self.model.cfg, plan, budget, shape, self.model.cfg.remat,
-                               parameters, optimizer, *self.gathered_bytes()))
+          train_memory.refusal(plan, budget, shape, self.model.cfg.remat,
+                               self.largest_batch(budget)))
+
+  def largest_batch(self, budget: int) -> int:
+    """The largest global batch whose worst-case step fits `budget` bytes per device."""
+    shape = train_memory.worst_case_shape(self.cfg, dict(self.mesh.shape))
+    parameters, optimizer = self.state_bytes_per_device()
+    cfg = self.model.cfg
+    return train_memory.largest_batch(cfg, shape, parameters, optimizer, cfg.remat, budget,
+                                      *self.gathered_bytes())
 
   def step_fn(self):
     """The jitted step `(state, lm, reflection | None[, reference params]) -> (state, metrics)`;

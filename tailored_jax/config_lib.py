@@ -143,6 +143,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_continuation_len = 192
   c.train.max_positives = 10
   c.train.sr_batch_size = 0  # rows per step that get the triplet loss; 0: the whole batch
+  # True: the triplet loss reuses the LM forward: its anchor is the LM row's hidden state at EOS
+  # (gradient reaching the prefix too; not capped at max_continuation_len) and the positive and
+  # negative continue from its prefix keys/values (stop-gradient). False: METHOD §3 as written
+  # (a separate stop-gradient prefix pass and three continuations).
+  c.train.sr_reuse_lm_forward = False
   c.train.max_negatives = 4
   c.train.dpo_beta = 0.1  # DPO's β (method.reflection_loss='dpo')
   # A step whose loss or gradient is not finite is skipped (weights and AdamW state unchanged);
@@ -304,6 +309,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.method.reflection_loss in ("triplet", "dpo"), "method.reflection_loss",
            f"'triplet' or 'dpo', got {c.method.reflection_loss!r}")
   _require(t.dpo_beta > 0, "train.dpo_beta", "must be > 0")
+  _require(not (t.sr_reuse_lm_forward and c.method.reflection_loss == "dpo"),
+           "train.sr_reuse_lm_forward", "applies to the triplet loss only, not method."
+           "reflection_loss='dpo'")
   _require(0 <= t.sr_batch_size <= t.batch_size, "train.sr_batch_size",
            f"must be in [0, train.batch_size={t.batch_size}], got {t.sr_batch_size}")
   _require(t.max_seq_len >= 8, "train.max_seq_len", "must be >= 8")

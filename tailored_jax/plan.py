@@ -190,9 +190,11 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
                rows((b, seq), bool), rows((b, seq), jnp.float32))
   sr_rows, cont = t.sr_batch_size or b, t.max_continuation_len
   prefix = max(seq - cont, 8)
-  reflection = ReflectionBatch(rows((sr_rows, prefix), jnp.int32), rows((sr_rows, prefix), bool),
-                               rows((sr_rows, 3, cont), jnp.int32), rows((sr_rows, 3, cont), bool),
-                               rows((sr_rows,), jnp.float32))
+  reflection = ReflectionBatch(
+      rows((sr_rows, prefix), jnp.int32), rows((sr_rows, prefix), bool),
+      rows((sr_rows, 3, cont), jnp.int32), rows((sr_rows, 3, cont), bool),
+      rows((sr_rows,), jnp.float32),
+      rows((sr_rows,), jnp.int32) if t.sr_reuse_lm_forward and sr_rows < b else None)
   reference = trainer.abstract_state().params if cfg.method.reflection_loss == "dpo" else None
   train_args = (trainer.abstract_state(), lm, reflection, reference)
   planned, _ = trainer.planned_memory()

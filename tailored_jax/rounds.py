@@ -391,7 +391,8 @@ class Run:
                       max_continuation_len=c.train.max_continuation_len,
                       prefix_weight=c.train.prefix_weight, max_positives=c.train.max_positives,
                       max_negatives=c.train.max_negatives, sr_batch_size=c.train.sr_batch_size,
-                      seed=derive_seed(c.seed, round_index, 2), length_bucket=c.train.length_bucket)
+                      seed=derive_seed(c.seed, round_index, 2), length_bucket=c.train.length_bucket,
+                      sr_reuse_lm_forward=c.train.sr_reuse_lm_forward)
     trainer = self.student.trainer
     start_params = self.student.params(round_index - 1)
     carried = None

@@ -20,7 +20,7 @@ def test_epoch_order_visits_every_example_once_with_distinct_questions():
   assert batches != batching.epoch_order(qids, batch_size=8, seed=4)
 
 
-def make_batcher(sr_batch_size=0):
+def make_batcher(sr_batch_size=0, **options):
   tok = train_bpe(["Question: a b c\nReasoning: x y 1 2 3\nAnswer: 7"] * 4, 280)
   assert tok.encode("a")[0] == tok.bos_id  # the trained BPE starts every sequence with <s>
   prefixes = {"q1": "Question: a b\nReasoning:", "q2": "Question: c\nReasoning:"}
@@ -32,7 +32,7 @@ def make_batcher(sr_batch_size=0):
   negatives = {"q1": [" x 2\nAnswer: 2"], "q2": [" y\nAnswer: 3"]}
   return tok, batching.Batcher(tok, prefixes, examples, negatives, batch_size=4, max_seq_len=64,
                                max_continuation_len=32, prefix_weight=0.1, max_positives=10,
-                               max_negatives=4, sr_batch_size=sr_batch_size)
+                               max_negatives=4, sr_batch_size=sr_batch_size, **options)
 
 
 def test_lm_arrays_weights_and_padding():

@@ -2,7 +2,15 @@
 prefix reuse changes no token) hold. No timing is asserted."""
 import json
 
-from tailored_jax.bench import decode, train_step, versus_torch
+import flax.linen as nn
+import jax
+import numpy as np
+import torch
+
+from tailored_jax.bench import common, decode, train_step
+from tailored_jax.models import layers
+from tailored_jax.models.llama import Llama
+from tailored_jax.train import step as step_lib
 
 
 def test_decode_benchmark_reports_and_agrees(capsys):
@@ -19,19 +27,32 @@ def test_decode_benchmark_reports_and_agrees(capsys):
                                           / exam["ours_shared_prefix"]["seconds"])
 
 
-def test_train_step_benchmark_reports(capsys):
-  train_step.main(
-      ["--seq_len=16", "--prefix_len=8", "--continuation_len=8", "--repeats=1", "--sr_rows=8"])
+def test_train_step_benchmark_reports_both_sides(capsys):
+  train_step.main(["--model=tiny", "--shapes=2x16:6", "--repeats=1"])
   result = json.loads(capsys.readouterr().out)
-  assert result["parameters"] == 667520 and result["batch"] == 32
-  assert result["lm"]["steps_per_s"] > 0 and result["self_reflection_cost_ratio"] > 0
-  assert result["nonfinite_guard_cost_ratio"] > 0
+  assert result["parameters"] == 90_432  # tied 256 × 64 embedding, 2 layers of 36,992, final norm
+  row = result["shapes"]["2x16:6"]
+  for key in ("ours_lm", "ours_self_reflection", "ours_self_reflection_reusing_lm", "torch_lm",
+              "torch_self_reflection"):
+    assert row[key]["tokens_per_s"] == 2 * 16 / row[key]["seconds_per_step"]
+  assert row["ours_over_torch_lm_tokens_per_s"] == (row["ours_lm"]["tokens_per_s"]
+                                                    / row["torch_lm"]["tokens_per_s"])
+  assert row["torch_self_reflection_over_lm"] == (row["torch_self_reflection"]["seconds_per_step"]
+                                                  / row["torch_lm"]["seconds_per_step"])
 
 
-def test_versus_torch_reports_both_sides(capsys):
-  versus_torch.main(["--model=tiny", "--shapes=2x16", "--repeats=1"])
-  result = json.loads(capsys.readouterr().out)
-  row = result["shapes"]["2x16"]
-  assert row["ours"]["tokens_per_s"] > 0 and row["torch"]["tokens_per_s"] > 0
-  assert row["ours_over_torch_tokens_per_s"] == (row["ours"]["tokens_per_s"]
-                                                 / row["torch"]["tokens_per_s"])
+def test_torch_reference_triplet_loss_is_ours():
+  """The benchmark's torch side computes METHOD §3's triplet loss on the same work: same weights,
+  same value."""
+  cfg = common.PRESETS["tiny"]
+  params = nn.meta.unbox(layers.init_boxed_params(Llama(cfg), jax.random.PRNGKey(0)))
+  work = train_step.Work.random(train_step.Shape.parse("3x20:12"), cfg.vocab_size)
+  _, reflection = work.ours()
+  ours = jax.jit(lambda p: step_lib.self_reflection_loss(Llama(cfg), p, reflection, train_step.
+                                                         SR_MARGIN))(params)
+  twin = common.torch_twin(cfg, params, "cpu")
+  with torch.no_grad():
+    theirs = train_step.torch_triplet_loss(twin, torch.tensor(reflection.prefix, dtype=torch.long),
+                                           torch.tensor(work.continuations(), dtype=torch.long))
+  assert float(ours) > 0.1
+  np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5)

@@ -180,7 +180,8 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   examined before round 1 (N_0, on by default with init_from) and, with fresh_optimizer off,
   round 2 continues round 1's AdamW state and schedule. As in the paper configs, the layers
   run under a scan with full remat: the loaded per-layer weights are stacked, decoding reads
-  them unstacked, and the stacked round checkpoint loads back as a per-layer student."""
+  them unstacked, and the stacked round checkpoint loads back as a per-layer student; the
+  triplet loss reuses the LM forward."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from tailored_jax.data.tokenizer import train_bpe
@@ -190,6 +191,7 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   cfg.method.fresh_optimizer = False
   cfg.model.update(scan_layers=True, remat="full")
   cfg.train.length_bucket = 8  # each batch padded to its own longest string
+  cfg.train.sr_reuse_lm_forward = True  # the triplet's anchor and prefix from the LM forward
   task = build_task(cfg.task)
   tok = train_bpe([
       task.format_prefix(d.question, [])
@@ -220,7 +222,8 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   assert train_1["optimizer_step_at_start"] == 0
   assert train_2["optimizer_step_at_start"] == train_1["steps"]
   for train in (train_1, train_2):
-    assert 0 <= train["padding_share"] < 0.5 and 1 <= train["step_shapes"] <= train["steps"]
+    assert 0 <= train["padding_share"] < 0.5 and 1 <= train["lm_lengths"] <= train["steps"]
+    assert train["lm_lengths"] <= train["step_shapes"] <= train["steps"]
   student = load_student(os.path.join(workdir, "checkpoints", "round_1"))
   assert student.model.cfg.vocab_size == tok.vocab_size + 1  # the added <|pad|> row
   assert student.tokenizer.pad_id == tok.vocab_size

@@ -49,7 +49,7 @@ def test_blockwise_attention_equals_dot_product_attention(window):
 
 
 def _loss_and_grads(model, params, lm, reflection):
-  loss = lambda p: (step_lib.lm_forward_loss(model, p, lm) + 0.5 * step_lib.self_reflection_loss(
+  loss = lambda p: (step_lib.lm_forward_loss(model, p, lm)[0] + 0.5 * step_lib.self_reflection_loss(
       model, p, reflection, 1.0))
   return jax.jit(jax.value_and_grad(loss))(params)
 

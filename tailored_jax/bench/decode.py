@@ -18,29 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax.bench.common import report
-from tailored_jax.bench.versus_torch import PRESETS, median_seconds, torch_model
+from tailored_jax.bench.common import PRESETS, median_seconds, report, torch_twin
 from tailored_jax.data.batching import round_up
-from tailored_jax.models import hf_io, layers
+from tailored_jax.models import layers
 from tailored_jax.models.llama import Llama
 from tailored_jax.sample.decode import Decoder, StopTables
 from tailored_jax.sample.runner import left_pad
 from tailored_jax.sample.sampling import SamplingConfig, sample_keys
 
 PAD = 0
-
-
-def torch_twin(cfg, params, device: str):
-  """transformers' LlamaForCausalLM holding our weights, for inference."""
-  import torch
-  model = torch_model(cfg)
-  state = {name: torch.from_numpy(array) for name, array in hf_io.to_hf(params, cfg).items()}
-  missing, unexpected = model.load_state_dict(state, strict=False)
-  if unexpected or [m for m in missing if m != "lm_head.weight"]:
-    raise RuntimeError(f"weights did not transfer: missing {missing}, unexpected {unexpected}")
-  model.generation_config.eos_token_id = None
-  model.generation_config.bos_token_id = None
-  return model.to(device).eval()
 
 
 def hf_generate(model, rows: list[np.ndarray], new_tokens: int, samples: int, sampling, device):

@@ -1,85 +1,289 @@
-"""`python -m tailored_jax.bench.train_step [--config=configs/quickstart.py]`: steps/s and target
-tokens/s of the jitted train step, LM-only, with self-reflection, and with self-reflection but
-without the non-finite guard, measured side by side (interleaved repeats, medians)."""
+"""`python -m tailored_jax.bench.train_step [--model=llama_34m] [--shapes=8x128,8x256,8x512]`:
+our jitted train step against transformers' `LlamaForCausalLM` + `torch.optim.AdamW` on the
+same config and the same batch, side by side in one process (float32, median of `--repeats`
+after a warm-up), each with the LM loss alone and with the triplet self-reflection loss on every
+row. Prints JSON per shape and side: tokens/s, seconds per step, the first call's excess over a
+steady step (compilation on our side), model FLOP/s as a share of each library's measured
+matmul peak, and peak resident memory (the process's high-water mark, reset before each run;
+Linux); and the ratios ours ÷ torch and self-reflection ÷ LM.
+
+A shape `BxT` (or `BxT:P`) is B training strings of T tokens, each a P-token prefix (default
+T/2) and a (T−P)-token continuation; self-reflection rows share the prefix and continue it with
+an anchor (the string's own continuation), a positive and a negative of T−P tokens each. Ours
+runs METHOD §3 as written (`ours_self_reflection`: a stop-gradient prefix pass and three
+continuations) and reusing the LM forward (`ours_self_reflection_reusing_lm`,
+`train.sr_reuse_lm_forward`: positive and negative only); torch runs the release's way (a
+no-grad prefix pass, then the three continuations with gradient over its cache).
+"""
 from __future__ import annotations
 
 import argparse
-import time
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from tailored_jax import sharding
-from tailored_jax.bench.common import model_from_config, report
+from tailored_jax import config_lib, sharding
+from tailored_jax.bench.common import PRESETS, median_seconds, report, torch_model
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
+from tailored_jax.models import layers
+from tailored_jax.models.llama import Llama, LlamaConfig
 from tailored_jax.train.trainer import Trainer
 
+SR_WEIGHT, SR_MARGIN, LR = 0.5, 1.0, 1e-5
 
-def synthetic_batch(rng, batch: int, seq_len: int, prefix_len: int, cont_len: int, sr_rows: int,
-                    vocab: int) -> tuple[LMBatch, ReflectionBatch]:
-  tokens = rng.integers(3, vocab, (batch, seq_len + 1)).astype(np.int32)
-  ones = np.ones((batch, seq_len), bool)
-  lm = LMBatch(tokens[:, :-1], tokens[:, 1:], ones, ones, ones.astype(np.float32))
-  reflection = ReflectionBatch(
-      rng.integers(3, vocab, (sr_rows, prefix_len)).astype(np.int32),
-      np.ones((sr_rows, prefix_len), bool),
-      rng.integers(3, vocab, (sr_rows, 3, cont_len)).astype(np.int32),
-      np.ones((sr_rows, 3, cont_len), bool), np.ones((sr_rows,), np.float32))
-  return lm, reflection
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  batch: int
+  seq: int
+  prefix: int
+
+  @property
+  def continuation(self) -> int:
+    return self.seq - self.prefix
+
+  @classmethod
+  def parse(cls, text: str) -> "Shape":
+    size, _, prefix = text.partition(":")
+    b, t = (int(x) for x in size.split("x"))
+    p = int(prefix) if prefix else t // 2
+    if not 0 < p < t:
+      raise ValueError(f"--shapes: {text!r}: the prefix must be shorter than the string")
+    return cls(b, t, p)
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+  """One shape's token arrays, shared by both sides: `tokens` [b, t + 1] (the strings, each
+  then its next token), positives and negatives [b, t − p]."""
+  shape: Shape
+  tokens: np.ndarray
+  positives: np.ndarray
+  negatives: np.ndarray
+
+  @classmethod
+  def random(cls, shape: Shape, vocab: int, seed: int = 0) -> "Work":
+    rng = np.random.default_rng(seed)
+    draw = lambda *s: rng.integers(3, vocab, s).astype(np.int32)
+    return cls(shape, draw(shape.batch, shape.seq + 1), draw(shape.batch, shape.continuation),
+               draw(shape.batch, shape.continuation))
+
+  def continuations(self) -> np.ndarray:
+    """[b, 3, t − p]: anchor (the string's own continuation), positive, negative."""
+    anchor = self.tokens[:, self.shape.prefix:self.shape.seq]
+    return np.stack([anchor, self.positives, self.negatives], axis=1)
+
+  def ours(self) -> tuple[LMBatch, ReflectionBatch]:
+    """Every row a training string (its last token read, as when reusing the LM forward) and a
+    self-reflection row on LM row r."""
+    s = self.shape
+    ones = np.ones((s.batch, s.seq), bool)
+    lm = LMBatch(self.tokens[:, :-1], self.tokens[:, 1:], ones, ones, ones.astype(np.float32))
+    reflection = ReflectionBatch(self.tokens[:, :s.prefix], np.ones((s.batch, s.prefix), bool),
+                                 self.continuations(), np.ones((s.batch, 3, s.continuation), bool),
+                                 np.ones((s.batch,), np.float32))
+    return lm, reflection
+
+
+def matmul_peak_gflops(side: str, n: int = 1024, repeats: int = 10) -> float:
+  """Float32 [n, n] @ [n, n] GFLOP/s of jnp or torch on this machine (median)."""
+  if side == "ours":
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    run = lambda: matmul(a).block_until_ready()
+  else:
+    import torch
+    a = torch.randn(n, n)
+    run = lambda: a @ a
+  return 2 * n**3 / median_seconds(run, repeats)[1] / 1e9
+
+
+def model_flops_per_token(cfg: LlamaConfig, n_params: int, seq: int) -> float:
+  """Training FLOPs per token: 6 · parameters, plus causal attention's scores and weighted sum
+  (6 · layers · seq · heads · head_dim: half of the full square's 12)."""
+  return 6.0 * n_params + 6.0 * cfg.n_layers * seq * cfg.n_heads * cfg.head_dim
+
+
+def _reset_peak_rss() -> int:
+  """Resets the process's resident high-water mark; returns the current resident bytes."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+  return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  raise KeyError(field)
+
+
+def with_peak_memory(run):
+  """`run()`'s result with its peak resident bytes, and the peak above the bytes at its start."""
+  start = _reset_peak_rss()
+  result = run()
+  peak = _status_bytes("VmHWM")
+  return dict(result, peak_rss_gb=peak / 1e9, peak_rss_above_start_gb=(peak - start) / 1e9)
+
+
+def train_cfg(loss_chunk_tokens: int = 0, reuse: bool = False,
+              guard: bool = True) -> ml_collections.ConfigDict:
+  t = config_lib.base_config().train
+  t.lr, t.warmup_steps, t.loss_chunk_tokens = LR, 0, loss_chunk_tokens
+  t.sr_weight, t.sr_margin, t.sr_reuse_lm_forward = SR_WEIGHT, SR_MARGIN, reuse
+  t.max_nonfinite_steps = t.max_nonfinite_steps if guard else 0
+  return t
+
+
+def ours(cfg: LlamaConfig, work: Work, repeats: int, *, self_reflection: bool, reuse: bool = False,
+         guard: bool = True, loss_chunk_tokens: int = 0) -> dict:
+  mesh = sharding.make_mesh(
+      ml_collections.ConfigDict({"mesh": dict(data=-1, fsdp=1, tensor=1, num_devices=1)}))
+  trainer = Trainer(Llama(cfg), train_cfg(loss_chunk_tokens, reuse, guard), mesh)
+  state = {"s": trainer.new_state(trainer.init_params(0))}
+  lm, reflection = (trainer.put_batch(x) for x in work.ours())
+  reflection = reflection if self_reflection else None
+  step_fn = trainer.step_fn()
+
+  def step():
+    state["s"], metrics = step_fn(state["s"], lm, reflection)
+    jax.block_until_ready(metrics)
+
+  first, seconds = median_seconds(step, repeats)
+  return {"first_call_s": first, "seconds_per_step": seconds}
+
+
+def torch_triplet_loss(model, prefix, continuations):
+  """The release's self-reflection: the prefix once without gradient, then anchor, positive and
+  negative (rows [b, 3, c]) with gradient over its repeated cache; cosine triplet on the final
+  hidden state at the last token."""
+  import torch
+  b, k, c = continuations.shape
+  p = prefix.shape[1]
+  with torch.no_grad():
+    cache = model.model(input_ids=prefix, use_cache=True).cache
+  cache.batch_repeat_interleave(k)
+  positions = torch.arange(p, p + c, device=prefix.device).expand(b * k, c)
+  hidden = model.model(input_ids=continuations.reshape(b * k, c), position_ids=positions,
+                       cache=cache).last_hidden_state[:, -1].reshape(b, k, -1)
+  cos = torch.nn.functional.cosine_similarity
+  anchor, positive, negative = hidden.unbind(1)
+  return torch.clamp(SR_MARGIN - cos(anchor, positive) + cos(anchor, negative), min=0).mean()
+
+
+def theirs(cfg: LlamaConfig, work: Work, repeats: int, *, self_reflection: bool,
+           device: str = "cpu") -> dict:
+  import torch
+  model = torch_model(cfg).to(device)
+  optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8,
+                                weight_decay=0.01)
+  tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+  inputs, targets = tensor(work.tokens[:, :-1]), tensor(work.tokens[:, 1:])
+  prefix, continuations = tensor(work.tokens[:, :work.shape.prefix]), tensor(work.continuations())
+
+  def step():
+    logits = model(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1))
+    if self_reflection:
+      loss = loss + SR_WEIGHT * torch_triplet_loss(model, prefix, continuations)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device != "cpu":
+      torch.cuda.synchronize()
+
+  first, seconds = median_seconds(step, repeats)
+  return {"first_call_s": first, "seconds_per_step": seconds}
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--config", default="configs/quickstart.py")
-  parser.add_argument("--vocab_size", type=int, default=600)
-  parser.add_argument("--seq_len", type=int, default=112)
-  parser.add_argument("--prefix_len", type=int, default=48)
-  parser.add_argument("--continuation_len", type=int, default=80)
-  parser.add_argument("--sr_rows", type=int, default=0,
-                      help="rows with the triplet loss (0: every row of the batch)")
-  parser.add_argument("--repeats", type=int, default=10)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="llama_34m", choices=sorted(PRESETS))
+  parser.add_argument("--shapes", default="8x128,8x256,8x512", help="BxT or BxT:P, comma-separated")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--torch_device", default="cpu", help="cpu, or cuda beside a JAX GPU")
+  parser.add_argument("--remat", default="full", choices=config_lib.REMAT_POLICIES,
+                      help="ours: what each block keeps for the backward pass")
+  parser.add_argument("--scan_layers", type=int, default=1, help="ours: nn.scan over layers")
+  parser.add_argument("--loss_chunk_tokens", type=int, default=0,
+                      help="ours: LM-head logits this many positions at a time (0: all)")
+  parser.add_argument("--side", default="both", choices=["both", "ours", "torch"],
+                      help="one side alone, e.g. to read its peak RSS with /usr/bin/time -v")
+  parser.add_argument("--lm_only", action="store_true", help="no self-reflection runs")
+  parser.add_argument("--guard_cost", action="store_true",
+                      help="also ours with self-reflection and no non-finite guard")
   args = parser.parse_args(argv)
-  cfg, model, params = model_from_config(args.config, args.vocab_size)
-  mesh = sharding.make_mesh(cfg)
-  trainer = Trainer(model, cfg.train, mesh)
-  unguarded_cfg = cfg.train.copy_and_resolve_references()
-  unguarded_cfg.max_nonfinite_steps = 0
-  unguarded = Trainer(model, unguarded_cfg, mesh)
-  b = cfg.train.batch_size
-  sr_rows = args.sr_rows or b
-  lm, reflection = (trainer.put_batch(x) for x in synthetic_batch(np.random.default_rng(
-      0), b, args.seq_len, args.prefix_len, args.continuation_len, sr_rows, args.vocab_size))
-  variants = {
-      "lm": (trainer, None), "lm_plus_self_reflection": (trainer, reflection),
-      "lm_plus_self_reflection_without_nonfinite_guard": (unguarded, reflection)
+  cfg = dataclasses.replace(PRESETS[args.model], remat=args.remat,
+                            scan_layers=bool(args.scan_layers))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(cfg))))
+  sides = ("ours", "torch") if args.side == "both" else (args.side,)
+  peaks = {side: matmul_peak_gflops(side) for side in sides}
+  chunk = args.loss_chunk_tokens
+  runs = {
+      "ours": {
+          "lm": lambda w: ours(cfg, w, args.repeats, self_reflection=False, loss_chunk_tokens=chunk)
+      },
+      "torch": {
+          "lm": lambda w: theirs(cfg, w, args.repeats, self_reflection=False, device=args.
+                                 torch_device)
+      },
   }
-  states = {name: trainer.new_state(jax.tree.map(jnp.copy, params)) for name in variants}
-  times = {name: [] for name in variants}
-  for name, (owner, rows) in variants.items():  # compile and warm up each variant
-    states[name], metrics = owner.step_fn()(states[name], lm, rows)
-    jax.block_until_ready(metrics)
-  for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
-    for name, (owner, rows) in variants.items():
-      start = time.perf_counter()
-      states[name], metrics = owner.step_fn()(states[name], lm, rows)  # the step donates it
-      jax.block_until_ready(metrics)
-      times[name].append(time.perf_counter() - start)
-  results = {}
-  for name, samples in times.items():
-    seconds = float(np.median(samples))
-    results[name] = {
-        "seconds_per_step": seconds, "steps_per_s": 1 / seconds,
-        "target_tokens_per_s": b * args.seq_len / seconds
-    }
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  seconds = lambda name: results[name]["seconds_per_step"]
-  report(
-      "train_step", config=args.config, parameters=n_params, batch=b, seq_len=args.seq_len,
-      self_reflection_rows=sr_rows, repeats=args.repeats, **results,
-      self_reflection_cost_ratio=seconds("lm_plus_self_reflection") / seconds("lm"),
-      nonfinite_guard_cost_ratio=(seconds("lm_plus_self_reflection")
-                                  / seconds("lm_plus_self_reflection_without_nonfinite_guard")))
+  if not args.lm_only:
+    runs["ours"]["self_reflection"] = lambda w: ours(cfg, w, args.repeats, self_reflection=True,
+                                                     loss_chunk_tokens=chunk)
+    runs["ours"]["self_reflection_reusing_lm"] = lambda w: ours(
+        cfg, w, args.repeats, self_reflection=True, reuse=True, loss_chunk_tokens=chunk)
+    runs["torch"]["self_reflection"] = lambda w: theirs(cfg, w, args.repeats, self_reflection=True,
+                                                        device=args.torch_device)
+    if args.guard_cost:
+      runs["ours"]["self_reflection_without_nonfinite_guard"] = lambda w: ours(
+          cfg, w, args.repeats, self_reflection=True, guard=False, loss_chunk_tokens=chunk)
+  rows = {}
+  for text in args.shapes.split(","):
+    shape = Shape.parse(text)
+    work = Work.random(shape, cfg.vocab_size)
+    flops_per_token = model_flops_per_token(cfg, n_params, shape.seq)
+    row = {}
+    for side in sides:
+      for name, run in runs[side].items():
+        result = with_peak_memory(lambda run=run: run(work))
+        seconds = result["seconds_per_step"]
+        # tokens/s counts the LM strings' tokens: the work both losses are paid for
+        tokens_per_s = shape.batch * shape.seq / seconds
+        result.update(tokens_per_s=tokens_per_s,
+                      first_call_excess_s=result["first_call_s"] - seconds)
+        if name == "lm":
+          result["model_gflops"] = tokens_per_s * flops_per_token / 1e9
+          result["share_of_matmul_peak"] = result["model_gflops"] / peaks[side]
+        row[f"{side}_{name}"] = result
+    seconds = lambda key: row[key]["seconds_per_step"]
+    for side in sides:
+      for name in runs[side]:
+        if name != "lm":
+          row[f"{side}_{name}_over_lm"] = seconds(f"{side}_{name}") / seconds(f"{side}_lm")
+    if len(sides) == 2:
+      for name in runs["torch"]:
+        row[f"ours_over_torch_{name}_tokens_per_s"] = seconds(f"torch_{name}") / seconds(
+            f"ours_{name}")
+      if "ours_self_reflection_reusing_lm" in row:
+        row["ours_reusing_lm_over_torch_self_reflection_tokens_per_s"] = seconds(
+            "torch_self_reflection") / seconds("ours_self_reflection_reusing_lm")
+    rows[f"{shape.batch}x{shape.seq}:{shape.prefix}"] = row
+  torch_info = {}
+  if "torch" in sides:
+    import torch
+    torch_info = dict(torch_threads=torch.get_num_threads(), torch_device=args.torch_device,
+                      torch_version=torch.__version__)
+  report("train_step", model=args.model, parameters=n_params, dtype="float32", sr_weight=SR_WEIGHT,
+         ours_remat=args.remat, ours_scan_layers=bool(args.scan_layers),
+         ours_loss_chunk_tokens=chunk, repeats=args.repeats, matmul_peak_gflops=peaks, **torch_info,
+         shapes=rows)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,15 @@ class LMBatch:
 @flax.struct.dataclass
 class ReflectionBatch:
   """Self-reflection rows: a left-padded shared prefix [rows, p] and the anchor, positive and
-  negative continuations [rows, 3, c]; `sr_mask` [rows] is 0 where a row has no triplet."""
+  negative continuations [rows, 3, c]; `sr_mask` [rows] is 0 where a row has no triplet;
+  when the step reuses the LM forward (`train.sr_reuse_lm_forward`) the anchor slot is left
+  empty and row r is LM row r, or with fewer rows than the LM batch, LM row `lm_rows[r]`."""
   prefix: np.ndarray  # int32
   prefix_mask: np.ndarray  # bool
   continuations: np.ndarray  # int32
   continuation_mask: np.ndarray  # bool
   sr_mask: np.ndarray  # float32
+  lm_rows: np.ndarray | None = None  # int32
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -121,12 +124,14 @@ class Batcher:
                negatives: dict[str, list[str]], *, batch_size: int, max_seq_len: int,
                max_continuation_len: int, prefix_weight: float, max_positives: int,
                max_negatives: int, sr_batch_size: int = 0, bucket: int = 16, seed: int = 0,
-               length_bucket: int = 0):
+               length_bucket: int = 0, sr_reuse_lm_forward: bool = False):
     self.tok = tokenizer
     self.examples = examples
     self.batch_size = batch_size
     self.sr_batch_size = sr_batch_size or batch_size
     self.length_bucket = length_bucket
+    # the LM rows also read their last token (EOS), whose hidden state is then the anchor's
+    self.sr_reuse_lm_forward = sr_reuse_lm_forward
     self.prefix_weight = prefix_weight
     self.qids = [e.qid for e in examples]
     missing = sorted({q for q in self.qids if q not in prefixes})
@@ -189,7 +194,8 @@ class Batcher:
     compiled step per distinct length)."""
     if not self.length_bucket:
       return self.seq_len
-    longest = max((len(self.sequences[i][0]) - 1 for i in indices), default=1)
+    reads_eos = int(self.sr_reuse_lm_forward)
+    longest = max((len(self.sequences[i][0]) - 1 + reads_eos for i in indices), default=1)
     return min(round_up(longest, self.length_bucket), self.seq_len)
 
   def padding(self, batches: list[list[int]]) -> tuple[float, int]:
@@ -221,39 +227,59 @@ class Batcher:
       target_mask[row, :n] = True
       # target j predicts seq[j+1]: a prefix token while j + 1 < split
       weights[row, :n] = np.where(np.arange(1, n + 1) < split, self.prefix_weight, 1.0)
+      if self.sr_reuse_lm_forward and len(seq) <= length:  # no target: only its hidden state
+        inputs[row, n] = seq[-1]
+        input_mask[row, n] = True
     lm = LMBatch(inputs, targets, input_mask, target_mask, weights)
     if not self.self_reflection:
       return lm, None
-    return lm, self._reflection_rows(indices, random.Random(seed))
+    return lm, self._reflection_rows(indices, length, random.Random(seed))
 
-  def _reflection_rows(self, indices, rng: random.Random) -> ReflectionBatch:
+  def _reflection_rows(self, indices, lm_length: int, rng: random.Random) -> ReflectionBatch:
     """Rows of anchor/positive/negative continuations after a left-padded prefix.
 
     Rows whose question has both a different teacher rationale and a student mistake get
     sr_mask 1; when more than `sr_batch_size` rows qualify, a seeded random subset is used.
+    Reusing the LM forward, a row also needs its whole string in the LM row (EOS read), and
+    with `length_bucket` the continuations are padded to the batch's own longest.
     """
-    b, p, c = self.sr_batch_size, self.prefix_len, self.cont_len
+    b, p = self.sr_batch_size, self.prefix_len
+    reuse = self.sr_reuse_lm_forward
+    aligned = reuse and b == self.batch_size
+    eligible = [(row, i) for row, i in enumerate(indices)
+                if self._eligible(i) and (not reuse or len(self.sequences[i][0]) <= lm_length)]
+    if len(eligible) > b:
+      eligible = sorted(rng.sample(eligible, b))
+    chosen = []
+    for lm_row, i in eligible:
+      positive = self.sequences[rng.choice(self.positives_of[i])]
+      negative = self.negatives_of[self.qids[i]][rng.choice(self.negative_choices[i])]
+      chosen.append((lm_row, i, (None if reuse else self.sequences[i], positive, negative)))
+    c = self.cont_len
+    if self.length_bucket:
+      longest = max((len(ids) - at for *_, triple in chosen for ids, at in filter(None, triple)),
+                    default=1)
+      c = min(round_up(longest, self.length_bucket), self.cont_len)
     prefix = np.zeros((b, p), np.int32)
     prefix_mask = np.zeros((b, p), bool)
     conts = np.zeros((b, 3, c), np.int32)
     cont_mask = np.zeros((b, 3, c), bool)
     sr_mask = np.zeros((b,), np.float32)
-    eligible = [i for i in indices if self._eligible(i)]
-    if len(eligible) > b:
-      eligible = sorted(rng.sample(eligible, b), key=eligible.index)
-    for row, i in enumerate(eligible):
-      anchor, split = self.sequences[i]
-      ids = anchor[:split][-p:]
+    lm_rows = np.zeros((b,), np.int32)
+    for row, (lm_row, i, triple) in enumerate(chosen):
+      row = lm_row if aligned else row
+      lm_rows[row] = lm_row
+      ids, split = self.sequences[i]
+      ids = ids[:split][-p:]
       prefix[row, p - len(ids):] = ids
       prefix_mask[row, p - len(ids):] = True
-      positive = self.sequences[rng.choice(self.positives_of[i])]
-      negative = self.negatives_of[self.qids[i]][rng.choice(self.negative_choices[i])]
       sr_mask[row] = 1.0
-      for k, (ids, at) in enumerate(((anchor, split), positive, negative)):
+      for k, (ids, at) in ((k, x) for k, x in enumerate(triple) if x is not None):
         ids = ids[at:][:c]
         conts[row, k, :len(ids)] = ids
         cont_mask[row, k, :len(ids)] = True
-    return ReflectionBatch(prefix, prefix_mask, conts, cont_mask, sr_mask)
+    return ReflectionBatch(prefix, prefix_mask, conts, cont_mask, sr_mask,
+                           lm_rows if reuse and not aligned else None)
 
 
 def _draw(candidates: list[int], limit: int, rng: random.Random) -> list[int]:

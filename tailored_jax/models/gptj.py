@@ -107,18 +107,20 @@ class GPTJBlock(nn.Module):
 
 class GPTJ(nn.Module):
   """(tokens, positions, valid, cache) -> (logits_btv float32, hidden after ln_f, cache); with
-  `with_logits=False` the logits are None (the loss applies `head_logits` in chunks)."""
+  `with_logits=False` the logits are None (the loss applies `head_logits` in chunks); without a
+  cache, `keep_kv` > 0 returns the first `keep_kv` tokens' keys and values as the cache."""
   cfg: GPTJConfig
 
   @nn.compact
   def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None,
-               with_logits: bool = True):
+               with_logits: bool = True, keep_kv: int = 0):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt,
                          nn.initializers.normal(stddev=cfg.d_model**-0.5))
     x_btd = constrain(jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt), RESIDUAL)
-    x_btd, new_cache = run_blocks(GPTJBlock, cfg, x_btd, positions_bt, valid_bt, cache)
+    x_btd, new_cache = run_blocks(GPTJBlock, cfg, x_btd, positions_bt, valid_bt, cache,
+                                  keep_kv=keep_kv)
     hidden_btd = LayerNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x_btd)
     head_dv = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
                     nn.initializers.normal(stddev=cfg.d_model**-0.5))

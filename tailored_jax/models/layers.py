@@ -101,6 +101,16 @@ class LayerKV:
   context_masks: tuple = ()  # per context: [batch, new, slots]
 
 
+@flax.struct.dataclass
+class KeptKV:
+  """Training without a cache, keeping the first `length` tokens' keys and values
+  ([batch, kv_heads, length, head_dim]) for rows that continue from them (self-reflection's
+  positive and negative reuse the LM forward's prefix, `train.sr_reuse_lm_forward`)."""
+  length: int = flax.struct.field(pytree_node=False)
+  k_bksh: jax.Array | None = None
+  v_bksh: jax.Array | None = None
+
+
 class Partial(NamedTuple):
   """Softmax attention over part of the keys, to be merged with other parts: running max,
   normaliser and unnormalised output, all float32."""
@@ -221,16 +231,20 @@ def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
                                       local_window_size=(window - 1, 0) if window else None)
 
 
-def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | None, dtype, window: int = 0):
+def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | KeptKV | None, dtype, window: int = 0):
   """Attention for one layer: with the cache's `kv`, the new keys and values are written into it
   (`cached_attention`); without one (training), tokens attend causally to themselves (`valid_bt`
-  masks padding) and nothing is stored. Returns (out, kv)."""
+  masks padding) and nothing is stored but, with a `KeptKV`, its first tokens' keys and values.
+  Returns (out, kv)."""
   query, key, value, attention = ATTENTION_NAMES
   q_btnh = tag(constrain(q_btnh, ("batch", "length", "heads", "head_dim")), query)
   k_btkh = tag(constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim")), key)
   v_btkh = tag(constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim")), value)
-  if kv is None:
+  if kv is None or isinstance(kv, KeptKV):
     out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
+    if kv is not None:
+      first = lambda x_btkh: jnp.swapaxes(x_btkh[:, :kv.length], 1, 2).astype(dtype)
+      kv = kv.replace(k_bksh=first(k_btkh), v_bksh=first(v_btkh))
   else:
     out_btnh, kv = cached_attention(q_btnh, k_btkh, v_btkh, kv, dtype)
   out_btnh = constrain(out_btnh, ("batch", "length", "heads", "head_dim"))
@@ -289,13 +303,14 @@ class _ScannedLayer(nn.Module):
   parameters are `layers/<block's own names>` with a leading layer axis."""
   block_cls: type
   cfg: object
+  keep_kv: int = 0  # training: keep the first tokens' keys and values (KeptKV)
 
   def setup(self):
     self.block = self.block_cls(self.cfg)
     nn.share_scope(self, self.block)
 
   def __call__(self, x_btd, positions_bt, valid_bt, shared, layer: _LayerCache | None):
-    kv = None
+    kv = KeptKV(self.keep_kv) if self.keep_kv else None
     if layer is not None:
       index, mask_bts, context_masks = shared
       kv = LayerKV(layer.k_bksh, layer.v_bksh, index, mask_bts, layer.context_k, layer.context_v,
@@ -304,36 +319,46 @@ class _ScannedLayer(nn.Module):
     return constrain(x_btd, RESIDUAL), None if kv is None else (kv.k_bksh, kv.v_bksh)
 
 
-def _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, shared, layer):
+def _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, shared, layer, keep_kv=0):
   body = _ScannedLayer
   if cfg.remat != "none":
     body = nn.remat(body, policy=remat_policy(cfg.remat), prevent_cse=False)
   scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
                     metadata_params={nn.PARTITION_NAME: LAYERS})
-  return scanned(block_cls, cfg, name=LAYERS)(x_btd, positions_bt, valid_bt, shared, layer)
+  return scanned(block_cls, cfg, keep_kv, name=LAYERS)(x_btd, positions_bt, valid_bt, shared, layer)
 
 
 def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | None,
-               window: int = 0):
+               window: int = 0, keep_kv: int = 0):
   """The layer stack shared by every family: `cfg.n_layers` blocks, each called as
   `block(x, positions, valid, kv)` and rematerialised by `cfg.remat`'s policy; with
   `cfg.scan_layers` one block body under `nn.scan` over stacked parameters (`layers/...`: one
   compile of one layer, whatever the depth), else blocks named layer_i. With a cache (stacked
   per layer when scanned), masks come from its slots and its contexts, and the updated cache is
   returned; without one (training), tokens attend causally to themselves, no keys or values
-  are kept, and the returned cache is None. Call it from inside a compact method."""
+  are kept (but, with `keep_kv` > 0, the first `keep_kv` tokens', returned as a filled cache of
+  that many slots) and the returned cache is None. Call it from inside a compact method."""
   scan = cfg.scan_layers
   if cache is None:
     if scan:
-      return _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, None, None)[0], None
-    block = block_cls
-    if cfg.remat != "none":
-      block = nn.remat(block_cls, policy=remat_policy(cfg.remat))
-    for layer in range(cfg.n_layers):
-      x_btd, _ = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, None)
-      x_btd = constrain(x_btd, RESIDUAL)
-    return x_btd, None
+      x_btd, kept = _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, None, None, keep_kv)
+    else:
+      block = block_cls
+      if cfg.remat != "none":
+        block = nn.remat(block_cls, policy=remat_policy(cfg.remat))
+      kept_k, kept_v = [], []
+      for layer in range(cfg.n_layers):
+        x_btd, kv = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt,
+                                                      KeptKV(keep_kv) if keep_kv else None)
+        x_btd = constrain(x_btd, RESIDUAL)
+        if keep_kv:
+          kept_k.append(kv.k_bksh)
+          kept_v.append(kv.v_bksh)
+      kept = (tuple(kept_k), tuple(kept_v))
+    if not keep_kv:
+      return x_btd, None
+    return x_btd, KVCache(kept[0], kept[1], valid_bt[:, :keep_kv], jnp.asarray(keep_kv, jnp.int32))
   t = x_btd.shape[1]
   valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
   mask_bts = attention_mask(valid_bs, cache.index, t, window)

@@ -167,20 +167,21 @@ class Llama(nn.Module):
   """Forward over new tokens given a KV cache (fresh if None).
 
   Returns (logits_btv float32, hidden_btd after the final norm, updated cache); with
-  `with_logits=False` the logits are None (the loss applies `head_logits` in chunks).
+  `with_logits=False` the logits are None (the loss applies `head_logits` in chunks). Without a
+  cache, `keep_kv` > 0 returns the first `keep_kv` tokens' keys and values as the cache.
   """
   cfg: LlamaConfig
 
   @nn.compact
   def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None,
-               with_logits: bool = True):
+               with_logits: bool = True, keep_kv: int = 0):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt,
                          _normal(cfg.d_model**-0.5))
     x_btd = constrain(jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt), RESIDUAL)
     x_btd, new_cache = run_blocks(Block, cfg, x_btd, positions_bt, valid_bt, cache,
-                                  cfg.sliding_window)
+                                  cfg.sliding_window, keep_kv)
     hidden_btd = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x_btd)
     head = {"embedding": embedding_vd}
     if not cfg.tie_embeddings:

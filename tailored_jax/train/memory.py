@@ -25,6 +25,7 @@ class StepShape:
   row_shards: int
   tensor: int
   fsdp: int = 1
+  continuations: int = 3  # per self-reflection row: 2 when the anchor comes from the LM forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,14 +109,15 @@ def train_memory(cfg, shape: StepShape, parameters: int, optimizer: int, remat: 
   sr_rows = math.ceil(shape.sr_rows / shape.row_shards) if shape.sr_rows else 0
   item = np.dtype(cfg.dtype).itemsize
   tokens = rows * shape.seq_len
-  cont_tokens = 3 * sr_rows * shape.continuation_len
+  cont_tokens = shape.continuations * sr_rows * shape.continuation_len
   activations = cfg.n_layers * (
       kept_per_token(cfg, remat, shape.tensor, shape.seq_len) * tokens
       + kept_per_token(cfg, remat, shape.tensor, shape.continuation_len) * cont_tokens)
   working = max(
       working_per_token(cfg, shape.tensor, shape.seq_len) * tokens,
       working_per_token(cfg, shape.tensor, shape.continuation_len)
-      * cont_tokens) + attention_scores(cfg, max(rows, 3 * sr_rows), shape.seq_len, shape.tensor)
+      * cont_tokens) + attention_scores(cfg, max(rows, shape.continuations * sr_rows),
+                                        shape.seq_len, shape.tensor)
   vocab = cfg.vocab_size // shape.tensor
   logit_tokens = rows * (shape.loss_chunk_tokens or shape.seq_len)
   logits = 3 * 4 * vocab * logit_tokens
@@ -155,7 +157,8 @@ def worst_case_shape(train_cfg, mesh_shape: dict) -> StepShape:
                    t.batch_size, prefix_len=max(t.max_seq_len - cont, 8), continuation_len=cont,
                    loss_chunk_tokens=t.loss_chunk_tokens,
                    row_shards=mesh_shape["data"] * mesh_shape["fsdp"], tensor=mesh_shape["tensor"],
-                   fsdp=mesh_shape["fsdp"])
+                   fsdp=mesh_shape["fsdp"],
+                   continuations=2 if t.get("sr_reuse_lm_forward", False) else 3)
 
 
 def refusal(plan: TrainMemory, budget: int, shape: StepShape, remat: str, batch: int) -> str:

@@ -11,7 +11,7 @@ import optax
 
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
 from tailored_jax.models import head_logits
-from tailored_jax.models.kv_cache import KVCache
+from tailored_jax.models.kv_cache import Context, KVCache
 from tailored_jax.models.layers import LAYERS
 from tailored_jax.train import losses
 
@@ -46,6 +46,7 @@ class LossConfig:
   loss_chunk_tokens: int = 0  # > 0: LM-head logits made this many positions at a time
   reflection_loss: str = "triplet"  # or 'dpo': learning from the same (correct, wrong) pairs
   dpo_beta: float = 0.1
+  sr_reuse_lm_forward: bool = False  # the triplet's anchor and prefix from the LM forward
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -66,43 +67,80 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
-def lm_forward_loss(model, params, lm: LMBatch, chunk: int = 0):
+def lm_forward_loss(model, params, lm: LMBatch, chunk: int = 0, keep_kv: int = 0):
+  """(L_LM, final hidden states, the first `keep_kv` tokens' keys and values or None)."""
   tokens_bt = lm.inputs
   positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
   if chunk:
-    _, hidden_btd, _ = model.apply({"params": params}, tokens_bt, positions_bt, lm.input_mask,
-                                   with_logits=False)
-    return losses.chunked_lm_loss(hidden_btd, lambda h: head_logits(params, h, model.cfg),
+    _, hidden_btd, kept = model.apply({"params": params}, tokens_bt, positions_bt, lm.input_mask,
+                                      with_logits=False, keep_kv=keep_kv)
+    loss = losses.chunked_lm_loss(hidden_btd, lambda h: head_logits(params, h, model.cfg),
                                   lm.targets, lm.target_weights, lm.target_mask, chunk)
-  logits_btv, _, _ = model.apply({"params": params}, tokens_bt, positions_bt, lm.input_mask)
-  return losses.lm_loss(logits_btv, lm.targets, lm.target_weights, lm.target_mask)
+    return loss, hidden_btd, kept
+  logits_btv, hidden_btd, kept = model.apply({"params": params}, tokens_bt, positions_bt,
+                                             lm.input_mask, keep_kv=keep_kv)
+  return losses.lm_loss(logits_btv, lm.targets, lm.target_weights, lm.target_mask), hidden_btd, kept
+
+
+def prefix_context(model, params, reflection: ReflectionBatch) -> Context:
+  """The reflection rows' left-padded prefixes encoded once, without gradient: their keys and
+  values as a context (one group per row)."""
+  prefix_bp, prefix_valid_bp = reflection.prefix, reflection.prefix_mask
+  b, p = prefix_bp.shape
+  cfg = model.cfg
+  prefix_positions_bp = jnp.maximum(jnp.cumsum(prefix_valid_bp, axis=1) - 1, 0)
+  prefix_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim,
+                               jnp.dtype(cfg.dtype), stacked=cfg.scan_layers)
+  _, _, prefix_cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp,
+                                   prefix_valid_bp, prefix_cache, with_logits=False)
+  return jax.lax.stop_gradient(prefix_cache.as_context(prefix_positions_bp))
+
+
+def continuation_hidden(model, params, context: Context, prefix_len_b, cont_bkc, valid_bkc):
+  """[rows, k, d]: the final hidden state at the last real token of each of a row's k
+  continuations, run after its prefix's keys and values (a context read by the k, not copied)."""
+  cfg = model.cfg
+  b, k, c = cont_bkc.shape
+  cache = KVCache.zeros(cfg.n_layers, b * k, c, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype),
+                        (context,), stacked=cfg.scan_layers)
+  positions_bkc = jnp.broadcast_to(prefix_len_b[:, None, None] + jnp.arange(c), (b, k, c))
+  _, hidden_ncd, _ = model.apply({"params": params}, cont_bkc.reshape(b * k, c),
+                                 positions_bkc.reshape(b * k, c), valid_bkc.reshape(b * k, c),
+                                 cache, with_logits=False)
+  return losses.last_real_token(hidden_ncd, valid_bkc.reshape(b * k, c)).reshape(b, k, -1)
 
 
 def self_reflection_loss(model, params, reflection: ReflectionBatch, margin: float):
-  """Prefix encoded once without gradient; anchor/positive/negative continue from its keys and
-  values (a context shared by the three, not copied)."""
-  prefix_bp, prefix_valid_bp = reflection.prefix, reflection.prefix_mask
-  cont_bkc, cont_valid_bkc = reflection.continuations, reflection.continuation_mask
-  b, p = prefix_bp.shape
-  k, c = cont_bkc.shape[1:]
-  cfg = model.cfg
-  prefix_positions_bp = jnp.maximum(jnp.cumsum(prefix_valid_bp, axis=1) - 1, 0)
-  dtype = jnp.dtype(cfg.dtype)
-  prefix_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, dtype,
-                               stacked=cfg.scan_layers)
-  _, _, prefix_cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp,
-                                   prefix_valid_bp, prefix_cache, with_logits=False)
-  # the prefix's keys and values, stored once and read by its k continuations
-  context = jax.lax.stop_gradient(prefix_cache.as_context(prefix_positions_bp))
-  cache = KVCache.zeros(cfg.n_layers, b * k, c, cfg.n_kv_heads, cfg.head_dim, dtype, (context,),
-                        stacked=cfg.scan_layers)
-  prefix_len_b = jnp.sum(prefix_valid_bp.astype(jnp.int32), axis=1)
-  positions_bkc = prefix_len_b[:, None, None] + jnp.arange(c)[None, None, :]
-  _, hidden_ncd, _ = model.apply({"params": params}, cont_bkc.reshape(b * k, c),
-                                 jnp.broadcast_to(positions_bkc, (b, k, c)).reshape(b * k, c),
-                                 cont_valid_bkc.reshape(b * k, c), cache, with_logits=False)
-  h_bkd = losses.last_real_token(hidden_ncd, cont_valid_bkc.reshape(b * k, c)).reshape(b, k, -1)
+  """METHOD §3: the prefix encoded once without gradient; anchor, positive and negative
+  continue from its keys and values."""
+  prefix_len_b = jnp.sum(reflection.prefix_mask.astype(jnp.int32), axis=1)
+  h_bkd = continuation_hidden(model, params, prefix_context(model, params, reflection),
+                              prefix_len_b, reflection.continuations, reflection.continuation_mask)
   return losses.triplet_loss(h_bkd[:, 0], h_bkd[:, 1], h_bkd[:, 2], reflection.sr_mask, margin)
+
+
+def self_reflection_loss_from_lm(model, params, reflection: ReflectionBatch, lm: LMBatch,
+                                 hidden_btd, kept: KVCache, margin: float):
+  """The triplet loss reusing the LM forward (`train.sr_reuse_lm_forward`): the anchor is its LM
+  row's final hidden state at EOS (the same string, so the same value as METHOD §3's anchor when
+  it fits the continuation cap, but its gradient also reaches the prefix), and the positive and
+  negative continue from the LM forward's prefix keys and values under stop-gradient, exactly as
+  in METHOD §3. Only they run again: no prefix pass, no anchor pass."""
+  if reflection.lm_rows is None:  # row r is LM row r: nothing to gather
+    rows = lambda x, axis=0: x
+  else:
+    rows = lambda x, axis=0: jnp.take(x, reflection.lm_rows, axis=axis)
+  layer_rows = ((lambda x: rows(x, axis=1)) if model.cfg.scan_layers else
+                (lambda xs: tuple(rows(x) for x in xs)))
+  prefix_len_b = jnp.sum(reflection.prefix_mask.astype(jnp.int32), axis=1)
+  slots = jnp.arange(kept.slots)
+  context = jax.lax.stop_gradient(
+      Context(layer_rows(kept.keys), layer_rows(kept.values),
+              jnp.where(slots[None, :] < prefix_len_b[:, None], slots[None, :], -1)))
+  h_bkd = continuation_hidden(model, params, context, prefix_len_b, reflection.continuations[:, 1:],
+                              reflection.continuation_mask[:, 1:])
+  anchor_bd = losses.last_real_token(rows(hidden_btd), rows(lm.input_mask))
+  return losses.triplet_loss(anchor_bd, h_bkd[:, 0], h_bkd[:, 1], reflection.sr_mask, margin)
 
 
 def continuation_logprobs(model, params, reflection: ReflectionBatch, which: tuple[int, ...]):
@@ -148,12 +186,20 @@ def train_step(state: TrainState, lm: LMBatch, reflection: ReflectionBatch | Non
   """One optimizer step on L_LM + λ·L_SR; without reflection rows (None) L_SR is 0. With
   `loss_cfg.reflection_loss='dpo'`, L_SR is DPO against `reference_params`."""
 
+  reuse = (reflection is not None and loss_cfg.reflection_loss == "triplet" and
+           loss_cfg.sr_reuse_lm_forward)
+
   def loss_fn(params):
-    lm_loss = lm_forward_loss(model, params, lm, loss_cfg.loss_chunk_tokens)
+    keep_kv = min(reflection.prefix.shape[1], lm.inputs.shape[1]) if reuse else 0
+    lm_loss, hidden_btd, kept = lm_forward_loss(model, params, lm, loss_cfg.loss_chunk_tokens,
+                                                keep_kv)
     if reflection is None:
       sr_loss = jnp.zeros((), jnp.float32)
     elif loss_cfg.reflection_loss == "dpo":
       sr_loss = dpo_reflection_loss(model, params, reference_params, reflection, loss_cfg.dpo_beta)
+    elif reuse:
+      sr_loss = self_reflection_loss_from_lm(model, params, reflection, lm, hidden_btd, kept,
+                                             loss_cfg.sr_margin)
     else:
       sr_loss = self_reflection_loss(model, params, reflection, loss_cfg.sr_margin)
     return lm_loss + loss_cfg.sr_weight * sr_loss, (lm_loss, sr_loss)

@@ -86,7 +86,8 @@ class Trainer:
         step_lib.train_step, model=self.model, optimizer=self.optimizer,
         loss_cfg=step_lib.LossConfig(train_cfg.sr_weight, train_cfg.sr_margin,
                                      train_cfg.max_nonfinite_steps > 0, train_cfg.loss_chunk_tokens,
-                                     reflection_loss, train_cfg.get("dpo_beta", 0.1)))
+                                     reflection_loss, train_cfg.get("dpo_beta", 0.1),
+                                     train_cfg.get("sr_reuse_lm_forward", False)))
 
     def train_step(*args):  # traced under the activations' logical layout
       with sharding.activation_layout(mesh):
@@ -241,15 +242,18 @@ class Trainer:
           "start", round_index)
     logging.info(
         "round %d: training on %d examples (%d with self-reflection pairs), %d steps, "
-        "seq_len %d%s, %.1f%% padding, %d step shapes", round_index, len(batcher),
+        "seq_len %d%s, %.1f%% padding, %d LM lengths", round_index, len(batcher),
         batcher.sr_candidates, len(batches), batcher.seq_len,
         f", {batcher.truncated} cut" if batcher.truncated else "", 100 * padding_share, lm_lengths)
     window_start = round_start = time.time()
     window_steps = window_tokens = total_tokens = window_inputs = 0
     last = {}
     progress = Progress(f"train {round_index}", len(batches), "steps", start=start)
+    step_shapes = set()  # (LM length, continuation length): one compiled step each
     for i in range(start, len(batches)):
       lm, reflection = batcher.build(batches[i], derive_seed(seed, round_index, i, 1))
+      step_shapes.add(
+          (lm.inputs.shape[1], None if reflection is None else reflection.continuations.shape[2]))
       tokens = int(lm.target_mask.sum())
       window_inputs += int(lm.input_mask.sum()) + (0 if reflection is None else int(
           reflection.prefix_mask.sum() + reflection.continuation_mask.sum()))
@@ -285,7 +289,8 @@ class Trainer:
         "self_reflection": batcher.self_reflection, "optimizer_step_at_start": start_optimizer_step,
         "final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss"),
         "final_sr_loss": last.get("sr_loss"), "target_tokens": total_tokens,
-        "padding_share": round(padding_share, 4), "step_shapes": lm_lengths,
+        "padding_share": round(padding_share,
+                               4), "lm_lengths": lm_lengths, "step_shapes": len(step_shapes),
         "nonfinite_steps_skipped": int(guard.nonfinite_total
                                       ), "target_tokens_per_s": total_tokens / max(seconds, 1e-9)
     }

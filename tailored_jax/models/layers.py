@@ -183,20 +183,20 @@ ATTENTION_BLOCK = 128  # query rows per block of the CPU training attention
 
 
 @functools.partial(jax.checkpoint, static_argnums=(4, 5, 6, 7))
-def _attention_block(q_bqkgh, k_bskh, v_bskh, valid_bs, q_start: int, k_start: int, window: int,
+def _attention_block(q_bkgqh, k_bksh, v_bksh, valid_bs, q_start: int, k_start: int, window: int,
                      scale: float):
   """One block of queries over the keys it can see, recomputed in the backward pass (so only one
-  block's scores exist at a time)."""
-  logits_bkgqs = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh).astype(jnp.float32) * scale
-  q_pos = q_start + jnp.arange(q_bqkgh.shape[1])
-  k_pos = k_start + jnp.arange(k_bskh.shape[1])
+  block's scores exist at a time). Heads-major operands: the matmuls read them without a copy."""
+  logits_bkgqs = jnp.einsum("bkgqh,bksh->bkgqs", q_bkgqh, k_bksh).astype(jnp.float32) * scale
+  q_pos = q_start + jnp.arange(q_bkgqh.shape[3])
+  k_pos = k_start + jnp.arange(k_bksh.shape[2])
   seen_qs = k_pos[None, :] <= q_pos[:, None]
   if window:
     seen_qs &= k_pos[None, :] > q_pos[:, None] - window
   seen_bqs = seen_qs[None] & valid_bs[:, None, :]
   logits_bkgqs = jnp.where(seen_bqs[:, None, None], logits_bkgqs, NEG_INF)
-  probs_bkgqs = jax.nn.softmax(logits_bkgqs, axis=-1).astype(q_bqkgh.dtype)
-  return jnp.einsum("bkgqs,bskh->bqkgh", probs_bkgqs, v_bskh)
+  probs_bkgqs = jax.nn.softmax(logits_bkgqs, axis=-1).astype(q_bkgqh.dtype)
+  return jnp.einsum("bkgqs,bksh->bkgqh", probs_bkgqs, v_bksh)
 
 
 def blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0,
@@ -204,19 +204,21 @@ def blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: 
   """Causal grouped-query self-attention a block of queries at a time, each block reading only
   the keys at or before its last query (the masked upper triangle is never computed) and
   recomputed in the backward pass: memory of one [batch, heads, block, keys] block instead of
-  the whole [batch, heads, tokens, tokens], and about half the FLOPs. Scores in float32."""
+  the whole [batch, heads, tokens, tokens], and about half the FLOPs. Scores in float32.
+  Queries, keys and values are moved heads-major once per layer, not once per block."""
   b, t, n, h = q_btnh.shape
   kv_heads = k_btkh.shape[2]
-  q_btkgh = q_btnh.astype(dtype).reshape(b, t, kv_heads, n // kv_heads, h)
-  k_btkh, v_btkh = k_btkh.astype(dtype), v_btkh.astype(dtype)
+  q_bkgth = q_btnh.astype(dtype).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+  k_bkth, v_bkth = (jnp.swapaxes(x.astype(dtype), 1, 2) for x in (k_btkh, v_btkh))
   outs = []
   for start in range(0, t, block):
     end = min(start + block, t)
     k_start = max(0, start - window + 1) if window else 0
     outs.append(
-        _attention_block(q_btkgh[:, start:end], k_btkh[:, k_start:end], v_btkh[:, k_start:end],
+        _attention_block(q_bkgth[:, :, :,
+                                 start:end], k_bkth[:, :, k_start:end], v_bkth[:, :, k_start:end],
                          valid_bt[:, k_start:end], start, k_start, window, h**-0.5))
-  return jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
+  return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):

@@ -274,7 +274,10 @@ class Batcher:
       prefix[row, p - len(ids):] = ids
       prefix_mask[row, p - len(ids):] = True
       sr_mask[row] = 1.0
-      for k, (ids, at) in ((k, x) for k, x in enumerate(triple) if x is not None):
+      for k, sequence in enumerate(triple):
+        if sequence is None:  # the anchor, when the LM forward provides it
+          continue
+        ids, at = sequence
         ids = ids[at:][:c]
         conts[row, k, :len(ids)] = ids
         cont_mask[row, k, :len(ids)] = True

@@ -339,8 +339,9 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | N
   compile of one layer, whatever the depth), else blocks named layer_i. With a cache (stacked
   per layer when scanned), masks come from its slots and its contexts, and the updated cache is
   returned; without one (training), tokens attend causally to themselves, no keys or values
-  are kept (but, with `keep_kv` > 0, the first `keep_kv` tokens', returned as a filled cache of
-  that many slots) and the returned cache is None. Call it from inside a compact method."""
+  are kept and the returned cache is None, or with `keep_kv` > 0 it holds the first `keep_kv`
+  tokens' keys and values (a filled cache of that many slots). Call it from inside a compact
+  method."""
   scan = cfg.scan_layers
   if cache is None:
     if scan:

@@ -82,40 +82,59 @@ def lm_forward_loss(model, params, lm: LMBatch, chunk: int = 0, keep_kv: int = 0
   return losses.lm_loss(logits_btv, lm.targets, lm.target_weights, lm.target_mask), hidden_btd, kept
 
 
-def prefix_context(model, params, reflection: ReflectionBatch) -> Context:
-  """The reflection rows' left-padded prefixes encoded once, without gradient: their keys and
-  values as a context (one group per row)."""
+def prefix_lengths(reflection: ReflectionBatch) -> jax.Array:
+  return jnp.sum(reflection.prefix_mask.astype(jnp.int32), axis=1)
+
+
+def encode_prefix(model, params, reflection: ReflectionBatch) -> tuple[jax.Array, Context]:
+  """The reflection rows' left-padded prefixes encoded once: their final hidden states
+  [rows, p, d] and their keys and values as a context (one group per row)."""
   prefix_bp, prefix_valid_bp = reflection.prefix, reflection.prefix_mask
   b, p = prefix_bp.shape
   cfg = model.cfg
   prefix_positions_bp = jnp.maximum(jnp.cumsum(prefix_valid_bp, axis=1) - 1, 0)
   prefix_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim,
                                jnp.dtype(cfg.dtype), stacked=cfg.scan_layers)
-  _, _, prefix_cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp,
-                                   prefix_valid_bp, prefix_cache, with_logits=False)
-  return jax.lax.stop_gradient(prefix_cache.as_context(prefix_positions_bp))
+  _, hidden_bpd, prefix_cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp,
+                                            prefix_valid_bp, prefix_cache, with_logits=False)
+  return hidden_bpd, prefix_cache.as_context(prefix_positions_bp)
 
 
-def continuation_hidden(model, params, context: Context, prefix_len_b, cont_bkc, valid_bkc):
-  """[rows, k, d]: the final hidden state at the last real token of each of a row's k
+def prefix_context(model, params, reflection: ReflectionBatch) -> Context:
+  """The prefixes' keys and values (`encode_prefix`) without gradient."""
+  return jax.lax.stop_gradient(encode_prefix(model, params, reflection)[1])
+
+
+def run_continuations(model, params, context: Context, prefix_len_b, cont_bkc, valid_bkc,
+                      with_logits: bool = False):
+  """(logits [rows·k, c, vocab] or None, final hidden states [rows·k, c, d]) of each row's k
   continuations, run after its prefix's keys and values (a context read by the k, not copied)."""
   cfg = model.cfg
   b, k, c = cont_bkc.shape
   cache = KVCache.zeros(cfg.n_layers, b * k, c, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype),
                         (context,), stacked=cfg.scan_layers)
   positions_bkc = jnp.broadcast_to(prefix_len_b[:, None, None] + jnp.arange(c), (b, k, c))
-  _, hidden_ncd, _ = model.apply({"params": params}, cont_bkc.reshape(b * k, c),
-                                 positions_bkc.reshape(b * k, c), valid_bkc.reshape(b * k, c),
-                                 cache, with_logits=False)
+  logits_ncv, hidden_ncd, _ = model.apply({"params": params}, cont_bkc.reshape(b * k, c),
+                                          positions_bkc.reshape(b * k, c),
+                                          valid_bkc.reshape(b * k, c), cache,
+                                          with_logits=with_logits)
+  return logits_ncv, hidden_ncd
+
+
+def continuation_hidden(model, params, context: Context, prefix_len_b, cont_bkc, valid_bkc):
+  """[rows, k, d]: the final hidden state at the last real token of each of a row's k
+  continuations (`run_continuations`)."""
+  b, k, c = cont_bkc.shape
+  _, hidden_ncd = run_continuations(model, params, context, prefix_len_b, cont_bkc, valid_bkc)
   return losses.last_real_token(hidden_ncd, valid_bkc.reshape(b * k, c)).reshape(b, k, -1)
 
 
 def self_reflection_loss(model, params, reflection: ReflectionBatch, margin: float):
   """METHOD §3: the prefix encoded once without gradient; anchor, positive and negative
   continue from its keys and values."""
-  prefix_len_b = jnp.sum(reflection.prefix_mask.astype(jnp.int32), axis=1)
   h_bkd = continuation_hidden(model, params, prefix_context(model, params, reflection),
-                              prefix_len_b, reflection.continuations, reflection.continuation_mask)
+                              prefix_lengths(reflection), reflection.continuations,
+                              reflection.continuation_mask)
   return losses.triplet_loss(h_bkd[:, 0], h_bkd[:, 1], h_bkd[:, 2], reflection.sr_mask, margin)
 
 
@@ -132,7 +151,7 @@ def self_reflection_loss_from_lm(model, params, reflection: ReflectionBatch, lm:
     rows = lambda x, axis=0: jnp.take(x, reflection.lm_rows, axis=axis)
   layer_rows = ((lambda x: rows(x, axis=1)) if model.cfg.scan_layers else
                 (lambda xs: tuple(rows(x) for x in xs)))
-  prefix_len_b = jnp.sum(reflection.prefix_mask.astype(jnp.int32), axis=1)
+  prefix_len_b = prefix_lengths(reflection)
   slots = jnp.arange(kept.slots)
   context = jax.lax.stop_gradient(
       Context(layer_rows(kept.keys), layer_rows(kept.values),
@@ -146,26 +165,13 @@ def self_reflection_loss_from_lm(model, params, reflection: ReflectionBatch, lm:
 def continuation_logprobs(model, params, reflection: ReflectionBatch, which: tuple[int, ...]):
   """[rows, len(which)]: log p(continuation | prefix) of the continuations `which` (0 anchor,
   1 positive, 2 negative); the prefix runs once and its keys and values are shared."""
-  prefix_bp, prefix_valid_bp = reflection.prefix, reflection.prefix_mask
-  b, p = prefix_bp.shape
   cont_bmc = reflection.continuations[:, list(which)]
   valid_bmc = reflection.continuation_mask[:, list(which)]
-  m, c = cont_bmc.shape[1:]
-  cfg = model.cfg
-  dtype = jnp.dtype(cfg.dtype)
-  prefix_positions_bp = jnp.maximum(jnp.cumsum(prefix_valid_bp, axis=1) - 1, 0)
-  prefix_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, dtype,
-                               stacked=cfg.scan_layers)
-  _, hidden_bpd, prefix_cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp,
-                                            prefix_valid_bp, prefix_cache, with_logits=False)
-  first_logits_bv = head_logits(params, hidden_bpd[:, -1:], cfg)[:, 0]  # prefixes left-padded
-  cache = KVCache.zeros(cfg.n_layers, b * m, c, cfg.n_kv_heads, cfg.head_dim, dtype,
-                        (prefix_cache.as_context(prefix_positions_bp),), stacked=cfg.scan_layers)
-  prefix_len_b = jnp.sum(prefix_valid_bp.astype(jnp.int32), axis=1)
-  positions_nc = jnp.broadcast_to(prefix_len_b[:, None, None] + jnp.arange(c),
-                                  (b, m, c)).reshape(b * m, c)
-  logits_ncv, _, _ = model.apply({"params": params}, cont_bmc.reshape(b * m, c), positions_nc,
-                                 valid_bmc.reshape(b * m, c), cache)
+  b, m, c = cont_bmc.shape
+  hidden_bpd, context = encode_prefix(model, params, reflection)
+  first_logits_bv = head_logits(params, hidden_bpd[:, -1:], model.cfg)[:, 0]  # left-padded
+  logits_ncv, _ = run_continuations(model, params, context, prefix_lengths(reflection), cont_bmc,
+                                    valid_bmc, with_logits=True)
   return losses.sequence_logprob(jnp.repeat(first_logits_bv, m, axis=0), logits_ncv,
                                  cont_bmc.reshape(b * m, c), valid_bmc.reshape(b * m,
                                                                                c)).reshape(b, m)

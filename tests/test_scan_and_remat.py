@@ -48,6 +48,22 @@ def test_blockwise_attention_equals_dot_product_attention(window):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=5e-5)
 
 
+@pytest.mark.parametrize("x_shape, w_shape", [((3, 5, 8), (8, 24)), ((3, 5, 24), (24, 8)),
+                                              ((2, 7, 8), (8, 2, 4))])
+def test_dense_gradient_equals_the_matmuls(x_shape, w_shape):
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  x, w = jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], w_shape)
+  out_weights = jax.random.normal(keys[2], x_shape[:-1] + w_shape[1:])
+  plain = lambda x, w: jnp.tensordot(x, w, axes=1)
+  grads = lambda fn: jax.jit(
+      jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w) * out_weights), (0, 1)))(x, w)
+  (expected, expected_grads), (got, got_grads) = grads(plain), grads(layers.dense)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  for a, e in zip(got_grads, expected_grads):
+    assert a.shape == e.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-5)
+
+
 def _loss_and_grads(model, params, lm, reflection):
   loss = lambda p: (step_lib.lm_forward_loss(model, p, lm)[0] + 0.5 * step_lib.self_reflection_loss(
       model, p, reflection, 1.0))

@@ -14,7 +14,7 @@ import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
 from tailored_jax.models.layers import (LOGITS, MLP_HIDDEN, RESIDUAL, HFTensor, LayerKV, attend,
-                                        constrain, merge_heads, param, run_blocks)
+                                        dense, constrain, merge_heads, param, run_blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +110,9 @@ class Attention(nn.Module):
     wo = param(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"),
                pdt, _normal((cfg.n_heads * cfg.head_dim)**-0.5))
     x_btd = x_btd.astype(dt)
-    q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, wq.astype(dt))
-    k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, wk.astype(dt))
-    v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, wv.astype(dt))
+    q_btnh = dense(x_btd, wq.astype(dt))
+    k_btkh = dense(x_btd, wk.astype(dt))
+    v_btkh = dense(x_btd, wv.astype(dt))
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q_btnh += param(self, "bq", (cfg.n_heads, cfg.head_dim), ("heads", "head_dim"), pdt,
@@ -126,7 +126,7 @@ class Attention(nn.Module):
     k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
 
     out_btnh, kv = attend(q_btnh, k_btkh, v_btkh, valid_bt, kv, dt, cfg.sliding_window)
-    out_btd = merge_heads(out_btnh) @ wo.reshape(-1, wo.shape[-1]).astype(dt)
+    out_btd = dense(merge_heads(out_btnh), wo.reshape(-1, wo.shape[-1]).astype(dt))
     return out_btd, kv
 
 
@@ -144,9 +144,9 @@ class MLP(nn.Module):
     w_down = param(self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pdt,
                    _normal(cfg.d_ff**-0.5))
     x_btd = x_btd.astype(dt)
-    gate_btf = jax.nn.silu(constrain(x_btd @ w_gate.astype(dt), MLP_HIDDEN))
-    up_btf = constrain(x_btd @ w_up.astype(dt), MLP_HIDDEN)
-    return (gate_btf * up_btf) @ w_down.astype(dt)
+    gate_btf = jax.nn.silu(constrain(dense(x_btd, w_gate.astype(dt)), MLP_HIDDEN))
+    up_btf = constrain(dense(x_btd, w_up.astype(dt)), MLP_HIDDEN)
+    return dense(gate_btf * up_btf, w_down.astype(dt))
 
 
 class Block(nn.Module):
@@ -196,9 +196,9 @@ def head_logits(params, hidden_btd, cfg: LlamaConfig):
   parameter tree (or the part holding the head)."""
   dt = jnp.dtype(cfg.dtype)
   if cfg.tie_embeddings:
-    logits_btv = jnp.einsum("btd,vd->btv", hidden_btd, params["embedding"].astype(dt))
+    logits_btv = dense(hidden_btd, params["embedding"].astype(dt).T)
   else:
-    logits_btv = hidden_btd @ params["lm_head"].astype(dt)
+    logits_btv = dense(hidden_btd, params["lm_head"].astype(dt))
   return constrain(logits_btv.astype(jnp.float32), LOGITS)
 
 

@@ -217,43 +217,94 @@ def merge_heads(x_btnh):
 ATTENTION_BLOCK = 128  # query rows per block of the CPU training attention
 
 
-@functools.partial(jax.checkpoint, static_argnums=(4, 5, 6, 7))
-def _attention_block(q_bkgqh, k_bksh, v_bksh, valid_bs, q_start: int, k_start: int, window: int,
-                     scale: float):
-  """One block of queries over the keys it can see, recomputed in the backward pass (so only one
-  block's scores exist at a time). Heads-major operands: the matmuls read them without a copy."""
-  logits_bkgqs = jnp.einsum("bkgqh,bksh->bkgqs", q_bkgqh, k_bksh).astype(jnp.float32) * scale
+def _query_blocks(t: int, block: int, window: int):
+  """(first query, end, first key) of each block of queries: a block sees keys up to its end."""
+  for start in range(0, t, block):
+    yield start, min(start + block, t), max(0, start - window + 1) if window else 0
+
+
+def _block_scores(q_bkgqh, k_bkhs, valid_bs, q_start: int, k_start: int, window: int, scale: float):
+  """Float32 scores of a block of queries over the keys it can see; NEG_INF where masked."""
+  scores_bkgqs = jnp.einsum("bkgqh,bkhs->bkgqs", q_bkgqh, k_bkhs).astype(jnp.float32) * scale
   q_pos = q_start + jnp.arange(q_bkgqh.shape[3])
-  k_pos = k_start + jnp.arange(k_bksh.shape[2])
+  k_pos = k_start + jnp.arange(k_bkhs.shape[3])
   seen_qs = k_pos[None, :] <= q_pos[:, None]
   if window:
     seen_qs &= k_pos[None, :] > q_pos[:, None] - window
   seen_bqs = seen_qs[None] & valid_bs[:, None, :]
-  logits_bkgqs = jnp.where(seen_bqs[:, None, None], logits_bkgqs, NEG_INF)
-  probs_bkgqs = jax.nn.softmax(logits_bkgqs, axis=-1).astype(q_bkgqh.dtype)
-  return jnp.einsum("bkgqs,bksh->bkgqh", probs_bkgqs, v_bksh)
+  return jnp.where(seen_bqs[:, None, None], scores_bkgqs, NEG_INF)
+
+
+def _blockwise_forward(q_bkgth, k_bkht, v_bkht, valid_bt, window, block, scale):
+  """Output and per-query log-sum-exp of the scores, a block of queries at a time."""
+  outs, lses = [], []
+  for start, end, k_start in _query_blocks(q_bkgth.shape[3], block, window):
+    scores_bkgqs = _block_scores(q_bkgth[:, :, :, start:end], k_bkht[..., k_start:end],
+                                 valid_bt[:, k_start:end], start, k_start, window, scale)
+    max_bkgq = jnp.max(scores_bkgqs, axis=-1)
+    weights_bkgqs = jnp.exp(scores_bkgqs - max_bkgq[..., None])
+    sum_bkgq = jnp.sum(weights_bkgqs, axis=-1)
+    out_bkgqh = jnp.einsum("bkgqs,bkhs->bkgqh", weights_bkgqs.astype(v_bkht.dtype),
+                           v_bkht[..., k_start:end]).astype(jnp.float32) / sum_bkgq[..., None]
+    outs.append(out_bkgqh.astype(q_bkgth.dtype))
+    lses.append(max_bkgq + jnp.log(sum_bkgq))
+  return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blockwise_attention(q_bkgth, k_bkht, v_bkht, valid_bt, window: int, block: int, scale: float):
+  return _blockwise_forward(q_bkgth, k_bkht, v_bkht, valid_bt, window, block, scale)[0]
+
+
+def _blockwise_attention_fwd(q_bkgth, k_bkht, v_bkht, valid_bt, window, block, scale):
+  out_bkgth, lse_bkgt = _blockwise_forward(q_bkgth, k_bkht, v_bkht, valid_bt, window, block, scale)
+  return out_bkgth, (q_bkgth, k_bkht, v_bkht, valid_bt, out_bkgth, lse_bkgt)
+
+
+def _blockwise_attention_bwd(window, block, scale, residuals, dout_bkgth):
+  """Each block's probabilities recomputed from its scores and the saved log-sum-exp."""
+  q_bkgth, k_bkht, v_bkht, valid_bt, out_bkgth, lse_bkgt = residuals
+  # d(softmax) needs each query's sum over keys of p * dp, which is dout . out
+  delta_bkgt = jnp.sum(dout_bkgth.astype(jnp.float32) * out_bkgth.astype(jnp.float32), axis=-1)
+  dq_blocks = []
+  dk_bkht = jnp.zeros(k_bkht.shape, jnp.float32)
+  dv_bkht = jnp.zeros(v_bkht.shape, jnp.float32)
+  for start, end, k_start in _query_blocks(q_bkgth.shape[3], block, window):
+    q_bkgqh, dout_bkgqh = q_bkgth[:, :, :, start:end], dout_bkgth[:, :, :, start:end]
+    k_bkhs, v_bkhs = k_bkht[..., k_start:end], v_bkht[..., k_start:end]
+    scores_bkgqs = _block_scores(q_bkgqh, k_bkhs, valid_bt[:, k_start:end], start, k_start, window,
+                                 scale)
+    probs_bkgqs = jnp.exp(scores_bkgqs - lse_bkgt[:, :, :, start:end, None])
+    dv_bkht = dv_bkht.at[..., k_start:end].add(
+        jnp.einsum("bkgqh,bkgqs->bkhs", dout_bkgqh, probs_bkgqs.astype(dout_bkgqh.dtype)))
+    dprobs_bkgqs = jnp.einsum("bkgqh,bkhs->bkgqs", dout_bkgqh, v_bkhs).astype(jnp.float32)
+    dscores_bkgqs = (probs_bkgqs * (dprobs_bkgqs - delta_bkgt[:, :, :, start:end, None])
+                     * scale).astype(q_bkgqh.dtype)
+    dq_blocks.append(jnp.einsum("bkgqs,bkhs->bkgqh", dscores_bkgqs, k_bkhs))
+    dk_bkht = dk_bkht.at[...,
+                         k_start:end].add(jnp.einsum("bkgqh,bkgqs->bkhs", q_bkgqh, dscores_bkgqs))
+  return (jnp.concatenate(dq_blocks,
+                          axis=3), dk_bkht.astype(k_bkht.dtype), dv_bkht.astype(v_bkht.dtype), None)
+
+
+_blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd)
 
 
 def blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0,
                                block: int = ATTENTION_BLOCK):
   """Causal grouped-query self-attention a block of queries at a time, each block reading only
-  the keys at or before its last query (the masked upper triangle is never computed) and
-  recomputed in the backward pass: memory of one [batch, heads, block, keys] block instead of
-  the whole [batch, heads, tokens, tokens], and about half the FLOPs. Scores in float32.
-  Queries, keys and values are moved heads-major once per layer, not once per block."""
+  the keys at or before its last query (the masked upper triangle is never computed), with a
+  flash-attention-style gradient: only the output and each query's log-sum-exp are kept, each
+  block's probabilities recomputed from its scores. Memory of one [batch, heads, block, keys]
+  block instead of the whole [batch, heads, tokens, tokens]; scores in float32. Keys and values
+  are laid out [batch, kv_heads, head_dim, tokens]: every matmul of the pass, forward and
+  backward, then reads its operands in the order XLA:CPU's matmul takes without a copy."""
   b, t, n, h = q_btnh.shape
   kv_heads = k_btkh.shape[2]
   q_bkgth = q_btnh.astype(dtype).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
-  k_bkth, v_bkth = (jnp.swapaxes(x.astype(dtype), 1, 2) for x in (k_btkh, v_btkh))
-  outs = []
-  for start in range(0, t, block):
-    end = min(start + block, t)
-    k_start = max(0, start - window + 1) if window else 0
-    outs.append(
-        _attention_block(q_bkgth[:, :, :,
-                                 start:end], k_bkth[:, :, k_start:end], v_bkth[:, :, k_start:end],
-                         valid_bt[:, k_start:end], start, k_start, window, h**-0.5))
-  return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  k_bkht, v_bkht = (x.astype(dtype).transpose(0, 2, 3, 1) for x in (k_btkh, v_btkh))
+  out_bkgth = _blockwise_attention(q_bkgth, k_bkht, v_bkht, valid_bt, window, block, h**-0.5)
+  return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):

@@ -93,10 +93,16 @@ def working_per_token(cfg, tensor: int, seq: int, block: int = 128) -> int:
   return int(norms + attention + mlp)
 
 
-def attention_scores(cfg, rows: int, seq: int, tensor: int, block: int = 128) -> int:
-  """One layer's float32 scores, probabilities and their gradients: a block of queries at a time
-  (the blockwise form) against at most `seq` keys."""
-  return 3 * 4 * rows * max(cfg.n_heads // tensor, 1) * min(block, seq) * seq
+def attention_scores(cfg, rows: int, queries: int, keys: int, tensor: int, block: int = 128,
+                     buffers: int = 3) -> int:
+  """One layer's float32 scores-sized buffers (scores, probabilities, their gradients) for
+  `queries` queries over the keys each can see, the last `keys` - `queries` of which are a
+  prefix seen by all: a block of at most `block` queries reads the keys up to its end, and XLA
+  keeps every block's buffers live at once (the blocks are unrolled, not sequenced)."""
+  prefix = keys - queries
+  seen = sum((end - start) * (prefix + end)
+             for start, end in ((s, min(s + block, queries)) for s in range(0, queries, block)))
+  return buffers * 4 * rows * max(cfg.n_heads // tensor, 1) * seen
 
 
 def train_memory(cfg, shape: StepShape, parameters: int, optimizer: int, remat: str,
@@ -115,9 +121,10 @@ def train_memory(cfg, shape: StepShape, parameters: int, optimizer: int, remat: 
       + kept_per_token(cfg, remat, shape.tensor, shape.continuation_len) * cont_tokens)
   working = max(
       working_per_token(cfg, shape.tensor, shape.seq_len) * tokens,
-      working_per_token(cfg, shape.tensor, shape.continuation_len)
-      * cont_tokens) + attention_scores(cfg, max(rows, shape.continuations * sr_rows),
-                                        shape.seq_len, shape.tensor)
+      working_per_token(cfg, shape.tensor, shape.continuation_len) * cont_tokens) + max(
+          attention_scores(cfg, rows, shape.seq_len, shape.seq_len, shape.tensor),
+          attention_scores(cfg, shape.continuations * sr_rows, shape.continuation_len,
+                           shape.prefix_len + shape.continuation_len, shape.tensor))
   vocab = cfg.vocab_size // shape.tensor
   logit_tokens = rows * (shape.loss_chunk_tokens or shape.seq_len)
   logits = 3 * 4 * vocab * logit_tokens

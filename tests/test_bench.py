@@ -5,6 +5,7 @@ import json
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 import torch
 
 from tailored_jax.bench import common, decode, train_step
@@ -39,6 +40,14 @@ def test_train_step_benchmark_reports_both_sides(capsys):
                                                     / row["torch_lm"]["tokens_per_s"])
   assert row["torch_self_reflection_over_lm"] == (row["torch_self_reflection"]["seconds_per_step"]
                                                   / row["torch_lm"]["seconds_per_step"])
+
+
+@pytest.mark.parametrize("shapes", ["8xabc", "8x64:64", "8x64,4"])
+def test_train_step_benchmark_names_a_bad_shape_before_building_anything(shapes, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train_step.main(["--model=tiny", f"--shapes={shapes}"])
+  assert exit_info.value.code == 2
+  assert "--shapes:" in capsys.readouterr().err
 
 
 def test_torch_reference_triplet_loss_is_ours():

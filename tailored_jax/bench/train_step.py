@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,11 @@ class Shape:
   @classmethod
   def parse(cls, text: str) -> "Shape":
     size, _, prefix = text.partition(":")
-    b, t = (int(x) for x in size.split("x"))
-    p = int(prefix) if prefix else t // 2
+    try:
+      b, t = (int(x) for x in size.split("x"))
+      p = int(prefix) if prefix else t // 2
+    except ValueError:
+      raise ValueError(f"--shapes: {text!r} is not BxT or BxT:P (e.g. 8x512:384)") from None
     if not 0 < p < t:
       raise ValueError(f"--shapes: {text!r}: the prefix must be shorter than the string")
     return cls(b, t, p)
@@ -219,34 +223,32 @@ def main(argv=None) -> None:
   parser.add_argument("--guard_cost", action="store_true",
                       help="also ours with self-reflection and no non-finite guard")
   args = parser.parse_args(argv)
+  try:
+    shapes = [Shape.parse(text) for text in args.shapes.split(",")]
+  except ValueError as e:
+    parser.error(str(e))
   cfg = dataclasses.replace(PRESETS[args.model], remat=args.remat,
                             scan_layers=bool(args.scan_layers))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(cfg))))
   sides = ("ours", "torch") if args.side == "both" else (args.side,)
   peaks = {side: matmul_peak_gflops(side) for side in sides}
   chunk = args.loss_chunk_tokens
-  runs = {
-      "ours": {
-          "lm": lambda w: ours(cfg, w, args.repeats, self_reflection=False, loss_chunk_tokens=chunk)
-      },
-      "torch": {
-          "lm": lambda w: theirs(cfg, w, args.repeats, self_reflection=False, device=args.
-                                 torch_device)
-      },
+  ours_run = functools.partial(ours, cfg, repeats=args.repeats, loss_chunk_tokens=chunk)
+  torch_run = functools.partial(theirs, cfg, repeats=args.repeats, device=args.torch_device)
+  runs = {  # side -> variant -> run(work)
+      "ours": {"lm": functools.partial(ours_run, self_reflection=False)},
+      "torch": {"lm": functools.partial(torch_run, self_reflection=False)},
   }
   if not args.lm_only:
-    runs["ours"]["self_reflection"] = lambda w: ours(cfg, w, args.repeats, self_reflection=True,
-                                                     loss_chunk_tokens=chunk)
-    runs["ours"]["self_reflection_reusing_lm"] = lambda w: ours(
-        cfg, w, args.repeats, self_reflection=True, reuse=True, loss_chunk_tokens=chunk)
-    runs["torch"]["self_reflection"] = lambda w: theirs(cfg, w, args.repeats, self_reflection=True,
-                                                        device=args.torch_device)
+    runs["ours"].update(
+        self_reflection=functools.partial(ours_run, self_reflection=True),
+        self_reflection_reusing_lm=functools.partial(ours_run, self_reflection=True, reuse=True))
+    runs["torch"]["self_reflection"] = functools.partial(torch_run, self_reflection=True)
     if args.guard_cost:
-      runs["ours"]["self_reflection_without_nonfinite_guard"] = lambda w: ours(
-          cfg, w, args.repeats, self_reflection=True, guard=False, loss_chunk_tokens=chunk)
+      runs["ours"]["self_reflection_without_nonfinite_guard"] = functools.partial(
+          ours_run, self_reflection=True, guard=False)
   rows = {}
-  for text in args.shapes.split(","):
-    shape = Shape.parse(text)
+  for shape in shapes:
     work = Work.random(shape, cfg.vocab_size)
     flops_per_token = model_flops_per_token(cfg, n_params, shape.seq)
     row = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -90,6 +91,16 @@ def _executions(blocks: dict[str, list[str]], entry: str) -> dict[str, int]:
   return runs
 
 
+def collective_op(line: str) -> tuple[str, list[tuple[str, tuple[int, ...]]]] | None:
+  """(kind, [(dtype, dims) of each result]) when an HLO instruction line is a collective."""
+  match = _COLLECTIVE.search(line)
+  if not match:
+    return None
+  results = [(dtype, tuple(int(d) for d in dims.split(",") if d))
+             for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))]
+  return match.group(2), results
+
+
 def collectives(hlo_text: str) -> dict:
   """Per collective kind in a compiled module's text: how many run per call and their result
   bytes (a scanned layer's collectives count once per layer: while bodies by trip count)."""
@@ -97,17 +108,10 @@ def collectives(hlo_text: str) -> dict:
   runs = _executions(blocks, entry) if entry else {name: 1 for name in blocks}
   out: dict[str, dict] = {}
   for name, lines in blocks.items():
-    for line in lines:
-      match = _COLLECTIVE.search(line)
-      if not match:
-        continue
-      size = 0
-      for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
-        count = 1
-        for d in filter(None, dims.split(",")):
-          count *= int(d)
-        size += count * _BYTES.get(dtype, 4)
-      kind = out.setdefault(match.group(2), {"count": 0, "bytes": 0})
+    for op in filter(None, map(collective_op, lines)):
+      kind_name, results = op
+      size = sum(math.prod(dims) * _BYTES.get(dtype, 4) for dtype, dims in results)
+      kind = out.setdefault(kind_name, {"count": 0, "bytes": 0})
       kind["count"] += runs.get(name, 1)
       kind["bytes"] += size * runs.get(name, 1)
   return out

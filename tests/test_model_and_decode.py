@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import re
 
 import flax.linen as nn
 import jax
@@ -11,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tailored_jax import sharding
+from tailored_jax import plan, sharding
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
 from tailored_jax.models import layers
 from tailored_jax.models.kv_cache import KVCache
@@ -324,15 +323,8 @@ def test_greedy_tokens_is_argmax_with_first_index_on_ties():
 
 def _collectives(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
   """(kind, first result shape) of every collective in a compiled module's text."""
-  found = []
-  for line in hlo_text.splitlines():
-    match = re.search(
-        r"=\s*(.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
-        r"collective-permute)(?:-start)?\(", line)
-    if match:
-      dims = re.search(r"\w+\[([\d,]*)\]", match.group(1)).group(1)
-      found.append((match.group(2), tuple(int(d) for d in dims.split(",") if d)))
-  return found
+  ops = filter(None, map(plan.collective_op, hlo_text.splitlines()))
+  return [(kind, results[0][1]) for kind, results in ops]
 
 
 @pytest.mark.parametrize("layout", ["model_parallel", "replicated"])

@@ -173,12 +173,12 @@ def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | 
 
 
 def dense(x_bi, w_i_):
-  """x[..., i] @ w[i, ...] (a weight's trailing axes are the output's), every weight matmul of
-  the models. On CPU with its own gradient: XLA:CPU
-  copies a matmul's left operand transposed when the contraction runs over its rows (a weight
-  gradient's tokens), so the narrower of the input and the output gradient goes on the left (the
-  weight-sized result transposed if need be); autodiff's choice copied [tokens, d_ff] activations
-  transposed, fused with the SwiGLU's gradient (the MLP's backward 35% slower). Same values."""
+  """x[..., i] @ w[i, ...] (a weight's trailing axes are the output's): every weight matmul of
+  the models. On CPU it has its own gradient: XLA:CPU copies a matmul's left operand transposed
+  when the contraction runs over its rows (a weight gradient's tokens), so the narrower of the
+  input and the output gradient goes on the left (the weight-sized result transposed if need
+  be). Autodiff's form copied [tokens, d_ff] activations transposed, fused with the SwiGLU's
+  gradient: the MLP's forward and backward were 35% slower. Same values."""
   w_io = w_i_.reshape(w_i_.shape[0], -1)
   y_bo = _cpu_dense(x_bi, w_io) if jax.default_backend() == "cpu" else x_bi @ w_io
   return y_bo.reshape(x_bi.shape[:-1] + w_i_.shape[1:])
@@ -275,16 +275,16 @@ def _blockwise_attention_bwd(window, block, scale, residuals, dout_bkgth):
     scores_bkgqs = _block_scores(q_bkgqh, k_bkhs, valid_bt[:, k_start:end], start, k_start, window,
                                  scale)
     probs_bkgqs = jnp.exp(scores_bkgqs - lse_bkgt[:, :, :, start:end, None])
-    dv_bkht = dv_bkht.at[..., k_start:end].add(
-        jnp.einsum("bkgqh,bkgqs->bkhs", dout_bkgqh, probs_bkgqs.astype(dout_bkgqh.dtype)))
+    dv_bkhs = jnp.einsum("bkgqh,bkgqs->bkhs", dout_bkgqh, probs_bkgqs.astype(dout_bkgqh.dtype))
+    dv_bkht = dv_bkht.at[..., k_start:end].add(dv_bkhs)
     dprobs_bkgqs = jnp.einsum("bkgqh,bkhs->bkgqs", dout_bkgqh, v_bkhs).astype(jnp.float32)
     dscores_bkgqs = (probs_bkgqs * (dprobs_bkgqs - delta_bkgt[:, :, :, start:end, None])
                      * scale).astype(q_bkgqh.dtype)
     dq_blocks.append(jnp.einsum("bkgqs,bkhs->bkgqh", dscores_bkgqs, k_bkhs))
-    dk_bkht = dk_bkht.at[...,
-                         k_start:end].add(jnp.einsum("bkgqh,bkgqs->bkhs", q_bkgqh, dscores_bkgqs))
-  return (jnp.concatenate(dq_blocks,
-                          axis=3), dk_bkht.astype(k_bkht.dtype), dv_bkht.astype(v_bkht.dtype), None)
+    dk_bkhs = jnp.einsum("bkgqh,bkgqs->bkhs", q_bkgqh, dscores_bkgqs)
+    dk_bkht = dk_bkht.at[..., k_start:end].add(dk_bkhs)
+  dq_bkgth = jnp.concatenate(dq_blocks, axis=3)
+  return dq_bkgth, dk_bkht.astype(k_bkht.dtype), dv_bkht.astype(v_bkht.dtype), None
 
 
 _blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd)
@@ -295,10 +295,11 @@ def blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: 
   """Causal grouped-query self-attention a block of queries at a time, each block reading only
   the keys at or before its last query (the masked upper triangle is never computed), with a
   flash-attention-style gradient: only the output and each query's log-sum-exp are kept, each
-  block's probabilities recomputed from its scores. Memory of one [batch, heads, block, keys]
-  block instead of the whole [batch, heads, tokens, tokens]; scores in float32. Keys and values
-  are laid out [batch, kv_heads, head_dim, tokens]: every matmul of the pass, forward and
-  backward, then reads its operands in the order XLA:CPU's matmul takes without a copy."""
+  block's probabilities recomputed from its scores. Scores in float32, [batch, heads, block,
+  keys] per block rather than [batch, heads, tokens, tokens] (XLA may keep the unrolled blocks'
+  buffers live together; the planner counts them all). Keys and values are laid out [batch,
+  kv_heads, head_dim, tokens]: every matmul of the pass, forward and backward, then reads its
+  operands in the order XLA:CPU's matmul takes without a copy."""
   b, t, n, h = q_btnh.shape
   kv_heads = k_btkh.shape[2]
   q_bkgth = q_btnh.astype(dtype).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)

@@ -453,5 +453,13 @@ def test_model_flops_and_mfu_text(monkeypatch):
   # 6 x 1e9 params x 100k tokens/s / 2 devices = 300 TFLOP/s each, 30.3% of 989
   assert trainer_lib.model_flops_text(10**9, 1e5) == ("300 model TFLOP/s per device, MFU 30.3% "
                                                       "of bf16 peak")
+  # a CPU has no data-sheet peak: its measured matmul peak in the compute dtype instead
   monkeypatch.setattr(trainer_lib.jax, "devices", lambda: [object()])
+  measured = trainer_lib.measured_matmul_tflops("float32")
+  assert 0.001 < measured < 100 and trainer_lib.measured_matmul_tflops("float32") == measured
+  monkeypatch.setattr(trainer_lib, "measured_matmul_tflops", lambda dtype: {"float32": 0.5}[dtype])
+  assert trainer_lib.model_flops_text(
+      10**6,
+      1e3) == ("0.006 model TFLOP/s per device, MFU 1.2% of the measured float32 matmul peak")
+  monkeypatch.setattr(trainer_lib.jax, "default_backend", lambda: "gpu")
   assert trainer_lib.model_flops_text(10**6, 1e3) == "0.006 model TFLOP/s per device"

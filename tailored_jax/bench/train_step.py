@@ -22,7 +22,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -31,7 +30,7 @@ from tailored_jax.bench.common import PRESETS, median_seconds, report, torch_mod
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
 from tailored_jax.models import layers
 from tailored_jax.models.llama import Llama, LlamaConfig
-from tailored_jax.train.trainer import Trainer
+from tailored_jax.train.trainer import Trainer, measured_matmul_tflops
 
 SR_WEIGHT, SR_MARGIN, LR = 0.5, 1.0, 1e-5
 
@@ -93,16 +92,13 @@ class Work:
 
 
 def matmul_peak_gflops(side: str, n: int = 1024, repeats: int = 10) -> float:
-  """Float32 [n, n] @ [n, n] GFLOP/s of jnp or torch on this machine (median)."""
+  """Float32 [n, n] @ [n, n] GFLOP/s of jnp (the peak the trainer's MFU line uses) or torch on
+  this machine (median)."""
   if side == "ours":
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    run = lambda: matmul(a).block_until_ready()
-  else:
-    import torch
-    a = torch.randn(n, n)
-    run = lambda: a @ a
-  return 2 * n**3 / median_seconds(run, repeats)[1] / 1e9
+    return measured_matmul_tflops("float32", n) * 1e3
+  import torch
+  a = torch.randn(n, n)
+  return 2 * n**3 / median_seconds(lambda: a @ a, repeats)[1] / 1e9
 
 
 def model_flops_per_token(cfg: LlamaConfig, n_params: int, seq: int) -> float:

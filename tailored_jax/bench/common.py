@@ -67,7 +67,7 @@ def torch_twin(cfg, params, device: str):
   """transformers' LlamaForCausalLM holding our weights, for inference."""
   import torch
   model = torch_model(cfg)
-  state = {name: torch.from_numpy(array) for name, array in hf_io.to_hf(params, cfg).items()}
+  state = {name: torch.tensor(array) for name, array in hf_io.to_hf(params, cfg).items()}
   missing, unexpected = model.load_state_dict(state, strict=False)
   if unexpected or [m for m in missing if m != "lm_head.weight"]:
     raise RuntimeError(f"weights did not transfer: missing {missing}, unexpected {unexpected}")

@@ -93,16 +93,15 @@ def working_per_token(cfg, tensor: int, seq: int, block: int = 128) -> int:
   return int(norms + attention + mlp)
 
 
-def attention_scores(cfg, rows: int, queries: int, keys: int, tensor: int, block: int = 128,
-                     buffers: int = 3) -> int:
-  """One layer's float32 scores-sized buffers (scores, probabilities, their gradients) for
-  `queries` queries over the keys each can see, the last `keys` - `queries` of which are a
+def attention_scores(cfg, rows: int, queries: int, keys: int, tensor: int, block: int = 128) -> int:
+  """One layer's three float32 scores-sized buffers (scores, probabilities, their gradients) for
+  `queries` queries over the keys each can see, the first `keys` - `queries` of which are a
   prefix seen by all: a block of at most `block` queries reads the keys up to its end, and XLA
   keeps every block's buffers live at once (the blocks are unrolled, not sequenced)."""
   prefix = keys - queries
   seen = sum((end - start) * (prefix + end)
              for start, end in ((s, min(s + block, queries)) for s in range(0, queries, block)))
-  return buffers * 4 * rows * max(cfg.n_heads // tensor, 1) * seen
+  return 3 * 4 * rows * max(cfg.n_heads // tensor, 1) * seen
 
 
 def train_memory(cfg, shape: StepShape, parameters: int, optimizer: int, remat: str,

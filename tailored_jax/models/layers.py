@@ -217,7 +217,7 @@ def merge_heads(x_btnh):
 ATTENTION_BLOCK = 128  # query rows per block of the CPU training attention
 
 
-def _query_blocks(t: int, block: int, window: int):
+def query_blocks(t: int, block: int, window: int):
   """(first query, end, first key) of each block of queries: a block sees keys up to its end."""
   for start in range(0, t, block):
     yield start, min(start + block, t), max(0, start - window + 1) if window else 0
@@ -238,7 +238,7 @@ def _block_scores(q_bkgqh, k_bkhs, valid_bs, q_start: int, k_start: int, window:
 def _blockwise_forward(q_bkgth, k_bkht, v_bkht, valid_bt, window, block, scale):
   """Output and per-query log-sum-exp of the scores, a block of queries at a time."""
   outs, lses = [], []
-  for start, end, k_start in _query_blocks(q_bkgth.shape[3], block, window):
+  for start, end, k_start in query_blocks(q_bkgth.shape[3], block, window):
     scores_bkgqs = _block_scores(q_bkgth[:, :, :, start:end], k_bkht[..., k_start:end],
                                  valid_bt[:, k_start:end], start, k_start, window, scale)
     max_bkgq = jnp.max(scores_bkgqs, axis=-1)
@@ -269,7 +269,7 @@ def _blockwise_attention_bwd(window, block, scale, residuals, dout_bkgth):
   dq_blocks = []
   dk_bkht = jnp.zeros(k_bkht.shape, jnp.float32)
   dv_bkht = jnp.zeros(v_bkht.shape, jnp.float32)
-  for start, end, k_start in _query_blocks(q_bkgth.shape[3], block, window):
+  for start, end, k_start in query_blocks(q_bkgth.shape[3], block, window):
     q_bkgqh, dout_bkgqh = q_bkgth[:, :, :, start:end], dout_bkgth[:, :, :, start:end]
     k_bkhs, v_bkhs = k_bkht[..., k_start:end], v_bkht[..., k_start:end]
     scores_bkgqs = _block_scores(q_bkgqh, k_bkhs, valid_bt[:, k_start:end], start, k_start, window,

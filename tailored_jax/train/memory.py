@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from tailored_jax.models.layers import ATTENTION_BLOCK, query_blocks
+
 GB = 1e9
 
 
@@ -76,7 +78,7 @@ def kept_per_token(cfg, remat: str, tensor: int, seq: int) -> int:
   return working_per_token(cfg, tensor, seq)
 
 
-def working_per_token(cfg, tensor: int, seq: int, block: int = 128) -> int:
+def working_per_token(cfg, tensor: int, seq: int, block: int = ATTENTION_BLOCK) -> int:
   """Bytes per token of everything one layer computes: what no remat keeps, and what one
   layer's recompute holds at once. Norms (float32 input and normalised output, twice); q, k, v
   and their float32 rotary terms; each query block's inputs to the blockwise attention (its
@@ -93,14 +95,14 @@ def working_per_token(cfg, tensor: int, seq: int, block: int = 128) -> int:
   return int(norms + attention + mlp)
 
 
-def attention_scores(cfg, rows: int, queries: int, keys: int, tensor: int, block: int = 128) -> int:
+def attention_scores(cfg, rows: int, queries: int, keys: int, tensor: int,
+                     block: int = ATTENTION_BLOCK) -> int:
   """One layer's three float32 scores-sized buffers (scores, probabilities, their gradients) for
   `queries` queries over the keys each can see, the first `keys` - `queries` of which are a
   prefix seen by all: a block of at most `block` queries reads the keys up to its end, and XLA
   keeps every block's buffers live at once (the blocks are unrolled, not sequenced)."""
   prefix = keys - queries
-  seen = sum((end - start) * (prefix + end)
-             for start, end in ((s, min(s + block, queries)) for s in range(0, queries, block)))
+  seen = sum((end - start) * (prefix + end) for start, end, _ in query_blocks(queries, block, 0))
   return 3 * 4 * rows * max(cfg.n_heads // tensor, 1) * seen
 
 

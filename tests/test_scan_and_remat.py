@@ -19,8 +19,11 @@ from tailored_jax.train.trainer import Trainer
 from tests.test_model_and_decode import CFG, _batch, _mesh_cfg, _train_cfg
 
 
-@pytest.mark.parametrize("window", [0, 9])
-def test_blockwise_attention_equals_dot_product_attention(window):
+@pytest.mark.parametrize("window, tile_bytes", [(0, 0), (9, 0), (9, 1)])
+def test_blockwise_attention_equals_dot_product_attention(window, tile_bytes, monkeypatch):
+  """tile_bytes = 1: one row per map step (`layers.row_tiles`)."""
+  if tile_bytes:
+    monkeypatch.setattr(layers, "ATTENTION_TILE_BYTES", tile_bytes)
   b, t, n, kv, h = 3, 37, 4, 2, 8
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   q = jax.random.normal(keys[0], (b, t, n, h))
@@ -46,6 +49,62 @@ def test_blockwise_attention_equals_dot_product_attention(window):
   np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid], atol=2e-5)
   for a, e in zip(got_grads, expected_grads):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=5e-5)
+
+
+@pytest.mark.parametrize("window, tile_bytes", [(0, 0), (11, 0), (11, 1)])
+def test_context_attention_equals_the_cached_attention(window, tile_bytes, monkeypatch):
+  """Self-reflection's training attention (rows after a read-only prefix shared by groups of
+  rows: two flash parts merged, and the fused form used off CPU) gives the cache path's output
+  and gradients, the prefix's keys and values included (DPO differentiates through them);
+  tile_bytes = 1: one group of rows per map step."""
+  if tile_bytes:
+    monkeypatch.setattr(layers, "ATTENTION_TILE_BYTES", tile_bytes)
+  groups, per_group, t, s, n, kv, h = 2, 3, 37, 21, 4, 2, 8
+  b = groups * per_group
+  keys = jax.random.split(jax.random.PRNGKey(2), 6)
+  q = jax.random.normal(keys[0], (b, t, n, h))
+  k = jax.random.normal(keys[1], (b, t, kv, h))
+  v = jax.random.normal(keys[2], (b, t, kv, h))
+  context_k = jax.random.normal(keys[3], (groups, kv, s, h))
+  context_v = jax.random.normal(keys[4], (groups, kv, s, h))
+  positions_gs = np.tile(np.arange(s) - 4, (groups, 1))  # left-padded prefixes
+  positions_gs[1] = np.arange(s) - 9
+  positions_gs = np.where(positions_gs >= 0, positions_gs, -1)
+  prefix_len = (positions_gs >= 0).sum(1).repeat(per_group)
+  valid = np.ones((b, t), bool)
+  valid[1, 30:] = False  # right-padded continuations
+  valid[4, 12:] = False
+  positions_bt = jnp.asarray(prefix_len[:, None] + np.arange(t))
+  context_mask = layers.context_mask(jnp.asarray(positions_gs), positions_bt, window)
+  out_weights = jax.random.normal(keys[5], (b, t, n, h)) * valid[:, :, None, None]
+
+  def cached(q, k, v, context_k, context_v):
+    zeros = jnp.zeros((b, kv, t, h))
+    layer = layers.LayerKV(zeros, zeros, jnp.asarray(0),
+                           layers.attention_mask(jnp.asarray(valid), jnp.asarray(0), t, window),
+                           (context_k,), (context_v,), (context_mask,))
+    return layers.cached_attention(q, k, v, layer, jnp.float32)[0]
+
+  def training(form):
+    return lambda q, k, v, context_k, context_v: form(
+        q, k, v, jnp.asarray(valid), layers.ContextKV(context_k, context_v, context_mask), jnp.
+        float32, window)
+
+  blockwise = lambda *a: layers.blockwise_context_attention(*a[:5], jnp.float32, window, block=16)
+  runs = {
+      "cached": cached, "blockwise": training(blockwise),
+      "fused": training(layers.fused_context_attention)
+  }
+  results = {
+      name: jax.jit(
+          jax.value_and_grad(lambda *a, fn=fn: jnp.sum(fn(*a) * out_weights), (0, 1, 2, 3, 4)))
+            (q, k, v, context_k, context_v) for name, fn in runs.items()
+  }
+  expected, expected_grads = results.pop("cached")
+  for got, got_grads in results.values():
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    for a, e in zip(got_grads, expected_grads):
+      np.testing.assert_allclose(a, e, atol=5e-5)
 
 
 @pytest.mark.parametrize("x_shape, w_shape", [((3, 5, 8), (8, 24)), ((3, 5, 24), (24, 8)),
@@ -137,16 +196,19 @@ def test_remat_policies_are_checked_and_old_workdirs_still_load():
 SHARDED = dataclasses.replace(CFG, n_kv_heads=4)
 
 
-def test_activation_layouts_give_one_devices_loss_and_updates():
+def test_activation_layouts_give_one_devices_loss_and_updates(monkeypatch):
   """LM + self-reflection steps from the same weights: the per-layer model on one device and on
-  a mixed (2, 2, 2) mesh, the scanned one on a Megatron-style (1, 2, 4) mesh."""
+  a mixed (2, 2, 2) mesh, the scanned one on a Megatron-style (1, 2, 4) mesh and on (2, 2, 2)
+  with the attention one row (group) of each device per map step."""
   assert jax.device_count() == 8, "tests/conftest.py asks for 8 host devices"
   initial = jax.device_get(
       nn.meta.unbox(layers.init_boxed_params(Llama(SHARDED), jax.random.PRNGKey(0))))
-  runs = (((1, 1, 1, 1), SHARDED), ((2, 2, 2, 0), SHARDED),
-          ((1, 2, 4, 0), dataclasses.replace(SHARDED, scan_layers=True, remat="full")))
-  results = []
-  for mesh_shape, cfg in runs:
+  scanned = dataclasses.replace(SHARDED, scan_layers=True, remat="full")
+  runs = (((1, 1, 1, 1), SHARDED, 0), ((2, 2, 2, 0), SHARDED, 0), ((1, 2, 4, 0), scanned, 0),
+          ((2, 2, 2, 0), scanned, 1))
+  results, default_tile = [], layers.ATTENTION_TILE_BYTES
+  for mesh_shape, cfg, tile_bytes in runs:
+    monkeypatch.setattr(layers, "ATTENTION_TILE_BYTES", tile_bytes or default_tile)
     trainer = Trainer(Llama(cfg), _train_cfg(), sharding.make_mesh(_mesh_cfg(*mesh_shape)))
     params = jax.tree.map(jnp.asarray, initial)
     if cfg.scan_layers:
@@ -158,7 +220,7 @@ def test_activation_layouts_give_one_devices_loss_and_updates():
       state, metrics = trainer.step_fn()(state, trainer.put_batch(lm),
                                          trainer.put_batch(reflection))
     results.append((layers.unstack_layers(jax.device_get(state.params)), jax.device_get(metrics)))
-    if mesh_shape == (2, 2, 2, 0):
+    if mesh_shape == (2, 2, 2, 0) and not cfg.scan_layers:
       assert state.params["layer_0"]["attn"]["wq"].sharding.spec == jax.sharding.PartitionSpec(
           "fsdp", "tensor", None)
     if cfg.scan_layers:  # the stacked layer axis stays whole

@@ -15,7 +15,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from tailored_jax.config_lib import REMAT_POLICIES
-from tailored_jax.models.kv_cache import KVCache
+from tailored_jax.models.kv_cache import Context, KVCache
 
 NEG_INF = -1e30
 
@@ -109,6 +109,17 @@ class KeptKV:
   length: int = flax.struct.field(pytree_node=False)
   k_bksh: jax.Array | None = None
   v_bksh: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class ContextKV:
+  """Training rows that continue after a read-only context (self-reflection's continuations after
+  their prefix): one layer's context keys and values ([groups, kv_heads, slots, head_dim], read
+  by groups of consecutive rows) and which of them each new token sees ([batch, new, slots]).
+  The rows' own tokens attend causally among themselves; nothing is stored."""
+  k_gksh: jax.Array
+  v_gksh: jax.Array
+  mask_bts: jax.Array
 
 
 class Partial(NamedTuple):
@@ -223,71 +234,184 @@ def query_blocks(t: int, block: int, window: int):
     yield start, min(start + block, t), max(0, start - window + 1) if window else 0
 
 
-def _block_scores(q_bkgqh, k_bkhs, valid_bs, q_start: int, k_start: int, window: int, scale: float):
-  """Float32 scores of a block of queries over the keys it can see; NEG_INF where masked."""
-  scores_bkgqs = jnp.einsum("bkgqh,bkhs->bkgqs", q_bkgqh, k_bkhs).astype(jnp.float32) * scale
-  q_pos = q_start + jnp.arange(q_bkgqh.shape[3])
-  k_pos = k_start + jnp.arange(k_bkhs.shape[3])
+def _part_blocks(t: int, s: int, causal: bool, window: int, block: int):
+  """(first query, end, first key, end key) of each block of queries: causally a block sees the
+  keys up to its last query; over a context it sees all `s`."""
+  for start, end, k_start in query_blocks(t, block, window if causal else 0):
+    yield (start, end, k_start, end) if causal else (start, end, 0, s)
+
+
+def _block_mask(mask, causal: bool, start: int, end: int, k_start: int, k_end: int,
+                window: int) -> jax.Array:
+  """[rows, queries, keys] seen by a block: causally from the positions and `mask` = the keys'
+  validity [rows, tokens]; over a context `mask` is [rows, queries, keys] itself."""
+  if not causal:
+    return mask[:, start:end, k_start:k_end]
+  q_pos = start + jnp.arange(end - start)
+  k_pos = k_start + jnp.arange(k_end - k_start)
   seen_qs = k_pos[None, :] <= q_pos[:, None]
   if window:
     seen_qs &= k_pos[None, :] > q_pos[:, None] - window
-  seen_bqs = seen_qs[None] & valid_bs[:, None, :]
+  return seen_qs[None] & mask[:, None, k_start:k_end]
+
+
+def _grouped_einsum(spec: str, *operands, groups: int = 0):
+  """`jnp.einsum` where an operand or output led by 'c' is per group of consecutive rows (a
+  context's keys and values, read by each of its rows) and one led by 'b' is per row; `groups`
+  is needed when no operand is per group."""
+  inputs, output = spec.split("->")
+  inputs = inputs.split(",")
+  rows = next(x.shape[0] for x, s in zip(operands, inputs) if s[0] == "b")
+  groups = groups or next(x.shape[0] for x, s in zip(operands, inputs) if s[0] == "c")
+  if groups == rows:
+    return jnp.einsum(spec.replace("c", "b"), *operands)
+  per_group = rows // groups
+  operands = [
+      x.reshape(groups, per_group, *x.shape[1:]) if s[0] == "b" else x
+      for x, s in zip(operands, inputs)
+  ]
+  grouped = lambda s: "cr" + s[1:] if s[0] == "b" else s
+  out = jnp.einsum(",".join(map(grouped, inputs)) + "->" + grouped(output), *operands)
+  return out.reshape(rows, *out.shape[2:]) if output[0] == "b" else out
+
+
+def _block_scores(q_bkgqh, k_ckhs, seen_bqs, scale: float):
+  """Float32 scores of a block of queries over keys; NEG_INF where not seen."""
+  scores_bkgqs = _grouped_einsum("bkgqh,ckhs->bkgqs", q_bkgqh, k_ckhs).astype(jnp.float32) * scale
   return jnp.where(seen_bqs[:, None, None], scores_bkgqs, NEG_INF)
 
 
-def _blockwise_forward(q_bkgth, k_bkht, v_bkht, valid_bt, window, block, scale):
+def _flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale):
   """Output and per-query log-sum-exp of the scores, a block of queries at a time."""
   outs, lses = [], []
-  for start, end, k_start in query_blocks(q_bkgth.shape[3], block, window):
-    scores_bkgqs = _block_scores(q_bkgth[:, :, :, start:end], k_bkht[..., k_start:end],
-                                 valid_bt[:, k_start:end], start, k_start, window, scale)
+  for start, end, k_start, k_end in _part_blocks(q_bkgth.shape[3], k_ckhs.shape[3], causal, window,
+                                                 block):
+    scores_bkgqs = _block_scores(q_bkgth[:, :, :, start:end], k_ckhs[..., k_start:k_end],
+                                 _block_mask(mask, causal, start, end, k_start, k_end, window),
+                                 scale)
     max_bkgq = jnp.max(scores_bkgqs, axis=-1)
     weights_bkgqs = jnp.exp(scores_bkgqs - max_bkgq[..., None])
     sum_bkgq = jnp.sum(weights_bkgqs, axis=-1)
-    out_bkgqh = jnp.einsum("bkgqs,bkhs->bkgqh", weights_bkgqs.astype(v_bkht.dtype),
-                           v_bkht[..., k_start:end]).astype(jnp.float32) / sum_bkgq[..., None]
-    outs.append(out_bkgqh.astype(q_bkgth.dtype))
+    out_bkgqh = _grouped_einsum("bkgqs,ckhs->bkgqh", weights_bkgqs.astype(v_ckhs.dtype),
+                                v_ckhs[..., k_start:k_end]).astype(jnp.float32)
+    outs.append((out_bkgqh / sum_bkgq[..., None]).astype(q_bkgth.dtype))
     lses.append(max_bkgq + jnp.log(sum_bkgq))
   return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _blockwise_attention(q_bkgth, k_bkht, v_bkht, valid_bt, window: int, block: int, scale: float):
-  return _blockwise_forward(q_bkgth, k_bkht, v_bkht, valid_bt, window, block, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash_attention(q_bkgth, k_ckhs, v_ckhs, mask, causal: bool, window: int, block: int,
+                     scale: float):
+  """(output, log-sum-exp) of one part of the keys; `mask` as `_block_mask` reads it."""
+  return _flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale)
 
 
-def _blockwise_attention_fwd(q_bkgth, k_bkht, v_bkht, valid_bt, window, block, scale):
-  out_bkgth, lse_bkgt = _blockwise_forward(q_bkgth, k_bkht, v_bkht, valid_bt, window, block, scale)
-  return out_bkgth, (q_bkgth, k_bkht, v_bkht, valid_bt, out_bkgth, lse_bkgt)
+def _flash_attention_fwd(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale):
+  out_bkgth, lse_bkgt = _flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale)
+  return (out_bkgth, lse_bkgt), (q_bkgth, k_ckhs, v_ckhs, mask, out_bkgth, lse_bkgt)
 
 
-def _blockwise_attention_bwd(window, block, scale, residuals, dout_bkgth):
+def _flash_attention_bwd(causal, window, block, scale, residuals, cotangents):
   """Each block's probabilities recomputed from its scores and the saved log-sum-exp."""
-  q_bkgth, k_bkht, v_bkht, valid_bt, out_bkgth, lse_bkgt = residuals
-  # d(softmax) needs each query's sum over keys of p * dp, which is dout . out
-  delta_bkgt = jnp.sum(dout_bkgth.astype(jnp.float32) * out_bkgth.astype(jnp.float32), axis=-1)
+  q_bkgth, k_ckhs, v_ckhs, mask, out_bkgth, lse_bkgt = residuals
+  dout_bkgth, dlse_bkgt = cotangents
+  # d(softmax) needs each query's sum over keys of p * dp, which is dout . out; the
+  # log-sum-exp's own gradient reaches each score as dlse * p
+  delta_bkgt = jnp.sum(dout_bkgth.astype(jnp.float32) * out_bkgth.astype(jnp.float32),
+                       axis=-1) - dlse_bkgt
   dq_blocks = []
-  dk_bkht = jnp.zeros(k_bkht.shape, jnp.float32)
-  dv_bkht = jnp.zeros(v_bkht.shape, jnp.float32)
-  for start, end, k_start in query_blocks(q_bkgth.shape[3], block, window):
+  dk_ckhs = jnp.zeros(k_ckhs.shape, jnp.float32)
+  dv_ckhs = jnp.zeros(v_ckhs.shape, jnp.float32)
+  for start, end, k_start, k_end in _part_blocks(q_bkgth.shape[3], k_ckhs.shape[3], causal, window,
+                                                 block):
     q_bkgqh, dout_bkgqh = q_bkgth[:, :, :, start:end], dout_bkgth[:, :, :, start:end]
-    k_bkhs, v_bkhs = k_bkht[..., k_start:end], v_bkht[..., k_start:end]
-    scores_bkgqs = _block_scores(q_bkgqh, k_bkhs, valid_bt[:, k_start:end], start, k_start, window,
+    k_ckhs_, v_ckhs_ = k_ckhs[..., k_start:k_end], v_ckhs[..., k_start:k_end]
+    scores_bkgqs = _block_scores(q_bkgqh, k_ckhs_,
+                                 _block_mask(mask, causal, start, end, k_start, k_end, window),
                                  scale)
     probs_bkgqs = jnp.exp(scores_bkgqs - lse_bkgt[:, :, :, start:end, None])
-    dv_bkhs = jnp.einsum("bkgqh,bkgqs->bkhs", dout_bkgqh, probs_bkgqs.astype(dout_bkgqh.dtype))
-    dv_bkht = dv_bkht.at[..., k_start:end].add(dv_bkhs)
-    dprobs_bkgqs = jnp.einsum("bkgqh,bkhs->bkgqs", dout_bkgqh, v_bkhs).astype(jnp.float32)
+    dv_ckhs = dv_ckhs.at[..., k_start:k_end].add(
+        _grouped_einsum("bkgqh,bkgqs->ckhs", dout_bkgqh, probs_bkgqs.astype(dout_bkgqh.dtype),
+                        groups=k_ckhs.shape[0]))
+    dprobs_bkgqs = _grouped_einsum("bkgqh,ckhs->bkgqs", dout_bkgqh, v_ckhs_).astype(jnp.float32)
     dscores_bkgqs = (probs_bkgqs * (dprobs_bkgqs - delta_bkgt[:, :, :, start:end, None])
                      * scale).astype(q_bkgqh.dtype)
-    dq_blocks.append(jnp.einsum("bkgqs,bkhs->bkgqh", dscores_bkgqs, k_bkhs))
-    dk_bkhs = jnp.einsum("bkgqh,bkgqs->bkhs", q_bkgqh, dscores_bkgqs)
-    dk_bkht = dk_bkht.at[..., k_start:end].add(dk_bkhs)
+    dq_blocks.append(_grouped_einsum("bkgqs,ckhs->bkgqh", dscores_bkgqs, k_ckhs_))
+    dk_ckhs = dk_ckhs.at[..., k_start:k_end].add(
+        _grouped_einsum("bkgqh,bkgqs->ckhs", q_bkgqh, dscores_bkgqs, groups=k_ckhs.shape[0]))
   dq_bkgth = jnp.concatenate(dq_blocks, axis=3)
-  return dq_bkgth, dk_bkht.astype(k_bkht.dtype), dv_bkht.astype(v_bkht.dtype), None
+  return dq_bkgth, dk_ckhs.astype(k_ckhs.dtype), dv_ckhs.astype(v_ckhs.dtype), None
 
 
-_blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd)
+_flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
+
+
+def _flash_layout(q_btnh, k_btkh, v_btkh, dtype):
+  """Queries as [batch, kv_heads, group, tokens, head_dim]; keys and values as [batch,
+  kv_heads, head_dim, tokens]: every matmul of the pass, forward and backward, then reads its
+  operands in the order XLA:CPU's matmul takes without a copy."""
+  b, t, n, h = q_btnh.shape
+  kv_heads = k_btkh.shape[2]
+  q_bkgth = q_btnh.astype(dtype).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+  k_bkht, v_bkht = (x.astype(dtype).transpose(0, 2, 3, 1) for x in (k_btkh, v_btkh))
+  return q_bkgth, k_bkht, v_bkht
+
+
+def _from_flash_layout(out_bkgth):
+  b, k, g, t, h = out_bkgth.shape
+  return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
+
+
+# Rows of the CPU training attention per map step: about this many bytes of one query block's
+# float32 scores, so that each step's score passes stay in cache (with every row's blocks at
+# once, each pass streamed them through memory: 8 x 512 tokens' forward ran 2x slower).
+ATTENTION_TILE_BYTES = 4 << 20
+
+
+def _local_rows_and_heads(rows: int, heads: int) -> tuple[int, int]:
+  """Rows and heads per device under the trace's mesh (rows over data × fsdp, heads over
+  tensor, as `sharding.RULES` lay activations out); the whole arrays without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  size = lambda name: mesh.shape.get(name, 1) if not mesh.empty else 1
+  row_shards, tensor = size("data") * size("fsdp"), size("tensor")
+  local_rows = rows // row_shards if rows % row_shards == 0 else rows
+  return local_rows, max(heads // tensor, 1)
+
+
+def row_tiles(local_groups: int, rows_per_group: int, local_heads: int, queries: int, keys: int,
+              block: int = ATTENTION_BLOCK, tile_bytes: int = 0) -> int:
+  """How many map steps the attention takes over one device's rows: the fewest that divide its
+  groups of rows (a context's groups, or single rows) and bring a step's largest score block
+  under `tile_bytes` (0: `ATTENTION_TILE_BYTES`; 1 step: all rows at once)."""
+  tile_bytes = tile_bytes or ATTENTION_TILE_BYTES
+  per_group = rows_per_group * local_heads * min(block, queries) * keys * 4
+  for steps in range(1, local_groups + 1):
+    if local_groups % steps == 0 and local_groups // steps * per_group <= tile_bytes:
+      return steps
+  return local_groups
+
+
+def _map_row_tiles(fn, steps: int, rows_per_group: int, row_args: tuple, group_args: tuple = ()):
+  """`fn(*row_args, *group_args)` a tile of rows at a time (`jax.lax.map`, sequential), where
+  tile j holds groups i·steps + j (so on a row-sharded mesh every device holds its share of
+  every tile) with their `rows_per_group` consecutive rows; `fn`'s outputs are per row."""
+  if steps == 1:
+    return fn(*row_args, *group_args)
+
+  def split(x, per):  # [groups·per, ...] -> [steps, groups/steps·per, ...]
+    n = x.shape[0] // per
+    return x.reshape(n // steps, steps, per,
+                     *x.shape[1:]).swapaxes(0, 1).reshape(steps, n // steps * per, *x.shape[1:])
+
+  def join(y):
+    n = y.shape[1] // rows_per_group
+    return y.reshape(steps, n, rows_per_group,
+                     *y.shape[2:]).swapaxes(0, 1).reshape(steps * y.shape[1], *y.shape[2:])
+
+  tiles = (tuple(split(x, rows_per_group) for x in row_args),
+           tuple(split(x, 1) for x in group_args))
+  out = jax.lax.map(lambda tile: fn(*tile[0], *tile[1]), tiles)
+  return jax.tree.map(join, out)
 
 
 def blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0,
@@ -296,16 +420,72 @@ def blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: 
   the keys at or before its last query (the masked upper triangle is never computed), with a
   flash-attention-style gradient: only the output and each query's log-sum-exp are kept, each
   block's probabilities recomputed from its scores. Scores in float32, [batch, heads, block,
-  keys] per block rather than [batch, heads, tokens, tokens] (XLA may keep the unrolled blocks'
-  buffers live together; the planner counts them all). Keys and values are laid out [batch,
-  kv_heads, head_dim, tokens]: every matmul of the pass, forward and backward, then reads its
-  operands in the order XLA:CPU's matmul takes without a copy."""
+  keys] per block rather than [batch, heads, tokens, tokens], and a tile of rows at a time
+  (`row_tiles`; within a tile XLA keeps the unrolled blocks' buffers live together)."""
   b, t, n, h = q_btnh.shape
-  kv_heads = k_btkh.shape[2]
-  q_bkgth = q_btnh.astype(dtype).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
-  k_bkht, v_bkht = (x.astype(dtype).transpose(0, 2, 3, 1) for x in (k_btkh, v_btkh))
-  out_bkgth = _blockwise_attention(q_bkgth, k_bkht, v_bkht, valid_bt, window, block, h**-0.5)
-  return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  q_bkgth, k_bkht, v_bkht = _flash_layout(q_btnh, k_btkh, v_btkh, dtype)
+  attention = lambda q, k, v, valid: _flash_attention(q, k, v, valid, True, window, block, h**-0.5)[
+      0]
+  local_rows, local_heads = _local_rows_and_heads(b, n)
+  out_bkgth = _map_row_tiles(attention, row_tiles(local_rows, 1, local_heads, t, t, block), 1,
+                             (q_bkgth, k_bkht, v_bkht, valid_bt))
+  return _from_flash_layout(out_bkgth)
+
+
+def blockwise_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype,
+                                window: int = 0, block: int = ATTENTION_BLOCK):
+  """Rows continuing after a read-only context: one softmax over the context's keys and their
+  own (causal), computed as two flash parts (`_flash_attention`) merged by their log-sum-exps;
+  the merge is differentiated as written, so each part's gradient gets its share."""
+  b, t, n, h = q_btnh.shape
+  groups, s = kv.k_gksh.shape[0], kv.k_gksh.shape[2]
+  q_bkgth, k_bkht, v_bkht = _flash_layout(q_btnh, k_btkh, v_btkh, dtype)
+  scale = h**-0.5
+
+  def attention(q_bkgth, k_bkht, v_bkht, valid_bt, context_mask_bts, context_k_gksh,
+                context_v_gksh):
+    own_bkgth, own_lse_bkgt = _flash_attention(q_bkgth, k_bkht, v_bkht, valid_bt, True, window,
+                                               block, scale)
+    context_k_gkhs, context_v_gkhs = (
+        jnp.swapaxes(x, 2, 3).astype(dtype) for x in (context_k_gksh, context_v_gksh))
+    context_bkgth, context_lse_bkgt = _flash_attention(q_bkgth, context_k_gkhs, context_v_gkhs,
+                                                       context_mask_bts, False, 0, block, scale)
+    lse_bkgt = jnp.logaddexp(own_lse_bkgt, context_lse_bkgt)
+    share = lambda part_lse_bkgt: jnp.exp(part_lse_bkgt - lse_bkgt)[..., None]
+    return (own_bkgth.astype(jnp.float32) * share(own_lse_bkgt)
+            + context_bkgth.astype(jnp.float32) * share(context_lse_bkgt)).astype(dtype)
+
+  per_group = b // groups
+  local_groups, local_heads = _local_rows_and_heads(groups, n)
+  out_bkgth = _map_row_tiles(attention,
+                             row_tiles(local_groups, per_group, local_heads, t, t + s, block),
+                             per_group, (q_bkgth, k_bkht, v_bkht, valid_bt, kv.mask_bts),
+                             (kv.k_gksh, kv.v_gksh))
+  return _from_flash_layout(out_bkgth)
+
+
+def fused_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype,
+                            window: int = 0):
+  """`blockwise_context_attention` as one `jax.nn.dot_product_attention` over the context's
+  keys (repeated for each row of a group) and the rows' own, under one explicit mask."""
+  b, t = valid_bt.shape
+  per_row = lambda x_gksh: jnp.swapaxes(jnp.repeat(x_gksh, b // x_gksh.shape[0], axis=0), 1, 2)
+  k_bskh = jnp.concatenate([per_row(kv.k_gksh).astype(dtype), k_btkh.astype(dtype)], axis=1)
+  v_bskh = jnp.concatenate([per_row(kv.v_gksh).astype(dtype), v_btkh.astype(dtype)], axis=1)
+  pos = jnp.arange(t)
+  seen_tt = pos[None, :] <= pos[:, None]
+  if window:
+    seen_tt &= pos[None, :] > pos[:, None] - window
+  mask_bts = jnp.concatenate([kv.mask_bts, seen_tt[None] & valid_bt[:, None, :]], axis=2)
+  return jax.nn.dot_product_attention(q_btnh.astype(dtype), k_bskh, v_bskh, mask=mask_bts[:, None])
+
+
+def context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype, window: int = 0):
+  """Training rows after a read-only context: on CPU two flash parts merged
+  (`blockwise_context_attention`), elsewhere one fused call (`fused_context_attention`)."""
+  if jax.default_backend() == "cpu":
+    return blockwise_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window)
+  return fused_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window)
 
 
 def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
@@ -320,16 +500,19 @@ def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
                                       local_window_size=(window - 1, 0) if window else None)
 
 
-def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | KeptKV | None, dtype, window: int = 0):
+def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | KeptKV | ContextKV | None, dtype,
+           window: int = 0):
   """Attention for one layer: with the cache's `kv`, the new keys and values are written into it
   (`cached_attention`); without one (training), tokens attend causally to themselves (`valid_bt`
-  masks padding) and nothing is stored but, with a `KeptKV`, its first tokens' keys and values.
-  Returns (out, kv)."""
+  masks padding) and nothing is stored but, with a `KeptKV`, its first tokens' keys and values;
+  with a `ContextKV` (training) they also see its read-only context. Returns (out, kv)."""
   query, key, value, attention = ATTENTION_NAMES
   q_btnh = tag(constrain(q_btnh, ("batch", "length", "heads", "head_dim")), query)
   k_btkh = tag(constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim")), key)
   v_btkh = tag(constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim")), value)
-  if kv is None or isinstance(kv, KeptKV):
+  if isinstance(kv, ContextKV):
+    out_btnh = context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window)
+  elif kv is None or isinstance(kv, KeptKV):
     out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
     if kv is not None:
       first = lambda x_btkh: jnp.swapaxes(x_btkh[:, :kv.length], 1, 2).astype(dtype)
@@ -379,6 +562,13 @@ def tag(x, name: str):
 
 
 @flax.struct.dataclass
+class _LayerContext:
+  """A scanned layer's slice of a read-only training context (its mask is shared)."""
+  k_gksh: jax.Array
+  v_gksh: jax.Array
+
+
+@flax.struct.dataclass
 class _LayerCache:
   """A scanned layer's slice of the cache: its own buffers and its contexts' keys/values."""
   k_bksh: jax.Array
@@ -398,14 +588,18 @@ class _ScannedLayer(nn.Module):
     self.block = self.block_cls(self.cfg)
     nn.share_scope(self, self.block)
 
-  def __call__(self, x_btd, positions_bt, valid_bt, shared, layer: _LayerCache | None):
+  def __call__(self, x_btd, positions_bt, valid_bt, shared,
+               layer: _LayerCache | _LayerContext | None):
     kv = KeptKV(self.keep_kv) if self.keep_kv else None
-    if layer is not None:
+    if isinstance(layer, _LayerContext):
+      kv = ContextKV(layer.k_gksh, layer.v_gksh, shared)
+    elif layer is not None:
       index, mask_bts, context_masks = shared
       kv = LayerKV(layer.k_bksh, layer.v_bksh, index, mask_bts, layer.context_k, layer.context_v,
                    context_masks)
     x_btd, kv = self.block(x_btd, positions_bt, valid_bt, kv)
-    return constrain(x_btd, RESIDUAL), None if kv is None else (kv.k_bksh, kv.v_bksh)
+    stored = (kv.k_bksh, kv.v_bksh) if isinstance(kv, (LayerKV, KeptKV)) else None
+    return constrain(x_btd, RESIDUAL), stored
 
 
 def _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, shared, layer, keep_kv=0):
@@ -418,7 +612,29 @@ def _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, shared, layer, k
   return scanned(block_cls, cfg, keep_kv, name=LAYERS)(x_btd, positions_bt, valid_bt, shared, layer)
 
 
-def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | None,
+def _remat_block(block_cls, cfg):
+  if cfg.remat == "none":
+    return block_cls
+  return nn.remat(block_cls, policy=remat_policy(cfg.remat))
+
+
+def _run_after_context(block_cls, cfg, x_btd, positions_bt, valid_bt, context: Context,
+                       window: int):
+  """Training rows after a read-only context (`ContextKV`): the layer stack, rematerialised."""
+  mask_bts = context_mask(context.positions_gs, positions_bt, window)
+  if cfg.scan_layers:
+    layer = _LayerContext(context.keys, context.values)
+    x_btd, _ = _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, mask_bts, layer)
+    return x_btd
+  block = _remat_block(block_cls, cfg)
+  for layer in range(cfg.n_layers):
+    kv = ContextKV(context.keys[layer], context.values[layer], mask_bts)
+    x_btd, _ = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, kv)
+    x_btd = constrain(x_btd, RESIDUAL)
+  return x_btd
+
+
+def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | Context | None,
                window: int = 0, keep_kv: int = 0):
   """The layer stack shared by every family: `cfg.n_layers` blocks, each called as
   `block(x, positions, valid, kv)` and rematerialised by `cfg.remat`'s policy; with
@@ -427,16 +643,17 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | N
   per layer when scanned), masks come from its slots and its contexts, and the updated cache is
   returned; without one (training), tokens attend causally to themselves, no keys or values
   are kept and the returned cache is None, or with `keep_kv` > 0 it holds the first `keep_kv`
-  tokens' keys and values (a filled cache of that many slots). Call it from inside a compact
-  method."""
+  tokens' keys and values (a filled cache of that many slots). With a `Context` (training rows
+  continuing after it), they also attend to its keys and values, and nothing is returned for
+  it. Call it from inside a compact method."""
+  if isinstance(cache, Context):
+    return _run_after_context(block_cls, cfg, x_btd, positions_bt, valid_bt, cache, window), None
   scan = cfg.scan_layers
   if cache is None:
     if scan:
       x_btd, kept = _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, None, None, keep_kv)
     else:
-      block = block_cls
-      if cfg.remat != "none":
-        block = nn.remat(block_cls, policy=remat_policy(cfg.remat))
+      block = _remat_block(block_cls, cfg)
       kept_k, kept_v = [], []
       for layer in range(cfg.n_layers):
         x_btd, kv = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt,

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from tailored_jax.models.layers import ATTENTION_BLOCK, query_blocks
+from tailored_jax.models.layers import ATTENTION_BLOCK, query_blocks, row_tiles
 
 GB = 1e9
 
@@ -95,15 +95,21 @@ def working_per_token(cfg, tensor: int, seq: int, block: int = ATTENTION_BLOCK) 
   return int(norms + attention + mlp)
 
 
-def attention_scores(cfg, rows: int, queries: int, keys: int, tensor: int,
+def attention_scores(cfg, groups: int, rows_per_group: int, queries: int, keys: int, tensor: int,
                      block: int = ATTENTION_BLOCK) -> int:
   """One layer's three float32 scores-sized buffers (scores, probabilities, their gradients) for
   `queries` queries over the keys each can see, the first `keys` - `queries` of which are a
   prefix seen by all: a block of at most `block` queries reads the keys up to its end, and XLA
-  keeps every block's buffers live at once (the blocks are unrolled, not sequenced)."""
+  keeps every block's buffers live at once (the blocks are unrolled, not sequenced), for one
+  tile of rows (`layers.row_tiles`: the attention maps over tiles of the device's rows)."""
+  if not groups:
+    return 0
+  heads = max(cfg.n_heads // tensor, 1)
+  tile_rows = groups // row_tiles(groups, rows_per_group, heads, queries, keys,
+                                  block) * rows_per_group
   prefix = keys - queries
   seen = sum((end - start) * (prefix + end) for start, end, _ in query_blocks(queries, block, 0))
-  return 3 * 4 * rows * max(cfg.n_heads // tensor, 1) * seen
+  return 3 * 4 * tile_rows * heads * seen
 
 
 def train_memory(cfg, shape: StepShape, parameters: int, optimizer: int, remat: str,
@@ -123,8 +129,8 @@ def train_memory(cfg, shape: StepShape, parameters: int, optimizer: int, remat: 
   working = max(
       working_per_token(cfg, shape.tensor, shape.seq_len) * tokens,
       working_per_token(cfg, shape.tensor, shape.continuation_len) * cont_tokens) + max(
-          attention_scores(cfg, rows, shape.seq_len, shape.seq_len, shape.tensor),
-          attention_scores(cfg, shape.continuations * sr_rows, shape.continuation_len,
+          attention_scores(cfg, rows, 1, shape.seq_len, shape.seq_len, shape.tensor),
+          attention_scores(cfg, sr_rows, shape.continuations, shape.continuation_len,
                            shape.prefix_len + shape.continuation_len, shape.tensor))
   vocab = cfg.vocab_size // shape.tensor
   logit_tokens = rows * (shape.loss_chunk_tokens or shape.seq_len)

@@ -108,15 +108,13 @@ def prefix_context(model, params, reflection: ReflectionBatch) -> Context:
 def run_continuations(model, params, context: Context, prefix_len_b, cont_bkc, valid_bkc,
                       with_logits: bool = False):
   """(logits [rows·k, c, vocab] or None, final hidden states [rows·k, c, d]) of each row's k
-  continuations, run after its prefix's keys and values (a context read by the k, not copied)."""
-  cfg = model.cfg
+  continuations, run after its prefix's keys and values (a context read by the k, not copied;
+  the training attention over it and their own tokens, no cache)."""
   b, k, c = cont_bkc.shape
-  cache = KVCache.zeros(cfg.n_layers, b * k, c, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype),
-                        (context,), stacked=cfg.scan_layers)
   positions_bkc = jnp.broadcast_to(prefix_len_b[:, None, None] + jnp.arange(c), (b, k, c))
   logits_ncv, hidden_ncd, _ = model.apply({"params": params}, cont_bkc.reshape(b * k, c),
                                           positions_bkc.reshape(b * k, c),
-                                          valid_bkc.reshape(b * k, c), cache,
+                                          valid_bkc.reshape(b * k, c), context,
                                           with_logits=with_logits)
   return logits_ncv, hidden_ncd
 

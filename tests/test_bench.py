@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tailored_jax.bench import common, decode, train_step
+from tailored_jax.bench import attention, common, decode, train_step
 from tailored_jax.models import layers
 from tailored_jax.models.llama import Llama
 from tailored_jax.train import step as step_lib
@@ -40,6 +40,17 @@ def test_train_step_benchmark_reports_both_sides(capsys):
                                                     / row["torch_lm"]["tokens_per_s"])
   assert row["torch_self_reflection_over_lm"] == (row["torch_self_reflection"]["seconds_per_step"]
                                                   / row["torch_lm"]["seconds_per_step"])
+
+
+def test_attention_benchmark_agrees_with_torch_sdpa(capsys, monkeypatch):
+  """Ours (mapped one row per tile here) and torch's fused causal attention, grouped-query: same
+  outputs and query gradients on the same inputs."""
+  monkeypatch.setattr(layers, "ATTENTION_TILE_BYTES", 1)
+  attention.main(["--shapes=3x40", "--heads=4,2", "--head_dim=16", "--repeats=1"])
+  row = json.loads(capsys.readouterr().out)["shapes"]["3x40"]
+  assert row["max_abs_output_difference"] < 1e-5
+  assert row["max_abs_query_gradient_difference"] < 1e-4
+  assert row["torch_over_ours_forward"] == (row["torch"]["forward_ms"] / row["ours"]["forward_ms"])
 
 
 @pytest.mark.parametrize("shapes", ["8xabc", "8x64:64", "8x64,4"])

@@ -1,0 +1,114 @@
+"""`python -m tailored_jax.bench.attention [--shapes=8x128,8x256,8x512] [--heads=8,8]`: the
+training step's causal attention alone, ours (on CPU the blockwise flash form mapped over tiles
+of rows, as the train step runs it) against torch's `scaled_dot_product_attention(is_causal=True)`
+on the same float32 queries, keys and values, side by side in one process: forward, and forward
+plus backward of a weighted sum of the output (median of `--repeats` after a warm-up), with the
+largest difference between the two outputs and between the query gradients.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tailored_jax.bench.common import median_seconds, report
+from tailored_jax.models import layers
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+  batch, _, seq = text.partition("x")
+  if not (batch.isdigit() and seq.isdigit() and int(batch) > 0 and int(seq) > 0):
+    raise ValueError(f"--shapes: {text!r} is not BxT (e.g. 8x512)")
+  return int(batch), int(seq)
+
+
+def inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0):
+  """Queries [b, t, heads, h], keys and values [b, t, kv_heads, h], output weights like the
+  queries; numpy float32."""
+  rng = np.random.default_rng(seed)
+  draw = lambda n: rng.standard_normal((batch, seq, n, head_dim), np.float32)
+  return draw(heads), draw(kv_heads), draw(kv_heads), draw(heads)
+
+
+def ours(q, k, v, weights, repeats: int) -> dict:
+  valid = jnp.ones(q.shape[:2], bool)
+  attention = lambda q, k, v: layers.causal_attention(q, k, v, valid, jnp.float32)
+  loss = lambda q, k, v: jnp.sum(attention(q, k, v) * weights)
+  forward = jax.jit(attention)
+  backward = jax.jit(jax.grad(loss, (0, 1, 2)))
+  q, k, v, weights = (jnp.asarray(x) for x in (q, k, v, weights))
+  _, fwd = median_seconds(lambda: jax.block_until_ready(forward(q, k, v)), repeats)
+  _, both = median_seconds(lambda: jax.block_until_ready(backward(q, k, v)), repeats)
+  return {
+      "forward_ms": fwd * 1e3, "forward_backward_ms": both * 1e3,
+      "out": np.asarray(forward(q, k, v)), "dq": np.asarray(backward(q, k, v)[0])
+  }
+
+
+def theirs(q, k, v, weights, repeats: int) -> dict:
+  import torch
+  as_torch = lambda x: torch.tensor(x).transpose(1, 2).contiguous()  # [b, heads, t, h]
+  tq, tk, tv = (as_torch(x).requires_grad_() for x in (q, k, v))
+  tw = as_torch(weights)
+  group = q.shape[2] // k.shape[2]
+
+  def attention():
+    return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True,
+                                                            enable_gqa=group > 1)
+
+  def forward():
+    with torch.no_grad():
+      attention()
+
+  def backward():
+    tq.grad = tk.grad = tv.grad = None
+    (attention() * tw).sum().backward()
+
+  _, fwd = median_seconds(forward, repeats)
+  _, both = median_seconds(backward, repeats)
+  with torch.no_grad():
+    out = attention().transpose(1, 2).numpy()
+  backward()
+  return {
+      "forward_ms": fwd * 1e3, "forward_backward_ms": both * 1e3, "out": out,
+      "dq": tq.grad.transpose(1, 2).numpy()
+  }
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shapes", default="8x128,8x256,8x512", help="BxT, comma-separated")
+  parser.add_argument("--heads", default="8,8", help="query heads,key/value heads")
+  parser.add_argument("--head_dim", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=7)
+  args = parser.parse_args(argv)
+  try:
+    shapes = [parse_shape(text) for text in args.shapes.split(",")]
+  except ValueError as e:
+    parser.error(str(e))
+  heads, kv_heads = (int(x) for x in args.heads.split(","))
+  import torch
+  rows = {}
+  for batch, seq in shapes:
+    q, k, v, weights = inputs(batch, seq, heads, kv_heads, args.head_dim)
+    mine, reference = ours(q, k, v, weights, args.repeats), theirs(q, k, v, weights, args.repeats)
+    row = {
+        "ours": {key: mine[key] for key in ("forward_ms", "forward_backward_ms")},
+        "torch": {key: reference[key] for key in ("forward_ms", "forward_backward_ms")},
+        "max_abs_output_difference": float(np.max(np.abs(mine["out"] - reference["out"]))),
+        "max_abs_query_gradient_difference": float(np.max(np.abs(mine["dq"] - reference["dq"]))),
+    }
+    for key in ("forward_ms", "forward_backward_ms"):
+      row[f"torch_over_ours_{key[:-3]}"] = row["torch"][key] / row["ours"][key]
+    rows[f"{batch}x{seq}"] = row
+  report("attention", heads=heads, kv_heads=kv_heads, head_dim=args.head_dim, dtype="float32",
+         repeats=args.repeats, torch_threads=torch.get_num_threads(),
+         torch_version=torch.__version__, tile_bytes=layers.ATTENTION_TILE_BYTES,
+         block=layers.ATTENTION_BLOCK, shapes=rows)
+
+
+if __name__ == "__main__":
+  main()

@@ -53,6 +53,14 @@ def test_attention_benchmark_agrees_with_torch_sdpa(capsys, monkeypatch):
   assert row["torch_over_ours_forward"] == (row["torch"]["forward_ms"] / row["ours"]["forward_ms"])
 
 
+@pytest.mark.parametrize("flag, value", [("shapes", "8xabc"), ("heads", "8"), ("heads", "8,3")])
+def test_attention_benchmark_names_a_bad_flag(flag, value, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    attention.main([f"--{flag}={value}"])
+  assert exit_info.value.code == 2
+  assert f"--{flag}:" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("shapes", ["8xabc", "8x64:64", "8x64,4"])
 def test_train_step_benchmark_names_a_bad_shape_before_building_anything(shapes, capsys):
   with pytest.raises(SystemExit) as exit_info:

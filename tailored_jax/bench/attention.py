@@ -14,14 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.bench.common import median_seconds, report
+from tailored_jax.bench.train_step import Shape
 from tailored_jax.models import layers
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-  batch, _, seq = text.partition("x")
-  if not (batch.isdigit() and seq.isdigit() and int(batch) > 0 and int(seq) > 0):
-    raise ValueError(f"--shapes: {text!r} is not BxT (e.g. 8x512)")
-  return int(batch), int(seq)
+def parse_heads(text: str) -> tuple[int, int]:
+  """'QUERY,KV' heads, the first a multiple of the second."""
+  try:
+    heads, kv_heads = (int(x) for x in text.split(","))
+  except ValueError:
+    raise ValueError(f"--heads: {text!r} is not QUERY_HEADS,KV_HEADS (e.g. 9,3)") from None
+  if not (0 < kv_heads <= heads and heads % kv_heads == 0):
+    raise ValueError(f"--heads: {text!r}: query heads must be a positive multiple of kv heads")
+  return heads, kv_heads
 
 
 def inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0):
@@ -80,19 +85,21 @@ def theirs(q, k, v, weights, repeats: int) -> dict:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shapes", default="8x128,8x256,8x512", help="BxT, comma-separated")
+  parser.add_argument("--shapes", default="8x128,8x256,8x512",
+                      help="BxT, comma-separated (a :P prefix is read and not used)")
   parser.add_argument("--heads", default="8,8", help="query heads,key/value heads")
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args(argv)
   try:
-    shapes = [parse_shape(text) for text in args.shapes.split(",")]
+    shapes = [Shape.parse(text) for text in args.shapes.split(",")]
+    heads, kv_heads = parse_heads(args.heads)
   except ValueError as e:
     parser.error(str(e))
-  heads, kv_heads = (int(x) for x in args.heads.split(","))
   import torch
   rows = {}
-  for batch, seq in shapes:
+  for shape in shapes:
+    batch, seq = shape.batch, shape.seq
     q, k, v, weights = inputs(batch, seq, heads, kv_heads, args.head_dim)
     mine, reference = ours(q, k, v, weights, args.repeats), theirs(q, k, v, weights, args.repeats)
     row = {

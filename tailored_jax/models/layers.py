@@ -430,8 +430,10 @@ def blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: 
   (`row_tiles`; within a tile XLA keeps the unrolled blocks' buffers live together)."""
   b, t, n, h = q_btnh.shape
   q_bkgth, k_bkht, v_bkht = _flash_layout(q_btnh, k_btkh, v_btkh, dtype)
-  attention = lambda q, k, v, valid: _flash_attention(q, k, v, valid, True, window, block, h**-0.5)[
-      0]
+
+  def attention(q_bkgth, k_bkht, v_bkht, valid_bt):
+    return _flash_attention(q_bkgth, k_bkht, v_bkht, valid_bt, True, window, block, h**-0.5)[0]
+
   local_rows, local_heads = _local_rows_and_heads(b, n)
   out_bkgth = _map_row_tiles(attention, row_tiles(local_rows, 1, local_heads, t, t, block), 1,
                              (q_bkgth, k_bkht, v_bkht, valid_bt))
@@ -618,10 +620,18 @@ def _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, shared, layer, k
   return scanned(block_cls, cfg, keep_kv, name=LAYERS)(x_btd, positions_bt, valid_bt, shared, layer)
 
 
-def _remat_block(block_cls, cfg):
-  if cfg.remat == "none":
-    return block_cls
-  return nn.remat(block_cls, policy=remat_policy(cfg.remat))
+def _per_layer_training(block_cls, cfg, x_btd, positions_bt, valid_bt, layer_kv) -> tuple:
+  """The unscanned training stack: blocks layer_i, rematerialised by `cfg.remat`, each called
+  with `layer_kv(i)`; returns the output and each block's returned kv."""
+  block = block_cls
+  if cfg.remat != "none":
+    block = nn.remat(block_cls, policy=remat_policy(cfg.remat))
+  kvs = []
+  for layer in range(cfg.n_layers):
+    x_btd, kv = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, layer_kv(layer))
+    x_btd = constrain(x_btd, RESIDUAL)
+    kvs.append(kv)
+  return x_btd, kvs
 
 
 def _run_after_context(block_cls, cfg, x_btd, positions_bt, valid_bt, context: Context,
@@ -632,12 +642,8 @@ def _run_after_context(block_cls, cfg, x_btd, positions_bt, valid_bt, context: C
     layer = _LayerContext(context.keys, context.values)
     x_btd, _ = _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, mask_bts, layer)
     return x_btd
-  block = _remat_block(block_cls, cfg)
-  for layer in range(cfg.n_layers):
-    kv = ContextKV(context.keys[layer], context.values[layer], mask_bts)
-    x_btd, _ = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, kv)
-    x_btd = constrain(x_btd, RESIDUAL)
-  return x_btd
+  layer_kv = lambda i: ContextKV(context.keys[i], context.values[i], mask_bts)
+  return _per_layer_training(block_cls, cfg, x_btd, positions_bt, valid_bt, layer_kv)[0]
 
 
 def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | Context | None,
@@ -659,16 +665,9 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | C
     if scan:
       x_btd, kept = _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, None, None, keep_kv)
     else:
-      block = _remat_block(block_cls, cfg)
-      kept_k, kept_v = [], []
-      for layer in range(cfg.n_layers):
-        x_btd, kv = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt,
-                                                      KeptKV(keep_kv) if keep_kv else None)
-        x_btd = constrain(x_btd, RESIDUAL)
-        if keep_kv:
-          kept_k.append(kv.k_bksh)
-          kept_v.append(kv.v_bksh)
-      kept = (tuple(kept_k), tuple(kept_v))
+      x_btd, kvs = _per_layer_training(block_cls, cfg, x_btd, positions_bt, valid_bt,
+                                       lambda _: KeptKV(keep_kv) if keep_kv else None)
+      kept = (tuple(kv.k_bksh for kv in kvs), tuple(kv.v_bksh for kv in kvs)) if keep_kv else None
     if not keep_kv:
       return x_btd, None
     return x_btd, KVCache(kept[0], kept[1], valid_bt[:, :keep_kv], jnp.asarray(keep_kv, jnp.int32))

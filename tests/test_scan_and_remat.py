@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tailored_jax import sharding
-from tailored_jax.data.batching import LMBatch
+from tailored_jax.data.batching import LMBatch, ReflectionBatch
 from tailored_jax.models import layers
 from tailored_jax.models.llama import Llama
 from tailored_jax.train import step as step_lib
@@ -151,11 +151,21 @@ def test_scanned_loss_and_gradients_equal_the_per_layer_loop(loop_run, remat):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-def _compiled_lm_step(cfg, batch, seq):
+def _lowered_lm_step(cfg, batch, seq, prefix=0):
+  """The train step lowered on abstract arguments; with `prefix`, reflection rows too (a prefix
+  and continuations of `seq` - `prefix` tokens)."""
   trainer = Trainer(Llama(cfg), _train_cfg(), sharding.make_mesh(_mesh_cfg(1, 1, 1, 1)))
-  rows = lambda dtype: jax.ShapeDtypeStruct((batch, seq), dtype)
+  rows = lambda dtype, *shape: jax.ShapeDtypeStruct(shape or (batch, seq), dtype)
   lm = LMBatch(rows(jnp.int32), rows(jnp.int32), rows(bool), rows(bool), rows(jnp.float32))
-  return trainer.step_fn().lower(trainer.abstract_state(), lm, None).compile()
+  reflection = prefix and ReflectionBatch(rows(jnp.int32, batch, prefix), rows(bool, batch, prefix),
+                                          rows(jnp.int32, batch, 3, seq - prefix),
+                                          rows(bool, batch, 3, seq - prefix),
+                                          rows(jnp.float32, batch))
+  return trainer.step_fn().lower(trainer.abstract_state(), lm, reflection or None)
+
+
+def _compiled_lm_step(cfg, batch, seq):
+  return _lowered_lm_step(cfg, batch, seq).compile()
 
 
 def test_scan_compiles_one_layer_and_full_remat_keeps_only_block_inputs():
@@ -167,6 +177,27 @@ def test_scan_compiles_one_layer_and_full_remat_keeps_only_block_inputs():
   temp = lambda cfg: _compiled_lm_step(cfg, 4, 128).memory_analysis().temp_size_in_bytes
   kept_everything, kept_inputs = temp(deep), temp(scan(4, "full"))
   assert kept_inputs < 0.5 * kept_everything, (kept_inputs, kept_everything)
+
+
+@pytest.mark.parametrize("reflection", [False, True])
+def test_save_attention_runs_the_attention_forward_once(reflection):
+  """Under 'save_attention' the flash attention's inputs and outputs (its backward's residuals)
+  are kept, so the step has as many exponentials in the attention (each query block's scores,
+  forward and backward, and the continuations' merge) as with nothing recomputed; 'full' runs
+  the forward again. With reflection rows the continuations attend after their prefix."""
+  cfg = lambda remat: dataclasses.replace(CFG, scan_layers=True, remat=remat)
+
+  def exponentials(remat):  # in the attention (the loss has its own)
+    text = _lowered_lm_step(cfg(remat), 4, 256, 128 if reflection else 0).as_text(debug_info=True)
+    in_attention = {
+        loc for loc, where in re.findall(r"^(#loc\d+) = (.*)$", text, re.M) if "/attn/" in where
+    }
+    return sum(loc in in_attention
+               for loc in re.findall(r"stablehlo\.exponential .*loc\((#loc\d+)\)$", text, re.M))
+
+  kept_everything = exponentials("none")
+  assert reflection or kept_everything == 4  # 2 query blocks of 128, forward and backward
+  assert exponentials("save_attention") == kept_everything < exponentials("full")
 
 
 def test_decoding_refuses_stacked_weights():

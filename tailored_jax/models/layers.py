@@ -299,15 +299,31 @@ def _flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale):
   return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
 
+# Names for the 'save_attention' remat policy. The CPU flash form's inputs (in its layout) and
+# its outputs, which are also its backward's residuals: kept, the forward runs once (the
+# backward would otherwise re-run it for the log-sum-exp).
+FLASH_INPUTS = ("flash_query", "flash_key", "flash_value")
+FLASH_OUTPUTS = ("flash_output", "flash_lse")
+# The fused kernel's (`jax.nn.dot_product_attention`) inputs and output: its residuals are its
+# own, so it runs again in the backward pass, from the kept inputs.
+FUSED_NAMES = ("query", "key", "value", "attention")
+
+
+def _tag_all(arrays, names):
+  return tuple(tag(x, name) for x, name in zip(arrays, names))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _flash_attention(q_bkgth, k_ckhs, v_ckhs, mask, causal: bool, window: int, block: int,
                      scale: float):
   """(output, log-sum-exp) of one part of the keys; `mask` as `_block_mask` reads it."""
-  return _flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale)
+  return _tag_all(_flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale),
+                  FLASH_OUTPUTS)
 
 
 def _flash_attention_fwd(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale):
-  out_bkgth, lse_bkgt = _flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale)
+  out_bkgth, lse_bkgt = _tag_all(
+      _flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale), FLASH_OUTPUTS)
   return (out_bkgth, lse_bkgt), (q_bkgth, k_ckhs, v_ckhs, mask, out_bkgth, lse_bkgt)
 
 
@@ -429,7 +445,7 @@ def blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: 
   keys] per block rather than [batch, heads, tokens, tokens], and a tile of rows at a time
   (`row_tiles`; within a tile XLA keeps the unrolled blocks' buffers live together)."""
   b, t, n, h = q_btnh.shape
-  q_bkgth, k_bkht, v_bkht = _flash_layout(q_btnh, k_btkh, v_btkh, dtype)
+  q_bkgth, k_bkht, v_bkht = _tag_all(_flash_layout(q_btnh, k_btkh, v_btkh, dtype), FLASH_INPUTS)
 
   def attention(q_bkgth, k_bkht, v_bkht, valid_bt):
     return _flash_attention(q_bkgth, k_bkht, v_bkht, valid_bt, True, window, block, h**-0.5)[0]
@@ -447,7 +463,7 @@ def blockwise_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV,
   the merge is differentiated as written, so each part's gradient gets its share."""
   b, t, n, h = q_btnh.shape
   groups, s = kv.k_gksh.shape[0], kv.k_gksh.shape[2]
-  q_bkgth, k_bkht, v_bkht = _flash_layout(q_btnh, k_btkh, v_btkh, dtype)
+  q_bkgth, k_bkht, v_bkht = _tag_all(_flash_layout(q_btnh, k_btkh, v_btkh, dtype), FLASH_INPUTS)
   scale = h**-0.5
 
   def attention(q_bkgth, k_bkht, v_bkht, valid_bt, context_mask_bts, context_k_gksh,
@@ -477,15 +493,18 @@ def fused_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dty
   """`blockwise_context_attention` as one `jax.nn.dot_product_attention` over the context's
   keys (repeated for each row of a group) and the rows' own, under one explicit mask."""
   b, t = valid_bt.shape
+  q_btnh, k_btkh, v_btkh = _tag_all((x.astype(dtype) for x in (q_btnh, k_btkh, v_btkh)),
+                                    FUSED_NAMES)
   per_row = lambda x_gksh: jnp.swapaxes(jnp.repeat(x_gksh, b // x_gksh.shape[0], axis=0), 1, 2)
-  k_bskh = jnp.concatenate([per_row(kv.k_gksh).astype(dtype), k_btkh.astype(dtype)], axis=1)
-  v_bskh = jnp.concatenate([per_row(kv.v_gksh).astype(dtype), v_btkh.astype(dtype)], axis=1)
+  k_bskh = jnp.concatenate([per_row(kv.k_gksh).astype(dtype), k_btkh], axis=1)
+  v_bskh = jnp.concatenate([per_row(kv.v_gksh).astype(dtype), v_btkh], axis=1)
   pos = jnp.arange(t)
   seen_tt = pos[None, :] <= pos[:, None]
   if window:
     seen_tt &= pos[None, :] > pos[:, None] - window
   mask_bts = jnp.concatenate([kv.mask_bts, seen_tt[None] & valid_bt[:, None, :]], axis=2)
-  return jax.nn.dot_product_attention(q_btnh.astype(dtype), k_bskh, v_bskh, mask=mask_bts[:, None])
+  return tag(jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None]),
+             FUSED_NAMES[3])
 
 
 def context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype, window: int = 0):
@@ -502,10 +521,13 @@ def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
   `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU where it applies)."""
   if jax.default_backend() == "cpu":
     return blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
-  return jax.nn.dot_product_attention(q_btnh.astype(dtype), k_btkh.astype(dtype),
-                                      v_btkh.astype(dtype), mask=valid_bt[:, None,
-                                                                          None, :], is_causal=True,
-                                      local_window_size=(window - 1, 0) if window else None)
+  q_btnh, k_btkh, v_btkh = _tag_all((x.astype(dtype) for x in (q_btnh, k_btkh, v_btkh)),
+                                    FUSED_NAMES)
+  return tag(
+      jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=valid_bt[:, None,
+                                                                         None, :], is_causal=True,
+                                   local_window_size=(window - 1, 0) if window else None),
+      FUSED_NAMES[3])
 
 
 def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | KeptKV | ContextKV | None, dtype,
@@ -514,10 +536,9 @@ def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | KeptKV | ContextKV | 
   (`cached_attention`); without one (training), tokens attend causally to themselves (`valid_bt`
   masks padding) and nothing is stored but, with a `KeptKV`, its first tokens' keys and values;
   with a `ContextKV` (training) they also see its read-only context. Returns (out, kv)."""
-  query, key, value, attention = ATTENTION_NAMES
-  q_btnh = tag(constrain(q_btnh, ("batch", "length", "heads", "head_dim")), query)
-  k_btkh = tag(constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim")), key)
-  v_btkh = tag(constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim")), value)
+  q_btnh = constrain(q_btnh, ("batch", "length", "heads", "head_dim"))
+  k_btkh = constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim"))
+  v_btkh = constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim"))
   if isinstance(kv, ContextKV):
     out_btnh = context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window)
   elif kv is None or isinstance(kv, KeptKV):
@@ -528,16 +549,16 @@ def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | KeptKV | ContextKV | 
   else:
     out_btnh, kv = cached_attention(q_btnh, k_btkh, v_btkh, kv, dtype)
   out_btnh = constrain(out_btnh, ("batch", "length", "heads", "head_dim"))
-  return tag(out_btnh, attention), kv
+  return out_btnh, kv
 
 
 LAYERS = "layers"  # the stacked layers' key in a scanned model's parameters
 
 # What a block keeps for the backward pass (model.remat): 'none' everything; 'full' only its
 # input (the block is recomputed); 'minimal' the weight matmuls' outputs (norms, rotary,
-# attention and activations recomputed); 'save_attention' the rotated query/key, the value and
-# the attention output (tagged with `checkpoint_name`), so attention is not recomputed.
-ATTENTION_NAMES = ("query", "key", "value", "attention")
+# attention and activations recomputed); 'save_attention' the attention's output and what its
+# backward reads (tagged with `checkpoint_name`: the CPU flash form's `FLASH_RESIDUALS`, the
+# fused kernel's inputs), so the attention runs once.
 
 
 def remat_policy(name: str):
@@ -547,7 +568,7 @@ def remat_policy(name: str):
   return {
       "full": policies.nothing_saveable,
       "minimal": policies.dots_with_no_batch_dims_saveable,
-      "save_attention": policies.save_only_these_names(*ATTENTION_NAMES),
+      "save_attention": policies.save_only_these_names(*FLASH_INPUTS, *FLASH_OUTPUTS, *FUSED_NAMES),
   }.get(name)
 
 

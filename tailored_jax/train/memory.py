@@ -64,17 +64,21 @@ def _layer_dims(cfg, tensor: int) -> tuple[int, int, int, int]:
   return cfg.d_model, q // tensor, kv // tensor, cfg.d_ff // tensor
 
 
-def kept_per_token(cfg, remat: str, tensor: int, seq: int) -> int:
-  """Bytes one token keeps per layer for the backward pass under a remat policy."""
+def kept_per_token(cfg, remat: str, tensor: int, seq: int, attention_parts: int = 1) -> int:
+  """Bytes one token keeps per layer for the backward pass under a remat policy; a token after a
+  context (self-reflection's continuations) has two attention parts."""
   item = np.dtype(cfg.dtype).itemsize
   d, q, kv, f = _layer_dims(cfg, tensor)
+  heads = max(cfg.n_heads // tensor, 1)
   kept = {
-      "full": d,  # the block's input
-      "save_attention": d + q + 2 * kv + q,  # + rotated q, k, v and the attention output
-      "minimal": d + q + 2 * kv + d + 2 * f + d,  # + every weight matmul's output
+      "full": d * item,  # the block's input
+      # + the flash attention's rotated q, k, v and each part's output and float32 log-sum-exp
+      # per head (the CPU form; the fused kernel keeps q, k, v and the output)
+      "save_attention": (d + q + 2 * kv + attention_parts * q) * item + attention_parts * heads * 4,
+      "minimal": (d + q + 2 * kv + d + 2 * f + d) * item,  # + every weight matmul's output
   }
   if remat in kept:
-    return kept[remat] * item
+    return kept[remat]
   return working_per_token(cfg, tensor, seq)
 
 
@@ -125,7 +129,7 @@ def train_memory(cfg, shape: StepShape, parameters: int, optimizer: int, remat: 
   cont_tokens = shape.continuations * sr_rows * shape.continuation_len
   activations = cfg.n_layers * (
       kept_per_token(cfg, remat, shape.tensor, shape.seq_len) * tokens
-      + kept_per_token(cfg, remat, shape.tensor, shape.continuation_len) * cont_tokens)
+      + kept_per_token(cfg, remat, shape.tensor, shape.continuation_len, 2) * cont_tokens)
   working = max(
       working_per_token(cfg, shape.tensor, shape.seq_len) * tokens,
       working_per_token(cfg, shape.tensor, shape.continuation_len) * cont_tokens) + max(

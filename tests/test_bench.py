@@ -42,6 +42,16 @@ def test_train_step_benchmark_reports_both_sides(capsys):
                                                   / row["torch_lm"]["seconds_per_step"])
 
 
+def test_train_step_benchmark_reports_the_lm_throughput_change_with_length(capsys):
+  train_step.main(["--model=tiny", "--shapes=2x16,2x32,4x16", "--repeats=1", "--lm_only"])
+  result = json.loads(capsys.readouterr().out)
+  rate = lambda shape, side: result["shapes"][shape][f"{side}_lm"]["tokens_per_s"]
+  assert list(result["lm_tokens_per_s_change"]) == ["2x32:16 from 2x16:8"]
+  change = result["lm_tokens_per_s_change"]["2x32:16 from 2x16:8"]
+  for side in ("ours", "torch"):
+    assert change[side] == rate("2x32:16", side) / rate("2x16:8", side) - 1
+
+
 def test_attention_benchmark_agrees_with_torch_sdpa(capsys, monkeypatch):
   """Ours (mapped one row per tile here) and torch's fused causal attention, grouped-query: same
   outputs and query gradients on the same inputs."""

@@ -281,7 +281,22 @@ def main(argv=None) -> None:
   report("train_step", model=args.model, parameters=n_params, dtype="float32", sr_weight=SR_WEIGHT,
          ours_remat=args.remat, ours_scan_layers=bool(args.scan_layers),
          ours_loss_chunk_tokens=chunk, repeats=args.repeats, matmul_peak_gflops=peaks, **torch_info,
-         shapes=rows)
+         shapes=rows, lm_tokens_per_s_change=lm_throughput_change(shapes, rows, sides))
+
+
+def lm_throughput_change(shapes: list[Shape], rows: dict, sides) -> dict:
+  """Per longer shape, each side's LM tokens/s over its rate at the shortest shape of the same
+  batch, minus 1 (the issue's "drops no more than torch's" reads these side by side)."""
+  key = lambda shape: f"{shape.batch}x{shape.seq}:{shape.prefix}"
+  changes = {}
+  for shape in shapes:
+    shortest = min((s for s in shapes if s.batch == shape.batch), key=lambda s: s.seq)
+    if shape.seq > shortest.seq:
+      changes[f"{key(shape)} from {key(shortest)}"] = {
+          side: rows[key(shape)][f"{side}_lm"]["tokens_per_s"]
+                / rows[key(shortest)][f"{side}_lm"]["tokens_per_s"] - 1 for side in sides
+      }
+  return changes
 
 
 if __name__ == "__main__":

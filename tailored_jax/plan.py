@@ -187,8 +187,8 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
   mesh = sharding.make_mesh(cfg)
   trainer = Trainer(model, cfg.train, mesh, cfg.method.reflection_loss)
   t = cfg.train
-  rows = lambda shape, dtype, layout="train": jax.ShapeDtypeStruct(
-      shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), layout))
+  rows = lambda shape, dtype, row_axes=("data", "fsdp"): jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes))
   b, seq = t.batch_size, t.max_seq_len
   lm = LMBatch(rows((b, seq), jnp.int32), rows((b, seq), jnp.int32), rows((b, seq), bool),
                rows((b, seq), bool), rows((b, seq), jnp.float32))
@@ -218,8 +218,8 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
                         per_layer_abstract, decode_shardings)
   e = cfg.exam
   prompt = max(seq - e.max_new_tokens, 8)
-  decode_rows = e.batch_size // mesh.shape["data"] if layout == "model_parallel" else (
-      e.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"]))
+  row_axes = sharding.decode_row_axes(mesh, layout, decode_shardings)
+  decode_rows = e.batch_size // math.prod(mesh.shape[axis] for axis in row_axes)
   per_prompt = decode_memory(arch, prompt, e.max_new_tokens, e.num_samples)
   head_split = _split_of("kv_heads", nn.get_partition_spec(per_layer), decode_shardings, mesh)
   exam_plan = {
@@ -239,7 +239,7 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
           "optimizer_per_device": planned.optimizer, **train_plan
       }, "exam_decode": {
           "prompts": e.batch_size, "samples": e.num_samples, "prompt_len": prompt,
-          "new_tokens": e.max_new_tokens, "layout": layout,
+          "new_tokens": e.max_new_tokens, "layout": layout, "rows_over": list(row_axes),
           "parameters_per_device": sharded_bytes(params), **exam_plan
       }
   }
@@ -252,8 +252,8 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
                         num_samples=e.num_samples,
                         sampling=SamplingConfig(e.temperature, e.top_k, e.top_p)))
   exam_args = (params, rows((e.batch_size, prompt), jnp.int32,
-                            layout), rows((e.batch_size, prompt), bool, layout),
-               rows((e.batch_size, e.num_samples, 2), jnp.uint32, layout))
+                            row_axes), rows((e.batch_size, prompt), bool, row_axes),
+               rows((e.batch_size, e.num_samples, 2), jnp.uint32, row_axes))
   exam = generate.lower(*exam_args, tables).compile()
   train_memory_xla = memory(train)
   report["train_step"].update(

@@ -125,12 +125,25 @@ def decode_shardings(specs, abstract_params, mesh: Mesh, layout: str):
       abstract_params, is_leaf=is_spec)
 
 
-def decode_batch_sharding(mesh: Mesh, ndim: int, layout: str) -> NamedSharding:
-  """Decode rows split over data, and over fsdp too unless the decode layout splits the weights
-  over it."""
+def decode_row_axes(mesh: Mesh, layout: str, param_shardings=None) -> tuple[str, ...]:
+  """The mesh axes decode rows are split over: data and fsdp (the 'train' layout gathers the
+  weights per token; 'replicated' holds them whole), or under 'model_parallel' every mesh axis
+  that no weight in `param_shardings` is split over: the devices along an axis that splits a
+  weight all-reduce partial outputs, so they must hold the same rows, but along any other axis
+  they can decode different ones (with heads that no axis divides, the weights are whole and
+  every device decodes its own rows)."""
   if layout != "model_parallel":
-    return batch_sharding(mesh, ndim)
-  return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))
+    return ("data", "fsdp")
+  used = set()
+  for placed in jax.tree.leaves(param_shardings):
+    for entry in getattr(placed, "spec", ()):  # a single device's sharding splits nothing
+      used.update(entry if isinstance(entry, tuple) else (entry,))
+  return tuple(axis for axis in MESH_AXES if axis not in used)
+
+
+def decode_batch_sharding(mesh: Mesh, ndim: int, row_axes: tuple[str, ...]) -> NamedSharding:
+  """Arrays whose leading axis is decode rows, split over `row_axes` (`decode_row_axes`)."""
+  return NamedSharding(mesh, PartitionSpec(tuple(row_axes) or None, *([None] * (ndim - 1))))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

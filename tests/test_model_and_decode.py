@@ -275,6 +275,48 @@ def test_shared_prefix_decoding_equals_whole_prompts(window, mesh_shape):
   assert decoder.compilations == 2  # the prefix, and one for the only length bucket
 
 
+def test_model_parallel_decoding_splits_rows_over_the_axes_no_weight_uses():
+  """Heads, MLP width and vocabulary that no axis of a (1, 4, 2) mesh divides: the model-parallel
+  layout keeps every weight whole, so every device decodes rows of its own (over data, fsdp and
+  tensor; before, only over data: each device decoded every prompt), nothing but the loop's stop
+  flag is reduced, and the texts equal one device's."""
+  from tailored_jax.sample.runner import generate_texts
+  cfg = LlamaConfig(vocab_size=41, d_model=24, n_layers=2, n_heads=3, n_kv_heads=3, head_dim=8,
+                    d_ff=45)
+  model = Llama(cfg)
+  params = nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(3)))
+  mesh = sharding.make_mesh(_mesh_cfg(1, 4, 2, 0))
+  trainer = Trainer(model, _train_cfg(), mesh)
+  placed = sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh,
+                                     "model_parallel")
+  row_axes = sharding.decode_row_axes(mesh, "model_parallel", placed)
+  assert row_axes == ("data", "fsdp", "tensor")
+  rows = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes))
+  tokens = rows((8, 16), jnp.int32)
+  assert tokens.sharding.shard_shape(tokens.shape) == (1, 16)
+  generate = jax.jit(
+      functools.partial(decode.generate, model=model, max_new_tokens=4, num_samples=2,
+                        sampling=sampling.SamplingConfig(1.0, 5, 1.0)))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          trainer.abstract_params, placed)
+  compiled = generate.lower(abstract, tokens, rows((8, 16), bool), rows((8, 2, 2), jnp.uint32),
+                            jax.tree.map(jnp.asarray,
+                                         decode.StopTables.never_stop(cfg.vocab_size))).compile()
+  # nothing all-reduced but the loop's "every row done?" flag (no partial activations)
+  assert [shape for kind, shape in _collectives(compiled.as_text()) if kind == "all-reduce"] == [()]
+  prompts = ["abc", "hello world", "xyz", "qq", "mnop", "sphinx of quartz", "a", "zz"]
+  texts = {}
+  for name, where, weights in (("one device", sharding.make_mesh(_mesh_cfg(1, 1, 1, 1)), params),
+                               ("mesh", mesh, jax.device_put(params, placed))):
+    decoder = decode.Decoder(model, decode.StopTables.never_stop(cfg.vocab_size))
+    texts[name] = generate_texts(decoder, weights, _LetterTokenizer(), prompts, mesh=where,
+                                 num_samples=2, sampling=sampling.SamplingConfig(1.0, 10, 0.9),
+                                 max_new_tokens=6, batch_size=8, rng=jax.random.PRNGKey(7),
+                                 label="test", decode_layout="model_parallel")
+  assert texts["mesh"] == texts["one device"]
+
+
 def test_shared_prefix_cache_gives_the_whole_prompts_logits(params):
   """Prefix prefilled once + each row's own left-padded tokens: the same next-token logits as the
   whole prompts."""
@@ -343,8 +385,9 @@ def test_decoding_in_the_decode_layout_gathers_no_weight(layout):
   def collectives(param_shardings, batch_layout):
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           trainer.abstract_params, param_shardings)
+    row_axes = sharding.decode_row_axes(mesh, batch_layout, param_shardings)
     rows = lambda shape, dtype: jax.ShapeDtypeStruct(
-        shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), batch_layout))
+        shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes))
     tables = jax.tree.map(jnp.asarray, decode.StopTables.never_stop(cfg.vocab_size))
     generate = jax.jit(
         functools.partial(decode.generate, model=model, max_new_tokens=4, num_samples=2,

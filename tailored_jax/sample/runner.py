@@ -46,13 +46,6 @@ def shared_prefix_length(encoded: list[list[int]]) -> int:
   return max(0, min(len(common), min(len(ids) for ids in encoded) - 1))
 
 
-def _row_shards(mesh, decode_layout: str) -> int:
-  """How many ways a decode batch is split (`sharding.decode_batch_sharding`)."""
-  axes = sharding.decode_batch_sharding(mesh, 1, decode_layout).spec[0]
-  axes = (axes,) if isinstance(axes, str) else axes
-  return int(np.prod([mesh.shape[axis] for axis in axes]))
-
-
 def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, mesh,
                    num_samples: int, sampling: SamplingConfig, max_new_tokens: int, batch_size: int,
                    rng, label: str, bucket: int = 32, share_prefix: bool = True,
@@ -61,7 +54,8 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
 
   With `share_prefix`, the tokens every prompt starts with (a task's few-shot demos) are
   prefilled once and their keys and values shared by every row. `decode_layout` names the layout
-  `params` are in (`sharding.decode_shardings`), which decides how rows are split over the mesh.
+  `params` are in (`sharding.decode_shardings`); rows split over the mesh axes that
+  `sharding.decode_row_axes` gives for it.
   `batch_size` prompts per batch at most: fewer if their KV cache would not fit
   `memory_budget_bytes` per device (0: half the device's free memory); one batch size for the
   call, so it compiles once per length bucket.
@@ -78,7 +72,9 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
   compilations_before = decoder.compilations
   need = memory.decode_memory(decoder.model.cfg, round_up(max(len(ids) for ids in encoded), bucket),
                               max_new_tokens, num_samples, shared)
-  row_shards = _row_shards(mesh, decode_layout)
+  row_axes = sharding.decode_row_axes(mesh, decode_layout,
+                                      jax.tree.map(lambda x: x.sharding, params))
+  row_shards = int(np.prod([mesh.shape[axis] for axis in row_axes]))
   budget = memory_budget_bytes or memory.device_budget_bytes()
   requested = batch_size
   wanted = min(batch_size, round_up(len(prompts), row_shards))  # no batch beyond the prompts
@@ -104,8 +100,7 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
     chunk = order[at:at + batch_size]
     length = round_up(max(len(encoded[i]) for i in chunk), bucket)
     tokens, valid = left_pad([encoded[i] for i in chunk], length, batch_size, tokenizer.pad_id)
-    put = lambda a: sharding.put_global(a,
-                                        sharding.decode_batch_sharding(mesh, a.ndim, decode_layout))
+    put = lambda a: sharding.put_global(a, sharding.decode_batch_sharding(mesh, a.ndim, row_axes))
     hashes = np.zeros((batch_size,), np.uint32)
     hashes[:len(chunk)] = [prompt_hash(prompts[i]) for i in chunk]
     keys = np.asarray(_sample_keys(rng, hashes, num_samples))

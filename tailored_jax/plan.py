@@ -250,7 +250,8 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
   generate = jax.jit(
       functools.partial(decode.generate, model=decode_model, max_new_tokens=e.max_new_tokens,
                         num_samples=e.num_samples,
-                        sampling=SamplingConfig(e.temperature, e.top_k, e.top_p)))
+                        sampling=SamplingConfig(e.temperature, e.top_k, e.top_p),
+                        rows=sharding.decode_batch_sharding(mesh, 2, row_axes)))
   exam_args = (params, rows((e.batch_size, prompt), jnp.int32,
                             row_axes), rows((e.batch_size, prompt), bool, row_axes),
                rows((e.batch_size, e.num_samples, 2), jnp.uint32, row_axes))

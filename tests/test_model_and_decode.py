@@ -278,8 +278,8 @@ def test_shared_prefix_decoding_equals_whole_prompts(window, mesh_shape):
 def test_model_parallel_decoding_splits_rows_over_the_axes_no_weight_uses():
   """Heads, MLP width and vocabulary that no axis of a (1, 4, 2) mesh divides: the model-parallel
   layout keeps every weight whole, so every device decodes rows of its own (over data, fsdp and
-  tensor; before, only over data: each device decoded every prompt), nothing but the loop's stop
-  flag is reduced, and the texts equal one device's."""
+  tensor; before, only over data: each device decoded every prompt), each takes its own rows'
+  top-k, nothing but the loop's stop flag crosses devices, and the texts equal one device's."""
   from tailored_jax.sample.runner import generate_texts
   cfg = LlamaConfig(vocab_size=41, d_model=24, n_layers=2, n_heads=3, n_kv_heads=3, head_dim=8,
                     d_ff=45)
@@ -297,14 +297,16 @@ def test_model_parallel_decoding_splits_rows_over_the_axes_no_weight_uses():
   assert tokens.sharding.shard_shape(tokens.shape) == (1, 16)
   generate = jax.jit(
       functools.partial(decode.generate, model=model, max_new_tokens=4, num_samples=2,
-                        sampling=sampling.SamplingConfig(1.0, 5, 1.0)))
+                        sampling=sampling.SamplingConfig(1.0, 5, 1.0),
+                        rows=sharding.decode_batch_sharding(mesh, 2, row_axes)))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           trainer.abstract_params, placed)
   compiled = generate.lower(abstract, tokens, rows((8, 16), bool), rows((8, 2, 2), jnp.uint32),
                             jax.tree.map(jnp.asarray,
                                          decode.StopTables.never_stop(cfg.vocab_size))).compile()
-  # nothing all-reduced but the loop's "every row done?" flag (no partial activations)
-  assert [shape for kind, shape in _collectives(compiled.as_text()) if kind == "all-reduce"] == [()]
+  # nothing moves between devices but the loop's "every row done?" flag: no partial activations
+  # reduced, no rows' logits gathered for the top-k
+  assert _collectives(compiled.as_text()) == [("all-reduce", ())]
   prompts = ["abc", "hello world", "xyz", "qq", "mnop", "sphinx of quartz", "a", "zz"]
   texts = {}
   for name, where, weights in (("one device", sharding.make_mesh(_mesh_cfg(1, 1, 1, 1)), params),

@@ -13,6 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from tailored_jax.models import for_decoding, head_logits
 from tailored_jax.models.kv_cache import Context, KVCache
@@ -85,14 +86,15 @@ def prefill_prefix(params, prefix_p, *, model) -> Context:
 
 def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables,
              prefix: Context | None = None, *, model, max_new_tokens: int, num_samples: int,
-             sampling: SamplingConfig):
+             sampling: SamplingConfig, rows: NamedSharding | None = None):
   """Returns (tokens [B*k, max_new_tokens] padded with pad_id, lengths [B*k]).
 
   Row b*k + j is sample j of prompt b. Prompts are left-padded; with a shared `prefix` they are
   the tokens after it. Each prompt is prefilled once and its keys and values are read by its k
   samples as a context (not copied k times); each row's cache holds only what it generates.
   `rng` is one key (row r draws with fold_in(rng, r)) or per-row keys [B, k, 2]
-  (`sampling.sample_keys`); step t of a row draws with fold_in(its key, t).
+  (`sampling.sample_keys`); step t of a row draws with fold_in(its key, t). `rows`: the rows'
+  sharding, for the per-device top-k (`sampling.top_k`).
   """
   cfg = model.cfg
   b, p = prompt_bp.shape
@@ -121,7 +123,7 @@ def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables,
     banned_v = tables.never_v | ((s.step == 0) & tables.special_v)
     logits_nv = jnp.where(banned_v[None, :], NEG_INF, s.logits_nv)
     step_keys_n = jax.vmap(lambda key: jax.random.fold_in(key, s.step))(keys_n)
-    token_n = choose_tokens(logits_nv, step_keys_n, sampling)
+    token_n = choose_tokens(logits_nv, step_keys_n, sampling, rows)
     token_n = jnp.where(s.done_n, tables.pad_id, token_n)
     tokens_nm = jax.lax.dynamic_update_slice_in_dim(s.tokens_nm, token_n[:, None], s.step, axis=1)
     stops_n = ((token_n == tables.eos_id) | tables.blank_line_v[token_n]
@@ -171,12 +173,13 @@ class Decoder:
     return self._prefill(params, prefix_p)
 
   def __call__(self, params, prompt_bp, prompt_valid_bp, rng, *, max_new_tokens: int,
-               num_samples: int, sampling: SamplingConfig, prefix: Context | None = None):
+               num_samples: int, sampling: SamplingConfig, prefix: Context | None = None,
+               rows: NamedSharding | None = None):
     _check_per_layer(params)
-    key = (max_new_tokens, num_samples, sampling)
+    key = (max_new_tokens, num_samples, sampling, rows)
     if key not in self._jitted:
       self._jitted[key] = jax.jit(
           functools.partial(generate, model=self.model, max_new_tokens=max_new_tokens,
-                            num_samples=num_samples, sampling=sampling))
+                            num_samples=num_samples, sampling=sampling, rows=rows))
     self._shapes.add(key + (prompt_bp.shape, rng.shape, None if prefix is None else prefix.length))
     return self._jitted[key](params, prompt_bp, prompt_valid_bp, rng, self._arrays, prefix)

@@ -106,7 +106,8 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
     keys = np.asarray(_sample_keys(rng, hashes, num_samples))
     out, lengths = decoder(params, put(tokens), put(valid), put(keys),
                            max_new_tokens=max_new_tokens, num_samples=num_samples,
-                           sampling=sampling, prefix=prefix)
+                           sampling=sampling, prefix=prefix,
+                           rows=sharding.decode_batch_sharding(mesh, 2, row_axes))
     out, lengths = sharding.to_host(out), sharding.to_host(lengths)
     texts = tokenizer.decode_batch([row[:n] for row, n in zip(out, lengths)])
     for j, i in enumerate(chunk):

@@ -5,6 +5,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 NEG_INF = -1e30
 
@@ -44,6 +45,18 @@ def filter_logits(logits_bv, top_k: int, top_p: float):
   return logits_bv
 
 
+def top_k(logits_bv, k: int, rows: NamedSharding | None = None):
+  """(values, ids) of each row's k largest logits. Given `rows`, the rows' sharding over a mesh,
+  each device takes its own rows' (`shard_map`): XLA:CPU's TopK has no partitioning rule, so it
+  would all-gather every row's logits first, at every decoded token."""
+  if rows is None or rows.mesh.size == 1 or rows.spec[0] is None:
+    return jax.lax.top_k(logits_bv, k)
+  spec = PartitionSpec(rows.spec[0])
+  per_device = lambda x_bv: tuple(jax.lax.top_k(x_bv, k))
+  return tuple(
+      jax.shard_map(per_device, mesh=rows.mesh, in_specs=spec, out_specs=(spec, spec))(logits_bv))
+
+
 def greedy_tokens(logits_bv):
   """argmax (the first of equal maxima) as one max and one min over the vocabulary: faster than
   `jnp.argmax`'s paired reduction on CPU."""
@@ -52,15 +65,16 @@ def greedy_tokens(logits_bv):
   return jnp.min(jnp.where(is_max_bv, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
-def choose_tokens(logits_bv, keys_b, cfg: SamplingConfig):
+def choose_tokens(logits_bv, keys_b, cfg: SamplingConfig, rows: NamedSharding | None = None):
   """One token per row; row b draws with its own key `keys_b[b]`, so what a row samples does not
   depend on which other rows share its batch. With top-k, only the k best logits are filtered and
-  drawn from (noise for k values, not the vocabulary); top-p alone needs a full sort."""
+  drawn from (noise for k values, not the vocabulary; `top_k` per device given `rows`); top-p
+  alone needs a full sort."""
   if cfg.temperature == 0.0:
     return greedy_tokens(logits_bv)
   logits_bv = logits_bv.astype(jnp.float32) / cfg.temperature
   if cfg.top_k and cfg.top_k < logits_bv.shape[-1]:
-    top_bk, ids_bk = jax.lax.top_k(logits_bv, cfg.top_k)
+    top_bk, ids_bk = top_k(logits_bv, cfg.top_k, rows)
     choice_b = jax.vmap(jax.random.categorical)(keys_b, nucleus(top_bk, cfg.top_p))
     return jnp.take_along_axis(ids_bk, choice_b[:, None], axis=1)[:, 0].astype(jnp.int32)
   logits_bv = filter_logits(logits_bv, 0, cfg.top_p)

@@ -187,7 +187,7 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
   mesh = sharding.make_mesh(cfg)
   trainer = Trainer(model, cfg.train, mesh, cfg.method.reflection_loss)
   t = cfg.train
-  rows = lambda shape, dtype, row_axes=("data", "fsdp"): jax.ShapeDtypeStruct(
+  rows = lambda shape, dtype, row_axes=sharding.BATCH_AXES: jax.ShapeDtypeStruct(
       shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes))
   b, seq = t.batch_size, t.max_seq_len
   lm = LMBatch(rows((b, seq), jnp.int32), rows((b, seq), jnp.int32), rows((b, seq), bool),
@@ -218,7 +218,7 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
                         per_layer_abstract, decode_shardings)
   e = cfg.exam
   prompt = max(seq - e.max_new_tokens, 8)
-  row_axes = sharding.decode_row_axes(mesh, layout, decode_shardings)
+  row_axes = sharding.decode_row_axes(layout, decode_shardings)
   decode_rows = e.batch_size // math.prod(mesh.shape[axis] for axis in row_axes)
   per_prompt = decode_memory(arch, prompt, e.max_new_tokens, e.num_samples)
   head_split = _split_of("kv_heads", nn.get_partition_spec(per_layer), decode_shardings, mesh)

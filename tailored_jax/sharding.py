@@ -17,9 +17,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tailored_jax.config_lib import DECODE_LAYOUTS, MESH_PRESETS
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # what a training batch's rows are split over
 
 RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -125,7 +126,7 @@ def decode_shardings(specs, abstract_params, mesh: Mesh, layout: str):
       abstract_params, is_leaf=is_spec)
 
 
-def decode_row_axes(mesh: Mesh, layout: str, param_shardings=None) -> tuple[str, ...]:
+def decode_row_axes(layout: str, param_shardings=None) -> tuple[str, ...]:
   """The mesh axes decode rows are split over: data and fsdp (the 'train' layout gathers the
   weights per token; 'replicated' holds them whole), or under 'model_parallel' every mesh axis
   that no weight in `param_shardings` is split over: the devices along an axis that splits a
@@ -133,7 +134,7 @@ def decode_row_axes(mesh: Mesh, layout: str, param_shardings=None) -> tuple[str,
   they can decode different ones (with heads that no axis divides, the weights are whole and
   every device decodes its own rows)."""
   if layout != "model_parallel":
-    return ("data", "fsdp")
+    return BATCH_AXES
   used = set()
   for placed in jax.tree.leaves(param_shardings):
     for entry in getattr(placed, "spec", ()):  # a single device's sharding splits nothing
@@ -148,7 +149,7 @@ def decode_batch_sharding(mesh: Mesh, ndim: int, row_axes: tuple[str, ...]) -> N
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Arrays whose leading axis is the batch: split over data and fsdp, replicated otherwise."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -289,7 +289,7 @@ def test_model_parallel_decoding_splits_rows_over_the_axes_no_weight_uses():
   trainer = Trainer(model, _train_cfg(), mesh)
   placed = sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh,
                                      "model_parallel")
-  row_axes = sharding.decode_row_axes(mesh, "model_parallel", placed)
+  row_axes = sharding.decode_row_axes("model_parallel", placed)
   assert row_axes == ("data", "fsdp", "tensor")
   rows = lambda shape, dtype: jax.ShapeDtypeStruct(
       shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes))
@@ -387,7 +387,7 @@ def test_decoding_in_the_decode_layout_gathers_no_weight(layout):
   def collectives(param_shardings, batch_layout):
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           trainer.abstract_params, param_shardings)
-    row_axes = sharding.decode_row_axes(mesh, batch_layout, param_shardings)
+    row_axes = sharding.decode_row_axes(batch_layout, param_shardings)
     rows = lambda shape, dtype: jax.ShapeDtypeStruct(
         shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes))
     tables = jax.tree.map(jnp.asarray, decode.StopTables.never_stop(cfg.vocab_size))

@@ -45,6 +45,9 @@ class Shape:
   def continuation(self) -> int:
     return self.seq - self.prefix
 
+  def __str__(self) -> str:  # BxT:P, the benchmark's key for this shape
+    return f"{self.batch}x{self.seq}:{self.prefix}"
+
   @classmethod
   def parse(cls, text: str) -> "Shape":
     size, _, prefix = text.partition(":")
@@ -272,7 +275,7 @@ def main(argv=None) -> None:
       if "ours_self_reflection_reusing_lm" in row:
         row["ours_reusing_lm_over_torch_self_reflection_tokens_per_s"] = rate(
             "ours_self_reflection_reusing_lm") / rate("torch_self_reflection")
-    rows[f"{shape.batch}x{shape.seq}:{shape.prefix}"] = row
+    rows[str(shape)] = row
   torch_info = {}
   if "torch" in sides:
     import torch
@@ -287,14 +290,13 @@ def main(argv=None) -> None:
 def lm_throughput_change(shapes: list[Shape], rows: dict, sides) -> dict:
   """Per longer shape, each side's LM tokens/s over its rate at the shortest shape of the same
   batch, minus 1 (the issue's "drops no more than torch's" reads these side by side)."""
-  key = lambda shape: f"{shape.batch}x{shape.seq}:{shape.prefix}"
+  rate = lambda shape, side: rows[str(shape)][f"{side}_lm"]["tokens_per_s"]
   changes = {}
   for shape in shapes:
     shortest = min((s for s in shapes if s.batch == shape.batch), key=lambda s: s.seq)
     if shape.seq > shortest.seq:
-      changes[f"{key(shape)} from {key(shortest)}"] = {
-          side: rows[key(shape)][f"{side}_lm"]["tokens_per_s"]
-                / rows[key(shortest)][f"{side}_lm"]["tokens_per_s"] - 1 for side in sides
+      changes[f"{shape} from {shortest}"] = {
+          side: rate(shape, side) / rate(shortest, side) - 1 for side in sides
       }
   return changes
 

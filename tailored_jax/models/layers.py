@@ -313,18 +313,27 @@ def _tag_all(arrays, names):
   return tuple(tag(x, name) for x, name in zip(arrays, names))
 
 
+def _fused_inputs(q_btnh, k_btkh, v_btkh, dtype):
+  """The fused kernel's query, key and value in the compute dtype, named for the remat policy."""
+  return _tag_all((x.astype(dtype) for x in (q_btnh, k_btkh, v_btkh)), FUSED_NAMES)
+
+
+def _named_flash_forward(*args):
+  """`_flash_forward`'s outputs named as `FLASH_OUTPUTS`: the primal outputs and the backward's
+  residuals are then the same kept values."""
+  return _tag_all(_flash_forward(*args), FLASH_OUTPUTS)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _flash_attention(q_bkgth, k_ckhs, v_ckhs, mask, causal: bool, window: int, block: int,
                      scale: float):
   """(output, log-sum-exp) of one part of the keys; `mask` as `_block_mask` reads it."""
-  return _tag_all(_flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale),
-                  FLASH_OUTPUTS)
+  return _named_flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale)
 
 
 def _flash_attention_fwd(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale):
-  out_bkgth, lse_bkgt = _tag_all(
-      _flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale), FLASH_OUTPUTS)
-  return (out_bkgth, lse_bkgt), (q_bkgth, k_ckhs, v_ckhs, mask, out_bkgth, lse_bkgt)
+  outputs = _named_flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale)
+  return outputs, (q_bkgth, k_ckhs, v_ckhs, mask, *outputs)
 
 
 def _flash_attention_bwd(causal, window, block, scale, residuals, cotangents):
@@ -493,8 +502,7 @@ def fused_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dty
   """`blockwise_context_attention` as one `jax.nn.dot_product_attention` over the context's
   keys (repeated for each row of a group) and the rows' own, under one explicit mask."""
   b, t = valid_bt.shape
-  q_btnh, k_btkh, v_btkh = _tag_all((x.astype(dtype) for x in (q_btnh, k_btkh, v_btkh)),
-                                    FUSED_NAMES)
+  q_btnh, k_btkh, v_btkh = _fused_inputs(q_btnh, k_btkh, v_btkh, dtype)
   per_row = lambda x_gksh: jnp.swapaxes(jnp.repeat(x_gksh, b // x_gksh.shape[0], axis=0), 1, 2)
   k_bskh = jnp.concatenate([per_row(kv.k_gksh).astype(dtype), k_btkh], axis=1)
   v_bskh = jnp.concatenate([per_row(kv.v_gksh).astype(dtype), v_btkh], axis=1)
@@ -521,8 +529,7 @@ def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
   `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU where it applies)."""
   if jax.default_backend() == "cpu":
     return blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
-  q_btnh, k_btkh, v_btkh = _tag_all((x.astype(dtype) for x in (q_btnh, k_btkh, v_btkh)),
-                                    FUSED_NAMES)
+  q_btnh, k_btkh, v_btkh = _fused_inputs(q_btnh, k_btkh, v_btkh, dtype)
   return tag(
       jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=valid_bt[:, None,
                                                                          None, :], is_causal=True,
@@ -556,9 +563,9 @@ LAYERS = "layers"  # the stacked layers' key in a scanned model's parameters
 
 # What a block keeps for the backward pass (model.remat): 'none' everything; 'full' only its
 # input (the block is recomputed); 'minimal' the weight matmuls' outputs (norms, rotary,
-# attention and activations recomputed); 'save_attention' the attention's output and what its
-# backward reads (tagged with `checkpoint_name`: the CPU flash form's `FLASH_RESIDUALS`, the
-# fused kernel's inputs), so the attention runs once.
+# attention and activations recomputed); 'save_attention' what the attention's backward reads,
+# tagged with `checkpoint_name`: the CPU flash form's inputs and outputs (`FLASH_INPUTS`,
+# `FLASH_OUTPUTS`: it runs once), the fused kernel's inputs and output (`FUSED_NAMES`).
 
 
 def remat_policy(name: str):

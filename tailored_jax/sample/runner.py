@@ -72,8 +72,8 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
   compilations_before = decoder.compilations
   need = memory.decode_memory(decoder.model.cfg, round_up(max(len(ids) for ids in encoded), bucket),
                               max_new_tokens, num_samples, shared)
-  row_axes = sharding.decode_row_axes(mesh, decode_layout,
-                                      jax.tree.map(lambda x: x.sharding, params))
+  row_axes = sharding.decode_row_axes(decode_layout, jax.tree.map(lambda x: x.sharding, params))
+  rows = sharding.decode_batch_sharding(mesh, 2, row_axes)
   row_shards = int(np.prod([mesh.shape[axis] for axis in row_axes]))
   budget = memory_budget_bytes or memory.device_budget_bytes()
   requested = batch_size
@@ -106,8 +106,7 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
     keys = np.asarray(_sample_keys(rng, hashes, num_samples))
     out, lengths = decoder(params, put(tokens), put(valid), put(keys),
                            max_new_tokens=max_new_tokens, num_samples=num_samples,
-                           sampling=sampling, prefix=prefix,
-                           rows=sharding.decode_batch_sharding(mesh, 2, row_axes))
+                           sampling=sampling, prefix=prefix, rows=rows)
     out, lengths = sharding.to_host(out), sharding.to_host(lengths)
     texts = tokenizer.decode_batch([row[:n] for row, n in zip(out, lengths)])
     for j, i in enumerate(chunk):

@@ -53,14 +53,16 @@ def test_train_step_benchmark_reports_the_lm_throughput_change_with_length(capsy
 
 
 def test_attention_benchmark_agrees_with_torch_sdpa(capsys, monkeypatch):
-  """Ours (mapped one row per tile here) and torch's fused causal attention, grouped-query: same
-  outputs and query gradients on the same inputs."""
+  """Ours (the native kernel, and the XLA form mapped one row per tile here) and torch's fused
+  causal attention, grouped-query: same outputs and query gradients on the same inputs."""
   monkeypatch.setattr(layers, "ATTENTION_TILE_BYTES", 1)
   attention.main(["--shapes=3x40", "--heads=4,2", "--head_dim=16", "--repeats=1"])
   row = json.loads(capsys.readouterr().out)["shapes"]["3x40"]
-  assert row["max_abs_output_difference"] < 1e-5
-  assert row["max_abs_query_gradient_difference"] < 1e-4
-  assert row["torch_over_ours_forward"] == (row["torch"]["forward_ms"] / row["ours"]["forward_ms"])
+  for side in ("ours", "ours_xla"):
+    assert row[f"{side}_max_abs_output_difference"] < 1e-5
+    assert row[f"{side}_max_abs_query_gradient_difference"] < 1e-4
+    assert row[f"torch_over_{side}_forward"] == (row["torch"]["forward_ms"]
+                                                 / row[side]["forward_ms"])
 
 
 @pytest.mark.parametrize("flag, value", [("shapes", "8xabc"), ("heads", "8"), ("heads", "8,3")])

@@ -12,7 +12,7 @@ import pytest
 
 from tailored_jax import sharding
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
-from tailored_jax.models import layers
+from tailored_jax.models import cpu_attention, layers
 from tailored_jax.models.llama import Llama
 from tailored_jax.train import step as step_lib
 from tailored_jax.train.trainer import Trainer
@@ -179,25 +179,32 @@ def test_scan_compiles_one_layer_and_full_remat_keeps_only_block_inputs():
   assert kept_inputs < 0.5 * kept_everything, (kept_inputs, kept_everything)
 
 
+@pytest.mark.parametrize("kernel", ["xla", "native"])
 @pytest.mark.parametrize("reflection", [False, True])
-def test_save_attention_runs_the_attention_forward_once(reflection):
+def test_save_attention_runs_the_attention_forward_once(reflection, kernel):
   """Under 'save_attention' the flash attention's inputs and outputs (its backward's residuals)
-  are kept, so the step has as many exponentials in the attention (each query block's scores,
-  forward and backward, and the continuations' merge) as with nothing recomputed; 'full' runs
-  the forward again. With reflection rows the continuations attend after their prefix."""
-  cfg = lambda remat: dataclasses.replace(CFG, scan_layers=True, remat=remat)
+  are kept, so the step has as much attention work (the XLA form's exponentials: each query
+  block's scores, forward and backward, and the continuations' merge; the native kernel's
+  forward calls) as with nothing recomputed; 'full' runs the forward again. With reflection
+  rows the continuations attend after their prefix."""
+  cfg = lambda remat: dataclasses.replace(CFG, scan_layers=True, remat=remat, cpu_attention=kernel)
 
-  def exponentials(remat):  # in the attention (the loss has its own)
+  def attention_work(remat):  # (exponentials in the attention (the loss has its own), kernels)
     text = _lowered_lm_step(cfg(remat), 4, 256, 128 if reflection else 0).as_text(debug_info=True)
     in_attention = {
         loc for loc, where in re.findall(r"^(#loc\d+) = (.*)$", text, re.M) if "/attn/" in where
     }
-    return sum(loc in in_attention
+    exps = sum(loc in in_attention
                for loc in re.findall(r"stablehlo\.exponential .*loc\((#loc\d+)\)$", text, re.M))
+    return exps, text.count(f"custom_call @{cpu_attention.FORWARD}(")
 
-  kept_everything = exponentials("none")
-  assert reflection or kept_everything == 4  # 2 query blocks of 128, forward and backward
-  assert exponentials("save_attention") == kept_everything < exponentials("full")
+  kept_everything = attention_work("none")
+  if not reflection:  # 2 query blocks of 128, forward and backward; or one kernel call
+    assert kept_everything == ((4, 0) if kernel == "xla" else (0, 1))
+  recomputed = attention_work("full")
+  assert attention_work("save_attention") == kept_everything
+  assert sum(recomputed) > sum(kept_everything)
+  assert all(r >= k for r, k in zip(recomputed, kept_everything))
 
 
 def test_decoding_refuses_stacked_weights():

@@ -1,9 +1,10 @@
 """`python -m tailored_jax.bench.attention [--shapes=8x128,8x256,8x512] [--heads=8,8]`: the
-training step's causal attention alone, ours (on CPU the blockwise flash form mapped over tiles
-of rows, as the train step runs it) against torch's `scaled_dot_product_attention(is_causal=True)`
-on the same float32 queries, keys and values, side by side in one process: forward, and forward
-plus backward of a weighted sum of the output (median of `--repeats` after a warm-up), with the
-largest difference between the two outputs and between the query gradients.
+training step's causal attention alone, ours (on CPU the native flash kernel, `ours`, and the
+blockwise XLA form mapped over tiles of rows, `ours_xla`, as the train step runs them) against
+torch's `scaled_dot_product_attention(is_causal=True)` on the same float32 queries, keys and
+values, side by side in one process: forward, and forward plus backward of a weighted sum of the
+output (median of `--repeats` after a warm-up), with the largest difference between each of ours
+and torch's outputs and query gradients.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from tailored_jax.bench.common import median_seconds, report
 from tailored_jax.bench.train_step import Shape
-from tailored_jax.models import layers
+from tailored_jax.models import cpu_attention, layers
 
 
 def parse_heads(text: str) -> tuple[int, int]:
@@ -37,9 +38,10 @@ def inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, seed:
   return draw(heads), draw(kv_heads), draw(kv_heads), draw(heads)
 
 
-def ours(q, k, v, weights, repeats: int) -> dict:
+def ours(q, k, v, weights, repeats: int, kernel: str = "native") -> dict:
   valid = jnp.ones(q.shape[:2], bool)
-  attention = lambda q, k, v: layers.causal_attention(q, k, v, valid, jnp.float32)
+  attention = lambda q, k, v: layers.causal_attention(q, k, v, valid, jnp.float32, cpu_kernel=kernel
+                                                     )
   loss = lambda q, k, v: jnp.sum(attention(q, k, v) * weights)
   forward = jax.jit(attention)
   backward = jax.jit(jax.grad(loss, (0, 1, 2)))
@@ -101,20 +103,29 @@ def main(argv=None) -> None:
   for shape in shapes:
     batch, seq = shape.batch, shape.seq
     q, k, v, weights = inputs(batch, seq, heads, kv_heads, args.head_dim)
-    mine, reference = ours(q, k, v, weights, args.repeats), theirs(q, k, v, weights, args.repeats)
-    row = {
-        "ours": {key: mine[key] for key in ("forward_ms", "forward_backward_ms")},
-        "torch": {key: reference[key] for key in ("forward_ms", "forward_backward_ms")},
-        "max_abs_output_difference": float(np.max(np.abs(mine["out"] - reference["out"]))),
-        "max_abs_query_gradient_difference": float(np.max(np.abs(mine["dq"] - reference["dq"]))),
+    results = {
+        "ours": ours(q, k, v, weights, args.repeats),
+        "ours_xla": ours(q, k, v, weights, args.repeats, "xla"),
+        "torch": theirs(q, k, v, weights, args.repeats),
     }
-    for key in ("forward_ms", "forward_backward_ms"):
-      row[f"torch_over_ours_{key[:-3]}"] = row["torch"][key] / row["ours"][key]
+    row = {
+        side: {key: result[key] for key in ("forward_ms", "forward_backward_ms")}
+        for side, result in results.items()
+    }
+    reference = results["torch"]
+    for side in ("ours", "ours_xla"):
+      mine = results[side]
+      row[f"{side}_max_abs_output_difference"] = float(
+          np.max(np.abs(mine["out"] - reference["out"])))
+      row[f"{side}_max_abs_query_gradient_difference"] = float(
+          np.max(np.abs(mine["dq"] - reference["dq"])))
+      for key in ("forward_ms", "forward_backward_ms"):
+        row[f"torch_over_{side}_{key[:-3]}"] = row["torch"][key] / row[side][key]
     rows[f"{batch}x{seq}"] = row
   report("attention", heads=heads, kv_heads=kv_heads, head_dim=args.head_dim, dtype="float32",
          repeats=args.repeats, torch_threads=torch.get_num_threads(),
-         torch_version=torch.__version__, tile_bytes=layers.ATTENTION_TILE_BYTES,
-         block=layers.ATTENTION_BLOCK, shapes=rows)
+         torch_version=torch.__version__, native_kernel=cpu_attention.available(),
+         tile_bytes=layers.ATTENTION_TILE_BYTES, block=layers.ATTENTION_BLOCK, shapes=rows)
 
 
 if __name__ == "__main__":

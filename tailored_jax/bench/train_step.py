@@ -28,7 +28,7 @@ import numpy as np
 from tailored_jax import config_lib, sharding
 from tailored_jax.bench.common import PRESETS, median_seconds, report, torch_model
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
-from tailored_jax.models import layers
+from tailored_jax.models import cpu_attention, layers
 from tailored_jax.models.llama import Llama, LlamaConfig
 from tailored_jax.train.trainer import Trainer, measured_matmul_tflops
 
@@ -214,6 +214,8 @@ def main(argv=None) -> None:
   parser.add_argument("--remat", default="full", choices=config_lib.REMAT_POLICIES,
                       help="ours: what each block keeps for the backward pass")
   parser.add_argument("--scan_layers", type=int, default=1, help="ours: nn.scan over layers")
+  parser.add_argument("--cpu_attention", default="native", choices=config_lib.CPU_ATTENTION,
+                      help="ours on CPU: the native flash kernel or the blockwise XLA form")
   parser.add_argument("--loss_chunk_tokens", type=int, default=0,
                       help="ours: LM-head logits this many positions at a time (0: all)")
   parser.add_argument("--side", default="both", choices=["both", "ours", "torch"],
@@ -227,7 +229,7 @@ def main(argv=None) -> None:
   except ValueError as e:
     parser.error(str(e))
   cfg = dataclasses.replace(PRESETS[args.model], remat=args.remat,
-                            scan_layers=bool(args.scan_layers))
+                            scan_layers=bool(args.scan_layers), cpu_attention=args.cpu_attention)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(cfg))))
   sides = ("ours", "torch") if args.side == "both" else (args.side,)
   peaks = {side: matmul_peak_gflops(side) for side in sides}
@@ -283,6 +285,7 @@ def main(argv=None) -> None:
                       torch_version=torch.__version__)
   report("train_step", model=args.model, parameters=n_params, dtype="float32", sr_weight=SR_WEIGHT,
          ours_remat=args.remat, ours_scan_layers=bool(args.scan_layers),
+         ours_cpu_attention=args.cpu_attention if cpu_attention.available() else "xla",
          ours_loss_chunk_tokens=chunk, repeats=args.repeats, matmul_peak_gflops=peaks, **torch_info,
          shapes=rows, lm_tokens_per_s_change=lm_throughput_change(shapes, rows, sides))
 

@@ -13,7 +13,8 @@ def llama_config(cfg, vocab_size: int) -> LlamaConfig:
                      n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                      d_ff=cfg.d_ff, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
                      tie_embeddings=cfg.tie_embeddings, dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
+                     param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                     cpu_attention=cfg.cpu_attention)
 
 
 MODULES = {LlamaConfig: Llama, GPTJConfig: GPTJ}
@@ -45,7 +46,7 @@ def build_model(cfg, vocab_size: int, pretrained: LlamaConfig | GPTJConfig | Non
     return model_for(
         dataclasses.replace(pretrained, vocab_size=max(pretrained.vocab_size, vocab_size),
                             dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-                            scan_layers=cfg.scan_layers))
+                            scan_layers=cfg.scan_layers, cpu_attention=cfg.cpu_attention))
   if cfg.family != "llama":
     raise ValueError(f"config field model.family: unknown family {cfg.family!r}; known: ['llama']")
   return Llama(llama_config(cfg, vocab_size))

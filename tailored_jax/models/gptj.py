@@ -29,6 +29,7 @@ class GPTJConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # layers.REMAT_POLICIES
   scan_layers: bool = False  # one nn.scan over stacked layers
+  cpu_attention: str = "native"  # config_lib.CPU_ATTENTION
 
   @property
   def head_dim(self) -> int:
@@ -91,7 +92,7 @@ class GPTJBlock(nn.Module):
     q_btnh = apply_interleaved_rope(dense(h_btd, wq.astype(dt)), positions_bt, cfg.rotary_dim)
     k_btnh = apply_interleaved_rope(dense(h_btd, wk.astype(dt)), positions_bt, cfg.rotary_dim)
     v_btnh = dense(h_btd, wv.astype(dt))
-    out_btnh, kv = attend(q_btnh, k_btnh, v_btnh, valid_bt, kv, dt)
+    out_btnh, kv = attend(q_btnh, k_btnh, v_btnh, valid_bt, kv, dt, cpu_kernel=cfg.cpu_attention)
     attn_btd = dense(merge_heads(out_btnh), wo.reshape(-1, wo.shape[-1]).astype(dt))
     w_in = param(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), pdt, normal(d))
     b_in = param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)

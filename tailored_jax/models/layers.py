@@ -15,6 +15,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from tailored_jax.config_lib import REMAT_POLICIES
+from tailored_jax.models import cpu_attention
 from tailored_jax.models.kv_cache import Context, KVCache
 
 NEG_INF = -1e30
@@ -523,11 +524,23 @@ def context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype, wi
   return fused_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window)
 
 
-def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
+def native_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, window: int = 0):
+  """`blockwise_causal_attention`'s values from the native CPU kernel (`cpu_attention`), its
+  inputs and outputs named as the blockwise form's for the 'save_attention' policy."""
+  q_btnh, k_btkh, v_btkh = _tag_all((q_btnh, k_btkh, v_btkh), FLASH_INPUTS)
+  return cpu_attention.flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, window, FLASH_OUTPUTS)[0]
+
+
+def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0,
+                     cpu_kernel: str = "native"):
   """Self-attention over the tokens themselves, with no cache (training): causal, keys at
-  padding masked, grouped-query. On CPU the blockwise form (no fused kernel there); elsewhere
+  padding masked, grouped-query. On CPU the native kernel (`cpu_kernel` 'native', where it
+  builds and takes the dtype) or the blockwise XLA form ('xla'); elsewhere
   `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU where it applies)."""
   if jax.default_backend() == "cpu":
+    if (cpu_kernel == "native" and cpu_attention.supports(q_btnh, k_btkh, dtype) and
+        cpu_attention.available()):
+      return native_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, window).astype(dtype)
     return blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
   q_btnh, k_btkh, v_btkh = _fused_inputs(q_btnh, k_btkh, v_btkh, dtype)
   return tag(
@@ -538,10 +551,11 @@ def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0):
 
 
 def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | KeptKV | ContextKV | None, dtype,
-           window: int = 0):
+           window: int = 0, cpu_kernel: str = "native"):
   """Attention for one layer: with the cache's `kv`, the new keys and values are written into it
   (`cached_attention`); without one (training), tokens attend causally to themselves (`valid_bt`
-  masks padding) and nothing is stored but, with a `KeptKV`, its first tokens' keys and values;
+  masks padding; on CPU by `cpu_kernel`, see `causal_attention`) and nothing is stored but, with
+  a `KeptKV`, its first tokens' keys and values;
   with a `ContextKV` (training) they also see its read-only context. Returns (out, kv)."""
   q_btnh = constrain(q_btnh, ("batch", "length", "heads", "head_dim"))
   k_btkh = constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim"))
@@ -549,7 +563,7 @@ def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | KeptKV | ContextKV | 
   if isinstance(kv, ContextKV):
     out_btnh = context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window)
   elif kv is None or isinstance(kv, KeptKV):
-    out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
+    out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window, cpu_kernel)
     if kv is not None:
       first = lambda x_btkh: jnp.swapaxes(x_btkh[:, :kv.length], 1, 2).astype(dtype)
       kv = kv.replace(k_bksh=first(k_btkh), v_bksh=first(v_btkh))

@@ -33,6 +33,7 @@ class LlamaConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # layers.REMAT_POLICIES
   scan_layers: bool = False  # one nn.scan over stacked layers
+  cpu_attention: str = "native"  # config_lib.CPU_ATTENTION
   qkv_bias: bool = False  # Qwen2
   sliding_window: int = 0  # Mistral; 0: full causal attention
   rope_scaling: str = ""  # "" or "llama3"
@@ -125,7 +126,8 @@ class Attention(nn.Module):
     q_btnh = apply_rope(q_btnh, positions_bt, inv_freq_h)
     k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
 
-    out_btnh, kv = attend(q_btnh, k_btkh, v_btkh, valid_bt, kv, dt, cfg.sliding_window)
+    out_btnh, kv = attend(q_btnh, k_btkh, v_btkh, valid_bt, kv, dt, cfg.sliding_window,
+                          cfg.cpu_attention)
     out_btd = dense(merge_heads(out_btnh), wo.reshape(-1, wo.shape[-1]).astype(dt))
     return out_btd, kv
 

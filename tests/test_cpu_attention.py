@@ -1,0 +1,115 @@
+"""The native CPU flash kernel (`models/cpu_attention`) against the blockwise XLA form: outputs,
+log-sum-exps and gradients, grouped heads, odd head sizes and lengths, padding, sliding
+windows, a mesh; and the fallback where it cannot be built."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tailored_jax import sharding
+from tailored_jax.models import cpu_attention, layers
+from tests.test_model_and_decode import _mesh_cfg
+
+pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C++ compiler")
+
+
+def _inputs(b, t, n, kv, h, lengths=None, seed=0):
+  rng = np.random.default_rng(seed)
+  draw = lambda heads: jnp.asarray(rng.standard_normal((b, t, heads, h), np.float32))
+  valid = np.ones((b, t), bool)
+  for row, length in enumerate(lengths or []):
+    valid[row, length:] = False
+  return draw(n), draw(kv), draw(kv), draw(n), draw(n)[..., 0].transpose(0, 2,
+                                                                         1), jnp.asarray(valid)
+
+
+def _xla(q, k, v, valid, window):
+  """The blockwise form's (output, log-sum-exp [b, heads, t]), as `_flash_attention` gives them."""
+  b, t, n, h = q.shape
+  q_bkgth, k_bkht, v_bkht = layers._flash_layout(q, k, v, jnp.float32)
+  out, lse = layers._flash_attention(q_bkgth, k_bkht, v_bkht, valid, True, window,
+                                     layers.ATTENTION_BLOCK, h**-0.5)
+  return layers._from_flash_layout(out), lse.reshape(b, n, t)
+
+
+def _native(q, k, v, valid, window):
+  return cpu_attention.flash_attention(q, k, v, valid, window)
+
+
+def _loss(attention, valid, weights, lse_weights, window):
+  """A weighted sum of both outputs over real queries (padding queries' values are unused)."""
+
+  def loss(q, k, v):
+    out, lse = attention(q, k, v, valid, window)
+    real = valid[:, :, None, None]
+    return jnp.sum(jnp.where(real, out * weights, 0)) + jnp.sum(
+        jnp.where(valid[:, None, :], lse * lse_weights, 0))
+
+  return loss
+
+
+@pytest.mark.parametrize(
+    "b, t, n, kv, h, lengths, window",
+    [
+        (2, 100, 4, 2, 16, None, 0),  # grouped heads, a length off the 64-token block
+        (2, 45, 4, 2, 8, [30, 45], 0),  # head_dim under a vector, padding
+        (3, 70, 6, 3, 24, None, 9),  # sliding window
+        (2, 200, 6, 2, 32, [150, 200], 0),
+        (2, 130, 2, 1, 128, [1, 77], 0),  # a row with one real token
+        (1, 300, 3, 3, 64, None, 70),
+    ])
+def test_native_kernel_equals_the_blockwise_form(b, t, n, kv, h, lengths, window):
+  q, k, v, weights, lse_weights, valid = _inputs(b, t, n, kv, h, lengths)
+  want, got = (jax.jit(f, static_argnums=4)(q, k, v, valid, window) for f in (_xla, _native))
+  real = np.asarray(valid)
+  np.testing.assert_allclose(np.asarray(got[0])[real], np.asarray(want[0])[real], atol=2e-6)
+  np.testing.assert_allclose(
+      np.asarray(got[1]).transpose(0, 2, 1)[real],
+      np.asarray(want[1]).transpose(0, 2, 1)[real], atol=2e-6)
+  grads = [
+      jax.jit(jax.grad(_loss(f, valid, weights, lse_weights, window), (0, 1, 2)))(q, k, v)
+      for f in (_xla, _native)
+  ]
+  for name, w, g in zip("qkv", *grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, err_msg=f"d{name}")
+
+
+def test_causal_attention_picks_the_kernel_by_config_and_dtype():
+  q, k, v, _, _, valid = _inputs(2, 40, 4, 2, 16, [40, 33])
+  lowered = lambda kernel, dtype=jnp.float32: jax.jit(lambda q, k, v: layers.causal_attention(
+      q, k, v, valid, dtype, cpu_kernel=kernel)).lower(q, k, v).as_text()
+  assert cpu_attention.FORWARD in lowered("native")
+  assert cpu_attention.FORWARD not in lowered("xla")
+  assert cpu_attention.FORWARD not in lowered("native", jnp.bfloat16)  # float32 only
+
+
+def test_native_kernel_on_a_mesh_runs_each_devices_rows_and_heads():
+  """Under the train step's activation layout each device runs its own rows and heads (no
+  gather of q, k, v), with one device's values."""
+  q, k, v, weights, lse_weights, valid = _inputs(4, 96, 4, 2, 16, [96, 80, 50, 96])
+  mesh = sharding.make_mesh(_mesh_cfg(2, 2, 2, 8))
+  loss = _loss(_native, valid, weights, lse_weights, 0)
+  want = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+  placed = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None))
+  q, k, v = jax.device_put((q, k, v), placed)
+  with sharding.activation_layout(mesh):
+    step = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
+    compiled = step.lower(q, k, v).compile()
+    got = step(q, k, v)
+  assert "all-gather" not in compiled.as_text()
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)  # summed in another order
+  for w, g in zip(want[1], got[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6)
+
+
+def test_a_kernel_that_cannot_build_falls_back_to_the_xla_form(monkeypatch, tmp_path, caplog):
+  monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+  monkeypatch.setenv("TAILORED_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(cpu_attention, "_state", {})
+  assert not cpu_attention.available()
+  assert "failed" in cpu_attention._state["why"] and not list(tmp_path.glob("*.so"))
+  q, k, v, _, _, valid = _inputs(2, 40, 4, 2, 16)
+  text = jax.jit(lambda q, k, v: layers.causal_attention(q, k, v, valid, jnp.float32)).lower(
+      q, k, v).as_text()
+  assert cpu_attention.FORWARD not in text

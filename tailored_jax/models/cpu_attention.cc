@@ -64,14 +64,14 @@ inline v16 vexp(v16 x) {
   return under ? splat(0.f) : out;
 }
 
-// C[m, :n] += sum_k A(m, k) * B[k, :n] for 4 rows of C; A(m, k) = a[m * a_row + k * a_col];
-// n = 16 * NV columns.
-template <int NV>
+// C[m, :n] (+)= sum_k A(m, k) * B[k, :n] for 4 rows of C; A(m, k) = a[m * a_row + k * a_col];
+// n = 16 * NV columns; ADD: accumulate into C, else overwrite it.
+template <int NV, bool ADD>
 inline void micro(float* c, int64_t ldc, const float* a, int64_t a_row, int64_t a_col,
                   const float* b, int64_t ldb, int64_t depth) {
   v16 acc[4][NV];
   for (int r = 0; r < 4; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = load(c + r * ldc + 16 * v);
+    for (int v = 0; v < NV; ++v) acc[r][v] = ADD ? load(c + r * ldc + 16 * v) : splat(0.f);
   for (int64_t k = 0; k < depth; ++k) {
     v16 bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + 16 * v);
@@ -84,7 +84,8 @@ inline void micro(float* c, int64_t ldc, const float* a, int64_t a_row, int64_t 
     for (int v = 0; v < NV; ++v) store(c + r * ldc + 16 * v, acc[r][v]);
 }
 
-// C[rows, cols] += A(rows, depth) @ B[depth, cols]; rows a multiple of 4, cols of 16.
+// C[rows, cols] (+)= A(rows, depth) @ B[depth, cols]; rows a multiple of 4, cols of 16.
+template <bool ADD>
 void gemm(float* c, int64_t ldc, const float* a, int64_t a_row, int64_t a_col, const float* b,
           int64_t ldb, int64_t rows, int64_t cols, int64_t depth) {
   for (int64_t j = 0; j < cols; j += 64) {
@@ -93,10 +94,10 @@ void gemm(float* c, int64_t ldc, const float* a, int64_t a_row, int64_t a_col, c
       float* cc = c + i * ldc + j;
       const float* aa = a + i * a_row;
       switch (width / 16) {
-        case 4: micro<4>(cc, ldc, aa, a_row, a_col, b + j, ldb, depth); break;
-        case 3: micro<3>(cc, ldc, aa, a_row, a_col, b + j, ldb, depth); break;
-        case 2: micro<2>(cc, ldc, aa, a_row, a_col, b + j, ldb, depth); break;
-        default: micro<1>(cc, ldc, aa, a_row, a_col, b + j, ldb, depth); break;
+        case 4: micro<4, ADD>(cc, ldc, aa, a_row, a_col, b + j, ldb, depth); break;
+        case 3: micro<3, ADD>(cc, ldc, aa, a_row, a_col, b + j, ldb, depth); break;
+        case 2: micro<2, ADD>(cc, ldc, aa, a_row, a_col, b + j, ldb, depth); break;
+        default: micro<1, ADD>(cc, ldc, aa, a_row, a_col, b + j, ldb, depth); break;
       }
     }
   }
@@ -190,14 +191,22 @@ void pack_kv(const float* x, const Inputs& in, int64_t b, int64_t kvh, float* ou
 }
 
 // Transposed keys (or values) of one row and kv head: [padded head_dim, padded tokens],
-// zero-padded.
+// zero-padded; 16 x 16 tiles, so that neither side strides through more cache lines than a tile.
 void pack_transposed(const float* x, const Inputs& in, int64_t b, int64_t kvh, float* out,
                      int64_t ld) {
-  const int64_t h = in.d.head_dim;
+  const int64_t h = in.d.head_dim, tokens = in.d.tokens, stride = in.kv_row();
   std::memset(out, 0, sizeof(float) * in.padded_head_dim() * ld);
-  for (int64_t t = 0; t < in.d.tokens; ++t) {
-    const float* src = x + (b * in.d.tokens + t) * in.kv_row() + kvh * h;
-    for (int64_t e = 0; e < h; ++e) out[e * ld + t] = src[e];
+  const float* src = x + b * tokens * stride + kvh * h;
+  for (int64_t t0 = 0; t0 < tokens; t0 += 16) {
+    const int64_t t1 = std::min<int64_t>(t0 + 16, tokens);
+    for (int64_t e0 = 0; e0 < h; e0 += 16) {
+      const int64_t e1 = std::min<int64_t>(e0 + 16, h);
+      float tile[16][16];
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t e = e0; e < e1; ++e) tile[e - e0][t - t0] = src[t * stride + e];
+      for (int64_t e = e0; e < e1; ++e)
+        std::memcpy(out + e * ld + t0, tile[e - e0], sizeof(float) * (t1 - t0));
+    }
   }
 }
 
@@ -233,8 +242,7 @@ void forward(ffi::ThreadPool& pool, const Inputs& in, float* out, float* lse) {
         const int64_t k0 = in.first_key(q0), keys_end = q0 + rows;
         const int64_t width = round_up(keys_end - k0, 16);
         pack_rows(in.q + b * d.tokens * in.q_row(), in.q_row(), n * h, q0, rows, h, hp, qb);
-        std::memset(s, 0, sizeof(float) * kBlock * width);
-        gemm(s, width, qb, hp, 1, kt + k0, tp, kBlock, width, hp);
+        gemm<false>(s, width, qb, hp, 1, kt + k0, tp, kBlock, width, hp);
         mask_scores(s, width, rows, width, q0, k0, keys_end, real.data(), in.window, in.scale);
         float sums[kBlock] = {}, maxes[kBlock] = {};
         for (int64_t r = 0; r < kBlock; ++r) {
@@ -260,8 +268,7 @@ void forward(ffi::ThreadPool& pool, const Inputs& in, float* out, float* lse) {
           maxes[r] = top;
           sums[r] = hsum(acc);
         }
-        std::memset(o, 0, sizeof(float) * kBlock * hp);
-        gemm(o, hp, s, width, 1, vp + k0 * hp, hp, kBlock, hp, keys_end - k0);
+        gemm<false>(o, hp, s, width, 1, vp + k0 * hp, hp, kBlock, hp, keys_end - k0);
         for (int64_t r = 0; r < rows; ++r) {
           float* dst = out + (b * d.tokens + q0 + r) * in.q_row() + n * h;
           for (int64_t e = 0; e < h; ++e) dst[e] = o[r * hp + e] / sums[r];
@@ -317,8 +324,7 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
         for (int64_t k0 = k_first; k0 < keys_end; k0 += kBlock) {
           const int64_t keys = std::min<int64_t>(kBlock, keys_end - k0);
           const int64_t width = round_up(keys, 16);
-          std::memset(p, 0, sizeof(float) * kBlock * width);
-          gemm(p, width, qb, hp, 1, kt + k0, tp, kBlock, width, hp);
+          gemm<false>(p, width, qb, hp, 1, kt + k0, tp, kBlock, width, hp);
           mask_scores(p, width, kBlock, width, q0, k0, keys_end, real.data(), in.window,
                       in.scale);
           for (int64_t r = 0; r < kBlock; ++r) {
@@ -331,9 +337,8 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
             }
           }
           // dV[keys] += P^T dO
-          gemm(dv_acc + k0 * hp, hp, p, 1, width, dob, hp, width, hp, kBlock);
-          std::memset(dp, 0, sizeof(float) * kBlock * width);
-          gemm(dp, width, dob, hp, 1, vt + k0, tp, kBlock, width, hp);
+          gemm<true>(dv_acc + k0 * hp, hp, p, 1, width, dob, hp, width, hp, kBlock);
+          gemm<false>(dp, width, dob, hp, 1, vt + k0, tp, kBlock, width, hp);
           for (int64_t r = 0; r < kBlock; ++r) {
             const v16 dl = splat(delta[r]);
             for (int64_t j = 0; j < width; j += 16) {
@@ -342,8 +347,8 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
             }
           }
           // dQ += dS K; dK[keys] += dS^T Q
-          gemm(dqb, hp, dp, width, 1, kp + k0 * hp, hp, kBlock, hp, keys);
-          gemm(dk_acc + k0 * hp, hp, dp, 1, width, qb, hp, width, hp, kBlock);
+          gemm<true>(dqb, hp, dp, width, 1, kp + k0 * hp, hp, kBlock, hp, keys);
+          gemm<true>(dk_acc + k0 * hp, hp, dp, 1, width, qb, hp, width, hp, kBlock);
         }
         for (int64_t r = 0; r < rows; ++r)
           std::memcpy(dq + (b * d.tokens + q0 + r) * in.q_row() + n * h, dqb + r * hp,

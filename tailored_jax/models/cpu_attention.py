@@ -159,6 +159,8 @@ def flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, window: int = 0, output_na
   differentiable in q, k, v, through both outputs, which `output_names` names for a remat
   policy. Under a mesh each device runs its own rows and heads (`shard_map`): XLA cannot split a
   custom call itself."""
+  if not available():
+    raise RuntimeError(f"native CPU attention unavailable: {_state['why']}")
   scale = q_btnh.shape[-1]**-0.5
   real_bt = valid_bt.astype(jnp.float32)
   args = tuple(x.astype(jnp.float32) for x in (q_btnh, k_btkh, v_btkh)) + (real_bt,)

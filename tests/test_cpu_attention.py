@@ -74,6 +74,38 @@ def test_native_kernel_equals_the_blockwise_form(b, t, n, kv, h, lengths, window
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("b, groups, t, slots, n, kv, h", [(6, 2, 70, 90, 4, 2, 16),
+                                                           (2, 2, 20, 5, 3, 3, 8),
+                                                           (4, 1, 130, 64, 2, 1, 24)])
+def test_native_context_attention_equals_the_two_merged_parts(b, groups, t, slots, n, kv, h):
+  """Rows continuing a read-only context (self-reflection's continuations after their prefix):
+  one softmax over the context and the rows' own keys against the blockwise form's two merged
+  flash parts; gradients reach the context's keys and values, summed over each group's rows."""
+  q, k, v, weights, _, valid = _inputs(b, t, n, kv, h, [t, t - 7] * (b // 2))
+  rng = np.random.default_rng(1)
+  context_k, context_v = (
+      jnp.asarray(rng.standard_normal((groups, kv, slots, h), np.float32)) for _ in range(2))
+  seen_bs = np.ones((b, slots), bool)
+  seen_bs[0, :3] = False  # a left-padded prefix
+  mask_bts = jnp.broadcast_to(jnp.asarray(seen_bs)[:, None, :], (b, t, slots))
+
+  def loss(attention):
+
+    def value(q, k, v, context_k, context_v):
+      out = attention(q, k, v, valid, layers.ContextKV(context_k, context_v, mask_bts))
+      return jnp.sum(jnp.where(valid[:, :, None, None], out * weights, 0))
+
+    return jax.jit(jax.value_and_grad(value, (0, 1, 2, 3, 4)))
+
+  xla = lambda q, k, v, valid, kv: layers.blockwise_context_attention(q, k, v, valid, kv, jnp.
+                                                                      float32)
+  (want, want_grads), (got, got_grads) = (
+      loss(f)(q, k, v, context_k, context_v) for f in (xla, layers.native_context_attention))
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for name, w, g in zip(["q", "k", "v", "context k", "context v"], want_grads, got_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, err_msg=f"d{name}")
+
+
 def test_causal_attention_picks_the_kernel_by_config_and_dtype():
   q, k, v, _, _, valid = _inputs(2, 40, 4, 2, 16, [40, 33])
   lowered = lambda kernel, dtype=jnp.float32: jax.jit(lambda q, k, v: layers.causal_attention(

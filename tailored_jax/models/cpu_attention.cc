@@ -2,8 +2,11 @@
 // with jax.ffi by tailored_jax/models/cpu_attention.py, which compiles this file on first use.
 // Layouts are the models' own: queries, outputs and their gradients [batch, tokens, heads,
 // head_dim]; keys and values [batch, tokens, kv_heads, head_dim]; the key mask [batch, tokens]
-// (1 real, 0 padding); the log-sum-exp [batch, heads, tokens]. Float32 throughout. Semantics
-// are layers._flash_attention's (masked scores -1e30, probabilities exp(score - lse)).
+// (1 real, 0 padding); the log-sum-exp [batch, heads, tokens]; optionally a read-only context
+// the rows continue (keys and values [groups, kv_heads, slots, head_dim] shared by groups of
+// consecutive rows, its mask per row [batch, slots]) seen by every token under one softmax.
+// Float32 throughout. Semantics are layers._flash_attention's (masked scores -1e30,
+// probabilities exp(score - lse)).
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -22,6 +25,7 @@ namespace {
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64)));
+typedef int32_t i16u __attribute__((vector_size(64), aligned(4)));
 
 constexpr int kBlock = 64;  // queries and keys per block
 constexpr float kNegInf = -1e30f;
@@ -140,72 +144,89 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, std::function<void(int64
 
 struct Dims {
   int64_t batch, tokens, heads, kv_heads, head_dim;
+  int64_t groups, slots;  // a read-only context: groups of consecutive rows, its keys per group
   int64_t group() const { return heads / kv_heads; }
 };
 
-// Masks one block of scores in place and scales it: key s of query row r (token q0 + r) is seen
-// when it is real, at or before the query and, with a window, within it. Keys [k0, k0 + cols).
-inline void mask_scores(float* s, int64_t lds, int64_t rows, int64_t cols, int64_t q0,
-                        int64_t k0, int64_t keys_end, const float* key_real, int64_t window,
-                        float scale) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t q = q0 + r;
-    const int64_t hi = std::min(q + 1, keys_end), lo = window ? q - window + 1 : 0;
-    float* row = s + r * lds;
-    for (int64_t j = 0; j < cols; j += 16) {
-      v16 x = load(row + j) * scale;
-      const i16 key = iota() + int32_t(k0 + j);
-      const i16 seen = (key < isplat(hi)) & (key >= isplat(lo)) & (load(key_real + k0 + j) > 0.5f);
-      store(row + j, seen ? x : splat(kNegInf));
-    }
-  }
-}
-
 struct Inputs {
   Dims d;
-  const float *q, *k, *v, *key_real;
+  const float *q, *k, *v, *key_real, *context_k, *context_v, *context_real;
   float scale;
   int64_t window;
   int64_t q_row() const { return d.heads * d.head_dim; }
   int64_t kv_row() const { return d.kv_heads * d.head_dim; }
-  int64_t padded_tokens() const { return round_up(d.tokens, kBlock); }
   int64_t padded_head_dim() const { return round_up(d.head_dim, 16); }
-  int64_t first_key(int64_t q0) const {
-    return window ? std::max<int64_t>(0, q0 - window + 1) / 16 * 16 : 0;
+  // the key table's columns: the context's slots, then the row's own tokens
+  int64_t own_start() const { return round_up(d.slots, 16); }
+  int64_t table_keys() const { return own_start() + round_up(d.tokens, kBlock); }
+  int64_t first_key(int64_t q0) const {  // a window only without a context
+    return window ? own_start() + std::max<int64_t>(0, q0 - window + 1) / 16 * 16 : 0;
   }
 };
 
-// Key mask padded with zeros to a multiple of the block (so vector loads past the end read 0).
-std::vector<float> padded_key_real(const Inputs& in, int64_t b) {
-  std::vector<float> out(in.padded_tokens() + 64, 0.f);
-  std::memcpy(out.data(), in.key_real + b * in.d.tokens, in.d.tokens * sizeof(float));
-  return out;
-}
-
-// Keys (or values) of one row and kv head as [padded tokens, padded head_dim], zero-padded.
-void pack_kv(const float* x, const Inputs& in, int64_t b, int64_t kvh, float* out) {
-  const int64_t h = in.d.head_dim, hp = in.padded_head_dim();
-  std::memset(out, 0, sizeof(float) * in.padded_tokens() * hp);
-  for (int64_t t = 0; t < in.d.tokens; ++t)
-    std::memcpy(out + t * hp, x + (b * in.d.tokens + t) * in.kv_row() + kvh * h, sizeof(float) * h);
-}
-
-// Transposed keys (or values) of one row and kv head: [padded head_dim, padded tokens],
-// zero-padded; 16 x 16 tiles, so that neither side strides through more cache lines than a tile.
-void pack_transposed(const float* x, const Inputs& in, int64_t b, int64_t kvh, float* out,
-                     int64_t ld) {
-  const int64_t h = in.d.head_dim, tokens = in.d.tokens, stride = in.kv_row();
-  std::memset(out, 0, sizeof(float) * in.padded_head_dim() * ld);
-  const float* src = x + b * tokens * stride + kvh * h;
-  for (int64_t t0 = 0; t0 < tokens; t0 += 16) {
-    const int64_t t1 = std::min<int64_t>(t0 + 16, tokens);
-    for (int64_t e0 = 0; e0 < h; e0 += 16) {
-      const int64_t e1 = std::min<int64_t>(e0 + 16, h);
+// Transposes rows x cols of `src` (leading dimension lds) into `dst` (leading dimension ldd),
+// 16 x 16 tiles at a time, so that neither side strides through more cache lines than a tile.
+void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+               int64_t ldd) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t r1 = std::min<int64_t>(r0 + 16, rows);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t c1 = std::min<int64_t>(c0 + 16, cols);
       float tile[16][16];
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t e = e0; e < e1; ++e) tile[e - e0][t - t0] = src[t * stride + e];
-      for (int64_t e = e0; e < e1; ++e)
-        std::memcpy(out + e * ld + t0, tile[e - e0], sizeof(float) * (t1 - t0));
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) tile[c - c0][r - r0] = src[r * lds + c];
+      for (int64_t c = c0; c < c1; ++c)
+        std::memcpy(dst + c * ldd + r0, tile[c - c0], sizeof(float) * (r1 - r0));
+    }
+  }
+}
+
+// One row's and kv head's keys (or values): the context's slots, then its own tokens, as
+// [table keys, padded head_dim] rows and (given `transposed`) transposed; zero where padded.
+void pack_table(const float* own, const float* context, const Inputs& in, int64_t b,
+                int64_t kvh, float* rows, float* transposed) {
+  const int64_t h = in.d.head_dim, hp = in.padded_head_dim(), keys = in.table_keys();
+  std::memset(rows, 0, sizeof(float) * keys * hp);
+  if (in.d.slots) {
+    const int64_t g = b / (in.d.batch / in.d.groups);
+    const float* src = context + ((g * in.d.kv_heads + kvh) * in.d.slots) * h;
+    for (int64_t s = 0; s < in.d.slots; ++s)
+      std::memcpy(rows + s * hp, src + s * h, sizeof(float) * h);
+  }
+  for (int64_t t = 0; t < in.d.tokens; ++t)
+    std::memcpy(rows + (in.own_start() + t) * hp,
+                own + (b * in.d.tokens + t) * in.kv_row() + kvh * h, sizeof(float) * h);
+  if (transposed) {
+    std::memset(transposed, 0, sizeof(float) * hp * keys);
+    transpose(rows, hp, keys, hp, transposed, keys);
+  }
+}
+
+// Which key-table columns are real (1) and their positions: context slots before every token
+// (-1), own tokens at their index.
+void key_columns(const Inputs& in, int64_t b, float* real, int32_t* pos) {
+  const int64_t keys = in.table_keys(), start = in.own_start();
+  for (int64_t j = 0; j < keys + 16; ++j) {
+    real[j] = 0.f;
+    pos[j] = j < start ? -1 : int32_t(j - start);
+  }
+  for (int64_t s = 0; s < in.d.slots; ++s) real[s] = in.context_real[b * in.d.slots + s];
+  for (int64_t t = 0; t < in.d.tokens; ++t) real[start + t] = in.key_real[b * in.d.tokens + t];
+}
+
+// Scales one block of scores and masks it (-1e30): a key is seen when it is real, at or before
+// the query (token q0 + r) and, with a window, within it. Key-table columns [k0, k0 + cols).
+inline void mask_scores(float* s, int64_t lds, int64_t rows, int64_t cols, int64_t q0,
+                        int64_t k0, const float* real, const int32_t* pos, int64_t window,
+                        float scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t q = q0 + r;
+    float* row = s + r * lds;
+    for (int64_t j = 0; j < cols; j += 16) {
+      const i16 key = *reinterpret_cast<const i16u*>(pos + k0 + j);
+      i16 seen = (key <= isplat(q)) & (load(real + k0 + j) > 0.5f);
+      if (window) seen &= key > isplat(q - window);
+      store(row + j, seen ? load(row + j) * scale : splat(kNegInf));
     }
   }
 }
@@ -219,31 +240,48 @@ void pack_rows(const float* x, int64_t row_stride, int64_t offset, int64_t t0, i
     std::memcpy(out + r * hp, x + (t0 + r) * row_stride + offset, sizeof(float) * h);
 }
 
+// exp(row - shift) over key-table columns [k0, k0 + width), zero from column `end` on (not
+// keys of this block); returns the sum.
+inline float exp_row(float* row, int64_t width, int64_t k0, int64_t end, float shift) {
+  v16 acc = splat(0.f);
+  for (int64_t j = 0; j < width; j += 16) {
+    v16 e = vexp(load(row + j) - shift);
+    e = iota() + int32_t(k0 + j) < isplat(end) ? e : splat(0.f);
+    store(row + j, e);
+    acc += e;
+  }
+  return hsum(acc);
+}
+
 void forward(ffi::ThreadPool& pool, const Inputs& in, float* out, float* lse) {
   const Dims d = in.d;
-  const int64_t h = d.head_dim, hp = in.padded_head_dim(), tp = in.padded_tokens();
+  const int64_t h = d.head_dim, hp = in.padded_head_dim(), keys = in.table_keys();
   const int64_t blocks = (d.tokens + kBlock - 1) / kBlock;
   // one item: a row and a kv head, every block of queries of each query head of its group
   parallel_for(pool, d.batch * d.kv_heads, [&](int64_t item) {
-    thread_local Scratch kt_s, v_s, q_s, s_s, o_s;
+    thread_local Scratch kt_s, kp_s, vp_s, q_s, s_s, o_s, real_s;
+    thread_local std::vector<int32_t> pos;
     const int64_t kvh = item % d.kv_heads, b = item / d.kv_heads;
-    const std::vector<float> real = padded_key_real(in, b);
-    float* kt = kt_s.get(hp * tp);
-    float* vp = v_s.get(tp * hp);
-    pack_transposed(in.k, in, b, kvh, kt, tp);
-    pack_kv(in.v, in, b, kvh, vp);
+    float* kt = kt_s.get(hp * keys);
+    float* kp = kp_s.get(keys * hp);
+    float* vp = vp_s.get(keys * hp);
+    float* real = real_s.get(keys + 16);
+    pos.resize(keys + 16);
+    pack_table(in.k, in.context_k, in, b, kvh, kp, kt);
+    pack_table(in.v, in.context_v, in, b, kvh, vp, nullptr);
+    key_columns(in, b, real, pos.data());
     float* qb = q_s.get(kBlock * hp);
-    float* s = s_s.get(kBlock * tp);
+    float* s = s_s.get(kBlock * keys);
     float* o = o_s.get(kBlock * hp);
     for (int64_t g = 0; g < d.group(); ++g) {
       const int64_t n = kvh * d.group() + g;
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t q0 = blk * kBlock, rows = std::min<int64_t>(kBlock, d.tokens - q0);
-        const int64_t k0 = in.first_key(q0), keys_end = q0 + rows;
+        const int64_t k0 = in.first_key(q0), keys_end = in.own_start() + q0 + rows;
         const int64_t width = round_up(keys_end - k0, 16);
         pack_rows(in.q + b * d.tokens * in.q_row(), in.q_row(), n * h, q0, rows, h, hp, qb);
-        gemm<false>(s, width, qb, hp, 1, kt + k0, tp, kBlock, width, hp);
-        mask_scores(s, width, rows, width, q0, k0, keys_end, real.data(), in.window, in.scale);
+        gemm<false>(s, width, qb, hp, 1, kt + k0, keys, kBlock, width, hp);
+        mask_scores(s, width, rows, width, q0, k0, real, pos.data(), in.window, in.scale);
         float sums[kBlock] = {}, maxes[kBlock] = {};
         for (int64_t r = 0; r < kBlock; ++r) {
           float* row = s + r * width;
@@ -256,17 +294,8 @@ void forward(ffi::ThreadPool& pool, const Inputs& in, float* out, float* lse) {
             v16 x = load(row + j);
             m = x > m ? x : m;
           }
-          const float top = hmax(m);
-          v16 acc = splat(0.f);
-          for (int64_t j = 0; j < width; j += 16) {
-            // columns past the keys' end are no keys at all
-            v16 e = vexp(load(row + j) - top);
-            e = iota() + int32_t(k0 + j) < isplat(keys_end) ? e : splat(0.f);
-            store(row + j, e);
-            acc += e;
-          }
-          maxes[r] = top;
-          sums[r] = hsum(acc);
+          maxes[r] = hmax(m);
+          sums[r] = exp_row(row, width, k0, keys_end, maxes[r]);
         }
         gemm<false>(o, hp, s, width, 1, vp + k0 * hp, hp, kBlock, hp, keys_end - k0);
         for (int64_t r = 0; r < rows; ++r) {
@@ -279,26 +308,33 @@ void forward(ffi::ThreadPool& pool, const Inputs& in, float* out, float* lse) {
   });
 }
 
+struct Gradients {
+  float *dq, *dk, *dv, *context_dk, *context_dv;
+};
+
 void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const float* lse,
-              const float* dout, const float* dlse, float* dq, float* dk, float* dv) {
+              const float* dout, const float* dlse, Gradients grads) {
   const Dims d = in.d;
-  const int64_t h = d.head_dim, hp = in.padded_head_dim(), tp = in.padded_tokens();
+  const int64_t h = d.head_dim, hp = in.padded_head_dim(), keys = in.table_keys();
   const int64_t blocks = (d.tokens + kBlock - 1) / kBlock;
   // one item: a row and a kv head, all its query heads (their dK, dV summed in place)
   parallel_for(pool, d.batch * d.kv_heads, [&](int64_t item) {
-    thread_local Scratch kt_s, vt_s, k_s, dk_s, dv_s, q_s, do_s, dq_s, s_s, dp_s;
+    thread_local Scratch kt_s, vt_s, kp_s, vp_s, dk_s, dv_s, q_s, do_s, dq_s, s_s, dp_s, real_s;
+    thread_local std::vector<int32_t> pos;
     const int64_t kvh = item % d.kv_heads, b = item / d.kv_heads;
-    const std::vector<float> real = padded_key_real(in, b);
-    float* kt = kt_s.get(hp * tp);
-    float* vt = vt_s.get(hp * tp);
-    float* kp = k_s.get(tp * hp);
-    pack_transposed(in.k, in, b, kvh, kt, tp);
-    pack_transposed(in.v, in, b, kvh, vt, tp);
-    pack_kv(in.k, in, b, kvh, kp);
-    float* dk_acc = dk_s.get(tp * hp);
-    float* dv_acc = dv_s.get(tp * hp);
-    std::memset(dk_acc, 0, sizeof(float) * tp * hp);
-    std::memset(dv_acc, 0, sizeof(float) * tp * hp);
+    float* kt = kt_s.get(hp * keys);
+    float* vt = vt_s.get(hp * keys);
+    float* kp = kp_s.get(keys * hp);
+    float* vp = vp_s.get(keys * hp);
+    float* real = real_s.get(keys + 16);
+    pos.resize(keys + 16);
+    pack_table(in.k, in.context_k, in, b, kvh, kp, kt);
+    pack_table(in.v, in.context_v, in, b, kvh, vp, vt);
+    key_columns(in, b, real, pos.data());
+    float* dk_acc = dk_s.get(keys * hp);
+    float* dv_acc = dv_s.get(keys * hp);
+    std::memset(dk_acc, 0, sizeof(float) * keys * hp);
+    std::memset(dv_acc, 0, sizeof(float) * keys * hp);
     float* qb = q_s.get(kBlock * hp);
     float* dob = do_s.get(kBlock * hp);
     float* dqb = dq_s.get(kBlock * hp);
@@ -308,7 +344,7 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
       const int64_t n = kvh * d.group() + g;
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t q0 = blk * kBlock, rows = std::min<int64_t>(kBlock, d.tokens - q0);
-        const int64_t k_first = in.first_key(q0), keys_end = q0 + rows;
+        const int64_t k_first = in.first_key(q0), keys_end = in.own_start() + q0 + rows;
         pack_rows(in.q + b * d.tokens * in.q_row(), in.q_row(), n * h, q0, rows, h, hp, qb);
         pack_rows(dout + b * d.tokens * in.q_row(), in.q_row(), n * h, q0, rows, h, hp, dob);
         float delta[kBlock] = {}, row_lse[kBlock] = {};
@@ -322,23 +358,19 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
         }
         std::memset(dqb, 0, sizeof(float) * kBlock * hp);
         for (int64_t k0 = k_first; k0 < keys_end; k0 += kBlock) {
-          const int64_t keys = std::min<int64_t>(kBlock, keys_end - k0);
-          const int64_t width = round_up(keys, 16);
-          gemm<false>(p, width, qb, hp, 1, kt + k0, tp, kBlock, width, hp);
-          mask_scores(p, width, kBlock, width, q0, k0, keys_end, real.data(), in.window,
-                      in.scale);
+          const int64_t block_keys = std::min<int64_t>(kBlock, keys_end - k0);
+          const int64_t width = round_up(block_keys, 16);
+          gemm<false>(p, width, qb, hp, 1, kt + k0, keys, kBlock, width, hp);
+          mask_scores(p, width, kBlock, width, q0, k0, real, pos.data(), in.window, in.scale);
           for (int64_t r = 0; r < kBlock; ++r) {
-            float* row = p + r * width;
-            const v16 l = splat(row_lse[r]);
-            for (int64_t j = 0; j < width; j += 16) {
-              v16 e = vexp(load(row + j) - l);
-              e = iota() + int32_t(k0 + j) < isplat(keys_end) ? e : splat(0.f);
-              store(row + j, r < rows ? e : splat(0.f));
-            }
+            if (r < rows)
+              exp_row(p + r * width, width, k0, keys_end, row_lse[r]);
+            else
+              std::memset(p + r * width, 0, sizeof(float) * width);
           }
           // dV[keys] += P^T dO
           gemm<true>(dv_acc + k0 * hp, hp, p, 1, width, dob, hp, width, hp, kBlock);
-          gemm<false>(dp, width, dob, hp, 1, vt + k0, tp, kBlock, width, hp);
+          gemm<false>(dp, width, dob, hp, 1, vt + k0, keys, kBlock, width, hp);
           for (int64_t r = 0; r < kBlock; ++r) {
             const v16 dl = splat(delta[r]);
             for (int64_t j = 0; j < width; j += 16) {
@@ -347,60 +379,67 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
             }
           }
           // dQ += dS K; dK[keys] += dS^T Q
-          gemm<true>(dqb, hp, dp, width, 1, kp + k0 * hp, hp, kBlock, hp, keys);
+          gemm<true>(dqb, hp, dp, width, 1, kp + k0 * hp, hp, kBlock, hp, block_keys);
           gemm<true>(dk_acc + k0 * hp, hp, dp, 1, width, qb, hp, width, hp, kBlock);
         }
         for (int64_t r = 0; r < rows; ++r)
-          std::memcpy(dq + (b * d.tokens + q0 + r) * in.q_row() + n * h, dqb + r * hp,
+          std::memcpy(grads.dq + (b * d.tokens + q0 + r) * in.q_row() + n * h, dqb + r * hp,
                       sizeof(float) * h);
       }
     }
     for (int64_t t = 0; t < d.tokens; ++t) {
-      std::memcpy(dk + (b * d.tokens + t) * in.kv_row() + kvh * h, dk_acc + t * hp,
-                  sizeof(float) * h);
-      std::memcpy(dv + (b * d.tokens + t) * in.kv_row() + kvh * h, dv_acc + t * hp,
-                  sizeof(float) * h);
+      const int64_t at = (b * d.tokens + t) * in.kv_row() + kvh * h;
+      std::memcpy(grads.dk + at, dk_acc + (in.own_start() + t) * hp, sizeof(float) * h);
+      std::memcpy(grads.dv + at, dv_acc + (in.own_start() + t) * hp, sizeof(float) * h);
+    }
+    for (int64_t s = 0; s < d.slots; ++s) {  // per row: [batch, kv_heads, slots, head_dim]
+      const int64_t at = ((b * d.kv_heads + kvh) * d.slots + s) * h;
+      std::memcpy(grads.context_dk + at, dk_acc + s * hp, sizeof(float) * h);
+      std::memcpy(grads.context_dv + at, dv_acc + s * hp, sizeof(float) * h);
     }
   });
 }
 
-Dims dims_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  return Dims{qd[0], qd[1], qd[2], kd[2], qd[3]};
-}
+using F32 = ffi::Buffer<ffi::F32>;
 
-ffi::Error check(const Dims& d) {
+ffi::ErrorOr<Inputs> inputs_of(F32& q, F32& k, F32& v, F32& key_real, F32& context_k,
+                               F32& context_v, F32& context_real, float scale, int64_t window) {
+  auto qd = q.dimensions(), kd = k.dimensions(), cd = context_k.dimensions();
+  const Dims d{qd[0], qd[1], qd[2], kd[2], qd[3], cd[0], cd[2]};
   if (d.kv_heads <= 0 || d.heads % d.kv_heads)
-    return ffi::Error::InvalidArgument(
-        "cpu flash attention: query heads must be a multiple of kv heads");
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "cpu flash attention: query heads must be a multiple of kv heads"));
+  if (d.slots && (d.groups <= 0 || d.batch % d.groups || window))
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "cpu flash attention: a context needs rows a multiple of its groups and no window"));
+  return Inputs{d, q.typed_data(), k.typed_data(), v.typed_data(), key_real.typed_data(),
+                context_k.typed_data(), context_v.typed_data(), context_real.typed_data(), scale,
+                window};
+}
+
+ffi::Error FlashForwardImpl(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 key_real,
+                            F32 context_k, F32 context_v, F32 context_real, float scale,
+                            int64_t window, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> lse) {
+  auto in = inputs_of(q, k, v, key_real, context_k, context_v, context_real, scale, window);
+  if (in.has_error()) return in.error();
+  forward(pool, in.value(), out->typed_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                            ffi::Buffer<ffi::F32> key_real, float scale, int64_t window,
-                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  const Dims d = dims_of(q, k);
-  if (auto e = check(d); e.failure()) return e;
-  Inputs in{d, q.typed_data(), k.typed_data(), v.typed_data(), key_real.typed_data(), scale,
-            window};
-  forward(pool, in, out->typed_data(), lse->typed_data());
-  return ffi::Error::Success();
-}
-
-ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                             ffi::Buffer<ffi::F32> key_real, ffi::Buffer<ffi::F32> out,
-                             ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
-                             ffi::Buffer<ffi::F32> dlse, float scale, int64_t window,
+ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 key_real,
+                             F32 context_k, F32 context_v, F32 context_real, F32 out, F32 lse,
+                             F32 dout, F32 dlse, float scale, int64_t window,
                              ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv) {
-  const Dims d = dims_of(q, k);
-  if (auto e = check(d); e.failure()) return e;
-  Inputs in{d, q.typed_data(), k.typed_data(), v.typed_data(), key_real.typed_data(), scale,
-            window};
-  backward(pool, in, out.typed_data(), lse.typed_data(), dout.typed_data(), dlse.typed_data(),
-           dq->typed_data(), dk->typed_data(), dv->typed_data());
+                             ffi::ResultBuffer<ffi::F32> dv,
+                             ffi::ResultBuffer<ffi::F32> context_dk,
+                             ffi::ResultBuffer<ffi::F32> context_dv) {
+  auto in = inputs_of(q, k, v, key_real, context_k, context_v, context_real, scale, window);
+  if (in.has_error()) return in.error();
+  backward(pool, in.value(), out.typed_data(), lse.typed_data(), dout.typed_data(),
+           dlse.typed_data(),
+           Gradients{dq->typed_data(), dk->typed_data(), dv->typed_data(),
+                     context_dk->typed_data(), context_dv->typed_data()});
   return ffi::Error::Success();
 }
 
@@ -409,28 +448,36 @@ ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TjFlashForward, FlashForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<F32>()  // q [batch, tokens, heads, head_dim]
+                                  .Arg<F32>()  // k [batch, tokens, kv_heads, head_dim]
+                                  .Arg<F32>()  // v
+                                  .Arg<F32>()  // key_real [batch, tokens]
+                                  .Arg<F32>()  // context_k [groups, kv_heads, slots, head_dim]
+                                  .Arg<F32>()  // context_v
+                                  .Arg<F32>()  // context_real [batch, slots]
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<F32>()  // out [batch, tokens, heads, head_dim]
+                                  .Ret<F32>());  // lse [batch, heads, tokens]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TjFlashBackward, FlashBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<F32>()  // q
+                                  .Arg<F32>()  // k
+                                  .Arg<F32>()  // v
+                                  .Arg<F32>()  // key_real
+                                  .Arg<F32>()  // context_k
+                                  .Arg<F32>()  // context_v
+                                  .Arg<F32>()  // context_real
+                                  .Arg<F32>()  // out
+                                  .Arg<F32>()  // lse
+                                  .Arg<F32>()  // dout
+                                  .Arg<F32>()  // dlse
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<F32>()  // dq
+                                  .Ret<F32>()  // dk
+                                  .Ret<F32>()  // dv
+                                  .Ret<F32>()  // context_dk per row [batch, kv_heads, slots, head_dim]
+                                  .Ret<F32>());  // context_dv per row

@@ -97,80 +97,108 @@ def supports(q_btnh, k_btkh, dtype) -> bool:
   return jnp.dtype(dtype) == jnp.float32 and q_btnh.shape[2] % k_btkh.shape[2] == 0
 
 
-def _forward_call(q_btnh, k_btkh, v_btkh, real_bt, scale: float, window: int):
+def _forward_call(q_btnh, k_btkh, v_btkh, real_bt, context, scale: float, window: int):
   b, t, n, _ = q_btnh.shape
   shapes = (jax.ShapeDtypeStruct(q_btnh.shape,
                                  jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
   return jax.ffi.ffi_call(FORWARD, shapes,
-                          vmap_method="sequential")(q_btnh, k_btkh, v_btkh, real_bt,
+                          vmap_method="sequential")(q_btnh, k_btkh, v_btkh, real_bt, *context,
                                                     scale=np.float32(scale),
                                                     window=np.int64(window))
 
 
-def _backward_call(q_btnh, k_btkh, v_btkh, real_bt, out_btnh, lse_bnt, dout_btnh, dlse_bnt,
+def _backward_call(q_btnh, k_btkh, v_btkh, real_bt, context, out_btnh, lse_bnt, dout_btnh, dlse_bnt,
                    scale: float, window: int):
-  shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q_btnh, k_btkh, v_btkh))
+  """dq, dk, dv and the context's dk, dv per row ([batch, kv_heads, slots, head_dim])."""
+  context_k_gksh = context[0]
+  per_row = (q_btnh.shape[0], *context_k_gksh.shape[1:])
+  shapes = tuple(
+      jax.ShapeDtypeStruct(x.shape, jnp.float32)
+      for x in (q_btnh, k_btkh, v_btkh)) + (jax.ShapeDtypeStruct(per_row, jnp.float32),) * 2
   return jax.ffi.ffi_call(BACKWARD, shapes,
-                          vmap_method="sequential")(q_btnh, k_btkh, v_btkh, real_bt, out_btnh,
-                                                    lse_bnt, dout_btnh, dlse_bnt,
+                          vmap_method="sequential")(q_btnh, k_btkh, v_btkh, real_bt, *context,
+                                                    out_btnh, lse_bnt, dout_btnh, dlse_bnt,
                                                     scale=np.float32(scale),
                                                     window=np.int64(window))
 
 
-def _named_forward(q_btnh, k_btkh, v_btkh, real_bt, scale, window, names):
+def _named_forward(q_btnh, k_btkh, v_btkh, real_bt, context, scale, window, names):
   """The forward's outputs, named (`names`) for a remat policy: the primal outputs and the
   backward's residuals are then the same kept values."""
-  outputs = _forward_call(q_btnh, k_btkh, v_btkh, real_bt, scale, window)
+  outputs = _forward_call(q_btnh, k_btkh, v_btkh, real_bt, context, scale, window)
   return tuple(checkpoint_name(x, name) for x, name in zip(outputs, names)) if names else outputs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q_btnh, k_btkh, v_btkh, real_bt, scale: float, window: int, names: tuple):
-  return _named_forward(q_btnh, k_btkh, v_btkh, real_bt, scale, window, names)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _flash(q_btnh, k_btkh, v_btkh, real_bt, context_k_gksh, context_v_gksh, context_real_bs,
+           scale: float, window: int, names: tuple):
+  context = (context_k_gksh, context_v_gksh, context_real_bs)
+  return _named_forward(q_btnh, k_btkh, v_btkh, real_bt, context, scale, window, names)
 
 
-def _flash_fwd(q_btnh, k_btkh, v_btkh, real_bt, scale, window, names):
-  out_btnh, lse_bnt = _named_forward(q_btnh, k_btkh, v_btkh, real_bt, scale, window, names)
-  return (out_btnh, lse_bnt), (q_btnh, k_btkh, v_btkh, real_bt, out_btnh, lse_bnt)
+def _flash_fwd(q_btnh, k_btkh, v_btkh, real_bt, context_k_gksh, context_v_gksh, context_real_bs,
+               scale, window, names):
+  context = (context_k_gksh, context_v_gksh, context_real_bs)
+  out_btnh, lse_bnt = _named_forward(q_btnh, k_btkh, v_btkh, real_bt, context, scale, window, names)
+  return (out_btnh, lse_bnt), (q_btnh, k_btkh, v_btkh, real_bt, context, out_btnh, lse_bnt)
 
 
 def _flash_bwd(scale, window, names, residuals, cotangents):
-  dq, dk, dv = _backward_call(*residuals, *cotangents, scale, window)
-  return dq, dk, dv, None
+  q_btnh, k_btkh, v_btkh, real_bt, context, out_btnh, lse_bnt = residuals
+  dq, dk, dv, context_dk, context_dv = _backward_call(q_btnh, k_btkh, v_btkh, real_bt, context,
+                                                      out_btnh, lse_bnt, *cotangents, scale, window)
+  groups = context[0].shape[0]
+  per_group = lambda d_bksh: d_bksh.reshape(groups, d_bksh.shape[0] // groups, *d_bksh.shape[1:]
+                                           ).sum(1)
+  return dq, dk, dv, None, per_group(context_dk), per_group(context_dv), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _split(mesh, rows: int, heads: int, kv_heads: int):
+def _split(mesh, rows: int, groups: int, heads: int, kv_heads: int):
   """(rows' mesh axes, heads' mesh axis) the kernel runs split over, as the activations lie
-  (`sharding.RULES`: rows over data × fsdp, heads over tensor); None where they do not divide."""
+  (`sharding.RULES`: rows over data × fsdp, heads over tensor); None where they do not divide
+  (the rows, or a context's groups of them)."""
   size = lambda name: mesh.shape.get(name, 1)
   row_axes = tuple(a for a in ("data", "fsdp") if size(a) > 1)
   row_shards = int(np.prod([size(a) for a in row_axes])) if row_axes else 1
   tensor = size("tensor")
-  return (row_axes if row_axes and rows % row_shards == 0 else None,
+  return (row_axes if row_axes and rows % row_shards == 0 and groups % row_shards == 0 else None,
           "tensor" if tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0 else None)
 
 
-def flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, window: int = 0, output_names: tuple = ()):
+def flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, window: int = 0, output_names: tuple = (),
+                    context: tuple | None = None):
   """(output [batch, tokens, heads, head_dim], log-sum-exp [batch, heads, tokens]) of causal
   grouped-query attention with padding keys masked (and, with a `window`, keys that far back);
-  differentiable in q, k, v, through both outputs, which `output_names` names for a remat
-  policy. Under a mesh each device runs its own rows and heads (`shard_map`): XLA cannot split a
-  custom call itself."""
+  with a `context` (keys and values [groups, kv_heads, slots, head_dim] read by groups of
+  consecutive rows, which slots each row sees [batch, slots]; no window) every token also sees
+  its row's context, under one softmax. Differentiable in q, k, v and the context's keys and
+  values, through both outputs, which `output_names` names for a remat policy. Under a mesh each
+  device runs its own rows and heads (`shard_map`): XLA cannot split a custom call itself."""
   if not available():
     raise RuntimeError(f"native CPU attention unavailable: {_state['why']}")
-  scale = q_btnh.shape[-1]**-0.5
-  real_bt = valid_bt.astype(jnp.float32)
-  args = tuple(x.astype(jnp.float32) for x in (q_btnh, k_btkh, v_btkh)) + (real_bt,)
-  kernel = lambda q, k, v, real: _flash(q, k, v, real, scale, window, tuple(output_names))
+  b, _, n, h = q_btnh.shape
+  kv = k_btkh.shape[2]
+  if context is None:
+    empty = jnp.zeros((1, kv, 0, h), jnp.float32)
+    context = (empty, empty, jnp.zeros((b, 0), bool))
+  elif window:
+    raise ValueError("the native CPU attention takes a context only without a sliding window")
+  as_f32 = lambda x: x.astype(jnp.float32)
+  args = (*map(as_f32, (q_btnh, k_btkh, v_btkh, valid_bt)), *map(as_f32, context))
+  names = tuple(output_names)
+  kernel = lambda *args: _flash(*args, h**-0.5, window, names)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return kernel(*args)
-  rows, heads = _split(mesh, q_btnh.shape[0], q_btnh.shape[2], k_btkh.shape[2])
+  groups = context[0].shape[0] if context[0].shape[2] else b
+  rows, heads = _split(mesh, b, groups, n, kv)
   per_token = PartitionSpec(rows, None, heads, None)
-  per_head = PartitionSpec(rows, heads, None)
-  return jax.shard_map(kernel, mesh=mesh,
-                       in_specs=(per_token, per_token, per_token, PartitionSpec(rows, None)),
-                       out_specs=(per_token, per_head), check_vma=False)(*args)
+  per_row = PartitionSpec(rows, None)
+  per_slot = PartitionSpec(rows if context[0].shape[2] else None, heads, None, None)
+  return jax.shard_map(
+      kernel, mesh=mesh,
+      in_specs=(per_token, per_token, per_token, per_row, per_slot, per_slot, per_row),
+      out_specs=(per_token, PartitionSpec(rows, heads, None)), check_vma=False)(*args)

@@ -516,10 +516,28 @@ def fused_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dty
              FUSED_NAMES[3])
 
 
-def context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype, window: int = 0):
-  """Training rows after a read-only context: on CPU two flash parts merged
-  (`blockwise_context_attention`), elsewhere one fused call (`fused_context_attention`)."""
+def native_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV):
+  """`blockwise_context_attention`'s values (no window) from the native CPU kernel, the context
+  and the rows' own keys under one softmax; named as the blockwise form's for the remat policy."""
+  q_btnh, k_btkh, v_btkh = _tag_all((q_btnh, k_btkh, v_btkh), FLASH_INPUTS)
+  context = (kv.k_gksh, kv.v_gksh, kv.mask_bts[:, 0, :])  # without a window, the same per token
+  return cpu_attention.flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, 0, FLASH_OUTPUTS,
+                                       context)[0]
+
+
+def _native_on_cpu(cpu_kernel: str, q_btnh, k_btkh, dtype) -> bool:
+  return (cpu_kernel == "native" and cpu_attention.supports(q_btnh, k_btkh, dtype) and
+          cpu_attention.available())
+
+
+def context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype, window: int = 0,
+                      cpu_kernel: str = "native"):
+  """Training rows after a read-only context: on CPU the native kernel (as `causal_attention`
+  picks it; without a window) or two flash parts merged (`blockwise_context_attention`),
+  elsewhere one fused call (`fused_context_attention`)."""
   if jax.default_backend() == "cpu":
+    if not window and _native_on_cpu(cpu_kernel, q_btnh, k_btkh, dtype):
+      return native_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv).astype(dtype)
     return blockwise_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window)
   return fused_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window)
 
@@ -538,8 +556,7 @@ def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0,
   builds and takes the dtype) or the blockwise XLA form ('xla'); elsewhere
   `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU where it applies)."""
   if jax.default_backend() == "cpu":
-    if (cpu_kernel == "native" and cpu_attention.supports(q_btnh, k_btkh, dtype) and
-        cpu_attention.available()):
+    if _native_on_cpu(cpu_kernel, q_btnh, k_btkh, dtype):
       return native_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, window).astype(dtype)
     return blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
   q_btnh, k_btkh, v_btkh = _fused_inputs(q_btnh, k_btkh, v_btkh, dtype)
@@ -561,7 +578,7 @@ def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | KeptKV | ContextKV | 
   k_btkh = constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim"))
   v_btkh = constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim"))
   if isinstance(kv, ContextKV):
-    out_btnh = context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window)
+    out_btnh = context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window, cpu_kernel)
   elif kv is None or isinstance(kv, KeptKV):
     out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window, cpu_kernel)
     if kv is not None:

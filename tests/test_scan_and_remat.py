@@ -187,6 +187,8 @@ def test_save_attention_runs_the_attention_forward_once(reflection, kernel):
   block's scores, forward and backward, and the continuations' merge; the native kernel's
   forward calls) as with nothing recomputed; 'full' runs the forward again. With reflection
   rows the continuations attend after their prefix."""
+  if kernel == "native" and not cpu_attention.available():
+    pytest.skip("no C++ compiler")
   cfg = lambda remat: dataclasses.replace(CFG, scan_layers=True, remat=remat, cpu_attention=kernel)
 
   def attention_work(remat):  # (exponentials in the attention (the loss has its own), kernels)

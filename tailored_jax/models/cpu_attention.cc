@@ -214,6 +214,26 @@ void key_columns(const Inputs& in, int64_t b, float* real, int32_t* pos) {
   for (int64_t t = 0; t < in.d.tokens; ++t) real[start + t] = in.key_real[b * in.d.tokens + t];
 }
 
+// One row's and one kv head's key table in this thread's scratch: keys as rows and transposed,
+// values as rows (and transposed, for the backward), which columns are real and their positions.
+struct RowKeys {
+  float *kt, *kp, *vp, *vt, *real;
+  const int32_t* pos;
+};
+
+RowKeys row_keys(const Inputs& in, int64_t b, int64_t kvh, bool transposed_values) {
+  thread_local Scratch kt_s, kp_s, vp_s, vt_s, real_s;
+  thread_local std::vector<int32_t> pos;
+  const int64_t hp = in.padded_head_dim(), keys = in.table_keys();
+  pos.resize(keys + 16);
+  RowKeys out{kt_s.get(hp * keys), kp_s.get(keys * hp), vp_s.get(keys * hp),
+              transposed_values ? vt_s.get(hp * keys) : nullptr, real_s.get(keys + 16), pos.data()};
+  pack_table(in.k, in.context_k, in, b, kvh, out.kp, out.kt);
+  pack_table(in.v, in.context_v, in, b, kvh, out.vp, out.vt);
+  key_columns(in, b, out.real, pos.data());
+  return out;
+}
+
 // Scales one block of scores and masks it (-1e30): a key is seen when it is real, at or before
 // the query (token q0 + r) and, with a window, within it. Key-table columns [k0, k0 + cols).
 inline void mask_scores(float* s, int64_t lds, int64_t rows, int64_t cols, int64_t q0,
@@ -259,17 +279,9 @@ void forward(ffi::ThreadPool& pool, const Inputs& in, float* out, float* lse) {
   const int64_t blocks = (d.tokens + kBlock - 1) / kBlock;
   // one item: a row and a kv head, every block of queries of each query head of its group
   parallel_for(pool, d.batch * d.kv_heads, [&](int64_t item) {
-    thread_local Scratch kt_s, kp_s, vp_s, q_s, s_s, o_s, real_s;
-    thread_local std::vector<int32_t> pos;
+    thread_local Scratch q_s, s_s, o_s;
     const int64_t kvh = item % d.kv_heads, b = item / d.kv_heads;
-    float* kt = kt_s.get(hp * keys);
-    float* kp = kp_s.get(keys * hp);
-    float* vp = vp_s.get(keys * hp);
-    float* real = real_s.get(keys + 16);
-    pos.resize(keys + 16);
-    pack_table(in.k, in.context_k, in, b, kvh, kp, kt);
-    pack_table(in.v, in.context_v, in, b, kvh, vp, nullptr);
-    key_columns(in, b, real, pos.data());
+    const RowKeys t = row_keys(in, b, kvh, false);
     float* qb = q_s.get(kBlock * hp);
     float* s = s_s.get(kBlock * keys);
     float* o = o_s.get(kBlock * hp);
@@ -280,8 +292,8 @@ void forward(ffi::ThreadPool& pool, const Inputs& in, float* out, float* lse) {
         const int64_t k0 = in.first_key(q0), keys_end = in.own_start() + q0 + rows;
         const int64_t width = round_up(keys_end - k0, 16);
         pack_rows(in.q + b * d.tokens * in.q_row(), in.q_row(), n * h, q0, rows, h, hp, qb);
-        gemm<false>(s, width, qb, hp, 1, kt + k0, keys, kBlock, width, hp);
-        mask_scores(s, width, rows, width, q0, k0, real, pos.data(), in.window, in.scale);
+        gemm<false>(s, width, qb, hp, 1, t.kt + k0, keys, kBlock, width, hp);
+        mask_scores(s, width, rows, width, q0, k0, t.real, t.pos, in.window, in.scale);
         float sums[kBlock] = {}, maxes[kBlock] = {};
         for (int64_t r = 0; r < kBlock; ++r) {
           float* row = s + r * width;
@@ -297,7 +309,7 @@ void forward(ffi::ThreadPool& pool, const Inputs& in, float* out, float* lse) {
           maxes[r] = hmax(m);
           sums[r] = exp_row(row, width, k0, keys_end, maxes[r]);
         }
-        gemm<false>(o, hp, s, width, 1, vp + k0 * hp, hp, kBlock, hp, keys_end - k0);
+        gemm<false>(o, hp, s, width, 1, t.vp + k0 * hp, hp, kBlock, hp, keys_end - k0);
         for (int64_t r = 0; r < rows; ++r) {
           float* dst = out + (b * d.tokens + q0 + r) * in.q_row() + n * h;
           for (int64_t e = 0; e < h; ++e) dst[e] = o[r * hp + e] / sums[r];
@@ -319,18 +331,9 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
   const int64_t blocks = (d.tokens + kBlock - 1) / kBlock;
   // one item: a row and a kv head, all its query heads (their dK, dV summed in place)
   parallel_for(pool, d.batch * d.kv_heads, [&](int64_t item) {
-    thread_local Scratch kt_s, vt_s, kp_s, vp_s, dk_s, dv_s, q_s, do_s, dq_s, s_s, dp_s, real_s;
-    thread_local std::vector<int32_t> pos;
+    thread_local Scratch dk_s, dv_s, q_s, do_s, dq_s, s_s, dp_s;
     const int64_t kvh = item % d.kv_heads, b = item / d.kv_heads;
-    float* kt = kt_s.get(hp * keys);
-    float* vt = vt_s.get(hp * keys);
-    float* kp = kp_s.get(keys * hp);
-    float* vp = vp_s.get(keys * hp);
-    float* real = real_s.get(keys + 16);
-    pos.resize(keys + 16);
-    pack_table(in.k, in.context_k, in, b, kvh, kp, kt);
-    pack_table(in.v, in.context_v, in, b, kvh, vp, vt);
-    key_columns(in, b, real, pos.data());
+    const RowKeys t = row_keys(in, b, kvh, true);
     float* dk_acc = dk_s.get(keys * hp);
     float* dv_acc = dv_s.get(keys * hp);
     std::memset(dk_acc, 0, sizeof(float) * keys * hp);
@@ -360,8 +363,8 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
         for (int64_t k0 = k_first; k0 < keys_end; k0 += kBlock) {
           const int64_t block_keys = std::min<int64_t>(kBlock, keys_end - k0);
           const int64_t width = round_up(block_keys, 16);
-          gemm<false>(p, width, qb, hp, 1, kt + k0, keys, kBlock, width, hp);
-          mask_scores(p, width, kBlock, width, q0, k0, real, pos.data(), in.window, in.scale);
+          gemm<false>(p, width, qb, hp, 1, t.kt + k0, keys, kBlock, width, hp);
+          mask_scores(p, width, kBlock, width, q0, k0, t.real, t.pos, in.window, in.scale);
           for (int64_t r = 0; r < kBlock; ++r) {
             if (r < rows)
               exp_row(p + r * width, width, k0, keys_end, row_lse[r]);
@@ -370,7 +373,7 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
           }
           // dV[keys] += P^T dO
           gemm<true>(dv_acc + k0 * hp, hp, p, 1, width, dob, hp, width, hp, kBlock);
-          gemm<false>(dp, width, dob, hp, 1, vt + k0, keys, kBlock, width, hp);
+          gemm<false>(dp, width, dob, hp, 1, t.vt + k0, keys, kBlock, width, hp);
           for (int64_t r = 0; r < kBlock; ++r) {
             const v16 dl = splat(delta[r]);
             for (int64_t j = 0; j < width; j += 16) {
@@ -379,7 +382,7 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
             }
           }
           // dQ += dS K; dK[keys] += dS^T Q
-          gemm<true>(dqb, hp, dp, width, 1, kp + k0 * hp, hp, kBlock, hp, block_keys);
+          gemm<true>(dqb, hp, dp, width, 1, t.kp + k0 * hp, hp, kBlock, hp, block_keys);
           gemm<true>(dk_acc + k0 * hp, hp, dp, 1, width, qb, hp, width, hp, kBlock);
         }
         for (int64_t r = 0; r < rows; ++r)

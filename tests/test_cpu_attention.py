@@ -145,3 +145,12 @@ def test_a_kernel_that_cannot_build_falls_back_to_the_xla_form(monkeypatch, tmp_
   text = jax.jit(lambda q, k, v: layers.causal_attention(q, k, v, valid, jnp.float32)).lower(
       q, k, v).as_text()
   assert cpu_attention.FORWARD not in text
+
+
+def test_a_damaged_cached_build_is_built_again(monkeypatch, tmp_path):
+  monkeypatch.setenv("TAILORED_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(cpu_attention, "_state", {})
+  path = cpu_attention.library_path()
+  path.write_bytes(b"not a shared library")
+  assert cpu_attention.available()
+  assert path.read_bytes()[:4] == b"\x7fELF"

@@ -81,7 +81,12 @@ def available() -> bool:
         path = library_path()
         if not path.exists():
           build(path)
-        library = ctypes.CDLL(str(path))
+        try:
+          library = ctypes.CDLL(str(path))
+        except OSError as e:  # a damaged cached build: build it again, once
+          logging.warning("rebuilding %s, which did not load: %s", path, e)
+          build(path)
+          library = ctypes.CDLL(str(path))
         for name, symbol in ((FORWARD, "TjFlashForward"), (BACKWARD, "TjFlashBackward")):
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
                                       platform="cpu")

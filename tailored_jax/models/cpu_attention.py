@@ -31,6 +31,7 @@ FORWARD, BACKWARD = "tailored_jax_flash_forward", "tailored_jax_flash_backward"
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once decided; "why": the reason it is not
+_registered: list = []  # the library whose handlers XLA holds (it takes a target name once)
 
 
 def _cpu_identity() -> str:
@@ -87,10 +88,12 @@ def available() -> bool:
           logging.warning("rebuilding %s, which did not load: %s", path, e)
           build(path)
           library = ctypes.CDLL(str(path))
-        for name, symbol in ((FORWARD, "TjFlashForward"), (BACKWARD, "TjFlashBackward")):
-          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
-                                      platform="cpu")
-        _state.update(ok=True, library=library)
+        if not _registered:
+          for name, symbol in ((FORWARD, "TjFlashForward"), (BACKWARD, "TjFlashBackward")):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
+                                        platform="cpu")
+          _registered.append(library)
+        _state.update(ok=True)
       except (OSError, RuntimeError, AttributeError) as e:
         _state.update(ok=False, why=str(e))
         logging.warning("native CPU attention unavailable, using the XLA form: %s", e)

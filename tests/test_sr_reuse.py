@@ -149,3 +149,19 @@ def test_planner_counts_two_continuations_when_reusing():
   kept = lambda shape: memory.train_memory(CFG, shape, 0, 0, "full").activations
   lm_only = kept(dataclasses.replace(separate, sr_rows=0))
   assert kept(separate) - lm_only == 1.5 * (kept(reusing) - lm_only) > 0
+
+
+def test_planner_counts_the_native_attentions_buffers():
+  """With the native CPU kernel a continuation token keeps one attention output and
+  log-sum-exp (one softmax over prefix and own keys, not two merged parts) and XLA holds no
+  score buffers."""
+  t = config_lib.base_config().train
+  shape = memory.worst_case_shape(t, {"data": 1, "fsdp": 1, "tensor": 1})
+  plan = lambda native: memory.train_memory(CFG, dataclasses.replace(shape, native_attention=native
+                                                                    ), 0, 0, "save_attention")
+  xla, native = plan(False), plan(True)
+  cont_tokens = shape.continuations * shape.sr_rows * shape.continuation_len
+  per_part = CFG.n_heads * CFG.head_dim * 4 + CFG.n_heads * 4  # output and lse, float32
+  assert xla.activations - native.activations == CFG.n_layers * cont_tokens * per_part
+  scores = memory.attention_scores(CFG, shape.batch, 1, shape.seq_len, shape.seq_len, 1)
+  assert xla.layer_working - native.layer_working > scores > 0

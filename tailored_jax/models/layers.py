@@ -530,6 +530,13 @@ def _native_on_cpu(cpu_kernel: str, q_btnh, k_btkh, dtype) -> bool:
           cpu_attention.available())
 
 
+def uses_native_attention(cfg) -> bool:
+  """Whether a model config's training attention runs the native CPU kernel here (rows after a
+  context with a sliding window still take the XLA form)."""
+  return (jax.default_backend() == "cpu" and cfg.cpu_attention == "native" and
+          jnp.dtype(cfg.dtype) == jnp.float32 and cpu_attention.available())
+
+
 def context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype, window: int = 0,
                       cpu_kernel: str = "native"):
   """Training rows after a read-only context: on CPU the native kernel (as `causal_attention`

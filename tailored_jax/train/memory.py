@@ -28,6 +28,7 @@ class StepShape:
   tensor: int
   fsdp: int = 1
   continuations: int = 3  # per self-reflection row: 2 when the anchor comes from the LM forward
+  native_attention: bool = False  # the CPU kernel: no score buffers in XLA's, one softmax part
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,19 +83,21 @@ def kept_per_token(cfg, remat: str, tensor: int, seq: int, attention_parts: int 
   return working_per_token(cfg, tensor, seq)
 
 
-def working_per_token(cfg, tensor: int, seq: int, block: int = ATTENTION_BLOCK) -> int:
+def working_per_token(cfg, tensor: int, seq: int, block: int = ATTENTION_BLOCK,
+                      native: bool = False) -> int:
   """Bytes per token of everything one layer computes: what no remat keeps, and what one
   layer's recompute holds at once. Norms (float32 input and normalised output, twice); q, k, v
   and their float32 rotary terms; each query block's inputs to the blockwise attention (its
   queries and the keys/values up to it: (blocks + 1) / 2 times the sequence's); the attention
   output, its projection and the residual; the MLP's gate, activation, its sigmoid, up and
-  product, and the down projection."""
+  product, and the down projection. The `native` CPU kernel reads its inputs in place (its own
+  scratch is per thread and small)."""
   item = np.dtype(cfg.dtype).itemsize
   d, q, kv, f = _layer_dims(cfg, tensor)
   blocks = math.ceil(seq / block)
   norms = 2 * d * 4 + 2 * d * item
   attention = ((q + 2 * kv) * item + (q + kv) * (item + 2 * 4) + q * item +
-               (blocks + 1) / 2 * 2 * kv * item + q * item + 2 * d * item)
+               (0 if native else (blocks + 1) / 2 * 2 * kv * item) + q * item + 2 * d * item)
   mlp = 5 * f * item + d * item
   return int(norms + attention + mlp)
 
@@ -127,15 +130,18 @@ def train_memory(cfg, shape: StepShape, parameters: int, optimizer: int, remat: 
   item = np.dtype(cfg.dtype).itemsize
   tokens = rows * shape.seq_len
   cont_tokens = shape.continuations * sr_rows * shape.continuation_len
-  activations = cfg.n_layers * (
-      kept_per_token(cfg, remat, shape.tensor, shape.seq_len) * tokens
-      + kept_per_token(cfg, remat, shape.tensor, shape.continuation_len, 2) * cont_tokens)
+  native = shape.native_attention
+  activations = cfg.n_layers * (kept_per_token(cfg, remat, shape.tensor, shape.seq_len) * tokens
+                                + kept_per_token(cfg, remat, shape.tensor, shape.continuation_len,
+                                                 1 if native else 2) * cont_tokens)
   working = max(
-      working_per_token(cfg, shape.tensor, shape.seq_len) * tokens,
-      working_per_token(cfg, shape.tensor, shape.continuation_len) * cont_tokens) + max(
-          attention_scores(cfg, rows, 1, shape.seq_len, shape.seq_len, shape.tensor),
-          attention_scores(cfg, sr_rows, shape.continuations, shape.continuation_len,
-                           shape.prefix_len + shape.continuation_len, shape.tensor))
+      working_per_token(cfg, shape.tensor, shape.seq_len, native=native) * tokens,
+      working_per_token(cfg, shape.tensor, shape.continuation_len, native=native) * cont_tokens)
+  if not native:
+    working += max(
+        attention_scores(cfg, rows, 1, shape.seq_len, shape.seq_len, shape.tensor),
+        attention_scores(cfg, sr_rows, shape.continuations, shape.continuation_len,
+                         shape.prefix_len + shape.continuation_len, shape.tensor))
   vocab = cfg.vocab_size // shape.tensor
   logit_tokens = rows * (shape.loss_chunk_tokens or shape.seq_len)
   logits = 3 * 4 * vocab * logit_tokens
@@ -166,7 +172,7 @@ def largest_batch(cfg, shape: StepShape, parameters: int, optimizer: int, remat:
     rows += shape.row_shards
 
 
-def worst_case_shape(train_cfg, mesh_shape: dict) -> StepShape:
+def worst_case_shape(train_cfg, mesh_shape: dict, native_attention: bool = False) -> StepShape:
   """The largest step a config can make: every row at `train.max_seq_len`, every
   self-reflection row with a full prefix and `train.max_continuation_len` continuations."""
   t = train_cfg
@@ -176,7 +182,8 @@ def worst_case_shape(train_cfg, mesh_shape: dict) -> StepShape:
                    loss_chunk_tokens=t.loss_chunk_tokens,
                    row_shards=mesh_shape["data"] * mesh_shape["fsdp"], tensor=mesh_shape["tensor"],
                    fsdp=mesh_shape["fsdp"],
-                   continuations=2 if t.get("sr_reuse_lm_forward", False) else 3)
+                   continuations=2 if t.get("sr_reuse_lm_forward", False) else 3,
+                   native_attention=native_attention)
 
 
 def refusal(plan: TrainMemory, budget: int, shape: StepShape, remat: str, batch: int) -> str:

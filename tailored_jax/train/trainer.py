@@ -168,9 +168,14 @@ class Trainer:
     head = nbytes({k: v for k, v in params.items() if k in ("lm_head", "embedding")})
     return layer // tensor, head // tensor
 
+  def worst_case_shape(self) -> train_memory.StepShape:
+    """The config's largest step on this mesh, with the attention this model runs."""
+    return train_memory.worst_case_shape(self.cfg, dict(self.mesh.shape),
+                                         layers.uses_native_attention(self.model.cfg))
+
   def planned_memory(self) -> tuple[train_memory.TrainMemory, train_memory.StepShape]:
     """What the config's largest step needs per device (nothing allocated)."""
-    shape = train_memory.worst_case_shape(self.cfg, dict(self.mesh.shape))
+    shape = self.worst_case_shape()
     parameters, optimizer = self.state_bytes_per_device()
     cfg = self.model.cfg
     return train_memory.train_memory(cfg, shape, parameters, optimizer, cfg.remat,
@@ -192,7 +197,7 @@ class Trainer:
 
   def largest_batch(self, budget: int) -> int:
     """The largest global batch whose worst-case step fits `budget` bytes per device."""
-    shape = train_memory.worst_case_shape(self.cfg, dict(self.mesh.shape))
+    shape = self.worst_case_shape()
     parameters, optimizer = self.state_bytes_per_device()
     cfg = self.model.cfg
     return train_memory.largest_batch(cfg, shape, parameters, optimizer, cfg.remat, budget,

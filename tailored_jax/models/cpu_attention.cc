@@ -148,6 +148,11 @@ struct Dims {
   int64_t group() const { return heads / kv_heads; }
 };
 
+// A block of queries [q0, q0 + rows) and the key-table columns it reads, [first_key, keys_end).
+struct QueryBlock {
+  int64_t q0, rows, first_key, keys_end;
+};
+
 struct Inputs {
   Dims d;
   const float *q, *k, *v, *key_real, *context_k, *context_v, *context_real;
@@ -159,8 +164,12 @@ struct Inputs {
   // the key table's columns: the context's slots, then the row's own tokens
   int64_t own_start() const { return round_up(d.slots, 16); }
   int64_t table_keys() const { return own_start() + round_up(d.tokens, kBlock); }
-  int64_t first_key(int64_t q0) const {  // a window only without a context
-    return window ? own_start() + std::max<int64_t>(0, q0 - window + 1) / 16 * 16 : 0;
+  int64_t blocks() const { return (d.tokens + kBlock - 1) / kBlock; }
+  QueryBlock block(int64_t index) const {
+    const int64_t q0 = index * kBlock, rows = std::min<int64_t>(kBlock, d.tokens - q0);
+    // a window only without a context
+    const int64_t first = window ? own_start() + std::max<int64_t>(0, q0 - window + 1) / 16 * 16 : 0;
+    return QueryBlock{q0, rows, first, own_start() + q0 + rows};
   }
 };
 
@@ -276,7 +285,6 @@ inline float exp_row(float* row, int64_t width, int64_t k0, int64_t end, float s
 void forward(ffi::ThreadPool& pool, const Inputs& in, float* out, float* lse) {
   const Dims d = in.d;
   const int64_t h = d.head_dim, hp = in.padded_head_dim(), keys = in.table_keys();
-  const int64_t blocks = (d.tokens + kBlock - 1) / kBlock;
   // one item: a row and a kv head, every block of queries of each query head of its group
   parallel_for(pool, d.batch * d.kv_heads, [&](int64_t item) {
     thread_local Scratch q_s, s_s, o_s;
@@ -287,9 +295,8 @@ void forward(ffi::ThreadPool& pool, const Inputs& in, float* out, float* lse) {
     float* o = o_s.get(kBlock * hp);
     for (int64_t g = 0; g < d.group(); ++g) {
       const int64_t n = kvh * d.group() + g;
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t q0 = blk * kBlock, rows = std::min<int64_t>(kBlock, d.tokens - q0);
-        const int64_t k0 = in.first_key(q0), keys_end = in.own_start() + q0 + rows;
+      for (int64_t blk = 0; blk < in.blocks(); ++blk) {
+        const auto [q0, rows, k0, keys_end] = in.block(blk);
         const int64_t width = round_up(keys_end - k0, 16);
         pack_rows(in.q + b * d.tokens * in.q_row(), in.q_row(), n * h, q0, rows, h, hp, qb);
         gemm<false>(s, width, qb, hp, 1, t.kt + k0, keys, kBlock, width, hp);
@@ -328,7 +335,6 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
               const float* dout, const float* dlse, Gradients grads) {
   const Dims d = in.d;
   const int64_t h = d.head_dim, hp = in.padded_head_dim(), keys = in.table_keys();
-  const int64_t blocks = (d.tokens + kBlock - 1) / kBlock;
   // one item: a row and a kv head, all its query heads (their dK, dV summed in place)
   parallel_for(pool, d.batch * d.kv_heads, [&](int64_t item) {
     thread_local Scratch dk_s, dv_s, q_s, do_s, dq_s, s_s, dp_s;
@@ -345,9 +351,8 @@ void backward(ffi::ThreadPool& pool, const Inputs& in, const float* out, const f
     float* dp = dp_s.get(kBlock * kBlock);
     for (int64_t g = 0; g < d.group(); ++g) {
       const int64_t n = kvh * d.group() + g;
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t q0 = blk * kBlock, rows = std::min<int64_t>(kBlock, d.tokens - q0);
-        const int64_t k_first = in.first_key(q0), keys_end = in.own_start() + q0 + rows;
+      for (int64_t blk = 0; blk < in.blocks(); ++blk) {
+        const auto [q0, rows, k_first, keys_end] = in.block(blk);
         pack_rows(in.q + b * d.tokens * in.q_row(), in.q_row(), n * h, q0, rows, h, hp, qb);
         pack_rows(dout + b * d.tokens * in.q_row(), in.q_row(), n * h, q0, rows, h, hp, dob);
         float delta[kBlock] = {}, row_lse[kBlock] = {};

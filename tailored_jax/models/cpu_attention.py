@@ -67,7 +67,7 @@ def build(path: Path) -> None:
         str(SOURCE), "-o",
         str(out)
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if done.returncode:
       raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): "
                          f"{done.stderr.strip()[-2000:]}")
@@ -94,7 +94,7 @@ def available() -> bool:
                                         platform="cpu")
           _registered.append(library)
         _state.update(ok=True)
-      except (OSError, RuntimeError, AttributeError) as e:
+      except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         _state.update(ok=False, why=str(e))
         logging.warning("native CPU attention unavailable, using the XLA form: %s", e)
     return _state["ok"]

@@ -154,3 +154,18 @@ def test_a_damaged_cached_build_is_built_again(monkeypatch, tmp_path):
   path.write_bytes(b"not a shared library")
   assert cpu_attention.available()
   assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_a_compiler_without_march_native_builds_for_the_baseline(monkeypatch, tmp_path):
+  """Compilers that refuse -march=native (Apple clang on arm64) get the portable flags."""
+  compiler = tmp_path / "cxx"
+  compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\n'
+                      'exec g++ "$@"\n')
+  compiler.chmod(0o755)
+  monkeypatch.setenv("CXX", str(compiler))
+  path = tmp_path / "cache" / "kernel.so"
+  cpu_attention.build(path)
+  assert path.read_bytes()[:4] == b"\x7fELF"
+  compiler.write_text("#!/bin/sh\nexit 3\n")
+  with pytest.raises(RuntimeError, match="failed \\(3\\).*failed \\(3\\)"):
+    cpu_attention.build(tmp_path / "cache" / "other.so")

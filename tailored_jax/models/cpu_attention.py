@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-fPIC", "-shared", "-w")
+PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")  # compilers without it
 FORWARD, BACKWARD = "tailored_jax_flash_forward", "tailored_jax_flash_backward"
 
 _lock = threading.Lock()
@@ -58,20 +59,25 @@ def library_path() -> Path:
 
 
 def build(path: Path) -> None:
-  """Compiles the kernel to `path` (atomically: a partial build is never loaded)."""
+  """Compiles the kernel to `path` (atomically: a partial build is never loaded), for this CPU
+  or, where the compiler refuses that, for its architecture's baseline."""
   path.parent.mkdir(parents=True, exist_ok=True)
+  failures = []
   with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
     out = Path(tmp) / path.name
-    command = [
-        os.environ.get("CXX", "g++"), *FLAGS, f"-I{jax.ffi.include_dir()}",
-        str(SOURCE), "-o",
-        str(out)
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if done.returncode:
-      raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): "
-                         f"{done.stderr.strip()[-2000:]}")
-    os.replace(out, path)
+    for flags in (FLAGS, PORTABLE_FLAGS):
+      command = [
+          os.environ.get("CXX", "g++"), *flags, f"-I{jax.ffi.include_dir()}",
+          str(SOURCE), "-o",
+          str(out)
+      ]
+      done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+      if not done.returncode:
+        os.replace(out, path)
+        return
+      failures.append(f"{' '.join(command)} failed ({done.returncode}): "
+                      f"{done.stderr.strip()[-1000:]}")
+  raise RuntimeError("; ".join(failures))
 
 
 def available() -> bool:

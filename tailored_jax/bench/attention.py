@@ -40,8 +40,10 @@ def inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, seed:
 
 def ours(q, k, v, weights, repeats: int, kernel: str = "native") -> dict:
   valid = jnp.ones(q.shape[:2], bool)
-  attention = lambda q, k, v: layers.causal_attention(q, k, v, valid, jnp.float32, cpu_kernel=kernel
-                                                     )
+
+  def attention(q, k, v):
+    return layers.causal_attention(q, k, v, valid, jnp.float32, cpu_kernel=kernel)
+
   loss = lambda q, k, v: jnp.sum(attention(q, k, v) * weights)
   forward = jax.jit(attention)
   backward = jax.jit(jax.grad(loss, (0, 1, 2)))

@@ -106,9 +106,10 @@ def available() -> bool:
     return _state["ok"]
 
 
-def supports(q_btnh, k_btkh, dtype) -> bool:
-  """What the kernel takes: float32 compute, query heads a multiple of the kv heads."""
-  return jnp.dtype(dtype) == jnp.float32 and q_btnh.shape[2] % k_btkh.shape[2] == 0
+def chosen(kernel: str, dtype) -> bool:
+  """Whether the training attention runs this kernel: asked for (`model.cpu_attention`
+  'native'), float32 compute, and built here."""
+  return kernel == "native" and jnp.dtype(dtype) == jnp.float32 and available()
 
 
 def _forward_call(q_btnh, k_btkh, v_btkh, real_bt, context, scale: float, window: int):

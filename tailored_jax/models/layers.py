@@ -525,16 +525,10 @@ def native_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV):
                                        context)[0]
 
 
-def _native_on_cpu(cpu_kernel: str, q_btnh, k_btkh, dtype) -> bool:
-  return (cpu_kernel == "native" and cpu_attention.supports(q_btnh, k_btkh, dtype) and
-          cpu_attention.available())
-
-
 def uses_native_attention(cfg) -> bool:
   """Whether a model config's training attention runs the native CPU kernel here (rows after a
   context with a sliding window still take the XLA form)."""
-  return (jax.default_backend() == "cpu" and cfg.cpu_attention == "native" and
-          jnp.dtype(cfg.dtype) == jnp.float32 and cpu_attention.available())
+  return jax.default_backend() == "cpu" and cpu_attention.chosen(cfg.cpu_attention, cfg.dtype)
 
 
 def context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype, window: int = 0,
@@ -543,7 +537,7 @@ def context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype, wi
   picks it; without a window) or two flash parts merged (`blockwise_context_attention`),
   elsewhere one fused call (`fused_context_attention`)."""
   if jax.default_backend() == "cpu":
-    if not window and _native_on_cpu(cpu_kernel, q_btnh, k_btkh, dtype):
+    if not window and cpu_attention.chosen(cpu_kernel, dtype):
       return native_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv).astype(dtype)
     return blockwise_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window)
   return fused_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv, dtype, window)
@@ -563,7 +557,7 @@ def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0,
   builds and takes the dtype) or the blockwise XLA form ('xla'); elsewhere
   `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU where it applies)."""
   if jax.default_backend() == "cpu":
-    if _native_on_cpu(cpu_kernel, q_btnh, k_btkh, dtype):
+    if cpu_attention.chosen(cpu_kernel, dtype):
       return native_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, window).astype(dtype)
     return blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
   q_btnh, k_btkh, v_btkh = _fused_inputs(q_btnh, k_btkh, v_btkh, dtype)

@@ -26,3 +26,44 @@ def reference(tmp_path_factory):
   from tests.test_rounds import tiny_config
   workdir = str(tmp_path_factory.mktemp("reference"))
   return workdir, rounds.run(tiny_config(), workdir)
+
+
+def _allowed_skips() -> dict[str, str]:
+  """tests/allowed_skips.txt: `test id prefix  # reason` per line."""
+  allowed = {}
+  with open(os.path.join(os.path.dirname(__file__), "allowed_skips.txt")) as f:
+    for line in f:
+      test_id, _, reason = line.partition("#")
+      if test_id.strip():
+        allowed[test_id.strip()] = reason.strip()
+  return allowed
+
+
+def _ci_refuses(test_id: str, report) -> bool:
+  return (os.environ.get("CI", "").lower() == "true" and report.skipped and
+          not hasattr(report, "wasxfail") and
+          not any(test_id.startswith(prefix) for prefix in _allowed_skips()))
+
+
+def _fail_the_skip(report) -> None:
+  reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+  report.outcome = "failed"
+  report.longrepr = (f"skipped under CI=true, and tests/allowed_skips.txt does not allow it: "
+                     f"{reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Under CI=true a skipped test fails, naming its skip reason, unless allowed_skips.txt lists
+  it: a missing compiler, data set or model file must not let CI pass by running less."""
+  report = (yield).get_result()
+  if _ci_refuses(item.nodeid, report):
+    _fail_the_skip(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+  """The same for a whole module skipped while collected (`pytest.importorskip`)."""
+  report = (yield).get_result()
+  if _ci_refuses(report.nodeid, report):
+    _fail_the_skip(report)

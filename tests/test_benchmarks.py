@@ -9,8 +9,8 @@ from tailored_jax import config_lib, score
 from tailored_jax.data import answers, scoring
 from tailored_jax.data.sources import DataError
 from tailored_jax.data.tasks import build_task
+from tests.shared_data import DATA
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA),
                                 reason=f"benchmark files not found at {DATA}")
 

@@ -10,7 +10,9 @@ from tailored_jax import sharding
 from tailored_jax.models import cpu_attention, layers
 from tests.test_model_and_decode import _mesh_cfg
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C++ compiler")
+needs_kernel = pytest.mark.skipif(
+    not cpu_attention.available(),
+    reason="the native CPU attention did not build (no C++ compiler?)")
 
 
 def _inputs(b, t, n, kv, h, lengths=None, seed=0):
@@ -48,6 +50,7 @@ def _loss(attention, valid, weights, lse_weights, window):
   return loss
 
 
+@needs_kernel
 @pytest.mark.parametrize(
     "b, t, n, kv, h, lengths, window",
     [
@@ -74,6 +77,7 @@ def test_native_kernel_equals_the_blockwise_form(b, t, n, kv, h, lengths, window
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, err_msg=f"d{name}")
 
 
+@needs_kernel
 @pytest.mark.parametrize("b, groups, t, slots, n, kv, h", [(6, 2, 70, 90, 4, 2, 16),
                                                            (2, 2, 20, 5, 3, 3, 8),
                                                            (4, 1, 130, 64, 2, 1, 24)])
@@ -106,6 +110,7 @@ def test_native_context_attention_equals_the_two_merged_parts(b, groups, t, slot
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, err_msg=f"d{name}")
 
 
+@needs_kernel
 def test_causal_attention_picks_the_kernel_by_config_and_dtype():
   q, k, v, _, _, valid = _inputs(2, 40, 4, 2, 16, [40, 33])
   lowered = lambda kernel, dtype=jnp.float32: jax.jit(lambda q, k, v: layers.causal_attention(
@@ -115,6 +120,7 @@ def test_causal_attention_picks_the_kernel_by_config_and_dtype():
   assert cpu_attention.FORWARD not in lowered("native", jnp.bfloat16)  # float32 only
 
 
+@needs_kernel
 def test_native_kernel_on_a_mesh_runs_each_devices_rows_and_heads():
   """Under the train step's activation layout each device runs its own rows and heads (no
   gather of q, k, v), with one device's values."""
@@ -147,6 +153,7 @@ def test_a_kernel_that_cannot_build_falls_back_to_the_xla_form(monkeypatch, tmp_
   assert cpu_attention.FORWARD not in text
 
 
+@needs_kernel
 def test_a_damaged_cached_build_is_built_again(monkeypatch, tmp_path):
   monkeypatch.setenv("TAILORED_JAX_CACHE", str(tmp_path))
   monkeypatch.setattr(cpu_attention, "_state", {})
@@ -156,6 +163,7 @@ def test_a_damaged_cached_build_is_built_again(monkeypatch, tmp_path):
   assert path.read_bytes()[:4] == b"\x7fELF"
 
 
+@needs_kernel
 def test_a_compiler_without_march_native_builds_for_the_baseline(monkeypatch, tmp_path):
   """Compilers that refuse -march=native (Apple clang on arm64) get the portable flags."""
   compiler = tmp_path / "cxx"
@@ -169,3 +177,17 @@ def test_a_compiler_without_march_native_builds_for_the_baseline(monkeypatch, tm
   compiler.write_text("#!/bin/sh\nexit 3\n")
   with pytest.raises(RuntimeError, match="failed \\(3\\).*failed \\(3\\)"):
     cpu_attention.build(tmp_path / "cache" / "other.so")
+
+
+@needs_kernel
+def test_the_cache_key_follows_the_compilers_target_features(monkeypatch, tmp_path):
+  """Two CPUs with the same model line but other instruction sets (aarch64's /proc/cpuinfo
+  names neither) get different builds: the key holds the compiler's -march=native macros."""
+  compiler = tmp_path / "cxx"
+  compiler.write_text('#!/bin/sh\nexec g++ "$@" "-DTJ_FEATURE_$TJ_FEATURE"\n')
+  compiler.chmod(0o755)
+  monkeypatch.setenv("CXX", str(compiler))
+  key = lambda feature: (monkeypatch.setenv("TJ_FEATURE", feature), cpu_attention.library_path())[1]
+  assert key("AVX512") == key("AVX512") != key("SVE")
+  features = cpu_attention._target_features()
+  assert "TJ_FEATURE_SVE" in features and ("__x86_64__" in features or "__aarch64__" in features)

@@ -49,7 +49,12 @@ def run_two(workdir: str, max_requests: int = 0) -> list[tuple[int, str]]:
            str(max_requests)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)
   ]
-  return [(w.returncode, out) for w, out in ((w, w.communicate(timeout=600)[0]) for w in workers)]
+  try:
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+  finally:  # a hung collective must not leave workers behind the test
+    for w in workers:
+      w.kill()
+  return [(w.returncode, out) for w, out in zip(workers, outputs)]
 
 
 def test_a_failure_on_process_0_stops_every_process(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from tailored_jax import config_lib, rounds
 from tailored_jax.teacher.client import ChatClient
 from tailored_jax.train.trainer import Trainer
+from tests.shared_data import DATA
 
 
 class SimulatedKill(Exception):
@@ -291,7 +292,7 @@ def test_a_replayed_teacher_reruns_a_recorded_run_offline(reference, tmp_path):
   assert read(reference[0], "teacher_cache.jsonl") == before
 
 
-GSM8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
+GSM8K = os.path.join(DATA, "gsm8k")
 
 
 @pytest.mark.skipif(not os.path.isdir(GSM8K), reason=f"GSM8K files not found at {GSM8K}")

@@ -2,9 +2,10 @@
 forward and backward, XLA's intra-op threads): XLA:CPU runs the blockwise form's small per-head
 matmuls at a third of its matmul peak, and this kernel runs the whole attention about twice as
 fast. Compiled with the machine's C++ compiler on first use into a cache directory
-($TAILORED_JAX_CACHE, else ~/.cache/tailored_jax), keyed by the source, the flags, jaxlib and
-the CPU; where that fails, `available()` is False (the reason logged once) and the models use
-the blockwise XLA form (`layers.blockwise_causal_attention`), which computes the same values.
+($TAILORED_JAX_CACHE, else ~/.cache/tailored_jax), keyed by the source, the flags, jaxlib, the
+CPU and the compiler's target features; where that fails, `available()` is False (the reason
+logged once) and the models use the blockwise XLA form (`layers.blockwise_causal_attention`),
+which computes the same values.
 """
 from __future__ import annotations
 
@@ -45,14 +46,33 @@ def _cpu_identity() -> str:
     return platform.processor() or platform.machine()
 
 
+def _target_features() -> str:
+  """The compiler's predefined macros for `-march=native` (`__AVX512F__`, `__ARM_FEATURE_SVE`,
+  ...): the instruction set a build uses, on every architecture, even where /proc/cpuinfo says
+  little (aarch64). Empty where the compiler cannot run (the build then fails anyway)."""
+  for flags in (("-march=native",), ()):
+    try:
+      done = subprocess.run(
+          [os.environ.get("CXX", "g++"), *flags, "-dM", "-E", "-x", "c++", os.devnull],
+          capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+      return ""
+    if not done.returncode:
+      return "\n".join(sorted(done.stdout.splitlines()))
+  return ""
+
+
 def library_path() -> Path:
-  """Where this machine's build of the kernel lives (or will)."""
+  """Where this machine's build of the kernel lives (or will): keyed by the source, flags,
+  jax, compiler, CPU and the instruction set the compiler targets here."""
   key = hashlib.sha256(b"\0".join([
       SOURCE.read_bytes(), " ".join(FLAGS).encode(),
       jax.__version__.encode(),
       jax.lib.__version__.encode() if hasattr(jax.lib, "__version__") else b"",
+      platform.machine().encode(),
       _cpu_identity().encode(),
-      os.environ.get("CXX", "g++").encode()
+      os.environ.get("CXX", "g++").encode(),
+      _target_features().encode()
   ])).hexdigest()[:16]
   cache = Path(os.environ.get("TAILORED_JAX_CACHE") or Path.home() / ".cache" / "tailored_jax")
   return cache / f"cpu_attention-{key}.so"

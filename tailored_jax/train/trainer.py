@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax import checkpointing, config_lib, sharding
+from tailored_jax import checkpointing, compile_options, config_lib, sharding
 from tailored_jax.data.batching import Batcher
 from tailored_jax.models import layers
 from tailored_jax.progress import Progress
@@ -117,7 +117,8 @@ class Trainer:
 
     self._step = jax.jit(train_step,
                          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-                         donate_argnums=0)
+                         donate_argnums=0,
+                         compiler_options=compile_options.for_devices(mesh.devices))
 
   def init_params(self, seed: int):
     return self._init_params(jax.random.PRNGKey(seed))

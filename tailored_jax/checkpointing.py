@@ -142,6 +142,10 @@ def save_params(directory: str, params, **info) -> None:
   """A round's final weights (params only), the unit later rounds and export start from."""
   mngr = _manager(directory, max_to_keep=1)
   try:
+    if 0 in mngr.all_steps():  # a killed attempt's save; its round was never recorded as trained
+      logging.warning("replacing %s/0, saved by an attempt that did not finish its round",
+                      directory)
+      mngr.delete(0)
     _save(mngr, directory, 0, params, kind="params", **info)
   finally:
     mngr.close()

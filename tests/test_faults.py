@@ -1,8 +1,7 @@
-"""Faults a long run meets: kills at every durable write, damaged checkpoints, diverging training,
-a full disk. Each ends with the uninterrupted run's results or one clear error, never garbage."""
+"""Faults a long run meets: kills at every durable write (raised in-process, and a real SIGKILL
+of a run's process), damaged checkpoints, diverging training, a real full filesystem. Each ends with the uninterrupted run's results or one clear error, never garbage."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -77,7 +76,7 @@ def kill_after(monkeypatch, kind: str, name: str, nth: int):
         ("cache", "teacher_cache.jsonl", 5),  # mid-annotation, a paid reply just appended
         ("json", "teacher_data.jsonl", 2),  # D_2 written from feedback, feedback_1 not yet marked
         ("manifest", "", 1),  # a step checkpoint torn before its manifest
-        ("checkpoint", "round_1", 1),  # round 1's params saved, train.json not yet
+        ("checkpoint", "/round_1", 1),  # round 1's params saved, train.json not yet
         ("json", "mistakes.jsonl", 1),  # N_1 written, exam_1 not yet marked done
         ("json", "summary.json", 1),  # the summary written, best_round.json not yet
         # (a kill between phases and mid-training: tests/test_rounds.py)
@@ -177,46 +176,146 @@ def test_diverging_training_stops_and_marks_nothing_done(tmp_path):
   assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints", "round_1"))
 
 
-WRAPPER = textwrap.dedent("""
-    import shutil, sys
-    real = shutil.disk_usage
-    def full(path):  # the first checkpoint cannot fit: 1 MiB free
-      usage = real(path)
-      return usage._replace(free=2**20)
-    shutil.disk_usage = full
-    sys.argv = ["main", "--config=" + sys.argv[1], "--workdir=" + sys.argv[2]]
+TINY = "from tests.test_rounds import tiny_config as get_config\n"
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """A 2 MiB tmpfs (a real filesystem that fills up), unmounted afterwards; needs root."""
+  where = tmp_path / "fs"
+  where.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs",
+                            str(where)], capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a size-limited tmpfs here (root needed): {mounted.stderr.strip()}")
+  try:
+    yield where
+  finally:
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.parametrize(
+    "free_kib, error",
+    [
+        # the pre-check refuses a checkpoint that cannot fit, before Orbax writes a byte
+        (96, "error: no space left on device for checkpoint {run}/checkpoints/train_round_1: "
+         "needed ~1.2 MiB, 0.0 MiB free"),
+        # a real ENOSPC from write(2), mid-annotation: the replies appended before it are kept
+        (48, "error: cannot append a paid teacher reply to {run}/teacher_cache.jsonl: no space "
+         "left on device (0.0 MiB free); replies written before it are kept"),
+    ],
+    ids=["checkpoint_pre_check", "enospc_in_teacher_cache"])
+def test_a_full_disk_ends_with_one_clear_line_and_the_same_command_resumes(
+    free_kib, error, small_filesystem, reference, tmp_path, paid):
+  """The workdir on a real 2 MiB filesystem filled to `free_kib` KiB: one `error:` line naming
+  the path and the cause, exit code 1; once space is freed the same run ends with the
+  uninterrupted run's results and pays only for replies the full disk kept from the cache."""
+  filler = small_filesystem / "filler"
+  subprocess.run(["fallocate", "-l", f"{2048 - free_kib}k", str(filler)], check=True)
+  config = tmp_path / "tiny.py"
+  config.write_text(TINY)
+  run = str(small_filesystem / "run")
+  result = subprocess.run(
+      [sys.executable, "-m", "tailored_jax.main", f"--config={config}", f"--workdir={run}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="",
+                                                                      JAX_PLATFORMS="cpu"))
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [error.format(run=run)], result.stderr[-2000:]
+  recorded = read(run, "teacher_cache.jsonl").count("\n")  # a torn last line is no record
+  filler.unlink()  # space freed, and more of it
+  subprocess.run(["mount", "-o", "remount,size=16m", str(small_filesystem)], check=True)
+  records = rounds.run(tiny_config(), run)
+  assert strip_seconds(records) == strip_seconds(reference[1])
+  assert paid["n"] == cache_lines(reference[0]) - recorded
+
+
+KILLER = textwrap.dedent("""
+    import json, os, signal, sys
+    config, workdir, point, nth, served_log = sys.argv[1:6]
+    import orbax.checkpoint as ocp
+    from tailored_jax.teacher import oracle
+    from tailored_jax.teacher.cache import ReplyCache
+    seen = [0]
+
+    def due():
+      seen[0] += 1
+      return seen[0] == int(nth)
+
+    def die():  # no finally, no flush, no atexit: what a pre-empted VM or the OOM killer does
+      os.kill(os.getpid(), signal.SIGKILL)
+
+    real_reply = oracle.reply
+    def served(*args, **kwargs):  # counted at the server, as the provider bills
+      with open(served_log, "a") as f:
+        f.write(".")
+      return real_reply(*args, **kwargs)
+    oracle.reply = served
+
+    if point == "teacher_cache":  # half of a paid reply's line reaches the disk
+      real_put = ReplyCache.put
+      def put(self, key, payload, texts, *rest):
+        if due():
+          line = json.dumps({"key": key, "request": payload, "texts": texts})
+          with open(self.path, "a") as f:
+            f.write(line[:len(line) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+          die()
+        real_put(self, key, payload, texts, *rest)
+      ReplyCache.put = put
+    elif point == "checkpoint":  # Orbax's files written, the manifest not yet
+      real_save = ocp.CheckpointManager.save
+      def save(self, *args, **kwargs):
+        result = real_save(self, *args, **kwargs)
+        if due():
+          die()
+        return result
+      ocp.CheckpointManager.save = save
+    elif point == "state":  # state.json's next version written, not yet renamed over it
+      real_replace = os.replace
+      def replace(src, dst):
+        if str(dst).endswith("state.json") and due():
+          die()
+        real_replace(src, dst)
+      os.replace = replace
+    sys.argv = ["main", "--config=" + config, "--workdir=" + workdir]
     from tailored_jax import main
     main.run()
 """)
 
-CONFIG = textwrap.dedent("""
-    from tests.test_rounds import tiny_config
-    def get_config():
-      c = tiny_config()
-      c.model.update(d_model=128, d_ff=512)  # about 1.5 MiB of train state
-      return c
-""")
 
-
-def test_a_full_disk_ends_with_one_clear_line_and_the_same_command_resumes(reference, tmp_path):
+@pytest.mark.parametrize(
+    "point, nth",
+    [
+        ("teacher_cache", 5),  # mid-annotation, the fifth paid reply torn in its append
+        ("checkpoint", 1),  # a step checkpoint's Orbax files written, its manifest not
+        ("checkpoint", 2),  # round 1's params written by Orbax, their manifest not
+        ("state", 3),  # state.json about to record train_1 as done
+    ])
+def test_sigkill_of_a_real_process_then_the_same_command_resumes(point, nth, reference, tmp_path,
+                                                                 paid):
+  """A real SIGKILL of the run's process at a durable write: the same run resumed ends with the
+  uninterrupted run's results, and pays again only for replies that never reached the cache."""
   config = tmp_path / "tiny.py"
-  config.write_text(CONFIG)
-  workdir = str(tmp_path / "run")
-  result = subprocess.run(
-      [sys.executable, "-c", WRAPPER, str(config), workdir], cwd=ROOT, capture_output=True,
-      text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
-  assert result.returncode != 0
-  assert "Traceback" not in result.stderr
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1, result.stderr[-2000:]
-  assert errors[0].startswith("error: no space left on device for checkpoint ")
-  assert "train_round_1: needed ~" in errors[0] and "MiB, 1.0 MiB free" in errors[0]
-  assert json.loads(read(workdir, "state.json"))["completed"] == ["prepare", "annotate"]
-  paid_before = cache_lines(workdir)
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny_config_file", config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  rounds.run(module.get_config(), workdir)  # space freed: the same config resumes
-  assert cache_lines(workdir) >= paid_before == 16
-  assert shutil.disk_usage(workdir).free > 2**20
+  config.write_text(TINY)
+  workdir, served_log = str(tmp_path / "run"), tmp_path / "served"
+  served_log.touch()
+  killed = subprocess.run(
+      [sys.executable, "-c", KILLER,
+       str(config), workdir, point,
+       str(nth),
+       str(served_log)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  recorded = read(workdir, "teacher_cache.jsonl").count("\n")  # a torn last line is no record
+  if point == "teacher_cache":
+    assert not read(workdir, "teacher_cache.jsonl").endswith("\n")
+  records = rounds.run(tiny_config(), workdir)
+  assert strip_seconds(records) == strip_seconds(reference[1])
+  assert read(workdir, "round_2", "eval_test.jsonl") == read(reference[0], "round_2",
+                                                             "eval_test.jsonl")
+  assert cache_lines(workdir) == cache_lines(reference[0])
+  assert paid["n"] == cache_lines(reference[0]) - recorded  # nothing recorded was paid twice
+  assert len(served_log.read_text()) >= recorded

@@ -1,5 +1,6 @@
 """Faults a long run meets: kills at every durable write (raised in-process, and a real SIGKILL
-of a run's process), damaged checkpoints, diverging training, a real full filesystem. Each ends with the uninterrupted run's results or one clear error, never garbage."""
+of a run's process), damaged checkpoints, diverging training, a real full filesystem. Each ends
+with the uninterrupted run's results or one clear error, never garbage."""
 import json
 import os
 import subprocess

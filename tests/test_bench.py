@@ -1,6 +1,7 @@
 """The benchmarks run and report; their correctness checks (our greedy tokens equal transformers',
 prefix reuse changes no token) hold. No timing is asserted."""
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from tailored_jax.bench import attention, common, decode, train_step
+from tailored_jax.bench import machine as bench_machine
 from tailored_jax.models import layers
 from tailored_jax.models.llama import Llama
 from tailored_jax.train import step as step_lib
@@ -31,6 +33,14 @@ def test_decode_benchmark_reports_and_agrees(capsys):
 def test_train_step_benchmark_reports_both_sides(capsys):
   train_step.main(["--model=tiny", "--shapes=2x16:6", "--repeats=1"])
   result = json.loads(capsys.readouterr().out)
+  machine = result["machine"]  # every figure names its machine
+  assert machine["cpu"]["cores"] == os.cpu_count() and machine["cpu"]["model"]
+  assert set(machine["cpu"]["isa"]) <= set(bench_machine.X86_FLAGS + bench_machine.ARM_FEATURES)
+  assert machine["versions"]["jax"] == jax.__version__
+  assert machine["versions"]["torch"] == torch.__version__
+  assert machine["torch"]["blas"] and machine["devices"] == {
+      "platform": "cpu", "kind": "cpu", "count": jax.device_count()
+  }
   assert result["parameters"] == 90_432  # tied 256 × 64 embedding, 2 layers of 36,992, final norm
   row = result["shapes"]["2x16:6"]
   for key in ("ours_lm", "ours_self_reflection", "ours_self_reflection_reusing_lm", "torch_lm",

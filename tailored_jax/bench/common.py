@@ -8,6 +8,7 @@ import time
 import jax
 import numpy as np
 
+from tailored_jax.bench.machine import machine
 from tailored_jax.models import hf_io
 from tailored_jax.models.llama import LlamaConfig
 
@@ -28,12 +29,14 @@ PRESETS = {
 
 
 def report(name: str, **fields) -> None:
-  device = jax.devices()[0]
+  """The benchmark's JSON on stdout, with the machine it ran on (`bench.machine`)."""
+  devices = jax.devices()
   print(
       json.dumps(
           {
-              "benchmark": name, "backend": jax.default_backend(), "device": getattr(
-                  device, "device_kind", str(device)), "devices": jax.device_count(), **fields
+              "benchmark": name, "backend": devices[0].platform, "device": getattr(
+                  devices[0], "device_kind", str(devices[0])), "devices": len(devices),
+              "machine": machine(devices), **fields
           }, indent=2))
 
 

@@ -207,6 +207,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.prices = ""
   c.teacher.max_mistakes_per_question = 4
   c.teacher.local_error_rate = 0.1  # local oracle: chance a rationale has an arithmetic slip
+
+  # Scalars (loss, its parts, tokens/s, MFU every train.log_every_steps; per round: accuracies,
+  # mistakes, teacher requests/tokens/cost, phase seconds), written by process 0 alone.
+  c.logging = ml_collections.ConfigDict()
+  c.logging.tensorboard = True  # event files in WORKDIR/tensorboard (tensorboardX)
+  c.logging.wandb_project = ""  # set: also to Weights & Biases (pip install -e '.[wandb]')
+  c.logging.wandb_entity = ""
+  c.logging.wandb_mode = "online"  # 'offline': a local run directory, `wandb sync` later
   return c
 
 
@@ -338,6 +346,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"must be one of {sorted(MESH_PRESETS)}, got {c.mesh.preset!r}")
   _require(c.mesh.decode_layout in DECODE_LAYOUTS, "mesh.decode_layout",
            f"must be 'model_parallel', 'replicated' or 'train', got {c.mesh.decode_layout!r}")
+  _require(c.logging.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
+           f"must be 'online', 'offline' or 'disabled', got {c.logging.wandb_mode!r}")
   splits = {x.strip() for x in c.eval.splits.split(",") if x.strip()}
   _require(c.method.stop_patience >= 0, "method.stop_patience", "must be >= 0")
   _require(c.method.stop_min_mistakes >= 0, "method.stop_min_mistakes", "must be >= 0")
@@ -376,7 +386,9 @@ RESUMABLE_FIELDS = ("rounds", "teacher.base_url", "teacher.max_concurrency", "te
                     "teacher.tokens_per_minute", "teacher.max_total_tokens", "teacher.max_cost",
                     "teacher.prices", "eval.batch_size", "exam.batch_size", "mesh.data",
                     "mesh.fsdp", "mesh.tensor", "mesh.num_devices", "mesh.decode_layout",
-                    "model.cpu_attention", "train.memory_budget_gb", "exam.memory_budget_gb")
+                    "model.cpu_attention", "train.memory_budget_gb", "exam.memory_budget_gb",
+                    "logging.tensorboard", "logging.wandb_project", "logging.wandb_entity",
+                    "logging.wandb_mode")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -34,6 +34,11 @@ class Layout:
     return self.path("teacher_cache.jsonl")
 
   @property
+  def tensorboard(self) -> str:
+    """TensorBoard event files (`tensorboard --logdir WORKDIR/tensorboard`)."""
+    return self.path("tensorboard")
+
+  @property
   def summary(self) -> str:
     return self.path("summary.json")
 

@@ -201,11 +201,12 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
       rows((sr_rows,), jnp.int32) if t.sr_reuse_lm_forward and sr_rows < b else None)
   reference = trainer.abstract_state().params if cfg.method.reflection_loss == "dpo" else None
   train_args = (trainer.abstract_state(), lm, reflection, reference)
-  planned, _ = trainer.planned_memory()
+  planned = trainer.planner.plan()
   budget = int(device_memory_gb * train_memory.GB)
   train_plan = {
       "planned_gb": planned.as_gb(), "device_memory_gb": device_memory_gb,
-      "fits": planned.total <= budget, "largest_batch_that_fits": trainer.largest_batch(budget)
+      "fits": planned.total <= budget,
+      "largest_batch_that_fits": trainer.planner.largest_batch(budget)
   }
 
   layout = cfg.mesh.decode_layout

@@ -23,6 +23,7 @@ from tailored_jax.data.batching import Batcher, TrainExample
 from tailored_jax.data.tasks import Example, build_task
 from tailored_jax.data.tokenizer import Tokenizer, train_bpe
 from tailored_jax.layout import Layout
+from tailored_jax.metrics import Metrics
 from tailored_jax.models import vocab
 from tailored_jax.models.pretrained import Pretrained, open_pretrained
 from tailored_jax.runtime import StudentRuntime
@@ -64,6 +65,9 @@ class Run:
     self.student: StudentRuntime | None = None  # built once the tokenizer exists (after prepare)
     self._server = None
     self._client = None
+    self.metrics = Metrics.for_run(cfg.logging, self.layout.tensorboard,
+                                   os.path.basename(os.path.abspath(workdir)),
+                                   json.loads(cfg.to_json()))
 
   # ---- plumbing -------------------------------------------------------------------------------
   def _check_config(self) -> None:
@@ -103,6 +107,8 @@ class Run:
     timings[name] = timings.get(name, 0.0) + seconds
     wd.write_json(self.layout.timings, timings)
     self.state.mark(name)
+    kind, _, r = name.partition("_")
+    self.metrics.scalars({f"phase_seconds/{kind}": seconds}, int(r or 0))
     logging.info("phase %s: done in %.1fs", name, seconds)
     if self.stop_after == name:
       raise RunStopped(name)
@@ -136,6 +142,7 @@ class Run:
     return self._client
 
   def close(self) -> None:
+    self.metrics.close()
     if self._server is not None:
       self._server.stop()
       self._server = None
@@ -150,6 +157,8 @@ class Run:
       if config_lib.initial_exam(self.cfg) and self.cfg.method.self_reflection:
         self._phase("exam_0", lambda: self.exam(0))
       for r in range(1, self.cfg.rounds + 1):
+        if r > 1:
+          self._write_round_metrics(r - 1)  # its exam and feedback are done now
         self._phase(f"train_{r}", lambda: self.train(r))
         self._phase(f"evaluate_{r}", lambda: self.evaluate(r))
         if self._stopped(r, self._plateau(r)):
@@ -163,9 +172,26 @@ class Run:
       records = summary.records(self.layout, self.state, self.cfg.rounds)
       if wd.is_writer():
         summary.write(self.layout, records)
+      if records:
+        self._write_round_metrics(records[-1]["round"], records)
       return records
     finally:
       self.close()
+
+  def _write_round_metrics(self, r: int, records: list[dict] | None = None) -> None:
+    """Round r's summary record as round/* scalars, and what its teacher calls cost."""
+    records = records or summary.records(self.layout, self.state, r)
+    record = next((x for x in records if x["round"] == r), None)
+    if record is None:
+      return
+    price = parse_prices(self.cfg.teacher.prices).get(self.cfg.teacher.model)
+    path = self.layout.teacher_report(r)
+    cost = None
+    if price and os.path.exists(path):
+      usage = wd.read_json(path)["usage"]
+      cost = (usage.get("prompt_tokens", 0) * price[0]
+              + usage.get("completion_tokens", 0) * price[1]) / 1e6
+    self.metrics.round_record(record, cost)
 
   # ---- the stop rule (`rounds` is then a maximum) ---------------------------------------------
   def _plateau(self, r: int) -> str | None:
@@ -398,9 +424,13 @@ class Run:
     carried = None
     if not c.method.fresh_optimizer and round_index > 1:
       carried = trainer.restore_carry(self.layout.optimizer_dir(round_index - 1), start_params)
+    earlier_steps = sum(
+        wd.read_json(self.layout.train_report(r))["steps"] for r in range(1, round_index)
+        if os.path.exists(self.layout.train_report(r)))
     state, metrics = trainer.train_round(start_params, batcher, seed=c.seed,
                                          round_index=round_index, checkpoint_dir=checkpoint_dir,
-                                         state=carried)
+                                         state=carried, metrics=self.metrics,
+                                         step_offset=earlier_steps)
     params = state.params
     trainer.check_finite_params(params, f"round {round_index} after training")
     if not c.method.fresh_optimizer:

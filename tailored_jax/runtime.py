@@ -17,6 +17,7 @@ from tailored_jax.models import build_model, layers, vocab
 from tailored_jax.models.layers import tree_get
 from tailored_jax.models.pretrained import Pretrained
 from tailored_jax.sample.decode import Decoder, StopTables
+from tailored_jax.sample.memory import device_memory_bytes
 from tailored_jax.train.trainer import Trainer
 
 
@@ -32,7 +33,7 @@ class StudentRuntime:
     self.model = build_model(cfg.model, self.tokenizer.vocab_size,
                              pretrained.cfg if pretrained else None)
     self.trainer = Trainer(self.model, cfg.train, mesh, cfg.method.reflection_loss)
-    self.trainer.check_memory(cfg.train.memory_budget_gb)
+    self.trainer.planner.check(cfg.train.memory_budget_gb, device_memory_bytes)
     self.decoder = Decoder(self.model,
                            StopTables.from_tokenizer(self.tokenizer, self.model.cfg.vocab_size))
     self._held = None  # (round, params): the last weights asked for or trained

@@ -488,23 +488,32 @@ def test_dpo_step_starts_at_log_two_and_learns():
   assert sr[-1] < 0.9 * sr[0]
 
 
-def test_model_flops_and_mfu_text(monkeypatch):
-  from tailored_jax.train import trainer as trainer_lib
+def test_model_flops_and_mfu_by_the_devices_the_step_runs_on(monkeypatch):
+  from tailored_jax.train import throughput
 
   class H100:
     device_kind = "NVIDIA H100 80GB HBM3"
+    platform = "gpu"
 
-  monkeypatch.setattr(trainer_lib.jax, "devices", lambda: [H100()] * 2)
+  class CPU:
+    device_kind = "cpu"
+    platform = "cpu"
+
+  class OtherGPU:
+    device_kind = "some GPU"
+    platform = "gpu"
+
   # 6 x 1e9 params x 100k tokens/s / 2 devices = 300 TFLOP/s each, 30.3% of 989
-  assert trainer_lib.model_flops_text(10**9, 1e5) == ("300 model TFLOP/s per device, MFU 30.3% "
-                                                      "of bf16 peak")
+  flops = throughput.model_flops(10**9, 1e5, [H100()] * 2)
+  assert flops.text() == "300 model TFLOP/s per device, MFU 30.3% of bf16 peak"
+  assert abs(flops.mfu - 300 / 989) < 1e-12
   # a CPU has no data-sheet peak: its measured matmul peak in the compute dtype instead
-  monkeypatch.setattr(trainer_lib.jax, "devices", lambda: [object()])
-  measured = trainer_lib.measured_matmul_tflops("float32")
-  assert 0.001 < measured < 100 and trainer_lib.measured_matmul_tflops("float32") == measured
-  monkeypatch.setattr(trainer_lib, "measured_matmul_tflops", lambda dtype: {"float32": 0.5}[dtype])
-  assert trainer_lib.model_flops_text(
-      10**6,
-      1e3) == ("0.006 model TFLOP/s per device, MFU 1.2% of the measured float32 matmul peak")
-  monkeypatch.setattr(trainer_lib.jax, "default_backend", lambda: "gpu")
-  assert trainer_lib.model_flops_text(10**6, 1e3) == "0.006 model TFLOP/s per device"
+  measured = throughput.measured_matmul_tflops("float32")
+  assert 0.001 < measured < 100 and throughput.measured_matmul_tflops("float32") == measured
+  monkeypatch.setattr(throughput, "measured_matmul_tflops", lambda dtype: {"float32": 0.5}[dtype])
+  assert throughput.model_flops(
+      10**6, 1e3,
+      [CPU()
+      ]).text() == ("0.006 model TFLOP/s per device, MFU 1.2% of the measured float32 matmul peak")
+  flops = throughput.model_flops(10**6, 1e3, [OtherGPU()])
+  assert flops.text() == "0.006 model TFLOP/s per device" and flops.mfu is None

@@ -30,7 +30,8 @@ from tailored_jax.bench.common import PRESETS, median_seconds, report, torch_mod
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
 from tailored_jax.models import cpu_attention, layers
 from tailored_jax.models.llama import Llama, LlamaConfig
-from tailored_jax.train.trainer import Trainer, measured_matmul_tflops
+from tailored_jax.train.throughput import measured_matmul_tflops
+from tailored_jax.train.trainer import Trainer
 
 SR_WEIGHT, SR_MARGIN, LR = 0.5, 1.0, 1e-5
 

@@ -5,11 +5,15 @@ budget. Pure arithmetic over the configs; `plan.py` checks it against XLA's memo
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import numpy as np
+from jax.tree_util import tree_leaves as jax_leaves
 
-from tailored_jax.models.layers import ATTENTION_BLOCK, query_blocks, row_tiles
+from tailored_jax.config_lib import ConfigError
+from tailored_jax.models.layers import (ATTENTION_BLOCK, LAYERS, is_stacked, query_blocks,
+                                        row_tiles)
 
 GB = 1e9
 
@@ -198,3 +202,65 @@ def refusal(plan: TrainMemory, budget: int, shape: StepShape, remat: str, batch:
           f"batch {shape.batch} x {shape.seq_len} tokens, model.remat={remat}) but the budget is "
           f"{budget / GB:.2f} GB (train.memory_budget_gb; 0: the device's memory, -1: no check); "
           f"{advice}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StateBytes:
+  """Per device: parameters and optimizer state (from their shardings), and what an FSDP step
+  gathers while it uses them (one layer's weights and the LM head's, split over tensor only)."""
+  parameters: int
+  optimizer: int
+  layer: int = 0
+  head: int = 0
+
+
+def _nbytes(tree, shardings=None) -> int:
+  leaves = jax_leaves(tree)
+  if shardings is None:
+    return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in leaves)
+  return sum(
+      int(np.prod(s.shard_shape(a.shape), dtype=np.int64)) * np.dtype(a.dtype).itemsize
+      for a, s in zip(leaves, jax_leaves(shardings)))
+
+
+def state_bytes(abstract_params, param_shardings, abstract_opt, opt_shardings, n_layers: int,
+                tensor: int) -> StateBytes:
+  """The StateBytes of abstract (shape/dtype) parameter and optimizer trees on their
+  shardings."""
+  if is_stacked(abstract_params):
+    layer = _nbytes(abstract_params[LAYERS]) // n_layers
+  else:
+    layer = _nbytes(abstract_params.get("layer_0", {}))
+  head = _nbytes({k: v for k, v in abstract_params.items() if k in ("lm_head", "embedding")})
+  return StateBytes(_nbytes(abstract_params, param_shardings), _nbytes(abstract_opt, opt_shardings),
+                    layer // tensor, head // tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class Planner:
+  """One trainer's step as the planner sees it: the model, the config's worst-case step shape
+  and the train state's bytes per device."""
+  model_cfg: object
+  shape: StepShape
+  state: StateBytes
+
+  def plan(self) -> TrainMemory:
+    return train_memory(self.model_cfg, self.shape, self.state.parameters, self.state.optimizer,
+                        self.model_cfg.remat, self.state.layer, self.state.head)
+
+  def largest_batch(self, budget: int) -> int:
+    return largest_batch(self.model_cfg, self.shape, self.state.parameters, self.state.optimizer,
+                         self.model_cfg.remat, budget, self.state.layer, self.state.head)
+
+  def check(self, budget_gb: float, device_bytes) -> None:
+    """Refuses (ConfigError, naming the numbers and the batch that would fit) a step that
+    cannot fit `budget_gb` per device (0: `device_bytes()`, the device's memory; < 0: no
+    check)."""
+    if budget_gb < 0:
+      return
+    budget = int(budget_gb * GB) if budget_gb else device_bytes()
+    plan = self.plan()
+    logging.info("train step plan per device: %s GB; budget %.2f GB", plan.as_gb(), budget / GB)
+    if plan.total > budget:
+      raise ConfigError(
+          refusal(plan, budget, self.shape, self.model_cfg.remat, self.largest_batch(budget)))

@@ -15,13 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax import checkpointing, compile_options, config_lib, sharding
+from tailored_jax import checkpointing, compile_options, sharding
 from tailored_jax.data.batching import Batcher
 from tailored_jax.models import layers
+from tailored_jax.metrics import Metrics
 from tailored_jax.progress import Progress
-from tailored_jax.sample.memory import device_memory_bytes
+from tailored_jax.train import hooks as hooks_lib
 from tailored_jax.train import memory as train_memory
 from tailored_jax.train import step as step_lib
+from tailored_jax.train import throughput
 
 
 class NonFiniteError(RuntimeError):
@@ -31,49 +33,6 @@ class NonFiniteError(RuntimeError):
 def derive_seed(*parts: int) -> int:
   """One 32-bit seed from several integers (run seed, round, epoch, step, ...)."""
   return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-# Dense bf16 peak TFLOP/s per chip, by device kind (vendor data sheets), for the MFU in logs.
-PEAK_BF16_TFLOPS = {
-    "H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
-    "TPU v5p": 459.0, "TPU v6 lite": 918.0
-}
-
-
-def peak_tflops(device_kind: str) -> float | None:
-  return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_kind), None)
-
-
-@functools.cache
-def measured_matmul_tflops(dtype: str = "float32", n: int = 1024) -> float:
-  """The default device's [n, n] @ [n, n] TFLOP/s in `dtype`, median of 5 after a warm-up,
-  measured once per process: the MFU's peak where no data sheet gives one (CPUs)."""
-  a = jnp.ones((n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  seconds = []
-  for _ in range(5):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    seconds.append(time.perf_counter() - start)
-  return 2 * n**3 / float(np.median(seconds)) / 1e12
-
-
-def model_flops_text(num_params: int, tokens_per_s: float, dtype: str = "float32") -> str:
-  """Achieved model FLOP/s per device (6 · parameters · tokens processed per second, attention
-  not counted), and the MFU against the chip's dense bf16 peak where it is known, or on CPU
-  against this machine's measured matmul peak in the compute dtype."""
-  devices = jax.devices()
-  per_device = 6.0 * num_params * tokens_per_s / len(devices) / 1e12
-  peak = peak_tflops(getattr(devices[0], "device_kind", ""))
-  if peak:
-    mfu = f", MFU {100 * per_device / peak:.1f}% of bf16 peak"
-  elif jax.default_backend() == "cpu":
-    measured = measured_matmul_tflops(dtype)
-    mfu = f", MFU {100 * per_device / measured:.1f}% of the measured {dtype} matmul peak"
-  else:
-    mfu = ""
-  return f"{per_device:.3g} model TFLOP/s per device{mfu}"
 
 
 class Trainer:
@@ -148,61 +107,15 @@ class Trainer:
       raise NonFiniteError(f"{what}: the weights hold NaN or infinite values; they are not used "
                            "(lower train.lr, or use float32 if bf16 overflowed)")
 
-  def state_bytes_per_device(self) -> tuple[int, int]:
-    """(parameters, optimizer state) bytes on one device, from their shardings."""
-    per_device = lambda abstract, shardings: sum(
-        int(np.prod(s.shard_shape(a.shape), dtype=np.int64)) * np.dtype(a.dtype).itemsize
-        for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
-    return (per_device(self.abstract_params,
-                       self.param_shardings), per_device(self.abstract_opt, self.opt_shardings))
-
-  def gathered_bytes(self) -> tuple[int, int]:
-    """(one layer's weights, the LM head's) bytes split over tensor only: what an FSDP step
-    gathers while it uses them."""
-    tensor = self.mesh.shape["tensor"]
-    nbytes = lambda tree: sum(
-        int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
-        for a in jax.tree.leaves(tree))
-    params = self.abstract_params
-    layer = (nbytes(params[layers.LAYERS]) // self.model.cfg.n_layers
-             if layers.is_stacked(params) else nbytes(params.get("layer_0", {})))
-    head = nbytes({k: v for k, v in params.items() if k in ("lm_head", "embedding")})
-    return layer // tensor, head // tensor
-
-  def worst_case_shape(self) -> train_memory.StepShape:
-    """The config's largest step on this mesh, with the attention this model runs."""
-    return train_memory.worst_case_shape(self.cfg, dict(self.mesh.shape),
-                                         layers.uses_native_attention(self.model.cfg))
-
-  def planned_memory(self) -> tuple[train_memory.TrainMemory, train_memory.StepShape]:
-    """What the config's largest step needs per device (nothing allocated)."""
-    shape = self.worst_case_shape()
-    parameters, optimizer = self.state_bytes_per_device()
+  @functools.cached_property
+  def planner(self) -> train_memory.Planner:
+    """The memory planner for this trainer's worst-case step (nothing allocated)."""
     cfg = self.model.cfg
-    return train_memory.train_memory(cfg, shape, parameters, optimizer, cfg.remat,
-                                     *self.gathered_bytes()), shape
-
-  def check_memory(self, budget_gb: float) -> None:
-    """Refuses (ConfigError, naming the numbers and the batch that would fit) a config whose
-    largest step cannot fit `budget_gb` per device (0: the device's memory; < 0: no check)."""
-    if budget_gb < 0:
-      return
-    budget = int(budget_gb * train_memory.GB) if budget_gb else device_memory_bytes()
-    plan, shape = self.planned_memory()
-    logging.info("train step plan per device: %s GB; budget %.2f GB", plan.as_gb(),
-                 budget / train_memory.GB)
-    if plan.total > budget:
-      raise config_lib.ConfigError(
-          train_memory.refusal(plan, budget, shape, self.model.cfg.remat,
-                               self.largest_batch(budget)))
-
-  def largest_batch(self, budget: int) -> int:
-    """The largest global batch whose worst-case step fits `budget` bytes per device."""
-    shape = self.worst_case_shape()
-    parameters, optimizer = self.state_bytes_per_device()
-    cfg = self.model.cfg
-    return train_memory.largest_batch(cfg, shape, parameters, optimizer, cfg.remat, budget,
-                                      *self.gathered_bytes())
+    state = train_memory.state_bytes(self.abstract_params, self.param_shardings, self.abstract_opt,
+                                     self.opt_shardings, cfg.n_layers, self.mesh.shape["tensor"])
+    shape = train_memory.worst_case_shape(self.cfg, dict(self.mesh.shape),
+                                          layers.uses_native_attention(cfg))
+    return train_memory.Planner(cfg, shape, state)
 
   def step_fn(self):
     """The jitted step `(state, lm, reflection | None[, reference params]) -> (state, metrics)`;
@@ -247,9 +160,11 @@ class Trainer:
     return step_lib.TrainState(carry["step"], params, carry["opt_state"], self._fresh_guard())
 
   def train_round(self, params, batcher: Batcher, *, seed: int, round_index: int,
-                  checkpoint_dir: str, state=None):
+                  checkpoint_dir: str, state=None, metrics: Metrics | None = None,
+                  step_offset: int = 0):
     """Trains one round from `params` (or from a given state, optimizer included); returns
-    (final state, summary dict)."""
+    (final state, summary dict). `metrics` gets the train/* scalars at each log step, numbered
+    `step_offset` + the round's step."""
     step_fn = self.step_fn()
     batches = self.schedule(batcher, seed, round_index)
     padding_share, lm_lengths = batcher.padding(batches)
@@ -258,56 +173,38 @@ class Trainer:
     reference = jax.tree.map(jnp.copy, params) if self.reflection_loss == "dpo" else None
     state = self.new_state(params) if state is None else state
     start_optimizer_step = int(jax.device_get(state.step))
-    start = 0
-    had_checkpoints = bool(checkpoints.steps())
-    found = checkpoints.restore_latest_intact(state, self.state_shardings)
-    if found is not None:
-      start, state = found
-      logging.info("round %d: resuming training at step %d/%d", round_index, start, len(batches))
-    elif had_checkpoints:
-      logging.warning(
-          "round %d: no intact step checkpoint left; training the round from its "
-          "start", round_index)
+    start, state = self._resume(checkpoints, state, round_index, len(batches))
     logging.info(
         "round %d: training on %d examples (%d with self-reflection pairs), %d steps, "
         "seq_len %d%s, %.1f%% padding, %d LM lengths", round_index, len(batcher),
         batcher.sr_candidates, len(batches), batcher.seq_len,
         f", {batcher.truncated} cut" if batcher.truncated else "", 100 * padding_share, lm_lengths)
-    window_start = round_start = time.time()
-    window_steps = window_tokens = total_tokens = window_inputs = 0
-    last = {}
     progress = Progress(f"train {round_index}", len(batches), "steps", start=start)
+    completed = hooks_lib.CompletedSteps(progress)
+    log = hooks_lib.TrainLog(self._checked_guard, self.flops, progress, metrics or Metrics(),
+                             step_offset)
+    hooks = hooks_lib.Hooks()
+    hooks.add(log.count, every=1, at_end=True)
+    hooks.add(log, every=self.cfg.log_every_steps, at_end=True)
+    hooks.add(functools.partial(self._checkpoint, checkpoints),
+              every=self.cfg.checkpoint_every_steps, at_end=False)
+    round_start = time.time()
     step_shapes = set()  # (LM length, continuation length): one compiled step each
+    total_tokens = 0
     for i in range(start, len(batches)):
       lm, reflection = batcher.build(batches[i], derive_seed(seed, round_index, i, 1))
       step_shapes.add(
           (lm.inputs.shape[1], None if reflection is None else reflection.continuations.shape[2]))
-      tokens = int(lm.target_mask.sum())
-      window_inputs += int(lm.input_mask.sum()) + (0 if reflection is None else int(
+      inputs = int(lm.input_mask.sum()) + (0 if reflection is None else int(
           reflection.prefix_mask.sum() + reflection.continuation_mask.sum()))
-      window_tokens += tokens
-      total_tokens += tokens
-      window_steps += 1
-      state, metrics = step_fn(state, self.put_batch(lm), self.put_batch(reflection), reference)
-      step_number = i + 1
-      if step_number % self.cfg.log_every_steps == 0 or step_number == len(batches):
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        guard = self._checked_guard(state, round_index, step_number)
-        elapsed = max(time.time() - window_start, 1e-9)
-        logging.info(
-            "round %d step %d/%d: loss %.4f (lm %.4f, sr %.4f), %.2f steps/s, "
-            "%.0f target tokens/s, %s%s", round_index, step_number, len(batches), last["loss"],
-            last["lm_loss"], last["sr_loss"], window_steps / elapsed, window_tokens / elapsed,
-            model_flops_text(self.num_params, window_inputs / elapsed, self.model.cfg.dtype),
-            f", {int(guard.nonfinite_total)} non-finite steps skipped"
-            if guard.nonfinite_total else "")
-        progress.fields.update(loss=f"{last['loss']:.4f}",
-                               tokens_per_s=f"{window_tokens / elapsed:.0f}")
-        window_start, window_steps, window_tokens, window_inputs = time.time(), 0, 0, 0
-      progress.update(1)
-      if step_number % self.cfg.checkpoint_every_steps == 0 and step_number < len(batches):
-        self._checked_guard(state, round_index, step_number)
-        checkpoints.save(step_number, state)
+      state, step_metrics = step_fn(state, self.put_batch(lm), self.put_batch(reflection),
+                                    reference)
+      completed.dispatched(step_metrics["loss"])
+      info = hooks_lib.StepInfo(round_index, i + 1, len(batches), state, step_metrics,
+                                int(lm.target_mask.sum()), inputs)
+      total_tokens += info.target_tokens
+      hooks(info)
+    completed.drain()
     progress.close()
     checkpoints.close()
     guard = self._checked_guard(state, round_index, len(batches))
@@ -315,11 +212,33 @@ class Trainer:
     summary = {
         "steps": len(batches), "resumed_at_step": start, "seconds": seconds,
         "self_reflection": batcher.self_reflection, "optimizer_step_at_start": start_optimizer_step,
-        "final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss"),
-        "final_sr_loss": last.get("sr_loss"), "target_tokens": total_tokens,
+        "final_loss": log.last.get("loss"), "final_lm_loss": log.last.get("lm_loss"),
+        "final_sr_loss": log.last.get("sr_loss"), "target_tokens": total_tokens,
         "padding_share": round(padding_share,
                                4), "lm_lengths": lm_lengths, "step_shapes": len(step_shapes),
         "nonfinite_steps_skipped": int(guard.nonfinite_total
                                       ), "target_tokens_per_s": total_tokens / max(seconds, 1e-9)
     }
     return state, summary
+
+  def _resume(self, checkpoints, state, round_index: int, steps: int):
+    """(first step to run, state): from the newest intact step checkpoint, else the start."""
+    had_checkpoints = bool(checkpoints.steps())
+    found = checkpoints.restore_latest_intact(state, self.state_shardings)
+    if found is not None:
+      logging.info("round %d: resuming training at step %d/%d", round_index, found[0], steps)
+      return found
+    if had_checkpoints:
+      logging.warning(
+          "round %d: no intact step checkpoint left; training the round from its "
+          "start", round_index)
+    return 0, state
+
+  def _checkpoint(self, checkpoints, info: hooks_lib.StepInfo) -> None:
+    self._checked_guard(info.state, info.round_index, info.step)
+    checkpoints.save(info.step, info.state)
+
+  def flops(self, input_tokens_per_s: float) -> throughput.ModelFlops:
+    """Model FLOP/s per device of this trainer's mesh at a rate of tokens processed."""
+    return throughput.model_flops(self.num_params, input_tokens_per_s, self.mesh.devices.flat,
+                                  self.model.cfg.dtype)

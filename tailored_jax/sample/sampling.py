@@ -22,14 +22,14 @@ class SamplingConfig:
                        f"0 < top_p <= 1")
 
 
-def nucleus(sorted_logits_bk, top_p: float):
+def nucleus(sorted_logits_bj, top_p: float):
   """Logits sorted in descending order, with those outside the smallest prefix of mass ≥ top_p
   set to -inf (a token is kept while the mass before it is below top_p; the first always is)."""
   if top_p >= 1.0:
-    return sorted_logits_bk
-  probs_bk = jax.nn.softmax(sorted_logits_bk, axis=-1)
-  mass_before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk
-  return jnp.where(mass_before_bk < top_p, sorted_logits_bk, NEG_INF)
+    return sorted_logits_bj
+  probs_bj = jax.nn.softmax(sorted_logits_bj, axis=-1)
+  mass_before_bj = jnp.cumsum(probs_bj, axis=-1) - probs_bj
+  return jnp.where(mass_before_bj < top_p, sorted_logits_bj, NEG_INF)
 
 
 def filter_logits(logits_bv, top_k: int, top_p: float):
@@ -74,9 +74,9 @@ def choose_tokens(logits_bv, keys_b, cfg: SamplingConfig, rows: NamedSharding | 
     return greedy_tokens(logits_bv)
   logits_bv = logits_bv.astype(jnp.float32) / cfg.temperature
   if cfg.top_k and cfg.top_k < logits_bv.shape[-1]:
-    top_bk, ids_bk = top_k(logits_bv, cfg.top_k, rows)
-    choice_b = jax.vmap(jax.random.categorical)(keys_b, nucleus(top_bk, cfg.top_p))
-    return jnp.take_along_axis(ids_bk, choice_b[:, None], axis=1)[:, 0].astype(jnp.int32)
+    top_bj, ids_bj = top_k(logits_bv, cfg.top_k, rows)
+    choice_b = jax.vmap(jax.random.categorical)(keys_b, nucleus(top_bj, cfg.top_p))
+    return jnp.take_along_axis(ids_bj, choice_b[:, None], axis=1)[:, 0].astype(jnp.int32)
   logits_bv = filter_logits(logits_bv, 0, cfg.top_p)
   return jax.vmap(jax.random.categorical)(keys_b, logits_bv).astype(jnp.int32)
 

@@ -105,35 +105,35 @@ def prefix_context(model, params, reflection: ReflectionBatch) -> Context:
   return jax.lax.stop_gradient(encode_prefix(model, params, reflection)[1])
 
 
-def run_continuations(model, params, context: Context, prefix_len_b, cont_bkc, valid_bkc,
+def run_continuations(model, params, context: Context, prefix_len_b, cont_bmc, valid_bmc,
                       with_logits: bool = False):
-  """(logits [rows·k, c, vocab] or None, final hidden states [rows·k, c, d]) of each row's k
-  continuations, run after its prefix's keys and values (a context read by the k, not copied;
+  """(logits [rows·m, c, vocab] or None, final hidden states [rows·m, c, d]) of each row's m
+  continuations, run after its prefix's keys and values (a context read by the m, not copied;
   the training attention over it and their own tokens, no cache)."""
-  b, k, c = cont_bkc.shape
-  positions_bkc = jnp.broadcast_to(prefix_len_b[:, None, None] + jnp.arange(c), (b, k, c))
-  logits_ncv, hidden_ncd, _ = model.apply({"params": params}, cont_bkc.reshape(b * k, c),
-                                          positions_bkc.reshape(b * k, c),
-                                          valid_bkc.reshape(b * k, c), context,
+  b, m, c = cont_bmc.shape
+  positions_bmc = jnp.broadcast_to(prefix_len_b[:, None, None] + jnp.arange(c), (b, m, c))
+  logits_rcv, hidden_rcd, _ = model.apply({"params": params}, cont_bmc.reshape(b * m, c),
+                                          positions_bmc.reshape(b * m, c),
+                                          valid_bmc.reshape(b * m, c), context,
                                           with_logits=with_logits)
-  return logits_ncv, hidden_ncd
+  return logits_rcv, hidden_rcd
 
 
-def continuation_hidden(model, params, context: Context, prefix_len_b, cont_bkc, valid_bkc):
-  """[rows, k, d]: the final hidden state at the last real token of each of a row's k
+def continuation_hidden(model, params, context: Context, prefix_len_b, cont_bmc, valid_bmc):
+  """[rows, m, d]: the final hidden state at the last real token of each of a row's m
   continuations (`run_continuations`)."""
-  b, k, c = cont_bkc.shape
-  _, hidden_ncd = run_continuations(model, params, context, prefix_len_b, cont_bkc, valid_bkc)
-  return losses.last_real_token(hidden_ncd, valid_bkc.reshape(b * k, c)).reshape(b, k, -1)
+  b, m, c = cont_bmc.shape
+  _, hidden_rcd = run_continuations(model, params, context, prefix_len_b, cont_bmc, valid_bmc)
+  return losses.last_real_token(hidden_rcd, valid_bmc.reshape(b * m, c)).reshape(b, m, -1)
 
 
 def self_reflection_loss(model, params, reflection: ReflectionBatch, margin: float):
   """METHOD §3: the prefix encoded once without gradient; anchor, positive and negative
   continue from its keys and values."""
-  h_bkd = continuation_hidden(model, params, prefix_context(model, params, reflection),
+  h_bmd = continuation_hidden(model, params, prefix_context(model, params, reflection),
                               prefix_lengths(reflection), reflection.continuations,
                               reflection.continuation_mask)
-  return losses.triplet_loss(h_bkd[:, 0], h_bkd[:, 1], h_bkd[:, 2], reflection.sr_mask, margin)
+  return losses.triplet_loss(h_bmd[:, 0], h_bmd[:, 1], h_bmd[:, 2], reflection.sr_mask, margin)
 
 
 def self_reflection_loss_from_lm(model, params, reflection: ReflectionBatch, lm: LMBatch,
@@ -154,10 +154,10 @@ def self_reflection_loss_from_lm(model, params, reflection: ReflectionBatch, lm:
   context = jax.lax.stop_gradient(
       Context(layer_rows(kept.keys), layer_rows(kept.values),
               jnp.where(slots[None, :] < prefix_len_b[:, None], slots[None, :], -1)))
-  h_bkd = continuation_hidden(model, params, context, prefix_len_b, reflection.continuations[:, 1:],
+  h_bmd = continuation_hidden(model, params, context, prefix_len_b, reflection.continuations[:, 1:],
                               reflection.continuation_mask[:, 1:])
   anchor_bd = losses.last_real_token(rows(hidden_btd), rows(lm.input_mask))
-  return losses.triplet_loss(anchor_bd, h_bkd[:, 0], h_bkd[:, 1], reflection.sr_mask, margin)
+  return losses.triplet_loss(anchor_bd, h_bmd[:, 0], h_bmd[:, 1], reflection.sr_mask, margin)
 
 
 def continuation_logprobs(model, params, reflection: ReflectionBatch, which: tuple[int, ...]):
@@ -168,9 +168,9 @@ def continuation_logprobs(model, params, reflection: ReflectionBatch, which: tup
   b, m, c = cont_bmc.shape
   hidden_bpd, context = encode_prefix(model, params, reflection)
   first_logits_bv = head_logits(params, hidden_bpd[:, -1:], model.cfg)[:, 0]  # left-padded
-  logits_ncv, _ = run_continuations(model, params, context, prefix_lengths(reflection), cont_bmc,
+  logits_rcv, _ = run_continuations(model, params, context, prefix_lengths(reflection), cont_bmc,
                                     valid_bmc, with_logits=True)
-  return losses.sequence_logprob(jnp.repeat(first_logits_bv, m, axis=0), logits_ncv,
+  return losses.sequence_logprob(jnp.repeat(first_logits_bv, m, axis=0), logits_rcv,
                                  cont_bmc.reshape(b * m, c), valid_bmc.reshape(b * m,
                                                                                c)).reshape(b, m)
 

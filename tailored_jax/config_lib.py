@@ -5,12 +5,11 @@ checks values and cross-field constraints and names the offending field.
 """
 from __future__ import annotations
 
+import ast
 import os
 
 import ml_collections
 from ml_collections import config_dict
-
-from tailored_jax.teacher.limits import parse_prices
 
 # Common slices: devices, memory per device (GB, vendor figures) and the (data, fsdp, tensor)
 # mesh the paper's students use there: weights and AdamW state sharded over the fast
@@ -406,3 +405,51 @@ def changed_fields(saved: dict, current: dict) -> list[str]:
   fields that are safe to change on resume."""
   a, b = flatten(saved), flatten(current)
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
+
+
+def parse_prices(text: str) -> dict[str, tuple[float, float]]:
+  """'MODEL=IN/OUT,…' (USD per million prompt / completion tokens) as {model: (in, out)}."""
+  prices = {}
+  for item in filter(None, (x.strip() for x in text.split(","))):
+    model, _, pair = item.partition("=")
+    prompt, _, completion = pair.partition("/")
+    try:
+      prices[model.strip()] = (float(prompt), float(completion))
+    except ValueError:
+      raise ValueError(f"teacher.prices: {item!r} is not MODEL=IN/OUT (USD per million tokens)")
+  return prices
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
+  """`--config.a.b=value` items applied as the command line of an ordinary run would: the value
+  parsed as the field's type. Unknown fields and unparsable values raise ConfigError."""
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      raise ConfigError(f"override {item!r}: expected --config.FIELD=VALUE")
+    key, _, raw = item[len("--config."):].partition("=")
+    *path, name = key.split(".")
+    target = cfg
+    try:
+      for part in path:
+        target = target[part]
+      old = target[name]
+    except (KeyError, AttributeError, TypeError):
+      raise ConfigError(f"override {item!r}: no config field {key}") from None
+    target[name] = _parse_like(old, raw, key)
+
+
+def _parse_like(old, raw: str, key: str):
+  try:
+    if isinstance(old, bool):
+      if raw.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(raw)
+      return raw.lower() in ("true", "1")
+    if isinstance(old, int):
+      return int(raw)
+    if isinstance(old, float):
+      return float(raw)
+    if isinstance(old, str):
+      return raw
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    raise ConfigError(f"config field {key}: cannot read {raw!r} as {type(old).__name__}") from None

@@ -295,10 +295,9 @@ def main(argv=None) -> None:
         JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     sys.exit(subprocess.call([sys.executable, "-m", "tailored_jax.plan", *argv], env=env))
   from tailored_jax import config_lib
-  from tailored_jax.study.runs import apply_overrides
   cfg = config_lib.from_file(args.config)
   try:
-    apply_overrides(cfg, overrides)
+    config_lib.apply_overrides(cfg, overrides)
     data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
   except (config_lib.ConfigError, ValueError) as e:
     sys.exit(f"error: {e}")

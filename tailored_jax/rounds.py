@@ -33,7 +33,6 @@ from tailored_jax.sample.sampling import SamplingConfig
 from tailored_jax.teacher import prompts as teacher_prompts
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.dataset import DatasetAnswers
-from tailored_jax.teacher.limits import parse_prices
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
 from tailored_jax.teacher.server import DEFAULT_MODEL, LocalTeacherServer
 from tailored_jax.train.trainer import derive_seed
@@ -138,7 +137,7 @@ class Run:
                                 replay_only=t.kind == "replay",
                                 tokens_per_minute=t.tokens_per_minute,
                                 max_total_tokens=t.max_total_tokens, max_cost=t.max_cost,
-                                price=parse_prices(t.prices).get(model))
+                                price=config_lib.parse_prices(t.prices).get(model))
     return self._client
 
   def close(self) -> None:
@@ -184,7 +183,7 @@ class Run:
     record = next((x for x in records if x["round"] == r), None)
     if record is None:
       return
-    price = parse_prices(self.cfg.teacher.prices).get(self.cfg.teacher.model)
+    price = config_lib.parse_prices(self.cfg.teacher.prices).get(self.cfg.teacher.model)
     path = self.layout.teacher_report(r)
     cost = None
     if price and os.path.exists(path):

@@ -101,3 +101,25 @@ def test_cli_overrides_and_their_errors():
   assert mistyped.returncode != 0 and "--config.rounds=abc" in mistyped.stderr
   invalid = cli("--config.rounds=0")
   assert invalid.returncode != 0 and "config field rounds: must be >= 1" in invalid.stderr
+
+
+def test_the_config_schema_is_a_leaf():
+  """Importing the config loads no other module of the package (no teacher, model or jax)."""
+  out = subprocess.run([
+      sys.executable, "-c", "import sys, tailored_jax.config_lib; "
+      "print(sorted(m for m in sys.modules if m.startswith(('tailored_jax', 'jax'))))"
+  ], capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "['tailored_jax', 'tailored_jax.config_lib']"
+
+
+def test_overrides_parse_as_the_fields_type():
+  cfg = config_lib.base_config()
+  config_lib.apply_overrides(cfg, [
+      "--config.train.lr=3e-4", "--config.rounds=2", "--config.method.feedback=false",
+      "--config.teacher.model=m"
+  ])
+  assert (cfg.train.lr, cfg.rounds, cfg.method.feedback, cfg.teacher.model) == (3e-4, 2, False, "m")
+  with pytest.raises(config_lib.ConfigError, match="no config field train.nope"):
+    config_lib.apply_overrides(cfg, ["--config.train.nope=1"])
+  with pytest.raises(config_lib.ConfigError, match="config field rounds: cannot read 'two' as int"):
+    config_lib.apply_overrides(cfg, ["--config.rounds=two"])

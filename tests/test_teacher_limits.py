@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from tailored_jax import config_lib
 from tailored_jax.teacher import limits, prompts
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherBudgetError
@@ -90,7 +91,7 @@ def test_budget_stops_before_it_would_be_exceeded():
   assert len(spent) == 3 and budget.cost == pytest.approx(0.0054) and budget.cost <= 0.01
   with pytest.raises(ValueError, match="needs the model's prices"):
     limits.Budget(max_cost=1.0)
-  assert limits.parse_prices("gpt-4o-mini=0.15/0.6, m2=1/2") == {
+  assert config_lib.parse_prices("gpt-4o-mini=0.15/0.6, m2=1/2") == {
       "gpt-4o-mini": (0.15, 0.6), "m2": (1.0, 2.0)
   }
 

@@ -53,7 +53,7 @@ def main(argv):
     base_seeds = {}
     for path in _CONFIGS.value:
       cfg = config_lib.from_file(path)
-      runs.apply_overrides(cfg, overrides)
+      config_lib.apply_overrides(cfg, overrides)
       base_seeds[path] = cfg.seed
   except (OSError, config_lib.ConfigError) as e:
     sys.exit(f"error: {e}")

@@ -1,7 +1,6 @@
 """Running a study's (config, seed) pairs as ordinary, resumable runs, one at a time."""
 from __future__ import annotations
 
-import ast
 import dataclasses
 import logging
 import os
@@ -12,42 +11,6 @@ import ml_collections
 from tailored_jax import config_lib, rounds
 from tailored_jax import workdir as wd
 from tailored_jax.layout import Layout
-
-
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
-  """`--config.a.b=value` items applied as the command line of an ordinary run would: the value
-  parsed as the field's type. Unknown fields and unparsable values raise ConfigError."""
-  for item in overrides:
-    if not item.startswith("--config.") or "=" not in item:
-      raise config_lib.ConfigError(f"override {item!r}: expected --config.FIELD=VALUE")
-    key, _, raw = item[len("--config."):].partition("=")
-    *path, name = key.split(".")
-    target = cfg
-    try:
-      for part in path:
-        target = target[part]
-      old = target[name]
-    except (KeyError, AttributeError, TypeError):
-      raise config_lib.ConfigError(f"override {item!r}: no config field {key}") from None
-    target[name] = _parse_like(old, raw, key)
-
-
-def _parse_like(old, raw: str, key: str):
-  try:
-    if isinstance(old, bool):
-      if raw.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(raw)
-      return raw.lower() in ("true", "1")
-    if isinstance(old, int):
-      return int(raw)
-    if isinstance(old, float):
-      return float(raw)
-    if isinstance(old, str):
-      return raw
-    return ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    raise config_lib.ConfigError(
-        f"config field {key}: cannot read {raw!r} as {type(old).__name__}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +47,7 @@ def is_done(run: Run) -> bool:
 
 def load_config(run: Run, overrides: list[str]) -> ml_collections.ConfigDict:
   cfg = config_lib.from_file(run.config_path)
-  apply_overrides(cfg, overrides)
+  config_lib.apply_overrides(cfg, overrides)
   cfg.seed = run.seed
   config_lib.validate(cfg)
   return cfg

@@ -21,7 +21,7 @@ from tailored_jax import workdir as wd
 from tailored_jax.progress import Progress
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
-from tailored_jax.teacher.limits import parse_prices
+from tailored_jax.config_lib import parse_prices
 
 CACHE_VERSION = "batch-1"
 

@@ -33,19 +33,6 @@ def estimate_prompt_tokens(messages: list[dict]) -> int:
   return sum(len(str(m.get("content", ""))) // 3 + 4 for m in messages) + 3
 
 
-def parse_prices(text: str) -> dict[str, tuple[float, float]]:
-  """'MODEL=IN/OUT,…' (USD per million prompt / completion tokens) as {model: (in, out)}."""
-  prices = {}
-  for item in filter(None, (x.strip() for x in text.split(","))):
-    model, _, pair = item.partition("=")
-    prompt, _, completion = pair.partition("/")
-    try:
-      prices[model.strip()] = (float(prompt), float(completion))
-    except ValueError:
-      raise ValueError(f"teacher.prices: {item!r} is not MODEL=IN/OUT (USD per million tokens)")
-  return prices
-
-
 class RateLimits:
   """Requests and tokens per minute over a sliding window, and pauses the provider asks for."""
 

@@ -138,12 +138,15 @@ def sharded_bytes(tree) -> int:
   return total
 
 
-def model_config(preset: str, dtype: str, param_dtype: str, remat: str, scan_layers: bool):
+def model_config(preset: str, model_section):
+  """The preset's architecture run as the config's `model` section says (dtypes, remat, scan,
+  CPU attention)."""
   from tailored_jax.models.gptj import GPTJConfig
+  from tailored_jax.models.layers import execution_of
   from tailored_jax.models.llama import LlamaConfig
   family, fields = PRESETS[preset]
   cls = GPTJConfig if family == "gptj" else LlamaConfig
-  return cls(**fields, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers)
+  return cls(**fields, **execution_of(model_section))
 
 
 def _split_of(name: str, specs, shardings, mesh) -> int:
@@ -181,8 +184,7 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
   from tailored_jax.train import memory as train_memory
   from tailored_jax.train.trainer import Trainer
 
-  arch = model_config(preset, cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat,
-                      cfg.model.scan_layers)
+  arch = model_config(preset, cfg.model)
   model = model_for(arch)
   mesh = sharding.make_mesh(cfg)
   trainer = Trainer(model, cfg.train, mesh, cfg.method.reflection_loss)

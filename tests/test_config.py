@@ -123,3 +123,29 @@ def test_overrides_parse_as_the_fields_type():
     config_lib.apply_overrides(cfg, ["--config.train.nope=1"])
   with pytest.raises(config_lib.ConfigError, match="config field rounds: cannot read 'two' as int"):
     config_lib.apply_overrides(cfg, ["--config.rounds=two"])
+
+
+def test_execution_knobs_are_declared_once_and_reach_every_model():
+  """dtype, param_dtype, remat, scan_layers, cpu_attention: one `layers.Execution`, inherited by
+  every family, filled from the config's model section by the run and the planner alike."""
+  import dataclasses
+  from tailored_jax import plan
+  from tailored_jax.models import build_model
+  from tailored_jax.models.gptj import GPTJConfig
+  from tailored_jax.models.layers import Execution
+  from tailored_jax.models.llama import LlamaConfig
+  names = {f.name for f in dataclasses.fields(Execution)}
+  assert names == {"dtype", "param_dtype", "remat", "scan_layers", "cpu_attention"}
+  for family in (LlamaConfig, GPTJConfig):
+    assert issubclass(family, Execution)
+  section = config_lib.base_config().model
+  section.update(dtype="bfloat16", param_dtype="bfloat16", remat="full", scan_layers=True,
+                 cpu_attention="xla")
+  knobs = lambda cfg: {name: getattr(cfg, name) for name in names}
+  wanted = {
+      "dtype": "bfloat16", "param_dtype": "bfloat16", "remat": "full", "scan_layers": True,
+      "cpu_attention": "xla"
+  }
+  assert knobs(build_model(section, 300).cfg) == wanted
+  assert knobs(plan.model_config("gptj_6b", section)) == wanted
+  assert knobs(plan.model_config("llama3_8b", section)) == wanted

@@ -5,6 +5,7 @@ import dataclasses
 
 from tailored_jax.models import gptj, llama
 from tailored_jax.models.gptj import GPTJ, GPTJConfig
+from tailored_jax.models.layers import execution_of
 from tailored_jax.models.llama import Llama, LlamaConfig
 
 
@@ -12,9 +13,7 @@ def llama_config(cfg, vocab_size: int) -> LlamaConfig:
   return LlamaConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
                      n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                      d_ff=cfg.d_ff, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
-                     tie_embeddings=cfg.tie_embeddings, dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
-                     cpu_attention=cfg.cpu_attention)
+                     tie_embeddings=cfg.tie_embeddings, **execution_of(cfg))
 
 
 MODULES = {LlamaConfig: Llama, GPTJConfig: GPTJ}
@@ -45,8 +44,7 @@ def build_model(cfg, vocab_size: int, pretrained: LlamaConfig | GPTJConfig | Non
   if pretrained is not None:
     return model_for(
         dataclasses.replace(pretrained, vocab_size=max(pretrained.vocab_size, vocab_size),
-                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-                            scan_layers=cfg.scan_layers, cpu_attention=cfg.cpu_attention))
+                            **execution_of(cfg)))
   if cfg.family != "llama":
     raise ValueError(f"config field model.family: unknown family {cfg.family!r}; known: ['llama']")
   return Llama(llama_config(cfg, vocab_size))

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
-from tailored_jax.models.layers import (LOGITS, MLP_HIDDEN, RESIDUAL, HFTensor, LayerKV, attend,
-                                        dense, constrain, merge_heads, param, run_blocks)
+from tailored_jax.models.layers import (LOGITS, MLP_HIDDEN, RESIDUAL, Execution, HFTensor, LayerKV,
+                                        attend, dense, constrain, merge_heads, param, run_blocks)
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTJConfig:
+class GPTJConfig(Execution):
   vocab_size: int
   d_model: int
   n_layers: int
@@ -25,11 +25,6 @@ class GPTJConfig:
   d_ff: int
   rotary_dim: int
   norm_eps: float = 1e-5
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: str = "none"  # layers.REMAT_POLICIES
-  scan_layers: bool = False  # one nn.scan over stacked layers
-  cpu_attention: str = "native"  # config_lib.CPU_ATTENTION
 
   @property
   def head_dim(self) -> int:

@@ -4,6 +4,7 @@ HF tensor-table entry.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, NamedTuple
 
@@ -19,6 +20,22 @@ from tailored_jax.models import cpu_attention
 from tailored_jax.models.kv_cache import Context, KVCache
 
 NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Execution:
+  """How a model runs, whatever its architecture, declared once: every family's config
+  inherits these fields, and `execution_of` reads them from a config's `model` section."""
+  dtype: str = "float32"  # activation/compute dtype
+  param_dtype: str = "float32"
+  remat: str = "none"  # config_lib.REMAT_POLICIES
+  scan_layers: bool = False  # one nn.scan over stacked layers
+  cpu_attention: str = "native"  # config_lib.CPU_ATTENTION
+
+
+def execution_of(model_section) -> dict:
+  """The `Execution` fields of a config's `model` section, as keyword arguments."""
+  return {f.name: model_section[f.name] for f in dataclasses.fields(Execution)}
 
 
 def param(module: nn.Module, name: str, shape: tuple, axes: tuple, dtype, init) -> jax.Array:

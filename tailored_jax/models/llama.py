@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
-from tailored_jax.models.layers import (LOGITS, MLP_HIDDEN, RESIDUAL, HFTensor, LayerKV, attend,
-                                        dense, constrain, merge_heads, param, run_blocks)
+from tailored_jax.models.layers import (LOGITS, MLP_HIDDEN, RESIDUAL, Execution, HFTensor, LayerKV,
+                                        attend, dense, constrain, merge_heads, param, run_blocks)
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(Execution):
   vocab_size: int
   d_model: int
   n_layers: int
@@ -29,11 +29,6 @@ class LlamaConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
-  dtype: str = "float32"  # activation/compute dtype
-  param_dtype: str = "float32"
-  remat: str = "none"  # layers.REMAT_POLICIES
-  scan_layers: bool = False  # one nn.scan over stacked layers
-  cpu_attention: str = "native"  # config_lib.CPU_ATTENTION
   qkv_bias: bool = False  # Qwen2
   sliding_window: int = 0  # Mistral; 0: full causal attention
   rope_scaling: str = ""  # "" or "llama3"

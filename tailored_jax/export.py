@@ -12,8 +12,8 @@ import os
 import jax
 from absl import app, flags
 
-from tailored_jax.models import hf_io
-from tailored_jax.models.student import load_student
+from tailored_jax.student_io import hf_io
+from tailored_jax.student_io.student import load_student
 from tailored_jax.train.step import all_finite
 from tailored_jax.train.trainer import NonFiniteError
 

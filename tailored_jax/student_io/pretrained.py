@@ -14,8 +14,8 @@ import numpy as np
 import tokenizers
 
 from tailored_jax.data.tokenizer import Tokenizer, special_affixes, with_special_affixes
-from tailored_jax.models import gguf_io, hf_io
-from tailored_jax.models.hf_io import ModelImportError
+from tailored_jax.student_io import gguf_io, hf_io
+from tailored_jax.student_io.hf_io import ModelImportError
 
 
 @dataclasses.dataclass

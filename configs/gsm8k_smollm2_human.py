@@ -7,6 +7,7 @@ python -m tailored_jax.study --configs=configs/gsm8k_smollm2_human.py,\\
 configs/gsm8k_smollm2_human_rounds.py --seeds=3 --workdir=runs/gsm8k_human \\
     --config.task.data_path=FOLDER_WITH_train.jsonl_AND_test.jsonl
 """
+
 import importlib.util
 import os
 

@@ -4,6 +4,7 @@ python -m tailored_jax.main --config=configs/multiarith_gptj6b.py --workdir=DIR 
     --config.model.init_from=PATH --config.task.data_path=FOLDER
 PATH: an HF GPT-J-6B directory; FOLDER: the task's original files; the teacher key in $OPENAI_API_KEY.
 """
+
 from tailored_jax.config_lib import paper_config
 
 

@@ -2,6 +2,7 @@
 
 A 3-layer student learns multi-step arithmetic from the loopback teacher over 3 rounds.
 """
+
 from tailored_jax.config_lib import base_config
 
 

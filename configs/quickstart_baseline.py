@@ -5,6 +5,7 @@ least the tailored run's (26 rationales per question: more teacher tokens than t
 run's annotation plus feedback, measured) and it takes about as many optimizer steps as the
 tailored run takes over all its rounds.
 """
+
 import os
 
 from tailored_jax import config_lib

@@ -1,4 +1,5 @@
 """Ablation of the quickstart: tailored feedback rounds without the self-reflection loss."""
+
 import os
 
 from tailored_jax import config_lib

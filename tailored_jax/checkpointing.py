@@ -5,6 +5,7 @@ Restores go straight onto the target shardings (a run can resume on a different 
 checked against the manifest. A step checkpoint that fails is set aside (moved, never deleted) and
 the next older one is tried; round params that fail stop the run naming the directory.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -29,13 +30,16 @@ class CheckpointError(RuntimeError):
 def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False))
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+      ),
+  )
 
 
 def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 def checksums(tree) -> dict[str, dict]:
@@ -45,8 +49,9 @@ def checksums(tree) -> dict[str, dict]:
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     array = np.ascontiguousarray(sharding.to_host(leaf))
     out[jax.tree_util.keystr(path)] = {
-        "shape": list(array.shape), "dtype": str(array.dtype),
-        "crc32": zlib.crc32(array.reshape(-1).view(np.uint8))
+        "shape": list(array.shape),
+        "dtype": str(array.dtype),
+        "crc32": zlib.crc32(array.reshape(-1).view(np.uint8)),
     }
   return out
 
@@ -61,7 +66,8 @@ def ensure_space(directory: str, needed: int) -> None:
   if free < needed / 2**20:
     raise wd.StorageError(
         f"no space left on device for checkpoint {directory}: needed ~{needed / 2**20:.1f} MiB, "
-        f"{free:.1f} MiB free")
+        f"{free:.1f} MiB free"
+    )
 
 
 def _save(mngr: ocp.CheckpointManager, directory: str, step: int, tree, **info) -> None:
@@ -70,8 +76,9 @@ def _save(mngr: ocp.CheckpointManager, directory: str, step: int, tree, **info) 
     mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
     mngr.wait_until_finished()
   except Exception as e:  # orbax wraps OS errors in many types: name the directory and the cause
-    raise wd.StorageError(f"cannot save checkpoint {directory} step {step}: "
-                          f"{wd.root_cause(e)}") from e
+    raise wd.StorageError(
+        f"cannot save checkpoint {directory} step {step}: " f"{wd.root_cause(e)}"
+    ) from e
   manifest = {"step": step, **info, "arrays": checksums(tree)}
   wd.write_json(os.path.join(directory, str(step), MANIFEST), manifest)
 
@@ -93,8 +100,9 @@ def _restore_verified(mngr: ocp.CheckpointManager, directory: str, step: int, li
   got = checksums(restored)
   bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
   if bad:
-    raise CheckpointError(f"{where}: {len(bad)} arrays differ from the manifest written with "
-                          f"them, e.g. {bad[0]}")
+    raise CheckpointError(
+        f"{where}: {len(bad)} arrays differ from the manifest written with " f"them, e.g. {bad[0]}"
+    )
   return restored
 
 
@@ -143,8 +151,9 @@ def save_params(directory: str, params, **info) -> None:
   mngr = _manager(directory, max_to_keep=1)
   try:
     if 0 in mngr.all_steps():  # a killed attempt's save; its round was never recorded as trained
-      logging.warning("replacing %s/0, saved by an attempt that did not finish its round",
-                      directory)
+      logging.warning(
+          "replacing %s/0, saved by an attempt that did not finish its round", directory
+      )
       mngr.delete(0)
     _save(mngr, directory, 0, params, kind="params", **info)
   finally:
@@ -159,7 +168,9 @@ def restore_params(directory: str, like, shardings):
       raise CheckpointError(f"no checkpoint in {directory}")
     return _restore_verified(mngr, directory, mngr.latest_step(), like, shardings)
   except CheckpointError as e:
-    raise CheckpointError(f"{e}; these weights cannot be used (restore them from a backup, or "
-                          f"move {directory} away to retrain that round)") from e
+    raise CheckpointError(
+        f"{e}; these weights cannot be used (restore them from a backup, or "
+        f"move {directory} away to retrain that round)"
+    ) from e
   finally:
     mngr.close()

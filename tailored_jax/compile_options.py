@@ -5,6 +5,7 @@ train state is donated (about 0.7 GB for SmolLM2-135M); its region analysis does
 compile rather than through XLA_FLAGS, so other backends never see it, and only where this
 jaxlib knows the option (an unknown one is an error at compile time, not an abort at start-up).
 """
+
 from __future__ import annotations
 
 import functools

@@ -3,6 +3,7 @@
 Experiment files in `configs/` start from `base_config()` and override fields; `validate`
 checks values and cross-field constraints and names the offending field.
 """
+
 from __future__ import annotations
 
 import ast
@@ -269,6 +270,7 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
 def from_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file, so experiment files can start from another one."""
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(f"config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -286,33 +288,56 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.task.num_demos >= -1, "task.num_demos", "must be >= -1")
   _require(c.task.max_new_tokens >= 0, "task.max_new_tokens", "must be >= 0")
   _require(c.task.num_val >= 1, "task.num_val", "must be >= 1")
-  _require(c.task.source == "files" or c.task.source.startswith("tfds:"), "task.source",
-           f"'files' or 'tfds:NAME', got {c.task.source!r}")
+  _require(
+      c.task.source == "files" or c.task.source.startswith("tfds:"),
+      "task.source",
+      f"'files' or 'tfds:NAME', got {c.task.source!r}",
+  )
   s = c.task.synthetic
-  _require(1 <= s.min_steps <= s.max_steps, "task.synthetic.min_steps",
-           f"need 1 <= min_steps <= max_steps, got {s.min_steps}, {s.max_steps}")
+  _require(
+      1 <= s.min_steps <= s.max_steps,
+      "task.synthetic.min_steps",
+      f"need 1 <= min_steps <= max_steps, got {s.min_steps}, {s.max_steps}",
+  )
   for name in ("num_train", "num_val", "num_test", "max_start", "max_operand"):
     _require(s[name] >= 1, f"task.synthetic.{name}", f"must be >= 1, got {s[name]}")
   ops = {o.strip() for o in s.operations.split(",") if o.strip()}
   _require(
-      bool(ops) and ops <= {"add", "sub", "mul"}, "task.synthetic.operations",
-      f"a comma list of add, sub, mul; got {s.operations!r}")
+      bool(ops) and ops <= {"add", "sub", "mul"},
+      "task.synthetic.operations",
+      f"a comma list of add, sub, mul; got {s.operations!r}",
+  )
   m = c.model
   _require(m.family in ("llama", "gptj"), "model.family", f"'llama' or 'gptj', got {m.family!r}")
-  _require(m.family != "gptj" or bool(m.init_from), "model.init_from",
-           "GPT-J students start from pretrained weights: set it to an HF directory")
+  _require(
+      m.family != "gptj" or bool(m.init_from),
+      "model.init_from",
+      "GPT-J students start from pretrained weights: set it to an HF directory",
+  )
   for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
     _require(m[name] >= 1, f"model.{name}", f"must be >= 1, got {m[name]}")
-  _require(m.remat in REMAT_POLICIES, "model.remat",
-           f"must be one of {list(REMAT_POLICIES)}, got {m.remat!r}")
-  _require(m.cpu_attention in CPU_ATTENTION, "model.cpu_attention",
-           f"must be one of {list(CPU_ATTENTION)}, got {m.cpu_attention!r}")
-  _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
-           f"n_heads={m.n_heads} must be a multiple of n_kv_heads={m.n_kv_heads}")
+  _require(
+      m.remat in REMAT_POLICIES,
+      "model.remat",
+      f"must be one of {list(REMAT_POLICIES)}, got {m.remat!r}",
+  )
+  _require(
+      m.cpu_attention in CPU_ATTENTION,
+      "model.cpu_attention",
+      f"must be one of {list(CPU_ATTENTION)}, got {m.cpu_attention!r}",
+  )
+  _require(
+      m.n_heads % m.n_kv_heads == 0,
+      "model.n_kv_heads",
+      f"n_heads={m.n_heads} must be a multiple of n_kv_heads={m.n_kv_heads}",
+  )
   _require(m.head_dim % 2 == 0, "model.head_dim", "must be even (rotary embedding)")
   for name in ("dtype", "param_dtype"):
-    _require(m[name] in ("float32", "bfloat16", "float16"), f"model.{name}",
-             f"float32, bfloat16 or float16; got {m[name]!r}")
+    _require(
+        m[name] in ("float32", "bfloat16", "float16"),
+        f"model.{name}",
+        f"float32, bfloat16 or float16; got {m[name]!r}",
+    )
   t = c.train
   _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
   _require(t.epochs >= 1, "train.epochs", "must be >= 1")
@@ -320,14 +345,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
   _require(0 <= t.prefix_weight <= 1, "train.prefix_weight", "must be in [0, 1]")
   _require(t.sr_weight >= 0, "train.sr_weight", "must be >= 0")
-  _require(c.method.reflection_loss in ("triplet", "dpo"), "method.reflection_loss",
-           f"'triplet' or 'dpo', got {c.method.reflection_loss!r}")
+  _require(
+      c.method.reflection_loss in ("triplet", "dpo"),
+      "method.reflection_loss",
+      f"'triplet' or 'dpo', got {c.method.reflection_loss!r}",
+  )
   _require(t.dpo_beta > 0, "train.dpo_beta", "must be > 0")
-  _require(not (t.sr_reuse_lm_forward and c.method.reflection_loss == "dpo"),
-           "train.sr_reuse_lm_forward", "applies to the triplet loss only, not method."
-           "reflection_loss='dpo'")
-  _require(0 <= t.sr_batch_size <= t.batch_size, "train.sr_batch_size",
-           f"must be in [0, train.batch_size={t.batch_size}], got {t.sr_batch_size}")
+  _require(
+      not (t.sr_reuse_lm_forward and c.method.reflection_loss == "dpo"),
+      "train.sr_reuse_lm_forward",
+      "applies to the triplet loss only, not method." "reflection_loss='dpo'",
+  )
+  _require(
+      0 <= t.sr_batch_size <= t.batch_size,
+      "train.sr_batch_size",
+      f"must be in [0, train.batch_size={t.batch_size}], got {t.sr_batch_size}",
+  )
   _require(t.max_seq_len >= 8, "train.max_seq_len", "must be >= 8")
   _require(t.length_bucket >= 0, "train.length_bucket", "must be >= 0")
   _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
@@ -341,53 +374,107 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(0 < e.top_p <= 1, "exam.top_p", "must be in (0, 1]")
   _require(e.max_new_tokens >= 1, "exam.max_new_tokens", "must be >= 1")
   _require(e.memory_budget_gb >= 0, "exam.memory_budget_gb", "must be >= 0")
-  _require(not c.mesh.preset or c.mesh.preset in MESH_PRESETS, "mesh.preset",
-           f"must be one of {sorted(MESH_PRESETS)}, got {c.mesh.preset!r}")
-  _require(c.mesh.decode_layout in DECODE_LAYOUTS, "mesh.decode_layout",
-           f"must be 'model_parallel', 'replicated' or 'train', got {c.mesh.decode_layout!r}")
-  _require(c.logging.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
-           f"must be 'online', 'offline' or 'disabled', got {c.logging.wandb_mode!r}")
+  _require(
+      not c.mesh.preset or c.mesh.preset in MESH_PRESETS,
+      "mesh.preset",
+      f"must be one of {sorted(MESH_PRESETS)}, got {c.mesh.preset!r}",
+  )
+  _require(
+      c.mesh.decode_layout in DECODE_LAYOUTS,
+      "mesh.decode_layout",
+      f"must be 'model_parallel', 'replicated' or 'train', got {c.mesh.decode_layout!r}",
+  )
+  _require(
+      c.logging.wandb_mode in ("online", "offline", "disabled"),
+      "logging.wandb_mode",
+      f"must be 'online', 'offline' or 'disabled', got {c.logging.wandb_mode!r}",
+  )
   splits = {x.strip() for x in c.eval.splits.split(",") if x.strip()}
   _require(c.method.stop_patience >= 0, "method.stop_patience", "must be >= 0")
   _require(c.method.stop_min_mistakes >= 0, "method.stop_min_mistakes", "must be >= 0")
-  _require(not c.method.stop_patience or "val" in splits, "method.stop_patience",
-           "needs the val split in eval.splits")
-  _require(splits <= {"val", "test"} and bool(splits), "eval.splits",
-           f"a comma list of val, test; got {c.eval.splits!r}")
+  _require(
+      not c.method.stop_patience or "val" in splits,
+      "method.stop_patience",
+      "needs the val split in eval.splits",
+  )
+  _require(
+      splits <= {"val", "test"} and bool(splits),
+      "eval.splits",
+      f"a comma list of val, test; got {c.eval.splits!r}",
+  )
   tc = c.teacher
-  _require(c.task.max_train >= 0 and c.task.max_test >= 0, "task.max_train",
-           "task.max_train and task.max_test must be >= 0")
-  _require(tc.kind in ("local", "openai", "dataset", "replay"), "teacher.kind",
-           f"'local', 'openai', 'dataset' or 'replay', got {tc.kind!r}")
+  _require(
+      c.task.max_train >= 0 and c.task.max_test >= 0,
+      "task.max_train",
+      "task.max_train and task.max_test must be >= 0",
+  )
+  _require(
+      tc.kind in ("local", "openai", "dataset", "replay"),
+      "teacher.kind",
+      f"'local', 'openai', 'dataset' or 'replay', got {tc.kind!r}",
+  )
   try:
     prices = parse_prices(tc.prices)
   except ValueError as e:
     raise ConfigError(f"config field {e}") from None
-  _require(not tc.max_cost or tc.model in prices, "teacher.max_cost",
-           f"needs the price of {tc.model!r} in teacher.prices (USD per million tokens)")
-  _require(tc.tokens_per_minute >= 0 and tc.max_total_tokens >= 0 and tc.max_cost >= 0,
-           "teacher.tokens_per_minute", "teacher pacing and budgets must be >= 0")
-  _require(tc.kind != "replay" or os.path.isfile(tc.replay_from), "teacher.replay_from",
-           f"teacher.kind=replay needs a recorded teacher_cache.jsonl, got {tc.replay_from!r}")
+  _require(
+      not tc.max_cost or tc.model in prices,
+      "teacher.max_cost",
+      f"needs the price of {tc.model!r} in teacher.prices (USD per million tokens)",
+  )
+  _require(
+      tc.tokens_per_minute >= 0 and tc.max_total_tokens >= 0 and tc.max_cost >= 0,
+      "teacher.tokens_per_minute",
+      "teacher pacing and budgets must be >= 0",
+  )
+  _require(
+      tc.kind != "replay" or os.path.isfile(tc.replay_from),
+      "teacher.replay_from",
+      f"teacher.kind=replay needs a recorded teacher_cache.jsonl, got {tc.replay_from!r}",
+  )
   _require(tc.num_rationales >= 1, "teacher.num_rationales", "must be >= 1")
   _require(tc.feedback_samples >= 1, "teacher.feedback_samples", "must be >= 1")
   _require(tc.max_concurrency >= 1, "teacher.max_concurrency", "must be >= 1")
   _require(0 <= tc.local_error_rate < 1, "teacher.local_error_rate", "must be in [0, 1)")
   if c.method.self_reflection:
-    _require(tc.num_rationales >= 2, "teacher.num_rationales",
-             "self-reflection needs >= 2 rationales per question (a positive besides the anchor)")
+    _require(
+        tc.num_rationales >= 2,
+        "teacher.num_rationales",
+        "self-reflection needs >= 2 rationales per question (a positive besides the anchor)",
+    )
 
 
 # Fields that may change between a run and its resumption (they do not change results).
-RESUMABLE_FIELDS = ("rounds", "teacher.base_url", "teacher.max_concurrency", "teacher.max_retries",
-                    "teacher.timeout_s", "teacher.connect_timeout_s", "teacher.backoff_s",
-                    "teacher.requests_per_minute", "teacher.max_requests", "train.log_every_steps",
-                    "teacher.tokens_per_minute", "teacher.max_total_tokens", "teacher.max_cost",
-                    "teacher.prices", "eval.batch_size", "exam.batch_size", "mesh.data",
-                    "mesh.fsdp", "mesh.tensor", "mesh.num_devices", "mesh.decode_layout",
-                    "model.cpu_attention", "train.memory_budget_gb", "exam.memory_budget_gb",
-                    "logging.tensorboard", "logging.wandb_project", "logging.wandb_entity",
-                    "logging.wandb_mode")
+RESUMABLE_FIELDS = (
+    "rounds",
+    "teacher.base_url",
+    "teacher.max_concurrency",
+    "teacher.max_retries",
+    "teacher.timeout_s",
+    "teacher.connect_timeout_s",
+    "teacher.backoff_s",
+    "teacher.requests_per_minute",
+    "teacher.max_requests",
+    "train.log_every_steps",
+    "teacher.tokens_per_minute",
+    "teacher.max_total_tokens",
+    "teacher.max_cost",
+    "teacher.prices",
+    "eval.batch_size",
+    "exam.batch_size",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.tensor",
+    "mesh.num_devices",
+    "mesh.decode_layout",
+    "model.cpu_attention",
+    "train.memory_budget_gb",
+    "exam.memory_budget_gb",
+    "logging.tensorboard",
+    "logging.wandb_project",
+    "logging.wandb_entity",
+    "logging.wandb_mode",
+)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -426,7 +513,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> Non
   for item in overrides:
     if not item.startswith("--config.") or "=" not in item:
       raise ConfigError(f"override {item!r}: expected --config.FIELD=VALUE")
-    key, _, raw = item[len("--config."):].partition("=")
+    key, _, raw = item[len("--config.") :].partition("=")
     *path, name = key.split(".")
     target = cfg
     try:

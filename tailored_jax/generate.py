@@ -1,5 +1,6 @@
 """`python -m tailored_jax.generate --model=SRC --prompt="..." [--max-new-tokens N]
 [--greedy | --temperature T] [--json]`: try a student (HF dir, GGUF file or round checkpoint)."""
+
 from __future__ import annotations
 
 import json
@@ -23,20 +24,29 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _JSON = flags.DEFINE_bool("json", False, "print token ids and text as JSON")
 
 
-def generate(student, prompt: str, max_new_tokens: int, sampling: SamplingConfig,
-             seed: int = 0) -> tuple[list[int], str]:
+def generate(
+    student, prompt: str, max_new_tokens: int, sampling: SamplingConfig, seed: int = 0
+) -> tuple[list[int], str]:
   tok = student.tokenizer
   ids = tok.encode(prompt)
   tables = StopTables.from_tokenizer(tok, student.model.cfg.vocab_size, blank_line=False)
   # Plain generation, as transformers does it: only ids past the tokenizer are banned.
-  tables = tables.replace(never_v=np.arange(len(tables.never_v)) >= tok.vocab_size,
-                          special_v=np.zeros_like(tables.special_v))
+  tables = tables.replace(
+      never_v=np.arange(len(tables.never_v)) >= tok.vocab_size,
+      special_v=np.zeros_like(tables.special_v),
+  )
   decoder = Decoder(student.model, tables)
   tokens = np.asarray([ids], np.int32)
-  out, lengths = decoder(student.params, tokens, np.ones_like(tokens,
-                                                              bool), jax.random.PRNGKey(seed),
-                         max_new_tokens=max_new_tokens, num_samples=1, sampling=sampling)
-  new = np.asarray(out[0, :int(lengths[0])]).tolist()
+  out, lengths = decoder(
+      student.params,
+      tokens,
+      np.ones_like(tokens, bool),
+      jax.random.PRNGKey(seed),
+      max_new_tokens=max_new_tokens,
+      num_samples=1,
+      sampling=sampling,
+  )
+  new = np.asarray(out[0, : int(lengths[0])]).tolist()
   return new, tok.decode(new)
 
 
@@ -46,8 +56,13 @@ def main(argv):
     raise app.UsageError("--model and --prompt are required")
   temperature = 0.0 if _GREEDY.value else _TEMPERATURE.value
   student = load_student(_MODEL.value)
-  ids, text = generate(student, _PROMPT.value, _MAX_NEW.value,
-                       SamplingConfig(temperature, _TOP_K.value, _TOP_P.value), _SEED.value)
+  ids, text = generate(
+      student,
+      _PROMPT.value,
+      _MAX_NEW.value,
+      SamplingConfig(temperature, _TOP_K.value, _TOP_P.value),
+      _SEED.value,
+  )
   print(
       json.dumps({"prompt": _PROMPT.value, "token_ids": ids, "text": text}) if _JSON.value else text
   )

@@ -1,4 +1,5 @@
 """Every path of a run's workdir, named once (round loop, summary, student loading, reports)."""
+
 from __future__ import annotations
 
 import dataclasses

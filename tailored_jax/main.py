@@ -2,6 +2,7 @@
 
 Parses flags, sets up logging and (on pods) jax.distributed, then hands over to `rounds.run`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -11,12 +12,14 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumed if it exists)")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "validate and print the config, then exit")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "call jax.distributed.initialize() (multi-host pods)")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "call jax.distributed.initialize() (multi-host pods)"
+)
 
 
 def _stopping_errors() -> tuple[type[BaseException], ...]:
@@ -28,8 +31,16 @@ def _stopping_errors() -> tuple[type[BaseException], ...]:
   from tailored_jax.teacher.client import TeacherError
   from tailored_jax.train.trainer import NonFiniteError
   from tailored_jax.workdir import StorageError
-  return (StorageError, checkpointing.CheckpointError, NonFiniteError, config_lib.ConfigError,
-          DataError, ModelImportError, TeacherError)
+
+  return (
+      StorageError,
+      checkpointing.CheckpointError,
+      NonFiniteError,
+      config_lib.ConfigError,
+      DataError,
+      ModelImportError,
+      TeacherError,
+  )
 
 
 class _QuietLibraries(logging.Filter):
@@ -38,7 +49,8 @@ class _QuietLibraries(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     noisy = record.name == "asyncio" or any(
-        f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "asyncio"))
+        f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "asyncio")
+    )
     return record.levelno >= logging.CRITICAL or not noisy
 
 
@@ -62,9 +74,11 @@ def main(argv):
     for handler in logging.getLogger().handlers:
       handler.addFilter(_QuietLibraries())
   import jax
+
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from tailored_jax import config_lib, rounds, summary
+
   try:
     config_lib.validate(_CONFIG.value)
   except config_lib.ConfigError as e:
@@ -80,8 +94,10 @@ def main(argv):
   except _stopping_errors() as e:
     if flags.FLAGS.verbosity >= 1:
       logging.exception("the run stopped")
-    sys.exit(f"error: {e}\n(the same command resumes once this is fixed; --verbosity=1 shows "
-             "the traceback)")
+    sys.exit(
+        f"error: {e}\n(the same command resumes once this is fixed; --verbosity=1 shows "
+        "the traceback)"
+    )
   print(summary.table(records))
   best = summary.best_round(records)
   if best:

@@ -1,6 +1,7 @@
 """Scalars where people look: TensorBoard event files in the workdir (tensorboardX, no
 TensorFlow) and, when `logging.wandb_project` is set, Weights & Biases. Process 0 writes; the
 others hold a writer that does nothing."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,9 +15,19 @@ from tensorboardX.proto import event_pb2, summary_pb2
 
 from tailored_jax import workdir as wd
 
-ROUND_FIELDS = ("train_examples", "optimizer_steps", "mistakes", "teacher_requests",
-                "teacher_tokens", "mistakes_fixed", "mistakes_persistent", "mistakes_new",
-                "val_accuracy", "test_accuracy", "seconds")
+ROUND_FIELDS = (
+    "train_examples",
+    "optimizer_steps",
+    "mistakes",
+    "teacher_requests",
+    "teacher_tokens",
+    "mistakes_fixed",
+    "mistakes_persistent",
+    "mistakes_new",
+    "val_accuracy",
+    "test_accuracy",
+    "seconds",
+)
 
 
 class Metrics:
@@ -39,17 +50,25 @@ class Metrics:
       try:
         import wandb
       except ImportError as e:
-        raise ImportError("logging.wandb_project is set but wandb is not installed: "
-                          "pip install -e '.[wandb]'") from e
-      wandb_run = wandb.init(project=log_cfg.wandb_project, entity=log_cfg.wandb_entity or None,
-                             mode=log_cfg.wandb_mode, name=run_name, config=config,
-                             dir=os.path.dirname(logdir), resume="allow",
-                             id=_wandb_id(run_name, logdir))
+        raise ImportError(
+            "logging.wandb_project is set but wandb is not installed: " "pip install -e '.[wandb]'"
+        ) from e
+      wandb_run = wandb.init(
+          project=log_cfg.wandb_project,
+          entity=log_cfg.wandb_entity or None,
+          mode=log_cfg.wandb_mode,
+          name=run_name,
+          config=config,
+          dir=os.path.dirname(logdir),
+          resume="allow",
+          id=_wandb_id(run_name, logdir),
+      )
     return cls(tensorboard, wandb_run)
 
   def scalars(self, values: dict, step: int) -> None:
     finite = {
-        k: float(v) for k, v in values.items()
+        k: float(v)
+        for k, v in values.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
     }
     if self._tensorboard is not None and finite:
@@ -100,7 +119,8 @@ class _EventFile:
     if self._events is None:
       return
     summary = summary_pb2.Summary(
-        value=[summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
+        value=[summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()]
+    )
     try:
       self._events.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
       self._events.flush()
@@ -116,8 +136,9 @@ class _EventFile:
       self._events = None
 
   def _give_up(self, error: OSError) -> None:
-    logging.warning("TensorBoard events in %s are no longer written: %s", self.logdir,
-                    wd.root_cause(error))
+    logging.warning(
+        "TensorBoard events in %s are no longer written: %s", self.logdir, wd.root_cause(error)
+    )
     events, self._events = self._events, None
     if events is not None:
       try:

@@ -7,6 +7,7 @@ bytes from XLA's memory analysis and the collectives in each compiled program.
 Presets carry the paper's students' public config.json values. A first step of the pod planner
 (issue 12): the numbers are XLA's own, not an analytic estimate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,34 +20,79 @@ import sys
 
 PRESETS = {
     # EleutherAI/gpt-j-6b config.json
-    "gptj_6b": ("gptj",
-                dict(vocab_size=50400, d_model=4096, n_layers=28, n_heads=16, d_ff=16384,
-                     rotary_dim=64, norm_eps=1e-5)),
+    "gptj_6b": (
+        "gptj",
+        dict(
+            vocab_size=50400,
+            d_model=4096,
+            n_layers=28,
+            n_heads=16,
+            d_ff=16384,
+            rotary_dim=64,
+            norm_eps=1e-5,
+        ),
+    ),
     # meta-llama/Meta-Llama-3-8B config.json
-    "llama3_8b": ("llama",
-                  dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                       head_dim=128, d_ff=14336, rope_theta=500000.0, norm_eps=1e-5,
-                       tie_embeddings=False)),
+    "llama3_8b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            head_dim=128,
+            d_ff=14336,
+            rope_theta=500000.0,
+            norm_eps=1e-5,
+            tie_embeddings=False,
+        ),
+    ),
     # HuggingFaceTB/SmolLM2-135M config.json
-    "smollm2_135m": ("llama",
-                     dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                          head_dim=64, d_ff=1536, rope_theta=100000.0, norm_eps=1e-5,
-                          tie_embeddings=True)),
+    "smollm2_135m": (
+        "llama",
+        dict(
+            vocab_size=49152,
+            d_model=576,
+            n_layers=30,
+            n_heads=9,
+            n_kv_heads=3,
+            head_dim=64,
+            d_ff=1536,
+            rope_theta=100000.0,
+            norm_eps=1e-5,
+            tie_embeddings=True,
+        ),
+    ),
     # for tests: a shape whose step the planner is checked on against XLA
-    "planner_check": ("llama",
-                      dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4,
-                           head_dim=32, d_ff=768)),
+    "planner_check": (
+        "llama",
+        dict(
+            vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, d_ff=768
+        ),
+    ),
     # for tests
-    "tiny": ("llama",
-             dict(vocab_size=512, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8,
-                  d_ff=128)),
+    "tiny": (
+        "llama",
+        dict(vocab_size=512, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8, d_ff=128),
+    ),
 }
 
-_COLLECTIVE = re.compile(r"=\s*(.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
-                         r"collective-permute)(?:-start)?\(")
+_COLLECTIVE = re.compile(
+    r"=\s*(.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+    r"collective-permute)(?:-start)?\("
+)
 _BYTES = {
-    "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8,
-    "s64": 8
+    "f32": 4,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "f64": 8,
+    "s64": 8,
 }
 
 _HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
@@ -96,8 +142,10 @@ def collective_op(line: str) -> tuple[str, list[tuple[str, tuple[int, ...]]]] | 
   match = _COLLECTIVE.search(line)
   if not match:
     return None
-  results = [(dtype, tuple(int(d) for d in dims.split(",") if d))
-             for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))]
+  results = [
+      (dtype, tuple(int(d) for d in dims.split(",") if d))
+      for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))
+  ]
   return match.group(2), results
 
 
@@ -129,6 +177,7 @@ def sharded_bytes(tree) -> int:
   """Bytes per device of a tree of ShapeDtypeStructs with shardings (the first device's shard)."""
   import jax
   import numpy as np
+
   total = 0
   for leaf in jax.tree.leaves(tree):
     if leaf is None:
@@ -144,6 +193,7 @@ def model_config(preset: str, model_section):
   from tailored_jax.models.gptj import GPTJConfig
   from tailored_jax.models.layers import execution_of
   from tailored_jax.models.llama import LlamaConfig
+
   family, fields = PRESETS[preset]
   cls = GPTJConfig if family == "gptj" else LlamaConfig
   return cls(**fields, **execution_of(model_section))
@@ -154,6 +204,7 @@ def _split_of(name: str, specs, shardings, mesh) -> int:
   import jax
   import numpy as np
   from jax.sharding import PartitionSpec
+
   is_spec = lambda x: isinstance(x, PartitionSpec)
   for spec, placed in zip(jax.tree.leaves(specs, is_leaf=is_spec), jax.tree.leaves(shardings)):
     if name in tuple(spec):
@@ -190,35 +241,49 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
   trainer = Trainer(model, cfg.train, mesh, cfg.method.reflection_loss)
   t = cfg.train
   rows = lambda shape, dtype, row_axes=sharding.BATCH_AXES: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes))
+      shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes)
+  )
   b, seq = t.batch_size, t.max_seq_len
-  lm = LMBatch(rows((b, seq), jnp.int32), rows((b, seq), jnp.int32), rows((b, seq), bool),
-               rows((b, seq), bool), rows((b, seq), jnp.float32))
+  lm = LMBatch(
+      rows((b, seq), jnp.int32),
+      rows((b, seq), jnp.int32),
+      rows((b, seq), bool),
+      rows((b, seq), bool),
+      rows((b, seq), jnp.float32),
+  )
   sr_rows, cont = t.sr_batch_size or b, t.max_continuation_len
   prefix = max(seq - cont, 8)
   reflection = ReflectionBatch(
-      rows((sr_rows, prefix), jnp.int32), rows((sr_rows, prefix), bool),
-      rows((sr_rows, 3, cont), jnp.int32), rows((sr_rows, 3, cont), bool),
+      rows((sr_rows, prefix), jnp.int32),
+      rows((sr_rows, prefix), bool),
+      rows((sr_rows, 3, cont), jnp.int32),
+      rows((sr_rows, 3, cont), bool),
       rows((sr_rows,), jnp.float32),
-      rows((sr_rows,), jnp.int32) if t.sr_reuse_lm_forward and sr_rows < b else None)
+      rows((sr_rows,), jnp.int32) if t.sr_reuse_lm_forward and sr_rows < b else None,
+  )
   reference = trainer.abstract_state().params if cfg.method.reflection_loss == "dpo" else None
   train_args = (trainer.abstract_state(), lm, reflection, reference)
   planned = trainer.planner.plan()
   budget = int(device_memory_gb * train_memory.GB)
   train_plan = {
-      "planned_gb": planned.as_gb(), "device_memory_gb": device_memory_gb,
+      "planned_gb": planned.as_gb(),
+      "device_memory_gb": device_memory_gb,
       "fits": planned.total <= budget,
-      "largest_batch_that_fits": trainer.planner.largest_batch(budget)
+      "largest_batch_that_fits": trainer.planner.largest_batch(budget),
   }
 
   layout = cfg.mesh.decode_layout
   decode_model = for_decoding(model)
   per_layer = abstract_boxed_params(decode_model)
   per_layer_abstract = nn.meta.unbox(per_layer)
-  decode_shardings = sharding.decode_shardings(nn.get_partition_spec(per_layer), per_layer_abstract,
-                                               mesh, layout)
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        per_layer_abstract, decode_shardings)
+  decode_shardings = sharding.decode_shardings(
+      nn.get_partition_spec(per_layer), per_layer_abstract, mesh, layout
+  )
+  params = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      per_layer_abstract,
+      decode_shardings,
+  )
   e = cfg.exam
   prompt = max(seq - e.max_new_tokens, 8)
   row_axes = sharding.decode_row_axes(layout, decode_shardings)
@@ -229,74 +294,120 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
       "planned_gb": {
           "parameters": round(sharded_bytes(params) / train_memory.GB, 3),
           "cache_and_buffers": round(
-              per_prompt.total * max(decode_rows, 1) / head_split / train_memory.GB, 3)
+              per_prompt.total * max(decode_rows, 1) / head_split / train_memory.GB, 3
+          ),
       }
   }
   report = {
-      "model": preset, "parameters": trainer.num_params, "dtype": arch.dtype,
-      "param_dtype": arch.param_dtype, "remat": arch.remat, "scan_layers": arch.scan_layers,
-      "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)), "devices": mesh.size,
-      "slice": cfg.mesh.get("preset", ""), "train_step": {
-          "batch": b, "seq_len": seq, "self_reflection_rows": sr_rows, "prefix": prefix,
-          "continuation": cont, "parameters_per_device": planned.parameters,
-          "optimizer_per_device": planned.optimizer, **train_plan
-      }, "exam_decode": {
-          "prompts": e.batch_size, "samples": e.num_samples, "prompt_len": prompt,
-          "new_tokens": e.max_new_tokens, "layout": layout, "rows_over": list(row_axes),
-          "parameters_per_device": sharded_bytes(params), **exam_plan
-      }
+      "model": preset,
+      "parameters": trainer.num_params,
+      "dtype": arch.dtype,
+      "param_dtype": arch.param_dtype,
+      "remat": arch.remat,
+      "scan_layers": arch.scan_layers,
+      "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)),
+      "devices": mesh.size,
+      "slice": cfg.mesh.get("preset", ""),
+      "train_step": {
+          "batch": b,
+          "seq_len": seq,
+          "self_reflection_rows": sr_rows,
+          "prefix": prefix,
+          "continuation": cont,
+          "parameters_per_device": planned.parameters,
+          "optimizer_per_device": planned.optimizer,
+          **train_plan,
+      },
+      "exam_decode": {
+          "prompts": e.batch_size,
+          "samples": e.num_samples,
+          "prompt_len": prompt,
+          "new_tokens": e.max_new_tokens,
+          "layout": layout,
+          "rows_over": list(row_axes),
+          "parameters_per_device": sharded_bytes(params),
+          **exam_plan,
+      },
   }
   if not compile_steps:
     return report
   train = trainer.step_fn().lower(*train_args).compile()
   tables = jax.tree.map(jnp.asarray, decode.StopTables.never_stop(arch.vocab_size))
   generate = jax.jit(
-      functools.partial(decode.generate, model=decode_model, max_new_tokens=e.max_new_tokens,
-                        num_samples=e.num_samples,
-                        sampling=SamplingConfig(e.temperature, e.top_k, e.top_p),
-                        rows=sharding.decode_batch_sharding(mesh, 2, row_axes)))
-  exam_args = (params, rows((e.batch_size, prompt), jnp.int32,
-                            row_axes), rows((e.batch_size, prompt), bool, row_axes),
-               rows((e.batch_size, e.num_samples, 2), jnp.uint32, row_axes))
+      functools.partial(
+          decode.generate,
+          model=decode_model,
+          max_new_tokens=e.max_new_tokens,
+          num_samples=e.num_samples,
+          sampling=SamplingConfig(e.temperature, e.top_k, e.top_p),
+          rows=sharding.decode_batch_sharding(mesh, 2, row_axes),
+      )
+  )
+  exam_args = (
+      params,
+      rows((e.batch_size, prompt), jnp.int32, row_axes),
+      rows((e.batch_size, prompt), bool, row_axes),
+      rows((e.batch_size, e.num_samples, 2), jnp.uint32, row_axes),
+  )
   exam = generate.lower(*exam_args, tables).compile()
   train_memory_xla = memory(train)
   report["train_step"].update(
-      xla_bytes_per_device=train_memory_xla, inputs_from_shardings=sharded_bytes(train_args),
-      planned_temp_over_xla_temp=round(planned.temporaries / max(train_memory_xla["temp"], 1),
-                                       3), collectives=collectives(train.as_text()))
-  report["exam_decode"].update(xla_bytes_per_device=memory(exam),
-                               collectives=collectives(exam.as_text()))
+      xla_bytes_per_device=train_memory_xla,
+      inputs_from_shardings=sharded_bytes(train_args),
+      planned_temp_over_xla_temp=round(planned.temporaries / max(train_memory_xla["temp"], 1), 3),
+      collectives=collectives(train.as_text()),
+  )
+  report["exam_decode"].update(
+      xla_bytes_per_device=memory(exam), collectives=collectives(exam.as_text())
+  )
   return report
 
 
 def main(argv=None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--config", required=True)
   parser.add_argument("--model", required=True, choices=sorted(PRESETS))
   parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
   parser.add_argument("--devices", type=int, default=8, help="how many devices the mesh spans")
-  parser.add_argument("--device_memory_gb", type=float, default=80.0,
-                      help="each device's memory, for 'fits' and the largest batch")
-  parser.add_argument("--slice", default="",
-                      help="a mesh preset (config_lib.MESH_PRESETS): its devices, mesh, memory")
-  parser.add_argument("--no_compile", action="store_true",
-                      help="the planner's figures only (seconds), without XLA's")
+  parser.add_argument(
+      "--device_memory_gb",
+      type=float,
+      default=80.0,
+      help="each device's memory, for 'fits' and the largest batch",
+  )
+  parser.add_argument(
+      "--slice",
+      default="",
+      help="a mesh preset (config_lib.MESH_PRESETS): its devices, mesh, memory",
+  )
+  parser.add_argument(
+      "--no_compile",
+      action="store_true",
+      help="the planner's figures only (seconds), without XLA's",
+  )
   args, overrides = parser.parse_known_args(argv)
   if args.slice:
     from tailored_jax.config_lib import MESH_PRESETS
+
     if args.slice not in MESH_PRESETS:
       sys.exit(f"error: --slice={args.slice!r} is not one of {sorted(MESH_PRESETS)}")
     devices, memory_gb, sizes = MESH_PRESETS[args.slice]
     args.devices, args.device_memory_gb, args.mesh = devices, memory_gb, ",".join(map(str, sizes))
   if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     env = dict(
-        os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={args.devices}"),
-        JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        os.environ,
+        XLA_FLAGS=(
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={args.devices}"
+        ),
+        JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+    )
     sys.exit(subprocess.call([sys.executable, "-m", "tailored_jax.plan", *argv], env=env))
   from tailored_jax import config_lib
+
   cfg = config_lib.from_file(args.config)
   try:
     config_lib.apply_overrides(cfg, overrides)
@@ -307,8 +418,10 @@ def main(argv=None) -> None:
   try:
     report = lower(cfg, args.model, args.device_memory_gb, not args.no_compile)
   except ValueError as e:  # e.g. a batch the mesh's batch axes do not divide
-    sys.exit(f"error: {args.config} on mesh {args.mesh} over {args.devices} devices: "
-             f"{str(e).splitlines()[0]}")
+    sys.exit(
+        f"error: {args.config} on mesh {args.mesh} over {args.devices} devices: "
+        f"{str(e).splitlines()[0]}"
+    )
   print(json.dumps(report, indent=2))
 
 

@@ -1,6 +1,7 @@
 """One progress display per phase: done/total, rate and ETA (plus the phase's own fields, e.g. the
 loss). On a terminal it is a tqdm bar; elsewhere (CI, SLURM logs, a pipe) a log line at most every
 `every_s` seconds and one at the end. Only the writing process shows it."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,17 @@ def _clock_text(seconds: float) -> str:
 
 class Progress:
 
-  def __init__(self, label: str, total: int, unit: str, *, every_s: float = 30.0, stream=None,
-               clock: Callable[[], float] = time.monotonic, start: int = 0):
+  def __init__(
+      self,
+      label: str,
+      total: int,
+      unit: str,
+      *,
+      every_s: float = 30.0,
+      stream=None,
+      clock: Callable[[], float] = time.monotonic,
+      start: int = 0,
+  ):
     self.label, self.total, self.unit = label, total, unit
     self.every_s, self.clock = every_s, clock
     self.done = start
@@ -33,14 +43,23 @@ class Progress:
     self._bar = None
     if self.enabled and getattr(stream, "isatty", lambda: False)():
       from tqdm import tqdm
-      self._bar = tqdm(total=total, initial=start, desc=label, unit=unit, file=stream,
-                       dynamic_ncols=True, leave=True)
+
+      self._bar = tqdm(
+          total=total,
+          initial=start,
+          desc=label,
+          unit=unit,
+          file=stream,
+          dynamic_ncols=True,
+          leave=True,
+      )
 
   def update(self, n: int = 1, **fields) -> None:
     """`n` more done; `fields` (already formatted or numbers) shown beside the count."""
     self.done += n
     self.fields.update(
-        {k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in fields.items()})
+        {k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in fields.items()}
+    )
     if not self.enabled:
       return
     if self._bar is not None:
@@ -58,8 +77,10 @@ class Progress:
     left = (self.total - self.done) / rate if rate > 0 else float("inf")
     eta = _clock_text(left) if left != float("inf") else "?"
     extra = "".join(f", {k} {v}" for k, v in self.fields.items())
-    return (f"{self.label}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate:.3g} "
-            f"{self.unit}/s, ETA {eta}{extra}")
+    return (
+        f"{self.label}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate:.3g} "
+        f"{self.unit}/s, ETA {eta}{extra}"
+    )
 
   def _log(self) -> None:
     self._last_line = self.clock()

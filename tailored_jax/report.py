@@ -3,6 +3,7 @@ Markdown with a PNG beside it (DIR/report.md, DIR/report.png): the config, accur
 (and the compared run's), mistakes fixed/persistent/new, teacher cost per round, and sampled
 questions showing the student's wrong rationale, the tailored feedback and what the next exam
 made of the question. Everything is read from the run's own files; nothing is recomputed."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,21 @@ import sys
 from tailored_jax import workdir as wd
 from tailored_jax.layout import Layout
 
-CONFIG_FIELDS = ("task.name", "model.init_from", "model.family", "rounds", "seed",
-                 "method.feedback", "method.self_reflection", "teacher.kind", "teacher.model",
-                 "teacher.num_rationales", "exam.num_samples", "train.epochs", "train.lr")
+CONFIG_FIELDS = (
+    "task.name",
+    "model.init_from",
+    "model.family",
+    "rounds",
+    "seed",
+    "method.feedback",
+    "method.self_reflection",
+    "teacher.kind",
+    "teacher.model",
+    "teacher.num_rationales",
+    "exam.num_samples",
+    "train.epochs",
+    "train.lr",
+)
 
 
 def _field(config: dict, dotted: str):
@@ -63,17 +76,25 @@ def feedback_examples(workdir: str, samples: int) -> list[dict]:
     first_per_question = {}
     for d in records:
       first_per_question.setdefault(d["qid"], d)
-    chosen = sorted(first_per_question.values(),
-                    key=lambda d: hashlib.sha256(d["qid"].encode()).hexdigest())[:samples]
+    chosen = sorted(
+        first_per_question.values(), key=lambda d: hashlib.sha256(d["qid"].encode()).hexdigest()
+    )[:samples]
     after = _outcomes(layout, r)
     for d in chosen:
       question = questions.get(d["qid"], {})
-      shown.append({
-          "round": r - 1, "qid": d["qid"], "question": question.get("question", ""),
-          "gold": question.get("gold", ""), "student": d.get("student_output", ""),
-          "feedback": d.get("feedback", ""), "teacher": d["continuation"],
-          "next_exam_wrong": None if after is None else after.get(d["qid"]), "samples": k
-      })
+      shown.append(
+          {
+              "round": r - 1,
+              "qid": d["qid"],
+              "question": question.get("question", ""),
+              "gold": question.get("gold", ""),
+              "student": d.get("student_output", ""),
+              "feedback": d.get("feedback", ""),
+              "teacher": d["continuation"],
+              "next_exam_wrong": None if after is None else after.get(d["qid"]),
+              "samples": k,
+          }
+      )
   return shown
 
 
@@ -101,17 +122,25 @@ def markdown(workdir: str, compare: str | None, samples: int, plot_name: str | N
   if plot_name:
     lines += ["", f"![accuracy per round]({plot_name})"]
   lines += [
-      "", "## Mistakes and teacher cost per round", "",
+      "",
+      "## Mistakes and teacher cost per round",
+      "",
       "| round | train examples | exam mistakes | fixed | persistent | new | teacher requests | "
-      "teacher tokens | teacher replies rejected |", "|---|---|---|---|---|---|---|---|---|"
+      "teacher tokens | teacher replies rejected |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in records:
     rejected = ", ".join(f"{k} {v}" for k, v in (r.get("teacher_rejected") or {}).items()) or "—"
     cells = [
-        r["round"], r["train_examples"], r["mistakes"],
+        r["round"],
+        r["train_examples"],
+        r["mistakes"],
         r.get("mistakes_fixed"),
         r.get("mistakes_persistent"),
-        r.get("mistakes_new"), r["teacher_requests"], f"{r['teacher_tokens']:,}", rejected
+        r.get("mistakes_new"),
+        r["teacher_requests"],
+        f"{r['teacher_tokens']:,}",
+        rejected,
     ]
     lines.append("| " + " | ".join("—" if c is None else str(c) for c in cells) + " |")
   stop = next((r["stop_reason"] for r in records if r.get("stop_reason")), None)
@@ -128,27 +157,42 @@ def markdown(workdir: str, compare: str | None, samples: int, plot_name: str | N
     else:
       after = f"wrong in {e['next_exam_wrong']} of {e['samples']} samples"
     lines += [
-        f"### {e['qid']} (exam after round {e['round']})", "", f"**Question.** {e['question']}",
-        f"(gold: {e['gold']})", "", f"**Student (wrong).** {' '.join(e['student'].split())}", "",
-        f"**Teacher feedback.** {e['feedback'] or '—'}", "",
-        f"**Teacher rationale (trained on next round).** {' '.join(e['teacher'].split())}", "",
-        f"**Next exam.** {after}.", ""
+        f"### {e['qid']} (exam after round {e['round']})",
+        "",
+        f"**Question.** {e['question']}",
+        f"(gold: {e['gold']})",
+        "",
+        f"**Student (wrong).** {' '.join(e['student'].split())}",
+        "",
+        f"**Teacher feedback.** {e['feedback'] or '—'}",
+        "",
+        f"**Teacher rationale (trained on next round).** {' '.join(e['teacher'].split())}",
+        "",
+        f"**Next exam.** {after}.",
+        "",
     ]
   return "\n".join(lines).rstrip() + "\n"
 
 
 def plot(path: str, workdir: str, compare: str | None) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(6, 4))
   runs = [(workdir, "-")] + ([(compare, "--")] if compare else [])
   for run, style in runs:
     records = _read_run(run)[1]
     rounds = [r["round"] for r in records]
     for key, label in (("val_accuracy", "val"), ("test_accuracy", "test")):
-      ax.plot(rounds, [100 * (r.get(key) or float("nan")) for r in records], style, marker="o",
-              label=f"{os.path.basename(os.path.normpath(run))} {label}")
+      ax.plot(
+          rounds,
+          [100 * (r.get(key) or float("nan")) for r in records],
+          style,
+          marker="o",
+          label=f"{os.path.basename(os.path.normpath(run))} {label}",
+      )
   ax.set_xlabel("round")
   ax.set_ylabel("accuracy (%)")
   ax.grid(alpha=0.3)

@@ -5,6 +5,7 @@ prepare → annotate (D_1) → [exam_0 (N_0)] → for r = 1..R: train_r → eval
 done in state.json; a re-run skips done phases, reuses cached teacher replies and resumes a
 killed training round from its newest checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,14 +60,18 @@ class Run:
     self.by_id: dict[str, Example] = {e.id: e for split in self.splits.values() for e in split}
     self.demos = self.task.demos()
     self.mesh = sharding.make_mesh(cfg)
-    self.pretrained: Pretrained | None = (open_pretrained(cfg.model.init_from)
-                                          if cfg.model.init_from else None)
+    self.pretrained: Pretrained | None = (
+        open_pretrained(cfg.model.init_from) if cfg.model.init_from else None
+    )
     self.student: StudentRuntime | None = None  # built once the tokenizer exists (after prepare)
     self._server = None
     self._client = None
-    self.metrics = Metrics.for_run(cfg.logging, self.layout.tensorboard,
-                                   os.path.basename(os.path.abspath(workdir)),
-                                   json.loads(cfg.to_json()))
+    self.metrics = Metrics.for_run(
+        cfg.logging,
+        self.layout.tensorboard,
+        os.path.basename(os.path.abspath(workdir)),
+        json.loads(cfg.to_json()),
+    )
 
   # ---- plumbing -------------------------------------------------------------------------------
   def _check_config(self) -> None:
@@ -77,7 +82,8 @@ class Run:
       if changed:
         raise config_lib.ConfigError(
             f"{path}: this workdir was made with a different config; fields changed: "
-            f"{', '.join(changed)}. Use a new --workdir, or the same values.")
+            f"{', '.join(changed)}. Use a new --workdir, or the same values."
+        )
     wd.write_json(path, current)
 
   def _phase(self, name: str, fn, writer_only: bool = False) -> None:
@@ -117,10 +123,14 @@ class Run:
       t = self.cfg.teacher
       cache = ReplyCache(self.layout.teacher_cache, teacher_prompts.PROMPT_VERSION)
       if t.kind in ("local", "dataset"):
-        answer = (DatasetAnswers(self.splits["train"], f"task {self.cfg.task.name}")
-                  if t.kind == "dataset" else None)
-        self._server = LocalTeacherServer(seed=self.cfg.seed, error_rate=t.local_error_rate,
-                                          answer=answer)
+        answer = (
+            DatasetAnswers(self.splits["train"], f"task {self.cfg.task.name}")
+            if t.kind == "dataset"
+            else None
+        )
+        self._server = LocalTeacherServer(
+            seed=self.cfg.seed, error_rate=t.local_error_rate, answer=answer
+        )
         base_url, model, api_key = self._server.start(), DEFAULT_MODEL, ""
       elif t.kind == "replay":  # answers from a recording alone; nothing is sent anywhere
         cache = ReplyCache(t.replay_from, teacher_prompts.PROMPT_VERSION, read_only=True)
@@ -129,15 +139,25 @@ class Run:
         base_url, api_key = "http://replay.invalid/v1", ""
       else:
         base_url, model, api_key = t.base_url, t.model, os.environ.get(t.api_key_env, "")
-      self._client = ChatClient(base_url, model, api_key=api_key, cache=cache,
-                                max_concurrency=t.max_concurrency, max_retries=t.max_retries,
-                                timeout_s=t.timeout_s, backoff_s=t.backoff_s,
-                                requests_per_minute=t.requests_per_minute, supports_n=t.supports_n,
-                                max_requests=t.max_requests, connect_timeout_s=t.connect_timeout_s,
-                                replay_only=t.kind == "replay",
-                                tokens_per_minute=t.tokens_per_minute,
-                                max_total_tokens=t.max_total_tokens, max_cost=t.max_cost,
-                                price=config_lib.parse_prices(t.prices).get(model))
+      self._client = ChatClient(
+          base_url,
+          model,
+          api_key=api_key,
+          cache=cache,
+          max_concurrency=t.max_concurrency,
+          max_retries=t.max_retries,
+          timeout_s=t.timeout_s,
+          backoff_s=t.backoff_s,
+          requests_per_minute=t.requests_per_minute,
+          supports_n=t.supports_n,
+          max_requests=t.max_requests,
+          connect_timeout_s=t.connect_timeout_s,
+          replay_only=t.kind == "replay",
+          tokens_per_minute=t.tokens_per_minute,
+          max_total_tokens=t.max_total_tokens,
+          max_cost=t.max_cost,
+          price=config_lib.parse_prices(t.prices).get(model),
+      )
     return self._client
 
   def close(self) -> None:
@@ -188,8 +208,9 @@ class Run:
     cost = None
     if price and os.path.exists(path):
       usage = wd.read_json(path)["usage"]
-      cost = (usage.get("prompt_tokens", 0) * price[0]
-              + usage.get("completion_tokens", 0) * price[1]) / 1e6
+      cost = (
+          usage.get("prompt_tokens", 0) * price[0] + usage.get("completion_tokens", 0) * price[1]
+      ) / 1e6
     self.metrics.round_record(record, cost)
 
   # ---- the stop rule (`rounds` is then a maximum) ---------------------------------------------
@@ -204,8 +225,10 @@ class Run:
     least = self.cfg.method.stop_min_mistakes
     found = wd.read_json(self.layout.exam_report(r))["mistakes"]
     if least and found < least:
-      return (f"the exam after round {r} found {found} mistakes, fewer than "
-              f"method.stop_min_mistakes={least}")
+      return (
+          f"the exam after round {r} found {found} mistakes, fewer than "
+          f"method.stop_min_mistakes={least}"
+      )
     return None
 
   def _stopped(self, r: int, reason: str | None) -> bool:
@@ -219,8 +242,10 @@ class Run:
 
   def prepare(self) -> None:
     for split, examples in self.splits.items():
-      wd.write_jsonl(self.layout.data(split),
-                     [{"id": e.id, "question": e.question, "gold": e.gold} for e in examples])
+      wd.write_jsonl(
+          self.layout.data(split),
+          [{"id": e.id, "question": e.question, "gold": e.gold} for e in examples],
+      )
     if self.pretrained is not None:
       tokenizer = self.pretrained.tokenizer
       if self.cfg.model.add_pad_token and vocab.needs_pad(tokenizer):
@@ -236,9 +261,17 @@ class Run:
       tokenizer = train_bpe(corpus, self.cfg.tokenizer.vocab_size)
     tokenizer.save(self.layout.tokenizer)
 
-  def _keep_correct(self, example: Example, texts: list[str], source: str, round_index: int,
-                    seen: set[str], counts: dict, mistake: str = "",
-                    finish_reasons: list[str] | None = None) -> list[dict]:
+  def _keep_correct(
+      self,
+      example: Example,
+      texts: list[str],
+      source: str,
+      round_index: int,
+      seen: set[str],
+      counts: dict,
+      mistake: str = "",
+      finish_reasons: list[str] | None = None,
+  ) -> list[dict]:
     """Teacher replies whose answer is right, in training form; counts why others were dropped
     (cut at max_tokens: truncated; withheld by the provider: content_filter; unparseable, wrong
     answer, duplicate). Feedback records also keep the student's wrong rationale and the
@@ -264,9 +297,11 @@ class Run:
       seen.add(reply.rationale)
       record = {
           "qid": example.id,
-          "continuation": self.task.format_continuation(example.question, reply.rationale,
-                                                        example.gold), "source": source,
-          "round": round_index
+          "continuation": self.task.format_continuation(
+              example.question, reply.rationale, example.gold
+          ),
+          "source": source,
+          "round": round_index,
       }
       if mistake:
         record.update(student_output=mistake, feedback=reply.feedback)
@@ -277,39 +312,68 @@ class Run:
     start = time.time()
     with Progress(label, len(requests), "requests") as progress:
       results, usage = self.client().run(
-          requests, on_reply=lambda i, reply: progress.update(
-              1, tokens=reply.prompt_tokens + reply.completion_tokens))
+          requests,
+          on_reply=lambda i, reply: progress.update(
+              1, tokens=reply.prompt_tokens + reply.completion_tokens
+          ),
+      )
     failures = [r for r in results if isinstance(r, TeacherError)]
-    logging.info("%s: %d requests paid, %d from cache, %d tokens, %d retries, %.1fs", label,
-                 usage.requests, usage.cache_hits, usage.tokens, usage.retries,
-                 time.time() - start)
+    logging.info(
+        "%s: %d requests paid, %d from cache, %d tokens, %d retries, %.1fs",
+        label,
+        usage.requests,
+        usage.cache_hits,
+        usage.tokens,
+        usage.retries,
+        time.time() - start,
+    )
     if failures:
-      raise TeacherError(f"{label}: {len(failures)} of {len(requests)} teacher requests failed "
-                         f"(replies received so far are cached; re-run to retry). First: "
-                         f"{failures[0]}")
+      raise TeacherError(
+          f"{label}: {len(failures)} of {len(requests)} teacher requests failed "
+          f"(replies received so far are cached; re-run to retry). First: "
+          f"{failures[0]}"
+      )
     return results, usage
 
   def annotate(self) -> None:
     t = self.cfg.teacher
     train = self.splits["train"]
     requests = [
-        ChatRequest(teacher_prompts.annotation_messages(e.question, self.demos, self.task.format),
-                    n=t.num_rationales, temperature=t.temperature, max_tokens=t.max_tokens)
+        ChatRequest(
+            teacher_prompts.annotation_messages(e.question, self.demos, self.task.format),
+            n=t.num_rationales,
+            temperature=t.temperature,
+            max_tokens=t.max_tokens,
+        )
         for e in train
     ]
     results, usage = self._ask_teacher(requests, "annotate")
     data, counts = [], {}
     for example, reply in zip(train, results):
       data.extend(
-          self._keep_correct(example, reply.texts, "annotation", 1, set(), counts,
-                             finish_reasons=reply.finish_reasons))
+          self._keep_correct(
+              example,
+              reply.texts,
+              "annotation",
+              1,
+              set(),
+              counts,
+              finish_reasons=reply.finish_reasons,
+          )
+      )
     wd.write_jsonl(self.layout.teacher_data(1), data)
     wd.write_json(
-        self.layout.teacher_report(1), {
-            "phase": "annotate", "usage": usage.as_dict(), "kept": len(data), "dropped": counts,
-            "questions": len(train), "questions_with_two_rationales": _count_questions_with(
-                data, 2), "prompt_version": teacher_prompts.PROMPT_VERSION
-        })
+        self.layout.teacher_report(1),
+        {
+            "phase": "annotate",
+            "usage": usage.as_dict(),
+            "kept": len(data),
+            "dropped": counts,
+            "questions": len(train),
+            "questions_with_two_rationales": _count_questions_with(data, 2),
+            "prompt_version": teacher_prompts.PROMPT_VERSION,
+        },
+    )
 
   def exam(self, round_index: int) -> None:
     """k sampled rationales per train question; distinct wrong ones are the round's mistakes."""
@@ -319,13 +383,21 @@ class Run:
     self.student.trainer.check_finite_params(params, f"round {round_index}, before the exam")
     prompts = [self.task.format_prefix(x.question, self.demos) for x in train]
     sampling = SamplingConfig(e.temperature, e.top_k, e.top_p)
-    outputs = generate_texts(self.student.decoder, self.student.decode_params(round_index),
-                             self.student.tokenizer, prompts, mesh=self.mesh,
-                             num_samples=e.num_samples, sampling=sampling,
-                             max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                             rng=jax.random.PRNGKey(self.cfg.seed * 1000 + round_index),
-                             label=f"exam {round_index}", decode_layout=self.student.decode_layout,
-                             memory_budget_bytes=int(e.memory_budget_gb * 2**30))
+    outputs = generate_texts(
+        self.student.decoder,
+        self.student.decode_params(round_index),
+        self.student.tokenizer,
+        prompts,
+        mesh=self.mesh,
+        num_samples=e.num_samples,
+        sampling=sampling,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        rng=jax.random.PRNGKey(self.cfg.seed * 1000 + round_index),
+        label=f"exam {round_index}",
+        decode_layout=self.student.decode_layout,
+        memory_budget_bytes=int(e.memory_budget_gb * 2**30),
+    )
     mistakes, outcomes, correct_samples, always_right = [], [], 0, 0
     for example, samples in zip(train, outputs):
       seen, wrong_here = set(), 0
@@ -336,23 +408,34 @@ class Run:
           continue
         wrong_here += 1
         negative = record["rationale"]
-        if negative.strip() and negative not in seen and (
-            len(seen) < self.cfg.teacher.max_mistakes_per_question):
+        if (
+            negative.strip()
+            and negative not in seen
+            and (len(seen) < self.cfg.teacher.max_mistakes_per_question)
+        ):
           seen.add(negative)
-          mistakes.append({
-              "qid": example.id, "output": negative, "answer": record["answer"],
-              "error": record["error"]
-          })
+          mistakes.append(
+              {
+                  "qid": example.id,
+                  "output": negative,
+                  "answer": record["answer"],
+                  "error": record["error"],
+              }
+          )
       always_right += wrong_here == 0
       outcomes.append({"qid": example.id, "samples": len(samples), "wrong": wrong_here})
     wd.write_jsonl(self.layout.exam_outcomes(round_index), outcomes)
     wd.write_jsonl(self.layout.mistakes(round_index), mistakes)
     wd.write_json(
-        self.layout.exam_report(round_index), {
-            "questions": len(train), "samples": len(train) * e.num_samples,
-            "correct_samples": correct_samples, "questions_always_right": always_right,
-            "mistakes": len(mistakes)
-        })
+        self.layout.exam_report(round_index),
+        {
+            "questions": len(train),
+            "samples": len(train) * e.num_samples,
+            "correct_samples": correct_samples,
+            "questions_always_right": always_right,
+            "mistakes": len(mistakes),
+        },
+    )
 
   def feedback(self, round_index: int) -> None:
     """Tailored rationales for round r's mistakes: the data D_{r+1}."""
@@ -360,26 +443,47 @@ class Run:
     mistakes = wd.read_jsonl(self.layout.mistakes(round_index))
     requests = [
         ChatRequest(
-            teacher_prompts.feedback_messages(self.by_id[m["qid"]].question, m["output"],
-                                              self.by_id[m["qid"]].gold, self.demos,
-                                              self.task.format), n=t.feedback_samples,
-            temperature=t.temperature, max_tokens=t.max_tokens) for m in mistakes
+            teacher_prompts.feedback_messages(
+                self.by_id[m["qid"]].question,
+                m["output"],
+                self.by_id[m["qid"]].gold,
+                self.demos,
+                self.task.format,
+            ),
+            n=t.feedback_samples,
+            temperature=t.temperature,
+            max_tokens=t.max_tokens,
+        )
+        for m in mistakes
     ]
     results, usage = self._ask_teacher(requests, f"feedback {round_index}")
     data, counts, seen_by_question = [], {}, {}
     for mistake, reply in zip(mistakes, results):
       seen = seen_by_question.setdefault(mistake["qid"], set())
       data.extend(
-          self._keep_correct(self.by_id[mistake["qid"]], reply.texts, "feedback", round_index + 1,
-                             seen, counts, mistake=mistake["output"],
-                             finish_reasons=reply.finish_reasons))
+          self._keep_correct(
+              self.by_id[mistake["qid"]],
+              reply.texts,
+              "feedback",
+              round_index + 1,
+              seen,
+              counts,
+              mistake=mistake["output"],
+              finish_reasons=reply.finish_reasons,
+          )
+      )
     wd.write_jsonl(self.layout.teacher_data(round_index + 1), data)
     wd.write_json(
-        self.layout.teacher_report(round_index + 1), {
-            "phase": f"feedback_{round_index}", "usage": usage.as_dict(), "kept": len(data),
-            "dropped": counts, "mistakes": len(mistakes),
-            "prompt_version": teacher_prompts.PROMPT_VERSION
-        })
+        self.layout.teacher_report(round_index + 1),
+        {
+            "phase": f"feedback_{round_index}",
+            "usage": usage.as_dict(),
+            "kept": len(data),
+            "dropped": counts,
+            "mistakes": len(mistakes),
+            "prompt_version": teacher_prompts.PROMPT_VERSION,
+        },
+    )
 
   def training_data(self, round_index: int) -> list[dict]:
     first = 1 if self.cfg.method.accumulate_data else round_index
@@ -401,8 +505,9 @@ class Run:
       return
     data = self.training_data(round_index)
     if not data:
-      raise RuntimeError(f"round {round_index}: no teacher data to train on "
-                         "(see round_*/teacher.json)")
+      raise RuntimeError(
+          f"round {round_index}: no teacher data to train on " "(see round_*/teacher.json)"
+      )
     negatives: dict[str, list[str]] = {}
     mistakes_path = self.layout.mistakes(round_index - 1)
     if c.method.self_reflection and os.path.exists(mistakes_path):
@@ -410,38 +515,60 @@ class Run:
         negatives.setdefault(m["qid"], []).append(m["output"])
     qids = sorted({d["qid"] for d in data})
     prefixes = {q: self.task.format_prefix(self.by_id[q].question, self.demos) for q in qids}
-    batcher = Batcher(self.student.tokenizer, prefixes,
-                      [TrainExample(d["qid"], d["continuation"]) for d in data], negatives,
-                      batch_size=c.train.batch_size, max_seq_len=c.train.max_seq_len,
-                      max_continuation_len=c.train.max_continuation_len,
-                      prefix_weight=c.train.prefix_weight, max_positives=c.train.max_positives,
-                      max_negatives=c.train.max_negatives, sr_batch_size=c.train.sr_batch_size,
-                      seed=derive_seed(c.seed, round_index, 2), length_bucket=c.train.length_bucket,
-                      sr_reuse_lm_forward=c.train.sr_reuse_lm_forward)
+    batcher = Batcher(
+        self.student.tokenizer,
+        prefixes,
+        [TrainExample(d["qid"], d["continuation"]) for d in data],
+        negatives,
+        batch_size=c.train.batch_size,
+        max_seq_len=c.train.max_seq_len,
+        max_continuation_len=c.train.max_continuation_len,
+        prefix_weight=c.train.prefix_weight,
+        max_positives=c.train.max_positives,
+        max_negatives=c.train.max_negatives,
+        sr_batch_size=c.train.sr_batch_size,
+        seed=derive_seed(c.seed, round_index, 2),
+        length_bucket=c.train.length_bucket,
+        sr_reuse_lm_forward=c.train.sr_reuse_lm_forward,
+    )
     trainer = self.student.trainer
     start_params = self.student.params(round_index - 1)
     carried = None
     if not c.method.fresh_optimizer and round_index > 1:
       carried = trainer.restore_carry(self.layout.optimizer_dir(round_index - 1), start_params)
     earlier_steps = sum(
-        wd.read_json(self.layout.train_report(r))["steps"] for r in range(1, round_index)
-        if os.path.exists(self.layout.train_report(r)))
-    state, metrics = trainer.train_round(start_params, batcher, seed=c.seed,
-                                         round_index=round_index, checkpoint_dir=checkpoint_dir,
-                                         state=carried, metrics=self.metrics,
-                                         step_offset=earlier_steps)
+        wd.read_json(self.layout.train_report(r))["steps"]
+        for r in range(1, round_index)
+        if os.path.exists(self.layout.train_report(r))
+    )
+    state, metrics = trainer.train_round(
+        start_params,
+        batcher,
+        seed=c.seed,
+        round_index=round_index,
+        checkpoint_dir=checkpoint_dir,
+        state=carried,
+        metrics=self.metrics,
+        step_offset=earlier_steps,
+    )
     params = state.params
     trainer.check_finite_params(params, f"round {round_index} after training")
     if not c.method.fresh_optimizer:
       # Saved before the params: a round counts as trained once its params exist.
-      checkpointing.save_params(self.layout.optimizer_dir(round_index),
-                                trainer.optimizer_carry(state))
+      checkpointing.save_params(
+          self.layout.optimizer_dir(round_index), trainer.optimizer_carry(state)
+      )
     checkpointing.save_params(params_dir, params)
     self.student.hold(round_index, params)
     wd.write_json(
         self.layout.train_report(round_index),
-        dict(metrics, examples=len(data), questions=len(qids),
-             negatives=sum(len(v) for v in negatives.values())))
+        dict(
+            metrics,
+            examples=len(data),
+            questions=len(qids),
+            negatives=sum(len(v) for v in negatives.values()),
+        ),
+    )
     sharding.barrier(f"saved round {round_index}")
     if wd.is_writer():
       shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -451,19 +578,32 @@ class Run:
     results = {}
     for split in [s.strip() for s in self.cfg.eval.splits.split(",") if s.strip()]:
       examples = self.splits[split]
-      outputs = generate_texts(self.student.decoder, params, self.student.tokenizer,
-                               [self.task.format_prefix(x.question, self.demos) for x in examples],
-                               mesh=self.mesh, num_samples=1, sampling=SamplingConfig(),
-                               max_new_tokens=self.task.max_new_tokens,
-                               batch_size=self.cfg.eval.batch_size, rng=jax.random.PRNGKey(0),
-                               label=f"evaluate {round_index} {split}",
-                               decode_layout=self.student.decode_layout,
-                               memory_budget_bytes=int(self.cfg.exam.memory_budget_gb * 2**30))
+      outputs = generate_texts(
+          self.student.decoder,
+          params,
+          self.student.tokenizer,
+          [self.task.format_prefix(x.question, self.demos) for x in examples],
+          mesh=self.mesh,
+          num_samples=1,
+          sampling=SamplingConfig(),
+          max_new_tokens=self.task.max_new_tokens,
+          batch_size=self.cfg.eval.batch_size,
+          rng=jax.random.PRNGKey(0),
+          label=f"evaluate {round_index} {split}",
+          decode_layout=self.student.decode_layout,
+          memory_budget_bytes=int(self.cfg.exam.memory_budget_gb * 2**30),
+      )
       records, summary_ = scoring.score(self.task, examples, [o[0] for o in outputs])
       wd.write_jsonl(self.layout.eval_records(round_index, split), records)
       results[split] = summary_
-      logging.info("round %d %s accuracy: %.3f (%d/%d)", round_index, split, summary_["accuracy"],
-                   summary_["correct"], summary_["total"])
+      logging.info(
+          "round %d %s accuracy: %.3f (%d/%d)",
+          round_index,
+          split,
+          summary_["accuracy"],
+          summary_["correct"],
+          summary_["total"],
+      )
     wd.write_json(self.layout.eval_report(round_index), results)
 
 

@@ -3,6 +3,7 @@
 Phases ask it for the weights after round r (0: the initial student, pad-token rows included);
 nothing here depends on which phase ran before.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -24,19 +25,22 @@ from tailored_jax.train.trainer import Trainer
 
 class StudentRuntime:
 
-  def __init__(self, cfg: ml_collections.ConfigDict, layout: Layout, mesh,
-               pretrained: Pretrained | None):
+  def __init__(
+      self, cfg: ml_collections.ConfigDict, layout: Layout, mesh, pretrained: Pretrained | None
+  ):
     self.cfg = cfg
     self.layout = layout
     self.mesh = mesh
     self.pretrained = pretrained
     self.tokenizer = Tokenizer.load(layout.tokenizer)
-    self.model = build_model(cfg.model, self.tokenizer.vocab_size,
-                             pretrained.cfg if pretrained else None)
+    self.model = build_model(
+        cfg.model, self.tokenizer.vocab_size, pretrained.cfg if pretrained else None
+    )
     self.trainer = Trainer(self.model, cfg.train, mesh, cfg.method.reflection_loss)
     self.trainer.planner.check(cfg.train.memory_budget_gb, device_memory_bytes)
-    self.decoder = Decoder(self.model,
-                           StopTables.from_tokenizer(self.tokenizer, self.model.cfg.vocab_size))
+    self.decoder = Decoder(
+        self.model, StopTables.from_tokenizer(self.tokenizer, self.model.cfg.vocab_size)
+    )
     self._held = None  # (round, params): the last weights asked for or trained
     self.decode_layout = cfg.mesh.decode_layout
     per_layer = layers.abstract_boxed_params(self.decoder.model)  # what decoding reads
@@ -44,8 +48,10 @@ class StudentRuntime:
     self._per_layer_shardings = sharding.logical_sharding(per_layer, mesh)
     self._to_decode_layout = jax.jit(
         layers.unstack_layers,
-        out_shardings=sharding.decode_shardings(per_layer_specs, nn.meta.unbox(per_layer), mesh,
-                                                self.decode_layout))
+        out_shardings=sharding.decode_shardings(
+            per_layer_specs, nn.meta.unbox(per_layer), mesh, self.decode_layout
+        ),
+    )
     self._decode_held = None  # (round, params in the decode layout)
 
   def params(self, round_index: int):
@@ -53,9 +59,11 @@ class StudentRuntime:
     if self._held is not None and self._held[0] == round_index:
       return self._held[1]
     if round_index > 0:
-      params = checkpointing.restore_params(self.layout.params_dir(round_index),
-                                            self.trainer.abstract_params,
-                                            self.trainer.param_shardings)
+      params = checkpointing.restore_params(
+          self.layout.params_dir(round_index),
+          self.trainer.abstract_params,
+          self.trainer.param_shardings,
+      )
     elif self.pretrained is not None:
       params = self._pretrained_params()
     else:
@@ -90,8 +98,9 @@ class StudentRuntime:
 
     def place(path, array):
       if pad_added and path in vocab.VOCAB_AXIS:
-        array = vocab.with_mean_row(array, vocab.VOCAB_AXIS[path], self.tokenizer.pad_id,
-                                    trained_rows)
+        array = vocab.with_mean_row(
+            array, vocab.VOCAB_AXIS[path], self.tokenizer.pad_id, trained_rows
+        )
       return sharding.put_global(array.astype(dtype), tree_get(self._per_layer_shardings, path))
 
     params = self.pretrained.load_params(place)

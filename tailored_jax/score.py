@@ -3,6 +3,7 @@
 Scores a JSONL of {"id", "output"} or {"question", "output"} against the task's gold answers
 with the same code the round loop uses, and prints accuracy and error counts as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,10 @@ def score_file(task, split: str, predictions_path: str) -> dict:
       if example is None:
         raise DataError(f"{where}: question not found in {task.name} {split}: {question[:80]!r}")
     if example.id in seen:
-      raise DataError(f"{where}: a second output for question {example.id!r} (line "
-                      f"{seen[example.id]}); each question is scored once")
+      raise DataError(
+          f"{where}: a second output for question {example.id!r} (line "
+          f"{seen[example.id]}); each question is scored once"
+      )
     seen[example.id] = where
     matched.append(example)
     outputs.append(output)

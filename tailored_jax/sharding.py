@@ -4,6 +4,7 @@ Models name axes logically (embed, heads, mlp, vocab, batch…); `RULES` maps ea
 Parameters shard `embed` over fsdp (ZeRO-3 style) and heads/mlp/vocab over tensor; activations
 shard `batch` over data and fsdp.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,10 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, ...]:
   if preset:
     devices, _, sizes = MESH_PRESETS[preset]
     if devices != num_devices:
-      raise ValueError(f"config field mesh.preset: {preset!r} is a slice of {devices} devices, "
-                       f"this run has {num_devices}")
+      raise ValueError(
+          f"config field mesh.preset: {preset!r} is a slice of {devices} devices, "
+          f"this run has {num_devices}"
+      )
     return tuple(sizes)
   sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
   if sizes.count(-1) > 1:
@@ -64,8 +67,10 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, ...]:
       raise ValueError(f"config field mesh: {num_devices} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"config field mesh: {dict(zip(MESH_AXES, sizes))} needs "
-                     f"{math.prod(sizes)} devices, have {num_devices}")
+    raise ValueError(
+        f"config field mesh: {dict(zip(MESH_AXES, sizes))} needs "
+        f"{math.prod(sizes)} devices, have {num_devices}"
+    )
   return tuple(sizes)
 
 
@@ -74,12 +79,15 @@ def make_mesh(cfg, devices=None) -> Mesh:
     devices = jax.devices()
     if cfg.mesh.num_devices:
       if cfg.mesh.num_devices > len(devices):
-        raise ValueError(f"config field mesh.num_devices: {cfg.mesh.num_devices} devices asked, "
-                         f"{len(devices)} present")
-      devices = devices[:cfg.mesh.num_devices]
+        raise ValueError(
+            f"config field mesh.num_devices: {cfg.mesh.num_devices} devices asked, "
+            f"{len(devices)} present"
+        )
+      devices = devices[: cfg.mesh.num_devices]
   shape = mesh_shape(cfg, len(devices))
   return Mesh(
-      np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+      np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
 def logical_sharding(tree, mesh: Mesh):
@@ -102,12 +110,14 @@ def decode_shardings(specs, abstract_params, mesh: Mesh, layout: str):
   if layout == "train":
     return nn.logical_to_mesh_sharding(specs, mesh, RULES)
   if layout not in DECODE_LAYOUTS:
-    raise ValueError(f"config field mesh.decode_layout: {layout!r} is not one of "
-                     f"{list(DECODE_LAYOUTS)}")
+    raise ValueError(
+        f"config field mesh.decode_layout: {layout!r} is not one of " f"{list(DECODE_LAYOUTS)}"
+    )
   is_spec = lambda x: isinstance(x, PartitionSpec)
   sizes: dict[str, set[int]] = {}
-  for spec, abstract in zip(jax.tree.leaves(specs, is_leaf=is_spec),
-                            jax.tree.leaves(abstract_params)):
+  for spec, abstract in zip(
+      jax.tree.leaves(specs, is_leaf=is_spec), jax.tree.leaves(abstract_params)
+  ):
     for name, size in zip(spec, abstract.shape):
       sizes.setdefault(name, set()).add(size)
   axes_for: dict[str, tuple[str, ...] | None] = {}
@@ -122,8 +132,11 @@ def decode_shardings(specs, abstract_params, mesh: Mesh, layout: str):
           break
     axes_for.update({name: choice for name in group})
   return jax.tree.map(
-      lambda spec, _: NamedSharding(mesh, PartitionSpec(*(axes_for.get(n) for n in spec))), specs,
-      abstract_params, is_leaf=is_spec)
+      lambda spec, _: NamedSharding(mesh, PartitionSpec(*(axes_for.get(n) for n in spec))),
+      specs,
+      abstract_params,
+      is_leaf=is_spec,
+  )
 
 
 def decode_row_axes(layout: str, param_shardings=None) -> tuple[str, ...]:
@@ -167,6 +180,7 @@ def to_host(array: jax.Array) -> np.ndarray:
   if jax.process_count() == 1 or array.is_fully_addressable:
     return np.asarray(array)
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
@@ -174,6 +188,7 @@ def barrier(name: str) -> None:
   """Waits for every process (a no-op in a single process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -182,4 +197,5 @@ def agree(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils
+
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))

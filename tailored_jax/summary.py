@@ -1,4 +1,5 @@
 """The end-of-run report: summary.json (one record per round), summary.png and a terminal table."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,16 @@ import os
 from tailored_jax import workdir as wd
 from tailored_jax.layout import Layout
 
-COLUMNS = ("round", "train_examples", "mistakes", "teacher_requests", "teacher_tokens",
-           "val_accuracy", "test_accuracy", "seconds")
+COLUMNS = (
+    "round",
+    "train_examples",
+    "mistakes",
+    "teacher_requests",
+    "teacher_tokens",
+    "val_accuracy",
+    "test_accuracy",
+    "seconds",
+)
 
 
 def best_round(records: list[dict]) -> dict | None:
@@ -20,9 +29,10 @@ def best_round(records: list[dict]) -> dict | None:
     return None
   best = max(scored, key=lambda r: (r["val_accuracy"], r["round"]))
   return {
-      "round": best["round"], "val_accuracy": best["val_accuracy"],
+      "round": best["round"],
+      "val_accuracy": best["val_accuracy"],
       "test_accuracy": best.get("test_accuracy"),
-      "checkpoint": os.path.relpath(Layout("").params_dir(best["round"]))
+      "checkpoint": os.path.relpath(Layout("").params_dir(best["round"])),
   }
 
 
@@ -31,9 +41,11 @@ def plateau(val_accuracies: list[float], patience: int) -> str | None:
   for `patience` rounds, else None."""
   best = max(range(len(val_accuracies)), key=lambda i: (val_accuracies[i], -i))
   if len(val_accuracies) - 1 - best >= patience:
-    return (f"validation accuracy has not improved for {len(val_accuracies) - 1 - best} rounds "
-            f"(best {val_accuracies[best]:.3f} in round {best + 1}; "
-            f"method.stop_patience={patience})")
+    return (
+        f"validation accuracy has not improved for {len(val_accuracies) - 1 - best} rounds "
+        f"(best {val_accuracies[best]:.3f} in round {best + 1}; "
+        f"method.stop_patience={patience})"
+    )
   return None
 
 
@@ -43,8 +55,9 @@ def mistake_transitions(before: dict[str, int], after: dict[str, int]) -> dict[s
   wrong_before = {q for q, n in before.items() if n}
   wrong_after = {q for q, n in after.items() if n}
   return {
-      "fixed": len(wrong_before - wrong_after), "persistent": len(wrong_before & wrong_after),
-      "new": len(wrong_after - wrong_before)
+      "fixed": len(wrong_before - wrong_after),
+      "persistent": len(wrong_before & wrong_after),
+      "new": len(wrong_after - wrong_before),
   }
 
 
@@ -68,24 +81,35 @@ def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
     train = wd.read_json(layout.train_report(r))
     exam_path = layout.exam_report(r - 1)
     before, after = _wrong_counts(layout.exam_outcomes(r - 1)), _wrong_counts(
-        layout.exam_outcomes(r))
+        layout.exam_outcomes(r)
+    )
     moved = mistake_transitions(before, after) if before is not None and after is not None else {}
     rejected = wd.read_json(teacher_path).get("dropped", {}) if os.path.exists(teacher_path) else {}
-    out.append({
-        "round": r, "train_examples": train["examples"], "optimizer_steps": train.get("steps"),
-        "mistakes": wd.read_json(exam_path)["mistakes"] if os.path.exists(exam_path) else 0,
-        "teacher_requests": teacher.get("requests", 0) + teacher.get("cache_hits", 0),
-        "teacher_tokens": teacher.get("tokens", 0) + teacher.get("cached_tokens", 0),
-        "mistakes_fixed": moved.get("fixed"), "mistakes_persistent": moved.get("persistent"),
-        "mistakes_new": moved.get("new"), "teacher_rejected": dict(sorted(rejected.items())),
-        "stop_reason": stop.get("reason") if stop.get("round") == r else None,
-        "val_accuracy": evals.get("val", {}).get("accuracy"),
-        "test_accuracy": evals.get("test", {}).get("accuracy"), "seconds": round(
-            sum(
-                timings.get(f"{phase}_{r}", 0.0)
-                for phase in ("train", "evaluate", "exam", "feedback")) +
-            (timings.get("annotate", 0.0) if r == 1 else 0.0), 1)
-    })
+    out.append(
+        {
+            "round": r,
+            "train_examples": train["examples"],
+            "optimizer_steps": train.get("steps"),
+            "mistakes": wd.read_json(exam_path)["mistakes"] if os.path.exists(exam_path) else 0,
+            "teacher_requests": teacher.get("requests", 0) + teacher.get("cache_hits", 0),
+            "teacher_tokens": teacher.get("tokens", 0) + teacher.get("cached_tokens", 0),
+            "mistakes_fixed": moved.get("fixed"),
+            "mistakes_persistent": moved.get("persistent"),
+            "mistakes_new": moved.get("new"),
+            "teacher_rejected": dict(sorted(rejected.items())),
+            "stop_reason": stop.get("reason") if stop.get("round") == r else None,
+            "val_accuracy": evals.get("val", {}).get("accuracy"),
+            "test_accuracy": evals.get("test", {}).get("accuracy"),
+            "seconds": round(
+                sum(
+                    timings.get(f"{phase}_{r}", 0.0)
+                    for phase in ("train", "evaluate", "exam", "feedback")
+                )
+                + (timings.get("annotate", 0.0) if r == 1 else 0.0),
+                1,
+            ),
+        }
+    )
   return out
 
 
@@ -99,15 +123,21 @@ def plot(path: str, records: list[dict]) -> None:
   """Accuracy per round; beside it, where exams before and after a round exist, how many
   questions the round fixed, left wrong and newly got wrong."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   rounds = [r["round"] for r in records]
   fig, (ax, mistakes_ax) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=120)
   for key, label in (("val_accuracy", "validation"), ("test_accuracy", "test")):
     values = [r.get(key) for r in records]
     if any(v is not None for v in values):
-      ax.plot(rounds, [100 * v if v is not None else float("nan") for v in values], marker="o",
-              label=label)
+      ax.plot(
+          rounds,
+          [100 * v if v is not None else float("nan") for v in values],
+          marker="o",
+          label=label,
+      )
   ax.set_xlabel("round")
   ax.set_ylabel("accuracy (%)")
   ax.set_xticks(rounds)
@@ -117,10 +147,14 @@ def plot(path: str, records: list[dict]) -> None:
   ax.set_title("Student accuracy per round")
   width = 0.27
   for i, (key, label) in enumerate(
-      (("mistakes_fixed", "fixed"), ("mistakes_persistent", "persistent"), ("mistakes_new",
-                                                                            "new"))):
-    mistakes_ax.bar([x + (i - 1) * width for x in rounds], [r.get(key) or 0 for r in records],
-                    width, label=label)
+      (("mistakes_fixed", "fixed"), ("mistakes_persistent", "persistent"), ("mistakes_new", "new"))
+  ):
+    mistakes_ax.bar(
+        [x + (i - 1) * width for x in rounds],
+        [r.get(key) or 0 for r in records],
+        width,
+        label=label,
+    )
   mistakes_ax.set_xlabel("round")
   mistakes_ax.set_ylabel("train questions")
   mistakes_ax.set_xticks(rounds)

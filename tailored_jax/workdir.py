@@ -3,6 +3,7 @@
 On a multi-host run the workdir is shared and process 0 alone writes: elsewhere the writers
 are no-ops, and processes meet at a barrier after every phase.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,9 @@ def _write_atomically(path: str, write) -> None:
       write(f)
     os.replace(tmp, path)
   except OSError as e:
-    raise StorageError(f"cannot write {path}: {root_cause(e)} ({free_mib(path):.1f} MiB "
-                       "free)") from e
+    raise StorageError(
+        f"cannot write {path}: {root_cause(e)} ({free_mib(path):.1f} MiB " "free)"
+    ) from e
 
 
 def write_json(path: str, obj) -> None:

@@ -16,7 +16,8 @@ from tailored_jax.data import answers
         (" half is 2.50\nAnswer: 2.50", "2.50", " half is 2.50\nAnswer: 2.50"),
         (" It makes 18.00 dollars.", "18.00", " It makes 18.00"),
         (" 1 + 1 = 2\n\n\nAnswer: 5", "2", " 1 + 1 = 2"),
-    ])
+    ],
+)
 def test_extract_number(output, expected, rationale):
   got = answers.extract_number(output)
   assert got.answer == expected
@@ -49,6 +50,7 @@ def test_numeric_equality_is_a_task_option_off_in_paper_configs():
   from tailored_jax import config_lib
   from tailored_jax.data import scoring
   from tailored_jax.data.tasks import Example, build_task
+
   cfg = config_lib.paper_config("gsm8k", "gptj")
   assert cfg.task.numeric_equality is False
   example = Example("x", "q", "18")
@@ -61,23 +63,29 @@ def test_numeric_equality_is_a_task_option_off_in_paper_configs():
   assert scoring.score_output(numeric, example, " 9 * 2 = 18.00\nAnswer: 18.00")["correct"]
 
 
-@pytest.mark.parametrize("output, expected", [
-    (" Sharks are fish. So yes.\nAnswer: Yes", "Yes"),
-    (" Yes, because it is.", "Yes"),
-    (" Yesterday it rained, no doubt.", "No"),
-    (" Nope. Therefore, the answer is no.", "No"),
-    (" It is unknown.", None),
-    (" yes\n\nAnswer: no", "Yes"),
-])
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        (" Sharks are fish. So yes.\nAnswer: Yes", "Yes"),
+        (" Yes, because it is.", "Yes"),
+        (" Yesterday it rained, no doubt.", "No"),
+        (" Nope. Therefore, the answer is no.", "No"),
+        (" It is unknown.", None),
+        (" yes\n\nAnswer: no", "Yes"),
+    ],
+)
 def test_extract_yes_no(output, expected):
   assert answers.extract_yes_no(output).answer == expected
 
 
-@pytest.mark.parametrize("output, expected", [
-    (" A bank has a revolving door. Therefore, the answer is bank (a).", "a"),
-    (" Not (b) but (c). Therefore, the answer is mall (d).", "b"),
-    (" No option here.\nTherefore, the answer is (e).", None),
-    (" (E) fits best.", "e"),
-])
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        (" A bank has a revolving door. Therefore, the answer is bank (a).", "a"),
+        (" Not (b) but (c). Therefore, the answer is mall (d).", "b"),
+        (" No option here.\nTherefore, the answer is (e).", None),
+        (" (E) fits best.", "e"),
+    ],
+)
 def test_extract_choice(output, expected):
   assert answers.extract_choice(output).answer == expected

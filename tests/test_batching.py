@@ -27,12 +27,23 @@ def make_batcher(sr_batch_size=0, **options):
   examples = [
       batching.TrainExample("q1", " x 1\nAnswer: 1"),
       batching.TrainExample("q1", " y 1\nAnswer: 1"),
-      batching.TrainExample("q2", " x y 2\nAnswer: 2")
+      batching.TrainExample("q2", " x y 2\nAnswer: 2"),
   ]
   negatives = {"q1": [" x 2\nAnswer: 2"], "q2": [" y\nAnswer: 3"]}
-  return tok, batching.Batcher(tok, prefixes, examples, negatives, batch_size=4, max_seq_len=64,
-                               max_continuation_len=32, prefix_weight=0.1, max_positives=10,
-                               max_negatives=4, sr_batch_size=sr_batch_size, **options)
+  return tok, batching.Batcher(
+      tok,
+      prefixes,
+      examples,
+      negatives,
+      batch_size=4,
+      max_seq_len=64,
+      max_continuation_len=32,
+      prefix_weight=0.1,
+      max_positives=10,
+      max_negatives=4,
+      sr_batch_size=sr_batch_size,
+      **options,
+  )
 
 
 def test_lm_arrays_weights_and_padding():
@@ -40,8 +51,8 @@ def test_lm_arrays_weights_and_padding():
   lm, _ = batcher.build([0, 2], seed=0)
   prefix = tok.encode("Question: a b\nReasoning:")
   full = tok.encode("Question: a b\nReasoning: x 1\nAnswer: 1") + [tok.eos_id]
-  cont = full[len(prefix):]
-  assert full[:len(prefix)] == prefix
+  cont = full[len(prefix) :]
+  assert full[: len(prefix)] == prefix
   n = len(full) - 1
   assert lm.inputs[0, :n].tolist() == full[:-1]
   assert lm.targets[0, :n].tolist() == full[1:]
@@ -56,10 +67,14 @@ def test_self_reflection_rows():
   assert batcher.sr_candidates == 2  # q2 has a single rationale: no positive besides the anchor
   lm, reflection = batcher.build([0, 1, 2], seed=0)
   assert reflection.sr_mask.tolist() == [1.0, 1.0, 0.0, 0.0]
-  decode = lambda row, k: tok.decode(reflection.continuations[row, k][reflection.continuation_mask[
-      row, k]])
-  assert (decode(0, 0), decode(0, 1), decode(0, 2)) == (" x 1\nAnswer: 1", " y 1\nAnswer: 1",
-                                                        " x 2\nAnswer: 2")
+  decode = lambda row, k: tok.decode(
+      reflection.continuations[row, k][reflection.continuation_mask[row, k]]
+  )
+  assert (decode(0, 0), decode(0, 1), decode(0, 2)) == (
+      " x 1\nAnswer: 1",
+      " y 1\nAnswer: 1",
+      " x 2\nAnswer: 2",
+  )
   assert (decode(1, 0), decode(1, 1)) == (" y 1\nAnswer: 1", " x 1\nAnswer: 1")
   prefix = reflection.prefix[0][reflection.prefix_mask[0]].tolist()
   assert prefix == tok.encode("Question: a b\nReasoning:")
@@ -80,25 +95,38 @@ def test_training_ids_are_the_whole_string_tokenised_once():
   import tokenizers
   from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
   from tailored_jax.data.tokenizer import Tokenizer
+
   backend = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
   backend.normalizer = normalizers.Sequence(
-      [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+      [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+  )
   backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
   backend.decoder = decoders.Sequence(
-      [decoders.Replace("▁", " "),
-       decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+      [decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+  )
   corpus = ["Question: a b\nReasoning: x 1\nAnswer: 1", "Question: c\nReasoning: y 2"] * 4
   backend.train_from_iterator(
       corpus,
-      trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<pad>", "<s>", "</s>"],
-                          show_progress=False))
+      trainers.BpeTrainer(
+          vocab_size=120, special_tokens=["<unk>", "<pad>", "<s>", "</s>"], show_progress=False
+      ),
+  )
   tok = Tokenizer(backend)
   text = "Question: a b\nReasoning: x 1\nAnswer: 1"
   at = text.index(" x")
   assert tok.encode(text[:at]) + tok.encode(text[at:]) != tok.encode(text)
-  batcher = batching.Batcher(tok, {"q1": text[:at]}, [batching.TrainExample("q1", text[at:])], {},
-                             batch_size=1, max_seq_len=64, max_continuation_len=32,
-                             prefix_weight=0.1, max_positives=10, max_negatives=4)
+  batcher = batching.Batcher(
+      tok,
+      {"q1": text[:at]},
+      [batching.TrainExample("q1", text[at:])],
+      {},
+      batch_size=1,
+      max_seq_len=64,
+      max_continuation_len=32,
+      prefix_weight=0.1,
+      max_positives=10,
+      max_negatives=4,
+  )
   lm, _ = batcher.build([0], seed=0)
   full = tok.encode(text) + [tok.eos_id]
   n = len(full) - 1
@@ -106,8 +134,9 @@ def test_training_ids_are_the_whole_string_tokenised_once():
   assert lm.targets[0, :n].tolist() == full[1:]
   ids, split = tok.encode_split([text], [at])[0]
   assert tok.decode(ids[:split]) == text[:at] and split == len(tok.encode(text[:at]))
-  np.testing.assert_allclose(lm.target_weights[0, :n], [0.1] * (split - 1) + [1.0] *
-                             (n - split + 1))
+  np.testing.assert_allclose(
+      lm.target_weights[0, :n], [0.1] * (split - 1) + [1.0] * (n - split + 1)
+  )
 
 
 def test_positive_candidates_are_drawn_at_random_beyond_the_first_ten():
@@ -116,10 +145,19 @@ def test_positive_candidates_are_drawn_at_random_beyond_the_first_ten():
   examples = [batching.TrainExample("q1", f" r {i}\nAnswer: 1") for i in range(15)]
 
   def make(seed):
-    return batching.Batcher(tok, {"q1": "Question: a\nReasoning:"}, examples,
-                            {"q1": [" w\nAnswer: 2"]}, batch_size=1, max_seq_len=64,
-                            max_continuation_len=32, prefix_weight=0.1, max_positives=10,
-                            max_negatives=4, seed=seed)
+    return batching.Batcher(
+        tok,
+        {"q1": "Question: a\nReasoning:"},
+        examples,
+        {"q1": [" w\nAnswer: 2"]},
+        batch_size=1,
+        max_seq_len=64,
+        max_continuation_len=32,
+        prefix_weight=0.1,
+        max_positives=10,
+        max_negatives=4,
+        seed=seed,
+    )
 
   batcher = make(0)
   assert all(len(p) == 10 for p in batcher.positives_of)
@@ -145,17 +183,19 @@ def test_length_buckets_pad_each_batch_to_its_own_longest_string():
     assert lm.inputs.shape == (4, -(-longest // 4) * 4)
     reference, _ = whole.build(indices, seed=0)  # the same tokens, only less padding
     for field in ("inputs", "targets", "input_mask", "target_mask", "target_weights"):
-      np.testing.assert_array_equal(getattr(lm, field),
-                                    getattr(reference, field)[:, :lm.inputs.shape[1]])
-      assert not getattr(reference, field)[:, lm.inputs.shape[1]:].any()
+      np.testing.assert_array_equal(
+          getattr(lm, field), getattr(reference, field)[:, : lm.inputs.shape[1]]
+      )
+      assert not getattr(reference, field)[:, lm.inputs.shape[1] :].any()
   batches = [[0], [2], [1]]
   share, shapes = bucketed.padding(batches)
   widths = [-(-lengths[i] // 4) * 4 for i in (0, 2, 1)]
   assert share == pytest.approx(1 - sum(lengths) / (4 * sum(widths)))
   assert shapes == len(set(widths))
   whole_share, whole_shapes = whole.padding(batches)
-  assert whole_shapes == 1 and whole_share == pytest.approx(1 - sum(lengths) /
-                                                            (4 * 3 * whole.seq_len))
+  assert whole_shapes == 1 and whole_share == pytest.approx(
+      1 - sum(lengths) / (4 * 3 * whole.seq_len)
+  )
   assert share < whole_share
 
 
@@ -175,4 +215,5 @@ def test_length_grouped_epochs_keep_every_example_once_in_distinct_question_batc
   assert longest != sorted(longest)  # similar lengths together, batches in random order
   spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
   assert np.median(spans) < 0.5 * np.median(
-      [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain])
+      [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain]
+  )

@@ -1,5 +1,6 @@
 """The benchmarks run and report; their correctness checks (our greedy tokens equal transformers',
 prefix reuse changes no token) hold. No timing is asserted."""
+
 import json
 import os
 
@@ -17,17 +18,27 @@ from tailored_jax.train import step as step_lib
 
 
 def test_decode_benchmark_reports_and_agrees(capsys):
-  decode.main([
-      "--model=tiny", "--greedy_batch=4", "--greedy_prompt=8", "--greedy_new=6",
-      "--exam_questions=2", "--exam_prefix=20", "--exam_question=12", "--exam_new=6", "--repeats=1"
-  ])
+  decode.main(
+      [
+          "--model=tiny",
+          "--greedy_batch=4",
+          "--greedy_prompt=8",
+          "--greedy_new=6",
+          "--exam_questions=2",
+          "--exam_prefix=20",
+          "--exam_question=12",
+          "--exam_new=6",
+          "--repeats=1",
+      ]
+  )
   result = json.loads(capsys.readouterr().out)
   greedy, exam = result["greedy"], result["exam"]
   assert greedy["same_tokens_rows"] == greedy["rows"] == 4  # our greedy tokens are transformers'
   assert greedy["ours"]["new_tokens_per_s"] > 0 and greedy["transformers"]["new_tokens_per_s"] > 0
   assert exam["same_tokens_with_and_without_prefix_reuse"] is True
-  assert exam["prefix_reuse_speedup"] == (exam["ours_whole_prompts"]["seconds"]
-                                          / exam["ours_shared_prefix"]["seconds"])
+  assert exam["prefix_reuse_speedup"] == (
+      exam["ours_whole_prompts"]["seconds"] / exam["ours_shared_prefix"]["seconds"]
+  )
 
 
 def test_train_step_benchmark_reports_both_sides(capsys):
@@ -39,17 +50,26 @@ def test_train_step_benchmark_reports_both_sides(capsys):
   assert machine["versions"]["jax"] == jax.__version__
   assert machine["versions"]["torch"] == torch.__version__
   assert machine["torch"]["blas"] and machine["devices"] == {
-      "platform": "cpu", "kind": "cpu", "count": jax.device_count()
+      "platform": "cpu",
+      "kind": "cpu",
+      "count": jax.device_count(),
   }
   assert result["parameters"] == 90_432  # tied 256 × 64 embedding, 2 layers of 36,992, final norm
   row = result["shapes"]["2x16:6"]
-  for key in ("ours_lm", "ours_self_reflection", "ours_self_reflection_reusing_lm", "torch_lm",
-              "torch_self_reflection"):
+  for key in (
+      "ours_lm",
+      "ours_self_reflection",
+      "ours_self_reflection_reusing_lm",
+      "torch_lm",
+      "torch_self_reflection",
+  ):
     assert row[key]["tokens_per_s"] == 2 * 16 / row[key]["seconds_per_step"]
-  assert row["ours_over_torch_lm_tokens_per_s"] == (row["ours_lm"]["tokens_per_s"]
-                                                    / row["torch_lm"]["tokens_per_s"])
-  assert row["torch_self_reflection_over_lm"] == (row["torch_self_reflection"]["seconds_per_step"]
-                                                  / row["torch_lm"]["seconds_per_step"])
+  assert row["ours_over_torch_lm_tokens_per_s"] == (
+      row["ours_lm"]["tokens_per_s"] / row["torch_lm"]["tokens_per_s"]
+  )
+  assert row["torch_self_reflection_over_lm"] == (
+      row["torch_self_reflection"]["seconds_per_step"] / row["torch_lm"]["seconds_per_step"]
+  )
 
 
 def test_train_step_benchmark_reports_the_lm_throughput_change_with_length(capsys):
@@ -71,8 +91,9 @@ def test_attention_benchmark_agrees_with_torch_sdpa(capsys, monkeypatch):
   for side in ("ours", "ours_xla"):
     assert row[f"{side}_max_abs_output_difference"] < 1e-5
     assert row[f"{side}_max_abs_query_gradient_difference"] < 1e-4
-    assert row[f"torch_over_{side}_forward"] == (row["torch"]["forward_ms"]
-                                                 / row[side]["forward_ms"])
+    assert row[f"torch_over_{side}_forward"] == (
+        row["torch"]["forward_ms"] / row[side]["forward_ms"]
+    )
 
 
 @pytest.mark.parametrize("flag, value", [("shapes", "8xabc"), ("heads", "8"), ("heads", "8,3")])
@@ -98,11 +119,15 @@ def test_torch_reference_triplet_loss_is_ours():
   params = nn.meta.unbox(layers.init_boxed_params(Llama(cfg), jax.random.PRNGKey(0)))
   work = train_step.Work.random(train_step.Shape.parse("3x20:12"), cfg.vocab_size)
   _, reflection = work.ours()
-  ours = jax.jit(lambda p: step_lib.self_reflection_loss(Llama(cfg), p, reflection, train_step.
-                                                         SR_MARGIN))(params)
+  ours = jax.jit(
+      lambda p: step_lib.self_reflection_loss(Llama(cfg), p, reflection, train_step.SR_MARGIN)
+  )(params)
   twin = common.torch_twin(cfg, params, "cpu")
   with torch.no_grad():
-    theirs = train_step.torch_triplet_loss(twin, torch.tensor(reflection.prefix, dtype=torch.long),
-                                           torch.tensor(work.continuations(), dtype=torch.long))
+    theirs = train_step.torch_triplet_loss(
+        twin,
+        torch.tensor(reflection.prefix, dtype=torch.long),
+        torch.tensor(work.continuations(), dtype=torch.long),
+    )
   assert float(ours) > 0.1
   np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5)

@@ -1,5 +1,6 @@
 """XLA options chosen by the devices a step compiles for: the CPU copy-insertion option reaches
 the CPU train step (and keeps the scan's stacked weights from being copied), never XLA_FLAGS."""
+
 import dataclasses
 import os
 import subprocess
@@ -19,10 +20,14 @@ def test_cpu_devices_get_the_option_and_other_platforms_none():
 
 
 def test_an_option_this_xla_does_not_know_is_left_out(monkeypatch):
-  monkeypatch.setattr(compile_options, "CPU_OPTIONS",
-                      {**compile_options.CPU_OPTIONS, "xla_cpu_no_such_option_here": True})
-  assert compile_options.for_devices(
-      jax.devices()[:1]) == {"xla_cpu_copy_insertion_use_region_analysis": True}
+  monkeypatch.setattr(
+      compile_options,
+      "CPU_OPTIONS",
+      {**compile_options.CPU_OPTIONS, "xla_cpu_no_such_option_here": True},
+  )
+  assert compile_options.for_devices(jax.devices()[:1]) == {
+      "xla_cpu_copy_insertion_use_region_analysis": True
+  }
 
 
 def test_the_option_keeps_the_scanned_weights_from_being_copied(monkeypatch):
@@ -39,8 +44,15 @@ def test_the_option_keeps_the_scanned_weights_from_being_copied(monkeypatch):
 
 def test_importing_the_package_leaves_xla_flags_alone():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([
-      sys.executable, "-c", "import os, tailored_jax.main; "
-      "print(repr(os.environ.get('XLA_FLAGS')))"
-  ], env=env, capture_output=True, text=True, check=True).stdout
+  out = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          "import os, tailored_jax.main; " "print(repr(os.environ.get('XLA_FLAGS')))",
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
   assert out.strip() == "None"

@@ -1,4 +1,5 @@
 """Config files parse and validate; CLI overrides are applied or refused with a clear message."""
+
 import glob
 import json
 import os
@@ -25,17 +26,31 @@ def test_paper_configs_carry_the_papers_hyper_parameters():
   cfg = config_lib.from_file(os.path.join(ROOT, "configs", "gsm8k_gptj6b.py"))
   t = cfg.train
   assert (t.batch_size, t.epochs, t.lr, t.warmup_steps, t.weight_decay) == (16, 10, 7e-6, 100, 0.01)
-  assert (t.b1, t.b2, t.eps, t.prefix_weight, t.sr_weight, t.sr_margin) == (0.9, 0.999, 1e-8, 0.1,
-                                                                            0.5, 1.0)
-  assert (cfg.exam.num_samples, cfg.exam.temperature, cfg.exam.top_k, cfg.exam.top_p) == (4, 1.0,
-                                                                                          50, 1.0)
+  assert (t.b1, t.b2, t.eps, t.prefix_weight, t.sr_weight, t.sr_margin) == (
+      0.9,
+      0.999,
+      1e-8,
+      0.1,
+      0.5,
+      1.0,
+  )
+  assert (cfg.exam.num_samples, cfg.exam.temperature, cfg.exam.top_k, cfg.exam.top_p) == (
+      4,
+      1.0,
+      50,
+      1.0,
+  )
   assert cfg.rounds == 3 and cfg.seed == 42 and cfg.model.dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("name", [
-    os.path.basename(p)[:-3] for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-    if not os.path.basename(p).startswith(("quickstart", "base"))
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        os.path.basename(p)[:-3]
+        for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+        if not os.path.basename(p).startswith(("quickstart", "base"))
+    ],
+)
 def test_paper_configs_do_not_clip_and_exam_the_pretrained_student(name):
   """METHOD §4: no gradient clipping; METHOD §2: N_0 from the initial (pretrained) student."""
   cfg = config_lib.from_file(os.path.join(ROOT, "configs", f"{name}.py"))
@@ -66,27 +81,45 @@ def test_baseline_is_plain_distillation_with_a_larger_budget():
   assert baseline.model == tailored.model and baseline.task == tailored.task
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("rounds", 0, "config field rounds: must be >= 1"),
-    ("model.n_kv_heads", 3, "config field model.n_kv_heads"),
-    ("exam.top_p", 0.0, "config field exam.top_p"),
-    ("teacher.kind", "anthropic", "config field teacher.kind"),
-    ("task.synthetic.operations", "add,div", "config field task.synthetic.operations"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("rounds", 0, "config field rounds: must be >= 1"),
+        ("model.n_kv_heads", 3, "config field model.n_kv_heads"),
+        ("exam.top_p", 0.0, "config field exam.top_p"),
+        ("teacher.kind", "anthropic", "config field teacher.kind"),
+        ("task.synthetic.operations", "add,div", "config field task.synthetic.operations"),
+    ],
+)
 def test_validate_names_the_field(field, value, message):
   cfg = config_lib.base_config()
   section, _, name = field.rpartition(".")
-  (cfg if not section else cfg[section]
-   if "." not in section else cfg[section.split(".")[0]][section.split(".")[1]])[name] = value
+  (
+      cfg
+      if not section
+      else cfg[section]
+      if "." not in section
+      else cfg[section.split(".")[0]][section.split(".")[1]]
+  )[name] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(cfg)
 
 
 def cli(*args):
-  return subprocess.run([
-      sys.executable, "-m", "tailored_jax.main", f"--config={ROOT}/configs/quickstart.py",
-      "--dry_run", *args
-  ], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  return subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "tailored_jax.main",
+          f"--config={ROOT}/configs/quickstart.py",
+          "--dry_run",
+          *args,
+      ],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      timeout=120,
+  )
 
 
 def test_cli_overrides_and_their_errors():
@@ -105,19 +138,31 @@ def test_cli_overrides_and_their_errors():
 
 def test_the_config_schema_is_a_leaf():
   """Importing the config loads no other module of the package (no teacher, model or jax)."""
-  out = subprocess.run([
-      sys.executable, "-c", "import sys, tailored_jax.config_lib; "
-      "print(sorted(m for m in sys.modules if m.startswith(('tailored_jax', 'jax'))))"
-  ], capture_output=True, text=True, check=True).stdout
+  out = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          "import sys, tailored_jax.config_lib; "
+          "print(sorted(m for m in sys.modules if m.startswith(('tailored_jax', 'jax'))))",
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
   assert out.strip() == "['tailored_jax', 'tailored_jax.config_lib']"
 
 
 def test_overrides_parse_as_the_fields_type():
   cfg = config_lib.base_config()
-  config_lib.apply_overrides(cfg, [
-      "--config.train.lr=3e-4", "--config.rounds=2", "--config.method.feedback=false",
-      "--config.teacher.model=m"
-  ])
+  config_lib.apply_overrides(
+      cfg,
+      [
+          "--config.train.lr=3e-4",
+          "--config.rounds=2",
+          "--config.method.feedback=false",
+          "--config.teacher.model=m",
+      ],
+  )
   assert (cfg.train.lr, cfg.rounds, cfg.method.feedback, cfg.teacher.model) == (3e-4, 2, False, "m")
   with pytest.raises(config_lib.ConfigError, match="no config field train.nope"):
     config_lib.apply_overrides(cfg, ["--config.train.nope=1"])
@@ -134,17 +179,22 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
   from tailored_jax.models.gptj import GPTJConfig
   from tailored_jax.models.layers import Execution
   from tailored_jax.models.llama import LlamaConfig
+
   names = {f.name for f in dataclasses.fields(Execution)}
   assert names == {"dtype", "param_dtype", "remat", "scan_layers", "cpu_attention"}
   for family in (LlamaConfig, GPTJConfig):
     assert issubclass(family, Execution)
   section = config_lib.base_config().model
-  section.update(dtype="bfloat16", param_dtype="bfloat16", remat="full", scan_layers=True,
-                 cpu_attention="xla")
+  section.update(
+      dtype="bfloat16", param_dtype="bfloat16", remat="full", scan_layers=True, cpu_attention="xla"
+  )
   knobs = lambda cfg: {name: getattr(cfg, name) for name in names}
   wanted = {
-      "dtype": "bfloat16", "param_dtype": "bfloat16", "remat": "full", "scan_layers": True,
-      "cpu_attention": "xla"
+      "dtype": "bfloat16",
+      "param_dtype": "bfloat16",
+      "remat": "full",
+      "scan_layers": True,
+      "cpu_attention": "xla",
   }
   assert knobs(build_model(section, 300).cfg) == wanted
   assert knobs(plan.model_config("gptj_6b", section)) == wanted
@@ -153,9 +203,16 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
 
 def test_the_models_package_is_the_network_alone():
   """Student I/O (HF, GGUF, tokenizers) lives in student_io: building a model loads none of it."""
-  out = subprocess.run([
-      sys.executable, "-c", "import sys, tailored_jax.models; "
-      "print(sorted(m for m in ('transformers', 'gguf', 'safetensors', 'tailored_jax.student_io', "
-      "'tailored_jax.teacher') if m in sys.modules))"
-  ], capture_output=True, text=True, check=True).stdout
+  out = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          "import sys, tailored_jax.models; "
+          "print(sorted(m for m in ('transformers', 'gguf', 'safetensors', "
+          "'tailored_jax.student_io', 'tailored_jax.teacher') if m in sys.modules))",
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
   assert out.strip() == "[]"

@@ -1,6 +1,7 @@
 """The native CPU flash kernel (`models/cpu_attention`) against the blockwise XLA form: outputs,
 log-sum-exps and gradients, grouped heads, odd head sizes and lengths, padding, sliding
 windows, a mesh; and the fallback where it cannot be built."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,8 @@ from tests.test_model_and_decode import _mesh_cfg
 
 needs_kernel = pytest.mark.skipif(
     not cpu_attention.available(),
-    reason="the native CPU attention did not build (no C++ compiler?)")
+    reason="the native CPU attention did not build (no C++ compiler?)",
+)
 
 
 def _inputs(b, t, n, kv, h, lengths=None, seed=0):
@@ -21,16 +23,23 @@ def _inputs(b, t, n, kv, h, lengths=None, seed=0):
   valid = np.ones((b, t), bool)
   for row, length in enumerate(lengths or []):
     valid[row, length:] = False
-  return draw(n), draw(kv), draw(kv), draw(n), draw(n)[..., 0].transpose(0, 2,
-                                                                         1), jnp.asarray(valid)
+  return (
+      draw(n),
+      draw(kv),
+      draw(kv),
+      draw(n),
+      draw(n)[..., 0].transpose(0, 2, 1),
+      jnp.asarray(valid),
+  )
 
 
 def _xla(q, k, v, valid, window):
   """The blockwise form's (output, log-sum-exp [b, heads, t]), as `_flash_attention` gives them."""
   b, t, n, h = q.shape
   q_bkgth, k_bkht, v_bkht = layers._flash_layout(q, k, v, jnp.float32)
-  out, lse = layers._flash_attention(q_bkgth, k_bkht, v_bkht, valid, True, window,
-                                     layers.ATTENTION_BLOCK, h**-0.5)
+  out, lse = layers._flash_attention(
+      q_bkgth, k_bkht, v_bkht, valid, True, window, layers.ATTENTION_BLOCK, h**-0.5
+  )
   return layers._from_flash_layout(out), lse.reshape(b, n, t)
 
 
@@ -45,7 +54,8 @@ def _loss(attention, valid, weights, lse_weights, window):
     out, lse = attention(q, k, v, valid, window)
     real = valid[:, :, None, None]
     return jnp.sum(jnp.where(real, out * weights, 0)) + jnp.sum(
-        jnp.where(valid[:, None, :], lse * lse_weights, 0))
+        jnp.where(valid[:, None, :], lse * lse_weights, 0)
+    )
 
   return loss
 
@@ -60,7 +70,8 @@ def _loss(attention, valid, weights, lse_weights, window):
         (2, 200, 6, 2, 32, [150, 200], 0),
         (2, 130, 2, 1, 128, [1, 77], 0),  # a row with one real token
         (1, 300, 3, 3, 64, None, 70),
-    ])
+    ],
+)
 def test_native_kernel_equals_the_blockwise_form(b, t, n, kv, h, lengths, window):
   q, k, v, weights, lse_weights, valid = _inputs(b, t, n, kv, h, lengths)
   want, got = (jax.jit(f, static_argnums=4)(q, k, v, valid, window) for f in (_xla, _native))
@@ -68,7 +79,9 @@ def test_native_kernel_equals_the_blockwise_form(b, t, n, kv, h, lengths, window
   np.testing.assert_allclose(np.asarray(got[0])[real], np.asarray(want[0])[real], atol=2e-6)
   np.testing.assert_allclose(
       np.asarray(got[1]).transpose(0, 2, 1)[real],
-      np.asarray(want[1]).transpose(0, 2, 1)[real], atol=2e-6)
+      np.asarray(want[1]).transpose(0, 2, 1)[real],
+      atol=2e-6,
+  )
   grads = [
       jax.jit(jax.grad(_loss(f, valid, weights, lse_weights, window), (0, 1, 2)))(q, k, v)
       for f in (_xla, _native)
@@ -78,9 +91,10 @@ def test_native_kernel_equals_the_blockwise_form(b, t, n, kv, h, lengths, window
 
 
 @needs_kernel
-@pytest.mark.parametrize("b, groups, t, slots, n, kv, h", [(6, 2, 70, 90, 4, 2, 16),
-                                                           (2, 2, 20, 5, 3, 3, 8),
-                                                           (4, 1, 130, 64, 2, 1, 24)])
+@pytest.mark.parametrize(
+    "b, groups, t, slots, n, kv, h",
+    [(6, 2, 70, 90, 4, 2, 16), (2, 2, 20, 5, 3, 3, 8), (4, 1, 130, 64, 2, 1, 24)],
+)
 def test_native_context_attention_equals_the_two_merged_parts(b, groups, t, slots, n, kv, h):
   """Rows continuing a read-only context (self-reflection's continuations after their prefix):
   one softmax over the context and the rows' own keys against the blockwise form's two merged
@@ -88,7 +102,8 @@ def test_native_context_attention_equals_the_two_merged_parts(b, groups, t, slot
   q, k, v, weights, _, valid = _inputs(b, t, n, kv, h, [t, t - 7] * (b // 2))
   rng = np.random.default_rng(1)
   context_k, context_v = (
-      jnp.asarray(rng.standard_normal((groups, kv, slots, h), np.float32)) for _ in range(2))
+      jnp.asarray(rng.standard_normal((groups, kv, slots, h), np.float32)) for _ in range(2)
+  )
   seen_bs = np.ones((b, slots), bool)
   seen_bs[0, :3] = False  # a left-padded prefix
   mask_bts = jnp.broadcast_to(jnp.asarray(seen_bs)[:, None, :], (b, t, slots))
@@ -101,10 +116,12 @@ def test_native_context_attention_equals_the_two_merged_parts(b, groups, t, slot
 
     return jax.jit(jax.value_and_grad(value, (0, 1, 2, 3, 4)))
 
-  xla = lambda q, k, v, valid, kv: layers.blockwise_context_attention(q, k, v, valid, kv, jnp.
-                                                                      float32)
+  xla = lambda q, k, v, valid, kv: layers.blockwise_context_attention(
+      q, k, v, valid, kv, jnp.float32
+  )
   (want, want_grads), (got, got_grads) = (
-      loss(f)(q, k, v, context_k, context_v) for f in (xla, layers.native_context_attention))
+      loss(f)(q, k, v, context_k, context_v) for f in (xla, layers.native_context_attention)
+  )
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   for name, w, g in zip(["q", "k", "v", "context k", "context v"], want_grads, got_grads):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, err_msg=f"d{name}")
@@ -113,8 +130,13 @@ def test_native_context_attention_equals_the_two_merged_parts(b, groups, t, slot
 @needs_kernel
 def test_causal_attention_picks_the_kernel_by_config_and_dtype():
   q, k, v, _, _, valid = _inputs(2, 40, 4, 2, 16, [40, 33])
-  lowered = lambda kernel, dtype=jnp.float32: jax.jit(lambda q, k, v: layers.causal_attention(
-      q, k, v, valid, dtype, cpu_kernel=kernel)).lower(q, k, v).as_text()
+  lowered = (
+      lambda kernel, dtype=jnp.float32: jax.jit(
+          lambda q, k, v: layers.causal_attention(q, k, v, valid, dtype, cpu_kernel=kernel)
+      )
+      .lower(q, k, v)
+      .as_text()
+  )
   assert cpu_attention.FORWARD in lowered("native")
   assert cpu_attention.FORWARD not in lowered("xla")
   assert cpu_attention.FORWARD not in lowered("native", jnp.bfloat16)  # float32 only
@@ -129,7 +151,8 @@ def test_native_kernel_on_a_mesh_runs_each_devices_rows_and_heads():
   loss = _loss(_native, valid, weights, lse_weights, 0)
   want = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
   placed = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None))
+      mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+  )
   q, k, v = jax.device_put((q, k, v), placed)
   with sharding.activation_layout(mesh):
     step = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
@@ -148,8 +171,11 @@ def test_a_kernel_that_cannot_build_falls_back_to_the_xla_form(monkeypatch, tmp_
   assert not cpu_attention.available()
   assert "failed" in cpu_attention._state["why"] and not list(tmp_path.glob("*.so"))
   q, k, v, _, _, valid = _inputs(2, 40, 4, 2, 16)
-  text = jax.jit(lambda q, k, v: layers.causal_attention(q, k, v, valid, jnp.float32)).lower(
-      q, k, v).as_text()
+  text = (
+      jax.jit(lambda q, k, v: layers.causal_attention(q, k, v, valid, jnp.float32))
+      .lower(q, k, v)
+      .as_text()
+  )
   assert cpu_attention.FORWARD not in text
 
 
@@ -167,8 +193,9 @@ def test_a_damaged_cached_build_is_built_again(monkeypatch, tmp_path):
 def test_a_compiler_without_march_native_builds_for_the_baseline(monkeypatch, tmp_path):
   """Compilers that refuse -march=native (Apple clang on arm64) get the portable flags."""
   compiler = tmp_path / "cxx"
-  compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\n'
-                      'exec g++ "$@"\n')
+  compiler.write_text(
+      '#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\n' 'exec g++ "$@"\n'
+  )
   compiler.chmod(0o755)
   monkeypatch.setenv("CXX", str(compiler))
   path = tmp_path / "cache" / "kernel.so"

@@ -1,6 +1,7 @@
 """Faults a long run meets: kills at every durable write (raised in-process, and a real SIGKILL
 of a run's process), damaged checkpoints, diverging training, a real full filesystem. Each ends
 with the uninterrupted run's results or one clear error, never garbage."""
+
 import json
 import os
 import subprocess
@@ -63,11 +64,19 @@ def kill_after(monkeypatch, kind: str, name: str, nth: int):
   elif kind == "checkpoint":
     real_save = checkpointing._save
     monkeypatch.setattr(
-        checkpointing, "_save", lambda mngr, directory, step, tree, **info:
-        (real_save(mngr, directory, step, tree, **info), hit(directory)))
+        checkpointing,
+        "_save",
+        lambda mngr, directory, step, tree, **info: (
+            real_save(mngr, directory, step, tree, **info),
+            hit(directory),
+        ),
+    )
   elif kind == "manifest":  # the Orbax files are written, the manifest is not: a torn save
-    monkeypatch.setattr(checkpointing, "checksums", lambda tree:
-                        (_ for _ in ()).throw(Kill("killed before the manifest")))
+    monkeypatch.setattr(
+        checkpointing,
+        "checksums",
+        lambda tree: (_ for _ in ()).throw(Kill("killed before the manifest")),
+    )
 
 
 @pytest.mark.parametrize(
@@ -81,9 +90,11 @@ def kill_after(monkeypatch, kind: str, name: str, nth: int):
         ("json", "mistakes.jsonl", 1),  # N_1 written, exam_1 not yet marked done
         ("json", "summary.json", 1),  # the summary written, best_round.json not yet
         # (a kill between phases and mid-training: tests/test_rounds.py)
-    ])
-def test_kill_at_every_durable_write_then_resume(kind, name, nth, reference, tmp_path, paid,
-                                                 monkeypatch):
+    ],
+)
+def test_kill_at_every_durable_write_then_resume(
+    kind, name, nth, reference, tmp_path, paid, monkeypatch
+):
   workdir = str(tmp_path)
   with monkeypatch.context() as m:
     kill_after(m, kind, name, nth)
@@ -92,16 +103,19 @@ def test_kill_at_every_durable_write_then_resume(kind, name, nth, reference, tmp
   records = rounds.run(tiny_config(), workdir)
   assert strip_seconds(records) == strip_seconds(reference[1])
   assert paid["n"] == cache_lines(reference[0])  # every paid request reached the server once
-  assert read(workdir, "round_2", "eval_test.jsonl") == read(reference[0], "round_2",
-                                                             "eval_test.jsonl")
-  assert json.loads(read(workdir,
-                         "best_round.json")) == json.loads(read(reference[0], "best_round.json"))
+  assert read(workdir, "round_2", "eval_test.jsonl") == read(
+      reference[0], "round_2", "eval_test.jsonl"
+  )
+  assert json.loads(read(workdir, "best_round.json")) == json.loads(
+      read(reference[0], "best_round.json")
+  )
   if kind == "manifest":
     assert os.listdir(os.path.join(workdir, "checkpoints", "train_round_1.set_aside"))
 
 
-def test_a_damaged_checkpoint_is_set_aside_and_training_falls_back(reference, tmp_path,
-                                                                   monkeypatch):
+def test_a_damaged_checkpoint_is_set_aside_and_training_falls_back(
+    reference, tmp_path, monkeypatch
+):
   """Killed once step checkpoints 2 and 4 exist; 4 KiB in the middle of step 4's largest file
   are overwritten. The resumed round must fall back to step 2 and end as the uninterrupted one."""
   workdir = str(tmp_path)
@@ -145,8 +159,10 @@ def test_a_non_finite_step_changes_nothing():
   from tailored_jax import sharding
   from tailored_jax.train.trainer import Trainer
   import ml_collections
+
   mesh = sharding.make_mesh(
-      ml_collections.ConfigDict({"mesh": dict(data=1, fsdp=1, tensor=1, num_devices=1)}))
+      ml_collections.ConfigDict({"mesh": dict(data=1, fsdp=1, tensor=1, num_devices=1)})
+  )
   trainer = Trainer(MODEL, _train_cfg(), mesh)
   state = trainer.new_state(trainer.init_params(0))
   lm, _ = _batch(np.random.default_rng(0))
@@ -169,8 +185,10 @@ def test_diverging_training_stops_and_marks_nothing_done(tmp_path):
   cfg.train.lr = 1e30
   cfg.train.grad_clip = 0.0
   with pytest.raises(
-      NonFiniteError, match=r"round 1: \d+ consecutive steps .* non-finite .*"
-      r"train.lr \(now 1e\+30\).*not marked complete"):
+      NonFiniteError,
+      match=r"round 1: \d+ consecutive steps .* non-finite .*"
+      r"train.lr \(now 1e\+30\).*not marked complete",
+  ):
     rounds.run(cfg, str(tmp_path))
   state = json.loads(read(str(tmp_path), "state.json"))
   assert state["completed"] == ["prepare", "annotate"]
@@ -185,8 +203,9 @@ def small_filesystem(tmp_path):
   """A 2 MiB tmpfs (a real filesystem that fills up), unmounted afterwards; needs root."""
   where = tmp_path / "fs"
   where.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs",
-                            str(where)], capture_output=True, text=True)
+  mounted = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True, text=True
+  )
   if mounted.returncode:
     pytest.skip(f"cannot mount a size-limited tmpfs here (root needed): {mounted.stderr.strip()}")
   try:
@@ -199,15 +218,23 @@ def small_filesystem(tmp_path):
     "free_kib, error",
     [
         # the pre-check refuses a checkpoint that cannot fit, before Orbax writes a byte
-        (96, "error: no space left on device for checkpoint {run}/checkpoints/train_round_1: "
-         "needed ~1.2 MiB, 0.0 MiB free"),
+        (
+            96,
+            "error: no space left on device for checkpoint {run}/checkpoints/train_round_1: "
+            "needed ~1.2 MiB, 0.0 MiB free",
+        ),
         # a real ENOSPC from write(2), mid-annotation: the replies appended before it are kept
-        (48, "error: cannot append a paid teacher reply to {run}/teacher_cache.jsonl: no space "
-         "left on device (0.0 MiB free); replies written before it are kept"),
+        (
+            48,
+            "error: cannot append a paid teacher reply to {run}/teacher_cache.jsonl: no space "
+            "left on device (0.0 MiB free); replies written before it are kept",
+        ),
     ],
-    ids=["checkpoint_pre_check", "enospc_in_teacher_cache"])
+    ids=["checkpoint_pre_check", "enospc_in_teacher_cache"],
+)
 def test_a_full_disk_ends_with_one_clear_line_and_the_same_command_resumes(
-    free_kib, error, small_filesystem, reference, tmp_path, paid):
+    free_kib, error, small_filesystem, reference, tmp_path, paid
+):
   """The workdir on a real 2 MiB filesystem filled to `free_kib` KiB: one `error:` line naming
   the path and the cause, exit code 1; once space is freed the same run ends with the
   uninterrupted run's results and pays only for replies the full disk kept from the cache."""
@@ -218,8 +245,12 @@ def test_a_full_disk_ends_with_one_clear_line_and_the_same_command_resumes(
   run = str(small_filesystem / "run")
   result = subprocess.run(
       [sys.executable, "-m", "tailored_jax.main", f"--config={config}", f"--workdir={run}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="",
-                                                                      JAX_PLATFORMS="cpu"))
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+  )
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -294,9 +325,11 @@ KILLER = textwrap.dedent("""
         ("checkpoint", 1),  # a step checkpoint's Orbax files written, its manifest not
         ("checkpoint", 2),  # round 1's params written by Orbax, their manifest not
         ("state", 3),  # state.json about to record train_1 as done
-    ])
-def test_sigkill_of_a_real_process_then_the_same_command_resumes(point, nth, reference, tmp_path,
-                                                                 paid):
+    ],
+)
+def test_sigkill_of_a_real_process_then_the_same_command_resumes(
+    point, nth, reference, tmp_path, paid
+):
   """A real SIGKILL of the run's process at a durable write: the same run resumed ends with the
   uninterrupted run's results, and pays again only for replies that never reached the cache."""
   config = tmp_path / "tiny.py"
@@ -304,19 +337,22 @@ def test_sigkill_of_a_real_process_then_the_same_command_resumes(point, nth, ref
   workdir, served_log = str(tmp_path / "run"), tmp_path / "served"
   served_log.touch()
   killed = subprocess.run(
-      [sys.executable, "-c", KILLER,
-       str(config), workdir, point,
-       str(nth),
-       str(served_log)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+      [sys.executable, "-c", KILLER, str(config), workdir, point, str(nth), str(served_log)],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+  )
   assert killed.returncode == -9, killed.stderr[-3000:]
   recorded = read(workdir, "teacher_cache.jsonl").count("\n")  # a torn last line is no record
   if point == "teacher_cache":
     assert not read(workdir, "teacher_cache.jsonl").endswith("\n")
   records = rounds.run(tiny_config(), workdir)
   assert strip_seconds(records) == strip_seconds(reference[1])
-  assert read(workdir, "round_2", "eval_test.jsonl") == read(reference[0], "round_2",
-                                                             "eval_test.jsonl")
+  assert read(workdir, "round_2", "eval_test.jsonl") == read(
+      reference[0], "round_2", "eval_test.jsonl"
+  )
   assert cache_lines(workdir) == cache_lines(reference[0])
   assert paid["n"] == cache_lines(reference[0]) - recorded  # nothing recorded was paid twice
   assert len(served_log.read_text()) >= recorded

@@ -2,6 +2,7 @@
 quantise): our loader must return exactly gguf's dequantisation, un-permuted, in HF layout.
 Q4_K/Q6_K go through the same `gguf.quants.dequantize` call (covered by SmolLM2's Q4_1/Q8_0
 and by gguf-py itself); gguf-py cannot write them."""
+
 import json
 
 import numpy as np
@@ -29,8 +30,9 @@ def permute(w, heads):
 
 def gguf_name(hf_name):
   top = {
-      "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-      "lm_head.weight": "output.weight"
+      "model.embed_tokens.weight": "token_embd.weight",
+      "model.norm.weight": "output_norm.weight",
+      "lm_head.weight": "output.weight",
   }
   if hf_name in top:
     return top[hf_name]
@@ -38,10 +40,13 @@ def gguf_name(hf_name):
   rename = {
       "input_layernorm.weight": "attn_norm.weight",
       "post_attention_layernorm.weight": "ffn_norm.weight",
-      "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-      "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-      "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-      "mlp.down_proj.weight": "ffn_down.weight"
+      "self_attn.q_proj.weight": "attn_q.weight",
+      "self_attn.k_proj.weight": "attn_k.weight",
+      "self_attn.v_proj.weight": "attn_v.weight",
+      "self_attn.o_proj.weight": "attn_output.weight",
+      "mlp.gate_proj.weight": "ffn_gate.weight",
+      "mlp.up_proj.weight": "ffn_up.weight",
+      "mlp.down_proj.weight": "ffn_down.weight",
   }
   return f"blk.{layer}.{rename[rest]}"
 
@@ -51,10 +56,17 @@ def source():
   tok = train_bpe([f"Question: {i} + {i} = {2 * i}\nAnswer: {2 * i}" for i in range(200)], 300)
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(
-      transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, num_attention_heads=N_HEADS,
-                               num_key_value_heads=N_KV, rms_norm_eps=1e-5,
-                               tie_word_embeddings=False)).eval()
+      transformers.LlamaConfig(
+          vocab_size=tok.vocab_size,
+          hidden_size=64,
+          intermediate_size=128,
+          num_hidden_layers=2,
+          num_attention_heads=N_HEADS,
+          num_key_value_heads=N_KV,
+          rms_norm_eps=1e-5,
+          tie_word_embeddings=False,
+      )
+  ).eval()
   return tok, model, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
@@ -116,9 +128,12 @@ def test_each_type_loads_as_gguf_dequantises_it(source, tmp_path, qtype):
     ids = np.array([[5, 17, 42, 8, 33]])
     with torch.no_grad():
       want = model(torch.tensor(ids)).logits.numpy()
-    logits, _, _ = model_for(pretrained.cfg).apply({"params": pretrained.load_params()},
-                                                   ids.astype(np.int32),
-                                                   np.arange(5)[None], np.ones((1, 5), bool))
+    logits, _, _ = model_for(pretrained.cfg).apply(
+        {"params": pretrained.load_params()},
+        ids.astype(np.int32),
+        np.arange(5)[None],
+        np.ones((1, 5), bool),
+    )
     assert np.abs(np.asarray(logits) - want).max() <= 1e-4
 
 

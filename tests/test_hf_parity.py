@@ -1,4 +1,5 @@
 """Our Flax LLaMA family against transformers' PyTorch models (float32, tiny random configs)."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,21 +15,36 @@ from tailored_jax.student_io import hf_io  # noqa: E402
 from tailored_jax.models import model_for  # noqa: E402
 from tailored_jax.sample import decode, sampling  # noqa: E402
 
-COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              rms_norm_eps=1e-6, rope_theta=10000.0)
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
 
 CASES = {
     "llama_gqa": lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=False),
     "llama3_rope": lambda: transformers.LlamaConfig(
-        **dict(COMMON, rope_theta=500000.0), tie_word_embeddings=True, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64
-        }),
+        **dict(COMMON, rope_theta=500000.0),
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+    ),
     "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=4096),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
-    "gptj": lambda: transformers.GPTJConfig(vocab_size=96, n_embd=64, n_layer=2, n_head=4,
-                                            rotary_dim=8, n_positions=256),
+    "gptj": lambda: transformers.GPTJConfig(
+        vocab_size=96, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256
+    ),
 }
 
 
@@ -63,8 +79,12 @@ def test_logits_match_transformers(name, tmp_path):
   with torch.no_grad():
     expected = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
   positions = np.broadcast_to(np.arange(10), tokens.shape)
-  got, _, _ = model_for(cfg).apply({"params": params}, jnp.asarray(tokens, jnp.int32),
-                                   jnp.asarray(positions), jnp.asarray(mask, bool))
+  got, _, _ = model_for(cfg).apply(
+      {"params": params},
+      jnp.asarray(tokens, jnp.int32),
+      jnp.asarray(positions),
+      jnp.asarray(mask, bool),
+  )
   valid = mask.astype(bool)
   diff = np.abs(np.asarray(got)[valid] - expected.numpy()[valid]).max()
   assert diff <= 1e-4, diff
@@ -72,8 +92,12 @@ def test_logits_match_transformers(name, tmp_path):
   scanned = model_for(dataclasses_replace(cfg, scan_layers=True, remat="full"))
   stacked = layers.stack_layers(jax.tree.map(lambda x: x, params), cfg.n_layers)
   assert sorted(stacked) == sorted([k for k in params if not k.startswith("layer_")] + ["layers"])
-  got, _, _ = scanned.apply({"params": stacked}, jnp.asarray(tokens, jnp.int32),
-                            jnp.asarray(positions), jnp.asarray(mask, bool))
+  got, _, _ = scanned.apply(
+      {"params": stacked},
+      jnp.asarray(tokens, jnp.int32),
+      jnp.asarray(positions),
+      jnp.asarray(mask, bool),
+  )
   diff = np.abs(np.asarray(got)[valid] - expected.numpy()[valid]).max()
   assert diff <= 1e-4, diff
   # HF tensors from the stacked tree are the per-layer tree's, bit for bit
@@ -86,21 +110,41 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
   model, cfg, _, params = build(name, tmp_path)
   prompt = [5, 17, 42, 8, 33]
   with torch.no_grad():
-    expected = model.generate(torch.tensor([prompt]),
-                              attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=32,
-                              min_new_tokens=32, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, 5:].tolist()
+    expected = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, 5, dtype=torch.long),
+        max_new_tokens=32,
+        min_new_tokens=32,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )[0, 5:].tolist()
   decoder = decode.Decoder(model_for(cfg), decode.StopTables.never_stop(cfg.vocab_size))
   tokens = np.array([[0, 0] + prompt], np.int32)  # left-padded, as the exam pads
-  out, lengths = decoder(params, tokens, tokens > 0, jax.random.PRNGKey(0), max_new_tokens=32,
-                         num_samples=1, sampling=sampling.SamplingConfig())
+  out, lengths = decoder(
+      params,
+      tokens,
+      tokens > 0,
+      jax.random.PRNGKey(0),
+      max_new_tokens=32,
+      num_samples=1,
+      sampling=sampling.SamplingConfig(),
+  )
   assert int(lengths[0]) == 32
   assert np.asarray(out[0]).tolist() == expected
   # the first 3 tokens as a shared prefix, prefilled once; the rest left-padded after it
   prefix = decoder.prefill(params, jnp.asarray(prompt[:3], jnp.int32))
   own = np.array([[0, 0, 0] + prompt[3:]], np.int32)
-  out, _ = decoder(params, own, own > 0, jax.random.PRNGKey(0), max_new_tokens=32, num_samples=1,
-                   sampling=sampling.SamplingConfig(), prefix=prefix)
+  out, _ = decoder(
+      params,
+      own,
+      own > 0,
+      jax.random.PRNGKey(0),
+      max_new_tokens=32,
+      num_samples=1,
+      sampling=sampling.SamplingConfig(),
+      prefix=prefix,
+  )
   assert np.asarray(out[0]).tolist() == expected
 
 
@@ -128,9 +172,11 @@ def test_import_errors_name_file_and_tensor(tmp_path):
   model, cfg, _, _ = build("llama_gqa", tmp_path)
   bad = dataclasses_replace(cfg, d_ff=100)
   with pytest.raises(
-      hf_io.ModelImportError, match=r"model.safetensors: tensor "
+      hf_io.ModelImportError,
+      match=r"model.safetensors: tensor "
       r"'model.layers.0.mlp.(gate|up|down)_proj.weight' "
-      r"has shape"):
+      r"has shape",
+  ):
     hf_io.load_params(hf_io.iter_hf_tensors(str(tmp_path)), bad)
   with pytest.raises(hf_io.ModelImportError, match=r"model_type 'gpt_neox' is not supported"):
     hf_io.config_from_hf({"model_type": "gpt_neox"})
@@ -140,6 +186,7 @@ def test_import_errors_name_file_and_tensor(tmp_path):
 
 def dataclasses_replace(cfg, **changes):
   import dataclasses
+
   return dataclasses.replace(cfg, **changes)
 
 
@@ -158,17 +205,21 @@ def test_sharded_forward_matches_unsharded(tmp_path):
   shardings = sharding.logical_sharding(boxed, mesh)
   sharded_params = jax.device_put(params, shardings)
   assert sharded_params["layer_0"]["mlp"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(
-      "fsdp", "tensor")
+      "fsdp", "tensor"
+  )
   put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))
   got = forward(sharded_params, put(tokens), put(np.asarray(positions)), put(mask))
   np.testing.assert_allclose(np.asarray(got), np.asarray(single), atol=1e-5)
   # scanned: the stacked layer axis stays whole, the rest sharded as before
   scanned = model_for(dataclasses_replace(cfg, scan_layers=True, remat="full"))
   boxed = jax.eval_shape(lambda: layers.init_boxed_params(scanned, jax.random.PRNGKey(0)))
-  stacked = jax.device_put(layers.stack_layers(jax.tree.map(lambda x: x, params), cfg.n_layers),
-                           sharding.logical_sharding(boxed, mesh))
+  stacked = jax.device_put(
+      layers.stack_layers(jax.tree.map(lambda x: x, params), cfg.n_layers),
+      sharding.logical_sharding(boxed, mesh),
+  )
   assert stacked["layers"]["mlp"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(
-      None, "fsdp", "tensor")
+      None, "fsdp", "tensor"
+  )
   forward = jax.jit(lambda p, t, pos, m: scanned.apply({"params": p}, t, pos, m)[0])
   got = forward(stacked, put(tokens), put(np.asarray(positions)), put(mask))
   np.testing.assert_allclose(np.asarray(got), np.asarray(single), atol=1e-5)

@@ -35,8 +35,14 @@ def test_last_real_token():
 
 
 def test_dpo_loss_by_hand():
-  got = losses.dpo_loss(jnp.array([-1.0, -5.0]), jnp.array([-3.0, -1.0]), jnp.array([-2.0, -2.0]),
-                        jnp.array([-2.0, -2.0]), jnp.array([1.0, 0.0]), beta=0.5)
+  got = losses.dpo_loss(
+      jnp.array([-1.0, -5.0]),
+      jnp.array([-3.0, -1.0]),
+      jnp.array([-2.0, -2.0]),
+      jnp.array([-2.0, -2.0]),
+      jnp.array([1.0, 0.0]),
+      beta=0.5,
+  )
   # margin = 0.5 * ((-1 + 2) - (-3 + 2)) = 1; the second row is masked out
   assert float(got) == pytest.approx(math.log1p(math.exp(-1.0)), rel=1e-6)
 

@@ -1,5 +1,6 @@
 """TensorBoard event files written by a run, read back; W&B in offline mode; nothing from a
 process that does not write; progress that counts steps the device has finished."""
+
 import glob
 import json
 import os
@@ -26,8 +27,8 @@ def read_events(logdir: str) -> dict[str, dict[int, float]]:
       data = f.read()
     at = 0
     while at < len(data):
-      (length,) = struct.unpack("<Q", data[at:at + 8])
-      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      (length,) = struct.unpack("<Q", data[at : at + 8])
+      event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
       at += 12 + length + 4
       for value in event.summary.value:
         scalars.setdefault(value.tag, {})[event.step] = value.simple_value
@@ -38,6 +39,7 @@ def read_wandb_history(path: str) -> dict[int, dict]:
   """{step: {key: value}} of the history records in a W&B run file: a 7-byte header, then
   LevelDB-log records (CRC, 2-byte length, type; 32 KiB blocks) holding `Record` protos."""
   from wandb.proto import wandb_internal_pb2
+
   with open(path, "rb") as f:
     data = f.read()
   assert data[:4] == b":W&B"
@@ -46,8 +48,8 @@ def read_wandb_history(path: str) -> dict[int, dict]:
     if 32768 - at % 32768 < 7:  # a block's tail too short for a header is padding
       at += 32768 - at % 32768
       continue
-    length, kind = struct.unpack("<HB", data[at + 4:at + 7])
-    pieces += data[at + 7:at + 7 + length]
+    length, kind = struct.unpack("<HB", data[at + 4 : at + 7])
+    pieces += data[at + 7 : at + 7 + length]
     at += 7 + length
     if kind in (1, 4):  # FULL or LAST: one whole record
       record = wandb_internal_pb2.Record.FromString(pieces)
@@ -90,27 +92,34 @@ def test_weights_and_biases_offline_gets_the_same_scalars(tmp_path, monkeypatch)
   monkeypatch.setenv("WANDB_SILENT", "true")
   cfg = config_lib.base_config().logging
   cfg.update(wandb_project="tailored-jax-test", wandb_mode="offline")
-  writer = metrics_lib.Metrics.for_run(cfg, str(tmp_path / "run" / "tensorboard"), "run",
-                                       {"seed": 1})
+  writer = metrics_lib.Metrics.for_run(
+      cfg, str(tmp_path / "run" / "tensorboard"), "run", {"seed": 1}
+  )
   writer.scalars({"train/loss": 2.5, "train/mfu": None}, 3)
-  writer.round_record({"round": 1, "val_accuracy": 0.25, "test_accuracy": 0.5, "seconds": 1.0},
-                      teacher_cost_usd=0.125)
+  writer.round_record(
+      {"round": 1, "val_accuracy": 0.25, "test_accuracy": 0.5, "seconds": 1.0},
+      teacher_cost_usd=0.125,
+  )
   writer.close()
   runs = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "*.wandb"))
   assert len(runs) == 1, os.listdir(tmp_path / "run")
   history = list(read_wandb_history(runs[0]).values())  # each group on its own x-axis
   assert history[0] == {"train/loss": 2.5, "train/step": 3}  # None (no MFU peak) left out
   assert history[1] == {
-      "round/val_accuracy": 0.25, "round/test_accuracy": 0.5, "round/seconds": 1.0,
-      "round/teacher_cost_usd": 0.125, "round/step": 1
+      "round/val_accuracy": 0.25,
+      "round/test_accuracy": 0.5,
+      "round/seconds": 1.0,
+      "round/teacher_cost_usd": 0.125,
+      "round/step": 1,
   }
   assert read_events(str(tmp_path / "run" / "tensorboard"))["round/test_accuracy"] == {1: 0.5}
 
 
 def test_only_the_writing_process_writes(tmp_path, monkeypatch):
   monkeypatch.setattr(wd, "is_writer", lambda: False)
-  writer = metrics_lib.Metrics.for_run(config_lib.base_config().logging, str(tmp_path / "tb"),
-                                       "run", {})
+  writer = metrics_lib.Metrics.for_run(
+      config_lib.base_config().logging, str(tmp_path / "tb"), "run", {}
+  )
   writer.scalars({"train/loss": 1.0}, 1)
   writer.close()
   assert not os.path.exists(tmp_path / "tb")

@@ -18,8 +18,9 @@ from tailored_jax.models.llama import Llama, LlamaConfig
 from tailored_jax.sample import decode, sampling
 from tailored_jax.train.trainer import Trainer
 
-CFG = LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  d_ff=64)
+CFG = LlamaConfig(
+    vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+)
 MODEL = Llama(CFG)
 
 
@@ -29,8 +30,9 @@ def params():
 
 
 def forward(params, tokens, positions, valid, cache=None):
-  return MODEL.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
-                     jnp.asarray(valid), cache)
+  return MODEL.apply(
+      {"params": params}, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid), cache
+  )
 
 
 def test_incremental_decoding_matches_full_forward(params):
@@ -41,8 +43,9 @@ def test_incremental_decoding_matches_full_forward(params):
   logits, _, cache = forward(params, tokens[:, :3], positions[:, :3], np.ones((1, 3), bool), cache)
   steps = [logits]
   for t in range(3, 6):
-    logits, _, cache = forward(params, tokens[:, t:t + 1], positions[:, t:t + 1],
-                               np.ones((1, 1), bool), cache)
+    logits, _, cache = forward(
+        params, tokens[:, t : t + 1], positions[:, t : t + 1], np.ones((1, 1), bool), cache
+    )
     steps.append(logits)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
@@ -60,13 +63,20 @@ def test_left_padding_is_masked(params):
 def test_prefix_cache_continuation_matches_full_hidden(params):
   """Self-reflection encodes continuations from a shared prefix cache: same hidden states."""
   prefix, cont = [4, 8, 15], [16, 23, 42 % 40]
-  _, full_hidden, _ = forward(params, np.array([prefix + cont]),
-                              np.arange(6)[None], np.ones((1, 6), bool))
+  _, full_hidden, _ = forward(
+      params, np.array([prefix + cont]), np.arange(6)[None], np.ones((1, 6), bool)
+  )
   cache = KVCache.zeros(CFG.n_layers, 1, 3 + 4, CFG.n_kv_heads, CFG.head_dim, jnp.float32)
-  _, _, cache = forward(params, np.array([prefix]),
-                        np.arange(3)[None], np.ones((1, 3), bool), cache)
-  _, hidden, _ = forward(params, np.array([cont + [0]]),
-                         np.arange(3, 7)[None], np.array([[True, True, True, False]]), cache)
+  _, _, cache = forward(
+      params, np.array([prefix]), np.arange(3)[None], np.ones((1, 3), bool), cache
+  )
+  _, hidden, _ = forward(
+      params,
+      np.array([cont + [0]]),
+      np.arange(3, 7)[None],
+      np.array([[True, True, True, False]]),
+      cache,
+  )
   np.testing.assert_allclose(hidden[:, :3], full_hidden[:, 3:], atol=1e-5)
 
 
@@ -87,13 +97,21 @@ def test_greedy_decode_equals_stepwise_argmax(params):
   prompt = [2, 7, 12, 5]
   tokens = np.array([[0, 0] + prompt, [2, 9, 4, 4, 6, 3]], np.int32)
   valid = tokens > 0
-  out, lengths = decoder(params, tokens, valid, jax.random.PRNGKey(0), max_new_tokens=6,
-                         num_samples=1, sampling=sampling.SamplingConfig())
+  out, lengths = decoder(
+      params,
+      tokens,
+      valid,
+      jax.random.PRNGKey(0),
+      max_new_tokens=6,
+      num_samples=1,
+      sampling=sampling.SamplingConfig(),
+  )
   seq = list(prompt)
   expected = []
   for _ in range(6):
-    logits, _, _ = forward(params, np.array([seq]),
-                           np.arange(len(seq))[None], np.ones((1, len(seq)), bool))
+    logits, _, _ = forward(
+        params, np.array([seq]), np.arange(len(seq))[None], np.ones((1, len(seq)), bool)
+    )
     row = np.array(logits[0, -1])
     row[[0, 2]] = -np.inf
     if not expected:
@@ -113,13 +131,21 @@ def test_rows_stop_on_their_own_and_samples_repeat_prompts(params):
   tables = _tables()
   decoder = decode.Decoder(MODEL, tables)
   tokens = np.array([[2, 7, 12, 5]], np.int32)
-  out, lengths = decoder(params, tokens, tokens > 0, jax.random.PRNGKey(3), max_new_tokens=8,
-                         num_samples=5, sampling=sampling.SamplingConfig(1.0, 10, 0.9))
+  out, lengths = decoder(
+      params,
+      tokens,
+      tokens > 0,
+      jax.random.PRNGKey(3),
+      max_new_tokens=8,
+      num_samples=5,
+      sampling=sampling.SamplingConfig(1.0, 10, 0.9),
+  )
   out, lengths = np.asarray(out), np.asarray(lengths)
   assert out.shape == (5, 8)
   for row, n in zip(out, lengths):
     stops = [
-        i for i, t in enumerate(row[:n])
+        i
+        for i, t in enumerate(row[:n])
         if t == 1 or t == 31 or (i > 0 and row[i - 1] == 30 and t == 30)
     ]
     assert not stops or stops[0] == n - 1  # nothing after the first stop
@@ -129,8 +155,9 @@ def test_rows_stop_on_their_own_and_samples_repeat_prompts(params):
 
 def test_filter_logits_top_k_and_top_p():
   logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-  kept = np.isfinite(np.asarray(sampling.filter_logits(logits, 2, 1.0))) & (np.asarray(
-      sampling.filter_logits(logits, 2, 1.0)) > -1e29)
+  kept = np.isfinite(np.asarray(sampling.filter_logits(logits, 2, 1.0))) & (
+      np.asarray(sampling.filter_logits(logits, 2, 1.0)) > -1e29
+  )
   assert kept.tolist() == [[True, True, False, False, False]]
   top_p = np.asarray(sampling.filter_logits(logits, 0, 0.8)) > -1e29
   assert top_p.tolist() == [[True, True, True, False, False]]
@@ -138,8 +165,20 @@ def test_filter_logits_top_k_and_top_p():
 
 def _train_cfg():
   return ml_collections.ConfigDict(
-      dict(lr=1e-2, warmup_steps=1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
-           sr_weight=0.5, sr_margin=1.0, max_nonfinite_steps=3, loss_chunk_tokens=0))
+      dict(
+          lr=1e-2,
+          warmup_steps=1,
+          b1=0.9,
+          b2=0.999,
+          eps=1e-8,
+          weight_decay=0.01,
+          grad_clip=1.0,
+          sr_weight=0.5,
+          sr_margin=1.0,
+          max_nonfinite_steps=3,
+          loss_chunk_tokens=0,
+      )
+  )
 
 
 def _batch(rng):
@@ -151,18 +190,23 @@ def _batch(rng):
   prefix_mask[1::2, :2] = False
   cont_mask = np.ones((b, 3, c), bool)
   cont_mask[:, 2, 3:] = False
-  lm = LMBatch(tokens[:, :-1], tokens[:, 1:], mask, mask,
-               np.where(mask, 1.0, 0.0).astype(np.float32))
+  lm = LMBatch(
+      tokens[:, :-1], tokens[:, 1:], mask, mask, np.where(mask, 1.0, 0.0).astype(np.float32)
+  )
   reflection = ReflectionBatch(
-      rng.integers(3, CFG.vocab_size, (b, p)).astype(np.int32), prefix_mask,
-      rng.integers(3, CFG.vocab_size, (b, 3, c)).astype(np.int32), cont_mask,
-      (np.arange(b) % 4 != 0).astype(np.float32))
+      rng.integers(3, CFG.vocab_size, (b, p)).astype(np.int32),
+      prefix_mask,
+      rng.integers(3, CFG.vocab_size, (b, 3, c)).astype(np.int32),
+      cont_mask,
+      (np.arange(b) % 4 != 0).astype(np.float32),
+  )
   return lm, reflection
 
 
 def _mesh_cfg(data, fsdp, tensor, num_devices):
   return ml_collections.ConfigDict(
-      {"mesh": dict(data=data, fsdp=fsdp, tensor=tensor, num_devices=num_devices)})
+      {"mesh": dict(data=data, fsdp=fsdp, tensor=tensor, num_devices=num_devices)}
+  )
 
 
 def test_lm_loss_decreases_on_a_fixed_batch():
@@ -192,15 +236,25 @@ def test_exam_samples_do_not_depend_on_batch_size_or_order(params):
       return [",".join(str(int(t)) for t in row) for row in rows]
 
   mesh = sharding.make_mesh(
-      ml_collections.ConfigDict({"mesh": dict(data=-1, fsdp=1, tensor=1, num_devices=1)}))
+      ml_collections.ConfigDict({"mesh": dict(data=-1, fsdp=1, tensor=1, num_devices=1)})
+  )
   decoder = decode.Decoder(MODEL, decode.StopTables.never_stop(CFG.vocab_size))
   prompts = ["abc", "hello", "xyz", "qq", "mnop"]
 
   def run(batch_size, order):
-    texts = generate_texts(decoder, params, CharTokenizer(), [prompts[i] for i in order], mesh=mesh,
-                           num_samples=3, sampling=sampling.SamplingConfig(1.0, 10,
-                                                                           1.0), max_new_tokens=5,
-                           batch_size=batch_size, rng=jax.random.PRNGKey(7), label="test")
+    texts = generate_texts(
+        decoder,
+        params,
+        CharTokenizer(),
+        [prompts[i] for i in order],
+        mesh=mesh,
+        num_samples=3,
+        sampling=sampling.SamplingConfig(1.0, 10, 1.0),
+        max_new_tokens=5,
+        batch_size=batch_size,
+        rng=jax.random.PRNGKey(7),
+        label="test",
+    )
     return {prompts[i]: t for i, t in zip(order, texts)}
 
   reference = run(2, [0, 1, 2, 3, 4])
@@ -216,9 +270,11 @@ def test_chunked_lm_loss_equals_the_whole_sequence_loss(family):
   from tailored_jax.models import model_for
   from tailored_jax.models.gptj import GPTJConfig
   from tailored_jax.train import step as step_lib
+
   cfg = {
-      "llama_tied": CFG, "llama_untied": dataclasses.replace(CFG, tie_embeddings=False),
-      "gptj": GPTJConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=64, rotary_dim=4)
+      "llama_tied": CFG,
+      "llama_untied": dataclasses.replace(CFG, tie_embeddings=False),
+      "gptj": GPTJConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=64, rotary_dim=4),
   }[family]
   model = model_for(cfg)
   params = nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(1)))
@@ -241,13 +297,15 @@ class _LetterTokenizer:  # one token per letter a..z and space, ids 3..29; pad 0
     return [",".join(str(int(t)) for t in row) for row in rows]
 
 
-@pytest.mark.parametrize("window,mesh_shape", [(0, (1, 1, 1, 1)), (7, (1, 1, 1, 1)),
-                                               (0, (2, 2, 2, 0))])
+@pytest.mark.parametrize(
+    "window,mesh_shape", [(0, (1, 1, 1, 1)), (7, (1, 1, 1, 1)), (0, (2, 2, 2, 0))]
+)
 def test_shared_prefix_decoding_equals_whole_prompts(window, mesh_shape):
   """The demos every prompt starts with, prefilled once and shared, give the same greedy and
   sampled tokens as prefilling each whole prompt (GQA, left padding, a sliding window shorter
   than the prompts, an 8-device mesh with the weights in the model-parallel decode layout)."""
   from tailored_jax.sample.runner import generate_texts
+
   cfg = dataclasses.replace(CFG, sliding_window=window)
   model = Llama(cfg)
   params = nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(5)))
@@ -257,20 +315,35 @@ def test_shared_prefix_decoding_equals_whole_prompts(window, mesh_shape):
     layout = "model_parallel"
     trainer = Trainer(model, _train_cfg(), mesh)
     params = jax.device_put(
-        params, sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh,
-                                          layout))
+        params,
+        sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh, layout),
+    )
   demos = "the quick brown fox jumps over the lazy dog "
   prompts = [demos + q for q in ("abc", "hello world", "xyz", "qq", "mnop", "sphinx of quartz")]
-  for sampling_cfg, samples in ((sampling.SamplingConfig(), 1),
-                                (sampling.SamplingConfig(1.0, 10, 0.9), 3)):
+  for sampling_cfg, samples in (
+      (sampling.SamplingConfig(), 1),
+      (sampling.SamplingConfig(1.0, 10, 0.9), 3),
+  ):
     texts = []
     for share in (False, True):
       decoder = decode.Decoder(model, decode.StopTables.never_stop(cfg.vocab_size))
       texts.append(
-          generate_texts(decoder, params, _LetterTokenizer(), prompts, mesh=mesh,
-                         num_samples=samples, sampling=sampling_cfg, max_new_tokens=12,
-                         batch_size=4, rng=jax.random.PRNGKey(7), label="test", share_prefix=share,
-                         decode_layout=layout))
+          generate_texts(
+              decoder,
+              params,
+              _LetterTokenizer(),
+              prompts,
+              mesh=mesh,
+              num_samples=samples,
+              sampling=sampling_cfg,
+              max_new_tokens=12,
+              batch_size=4,
+              rng=jax.random.PRNGKey(7),
+              label="test",
+              share_prefix=share,
+              decode_layout=layout,
+          )
+      )
     assert texts[0] == texts[1]
   assert decoder.compilations == 2  # the prefix, and one for the only length bucket
 
@@ -281,41 +354,70 @@ def test_model_parallel_decoding_splits_rows_over_the_axes_no_weight_uses():
   tensor; before, only over data: each device decoded every prompt), each takes its own rows'
   top-k, nothing but the loop's stop flag crosses devices, and the texts equal one device's."""
   from tailored_jax.sample.runner import generate_texts
-  cfg = LlamaConfig(vocab_size=41, d_model=24, n_layers=2, n_heads=3, n_kv_heads=3, head_dim=8,
-                    d_ff=45)
+
+  cfg = LlamaConfig(
+      vocab_size=41, d_model=24, n_layers=2, n_heads=3, n_kv_heads=3, head_dim=8, d_ff=45
+  )
   model = Llama(cfg)
   params = nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(3)))
   mesh = sharding.make_mesh(_mesh_cfg(1, 4, 2, 0))
   trainer = Trainer(model, _train_cfg(), mesh)
-  placed = sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh,
-                                     "model_parallel")
+  placed = sharding.decode_shardings(
+      trainer.param_specs, trainer.abstract_params, mesh, "model_parallel"
+  )
   row_axes = sharding.decode_row_axes("model_parallel", placed)
   assert row_axes == ("data", "fsdp", "tensor")
   rows = lambda shape, dtype: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes))
+      shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes)
+  )
   tokens = rows((8, 16), jnp.int32)
   assert tokens.sharding.shard_shape(tokens.shape) == (1, 16)
   generate = jax.jit(
-      functools.partial(decode.generate, model=model, max_new_tokens=4, num_samples=2,
-                        sampling=sampling.SamplingConfig(1.0, 5, 1.0),
-                        rows=sharding.decode_batch_sharding(mesh, 2, row_axes)))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          trainer.abstract_params, placed)
-  compiled = generate.lower(abstract, tokens, rows((8, 16), bool), rows((8, 2, 2), jnp.uint32),
-                            jax.tree.map(jnp.asarray,
-                                         decode.StopTables.never_stop(cfg.vocab_size))).compile()
+      functools.partial(
+          decode.generate,
+          model=model,
+          max_new_tokens=4,
+          num_samples=2,
+          sampling=sampling.SamplingConfig(1.0, 5, 1.0),
+          rows=sharding.decode_batch_sharding(mesh, 2, row_axes),
+      )
+  )
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      trainer.abstract_params,
+      placed,
+  )
+  compiled = generate.lower(
+      abstract,
+      tokens,
+      rows((8, 16), bool),
+      rows((8, 2, 2), jnp.uint32),
+      jax.tree.map(jnp.asarray, decode.StopTables.never_stop(cfg.vocab_size)),
+  ).compile()
   # nothing moves between devices but the loop's "every row done?" flag: no partial activations
   # reduced, no rows' logits gathered for the top-k
   assert _collectives(compiled.as_text()) == [("all-reduce", ())]
   prompts = ["abc", "hello world", "xyz", "qq", "mnop", "sphinx of quartz", "a", "zz"]
   texts = {}
-  for name, where, weights in (("one device", sharding.make_mesh(_mesh_cfg(1, 1, 1, 1)), params),
-                               ("mesh", mesh, jax.device_put(params, placed))):
+  for name, where, weights in (
+      ("one device", sharding.make_mesh(_mesh_cfg(1, 1, 1, 1)), params),
+      ("mesh", mesh, jax.device_put(params, placed)),
+  ):
     decoder = decode.Decoder(model, decode.StopTables.never_stop(cfg.vocab_size))
-    texts[name] = generate_texts(decoder, weights, _LetterTokenizer(), prompts, mesh=where,
-                                 num_samples=2, sampling=sampling.SamplingConfig(1.0, 10, 0.9),
-                                 max_new_tokens=6, batch_size=8, rng=jax.random.PRNGKey(7),
-                                 label="test", decode_layout="model_parallel")
+    texts[name] = generate_texts(
+        decoder,
+        weights,
+        _LetterTokenizer(),
+        prompts,
+        mesh=where,
+        num_samples=2,
+        sampling=sampling.SamplingConfig(1.0, 10, 0.9),
+        max_new_tokens=6,
+        batch_size=8,
+        rng=jax.random.PRNGKey(7),
+        label="test",
+        decode_layout="model_parallel",
+    )
   assert texts["mesh"] == texts["one device"]
 
 
@@ -331,13 +433,15 @@ def test_shared_prefix_cache_gives_the_whole_prompts_logits(params):
   got, _, _ = forward(params, own, positions, valid, cache)
   for row in range(2):
     whole = np.concatenate([prefix, own[row][valid[row]]])[None]
-    expected, _, _ = forward(params, whole,
-                             np.arange(whole.shape[1])[None], np.ones_like(whole, bool))
+    expected, _, _ = forward(
+        params, whole, np.arange(whole.shape[1])[None], np.ones_like(whole, bool)
+    )
     np.testing.assert_allclose(got[row, -1], expected[0, -1], atol=1e-5)
 
 
-@pytest.mark.parametrize("top_k,top_p,allowed", [(4, 1.0, 4), (0, 0.75, 3), (4, 0.75, 3),
-                                                 (50, 0.75, 3)])
+@pytest.mark.parametrize(
+    "top_k,top_p,allowed", [(4, 1.0, 4), (0, 0.75, 3), (4, 0.75, 3), (50, 0.75, 3)]
+)
 def test_sampling_never_leaves_the_allowed_set_and_follows_the_distribution(top_k, top_p, allowed):
   """A crafted distribution (6 likely tokens, 994 rare ones): every draw is among the `allowed`
   best, and each one's frequency is within 5 binomial standard deviations of its renormalised
@@ -350,8 +454,14 @@ def test_sampling_never_leaves_the_allowed_set_and_follows_the_distribution(top_
   draws = 20000
   keys = jax.random.split(jax.random.PRNGKey(0), draws)
   tokens = np.asarray(
-      jax.jit(lambda k: sampling.choose_tokens(jnp.broadcast_to(jnp.asarray(logits), (
-          draws, 1000)), k, sampling.SamplingConfig(1.0, top_k, top_p)))(keys))
+      jax.jit(
+          lambda k: sampling.choose_tokens(
+              jnp.broadcast_to(jnp.asarray(logits), (draws, 1000)),
+              k,
+              sampling.SamplingConfig(1.0, top_k, top_p),
+          )
+      )(keys)
+  )
   ranks = rank_of[tokens]  # rank 0 is the most likely token
   assert ranks.max() < allowed
   expected = probs[:allowed] / probs[:allowed].sum()
@@ -378,49 +488,67 @@ def test_decoding_in_the_decode_layout_gathers_no_weight(layout):
   block's attention and MLP outputs and the embedding lookup (2 x layers + 1 per forward, for
   the prefill and the loop) and gathers the logits once; the training layout compiles to more
   collectives than that."""
-  cfg = LlamaConfig(vocab_size=72, d_model=48, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=8,
-                    d_ff=96)
+  cfg = LlamaConfig(
+      vocab_size=72, d_model=48, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=8, d_ff=96
+  )
   model = Llama(cfg)
   mesh = sharding.make_mesh(_mesh_cfg(1, 4, 2, 0))
   trainer = Trainer(model, _train_cfg(), mesh)
 
   def collectives(param_shardings, batch_layout):
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          trainer.abstract_params, param_shardings)
+    params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        trainer.abstract_params,
+        param_shardings,
+    )
     row_axes = sharding.decode_row_axes(batch_layout, param_shardings)
     rows = lambda shape, dtype: jax.ShapeDtypeStruct(
-        shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes))
+        shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes)
+    )
     tables = jax.tree.map(jnp.asarray, decode.StopTables.never_stop(cfg.vocab_size))
     generate = jax.jit(
-        functools.partial(decode.generate, model=model, max_new_tokens=4, num_samples=2,
-                          sampling=sampling.SamplingConfig(1.0, 5, 1.0)))
-    lowered = generate.lower(params, rows((8, 16), jnp.int32), rows((8, 16), bool),
-                             rows((8, 2, 2), jnp.uint32), tables)
+        functools.partial(
+            decode.generate,
+            model=model,
+            max_new_tokens=4,
+            num_samples=2,
+            sampling=sampling.SamplingConfig(1.0, 5, 1.0),
+        )
+    )
+    lowered = generate.lower(
+        params, rows((8, 16), jnp.int32), rows((8, 16), bool), rows((8, 2, 2), jnp.uint32), tables
+    )
     return _collectives(lowered.compile().as_text())
 
-  decode_shardings = sharding.decode_shardings(trainer.param_specs, trainer.abstract_params, mesh,
-                                               layout)
+  decode_shardings = sharding.decode_shardings(
+      trainer.param_specs, trainer.abstract_params, mesh, layout
+  )
   found = collectives(decode_shardings, layout)
   assert not [shape for kind, shape in found if kind == "all-gather" and cfg.d_model in shape]
   if layout == "replicated":  # rows split over data and fsdp; nothing model-sized moves
     assert not [shape for _, shape in found if cfg.d_model in shape]
     assert decode_shardings["layer_0"]["attn"]["wq"].spec == jax.sharding.PartitionSpec(
-        None, None, None)
+        None, None, None
+    )
     return
   assert decode_shardings["layer_0"]["attn"]["wq"].spec == jax.sharding.PartitionSpec(
-      None, ("tensor", "fsdp"), None)
+      None, ("tensor", "fsdp"), None
+  )
   per_forward = 2 * cfg.n_layers + 1
-  assert sorted(found) == sorted([("all-gather",
-                                   (16, cfg.vocab_size))] + [("all-reduce",
-                                                              (16, 1, cfg.d_model))] * per_forward
-                                 + [("all-reduce", (8, 16, cfg.d_model))] * per_forward)
+  assert sorted(found) == sorted(
+      [("all-gather", (16, cfg.vocab_size))]
+      + [("all-reduce", (16, 1, cfg.d_model))] * per_forward
+      + [("all-reduce", (8, 16, cfg.d_model))] * per_forward
+  )
   assert len(collectives(trainer.param_shardings, "train")) > len(found)
 
 
 def test_decode_memory_and_the_batch_that_fits():
   from tailored_jax.sample import memory
-  need = memory.decode_memory(CFG, prompt_slots=32, max_new_tokens=16, num_samples=2,
-                              shared_prefix=10)
+
+  need = memory.decode_memory(
+      CFG, prompt_slots=32, max_new_tokens=16, num_samples=2, shared_prefix=10
+  )
   # 48 own slots: 2 (k, v) x 2 layers x 48 x 2 kv heads x 8 x 4 bytes, for 2 rows
   assert need.kv_cache == 2 * 2 * 48 * 2 * 8 * 4 * 2
   # per token: logits x3 + scores over 58 slots x2 (4 heads) + activations, for 2 rows
@@ -434,13 +562,24 @@ def test_decode_memory_and_the_batch_that_fits():
 
 def test_a_small_memory_budget_shrinks_the_batch_not_the_results(params, caplog):
   from tailored_jax.sample.runner import generate_texts
+
   mesh = sharding.make_mesh(_mesh_cfg(-1, 1, 1, 1))
   decoder = decode.Decoder(MODEL, decode.StopTables.never_stop(CFG.vocab_size))
   prompts = ["abc", "hello", "xyz", "qq", "mnop", "sphinx"]
-  run = lambda budget: generate_texts(decoder, params, _LetterTokenizer(), prompts,
-                                      mesh=mesh, num_samples=2, sampling=sampling.SamplingConfig(
-                                          1.0, 10, 1.0), max_new_tokens=5, batch_size=8, rng=jax.
-                                      random.PRNGKey(1), label="exam", memory_budget_bytes=budget)
+  run = lambda budget: generate_texts(
+      decoder,
+      params,
+      _LetterTokenizer(),
+      prompts,
+      mesh=mesh,
+      num_samples=2,
+      sampling=sampling.SamplingConfig(1.0, 10, 1.0),
+      max_new_tokens=5,
+      batch_size=8,
+      rng=jax.random.PRNGKey(1),
+      label="exam",
+      memory_budget_bytes=budget,
+  )
   with caplog.at_level("INFO"):
     roomy, tight = run(2**30), run(100_000)
   assert roomy == tight
@@ -453,6 +592,7 @@ def test_continuation_logprobs_equal_the_whole_strings(params):
   """log p(continuation | prefix) through the shared-prefix path equals the same sum read off one
   forward over prefix ⊕ continuation (left-padded prefixes, right-padded continuations)."""
   from tailored_jax.train import step as step_lib
+
   rng = np.random.default_rng(3)
   _, reflection = _batch(rng)
   got = np.asarray(step_lib.continuation_logprobs(MODEL, params, reflection, (0, 2)))
@@ -461,8 +601,9 @@ def test_continuation_logprobs_equal_the_whole_strings(params):
     for j, which in enumerate((0, 2)):
       cont = reflection.continuations[row, which][reflection.continuation_mask[row, which]]
       whole = np.concatenate([prefix, cont])[None]
-      logits, _, _ = forward(params, whole,
-                             np.arange(whole.shape[1])[None], np.ones_like(whole, bool))
+      logits, _, _ = forward(
+          params, whole, np.arange(whole.shape[1])[None], np.ones_like(whole, bool)
+      )
       logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
       expected = sum(float(logp[len(prefix) - 1 + i, t]) for i, t in enumerate(cont))
       np.testing.assert_allclose(got[row, j], expected, rtol=1e-4)
@@ -472,6 +613,7 @@ def test_dpo_step_starts_at_log_two_and_learns():
   """With the round's starting weights as the reference, DPO's first loss is exactly log 2 on
   every row; a few steps on the same batch push the chosen rationale above the wrong one."""
   import math
+
   mesh = sharding.make_mesh(_mesh_cfg(1, 1, 1, 1))
   trainer = Trainer(MODEL, _train_cfg(), mesh, reflection_loss="dpo")
   params = trainer.init_params(2)
@@ -511,9 +653,8 @@ def test_model_flops_and_mfu_by_the_devices_the_step_runs_on(monkeypatch):
   measured = throughput.measured_matmul_tflops("float32")
   assert 0.001 < measured < 100 and throughput.measured_matmul_tflops("float32") == measured
   monkeypatch.setattr(throughput, "measured_matmul_tflops", lambda dtype: {"float32": 0.5}[dtype])
-  assert throughput.model_flops(
-      10**6, 1e3,
-      [CPU()
-      ]).text() == ("0.006 model TFLOP/s per device, MFU 1.2% of the measured float32 matmul peak")
+  assert throughput.model_flops(10**6, 1e3, [CPU()]).text() == (
+      "0.006 model TFLOP/s per device, MFU 1.2% of the measured float32 matmul peak"
+  )
   flops = throughput.model_flops(10**6, 1e3, [OtherGPU()])
   assert flops.text() == "0.006 model TFLOP/s per device" and flops.mfu is None

@@ -1,5 +1,6 @@
 """Two processes (2 CPU devices each, gloo collectives) run one round on a shared workdir and
 get exactly what one process with the same 4-device mesh gets."""
+
 import json
 import os
 import socket
@@ -44,9 +45,12 @@ def run_two(workdir: str, max_requests: int = 0) -> list[tuple[int, str]]:
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   workers = [
       subprocess.Popen(
-          [sys.executable, "-c", WORKER, address,
-           str(i), workdir, ROOT,
-           str(max_requests)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          [sys.executable, "-c", WORKER, address, str(i), workdir, ROOT, str(max_requests)],
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
       for i in range(2)
   ]
   try:
@@ -65,6 +69,7 @@ def test_a_failure_on_process_0_stops_every_process(tmp_path):
 
 def test_two_processes_match_one(tmp_path):
   from tests.test_rounds import tiny_config
+
   shared = str(tmp_path / "shared")
   for rc, out in run_two(shared):
     assert rc == 0, out[-3000:]
@@ -79,5 +84,6 @@ def test_two_processes_match_one(tmp_path):
     assert read(shared, "round_2", name) == read(single, "round_2", name)
   assert read(shared, "round_1", "mistakes.jsonl") == read(single, "round_1", "mistakes.jsonl")
   # one teacher, one writer: every request was paid once
-  assert read(shared, "teacher_cache.jsonl").count("\n") == read(single,
-                                                                 "teacher_cache.jsonl").count("\n")
+  assert read(shared, "teacher_cache.jsonl").count("\n") == read(
+      single, "teacher_cache.jsonl"
+  ).count("\n")

@@ -1,5 +1,6 @@
 """`tailored_jax.plan`: the real train and decode steps lowered and compiled on abstract
 arguments over 8 (in-process) and 32 (forced host devices, the command line) devices."""
+
 import json
 import os
 import subprocess
@@ -40,12 +41,27 @@ def test_lowering_on_8_devices_reports_xlas_bytes_and_collectives():
 
 def test_the_command_forces_32_host_devices():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([
-      sys.executable, "-m", "tailored_jax.plan", "--config=configs/quickstart.py", "--model=tiny",
-      "--devices=32", "--mesh=2,4,4", "--config.train.batch_size=8",
-      "--config.train.max_seq_len=64", "--config.train.max_continuation_len=16",
-      "--config.exam.batch_size=8", "--config.exam.max_new_tokens=16"
-  ], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+  out = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "tailored_jax.plan",
+          "--config=configs/quickstart.py",
+          "--model=tiny",
+          "--devices=32",
+          "--mesh=2,4,4",
+          "--config.train.batch_size=8",
+          "--config.train.max_seq_len=64",
+          "--config.train.max_continuation_len=16",
+          "--config.exam.batch_size=8",
+          "--config.exam.max_new_tokens=16",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=env,
+      check=True,
+  )
   report = json.loads(out.stdout)
   assert report["devices"] == 32 and report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 4}
   train = report["train_step"]
@@ -54,13 +70,28 @@ def test_the_command_forces_32_host_devices():
 
 def test_a_batch_the_mesh_cannot_split_is_one_line():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([
-      sys.executable, "-m", "tailored_jax.plan", "--config=configs/quickstart.py", "--model=tiny",
-      "--devices=8", "--mesh=1,8,1", "--config.train.batch_size=4"
-  ], capture_output=True, text=True, cwd=ROOT, env=env)
+  out = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "tailored_jax.plan",
+          "--config=configs/quickstart.py",
+          "--model=tiny",
+          "--devices=8",
+          "--mesh=1,8,1",
+          "--config.train.batch_size=4",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=env,
+  )
   assert out.returncode != 0
-  assert out.stderr.strip().splitlines()[-1].startswith(
-      "error: configs/quickstart.py on mesh 1,8,1 over 8 devices: ")
+  assert (
+      out.stderr.strip()
+      .splitlines()[-1]
+      .startswith("error: configs/quickstart.py on mesh 1,8,1 over 8 devices: ")
+  )
 
 
 def test_collectives_count_a_while_body_by_its_trip_count():
@@ -78,7 +109,8 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 """
   hlo = hlo.replace("{TRIPS}", '{"known_trip_count":{"n":"30"}}')
   assert plan.collectives(hlo) == {
-      "all-gather": {"count": 1, "bytes": 64}, "all-reduce": {"count": 30, "bytes": 30 * 32}
+      "all-gather": {"count": 1, "bytes": 64},
+      "all-reduce": {"count": 30, "bytes": 30 * 32},
   }
 
 
@@ -87,8 +119,13 @@ def test_the_planner_agrees_with_xla_and_names_the_batch_that_fits():
   kept block inputs, one layer's recompute, logits) against XLA's compiled temp bytes."""
   cfg = config_lib.from_file(os.path.join(ROOT, "configs", "quickstart.py"))
   cfg.model.update(remat="full", scan_layers=True)
-  cfg.train.update(batch_size=16, max_seq_len=256, max_continuation_len=64, sr_batch_size=16,
-                   loss_chunk_tokens=64)
+  cfg.train.update(
+      batch_size=16,
+      max_seq_len=256,
+      max_continuation_len=64,
+      sr_batch_size=16,
+      loss_chunk_tokens=64,
+  )
   cfg.exam.update(batch_size=8, max_new_tokens=16)
   cfg.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
   report = plan.lower(cfg, "planner_check", device_memory_gb=0.5)
@@ -98,14 +135,16 @@ def test_the_planner_agrees_with_xla_and_names_the_batch_that_fits():
   assert planned["gradients"] == planned["parameters"] > 0
   assert train["fits"] == (planned["total"] <= 0.5)
   batch = train["largest_batch_that_fits"]
-  smaller = plan.lower(cfg, "planner_check", device_memory_gb=planned["total"] / 2,
-                       compile_steps=False)["train_step"]
+  smaller = plan.lower(
+      cfg, "planner_check", device_memory_gb=planned["total"] / 2, compile_steps=False
+  )["train_step"]
   assert not smaller["fits"] and 0 < smaller["largest_batch_that_fits"] < 16 <= batch
 
 
 def test_a_round_refuses_a_step_that_cannot_fit_before_allocating(tmp_path):
   from tailored_jax import rounds
   from tests.test_rounds import tiny_config
+
   cfg = tiny_config()
   cfg.train.memory_budget_gb = 0.0001
   with pytest.raises(config_lib.ConfigError) as error:
@@ -120,10 +159,23 @@ def test_a_round_refuses_a_step_that_cannot_fit_before_allocating(tmp_path):
 def test_gptj_6b_on_an_h100_slice_fits_by_the_planner():
   """The paper's student at the paper's batch (16 x 656) on 1x8 H100 (fsdp 8, full remat)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([
-      sys.executable, "-m", "tailored_jax.plan", "--config=configs/gsm8k_gptj6b.py",
-      "--model=gptj_6b", "--slice=h100-1x8", "--no_compile", "--config.train.max_seq_len=656"
-  ], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+  out = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "tailored_jax.plan",
+          "--config=configs/gsm8k_gptj6b.py",
+          "--model=gptj_6b",
+          "--slice=h100-1x8",
+          "--no_compile",
+          "--config.train.max_seq_len=656",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=env,
+      check=True,
+  )
   report = json.loads(out.stdout)
   assert report["slice"] == "h100-1x8" and report["devices"] == 8
   assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
@@ -136,6 +188,7 @@ def test_gptj_6b_on_an_h100_slice_fits_by_the_planner():
 
 def test_a_mesh_preset_must_match_the_devices():
   from tailored_jax import sharding
+
   cfg = config_lib.base_config()
   cfg.mesh.preset = "tpu-v4-32"
   assert sharding.mesh_shape(cfg, 16) == (1, 16, 1)

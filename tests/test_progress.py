@@ -1,4 +1,5 @@
 """Progress: a tqdm bar on a terminal, periodic log lines elsewhere, nothing on other hosts."""
+
 import io
 import logging
 

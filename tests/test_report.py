@@ -1,4 +1,5 @@
 """`python -m tailored_jax.report` on the session's reference run: every figure is the run's own."""
+
 import json
 import os
 
@@ -37,6 +38,7 @@ def test_report_shows_the_runs_figures_and_its_feedback_examples(reference, tmp_
 
 def test_report_of_an_unfinished_run_is_one_clear_line(tmp_path, capsys):
   import pytest
+
   with pytest.raises(SystemExit) as stop:
     report.main(["--workdir", str(tmp_path)])
   assert "config.json not found" in str(stop.value)
@@ -47,18 +49,36 @@ def test_feedback_examples_read_the_next_exam(tmp_path):
   (root / "data").mkdir(parents=True)
   (root / "round_2").mkdir()
   (root / "config.json").write_text(json.dumps({"rounds": 3, "exam": {"num_samples": 4}}))
-  (root / "data"
-   / "train.jsonl").write_text(json.dumps({"id": "train-7", "question": "Q?", "gold": "5"}) + "\n")
+  (root / "data" / "train.jsonl").write_text(
+      json.dumps({"id": "train-7", "question": "Q?", "gold": "5"}) + "\n"
+  )
   (root / "round_2" / "teacher_data.jsonl").write_text(
-      json.dumps({"qid": "train-7", "source": "annotation", "continuation": "x"}) + "\n"
-      + json.dumps({
-          "qid": "train-7", "source": "feedback", "continuation": " 2 + 3 = 5\nAnswer: 5",
-          "student_output": "2 + 3 = 6", "feedback": "2 + 3 is 5."
-      }) + "\n")
-  (root / "round_2"
-   / "exam_outcomes.jsonl").write_text(json.dumps({"qid": "train-7", "wrong": 1}) + "\n")
-  assert report.feedback_examples(str(root), 3) == [{
-      "round": 1, "qid": "train-7", "question": "Q?", "gold": "5", "student": "2 + 3 = 6",
-      "feedback": "2 + 3 is 5.", "teacher": " 2 + 3 = 5\nAnswer: 5", "next_exam_wrong": 1,
-      "samples": 4
-  }]
+      json.dumps({"qid": "train-7", "source": "annotation", "continuation": "x"})
+      + "\n"
+      + json.dumps(
+          {
+              "qid": "train-7",
+              "source": "feedback",
+              "continuation": " 2 + 3 = 5\nAnswer: 5",
+              "student_output": "2 + 3 = 6",
+              "feedback": "2 + 3 is 5.",
+          }
+      )
+      + "\n"
+  )
+  (root / "round_2" / "exam_outcomes.jsonl").write_text(
+      json.dumps({"qid": "train-7", "wrong": 1}) + "\n"
+  )
+  assert report.feedback_examples(str(root), 3) == [
+      {
+          "round": 1,
+          "qid": "train-7",
+          "question": "Q?",
+          "gold": "5",
+          "student": "2 + 3 = 6",
+          "feedback": "2 + 3 is 5.",
+          "teacher": " 2 + 3 = 5\nAnswer: 5",
+          "next_exam_wrong": 1,
+          "samples": 4,
+      }
+  ]

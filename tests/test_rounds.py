@@ -1,4 +1,5 @@
 """The round loop end to end on a tiny config, and resumption after kills between and mid-phase."""
+
 import json
 import os
 
@@ -23,8 +24,15 @@ def tiny_config():
   c.tokenizer.vocab_size = 300
   c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
   c.mesh.num_devices = 1
-  c.train.update(batch_size=8, epochs=2, lr=3e-3, warmup_steps=2, grad_clip=1.0,
-                 checkpoint_every_steps=3, log_every_steps=4)
+  c.train.update(
+      batch_size=8,
+      epochs=2,
+      lr=3e-3,
+      warmup_steps=2,
+      grad_clip=1.0,
+      checkpoint_every_steps=3,
+      log_every_steps=4,
+  )
   c.exam.update(num_samples=2, max_new_tokens=24, batch_size=16)
   c.eval.batch_size = 8
   c.teacher.update(num_rationales=2, backoff_s=0.0)
@@ -46,9 +54,20 @@ def test_end_to_end_outputs(reference):
   workdir, records = reference
   assert [r["round"] for r in records] == [1, 2]
   assert set(records[0]) == {
-      "round", "train_examples", "optimizer_steps", "mistakes", "teacher_requests",
-      "teacher_tokens", "mistakes_fixed", "mistakes_persistent", "mistakes_new", "teacher_rejected",
-      "stop_reason", "val_accuracy", "test_accuracy", "seconds"
+      "round",
+      "train_examples",
+      "optimizer_steps",
+      "mistakes",
+      "teacher_requests",
+      "teacher_tokens",
+      "mistakes_fixed",
+      "mistakes_persistent",
+      "mistakes_new",
+      "teacher_rejected",
+      "stop_reason",
+      "val_accuracy",
+      "test_accuracy",
+      "seconds",
   }
   assert records[0]["teacher_requests"] == 16 and records[0]["mistakes"] == 0
   annotate = json.loads(read(workdir, "round_1", "teacher.json"))
@@ -84,8 +103,9 @@ def test_resume_after_kill_between_phases(reference, tmp_path):
   assert records == [dict(r, seconds=r2["seconds"]) for r, r2 in zip(reference[1], records)]
   assert cache_lines(workdir) == cache_lines(reference[0])  # no teacher call paid twice
   assert paid_before == 16
-  assert read(workdir, "round_2", "eval_test.jsonl") == read(reference[0], "round_2",
-                                                             "eval_test.jsonl")
+  assert read(workdir, "round_2", "eval_test.jsonl") == read(
+      reference[0], "round_2", "eval_test.jsonl"
+  )
 
 
 def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, monkeypatch):
@@ -135,8 +155,9 @@ def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, mon
   train1 = json.loads(read(workdir, "round_1", "train.json"))
   assert train1["resumed_at_step"] == 3
   assert [dict(r, seconds=0) for r in records] == [dict(r, seconds=0) for r in reference[1]]
-  assert read(workdir, "round_2", "eval_test.jsonl") == read(reference[0], "round_2",
-                                                             "eval_test.jsonl")
+  assert read(workdir, "round_2", "eval_test.jsonl") == read(
+      reference[0], "round_2", "eval_test.jsonl"
+  )
 
 
 def test_changed_config_on_resume_is_refused(reference):
@@ -154,6 +175,7 @@ def test_export_round_checkpoint_loads_in_transformers(reference, tmp_path):
   from tailored_jax.generate import generate
   from tailored_jax.student_io.student import load_student
   from tailored_jax.sample.sampling import SamplingConfig
+
   checkpoint = os.path.join(reference[0], "checkpoints", "round_2")
   export.export(checkpoint, str(tmp_path))
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -164,13 +186,21 @@ def test_export_round_checkpoint_loads_in_transformers(reference, tmp_path):
   assert ids == tokenizer(prompt).input_ids and ids[0] == tokenizer.bos_token_id
   with torch.no_grad():
     expected = model(torch.tensor([ids])).logits[0].numpy()
-  got, _, _ = student.model.apply({"params": student.params}, np.asarray([ids], np.int32),
-                                  np.arange(len(ids))[None], np.ones((1, len(ids)), bool))
+  got, _, _ = student.model.apply(
+      {"params": student.params},
+      np.asarray([ids], np.int32),
+      np.arange(len(ids))[None],
+      np.ones((1, len(ids)), bool),
+  )
   assert np.abs(np.asarray(got[0]) - expected).max() <= 1e-4
   with torch.no_grad():
-    greedy = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                            eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+    greedy = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, len(ids) :].tolist()
   tokens, _ = generate(student, prompt, 12, SamplingConfig())
   assert tokens == greedy
 
@@ -188,27 +218,35 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
   from tailored_jax.data.tokenizer import train_bpe
   from tailored_jax.data.tasks import build_task
   from tailored_jax.student_io.student import load_student
+
   cfg = tiny_config()
   cfg.method.fresh_optimizer = False
   cfg.model.update(scan_layers=True, remat="full")
   cfg.train.length_bucket = 8  # each batch padded to its own longest string
   cfg.train.sr_reuse_lm_forward = True  # the triplet's anchor and prefix from the LM forward
   task = build_task(cfg.task)
-  tok = train_bpe([
-      task.format_prefix(d.question, [])
-      + task.format_continuation(d.question, d.rationale, d.answer)
-      for d in task.tokenizer_corpus()
-  ], 300)
+  tok = train_bpe(
+      [
+          task.format_prefix(d.question, [])
+          + task.format_continuation(d.question, d.rationale, d.answer)
+          for d in task.tokenizer_corpus()
+      ],
+      300,
+  )
   source = tmp_path / "gptj"
   torch.manual_seed(0)
   model = transformers.GPTJForCausalLM(
-      transformers.GPTJConfig(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2,
-                              rotary_dim=8, n_positions=256))
+      transformers.GPTJConfig(
+          vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=256
+      )
+  )
   model.save_pretrained(source)
   tok.backend.save(str(source / "tokenizer.json"))
   (source / "tokenizer_config.json").write_text(
       json.dumps(
-          {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
+          {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+      )
+  )
   cfg.model.init_from = str(source)
   workdir = str(tmp_path / "run")
   records = rounds.run(cfg, workdir)
@@ -235,6 +273,7 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
 def test_pad_row_is_the_mean_of_the_old_rows():
   import numpy as np
   from tailored_jax.student_io import vocab
+
   embedding = np.arange(12, dtype=np.float32).reshape(4, 3)
   grown = vocab.with_mean_row(embedding, 0, pad_id=4, old_vocab=4)
   assert grown.shape == (5, 3) and grown[4].tolist() == [4.5, 5.5, 6.5]
@@ -250,8 +289,12 @@ def test_two_runs_of_one_config_are_identical(reference, tmp_path):
   again = rounds.run(tiny_config(), str(tmp_path))
   strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
   assert strip(again) == strip(records)
-  for parts in (("round_1", "teacher_data.jsonl"), ("round_1", "mistakes.jsonl"),
-                ("round_2", "teacher_data.jsonl"), ("round_2", "eval_test.jsonl")):
+  for parts in (
+      ("round_1", "teacher_data.jsonl"),
+      ("round_1", "mistakes.jsonl"),
+      ("round_2", "teacher_data.jsonl"),
+      ("round_2", "eval_test.jsonl"),
+  ):
     assert read(str(tmp_path), *parts) == read(workdir, *parts), parts
 
 
@@ -264,10 +307,12 @@ def test_the_stop_rule_ends_the_run_early_and_says_why(reference, tmp_path):
   exam = json.loads(read(str(tmp_path), "round_1", "exam.json"))
   assert records[0]["stop_reason"] == (
       f"the exam after round 1 found {exam['mistakes']} mistakes, fewer than "
-      "method.stop_min_mistakes=1000")
+      "method.stop_min_mistakes=1000"
+  )
   assert cache_lines(str(tmp_path)) == 16  # annotation only
-  assert {k: v for k, v in records[0].items() if k not in ("seconds", "stop_reason")
-         } == {k: v for k, v in reference[1][0].items() if k not in ("seconds", "stop_reason")}
+  assert {k: v for k, v in records[0].items() if k not in ("seconds", "stop_reason")} == {
+      k: v for k, v in reference[1][0].items() if k not in ("seconds", "stop_reason")
+  }
   assert rounds.run(cfg, str(tmp_path)) == records  # a re-run stops at the same place
 
 
@@ -279,12 +324,14 @@ def test_a_replayed_teacher_reruns_a_recorded_run_offline(reference, tmp_path):
   """teacher.kind=replay answers from another run's teacher_cache.jsonl alone: the same results
   with nothing sent, the recording untouched; a request it lacks fails naming the recording."""
   from tailored_jax.teacher.client import TeacherError
+
   recording = os.path.join(reference[0], "teacher_cache.jsonl")
   before = read(reference[0], "teacher_cache.jsonl")
   cfg = tiny_config()
   cfg.teacher.update(kind="replay", replay_from=recording)
-  assert _without_seconds(rounds.run(cfg,
-                                     str(tmp_path / "replayed"))) == _without_seconds(reference[1])
+  assert _without_seconds(rounds.run(cfg, str(tmp_path / "replayed"))) == _without_seconds(
+      reference[1]
+  )
   assert not os.path.exists(tmp_path / "replayed" / "teacher_cache.jsonl")
   cfg.teacher.num_rationales = 3  # requests the recorded run never made
   with pytest.raises(TeacherError, match=r"replay: .*teacher_cache.jsonl has no reply for request"):
@@ -301,8 +348,9 @@ def test_a_gsm8k_slice_runs_end_to_end_with_the_human_rationale_teacher(tmp_path
   the dataset's own solutions, cleaned of calculator notes."""
   cfg = tiny_config()
   cfg.rounds = 1
-  cfg.task.update(name="gsm8k", data_path=GSM8K, num_val=4, max_train=8, max_test=4,
-                  max_new_tokens=8)
+  cfg.task.update(
+      name="gsm8k", data_path=GSM8K, num_val=4, max_train=8, max_test=4, max_new_tokens=8
+  )
   cfg.teacher.update(kind="dataset", num_rationales=1)  # one human solution per question
   cfg.method.self_reflection = False  # which needs a second rationale as its positive
   cfg.exam.max_new_tokens = 8
@@ -321,6 +369,13 @@ def test_cut_or_withheld_teacher_replies_are_rejected_with_their_reason(tmp_path
   example = run.splits["train"][0]
   good = f"Reasoning: {example.rationale}\nAnswer: {example.gold}"
   counts = {}
-  kept = run._keep_correct(example, [good, good[:20], "", good], "annotation", 1, set(), counts,
-                           finish_reasons=["length", "length", "content_filter", "stop"])
+  kept = run._keep_correct(
+      example,
+      [good, good[:20], "", good],
+      "annotation",
+      1,
+      set(),
+      counts,
+      finish_reasons=["length", "length", "content_filter", "stop"],
+  )
   assert counts == {"truncated": 2, "content_filter": 1} and len(kept) == 1

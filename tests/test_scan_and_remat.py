@@ -1,5 +1,6 @@
 """The layer scan, the remat policies and the blockwise training attention: the same maths as the
 per-layer loop and the fused attention, with less memory and one compiled layer."""
+
 import dataclasses
 import json
 import re
@@ -39,10 +40,16 @@ def test_blockwise_attention_equals_dot_product_attention(window, tile_bytes, mo
     return jnp.sum(jnp.where(valid[:, :, None, None], out, 0.0) * weights), out
 
   fused = lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, v, mask=jnp.asarray(valid)[:, None, None, :], is_causal=True, local_window_size=(
-          window - 1, 0) if window else None)
-  blockwise = lambda q, k, v: layers.blockwise_causal_attention(q, k, v, jnp.asarray(valid), jnp.
-                                                                float32, window, block=16)
+      q,
+      k,
+      v,
+      mask=jnp.asarray(valid)[:, None, None, :],
+      is_causal=True,
+      local_window_size=(window - 1, 0) if window else None,
+  )
+  blockwise = lambda q, k, v: layers.blockwise_causal_attention(
+      q, k, v, jnp.asarray(valid), jnp.float32, window, block=16
+  )
   grads = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2), has_aux=True))
   (_, expected), expected_grads = grads(fused)(q, k, v)
   (_, got), got_grads = grads(blockwise)(q, k, v)
@@ -80,25 +87,39 @@ def test_context_attention_equals_the_cached_attention(window, tile_bytes, monke
 
   def cached(q, k, v, context_k, context_v):
     zeros = jnp.zeros((b, kv, t, h))
-    layer = layers.LayerKV(zeros, zeros, jnp.asarray(0),
-                           layers.attention_mask(jnp.asarray(valid), jnp.asarray(0), t, window),
-                           (context_k,), (context_v,), (context_mask,))
+    layer = layers.LayerKV(
+        zeros,
+        zeros,
+        jnp.asarray(0),
+        layers.attention_mask(jnp.asarray(valid), jnp.asarray(0), t, window),
+        (context_k,),
+        (context_v,),
+        (context_mask,),
+    )
     return layers.cached_attention(q, k, v, layer, jnp.float32)[0]
 
   def training(form):
     return lambda q, k, v, context_k, context_v: form(
-        q, k, v, jnp.asarray(valid), layers.ContextKV(context_k, context_v, context_mask), jnp.
-        float32, window)
+        q,
+        k,
+        v,
+        jnp.asarray(valid),
+        layers.ContextKV(context_k, context_v, context_mask),
+        jnp.float32,
+        window,
+    )
 
   blockwise = lambda *a: layers.blockwise_context_attention(*a[:5], jnp.float32, window, block=16)
   runs = {
-      "cached": cached, "blockwise": training(blockwise),
-      "fused": training(layers.fused_context_attention)
+      "cached": cached,
+      "blockwise": training(blockwise),
+      "fused": training(layers.fused_context_attention),
   }
   results = {
       name: jax.jit(
-          jax.value_and_grad(lambda *a, fn=fn: jnp.sum(fn(*a) * out_weights), (0, 1, 2, 3, 4)))
-            (q, k, v, context_k, context_v) for name, fn in runs.items()
+          jax.value_and_grad(lambda *a, fn=fn: jnp.sum(fn(*a) * out_weights), (0, 1, 2, 3, 4))
+      )(q, k, v, context_k, context_v)
+      for name, fn in runs.items()
   }
   expected, expected_grads = results.pop("cached")
   for got, got_grads in results.values():
@@ -107,15 +128,17 @@ def test_context_attention_equals_the_cached_attention(window, tile_bytes, monke
       np.testing.assert_allclose(a, e, atol=5e-5)
 
 
-@pytest.mark.parametrize("x_shape, w_shape", [((3, 5, 8), (8, 24)), ((3, 5, 24), (24, 8)),
-                                              ((2, 7, 8), (8, 2, 4))])
+@pytest.mark.parametrize(
+    "x_shape, w_shape", [((3, 5, 8), (8, 24)), ((3, 5, 24), (24, 8)), ((2, 7, 8), (8, 2, 4))]
+)
 def test_dense_gradient_equals_the_matmuls(x_shape, w_shape):
   keys = jax.random.split(jax.random.PRNGKey(1), 3)
   x, w = jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], w_shape)
   out_weights = jax.random.normal(keys[2], x_shape[:-1] + w_shape[1:])
   plain = lambda x, w: jnp.tensordot(x, w, axes=1)
   grads = lambda fn: jax.jit(
-      jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w) * out_weights), (0, 1)))(x, w)
+      jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w) * out_weights), (0, 1))
+  )(x, w)
   (expected, expected_grads), (got, got_grads) = grads(plain), grads(layers.dense)
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   for a, e in zip(got_grads, expected_grads):
@@ -124,8 +147,10 @@ def test_dense_gradient_equals_the_matmuls(x_shape, w_shape):
 
 
 def _loss_and_grads(model, params, lm, reflection):
-  loss = lambda p: (step_lib.lm_forward_loss(model, p, lm)[0] + 0.5 * step_lib.self_reflection_loss(
-      model, p, reflection, 1.0))
+  loss = lambda p: (
+      step_lib.lm_forward_loss(model, p, lm)[0]
+      + 0.5 * step_lib.self_reflection_loss(model, p, reflection, 1.0)
+  )
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
@@ -157,10 +182,13 @@ def _lowered_lm_step(cfg, batch, seq, prefix=0):
   trainer = Trainer(Llama(cfg), _train_cfg(), sharding.make_mesh(_mesh_cfg(1, 1, 1, 1)))
   rows = lambda dtype, *shape: jax.ShapeDtypeStruct(shape or (batch, seq), dtype)
   lm = LMBatch(rows(jnp.int32), rows(jnp.int32), rows(bool), rows(bool), rows(jnp.float32))
-  reflection = prefix and ReflectionBatch(rows(jnp.int32, batch, prefix), rows(bool, batch, prefix),
-                                          rows(jnp.int32, batch, 3, seq - prefix),
-                                          rows(bool, batch, 3, seq - prefix),
-                                          rows(jnp.float32, batch))
+  reflection = prefix and ReflectionBatch(
+      rows(jnp.int32, batch, prefix),
+      rows(bool, batch, prefix),
+      rows(jnp.int32, batch, 3, seq - prefix),
+      rows(bool, batch, 3, seq - prefix),
+      rows(jnp.float32, batch),
+  )
   return trainer.step_fn().lower(trainer.abstract_state(), lm, reflection or None)
 
 
@@ -196,8 +224,10 @@ def test_save_attention_runs_the_attention_forward_once(reflection, kernel):
     in_attention = {
         loc for loc, where in re.findall(r"^(#loc\d+) = (.*)$", text, re.M) if "/attn/" in where
     }
-    exps = sum(loc in in_attention
-               for loc in re.findall(r"stablehlo\.exponential .*loc\((#loc\d+)\)$", text, re.M))
+    exps = sum(
+        loc in in_attention
+        for loc in re.findall(r"stablehlo\.exponential .*loc\((#loc\d+)\)$", text, re.M)
+    )
     return exps, text.count(f"custom_call @{cpu_attention.FORWARD}(")
 
   kept_everything = attention_work("none")
@@ -211,6 +241,7 @@ def test_save_attention_runs_the_attention_forward_once(reflection, kernel):
 
 def test_decoding_refuses_stacked_weights():
   from tailored_jax.sample import decode
+
   scanned = Llama(dataclasses.replace(CFG, scan_layers=True))
   params = Trainer(scanned, _train_cfg(), sharding.make_mesh(_mesh_cfg(1, 1, 1, 1))).init_params(0)
   decoder = decode.Decoder(scanned, decode.StopTables.never_stop(CFG.vocab_size))
@@ -221,6 +252,7 @@ def test_decoding_refuses_stacked_weights():
 
 def test_remat_policies_are_checked_and_old_workdirs_still_load():
   from tailored_jax import config_lib
+
   with pytest.raises(ValueError, match="model.remat: 'some'"):
     layers.remat_policy("some")
   cfg = config_lib.base_config()
@@ -242,10 +274,15 @@ def test_activation_layouts_give_one_devices_loss_and_updates(monkeypatch):
   with the attention one row (group) of each device per map step."""
   assert jax.device_count() == 8, "tests/conftest.py asks for 8 host devices"
   initial = jax.device_get(
-      nn.meta.unbox(layers.init_boxed_params(Llama(SHARDED), jax.random.PRNGKey(0))))
+      nn.meta.unbox(layers.init_boxed_params(Llama(SHARDED), jax.random.PRNGKey(0)))
+  )
   scanned = dataclasses.replace(SHARDED, scan_layers=True, remat="full")
-  runs = (((1, 1, 1, 1), SHARDED, 0), ((2, 2, 2, 0), SHARDED, 0), ((1, 2, 4, 0), scanned, 0),
-          ((2, 2, 2, 0), scanned, 1))
+  runs = (
+      ((1, 1, 1, 1), SHARDED, 0),
+      ((2, 2, 2, 0), SHARDED, 0),
+      ((1, 2, 4, 0), scanned, 0),
+      ((2, 2, 2, 0), scanned, 1),
+  )
   results, default_tile = [], layers.ATTENTION_TILE_BYTES
   for mesh_shape, cfg, tile_bytes in runs:
     monkeypatch.setattr(layers, "ATTENTION_TILE_BYTES", tile_bytes or default_tile)
@@ -257,15 +294,18 @@ def test_activation_layouts_give_one_devices_loss_and_updates(monkeypatch):
     rng = np.random.default_rng(0)
     for _ in range(2):
       lm, reflection = _batch(rng)
-      state, metrics = trainer.step_fn()(state, trainer.put_batch(lm),
-                                         trainer.put_batch(reflection))
+      state, metrics = trainer.step_fn()(
+          state, trainer.put_batch(lm), trainer.put_batch(reflection)
+      )
     results.append((layers.unstack_layers(jax.device_get(state.params)), jax.device_get(metrics)))
     if mesh_shape == (2, 2, 2, 0) and not cfg.scan_layers:
       assert state.params["layer_0"]["attn"]["wq"].sharding.spec == jax.sharding.PartitionSpec(
-          "fsdp", "tensor", None)
+          "fsdp", "tensor", None
+      )
     if cfg.scan_layers:  # the stacked layer axis stays whole
       assert state.params["layers"]["attn"]["wq"].sharding.spec == jax.sharding.PartitionSpec(
-          None, "fsdp", "tensor", None)
+          None, "fsdp", "tensor", None
+      )
   (p1, m1), *others = results
   assert m1["sr_loss"] > 0 and m1["sr_examples"] == 6
   for params, metrics in others:
@@ -279,17 +319,19 @@ def test_fsdp_reduces_weights_not_activations():
   larger than the largest weight (splitting an activation's contraction over fsdp would
   all-reduce [batch, tokens, mlp] partial sums)."""
   from tailored_jax import plan
+
   cfg = dataclasses.replace(SHARDED, d_model=64, d_ff=256, scan_layers=True, remat="full")
   trainer = Trainer(Llama(cfg), _train_cfg(), sharding.make_mesh(_mesh_cfg(1, 8, 1, 0)))
   rows = lambda dtype: jax.ShapeDtypeStruct(
-      (16, 64), dtype, sharding=sharding.batch_sharding(trainer.mesh, 2))
+      (16, 64), dtype, sharding=sharding.batch_sharding(trainer.mesh, 2)
+  )
   lm = LMBatch(rows(jnp.int32), rows(jnp.int32), rows(bool), rows(bool), rows(jnp.float32))
   hlo = trainer.step_fn().lower(trainer.abstract_state(), lm, None).compile().as_text()
   largest_weight = max(np.prod(a.shape) * 4 for a in jax.tree.leaves(trainer.abstract_params))
   sizes = [
-      np.prod([int(d) for d in dims.split(",") if d]) * 4 for line in hlo.splitlines()
+      np.prod([int(d) for d in dims.split(",") if d]) * 4
+      for line in hlo.splitlines()
       if plan._COLLECTIVE.search(line) and " all-reduce" in line
-      for dims in re.findall(r"f32\[([\d,]*)\]",
-                             line.split(" all-reduce")[0])
+      for dims in re.findall(r"f32\[([\d,]*)\]", line.split(" all-reduce")[0])
   ]
   assert sizes and max(sizes) <= largest_weight, (max(sizes), largest_weight)

@@ -1,6 +1,7 @@
 """`train.sr_reuse_lm_forward`: the triplet loss's anchor and prefix taken from the LM forward.
 Its value equals METHOD §3's separate passes; its gradient is the LM forward's anchor (prefix
 included) with the positive and negative after a stop-gradient prefix."""
+
 import dataclasses
 
 import flax.linen as nn
@@ -35,13 +36,14 @@ def _consistent_batch(rng, lm_len=20, p=9, c=8):
   for row, (n_p, n_a) in enumerate(zip(PREFIX_LENS, ANCHOR_LENS)):
     pre, anchor = tok(n_p), tok(n_a)
     full = np.concatenate([pre, anchor])
-    inputs[row, :len(full)], input_mask[row, :len(full)] = full, True
-    targets[row, :len(full) - 1], target_mask[row, :len(full) - 1] = full[1:], True
-    prefix[row, p - n_p:], prefix_mask[row, p - n_p:] = pre, True
+    inputs[row, : len(full)], input_mask[row, : len(full)] = full, True
+    targets[row, : len(full) - 1], target_mask[row, : len(full) - 1] = full[1:], True
+    prefix[row, p - n_p :], prefix_mask[row, p - n_p :] = pre, True
     for k, ids in enumerate((anchor, tok(rng.integers(2, c + 1)), tok(rng.integers(2, c + 1)))):
-      conts[row, k, :len(ids)], cont_mask[row, k, :len(ids)] = ids, True
-  lm = LMBatch(inputs, targets, input_mask, target_mask,
-               np.where(target_mask, 1.0, 0.0).astype(np.float32))
+      conts[row, k, : len(ids)], cont_mask[row, k, : len(ids)] = ids, True
+  lm = LMBatch(
+      inputs, targets, input_mask, target_mask, np.where(target_mask, 1.0, 0.0).astype(np.float32)
+  )
   return lm, ReflectionBatch(prefix, prefix_mask, conts, cont_mask, SR_MASK)
 
 
@@ -65,13 +67,16 @@ def test_reused_loss_equals_the_separate_passes(setup, scan):
     params = layers.stack_layers(jax.tree.map(lambda x: x, params), CFG.n_layers)
   # and with fewer reflection rows than LM rows: gathered by lm_rows (here LM rows 3 and 1)
   pick = lambda x: x[jnp.array([3, 1])]
-  subset = ReflectionBatch(*(pick(x) for x in dataclasses.astuple(reflection)[:-1]),
-                           lm_rows=jnp.array([3, 1], jnp.int32))
+  subset = ReflectionBatch(
+      *(pick(x) for x in dataclasses.astuple(reflection)[:-1]), lm_rows=jnp.array([3, 1], jnp.int32)
+  )
 
   @jax.jit
   def both(p):
-    return [(_sr_loss_from_lm(model, p, lm, r), step_lib.self_reflection_loss(model, p, r, 1.0))
-            for r in (reflection, subset)]
+    return [
+        (_sr_loss_from_lm(model, p, lm, r), step_lib.self_reflection_loss(model, p, r, 1.0))
+        for r in (reflection, subset)
+    ]
 
   (reused, separate), (reused_subset, separate_subset) = both(params)
   assert float(separate) > 0.1
@@ -88,26 +93,36 @@ def test_reused_gradient_reaches_the_prefix_only_through_the_anchor(setup):
   def expected(p):
     lm_loss, hidden, _ = step_lib.lm_forward_loss(model, p, lm)
     anchor = losses.last_real_token(hidden, lm.input_mask)
-    h = step_lib.continuation_hidden(model, p, step_lib.prefix_context(model, p, reflection),
-                                     reflection.prefix_mask.sum(1), reflection.continuations[:, 1:],
-                                     reflection.continuation_mask[:, 1:])
+    h = step_lib.continuation_hidden(
+        model,
+        p,
+        step_lib.prefix_context(model, p, reflection),
+        reflection.prefix_mask.sum(1),
+        reflection.continuations[:, 1:],
+        reflection.continuation_mask[:, 1:],
+    )
     return lm_loss + 0.5 * losses.triplet_loss(anchor, h[:, 0], h[:, 1], reflection.sr_mask, 1.0)
 
   def reused(p):
     keep = reflection.prefix.shape[1]
     lm_loss, hidden, kept = step_lib.lm_forward_loss(model, p, lm, keep_kv=keep)
-    return lm_loss + 0.5 * step_lib.self_reflection_loss_from_lm(model, p, reflection, lm, hidden,
-                                                                 kept, 1.0)
+    return lm_loss + 0.5 * step_lib.self_reflection_loss_from_lm(
+        model, p, reflection, lm, hidden, kept, 1.0
+    )
 
-  separate = lambda p: (step_lib.lm_forward_loss(model, p, lm)[0] + 0.5 * step_lib.
-                        self_reflection_loss(model, p, reflection, 1.0))
+  separate = lambda p: (
+      step_lib.lm_forward_loss(model, p, lm)[0]
+      + 0.5 * step_lib.self_reflection_loss(model, p, reflection, 1.0)
+  )
   want, got, method = jax.jit(lambda p: [jax.grad(f)(p) for f in (expected, reused, separate)])(
-      params)
+      params
+  )
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, atol=1e-6)
   # and it is a different gradient from METHOD §3's (the anchor's prefix path)
   diff = max(
-      float(jnp.max(jnp.abs(g - m))) for g, m in zip(jax.tree.leaves(got), jax.tree.leaves(method)))
+      float(jnp.max(jnp.abs(g - m))) for g, m in zip(jax.tree.leaves(got), jax.tree.leaves(method))
+  )
   assert diff > 1e-4
 
 
@@ -132,8 +147,9 @@ def test_trainer_step_reusing_the_lm_forward_equals_the_separate_passes_in_value
       n = lm.input_mask.sum(1)
       assert (lm.inputs[np.arange(4), n - 1][:3] == tok.eos_id).all()
     state = trainer.new_state(trainer.init_params(0))
-    _, metrics[reuse] = trainer.step_fn()(state, trainer.put_batch(lm),
-                                          trainer.put_batch(reflection))
+    _, metrics[reuse] = trainer.step_fn()(
+        state, trainer.put_batch(lm), trainer.put_batch(reflection)
+    )
   assert float(metrics[False]["sr_loss"]) > 0.1
   for key in ("lm_loss", "sr_loss", "sr_examples"):
     np.testing.assert_allclose(metrics[True][key], metrics[False][key], rtol=1e-5)
@@ -157,8 +173,9 @@ def test_planner_counts_the_native_attentions_buffers():
   score buffers."""
   t = config_lib.base_config().train
   shape = memory.worst_case_shape(t, {"data": 1, "fsdp": 1, "tensor": 1})
-  plan = lambda native: memory.train_memory(CFG, dataclasses.replace(shape, native_attention=native
-                                                                    ), 0, 0, "save_attention")
+  plan = lambda native: memory.train_memory(
+      CFG, dataclasses.replace(shape, native_attention=native), 0, 0, "save_attention"
+  )
   xla, native = plan(False), plan(True)
   cont_tokens = shape.continuations * shape.sr_rows * shape.continuation_len
   per_part = CFG.n_heads * CFG.head_dim * 4 + CFG.n_heads * 4  # output and lse, float32

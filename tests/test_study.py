@@ -1,6 +1,7 @@
 """The study runner: its statistics by hand, a tiny 2-config × 2-seed study that resumes after a
 kill, re-runs nothing, reproduces an ordinary run of the same seed, and reports what its runs'
 outputs say."""
+
 import json
 import math
 import os
@@ -23,13 +24,15 @@ def test_mean_interval_and_paired_difference_by_hand():
   assert (one["low"], one["high"]) == (0.5, 0.5)
   diff = stats.paired_difference([0.1, 0.2], [0.3, 0.5])  # differences 0.2 and 0.3
   assert diff["mean"] == pytest.approx(0.25)
-  assert diff["high"] - diff["mean"] == pytest.approx(12.706205 * math.sqrt(0.005) / math.sqrt(2),
-                                                      abs=1e-6)
+  assert diff["high"] - diff["mean"] == pytest.approx(
+      12.706205 * math.sqrt(0.005) / math.sqrt(2), abs=1e-6
+  )
 
 
 def test_mcnemar_exact_by_hand():
-  got = stats.mcnemar_exact([True, True, True, False, False, True],
-                            [False, False, False, False, True, True])
+  got = stats.mcnemar_exact(
+      [True, True, True, False, False, True], [False, False, False, False, True, True]
+  )
   assert (got["only_first_right"], got["only_second_right"], got["pairs"]) == (3, 1, 6)
   assert got["p_value"] == pytest.approx(2 * 5 / 16)  # P(X <= 1 | n=4, 1/2) = 5/16, two-sided
   assert stats.mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
@@ -51,8 +54,12 @@ def test_a_tiny_study_resumes_reruns_nothing_and_reports_its_runs(tmp_path, refe
   study = str(tmp_path / "study")
   configs = [str(baseline), str(full)]
   plan = runs.plan(configs, 2, study, {str(baseline): 42, str(full): 42})
-  assert [(r.name, r.seed) for r in plan] == [("one_round", 42), ("one_round", 43),
-                                              ("two_rounds", 42), ("two_rounds", 43)]
+  assert [(r.name, r.seed) for r in plan] == [
+      ("one_round", 42),
+      ("one_round", 43),
+      ("two_rounds", 42),
+      ("two_rounds", 43),
+  ]
   real_run, calls = rounds.run, []
 
   def killed_at_the_third(cfg, workdir):
@@ -85,31 +92,55 @@ def test_a_tiny_study_resumes_reruns_nothing_and_reports_its_runs(tmp_path, refe
     assert row["test_accuracy"]["mean"] == pytest.approx(mean)
     assert row["test_accuracy"]["high"] == pytest.approx(mean + half)
     assert row["teacher_tokens"]["mean"] == pytest.approx(
-        sum(s[0]["teacher_tokens"] for s in summaries) / 2)
+        sum(s[0]["teacher_tokens"] for s in summaries) / 2
+    )
   last = lambda run: runs.read_summary(run)[-1]["test_accuracy"]
   comparison = result["comparisons"]["two_rounds"]
   assert comparison["test_accuracy_difference"]["mean"] == pytest.approx(
-      (last(plan[2]) - last(plan[0]) + last(plan[3]) - last(plan[1])) / 2)
+      (last(plan[2]) - last(plan[0]) + last(plan[3]) - last(plan[1])) / 2
+  )
   outcomes = lambda run, r: [
-      json.loads(line)["correct"] for line in
-      (tmp_path / run.workdir / f"round_{r}" / "eval_test.jsonl").read_text().split("\n") if line
+      json.loads(line)["correct"]
+      for line in (tmp_path / run.workdir / f"round_{r}" / "eval_test.jsonl")
+      .read_text()
+      .split("\n")
+      if line
   ]
   first = outcomes(plan[0], 1) + outcomes(plan[1], 1)
   second = outcomes(plan[2], 2) + outcomes(plan[3], 2)
   assert comparison["per_question"]["only_second_right"] == sum(
-      1 for a, b in zip(first, second) if b and not a)
+      1 for a, b in zip(first, second) if b and not a
+  )
   table = open(os.path.join(study, "study.md")).read()
   assert "| two_rounds | 2 | 2 | " in table
   assert os.path.getsize(os.path.join(study, "study.png")) > 10_000
 
   # the command line: finds everything done, runs nothing, prints the table
-  out = subprocess.run([
-      sys.executable, "-m", "tailored_jax.study", f"--configs={baseline},{full}", "--seeds=2",
-      f"--workdir={study}"
-  ], capture_output=True, text=True, check=True, cwd=os.getcwd())
+  out = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "tailored_jax.study",
+          f"--configs={baseline},{full}",
+          "--seeds=2",
+          f"--workdir={study}",
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=os.getcwd(),
+  )
   assert out.stdout.count("| one_round |") == 1 and out.stderr.count("done before, skipped") == 4
-  other = subprocess.run([
-      sys.executable, "-m", "tailored_jax.study", f"--configs={full}", "--seeds=2",
-      f"--workdir={study}"
-  ], capture_output=True, text=True)
+  other = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "tailored_jax.study",
+          f"--configs={full}",
+          "--seeds=2",
+          f"--workdir={study}",
+      ],
+      capture_output=True,
+      text=True,
+  )
   assert other.returncode != 0 and "holds a study of" in other.stderr

@@ -18,15 +18,18 @@ def test_splits_are_deterministic_and_disjoint():
 
 def test_known_problem_text_and_answer():
   problem = synthetic.generate_splits(0, {"train": 1}, synthetic.Difficulty())["train"][0]
-  assert problem.question() == ("Gus has 9 apples. Gus loses 5 apples. Gus loses 2 apples. "
-                                "Gus doubles the number of apples. How many apples does Gus "
-                                "have now?")
+  assert problem.question() == (
+      "Gus has 9 apples. Gus loses 5 apples. Gus loses 2 apples. "
+      "Gus doubles the number of apples. How many apples does Gus "
+      "have now?"
+  )
   assert problem.answer == 4
 
 
 def test_difficulty_knob():
-  easy = synthetic.Difficulty(min_steps=1, max_steps=1, max_start=5, max_operand=3,
-                              operations="add")
+  easy = synthetic.Difficulty(
+      min_steps=1, max_steps=1, max_start=5, max_operand=3, operations="add"
+  )
   for p in synthetic.generate_splits(1, {"train": 30}, easy)["train"]:
     assert len(p.steps) == 1 and p.steps[0].op == "add"
     assert 1 <= p.start <= 5 and 1 <= p.steps[0].operand <= 3
@@ -47,8 +50,9 @@ def test_parse_roundtrip_and_reference_rationales_score_right():
 
 
 def test_first_wrong_step():
-  p = synthetic.Problem("Ava", "pens", 5,
-                        (synthetic.Step("add", 3, 0), synthetic.Step("mul", 2, 0)), "Ben")
+  p = synthetic.Problem(
+      "Ava", "pens", 5, (synthetic.Step("add", 3, 0), synthetic.Step("mul", 2, 0)), "Ben"
+  )
   assert p.values() == [5, 8, 16]
   assert synthetic.first_wrong_step(p, "5 + 3 = 8. 8 * 2 = 17.") == (2, "8 * 2 = 17")
   assert synthetic.first_wrong_step(p, "5 + 4 = 9. 9 * 2 = 18.") == (1, "5 + 4 = 9")

@@ -1,4 +1,5 @@
 """The loopback teacher's protocol, and the client's retries, errors and persistent cache."""
+
 import json
 import os
 import urllib.error
@@ -12,8 +13,9 @@ from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
 from tailored_jax.teacher.server import DEFAULT_MODEL, LocalTeacherServer
 
-PROBLEM = synthetic.Problem("Ava", "pens", 5,
-                            (synthetic.Step("add", 3, 0), synthetic.Step("mul", 2, 0)), "Ben")
+PROBLEM = synthetic.Problem(
+    "Ava", "pens", 5, (synthetic.Step("add", 3, 0), synthetic.Step("mul", 2, 0)), "Ben"
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,11 @@ def server():
 def post(server, body, key="sk-test", path="/chat/completions", method="POST"):
   data = body if isinstance(body, bytes) else json.dumps(body).encode()
   request = urllib.request.Request(
-      server.url + path, data=data if method == "POST" else None, method=method,
-      headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+      server.url + path,
+      data=data if method == "POST" else None,
+      method=method,
+      headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+  )
   try:
     with urllib.request.urlopen(request) as response:
       return response.status, json.loads(response.read())
@@ -36,8 +41,10 @@ def post(server, body, key="sk-test", path="/chat/completions", method="POST"):
 
 def annotation_body(n=3):
   return {
-      "model": DEFAULT_MODEL, "n": n, "temperature": 0.7,
-      "messages": prompts.annotation_messages(PROBLEM.question(), [])
+      "model": DEFAULT_MODEL,
+      "n": n,
+      "temperature": 0.7,
+      "messages": prompts.annotation_messages(PROBLEM.question(), []),
   }
 
 
@@ -58,26 +65,36 @@ def test_completion_has_n_choices_usage_and_correct_rationales(server):
 
 def test_feedback_names_first_wrong_step(server):
   body = {
-      "model": DEFAULT_MODEL, "messages": prompts.feedback_messages(
-          PROBLEM.question(), "Ava starts with 5. 5 + 3 = 8. 8 * 2 = 18.\nAnswer: 18", "16", [])
+      "model": DEFAULT_MODEL,
+      "messages": prompts.feedback_messages(
+          PROBLEM.question(), "Ava starts with 5. 5 + 3 = 8. 8 * 2 = 18.\nAnswer: 18", "16", []
+      ),
   }
   status, reply = post(server, body)
   assert status == 200
   text = reply["choices"][0]["message"]["content"]
-  assert text.startswith("Feedback: Step 2 is wrong: you wrote 8 * 2 = 18, but it should be "
-                         "8 * 2 = 16.")
+  assert text.startswith(
+      "Feedback: Step 2 is wrong: you wrote 8 * 2 = 18, but it should be " "8 * 2 = 16."
+  )
   assert prompts.parse_reply(text).answer == "16"
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (b"{not json", 400, None),
-    ({"model": DEFAULT_MODEL}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
-    (dict(annotation_body(), n=0), 400, "n"),
-    (dict(annotation_body(), temperature=3), 400, "temperature"),
-    (dict(annotation_body(), model="gpt-9"), 404, "model"),
-    ({"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hello"}]}, 400, "messages"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        ({"model": DEFAULT_MODEL}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        (dict(annotation_body(), n=0), 400, "n"),
+        (dict(annotation_body(), temperature=3), 400, "temperature"),
+        (dict(annotation_body(), model="gpt-9"), 404, "model"),
+        (
+            {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hello"}]},
+            400,
+            "messages",
+        ),
+    ],
+)
 def test_bad_requests_get_openai_error_bodies(server, body, status, param):
   got_status, got = post(server, body)
   assert got_status == status
@@ -106,8 +123,9 @@ def test_client_retries_then_caches(server, tmp_path):
   assert usage.requests == 1 and usage.retries == 2 and usage.failures == 0
   assert len(results[0].texts) == 2
   served = server.oracle_app.completions
-  again, usage2 = ChatClient(server.url, DEFAULT_MODEL, api_key="sk-test", backoff_s=0.0,
-                             cache=ReplyCache(cache.path, "v")).run([request])
+  again, usage2 = ChatClient(
+      server.url, DEFAULT_MODEL, api_key="sk-test", backoff_s=0.0, cache=ReplyCache(cache.path, "v")
+  ).run([request])
   assert server.oracle_app.completions == served  # nothing paid twice
   assert usage2.cache_hits == 1 and usage2.requests == 0
   assert usage2.cached_tokens == usage.tokens
@@ -119,18 +137,26 @@ def test_client_reports_non_retryable_errors_and_gives_up(server, tmp_path):
   results, usage = client.run([ChatRequest(prompts.annotation_messages("x", []))])
   assert isinstance(results[0], TeacherError) and "HTTP 401" in str(results[0])
   assert usage.retries == 0
-  client = ChatClient(server.url, DEFAULT_MODEL, api_key="sk-test", cache=None, backoff_s=0.0,
-                      max_retries=1)
+  client = ChatClient(
+      server.url, DEFAULT_MODEL, api_key="sk-test", cache=None, backoff_s=0.0, max_retries=1
+  )
   server.oracle_app.fail_next = [500, 500]
   results, usage = client.run([ChatRequest(prompts.annotation_messages(PROBLEM.question(), []))])
   assert isinstance(results[0], TeacherError) and "gave up after 2 attempts" in str(results[0])
 
 
 def test_client_without_n_support_sends_single_choice_requests(server, tmp_path):
-  client = ChatClient(server.url, DEFAULT_MODEL, api_key="sk-test", backoff_s=0.0,
-                      cache=ReplyCache(str(tmp_path / "c.jsonl"), "v"), supports_n=False)
+  client = ChatClient(
+      server.url,
+      DEFAULT_MODEL,
+      api_key="sk-test",
+      backoff_s=0.0,
+      cache=ReplyCache(str(tmp_path / "c.jsonl"), "v"),
+      supports_n=False,
+  )
   results, usage = client.run(
-      [ChatRequest(prompts.annotation_messages(PROBLEM.question(), []), n=3)])
+      [ChatRequest(prompts.annotation_messages(PROBLEM.question(), []), n=3)]
+  )
   assert usage.requests == 3 and len(results[0].texts) == 3
 
 
@@ -211,9 +237,15 @@ def test_high_concurrency_with_slow_replies_pays_each_request_once():
   no timeout should have to absorb."""
   import subprocess
   import sys
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, "-c", HIGH_CONCURRENCY], cwd=root, capture_output=True,
-                          text=True, timeout=120)
+  result = subprocess.run(
+      [sys.executable, "-c", HIGH_CONCURRENCY],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   got = json.loads(result.stdout.strip().splitlines()[-1])
   assert got == {"failed": 0, "retries": 0, "requests": 150, "served": 150}  # paid once each
@@ -224,6 +256,7 @@ def test_dataset_teacher_answers_with_the_human_rationale():
 
   from tailored_jax.data.tasks import Example
   from tailored_jax.teacher.dataset import DatasetAnswers
+
   question = "Tom has 3 apples.  He buys 2 more. How many apples does he have?"
   answers = DatasetAnswers([Example("train-0", question, "5", "Tom has 3 + 2 = 5 apples.")], "t")
   rng = random.Random(0)
@@ -241,11 +274,15 @@ def test_dataset_teacher_answers_with_the_human_rationale():
 
 def test_gsm8k_human_rationale_drops_calculator_notes_and_the_answer_line():
   from tailored_jax.data.benchmarks import human_rationale
+
   solution = (
       "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 "
-      "clips altogether in April and May.\n#### 72")
-  assert human_rationale(solution) == ("Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = "
-                                       "72 clips altogether in April and May.")
+      "clips altogether in April and May.\n#### 72"
+  )
+  assert human_rationale(solution) == (
+      "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = "
+      "72 clips altogether in April and May."
+  )
 
 
 def test_a_read_only_recording_is_never_written(tmp_path):
@@ -264,8 +301,9 @@ RETRIED_AFTER_BILLING = ["timeout", "reset", "truncated", "malformed", "no_choic
 REFUSED = ["400", "401", "403", "404"]
 
 
-@pytest.mark.parametrize("fault",
-                         RETRIED + RETRIED_AFTER_BILLING + ["null_content", "length"] + REFUSED)
+@pytest.mark.parametrize(
+    "fault", RETRIED + RETRIED_AFTER_BILLING + ["null_content", "length"] + REFUSED
+)
 def test_every_fault_ends_once_as_a_success_or_a_failure_with_its_reason(fault, tmp_path):
   """One injected fault, then a healthy server: retryable faults succeed on the one retry (a
   reply lost in delivery was billed, so the server computed two); withheld or cut replies are
@@ -275,8 +313,15 @@ def test_every_fault_ends_once_as_a_success_or_a_failure_with_its_reason(fault, 
     server.oracle_app.faults = [fault]
     server.oracle_app.fault_delay_s = 1.0
     cache = ReplyCache(str(tmp_path / "cache.jsonl"), prompts.PROMPT_VERSION)
-    client = ChatClient(server.url, DEFAULT_MODEL, api_key=key, cache=cache, max_retries=2,
-                        backoff_s=0.0, timeout_s=0.3)
+    client = ChatClient(
+        server.url,
+        DEFAULT_MODEL,
+        api_key=key,
+        cache=cache,
+        max_retries=2,
+        backoff_s=0.0,
+        timeout_s=0.3,
+    )
     request = ChatRequest(prompts.annotation_messages(PROBLEM.question(), []), n=2)
     results, usage = client.run([request])
     served = server.oracle_app.completions
@@ -306,13 +351,15 @@ def test_a_server_returning_fewer_choices_than_n_is_topped_up_singly(tmp_path):
     cache = ReplyCache(str(tmp_path / "cache.jsonl"), prompts.PROMPT_VERSION)
     client = ChatClient(server.url, DEFAULT_MODEL, cache=cache, backoff_s=0.0)
     results, usage = client.run(
-        [ChatRequest(prompts.annotation_messages(PROBLEM.question(), []), n=3)])
+        [ChatRequest(prompts.annotation_messages(PROBLEM.question(), []), n=3)]
+    )
     assert len(results[0].texts) == 3 and usage.requests == 3
     assert server.oracle_app.completions == 3 and len(cache) == 3
 
 
 def test_retry_after_reads_seconds_and_http_dates():
   from tailored_jax.teacher.client import retry_after_seconds
+
   assert retry_after_seconds("2.5") == 2.5 and retry_after_seconds(None) is None
   now = 1_445_412_480.0  # Wed, 21 Oct 2015 07:28:00 GMT
   assert retry_after_seconds("Wed, 21 Oct 2015 07:28:30 GMT", now=now) == 30.0

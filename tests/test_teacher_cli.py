@@ -1,4 +1,5 @@
 """`python -m tailored_jax.teacher`: the standalone annotation runner against the local server."""
+
 import dataclasses
 import json
 import logging
@@ -18,7 +19,8 @@ def requests_file(path, count):
     for i in range(count):
       question = dataclasses.replace(PROBLEM, start=5 + i).question()
       f.write(
-          json.dumps({"id": f"q{i}", "messages": prompts.annotation_messages(question, [])}) + "\n")
+          json.dumps({"id": f"q{i}", "messages": prompts.annotation_messages(question, [])}) + "\n"
+      )
 
 
 def lines(path):
@@ -30,8 +32,12 @@ def test_annotates_resumes_and_never_pays_twice(tmp_path, monkeypatch, caplog):
   requests, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   requests_file(requests, 6)
   args = [
-      f"--requests={requests}", f"--results={results}", f"--model={DEFAULT_MODEL}", "--n=2",
-      "--api-key-env=BATCH_KEY", "--max-retries=1"
+      f"--requests={requests}",
+      f"--results={results}",
+      f"--model={DEFAULT_MODEL}",
+      "--n=2",
+      "--api-key-env=BATCH_KEY",
+      "--max-retries=1",
   ]
   with LocalTeacherServer(api_key=KEY, seed=1) as server, caplog.at_level(logging.INFO):
     server.oracle_app.faults = ["401"]  # one request is refused (the message echoes the key)

@@ -1,4 +1,5 @@
 """Rate windows, provider headers and budgets (limits.py) on a fake clock; a budget at a server."""
+
 import asyncio
 import dataclasses
 
@@ -69,10 +70,14 @@ def test_tokens_per_minute_window_and_settled_usage():
 def test_exhausted_provider_headers_pause_until_the_reset():
   fake = FakeTime()
   rate = limits.RateLimits(clock=fake.clock, sleep=fake.sleep)
-  rate.observe({
-      "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s",
-      "x-ratelimit-remaining-tokens": "5000", "x-ratelimit-reset-tokens": "6m0s"
-  })
+  rate.observe(
+      {
+          "x-ratelimit-remaining-requests": "0",
+          "x-ratelimit-reset-requests": "2s",
+          "x-ratelimit-remaining-tokens": "5000",
+          "x-ratelimit-reset-tokens": "6m0s",
+      }
+  )
   acquire_all(rate, [10], fake)
   assert fake.slept == [2.0]
 
@@ -92,15 +97,22 @@ def test_budget_stops_before_it_would_be_exceeded():
   with pytest.raises(ValueError, match="needs the model's prices"):
     limits.Budget(max_cost=1.0)
   assert config_lib.parse_prices("gpt-4o-mini=0.15/0.6, m2=1/2") == {
-      "gpt-4o-mini": (0.15, 0.6), "m2": (1.0, 2.0)
+      "gpt-4o-mini": (0.15, 0.6),
+      "m2": (1.0, 2.0),
   }
 
 
 def test_a_token_budget_is_never_exceeded_at_the_server(tmp_path):
   with LocalTeacherServer(seed=1) as server:
     cache = ReplyCache(str(tmp_path / "cache.jsonl"), prompts.PROMPT_VERSION)
-    client = ChatClient(server.url, DEFAULT_MODEL, cache=cache, backoff_s=0.0,
-                        max_total_tokens=1500, max_concurrency=1)
+    client = ChatClient(
+        server.url,
+        DEFAULT_MODEL,
+        cache=cache,
+        backoff_s=0.0,
+        max_total_tokens=1500,
+        max_concurrency=1,
+    )
     questions = [dataclasses.replace(PROBLEM, start=5 + i).question() for i in range(10)]
     requests = [
         ChatRequest(prompts.annotation_messages(q, []), n=1, max_tokens=200) for q in questions
@@ -127,5 +139,6 @@ def test_the_server_never_sees_more_requests_at_once_than_max_concurrency(tmp_pa
     questions = [dataclasses.replace(PROBLEM, start=5 + i).question() for i in range(12)]
     client = ChatClient(server.url, DEFAULT_MODEL, cache=None, max_concurrency=3)
     results, usage = client.run(
-        [ChatRequest(prompts.annotation_messages(q, [])) for q in questions])
+        [ChatRequest(prompts.annotation_messages(q, [])) for q in questions]
+    )
     assert usage.requests == 12 and server.oracle_app.max_in_flight == 3

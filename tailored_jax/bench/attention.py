@@ -6,6 +6,7 @@ values, side by side in one process: forward, and forward plus backward of a wei
 output (median of `--repeats` after a warm-up), with the largest difference between each of ours
 and torch's outputs and query gradients.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,21 +52,25 @@ def ours(q, k, v, weights, repeats: int, kernel: str = "native") -> dict:
   _, fwd = median_seconds(lambda: jax.block_until_ready(forward(q, k, v)), repeats)
   _, both = median_seconds(lambda: jax.block_until_ready(backward(q, k, v)), repeats)
   return {
-      "forward_ms": fwd * 1e3, "forward_backward_ms": both * 1e3,
-      "out": np.asarray(forward(q, k, v)), "dq": np.asarray(backward(q, k, v)[0])
+      "forward_ms": fwd * 1e3,
+      "forward_backward_ms": both * 1e3,
+      "out": np.asarray(forward(q, k, v)),
+      "dq": np.asarray(backward(q, k, v)[0]),
   }
 
 
 def theirs(q, k, v, weights, repeats: int) -> dict:
   import torch
+
   as_torch = lambda x: torch.tensor(x).transpose(1, 2).contiguous()  # [b, heads, t, h]
   tq, tk, tv = (as_torch(x).requires_grad_() for x in (q, k, v))
   tw = as_torch(weights)
   group = q.shape[2] // k.shape[2]
 
   def attention():
-    return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True,
-                                                            enable_gqa=group > 1)
+    return torch.nn.functional.scaled_dot_product_attention(
+        tq, tk, tv, is_causal=True, enable_gqa=group > 1
+    )
 
   def forward():
     with torch.no_grad():
@@ -81,16 +86,22 @@ def theirs(q, k, v, weights, repeats: int) -> dict:
     out = attention().transpose(1, 2).numpy()
   backward()
   return {
-      "forward_ms": fwd * 1e3, "forward_backward_ms": both * 1e3, "out": out,
-      "dq": tq.grad.transpose(1, 2).numpy()
+      "forward_ms": fwd * 1e3,
+      "forward_backward_ms": both * 1e3,
+      "out": out,
+      "dq": tq.grad.transpose(1, 2).numpy(),
   }
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shapes", default="8x128,8x256,8x512",
-                      help="BxT, comma-separated (a :P prefix is read and not used)")
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+      "--shapes",
+      default="8x128,8x256,8x512",
+      help="BxT, comma-separated (a :P prefix is read and not used)",
+  )
   parser.add_argument("--heads", default="8,8", help="query heads,key/value heads")
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=7)
@@ -101,6 +112,7 @@ def main(argv=None) -> None:
   except ValueError as e:
     parser.error(str(e))
   import torch
+
   rows = {}
   for shape in shapes:
     batch, seq = shape.batch, shape.seq
@@ -118,16 +130,28 @@ def main(argv=None) -> None:
     for side in ("ours", "ours_xla"):
       mine = results[side]
       row[f"{side}_max_abs_output_difference"] = float(
-          np.max(np.abs(mine["out"] - reference["out"])))
+          np.max(np.abs(mine["out"] - reference["out"]))
+      )
       row[f"{side}_max_abs_query_gradient_difference"] = float(
-          np.max(np.abs(mine["dq"] - reference["dq"])))
+          np.max(np.abs(mine["dq"] - reference["dq"]))
+      )
       for key in ("forward_ms", "forward_backward_ms"):
         row[f"torch_over_{side}_{key[:-3]}"] = row["torch"][key] / row[side][key]
     rows[f"{batch}x{seq}"] = row
-  report("attention", heads=heads, kv_heads=kv_heads, head_dim=args.head_dim, dtype="float32",
-         repeats=args.repeats, torch_threads=torch.get_num_threads(),
-         torch_version=torch.__version__, native_kernel=cpu_attention.available(),
-         tile_bytes=layers.ATTENTION_TILE_BYTES, block=layers.ATTENTION_BLOCK, shapes=rows)
+  report(
+      "attention",
+      heads=heads,
+      kv_heads=kv_heads,
+      head_dim=args.head_dim,
+      dtype="float32",
+      repeats=args.repeats,
+      torch_threads=torch.get_num_threads(),
+      torch_version=torch.__version__,
+      native_kernel=cpu_attention.available(),
+      tile_bytes=layers.ATTENTION_TILE_BYTES,
+      block=layers.ATTENTION_BLOCK,
+      shapes=rows,
+  )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Helpers for the benchmarks: model presets, timing, the JSON report,
 and transformers' twin of a preset (torch is imported only there)."""
+
 from __future__ import annotations
 
 import json
@@ -15,16 +16,35 @@ from tailored_jax.models.llama import LlamaConfig
 # Model presets: public config.json values (SmolLM2-135M) or a stated small shape.
 PRESETS = {
     # For the benchmark's own test.
-    "tiny": LlamaConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                        head_dim=16, d_ff=128),
+    "tiny": LlamaConfig(
+        vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128
+    ),
     # A 34M-class LLaMA: d 512, 8 layers, MHA, SwiGLU 1536, 16k vocabulary, tied.
-    "llama_34m": LlamaConfig(vocab_size=16384, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
-                             head_dim=64, d_ff=1536, rope_theta=10000.0, norm_eps=1e-5,
-                             tie_embeddings=True),
+    "llama_34m": LlamaConfig(
+        vocab_size=16384,
+        d_model=512,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=1536,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+    ),
     # HuggingFaceTB/SmolLM2-135M config.json.
-    "smollm2_135m": LlamaConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                                head_dim=64, d_ff=1536, rope_theta=100000.0, norm_eps=1e-5,
-                                tie_embeddings=True),
+    "smollm2_135m": LlamaConfig(
+        vocab_size=49152,
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        d_ff=1536,
+        rope_theta=100000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+    ),
 }
 
 
@@ -34,10 +54,16 @@ def report(name: str, **fields) -> None:
   print(
       json.dumps(
           {
-              "benchmark": name, "backend": devices[0].platform, "device": getattr(
-                  devices[0], "device_kind", str(devices[0])), "devices": len(devices),
-              "machine": machine(devices), **fields
-          }, indent=2))
+              "benchmark": name,
+              "backend": devices[0].platform,
+              "device": getattr(devices[0], "device_kind", str(devices[0])),
+              "devices": len(devices),
+              "machine": machine(devices),
+              **fields,
+          },
+          indent=2,
+      )
+  )
 
 
 def median_seconds(step, repeats: int) -> tuple[float, float]:
@@ -56,12 +82,20 @@ def median_seconds(step, repeats: int) -> tuple[float, float]:
 def torch_model(cfg: LlamaConfig):
   import torch
   import transformers
-  hf = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
-                                intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
-                                num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                                head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
-                                rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-                                max_position_embeddings=4096)
+
+  hf = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.d_model,
+      intermediate_size=cfg.d_ff,
+      num_hidden_layers=cfg.n_layers,
+      num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.n_kv_heads,
+      head_dim=cfg.head_dim,
+      rope_theta=cfg.rope_theta,
+      rms_norm_eps=cfg.norm_eps,
+      tie_word_embeddings=cfg.tie_embeddings,
+      max_position_embeddings=4096,
+  )
   torch.manual_seed(0)
   return transformers.LlamaForCausalLM(hf).train()
 
@@ -69,6 +103,7 @@ def torch_model(cfg: LlamaConfig):
 def torch_twin(cfg, params, device: str):
   """transformers' LlamaForCausalLM holding our weights, for inference."""
   import torch
+
   model = torch_model(cfg)
   state = {name: torch.tensor(array) for name, array in hf_io.to_hf(params, cfg).items()}
   missing, unexpected = model.load_state_dict(state, strict=False)

@@ -9,6 +9,7 @@ one process (float32; every row runs the full budget). Prints JSON.
   `generate(num_return_sequences=4)`, ours prefilling the whole prompts, and ours with the
   prefix prefilled once and shared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,24 @@ PAD = 0
 def hf_generate(model, rows: list[np.ndarray], new_tokens: int, samples: int, sampling, device):
   """transformers' generate on left-padded prompts; returns (call, new tokens [rows*k, new])."""
   import torch
+
   length = round_up(max(len(r) for r in rows), 32)
   tokens, valid = left_pad([r.tolist() for r in rows], length, len(rows), PAD)
   ids = torch.tensor(tokens, dtype=torch.long, device=device)
   mask = torch.tensor(valid, dtype=torch.long, device=device)
-  options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=PAD,
-                 num_return_sequences=samples)
+  options = dict(
+      max_new_tokens=new_tokens,
+      min_new_tokens=new_tokens,
+      pad_token_id=PAD,
+      num_return_sequences=samples,
+  )
   if sampling.temperature:
-    options.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None,
-                   top_p=sampling.top_p)
+    options.update(
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k or None,
+        top_p=sampling.top_p,
+    )
   else:
     options.update(do_sample=False, top_k=None, top_p=None, temperature=None)
 
@@ -54,8 +64,15 @@ def hf_generate(model, rows: list[np.ndarray], new_tokens: int, samples: int, sa
   return call
 
 
-def ours_generate(decoder, params, rows: list[np.ndarray], new_tokens: int, samples: int, sampling,
-                  shared: int = 0):
+def ours_generate(
+    decoder,
+    params,
+    rows: list[np.ndarray],
+    new_tokens: int,
+    samples: int,
+    sampling,
+    shared: int = 0,
+):
   """Our decoder on the same prompts; with `shared` > 0, their first `shared` tokens (the same in
   every row) are prefilled once and shared. Returns (call, new tokens [rows*k, new])."""
   own = [r[shared:] for r in rows]
@@ -67,8 +84,16 @@ def ours_generate(decoder, params, rows: list[np.ndarray], new_tokens: int, samp
 
   def call():
     prefix = decoder.prefill(params, prefix_tokens) if shared else None
-    out, _ = decoder(params, tokens, valid, keys, max_new_tokens=new_tokens, num_samples=samples,
-                     sampling=sampling, prefix=prefix)
+    out, _ = decoder(
+        params,
+        tokens,
+        valid,
+        keys,
+        max_new_tokens=new_tokens,
+        num_samples=samples,
+        sampling=sampling,
+        prefix=prefix,
+    )
     return np.asarray(out)
 
   return call
@@ -111,19 +136,33 @@ def main(argv=None) -> None:
   results = {}
   if "greedy" in parts:
     results["greedy"] = {
-        "batch": args.greedy_batch, "prompt_tokens": args.greedy_prompt,
-        "new_tokens": args.greedy_new, **compare_greedy(args, decoder, params, twin, prompts)
+        "batch": args.greedy_batch,
+        "prompt_tokens": args.greedy_prompt,
+        "new_tokens": args.greedy_new,
+        **compare_greedy(args, decoder, params, twin, prompts),
     }
   if "exam" in parts:
     results["exam"] = {
-        "questions": args.exam_questions, "prefix_tokens": args.exam_prefix,
-        "question_tokens": args.exam_question, "samples": k, "top_k": args.top_k,
-        "new_tokens": args.exam_new, **compare_exam(args, decoder, params, twin, rng)
+        "questions": args.exam_questions,
+        "prefix_tokens": args.exam_prefix,
+        "question_tokens": args.exam_question,
+        "samples": k,
+        "top_k": args.top_k,
+        "new_tokens": args.exam_new,
+        **compare_exam(args, decoder, params, twin, rng),
     }
-  report("decode", model=args.model, parameters=n_params, dtype="float32",
-         torch_threads=torch.get_num_threads(), torch_device=args.torch_device,
-         torch_version=torch.__version__, repeats=args.repeats, **results,
-         compilations=decoder.compilations)
+  report(
+      "decode",
+      model=args.model,
+      parameters=n_params,
+      dtype="float32",
+      torch_threads=torch.get_num_threads(),
+      torch_device=args.torch_device,
+      torch_version=torch.__version__,
+      repeats=args.repeats,
+      **results,
+      compilations=decoder.compilations,
+  )
 
 
 def compare_greedy(args, decoder, params, twin, prompts) -> dict:
@@ -143,10 +182,12 @@ def compare_greedy(args, decoder, params, twin, prompts) -> dict:
       "same_tokens_rows": int((ours_tokens == hf_tokens).all(axis=1).sum()),
       "rows": args.greedy_batch,
   }
-  greedy_rows["ours_over_transformers"] = (greedy_rows["ours"]["new_tokens_per_s"]
-                                           / greedy_rows["transformers"]["new_tokens_per_s"])
-  greedy_rows["ours_sampled_over_ours_greedy"] = (greedy_rows["ours_sampled"]["new_tokens_per_s"]
-                                                  / greedy_rows["ours"]["new_tokens_per_s"])
+  greedy_rows["ours_over_transformers"] = (
+      greedy_rows["ours"]["new_tokens_per_s"] / greedy_rows["transformers"]["new_tokens_per_s"]
+  )
+  greedy_rows["ours_sampled_over_ours_greedy"] = (
+      greedy_rows["ours_sampled"]["new_tokens_per_s"] / greedy_rows["ours"]["new_tokens_per_s"]
+  )
   return greedy_rows
 
 
@@ -166,16 +207,20 @@ def compare_exam(args, decoder, params, twin, rng) -> dict:
   shared = ours_generate(decoder, params, questions, args.exam_new, k, sampled, args.exam_prefix)
   exam = {
       "transformers": timed_row(
-          hf_generate(twin, questions, args.exam_new, k, sampled, args.torch_device), args.repeats,
-          total),
+          hf_generate(twin, questions, args.exam_new, k, sampled, args.torch_device),
+          args.repeats,
+          total,
+      ),
       "ours_whole_prompts": timed_row(whole, args.repeats, total),
       "ours_shared_prefix": timed_row(shared, args.repeats, total),
   }
   exam["same_tokens_with_and_without_prefix_reuse"] = bool((whole() == shared()).all())
-  exam["ours_shared_prefix_over_transformers"] = (exam["transformers"]["seconds"]
-                                                  / exam["ours_shared_prefix"]["seconds"])
-  exam["prefix_reuse_speedup"] = (exam["ours_whole_prompts"]["seconds"]
-                                  / exam["ours_shared_prefix"]["seconds"])
+  exam["ours_shared_prefix_over_transformers"] = (
+      exam["transformers"]["seconds"] / exam["ours_shared_prefix"]["seconds"]
+  )
+  exam["prefix_reuse_speedup"] = (
+      exam["ours_whole_prompts"]["seconds"] / exam["ours_shared_prefix"]["seconds"]
+  )
   return exam
 
 

@@ -1,6 +1,7 @@
 """The machine a benchmark ran on, recorded in its JSON: a ratio between XLA and torch depends
 on the CPU (on one AMD and one Intel CPU here they swapped places), its vector and matrix
 extensions, torch's BLAS/oneDNN and every library's version."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -9,8 +10,17 @@ import platform
 import re
 
 # The ISA extensions that decide which matmul kernels XLA and torch can use.
-X86_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile",
-             "amx_bf16", "amx_int8")
+X86_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 ARM_FEATURES = ("asimd", "sve", "sve2", "bf16", "i8mm", "sme")
 PACKAGES = ("jax", "jaxlib", "flax", "numpy", "torch", "transformers")
 
@@ -38,7 +48,7 @@ def cpu() -> dict:
       "architecture": platform.machine(),
       "cores": os.cpu_count(),
       "usable_cores": usable,
-      "isa": [f for f in wanted if f in flags]
+      "isa": [f for f in wanted if f in flags],
   }
 
 
@@ -52,9 +62,10 @@ def torch_backends() -> dict:
   blas = re.search(r"BLAS_INFO=(\w+)", shown)
   onednn = re.search(r"(?:oneDNN|MKL-DNN)[^\n]*?v?(\d+\.\d+(?:\.\d+)?)", shown)
   return {
-      "blas": blas.group(1) if blas else "unknown", "onednn": onednn.group(1) if onednn else None,
+      "blas": blas.group(1) if blas else "unknown",
+      "onednn": onednn.group(1) if onednn else None,
       "mkldnn_enabled": bool(torch.backends.mkldnn.is_available()),
-      "threads": torch.get_num_threads()
+      "threads": torch.get_num_threads(),
   }
 
 
@@ -72,8 +83,12 @@ def machine(devices) -> dict:
   """Everything above, and the accelerators the benchmark's arrays lived on."""
   devices = list(devices)
   return {
-      "cpu": cpu(), "torch": torch_backends(), "versions": versions(), "devices": {
-          "platform": devices[0].platform, "kind": getattr(devices[0], "device_kind", ""),
-          "count": len(devices)
-      }
+      "cpu": cpu(),
+      "torch": torch_backends(),
+      "versions": versions(),
+      "devices": {
+          "platform": devices[0].platform,
+          "kind": getattr(devices[0], "device_kind", ""),
+          "count": len(devices),
+      },
   }

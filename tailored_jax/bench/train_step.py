@@ -15,6 +15,7 @@ continuations) and reusing the LM forward (`ours_self_reflection_reusing_lm`,
 `train.sr_reuse_lm_forward`: positive and negative only); torch runs the release's way (a
 no-grad prefix pass, then the three continuations with gradient over its cache).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,6 +67,7 @@ class Shape:
 class Work:
   """One shape's token arrays, shared by both sides: `tokens` [b, t + 1] (the strings, each
   then its next token), positives and negatives [b, t − p]."""
+
   shape: Shape
   tokens: np.ndarray
   positives: np.ndarray
@@ -75,12 +77,16 @@ class Work:
   def random(cls, shape: Shape, vocab: int, seed: int = 0) -> "Work":
     rng = np.random.default_rng(seed)
     draw = lambda *s: rng.integers(3, vocab, s).astype(np.int32)
-    return cls(shape, draw(shape.batch, shape.seq + 1), draw(shape.batch, shape.continuation),
-               draw(shape.batch, shape.continuation))
+    return cls(
+        shape,
+        draw(shape.batch, shape.seq + 1),
+        draw(shape.batch, shape.continuation),
+        draw(shape.batch, shape.continuation),
+    )
 
   def continuations(self) -> np.ndarray:
     """[b, 3, t − p]: anchor (the string's own continuation), positive, negative."""
-    anchor = self.tokens[:, self.shape.prefix:self.shape.seq]
+    anchor = self.tokens[:, self.shape.prefix : self.shape.seq]
     return np.stack([anchor, self.positives, self.negatives], axis=1)
 
   def ours(self) -> tuple[LMBatch, ReflectionBatch]:
@@ -89,9 +95,13 @@ class Work:
     s = self.shape
     ones = np.ones((s.batch, s.seq), bool)
     lm = LMBatch(self.tokens[:, :-1], self.tokens[:, 1:], ones, ones, ones.astype(np.float32))
-    reflection = ReflectionBatch(self.tokens[:, :s.prefix], np.ones((s.batch, s.prefix), bool),
-                                 self.continuations(), np.ones((s.batch, 3, s.continuation), bool),
-                                 np.ones((s.batch,), np.float32))
+    reflection = ReflectionBatch(
+        self.tokens[:, : s.prefix],
+        np.ones((s.batch, s.prefix), bool),
+        self.continuations(),
+        np.ones((s.batch, 3, s.continuation), bool),
+        np.ones((s.batch,), np.float32),
+    )
     return lm, reflection
 
 
@@ -101,6 +111,7 @@ def matmul_peak_gflops(side: str, n: int = 1024, repeats: int = 10) -> float:
   if side == "ours":
     return measured_matmul_tflops("float32", n) * 1e3
   import torch
+
   a = torch.randn(n, n)
   return 2 * n**3 / median_seconds(lambda: a @ a, repeats)[1] / 1e9
 
@@ -134,8 +145,9 @@ def with_peak_memory(run):
   return dict(result, peak_rss_gb=peak / 1e9, peak_rss_above_start_gb=(peak - start) / 1e9)
 
 
-def train_cfg(loss_chunk_tokens: int = 0, reuse: bool = False,
-              guard: bool = True) -> ml_collections.ConfigDict:
+def train_cfg(
+    loss_chunk_tokens: int = 0, reuse: bool = False, guard: bool = True
+) -> ml_collections.ConfigDict:
   t = config_lib.base_config().train
   t.lr, t.warmup_steps, t.loss_chunk_tokens = LR, 0, loss_chunk_tokens
   t.sr_weight, t.sr_margin, t.sr_reuse_lm_forward = SR_WEIGHT, SR_MARGIN, reuse
@@ -143,10 +155,19 @@ def train_cfg(loss_chunk_tokens: int = 0, reuse: bool = False,
   return t
 
 
-def ours(cfg: LlamaConfig, work: Work, repeats: int, *, self_reflection: bool, reuse: bool = False,
-         guard: bool = True, loss_chunk_tokens: int = 0) -> dict:
+def ours(
+    cfg: LlamaConfig,
+    work: Work,
+    repeats: int,
+    *,
+    self_reflection: bool,
+    reuse: bool = False,
+    guard: bool = True,
+    loss_chunk_tokens: int = 0,
+) -> dict:
   mesh = sharding.make_mesh(
-      ml_collections.ConfigDict({"mesh": dict(data=-1, fsdp=1, tensor=1, num_devices=1)}))
+      ml_collections.ConfigDict({"mesh": dict(data=-1, fsdp=1, tensor=1, num_devices=1)})
+  )
   trainer = Trainer(Llama(cfg), train_cfg(loss_chunk_tokens, reuse, guard), mesh)
   state = {"s": trainer.new_state(trainer.init_params(0))}
   lm, reflection = (trainer.put_batch(x) for x in work.ours())
@@ -166,33 +187,41 @@ def torch_triplet_loss(model, prefix, continuations):
   negative (rows [b, 3, c]) with gradient over its repeated cache; cosine triplet on the final
   hidden state at the last token."""
   import torch
+
   b, k, c = continuations.shape
   p = prefix.shape[1]
   with torch.no_grad():
     cache = model.model(input_ids=prefix, use_cache=True).cache
   cache.batch_repeat_interleave(k)
   positions = torch.arange(p, p + c, device=prefix.device).expand(b * k, c)
-  hidden = model.model(input_ids=continuations.reshape(b * k, c), position_ids=positions,
-                       cache=cache).last_hidden_state[:, -1].reshape(b, k, -1)
+  hidden = (
+      model.model(input_ids=continuations.reshape(b * k, c), position_ids=positions, cache=cache)
+      .last_hidden_state[:, -1]
+      .reshape(b, k, -1)
+  )
   cos = torch.nn.functional.cosine_similarity
   anchor, positive, negative = hidden.unbind(1)
   return torch.clamp(SR_MARGIN - cos(anchor, positive) + cos(anchor, negative), min=0).mean()
 
 
-def theirs(cfg: LlamaConfig, work: Work, repeats: int, *, self_reflection: bool,
-           device: str = "cpu") -> dict:
+def theirs(
+    cfg: LlamaConfig, work: Work, repeats: int, *, self_reflection: bool, device: str = "cpu"
+) -> dict:
   import torch
+
   model = torch_model(cfg).to(device)
-  optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8,
-                                weight_decay=0.01)
+  optimizer = torch.optim.AdamW(
+      model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01
+  )
   tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
   inputs, targets = tensor(work.tokens[:, :-1]), tensor(work.tokens[:, 1:])
-  prefix, continuations = tensor(work.tokens[:, :work.shape.prefix]), tensor(work.continuations())
+  prefix, continuations = tensor(work.tokens[:, : work.shape.prefix]), tensor(work.continuations())
 
   def step():
     logits = model(input_ids=inputs).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             targets.reshape(-1))
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    )
     if self_reflection:
       loss = loss + SR_WEIGHT * torch_triplet_loss(model, prefix, continuations)
     loss.backward()
@@ -206,31 +235,55 @@ def theirs(cfg: LlamaConfig, work: Work, repeats: int, *, self_reflection: bool,
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--model", default="llama_34m", choices=sorted(PRESETS))
   parser.add_argument("--shapes", default="8x128,8x256,8x512", help="BxT or BxT:P, comma-separated")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--torch_device", default="cpu", help="cpu, or cuda beside a JAX GPU")
-  parser.add_argument("--remat", default="full", choices=config_lib.REMAT_POLICIES,
-                      help="ours: what each block keeps for the backward pass")
+  parser.add_argument(
+      "--remat",
+      default="full",
+      choices=config_lib.REMAT_POLICIES,
+      help="ours: what each block keeps for the backward pass",
+  )
   parser.add_argument("--scan_layers", type=int, default=1, help="ours: nn.scan over layers")
-  parser.add_argument("--cpu_attention", default="native", choices=config_lib.CPU_ATTENTION,
-                      help="ours on CPU: the native flash kernel or the blockwise XLA form")
-  parser.add_argument("--loss_chunk_tokens", type=int, default=0,
-                      help="ours: LM-head logits this many positions at a time (0: all)")
-  parser.add_argument("--side", default="both", choices=["both", "ours", "torch"],
-                      help="one side alone, e.g. to read its peak RSS with /usr/bin/time -v")
+  parser.add_argument(
+      "--cpu_attention",
+      default="native",
+      choices=config_lib.CPU_ATTENTION,
+      help="ours on CPU: the native flash kernel or the blockwise XLA form",
+  )
+  parser.add_argument(
+      "--loss_chunk_tokens",
+      type=int,
+      default=0,
+      help="ours: LM-head logits this many positions at a time (0: all)",
+  )
+  parser.add_argument(
+      "--side",
+      default="both",
+      choices=["both", "ours", "torch"],
+      help="one side alone, e.g. to read its peak RSS with /usr/bin/time -v",
+  )
   parser.add_argument("--lm_only", action="store_true", help="no self-reflection runs")
-  parser.add_argument("--guard_cost", action="store_true",
-                      help="also ours with self-reflection and no non-finite guard")
+  parser.add_argument(
+      "--guard_cost",
+      action="store_true",
+      help="also ours with self-reflection and no non-finite guard",
+  )
   args = parser.parse_args(argv)
   try:
     shapes = [Shape.parse(text) for text in args.shapes.split(",")]
   except ValueError as e:
     parser.error(str(e))
-  cfg = dataclasses.replace(PRESETS[args.model], remat=args.remat,
-                            scan_layers=bool(args.scan_layers), cpu_attention=args.cpu_attention)
+  cfg = dataclasses.replace(
+      PRESETS[args.model],
+      remat=args.remat,
+      scan_layers=bool(args.scan_layers),
+      cpu_attention=args.cpu_attention,
+  )
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(cfg))))
   sides = ("ours", "torch") if args.side == "both" else (args.side,)
   peaks = {side: matmul_peak_gflops(side) for side in sides}
@@ -244,11 +297,13 @@ def main(argv=None) -> None:
   if not args.lm_only:
     runs["ours"].update(
         self_reflection=functools.partial(ours_run, self_reflection=True),
-        self_reflection_reusing_lm=functools.partial(ours_run, self_reflection=True, reuse=True))
+        self_reflection_reusing_lm=functools.partial(ours_run, self_reflection=True, reuse=True),
+    )
     runs["torch"]["self_reflection"] = functools.partial(torch_run, self_reflection=True)
     if args.guard_cost:
       runs["ours"]["self_reflection_without_nonfinite_guard"] = functools.partial(
-          ours_run, self_reflection=True, guard=False)
+          ours_run, self_reflection=True, guard=False
+      )
   rows = {}
   for shape in shapes:
     work = Work.random(shape, cfg.vocab_size)
@@ -260,8 +315,9 @@ def main(argv=None) -> None:
         seconds = result["seconds_per_step"]
         # tokens/s counts the LM strings' tokens: the work both losses are paid for
         tokens_per_s = shape.batch * shape.seq / seconds
-        result.update(tokens_per_s=tokens_per_s,
-                      first_call_excess_s=result["first_call_s"] - seconds)
+        result.update(
+            tokens_per_s=tokens_per_s, first_call_excess_s=result["first_call_s"] - seconds
+        )
         if name == "lm":
           result["model_gflops"] = tokens_per_s * flops_per_token / 1e9
           result["share_of_matmul_peak"] = result["model_gflops"] / peaks[side]
@@ -277,18 +333,34 @@ def main(argv=None) -> None:
         row[f"ours_over_torch_{name}_tokens_per_s"] = rate(f"ours_{name}") / rate(f"torch_{name}")
       if "ours_self_reflection_reusing_lm" in row:
         row["ours_reusing_lm_over_torch_self_reflection_tokens_per_s"] = rate(
-            "ours_self_reflection_reusing_lm") / rate("torch_self_reflection")
+            "ours_self_reflection_reusing_lm"
+        ) / rate("torch_self_reflection")
     rows[str(shape)] = row
   torch_info = {}
   if "torch" in sides:
     import torch
-    torch_info = dict(torch_threads=torch.get_num_threads(), torch_device=args.torch_device,
-                      torch_version=torch.__version__)
-  report("train_step", model=args.model, parameters=n_params, dtype="float32", sr_weight=SR_WEIGHT,
-         ours_remat=args.remat, ours_scan_layers=bool(args.scan_layers),
-         ours_cpu_attention=args.cpu_attention if cpu_attention.available() else "xla",
-         ours_loss_chunk_tokens=chunk, repeats=args.repeats, matmul_peak_gflops=peaks, **torch_info,
-         shapes=rows, lm_tokens_per_s_change=lm_throughput_change(shapes, rows, sides))
+
+    torch_info = dict(
+        torch_threads=torch.get_num_threads(),
+        torch_device=args.torch_device,
+        torch_version=torch.__version__,
+    )
+  report(
+      "train_step",
+      model=args.model,
+      parameters=n_params,
+      dtype="float32",
+      sr_weight=SR_WEIGHT,
+      ours_remat=args.remat,
+      ours_scan_layers=bool(args.scan_layers),
+      ours_cpu_attention=args.cpu_attention if cpu_attention.available() else "xla",
+      ours_loss_chunk_tokens=chunk,
+      repeats=args.repeats,
+      matmul_peak_gflops=peaks,
+      **torch_info,
+      shapes=rows,
+      lm_tokens_per_s_change=lm_throughput_change(shapes, rows, sides),
+  )
 
 
 def lm_throughput_change(shapes: list[Shape], rows: dict, sides) -> dict:

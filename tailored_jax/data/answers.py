@@ -1,4 +1,5 @@
 """Answer extraction and scoring (METHOD §5): pure functions on model output text."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ _ANSWER_MARKERS = ("\nAnswer", "Therefore, the answer is")
 @dataclasses.dataclass(frozen=True)
 class Extraction:
   """What was read from one output: the answer (None if none) and the rationale kept."""
+
   answer: str | None
   rationale: str
   error: str | None  # why nothing was extracted: 'no_number', ...
@@ -42,8 +44,9 @@ def extract_number(text: str) -> Extraction:
     return Extraction(None, text, "no_number")
   # Map the match in the comma-free text back to the original text to cut the rationale.
   last = matches[-1]
-  return Extraction(_without_full_stop(last.group()), _cut_after_nth_comma_free(text, last.end()),
-                    None)
+  return Extraction(
+      _without_full_stop(last.group()), _cut_after_nth_comma_free(text, last.end()), None
+  )
 
 
 def _first_number(text: str) -> tuple[str, int] | None:
@@ -66,7 +69,7 @@ def _original_index(text: str, comma_free_index: int) -> int:
 
 
 def _cut_after_nth_comma_free(text: str, comma_free_index: int) -> str:
-  return text[:_original_index(text, comma_free_index)]
+  return text[: _original_index(text, comma_free_index)]
 
 
 def _without_full_stop(raw: str) -> str:
@@ -104,11 +107,11 @@ def extract_yes_no(text: str) -> Extraction:
       match = _YES_NO.search(text, at)
       if match is None:
         return Extraction(None, text, "no_yes_no_after_marker")
-      return Extraction(match.group(1).capitalize(), text[:match.end()], None)
+      return Extraction(match.group(1).capitalize(), text[: match.end()], None)
   matches = list(_YES_NO.finditer(text))
   if not matches:
     return Extraction(None, text, "no_yes_no")
-  return Extraction(matches[-1].group(1).capitalize(), text[:matches[-1].end()], None)
+  return Extraction(matches[-1].group(1).capitalize(), text[: matches[-1].end()], None)
 
 
 def extract_choice(text: str) -> Extraction:
@@ -117,4 +120,4 @@ def extract_choice(text: str) -> Extraction:
   match = _CHOICE.search(line)
   if match is None:
     return Extraction(None, line, "no_choice")
-  return Extraction(match.group(1).lower(), line[:match.end()], None)
+  return Extraction(match.group(1).lower(), line[: match.end()], None)

@@ -3,6 +3,7 @@
 Shapes are bucketed (multiples of `bucket`) so the jitted step compiles once per bucket, and the
 last batch of an epoch is filled with masked rows so every example is seen exactly once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,7 @@ from tailored_jax.data.tokenizer import Tokenizer
 @dataclasses.dataclass(frozen=True)
 class TrainExample:
   """One teacher rationale to learn from: `continuation` is the text after the prefix."""
+
   qid: str
   continuation: str
 
@@ -26,6 +28,7 @@ class TrainExample:
 class LMBatch:
   """Next-token arrays [batch, seq]: filler rows and padding have masks 0; prefix targets weigh
   `train.prefix_weight`, continuation targets 1 (METHOD §3)."""
+
   inputs: np.ndarray  # int32
   targets: np.ndarray  # int32
   input_mask: np.ndarray  # bool
@@ -39,6 +42,7 @@ class ReflectionBatch:
   negative continuations [rows, 3, c]; `sr_mask` [rows] is 0 where a row has no triplet;
   when the step reuses the LM forward (`train.sr_reuse_lm_forward`) the anchor slot is left
   empty and row r is LM row r, or with fewer rows than the LM batch, LM row `lm_rows[r]`."""
+
   prefix: np.ndarray  # int32
   prefix_mask: np.ndarray  # bool
   continuations: np.ndarray  # int32
@@ -51,8 +55,13 @@ def round_up(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-def epoch_order(qids: list[str], batch_size: int, seed: int, lengths: list[int] | None = None,
-                window_batches: int = 16) -> list[list[int]]:
+def epoch_order(
+    qids: list[str],
+    batch_size: int,
+    seed: int,
+    lengths: list[int] | None = None,
+    window_batches: int = 16,
+) -> list[list[int]]:
   """Indices into `qids`, in batches of distinct questions; every index appears exactly once.
 
   Examples of one question are spread across levels (its 1st, 2nd, … example); a batch that would
@@ -84,7 +93,7 @@ def epoch_order(qids: list[str], batch_size: int, seed: int, lengths: list[int] 
   carry: list[int] = []
   for start in range(0, len(stream), window):
     last = start + window >= len(stream)
-    chunk = sorted(carry + stream[start:start + window], key=lambda i: lengths[i])
+    chunk = sorted(carry + stream[start : start + window], key=lambda i: lengths[i])
     cut = _distinct_batches(chunk, qids, batch_size)
     carry = [] if last or len(cut[-1]) == batch_size else cut.pop()
     batches.extend(cut)
@@ -120,11 +129,25 @@ class Batcher:
   of its question and `max_negatives` mistakes, drawn at random once per round (`seed`).
   """
 
-  def __init__(self, tokenizer: Tokenizer, prefixes: dict[str, str], examples: list[TrainExample],
-               negatives: dict[str, list[str]], *, batch_size: int, max_seq_len: int,
-               max_continuation_len: int, prefix_weight: float, max_positives: int,
-               max_negatives: int, sr_batch_size: int = 0, bucket: int = 16, seed: int = 0,
-               length_bucket: int = 0, sr_reuse_lm_forward: bool = False):
+  def __init__(
+      self,
+      tokenizer: Tokenizer,
+      prefixes: dict[str, str],
+      examples: list[TrainExample],
+      negatives: dict[str, list[str]],
+      *,
+      batch_size: int,
+      max_seq_len: int,
+      max_continuation_len: int,
+      prefix_weight: float,
+      max_positives: int,
+      max_negatives: int,
+      sr_batch_size: int = 0,
+      bucket: int = 16,
+      seed: int = 0,
+      length_bucket: int = 0,
+      sr_reuse_lm_forward: bool = False,
+  ):
     self.tok = tokenizer
     self.examples = examples
     self.batch_size = batch_size
@@ -139,8 +162,9 @@ class Batcher:
       raise KeyError(f"training examples refer to unknown questions: {missing[:5]}")
     # (ids, number of prefix ids) per example, and per question per negative
     self.sequences = self._tokenise(prefixes, [(e.qid, e.continuation) for e in examples])
-    negative_pairs = [(q, text) for q, texts in negatives.items() if q in prefixes
-                      for text in texts]
+    negative_pairs = [
+        (q, text) for q, texts in negatives.items() if q in prefixes for text in texts
+    ]
     negative_sequences = self._tokenise(prefixes, negative_pairs)
     self.negatives_of: dict[str, list[tuple[list[int], int]]] = defaultdict(list)
     for (q, _), sequence in zip(negative_pairs, negative_sequences):
@@ -155,20 +179,25 @@ class Batcher:
       others = [j for j in by_question[e.qid] if examples[j].continuation != e.continuation]
       self.positives_of.append(_draw(others, max_positives, rng))
       self.negative_choices.append(
-          _draw(list(range(len(self.negatives_of.get(e.qid, [])))), max_negatives, rng))
+          _draw(list(range(len(self.negatives_of.get(e.qid, [])))), max_negatives, rng)
+      )
     full = [len(ids) for ids, _ in self.sequences]
     self.truncated = sum(n > max_seq_len for n in full)
     self.seq_len = min(round_up(max(full, default=1), bucket), max_seq_len)
     self.prefix_len = round_up(max((split for _, split in self.sequences), default=1), bucket)
-    longest_cont = max([len(ids) - split for ids, split in self.sequences]
-                       + [len(ids) - split for ids, split in negative_sequences], default=1)
+    longest_cont = max(
+        [len(ids) - split for ids, split in self.sequences]
+        + [len(ids) - split for ids, split in negative_sequences],
+        default=1,
+    )
     self.cont_len = min(round_up(longest_cont, bucket), max_continuation_len)
     self.sr_candidates = sum(1 for i in range(len(examples)) if self._eligible(i))
     # The one place that decides whether this round's steps carry the triplet loss.
     self.self_reflection = self.sr_candidates > 0
 
-  def _tokenise(self, prefixes: dict[str, str],
-                pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+  def _tokenise(
+      self, prefixes: dict[str, str], pairs: list[tuple[str, str]]
+  ) -> list[tuple[list[int], int]]:
     texts = [prefixes[q] + continuation for q, continuation in pairs]
     out = []
     for ids, split in self.tok.encode_split(texts, [len(prefixes[q]) for q, _ in pairs]):
@@ -203,8 +232,10 @@ class Batcher:
     over a round's batches."""
     lengths = [self.lm_length(indices) for indices in batches]
     real = sum(
-        min(len(self.sequences[i][0]) - 1, length) for indices, length in zip(batches, lengths)
-        for i in indices)
+        min(len(self.sequences[i][0]) - 1, length)
+        for indices, length in zip(batches, lengths)
+        for i in indices
+    )
     padded = self.batch_size * sum(lengths)
     return (1.0 - real / padded if padded else 0.0), len(set(lengths))
 
@@ -219,7 +250,7 @@ class Batcher:
     weights = np.zeros((b, length), np.float32)
     for row, i in enumerate(indices):
       ids, split = self.sequences[i]
-      seq = ids[:length + 1]
+      seq = ids[: length + 1]
       n = len(seq) - 1
       inputs[row, :n] = seq[:-1]
       targets[row, :n] = seq[1:]
@@ -246,8 +277,11 @@ class Batcher:
     b, p = self.sr_batch_size, self.prefix_len
     reuse = self.sr_reuse_lm_forward
     aligned = reuse and b == self.batch_size
-    eligible = [(row, i) for row, i in enumerate(indices)
-                if self._eligible(i) and (not reuse or len(self.sequences[i][0]) <= lm_length)]
+    eligible = [
+        (row, i)
+        for row, i in enumerate(indices)
+        if self._eligible(i) and (not reuse or len(self.sequences[i][0]) <= lm_length)
+    ]
     if len(eligible) > b:
       eligible = sorted(rng.sample(eligible, b))
     chosen = []
@@ -257,8 +291,9 @@ class Batcher:
       chosen.append((lm_row, i, (None if reuse else self.sequences[i], positive, negative)))
     c = self.cont_len
     if self.length_bucket:
-      longest = max((len(ids) - at for *_, triple in chosen for ids, at in filter(None, triple)),
-                    default=1)
+      longest = max(
+          (len(ids) - at for *_, triple in chosen for ids, at in filter(None, triple)), default=1
+      )
       c = min(round_up(longest, self.length_bucket), self.cont_len)
     prefix = np.zeros((b, p), np.int32)
     prefix_mask = np.zeros((b, p), bool)
@@ -271,18 +306,19 @@ class Batcher:
       lm_rows[row] = lm_row
       ids, split = self.sequences[i]
       ids = ids[:split][-p:]
-      prefix[row, p - len(ids):] = ids
-      prefix_mask[row, p - len(ids):] = True
+      prefix[row, p - len(ids) :] = ids
+      prefix_mask[row, p - len(ids) :] = True
       sr_mask[row] = 1.0
       for k, sequence in enumerate(triple):
         if sequence is None:  # the anchor, when the LM forward provides it
           continue
         ids, at = sequence
         ids = ids[at:][:c]
-        conts[row, k, :len(ids)] = ids
-        cont_mask[row, k, :len(ids)] = True
-    return ReflectionBatch(prefix, prefix_mask, conts, cont_mask, sr_mask,
-                           lm_rows if reuse and not aligned else None)
+        conts[row, k, : len(ids)] = ids
+        cont_mask[row, k, : len(ids)] = True
+    return ReflectionBatch(
+        prefix, prefix_mask, conts, cont_mask, sr_mask, lm_rows if reuse and not aligned else None
+    )
 
 
 def _draw(candidates: list[int], limit: int, rng: random.Random) -> list[int]:

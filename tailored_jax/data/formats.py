@@ -4,6 +4,7 @@ Prefixes end at `Reasoning:` (or `Answer:` for multiple choice) and continuation
 space, so a byte-level BPE keeps its usual `Ġword` tokens at the boundary (the release split
 after `Reasoning: `).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,13 +21,18 @@ def clean_rationale(rationale: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class QAFormat:
   """`Question: q\\nReasoning: r\\nAnswer: a` (math tasks and StrategyQA)."""
-  style_hint: str = ("one short sentence per step, every calculation written as an equation "
-                     "like 12 + 7 = 19")
+
+  style_hint: str = (
+      "one short sentence per step, every calculation written as an equation " "like 12 + 7 = 19"
+  )
   answer_hint: str = "the final answer only"
 
   def prefix(self, question: str, demos) -> str:
-    shots = "".join(f"Question: {d.question}\nReasoning: {clean_rationale(d.rationale)}\n"
-                    f"Answer: {d.answer}\n\n" for d in demos)
+    shots = "".join(
+        f"Question: {d.question}\nReasoning: {clean_rationale(d.rationale)}\n"
+        f"Answer: {d.answer}\n\n"
+        for d in demos
+    )
     return f"{shots}Question: {question.strip()}\nReasoning:"
 
   def continuation(self, question: str, rationale: str, answer: str) -> str:
@@ -38,13 +44,17 @@ class QAFormat:
 class ChoiceFormat:
   """CommonsenseQA: the question carries an `Answer Choices:` block; the rationale is the answer
   line and ends with `Therefore, the answer is {text} ({letter}).`"""
-  style_hint: str = ("a few short sentences on which choice fits and why, ending with "
-                     "'Therefore, the answer is <choice text> (<letter>).'")
+
+  style_hint: str = (
+      "a few short sentences on which choice fits and why, ending with "
+      "'Therefore, the answer is <choice text> (<letter>).'"
+  )
   answer_hint: str = "the letter of the choice, like (b)"
 
   def prefix(self, question: str, demos) -> str:
     shots = "".join(
-        f"Question: {d.question}\nAnswer: {clean_rationale(d.rationale)}\n\n" for d in demos)
+        f"Question: {d.question}\nAnswer: {clean_rationale(d.rationale)}\n\n" for d in demos
+    )
     return f"{shots}Question: {question.strip()}\nAnswer:"
 
   def continuation(self, question: str, rationale: str, answer: str) -> str:

@@ -1,4 +1,5 @@
 """Scoring model outputs against gold answers, shared by evaluation, the exam and `score`."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -12,8 +13,13 @@ def score_output(task: Task, example: Example, output: str) -> dict:
   correct = answers.is_correct(extraction.answer, example.gold, task.numeric_equality)
   error = None if correct else (extraction.error or "wrong_answer")
   return {
-      "id": example.id, "gold": example.gold, "answer": extraction.answer, "correct": correct,
-      "error": error, "output": output, "rationale": extraction.rationale
+      "id": example.id,
+      "gold": example.gold,
+      "answer": extraction.answer,
+      "correct": correct,
+      "error": error,
+      "output": output,
+      "rationale": extraction.rationale,
   }
 
 
@@ -29,6 +35,8 @@ def score(task: Task, examples: list[Example], outputs: list[str]) -> tuple[list
   correct = sum(r["correct"] for r in records)
   errors = Counter(r["error"] for r in records if r["error"])
   return records, {
-      "accuracy": correct / max(len(records), 1), "correct": correct, "total": len(records),
-      "errors": dict(sorted(errors.items()))
+      "accuracy": correct / max(len(records), 1),
+      "correct": correct,
+      "total": len(records),
+      "errors": dict(sorted(errors.items())),
   }

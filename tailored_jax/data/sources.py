@@ -3,6 +3,7 @@
 With `skip_malformed`, bad records are counted (and the count reported) instead of failing;
 nothing is ever dropped silently.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,11 @@ def field(record: Any, name: str, where: str, kind: type | tuple = (str,)) -> An
   if name not in record:
     raise DataError(f"{where}: missing field '{name}'")
   value = record[name]
-  if not isinstance(value, kind) or isinstance(
-      value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+  if (
+      not isinstance(value, kind)
+      or isinstance(value, bool)
+      and bool not in (kind if isinstance(kind, tuple) else (kind,))
+  ):
     raise DataError(f"{where}: field '{name}' has type {type(value).__name__}")
   return value
 
@@ -69,28 +73,39 @@ TFDS_BUILDER_MODULES = {"gsm8k": "tensorflow_datasets.text.gsm8k"}
 def iter_tfds_records(name: str, split: str, data_dir: str) -> Iterator[tuple[str, Any]]:
   """(location, record) from a prepared TFDS dataset (array_record), never downloading."""
   if name not in TFDS_BUILDER_MODULES:
-    raise DataError(f"config field task.source: no tensorflow-datasets builder for {name!r} "
-                    f"(have: {sorted(TFDS_BUILDER_MODULES)}); use the original files")
+    raise DataError(
+        f"config field task.source: no tensorflow-datasets builder for {name!r} "
+        f"(have: {sorted(TFDS_BUILDER_MODULES)}); use the original files"
+    )
   try:
     import importlib
     import tensorflow_datasets as tfds
+
     importlib.import_module(TFDS_BUILDER_MODULES[name])
   except ImportError as e:
-    raise DataError(f"task.source=tfds:{name} needs tensorflow-datasets and array_record "
-                    f"(pip install -e '.[tfds]'): {e}") from e
+    raise DataError(
+        f"task.source=tfds:{name} needs tensorflow-datasets and array_record "
+        f"(pip install -e '.[tfds]'): {e}"
+    ) from e
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as e:  # tfds raises AssertionError/DatasetNotFoundError/…
     where = data_dir or "~/tensorflow_datasets"
-    raise DataError(f"tfds:{name} split {split!r} is not prepared in {where} (prepare it once "
-                    f"with file_format='array_record'): {e}") from e
+    raise DataError(
+        f"tfds:{name} split {split!r} is not prepared in {where} (prepare it once "
+        f"with file_format='array_record'): {e}"
+    ) from e
   for index in range(len(source)):
     record = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in source[index].items()}
     yield f"tfds:{name}/{split}[{index}]", record
 
 
-def load_records(records: Iterator[tuple[str, Any]], parse: Callable[[Any, str], Any],
-                 skip_malformed: bool = False, label: str = "") -> list:
+def load_records(
+    records: Iterator[tuple[str, Any]],
+    parse: Callable[[Any, str], Any],
+    skip_malformed: bool = False,
+    label: str = "",
+) -> list:
   """parse(record, where) over (where, record) pairs; DataError stops unless skipping."""
   out, skipped = [], []
   for where, record in records:

@@ -3,6 +3,7 @@
 One template table drives generation, parsing (the local teacher's oracle reads questions back
 with it) and rationale writing, so the three can never drift apart.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,32 +11,57 @@ import random
 import re
 
 NAMES = ("Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jade", "Kai", "Lena")
-ITEMS = ("apples", "books", "coins", "pens", "shells", "stamps", "cards", "marbles", "eggs",
-         "cookies")
+ITEMS = (
+    "apples",
+    "books",
+    "coins",
+    "pens",
+    "shells",
+    "stamps",
+    "cards",
+    "marbles",
+    "eggs",
+    "cookies",
+)
 
 # Question sentences, per operation. {n}: the person, {x}: operand, {item}: the item, {f}: a friend.
 QUESTION_STEPS = {
-    "add": ("{n} buys {x} more {item}.", "{n} finds {x} more {item}.",
-            "{f} gives {n} {x} more {item}."),
+    "add": (
+        "{n} buys {x} more {item}.",
+        "{n} finds {x} more {item}.",
+        "{f} gives {n} {x} more {item}.",
+    ),
     "sub": ("{n} gives {x} {item} to {f}.", "{n} loses {x} {item}.", "{n} sells {x} {item}."),
     "mul": ("{n} doubles the number of {item}.", "{n} triples the number of {item}."),
 }
 # Rationale sentences, per operation: several wordings, each with the step's equation.
 RATIONALE_STEPS = {
-    "add": ("After getting {x} more, {n} has {p} + {x} = {r} {item}.",
-            "{p} + {x} = {r}, so now there are {r} {item}.",
-            "Adding the {x} new {item} gives {p} + {x} = {r}."),
-    "sub": ("After losing {x}, {n} has {p} - {x} = {r} {item}.",
-            "{p} - {x} = {r}, so {r} {item} are left.",
-            "Taking away {x} {item} leaves {p} - {x} = {r}."),
-    "mul":
-        ("Multiplying by {x} gives {p} * {x} = {r} {item}.",
-         "{p} * {x} = {r}, so now there are {r} {item}.", "{x} times as many is {p} * {x} = {r}."),
+    "add": (
+        "After getting {x} more, {n} has {p} + {x} = {r} {item}.",
+        "{p} + {x} = {r}, so now there are {r} {item}.",
+        "Adding the {x} new {item} gives {p} + {x} = {r}.",
+    ),
+    "sub": (
+        "After losing {x}, {n} has {p} - {x} = {r} {item}.",
+        "{p} - {x} = {r}, so {r} {item} are left.",
+        "Taking away {x} {item} leaves {p} - {x} = {r}.",
+    ),
+    "mul": (
+        "Multiplying by {x} gives {p} * {x} = {r} {item}.",
+        "{p} * {x} = {r}, so now there are {r} {item}.",
+        "{x} times as many is {p} * {x} = {r}.",
+    ),
 }
-RATIONALE_STARTS = ("{n} starts with {a} {item}.", "At first {n} has {a} {item}.",
-                    "{n} begins with {a} {item}.")
-RATIONALE_ENDS = ("So {n} has {r} {item} now.", "In the end {n} has {r} {item}.",
-                  "That leaves {n} with {r} {item}.")
+RATIONALE_STARTS = (
+    "{n} starts with {a} {item}.",
+    "At first {n} has {a} {item}.",
+    "{n} begins with {a} {item}.",
+)
+RATIONALE_ENDS = (
+    "So {n} has {r} {item} now.",
+    "In the end {n} has {r} {item}.",
+    "That leaves {n} with {r} {item}.",
+)
 QUESTION_START = "{n} has {a} {item}."
 QUESTION_END = "How many {item} does {n} have now?"
 _MUL_FACTOR = {"doubles": 2, "triples": 3}
@@ -52,6 +78,7 @@ class Step:
 @dataclasses.dataclass(frozen=True)
 class Problem:
   """A parsed or generated problem: who, what, the start amount and the steps."""
+
   name: str
   item: str
   start: int
@@ -91,6 +118,7 @@ def apply(op: str, value: int, operand: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Difficulty:
   """The difficulty knob: how many steps, how large the numbers, which operations."""
+
   min_steps: int = 1
   max_steps: int = 3
   max_start: int = 20
@@ -120,8 +148,9 @@ def generate_problem(rng: random.Random, difficulty: Difficulty) -> Problem:
   return Problem(name, item, start, tuple(steps), friend)
 
 
-def generate_splits(seed: int, sizes: dict[str, int],
-                    difficulty: Difficulty) -> dict[str, list[Problem]]:
+def generate_splits(
+    seed: int, sizes: dict[str, int], difficulty: Difficulty
+) -> dict[str, list[Problem]]:
   """Disjoint splits (no question text in two splits), the same for the same seed and sizes."""
   rng = random.Random(seed)
   seen: set[str] = set()
@@ -132,8 +161,10 @@ def generate_splits(seed: int, sizes: dict[str, int],
     while len(problems) < size:
       attempts += 1
       if attempts > 50 * size + 1000:
-        raise ValueError(f"synthetic task: cannot draw {size} distinct '{split}' problems with "
-                         f"{difficulty}; raise the difficulty or lower the split size")
+        raise ValueError(
+            f"synthetic task: cannot draw {size} distinct '{split}' problems with "
+            f"{difficulty}; raise the difficulty or lower the split size"
+        )
       problem = generate_problem(rng, difficulty)
       text = problem.question()
       if text not in seen:
@@ -143,8 +174,9 @@ def generate_splits(seed: int, sizes: dict[str, int],
   return splits
 
 
-def reference_rationale(problem: Problem, variant: int = 0,
-                        rng: random.Random | None = None) -> str:
+def reference_rationale(
+    problem: Problem, variant: int = 0, rng: random.Random | None = None
+) -> str:
   """A correct step-by-step rationale; `rng` picks a wording per sentence, else `variant` does."""
 
   def pick(options):
@@ -161,8 +193,13 @@ def reference_rationale(problem: Problem, variant: int = 0,
 
 def _template_regex(template: str) -> re.Pattern:
   pattern = re.escape(template)
-  for field, group in (("n", r"(?P<n>[A-Z][a-z]+)"), ("f", r"(?P<f>[A-Z][a-z]+)"),
-                       ("x", r"(?P<x>\d+)"), ("a", r"(?P<a>\d+)"), ("item", r"(?P<item>[a-z]+)")):
+  for field, group in (
+      ("n", r"(?P<n>[A-Z][a-z]+)"),
+      ("f", r"(?P<f>[A-Z][a-z]+)"),
+      ("x", r"(?P<x>\d+)"),
+      ("a", r"(?P<a>\d+)"),
+      ("item", r"(?P<item>[a-z]+)"),
+  ):
     pattern = pattern.replace(re.escape("{" + field + "}"), group)
   return re.compile(pattern + r"$")
 

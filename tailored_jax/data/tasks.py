@@ -1,4 +1,5 @@
 """The task registry: what a task gives the round loop (splits, demos, format, extraction)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +15,7 @@ from tailored_jax.data.formats import QAFormat
 class Example:
   """One question with its gold answer string; `id` is unique within the task. `rationale` is
   the dataset's own human-written solution where it has one (the human-rationale teacher)."""
+
   id: str
   question: str
   gold: str
@@ -29,6 +31,7 @@ class Demo:
 
 class Task:
   """A reasoning task. Subclasses set the class fields and implement `load_splits`."""
+
   name = ""
   default_max_new_tokens = 128
   format = QAFormat()
@@ -39,15 +42,19 @@ class Task:
   def __init__(self, cfg):
     self.cfg = cfg
     if cfg.source != "files" and cfg.source != f"tfds:{self.tfds_name}":
-      raise ValueError(f"config field task.source: {self.name} reads "
-                       f"{'files or tfds:' + self.tfds_name if self.tfds_name else 'files only'}"
-                       f", not {cfg.source!r}")
+      raise ValueError(
+          f"config field task.source: {self.name} reads "
+          f"{'files or tfds:' + self.tfds_name if self.tfds_name else 'files only'}"
+          f", not {cfg.source!r}"
+      )
     self.max_new_tokens = cfg.max_new_tokens or self.default_max_new_tokens
     self.numeric_equality = bool(cfg.numeric_equality)
     self.num_demos = len(self.all_demos) if cfg.num_demos < 0 else cfg.num_demos
     if self.num_demos > len(self.all_demos):
-      raise ValueError(f"config field task.num_demos: {self.name} has {len(self.all_demos)} "
-                       f"demos, asked for {self.num_demos}")
+      raise ValueError(
+          f"config field task.num_demos: {self.name} has {len(self.all_demos)} "
+          f"demos, asked for {self.num_demos}"
+      )
     self._splits = None
 
   def load_splits(self) -> dict[str, list[Example]]:
@@ -65,7 +72,7 @@ class Task:
     return self._splits
 
   def demos(self) -> list[Demo]:
-    return list(self.all_demos[:self.num_demos])
+    return list(self.all_demos[: self.num_demos])
 
   def extract(self, output: str) -> answers.Extraction:
     return self.extract_answer(output)
@@ -81,16 +88,19 @@ class Task:
     return [Demo(e.question, "", e.gold) for e in self.splits()["train"]]
 
 
-def hold_out(examples: list[Example], num_val: int,
-             seed: int) -> tuple[list[Example], list[Example]]:
+def hold_out(
+    examples: list[Example], num_val: int, seed: int
+) -> tuple[list[Example], list[Example]]:
   """A seeded validation slice held out of train: (train, val)."""
   if num_val >= len(examples):
     raise ValueError(f"config field task.num_val: {num_val} >= {len(examples)} train examples")
   order = list(range(len(examples)))
   random.Random(seed).shuffle(order)
   val = set(order[:num_val])
-  return ([e for i, e in enumerate(examples) if i not in val],
-          [e for i, e in enumerate(examples) if i in val])
+  return (
+      [e for i, e in enumerate(examples) if i not in val],
+      [e for i, e in enumerate(examples) if i in val],
+  )
 
 
 def question_key(question: str) -> str:
@@ -108,8 +118,9 @@ def unique_questions(examples: list[Example]) -> list[Example]:
       seen.add(key)
       unique.append(e)
   if len(unique) < len(examples):
-    logging.info("%d repeated question texts dropped (first record kept)",
-                 len(examples) - len(unique))
+    logging.info(
+        "%d repeated question texts dropped (first record kept)", len(examples) - len(unique)
+    )
   return unique
 
 
@@ -119,29 +130,44 @@ def split_70_30(examples: list[Example], seed: int) -> tuple[list[Example], list
   random.Random(seed).shuffle(order)
   cut = round(0.7 * len(examples))
   train, test = set(order[:cut]), set(order[cut:])
-  return ([e for i, e in enumerate(examples) if i in train],
-          [e for i, e in enumerate(examples) if i in test])
+  return (
+      [e for i, e in enumerate(examples) if i in train],
+      [e for i, e in enumerate(examples) if i in test],
+  )
 
 
 class SyntheticArithmetic(Task):
   """Multi-step arithmetic word problems from `synthetic.py`, scored like the math tasks."""
+
   name = "synthetic_arith"
   default_max_new_tokens = 128
 
   def __init__(self, cfg):
-    problems = (synthetic.Problem("Mia", "plums", 4,
-                                  (synthetic.Step("add", 5, 0), synthetic.Step("sub", 2, 1)),
-                                  "Leo"),
-                synthetic.Problem("Tom", "kites", 3, (synthetic.Step("mul", 2, 0),), "Sam"),
-                synthetic.Problem("Zoe", "beads", 9, (synthetic.Step(
-                    "sub", 4, 2), synthetic.Step("mul", 3, 1), synthetic.Step("add", 6, 1)), "Ray"))
+    problems = (
+        synthetic.Problem(
+            "Mia", "plums", 4, (synthetic.Step("add", 5, 0), synthetic.Step("sub", 2, 1)), "Leo"
+        ),
+        synthetic.Problem("Tom", "kites", 3, (synthetic.Step("mul", 2, 0),), "Sam"),
+        synthetic.Problem(
+            "Zoe",
+            "beads",
+            9,
+            (synthetic.Step("sub", 4, 2), synthetic.Step("mul", 3, 1), synthetic.Step("add", 6, 1)),
+            "Ray",
+        ),
+    )
     self.all_demos = tuple(
-        Demo(p.question(), synthetic.reference_rationale(p), str(p.answer)) for p in problems)
+        Demo(p.question(), synthetic.reference_rationale(p), str(p.answer)) for p in problems
+    )
     super().__init__(cfg)
     s = cfg.synthetic
-    self.difficulty = synthetic.Difficulty(min_steps=s.min_steps, max_steps=s.max_steps,
-                                           max_start=s.max_start, max_operand=s.max_operand,
-                                           operations=s.operations)
+    self.difficulty = synthetic.Difficulty(
+        min_steps=s.min_steps,
+        max_steps=s.max_steps,
+        max_start=s.max_start,
+        max_operand=s.max_operand,
+        operations=s.operations,
+    )
     self.sizes = {"train": s.num_train, "val": s.num_val, "test": s.num_test}
     self.seed = s.seed
 
@@ -151,22 +177,29 @@ class SyntheticArithmetic(Task):
         split: [
             Example(f"{split}-{i}", p.question(), str(p.answer), synthetic.reference_rationale(p))
             for i, p in enumerate(ps)
-        ] for split, ps in problems.items()
+        ]
+        for split, ps in problems.items()
     }
 
   def tokenizer_corpus(self) -> list[Demo]:
     problems = synthetic.generate_splits(self.seed, self.sizes, self.difficulty)["train"]
     return [
         Demo(p.question(), synthetic.reference_rationale(p, variant=v), str(p.answer))
-        for p in problems for v in range(3)
+        for p in problems
+        for v in range(3)
     ]
 
 
 def registry() -> dict[str, type[Task]]:
   from tailored_jax.data import benchmarks
+
   tasks = [
-      SyntheticArithmetic, benchmarks.GSM8K, benchmarks.MultiArith, benchmarks.SVAMP,
-      benchmarks.CommonsenseQA, benchmarks.StrategyQA
+      SyntheticArithmetic,
+      benchmarks.GSM8K,
+      benchmarks.MultiArith,
+      benchmarks.SVAMP,
+      benchmarks.CommonsenseQA,
+      benchmarks.StrategyQA,
   ]
   return {t.name: t for t in tasks}
 

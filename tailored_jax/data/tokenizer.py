@@ -6,6 +6,7 @@ The trained BPE splits digits one by one (as LLaMA's does) so numbers keep their
 starts every sequence with `<s>`, and decodes byte-exactly, so answer extraction reads what the
 model wrote.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,13 @@ class Tokenizer:
   tokens start or end a sequence is the post-processor's business, never decided here.
   """
 
-  def __init__(self, tok: tokenizers.Tokenizer, bos_id: int | None = None,
-               eos_id: int | None = None, pad_id: int | None = None):
+  def __init__(
+      self,
+      tok: tokenizers.Tokenizer,
+      bos_id: int | None = None,
+      eos_id: int | None = None,
+      pad_id: int | None = None,
+  ):
     self._tok = tok
     self.bos_id = self._require(BOS) if bos_id is None else bos_id
     self.eos_id = self._require(EOS) if eos_id is None else eos_id
@@ -104,8 +110,9 @@ class Tokenizer:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def decode_batch(self, ids_batch) -> list[str]:
-    return self._tok.decode_batch([[int(i) for i in ids] for ids in ids_batch],
-                                  skip_special_tokens=True)
+    return self._tok.decode_batch(
+        [[int(i) for i in ids] for ids in ids_batch], skip_special_tokens=True
+    )
 
   def newline_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per token id: (text starts with '\\n', ends with '\\n', contains '\\n\\n').
@@ -128,14 +135,19 @@ class Tokenizer:
 def train_bpe(corpus: list[str], vocab_size: int) -> Tokenizer:
   """A byte-level BPE with single-digit tokens, trained on `corpus` (deterministic)."""
   tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Digits(individual_digits=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-  ])
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+      [
+          pre_tokenizers.Digits(individual_digits=True),
+          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+      ]
+  )
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS,
-                                                                       EOS], show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      special_tokens=[PAD, BOS, EOS],
+      show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(corpus, trainer=trainer)
   return Tokenizer(with_special_affixes(tok, [tok.token_to_id(BOS)], []))
 
@@ -150,17 +162,20 @@ def special_affixes(tok: tokenizers.Tokenizer) -> tuple[list[int], list[int]]:
   content = [i for i, s in enumerate(special) if not s]
   if not content:
     return list(encoding.ids), []
-  return list(encoding.ids[:content[0]]), list(encoding.ids[content[-1] + 1:])
+  return list(encoding.ids[: content[0]]), list(encoding.ids[content[-1] + 1 :])
 
 
-def with_special_affixes(tok: tokenizers.Tokenizer, prefix: list[int],
-                         suffix: list[int]) -> tokenizers.Tokenizer:
+def with_special_affixes(
+    tok: tokenizers.Tokenizer, prefix: list[int], suffix: list[int]
+) -> tokenizers.Tokenizer:
   """A copy of `tok` whose post-processor puts `prefix` before and `suffix` after a sequence."""
   tok = tokenizers.Tokenizer.from_str(tok.to_str())
   names = [tok.id_to_token(i) for i in prefix + suffix]
-  single = [f"{t}:0" for t in names[:len(prefix)]] + ["$A:0"
-                                                     ] + [f"{t}:0" for t in names[len(prefix):]]
+  single = (
+      [f"{t}:0" for t in names[: len(prefix)]] + ["$A:0"] + [f"{t}:0" for t in names[len(prefix) :]]
+  )
   pair = single + ["$B:1"]
   tok.post_processor = processors.TemplateProcessing(
-      single=single, pair=pair, special_tokens=sorted(set(zip(names, prefix + suffix))))
+      single=single, pair=pair, special_tokens=sorted(set(zip(names, prefix + suffix)))
+  )
   return tok

@@ -1,4 +1,5 @@
 """Student model families, built from the `model` section of the config."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,10 +11,19 @@ from tailored_jax.models.llama import Llama, LlamaConfig
 
 
 def llama_config(cfg, vocab_size: int) -> LlamaConfig:
-  return LlamaConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
-                     n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                     d_ff=cfg.d_ff, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
-                     tie_embeddings=cfg.tie_embeddings, **execution_of(cfg))
+  return LlamaConfig(
+      vocab_size=vocab_size,
+      d_model=cfg.d_model,
+      n_layers=cfg.n_layers,
+      n_heads=cfg.n_heads,
+      n_kv_heads=cfg.n_kv_heads,
+      head_dim=cfg.head_dim,
+      d_ff=cfg.d_ff,
+      rope_theta=cfg.rope_theta,
+      norm_eps=cfg.norm_eps,
+      tie_embeddings=cfg.tie_embeddings,
+      **execution_of(cfg),
+  )
 
 
 MODULES = {LlamaConfig: Llama, GPTJConfig: GPTJ}
@@ -43,8 +53,10 @@ def build_model(cfg, vocab_size: int, pretrained: LlamaConfig | GPTJConfig | Non
   Mistral, Qwen2, SmolLM2 shapes)."""
   if pretrained is not None:
     return model_for(
-        dataclasses.replace(pretrained, vocab_size=max(pretrained.vocab_size, vocab_size),
-                            **execution_of(cfg)))
+        dataclasses.replace(
+            pretrained, vocab_size=max(pretrained.vocab_size, vocab_size), **execution_of(cfg)
+        )
+    )
   if cfg.family != "llama":
     raise ValueError(f"config field model.family: unknown family {cfg.family!r}; known: ['llama']")
   return Llama(llama_config(cfg, vocab_size))

@@ -7,6 +7,7 @@ CPU and the compiler's target features; where that fails, `available()` is False
 logged once) and the models use the blockwise XLA form (`layers.blockwise_causal_attention`),
 which computes the same values.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -41,7 +42,8 @@ def _cpu_identity() -> str:
   try:
     text = Path("/proc/cpuinfo").read_text()
     return "\n".join(
-        sorted({line for line in text.splitlines() if line.startswith(("model name", "flags"))}))
+        sorted({line for line in text.splitlines() if line.startswith(("model name", "flags"))})
+    )
   except OSError:
     return platform.processor() or platform.machine()
 
@@ -54,7 +56,10 @@ def _target_features() -> str:
     try:
       done = subprocess.run(
           [os.environ.get("CXX", "g++"), *flags, "-dM", "-E", "-x", "c++", os.devnull],
-          capture_output=True, text=True, timeout=60)
+          capture_output=True,
+          text=True,
+          timeout=60,
+      )
     except (OSError, subprocess.SubprocessError):
       return ""
     if not done.returncode:
@@ -65,15 +70,20 @@ def _target_features() -> str:
 def library_path() -> Path:
   """Where this machine's build of the kernel lives (or will): keyed by the source, flags,
   jax, compiler, CPU and the instruction set the compiler targets here."""
-  key = hashlib.sha256(b"\0".join([
-      SOURCE.read_bytes(), " ".join(FLAGS).encode(),
-      jax.__version__.encode(),
-      jax.lib.__version__.encode() if hasattr(jax.lib, "__version__") else b"",
-      platform.machine().encode(),
-      _cpu_identity().encode(),
-      os.environ.get("CXX", "g++").encode(),
-      _target_features().encode()
-  ])).hexdigest()[:16]
+  key = hashlib.sha256(
+      b"\0".join(
+          [
+              SOURCE.read_bytes(),
+              " ".join(FLAGS).encode(),
+              jax.__version__.encode(),
+              jax.lib.__version__.encode() if hasattr(jax.lib, "__version__") else b"",
+              platform.machine().encode(),
+              _cpu_identity().encode(),
+              os.environ.get("CXX", "g++").encode(),
+              _target_features().encode(),
+          ]
+      )
+  ).hexdigest()[:16]
   cache = Path(os.environ.get("TAILORED_JAX_CACHE") or Path.home() / ".cache" / "tailored_jax")
   return cache / f"cpu_attention-{key}.so"
 
@@ -87,16 +97,20 @@ def build(path: Path) -> None:
     out = Path(tmp) / path.name
     for flags in (FLAGS, PORTABLE_FLAGS):
       command = [
-          os.environ.get("CXX", "g++"), *flags, f"-I{jax.ffi.include_dir()}",
-          str(SOURCE), "-o",
-          str(out)
+          os.environ.get("CXX", "g++"),
+          *flags,
+          f"-I{jax.ffi.include_dir()}",
+          str(SOURCE),
+          "-o",
+          str(out),
       ]
       done = subprocess.run(command, capture_output=True, text=True, timeout=600)
       if not done.returncode:
         os.replace(out, path)
         return
-      failures.append(f"{' '.join(command)} failed ({done.returncode}): "
-                      f"{done.stderr.strip()[-1000:]}")
+      failures.append(
+          f"{' '.join(command)} failed ({done.returncode}): " f"{done.stderr.strip()[-1000:]}"
+      )
   raise RuntimeError("; ".join(failures))
 
 
@@ -116,8 +130,9 @@ def available() -> bool:
           library = ctypes.CDLL(str(path))
         if not _registered:
           for name, symbol in ((FORWARD, "TjFlashForward"), (BACKWARD, "TjFlashBackward")):
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
-                                        platform="cpu")
+            jax.ffi.register_ffi_target(
+                name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+            )
           _registered.append(library)
         _state.update(ok=True)
       except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
@@ -134,27 +149,48 @@ def chosen(kernel: str, dtype) -> bool:
 
 def _forward_call(q_btnh, k_btkh, v_btkh, real_bt, context, scale: float, window: int):
   b, t, n, _ = q_btnh.shape
-  shapes = (jax.ShapeDtypeStruct(q_btnh.shape,
-                                 jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
-  return jax.ffi.ffi_call(FORWARD, shapes,
-                          vmap_method="sequential")(q_btnh, k_btkh, v_btkh, real_bt, *context,
-                                                    scale=np.float32(scale),
-                                                    window=np.int64(window))
+  shapes = (
+      jax.ShapeDtypeStruct(q_btnh.shape, jnp.float32),
+      jax.ShapeDtypeStruct((b, n, t), jnp.float32),
+  )
+  return jax.ffi.ffi_call(FORWARD, shapes, vmap_method="sequential")(
+      q_btnh, k_btkh, v_btkh, real_bt, *context, scale=np.float32(scale), window=np.int64(window)
+  )
 
 
-def _backward_call(q_btnh, k_btkh, v_btkh, real_bt, context, out_btnh, lse_bnt, dout_btnh, dlse_bnt,
-                   scale: float, window: int):
+def _backward_call(
+    q_btnh,
+    k_btkh,
+    v_btkh,
+    real_bt,
+    context,
+    out_btnh,
+    lse_bnt,
+    dout_btnh,
+    dlse_bnt,
+    scale: float,
+    window: int,
+):
   """dq, dk, dv and the context's dk, dv per row ([batch, kv_heads, slots, head_dim])."""
   context_k_gksh = context[0]
   per_row = (q_btnh.shape[0], *context_k_gksh.shape[1:])
-  shapes = tuple(
-      jax.ShapeDtypeStruct(x.shape, jnp.float32)
-      for x in (q_btnh, k_btkh, v_btkh)) + (jax.ShapeDtypeStruct(per_row, jnp.float32),) * 2
-  return jax.ffi.ffi_call(BACKWARD, shapes,
-                          vmap_method="sequential")(q_btnh, k_btkh, v_btkh, real_bt, *context,
-                                                    out_btnh, lse_bnt, dout_btnh, dlse_bnt,
-                                                    scale=np.float32(scale),
-                                                    window=np.int64(window))
+  shapes = (
+      tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q_btnh, k_btkh, v_btkh))
+      + (jax.ShapeDtypeStruct(per_row, jnp.float32),) * 2
+  )
+  return jax.ffi.ffi_call(BACKWARD, shapes, vmap_method="sequential")(
+      q_btnh,
+      k_btkh,
+      v_btkh,
+      real_bt,
+      *context,
+      out_btnh,
+      lse_bnt,
+      dout_btnh,
+      dlse_bnt,
+      scale=np.float32(scale),
+      window=np.int64(window),
+  )
 
 
 def _named_forward(q_btnh, k_btkh, v_btkh, real_bt, context, scale, window, names):
@@ -165,14 +201,34 @@ def _named_forward(q_btnh, k_btkh, v_btkh, real_bt, context, scale, window, name
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _flash(q_btnh, k_btkh, v_btkh, real_bt, context_k_gksh, context_v_gksh, context_real_bs,
-           scale: float, window: int, names: tuple):
+def _flash(
+    q_btnh,
+    k_btkh,
+    v_btkh,
+    real_bt,
+    context_k_gksh,
+    context_v_gksh,
+    context_real_bs,
+    scale: float,
+    window: int,
+    names: tuple,
+):
   context = (context_k_gksh, context_v_gksh, context_real_bs)
   return _named_forward(q_btnh, k_btkh, v_btkh, real_bt, context, scale, window, names)
 
 
-def _flash_fwd(q_btnh, k_btkh, v_btkh, real_bt, context_k_gksh, context_v_gksh, context_real_bs,
-               scale, window, names):
+def _flash_fwd(
+    q_btnh,
+    k_btkh,
+    v_btkh,
+    real_bt,
+    context_k_gksh,
+    context_v_gksh,
+    context_real_bs,
+    scale,
+    window,
+    names,
+):
   context = (context_k_gksh, context_v_gksh, context_real_bs)
   out_btnh, lse_bnt = _named_forward(q_btnh, k_btkh, v_btkh, real_bt, context, scale, window, names)
   return (out_btnh, lse_bnt), (q_btnh, k_btkh, v_btkh, real_bt, context, out_btnh, lse_bnt)
@@ -180,11 +236,13 @@ def _flash_fwd(q_btnh, k_btkh, v_btkh, real_bt, context_k_gksh, context_v_gksh, 
 
 def _flash_bwd(scale, window, names, residuals, cotangents):
   q_btnh, k_btkh, v_btkh, real_bt, context, out_btnh, lse_bnt = residuals
-  dq, dk, dv, context_dk, context_dv = _backward_call(q_btnh, k_btkh, v_btkh, real_bt, context,
-                                                      out_btnh, lse_bnt, *cotangents, scale, window)
+  dq, dk, dv, context_dk, context_dv = _backward_call(
+      q_btnh, k_btkh, v_btkh, real_bt, context, out_btnh, lse_bnt, *cotangents, scale, window
+  )
   groups = context[0].shape[0]
-  per_group = lambda d_bksh: d_bksh.reshape(groups, d_bksh.shape[0] // groups, *d_bksh.shape[1:]
-                                           ).sum(1)
+  per_group = lambda d_bksh: d_bksh.reshape(
+      groups, d_bksh.shape[0] // groups, *d_bksh.shape[1:]
+  ).sum(1)
   return dq, dk, dv, None, per_group(context_dk), per_group(context_dv), None
 
 
@@ -199,12 +257,21 @@ def _split(mesh, rows: int, groups: int, heads: int, kv_heads: int):
   row_axes = tuple(a for a in ("data", "fsdp") if size(a) > 1)
   row_shards = int(np.prod([size(a) for a in row_axes])) if row_axes else 1
   tensor = size("tensor")
-  return (row_axes if row_axes and rows % row_shards == 0 and groups % row_shards == 0 else None,
-          "tensor" if tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0 else None)
+  return (
+      row_axes if row_axes and rows % row_shards == 0 and groups % row_shards == 0 else None,
+      "tensor" if tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0 else None,
+  )
 
 
-def flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, window: int = 0, output_names: tuple = (),
-                    context: tuple | None = None):
+def flash_attention(
+    q_btnh,
+    k_btkh,
+    v_btkh,
+    valid_bt,
+    window: int = 0,
+    output_names: tuple = (),
+    context: tuple | None = None,
+):
   """(output [batch, tokens, heads, head_dim], log-sum-exp [batch, heads, tokens]) of causal
   grouped-query attention with padding keys masked (and, with a `window`, keys that far back);
   with a `context` (keys and values [groups, kv_heads, slots, head_dim] read by groups of
@@ -234,6 +301,9 @@ def flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, window: int = 0, output_na
   per_row = PartitionSpec(rows, None)
   per_slot = PartitionSpec(rows if context[0].shape[2] else None, heads, None, None)
   return jax.shard_map(
-      kernel, mesh=mesh,
+      kernel,
+      mesh=mesh,
       in_specs=(per_token, per_token, per_token, per_row, per_slot, per_slot, per_row),
-      out_specs=(per_token, PartitionSpec(rows, heads, None)), check_vma=False)(*args)
+      out_specs=(per_token, PartitionSpec(rows, heads, None)),
+      check_vma=False,
+  )(*args)

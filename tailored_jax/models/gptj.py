@@ -2,6 +2,7 @@
 rotary embedding on the first `rotary_dim` dims of each head (interleaved pairs), GELU MLP with
 biases, untied LM head with bias. Same call signature and logical axes as `llama.Llama`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.models.kv_cache import KVCache
-from tailored_jax.models.layers import (LOGITS, MLP_HIDDEN, RESIDUAL, Execution, HFTensor, LayerKV,
-                                        attend, dense, constrain, merge_heads, param, run_blocks)
+from tailored_jax.models.layers import (
+    LOGITS,
+    MLP_HIDDEN,
+    RESIDUAL,
+    Execution,
+    HFTensor,
+    LayerKV,
+    attend,
+    dense,
+    constrain,
+    merge_heads,
+    param,
+    run_blocks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +49,16 @@ class GPTJConfig(Execution):
 
   def __post_init__(self):
     if self.d_model % self.n_heads or self.rotary_dim > self.d_model // self.n_heads:
-      raise ValueError(f"GPT-J: n_embd={self.d_model}, n_head={self.n_heads} and "
-                       f"rotary_dim={self.rotary_dim} do not fit")
+      raise ValueError(
+          f"GPT-J: n_embd={self.d_model}, n_head={self.n_heads} and "
+          f"rotary_dim={self.rotary_dim} do not fit"
+      )
 
 
 def apply_interleaved_rope(x_bthd, positions_bt, rotary_dim: int):
   """GPT-J rotary: pairs (0,1), (2,3)… of the first `rotary_dim` dims rotate; the rest pass."""
   rot, rest = x_bthd[..., :rotary_dim], x_bthd[..., rotary_dim:]
-  inv_freq = 1.0 / (10000.0**(np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
+  inv_freq = 1.0 / (10000.0 ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
   angle_btr = positions_bt[:, :, None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None]
   sin = jnp.repeat(jnp.sin(angle_btr), 2, axis=-1)[:, :, None, :]
   cos = jnp.repeat(jnp.cos(angle_btr), 2, axis=-1)[:, :, None, :]
@@ -93,8 +108,9 @@ class GPTJBlock(nn.Module):
     b_in = param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
     w_out = param(self, "w_out", (cfg.d_ff, d), ("mlp", "embed"), pdt, normal(cfg.d_ff))
     b_out = param(self, "b_out", (d,), ("norm",), pdt, nn.initializers.zeros)
-    ff_btf = jax.nn.gelu(constrain(dense(h_btd, w_in.astype(dt)) + b_in.astype(dt), MLP_HIDDEN),
-                         approximate=True)
+    ff_btf = jax.nn.gelu(
+        constrain(dense(h_btd, w_in.astype(dt)) + b_in.astype(dt), MLP_HIDDEN), approximate=True
+    )
     mlp_btd = dense(ff_btf, w_out.astype(dt)) + b_out.astype(dt)
     return x_btd + attn_btd + mlp_btd, kv
 
@@ -103,23 +119,45 @@ class GPTJ(nn.Module):
   """(tokens, positions, valid, cache) -> (logits_btv float32, hidden after ln_f, cache); with
   `with_logits=False` the logits are None (the loss applies `head_logits` in chunks); without a
   cache, `keep_kv` > 0 returns the first `keep_kv` tokens' keys and values as the cache."""
+
   cfg: GPTJConfig
 
   @nn.compact
-  def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache | None = None,
-               with_logits: bool = True, keep_kv: int = 0):
+  def __call__(
+      self,
+      tokens_bt,
+      positions_bt,
+      valid_bt,
+      cache: KVCache | None = None,
+      with_logits: bool = True,
+      keep_kv: int = 0,
+  ):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    embedding_vd = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt,
-                         nn.initializers.normal(stddev=cfg.d_model**-0.5))
+    embedding_vd = param(
+        self,
+        "embedding",
+        (cfg.vocab_size, cfg.d_model),
+        ("vocab", "embed"),
+        pdt,
+        nn.initializers.normal(stddev=cfg.d_model**-0.5),
+    )
     x_btd = constrain(jnp.take(embedding_vd, tokens_bt, axis=0).astype(dt), RESIDUAL)
-    x_btd, new_cache = run_blocks(GPTJBlock, cfg, x_btd, positions_bt, valid_bt, cache,
-                                  keep_kv=keep_kv)
+    x_btd, new_cache = run_blocks(
+        GPTJBlock, cfg, x_btd, positions_bt, valid_bt, cache, keep_kv=keep_kv
+    )
     hidden_btd = LayerNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x_btd)
-    head_dv = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt,
-                    nn.initializers.normal(stddev=cfg.d_model**-0.5))
-    head_bias_v = param(self, "lm_head_bias", (cfg.vocab_size,), ("vocab",), pdt,
-                        nn.initializers.zeros)
+    head_dv = param(
+        self,
+        "lm_head",
+        (cfg.d_model, cfg.vocab_size),
+        ("embed", "vocab"),
+        pdt,
+        nn.initializers.normal(stddev=cfg.d_model**-0.5),
+    )
+    head_bias_v = param(
+        self, "lm_head_bias", (cfg.vocab_size,), ("vocab",), pdt, nn.initializers.zeros
+    )
     head = {"lm_head": head_dv, "lm_head_bias": head_bias_v}
     logits_btv = head_logits(head, hidden_btd, cfg) if with_logits else None
     return logits_btv, hidden_btd, new_cache
@@ -141,21 +179,35 @@ def from_hf_config(hf: dict, model_type: str) -> GPTJConfig:
   """Our config from an HF config dict (KeyError names a missing field, ValueError the rest)."""
   del model_type
   if hf.get("activation_function", "gelu_new") != "gelu_new":
-    raise ValueError(f"activation_function {hf['activation_function']!r} is not supported "
-                     "(gelu_new)")
-  return GPTJConfig(vocab_size=hf["vocab_size"], d_model=hf["n_embd"], n_layers=hf["n_layer"],
-                    n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
-                    rotary_dim=hf.get("rotary_dim") or hf["n_embd"] // hf["n_head"],
-                    norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    raise ValueError(
+        f"activation_function {hf['activation_function']!r} is not supported " "(gelu_new)"
+    )
+  return GPTJConfig(
+      vocab_size=hf["vocab_size"],
+      d_model=hf["n_embd"],
+      n_layers=hf["n_layer"],
+      n_heads=hf["n_head"],
+      d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
+      rotary_dim=hf.get("rotary_dim") or hf["n_embd"] // hf["n_head"],
+      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+  )
 
 
 def to_hf_config(cfg: GPTJConfig, model_type: str) -> dict:
   del model_type
   return {
-      "architectures": ["GPTJForCausalLM"], "model_type": "gptj", "vocab_size": cfg.vocab_size,
-      "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff,
-      "rotary_dim": cfg.rotary_dim, "n_positions": 2048, "activation_function": "gelu_new",
-      "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": False
+      "architectures": ["GPTJForCausalLM"],
+      "model_type": "gptj",
+      "vocab_size": cfg.vocab_size,
+      "n_embd": cfg.d_model,
+      "n_layer": cfg.n_layers,
+      "n_head": cfg.n_heads,
+      "n_inner": cfg.d_ff,
+      "rotary_dim": cfg.rotary_dim,
+      "n_positions": 2048,
+      "activation_function": "gelu_new",
+      "layer_norm_epsilon": cfg.norm_eps,
+      "tie_word_embeddings": False,
   }
 
 
@@ -173,17 +225,25 @@ def hf_tensors(cfg: GPTJConfig) -> dict[str, HFTensor]:
   }
   for i in range(cfg.n_layers):
     p, layer = f"transformer.h.{i}.", f"layer_{i}"
-    table.update({
-        p + "ln_1.weight": HFTensor((layer, "ln", "scale"), (d,), same, same),
-        p + "ln_1.bias": HFTensor((layer, "ln", "bias"), (d,), same, same),
-        p + "mlp.fc_in.weight": HFTensor((layer, "w_in"), (f, d), transpose, transpose),
-        p + "mlp.fc_in.bias": HFTensor((layer, "b_in"), (f,), same, same),
-        p + "mlp.fc_out.weight": HFTensor((layer, "w_out"), (d, f), transpose, transpose),
-        p + "mlp.fc_out.bias": HFTensor((layer, "b_out"), (d,), same, same),
-        p + "attn.out_proj.weight": HFTensor((layer, "wo"), (d, d), lambda w: w.T.reshape(n, h, d),
-                                             lambda w: w.reshape(n * h, d).T),
-    })
+    table.update(
+        {
+            p + "ln_1.weight": HFTensor((layer, "ln", "scale"), (d,), same, same),
+            p + "ln_1.bias": HFTensor((layer, "ln", "bias"), (d,), same, same),
+            p + "mlp.fc_in.weight": HFTensor((layer, "w_in"), (f, d), transpose, transpose),
+            p + "mlp.fc_in.bias": HFTensor((layer, "b_in"), (f,), same, same),
+            p + "mlp.fc_out.weight": HFTensor((layer, "w_out"), (d, f), transpose, transpose),
+            p + "mlp.fc_out.bias": HFTensor((layer, "b_out"), (d,), same, same),
+            p
+            + "attn.out_proj.weight": HFTensor(
+                (layer, "wo"),
+                (d, d),
+                lambda w: w.T.reshape(n, h, d),
+                lambda w: w.reshape(n * h, d).T,
+            ),
+        }
+    )
     for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj")):
       table[p + f"attn.{theirs}.weight"] = HFTensor(
-          (layer, ours), (d, d), lambda w: w.T.reshape(d, n, h), lambda w: w.reshape(d, n * h).T)
+          (layer, ours), (d, d), lambda w: w.T.reshape(d, n, h), lambda w: w.reshape(d, n * h).T
+      )
   return table

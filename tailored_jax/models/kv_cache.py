@@ -6,6 +6,7 @@ and values that groups of rows read but never write, stored once per group: a ta
 prefix (one group: every row) and each prompt's own tokens (a group: its k samples). The
 attention that reads and writes it is in `layers.py`.
 """
+
 from __future__ import annotations
 
 import flax.struct
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 class Context:
   """Keys and values read by `rows / groups` consecutive rows per group; `positions_gs` are the
   tokens' positions (-1: padding, never seen). Every context token precedes the rows' own."""
+
   keys: tuple  # per layer: [groups, kv_heads, slots, head_dim] (stacked when layers scan)
   values: tuple
   positions_gs: jax.Array  # int32 [groups, slots]
@@ -32,6 +34,7 @@ class KVCache:
   read without a transpose, one array per layer so that a step reads and updates a layer's buffer
   in place (slicing a stacked buffer makes XLA:CPU copy it every step). A scanned model (in
   training only: its self-reflection prefix) reads one stacked [layers, ...] array instead."""
+
   keys: tuple | jax.Array
   values: tuple | jax.Array
   valid_bs: jax.Array  # [batch, slots] bool
@@ -39,8 +42,17 @@ class KVCache:
   context: tuple[Context, ...] = ()  # read before the rows' own slots
 
   @classmethod
-  def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype,
-            context: tuple[Context, ...] = (), stacked: bool = False) -> "KVCache":
+  def zeros(
+      cls,
+      layers: int,
+      batch: int,
+      slots: int,
+      kv_heads: int,
+      head_dim: int,
+      dtype,
+      context: tuple[Context, ...] = (),
+      stacked: bool = False,
+  ) -> "KVCache":
     shape = (batch, kv_heads, slots, head_dim)
     if stacked:
       keys, values = jnp.zeros((layers, *shape), dtype), jnp.zeros((layers, *shape), dtype)
@@ -55,11 +67,14 @@ class KVCache:
 
   def repeat(self, times: int) -> "KVCache":
     """Each row repeated `times` times in place (row b -> rows b*times..), e.g. k exam samples."""
-    return self.replace(keys=tuple(jnp.repeat(k, times, axis=0) for k in self.keys),
-                        values=tuple(jnp.repeat(v, times, axis=0) for v in self.values),
-                        valid_bs=jnp.repeat(self.valid_bs, times, axis=0))
+    return self.replace(
+        keys=tuple(jnp.repeat(k, times, axis=0) for k in self.keys),
+        values=tuple(jnp.repeat(v, times, axis=0) for v in self.values),
+        valid_bs=jnp.repeat(self.valid_bs, times, axis=0),
+    )
 
   def as_context(self, positions_bs: jax.Array) -> Context:
     """The filled buffer as a context with one group per row (positions_bs: -1 where invalid)."""
-    return Context(self.keys, self.values,
-                   jnp.where(self.valid_bs, positions_bs, -1).astype(jnp.int32))
+    return Context(
+        self.keys, self.values, jnp.where(self.valid_bs, positions_bs, -1).astype(jnp.int32)
+    )

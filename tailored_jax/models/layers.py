@@ -2,6 +2,7 @@
 grouped-query attention core over the KV cache and its contexts, the layer stack, and the
 HF tensor-table entry.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ NEG_INF = -1e30
 class Execution:
   """How a model runs, whatever its architecture, declared once: every family's config
   inherits these fields, and `execution_of` reads them from a config's `model` section."""
+
   dtype: str = "float32"  # activation/compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # config_lib.REMAT_POLICIES
@@ -62,6 +64,7 @@ def abstract_params(model: nn.Module) -> dict:
 class HFTensor(NamedTuple):
   """One entry of a family's tensor table: where an HF tensor lives in our tree, its HF shape,
   and the two layout conversions."""
+
   path: tuple[str, ...]
   hf_shape: tuple[int, ...]
   to_ours: Callable[[np.ndarray], np.ndarray]
@@ -80,8 +83,9 @@ def tree_set(tree: dict, path: tuple[str, ...], value) -> None:
   tree[path[-1]] = value
 
 
-def attention_mask(valid_bs: jax.Array, index: jax.Array, num_new: int,
-                   window: int = 0) -> jax.Array:
+def attention_mask(
+    valid_bs: jax.Array, index: jax.Array, num_new: int, window: int = 0
+) -> jax.Array:
   """[batch, new, slots]: a new token at slot index+t sees valid slots up to and including itself
   (and, with a sliding `window`, only the last `window` slots; real tokens are contiguous)."""
   slots = valid_bs.shape[1]
@@ -99,8 +103,9 @@ def context_mask(positions_gs: jax.Array, positions_bt: jax.Array, window: int =
   rows (batch / groups per group)."""
   b, g = positions_bt.shape[0], positions_gs.shape[0]
   positions_bs = jnp.repeat(positions_gs, b // g, axis=0)
-  seen_bts = jnp.broadcast_to((positions_bs >= 0)[:, None, :],
-                              (b, positions_bt.shape[1], positions_bs.shape[1]))
+  seen_bts = jnp.broadcast_to(
+      (positions_bs >= 0)[:, None, :], (b, positions_bt.shape[1], positions_bs.shape[1])
+  )
   if window:
     seen_bts &= positions_bs[:, None, :] > positions_bt[:, :, None] - window
   return seen_bts
@@ -110,6 +115,7 @@ def context_mask(positions_gs: jax.Array, positions_bt: jax.Array, window: int =
 class LayerKV:
   """What one layer's attention reads from and writes to the cache: its own buffers (written in
   place at `index`) and their mask, and its context keys, values and masks."""
+
   k_bksh: jax.Array
   v_bksh: jax.Array
   index: jax.Array
@@ -124,6 +130,7 @@ class KeptKV:
   """Training without a cache, keeping the first `length` tokens' keys and values
   ([batch, kv_heads, length, head_dim]) for rows that continue from them (self-reflection's
   positive and negative reuse the LM forward's prefix, `train.sr_reuse_lm_forward`)."""
+
   length: int = flax.struct.field(pytree_node=False)
   k_bksh: jax.Array | None = None
   v_bksh: jax.Array | None = None
@@ -135,6 +142,7 @@ class ContextKV:
   their prefix): one layer's context keys and values ([groups, kv_heads, slots, head_dim], read
   by groups of consecutive rows) and which of them each new token sees ([batch, new, slots]).
   The rows' own tokens attend causally among themselves; nothing is stored."""
+
   k_gksh: jax.Array
   v_gksh: jax.Array
   mask_bts: jax.Array
@@ -143,6 +151,7 @@ class ContextKV:
 class Partial(NamedTuple):
   """Softmax attention over part of the keys, to be merged with other parts: running max,
   normaliser and unnormalised output, all float32."""
+
   max_bkx: jax.Array
   sum_bkx: jax.Array
   out_bkxh: jax.Array
@@ -154,25 +163,37 @@ def attend_part(q_bkxh, k_gksh, v_gksh, mask_bxs, dtype, scale: float) -> Partia
   b, kv_heads, x, h = q_bkxh.shape
   g, s = k_gksh.shape[0], k_gksh.shape[2]
   q_grkxh = q_bkxh.reshape(g, b // g, kv_heads, x, h)
-  logits_bkxs = jnp.einsum("grkxh,gksh->grkxs", q_grkxh, k_gksh.astype(dtype)).reshape(
-      b, kv_heads, x, s).astype(jnp.float32) * scale
+  logits_bkxs = (
+      jnp.einsum("grkxh,gksh->grkxs", q_grkxh, k_gksh.astype(dtype))
+      .reshape(b, kv_heads, x, s)
+      .astype(jnp.float32)
+      * scale
+  )
   mask_b1xs = mask_bxs[:, None]
   logits_bkxs = jnp.where(mask_b1xs, logits_bkxs, NEG_INF)
   max_bkx = jnp.max(logits_bkxs, axis=-1)
   weights_bkxs = jnp.where(mask_b1xs, jnp.exp(logits_bkxs - max_bkx[..., None]), 0.0)
-  out_grkxh = jnp.einsum("grkxs,gksh->grkxh",
-                         weights_bkxs.reshape(g, b // g, kv_heads, x, s).astype(dtype),
-                         v_gksh.astype(dtype))
-  return Partial(max_bkx, jnp.sum(weights_bkxs, axis=-1),
-                 out_grkxh.reshape(b, kv_heads, x, h).astype(jnp.float32))
+  out_grkxh = jnp.einsum(
+      "grkxs,gksh->grkxh",
+      weights_bkxs.reshape(g, b // g, kv_heads, x, s).astype(dtype),
+      v_gksh.astype(dtype),
+  )
+  return Partial(
+      max_bkx,
+      jnp.sum(weights_bkxs, axis=-1),
+      out_grkxh.reshape(b, kv_heads, x, h).astype(jnp.float32),
+  )
 
 
 def merge_parts(a: Partial, b: Partial) -> Partial:
   """The softmax over the union of two parts' keys (online-softmax rescaling)."""
   top_bkx = jnp.maximum(a.max_bkx, b.max_bkx)
   scale_a, scale_b = jnp.exp(a.max_bkx - top_bkx), jnp.exp(b.max_bkx - top_bkx)
-  return Partial(top_bkx, a.sum_bkx * scale_a + b.sum_bkx * scale_b,
-                 a.out_bkxh * scale_a[..., None] + b.out_bkxh * scale_b[..., None])
+  return Partial(
+      top_bkx,
+      a.sum_bkx * scale_a + b.sum_bkx * scale_b,
+      a.out_bkxh * scale_a[..., None] + b.out_bkxh * scale_b[..., None],
+  )
 
 
 def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | None = None):
@@ -182,20 +203,27 @@ def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | 
   start = (0, 0, kv.index, 0)
   new_k_bkth = jnp.swapaxes(k_btkh, 1, 2).astype(kv.k_bksh.dtype)
   new_v_bkth = jnp.swapaxes(v_btkh, 1, 2).astype(kv.v_bksh.dtype)
-  kv = kv.replace(k_bksh=jax.lax.dynamic_update_slice(kv.k_bksh, new_k_bkth, start),
-                  v_bksh=jax.lax.dynamic_update_slice(kv.v_bksh, new_v_bkth, start))
+  kv = kv.replace(
+      k_bksh=jax.lax.dynamic_update_slice(kv.k_bksh, new_k_bkth, start),
+      v_bksh=jax.lax.dynamic_update_slice(kv.v_bksh, new_v_bkth, start),
+  )
   b, t, n, h = q_btnh.shape
   kv_heads = kv.k_bksh.shape[1]
   g = n // kv_heads
   scale = h**-0.5 if scale is None else scale
   # queries as [batch, kv_head, group*new, head_dim]: one matmul per (row, kv head)
-  q_bkxh = q_btnh.reshape(b, t, kv_heads, g,
-                          h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h).astype(dtype)
+  q_bkxh = (
+      q_btnh.reshape(b, t, kv_heads, g, h)
+      .transpose(0, 2, 3, 1, 4)
+      .reshape(b, kv_heads, g * t, h)
+      .astype(dtype)
+  )
   as_bxs = lambda mask_bts: jnp.tile(mask_bts, (1, g, 1))
   result = attend_part(q_bkxh, kv.k_bksh, kv.v_bksh, as_bxs(kv.mask_bts), dtype, scale)
   for k_gksh, v_gksh, mask_bts in zip(kv.context_k, kv.context_v, kv.context_masks):
-    result = merge_parts(attend_part(q_bkxh, k_gksh, v_gksh, as_bxs(mask_bts), dtype, scale),
-                         result)
+    result = merge_parts(
+        attend_part(q_bkxh, k_gksh, v_gksh, as_bxs(mask_bts), dtype, scale), result
+    )
   out_bkxh = result.out_bkxh / jnp.maximum(result.sum_bkx, 1e-30)[..., None]
   out_btnh = out_bkxh.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
   return out_btnh.astype(dtype), kv
@@ -259,8 +287,9 @@ def _part_blocks(t: int, s: int, causal: bool, window: int, block: int):
     yield (start, end, k_start, end) if causal else (start, end, 0, s)
 
 
-def _block_mask(mask, causal: bool, start: int, end: int, k_start: int, k_end: int,
-                window: int) -> jax.Array:
+def _block_mask(
+    mask, causal: bool, start: int, end: int, k_start: int, k_end: int, window: int
+) -> jax.Array:
   """[rows, queries, keys] seen by a block: causally from the positions and `mask` = the keys'
   validity [rows, tokens]; over a context `mask` is [rows, queries, keys] itself."""
   if not causal:
@@ -302,16 +331,21 @@ def _block_scores(q_bkgqh, k_ckhs, seen_bqs, scale: float):
 def _flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale):
   """Output and per-query log-sum-exp of the scores, a block of queries at a time."""
   outs, lses = [], []
-  for start, end, k_start, k_end in _part_blocks(q_bkgth.shape[3], k_ckhs.shape[3], causal, window,
-                                                 block):
-    scores_bkgqs = _block_scores(q_bkgth[:, :, :, start:end], k_ckhs[..., k_start:k_end],
-                                 _block_mask(mask, causal, start, end, k_start, k_end, window),
-                                 scale)
+  for start, end, k_start, k_end in _part_blocks(
+      q_bkgth.shape[3], k_ckhs.shape[3], causal, window, block
+  ):
+    scores_bkgqs = _block_scores(
+        q_bkgth[:, :, :, start:end],
+        k_ckhs[..., k_start:k_end],
+        _block_mask(mask, causal, start, end, k_start, k_end, window),
+        scale,
+    )
     max_bkgq = jnp.max(scores_bkgqs, axis=-1)
     weights_bkgqs = jnp.exp(scores_bkgqs - max_bkgq[..., None])
     sum_bkgq = jnp.sum(weights_bkgqs, axis=-1)
-    out_bkgqh = _grouped_einsum("bkgqs,ckhs->bkgqh", weights_bkgqs.astype(v_ckhs.dtype),
-                                v_ckhs[..., k_start:k_end]).astype(jnp.float32)
+    out_bkgqh = _grouped_einsum(
+        "bkgqs,ckhs->bkgqh", weights_bkgqs.astype(v_ckhs.dtype), v_ckhs[..., k_start:k_end]
+    ).astype(jnp.float32)
     outs.append((out_bkgqh / sum_bkgq[..., None]).astype(q_bkgth.dtype))
     lses.append(max_bkgq + jnp.log(sum_bkgq))
   return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
@@ -343,8 +377,9 @@ def _named_flash_forward(*args):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _flash_attention(q_bkgth, k_ckhs, v_ckhs, mask, causal: bool, window: int, block: int,
-                     scale: float):
+def _flash_attention(
+    q_bkgth, k_ckhs, v_ckhs, mask, causal: bool, window: int, block: int, scale: float
+):
   """(output, log-sum-exp) of one part of the keys; `mask` as `_block_mask` reads it."""
   return _named_flash_forward(q_bkgth, k_ckhs, v_ckhs, mask, causal, window, block, scale)
 
@@ -360,28 +395,37 @@ def _flash_attention_bwd(causal, window, block, scale, residuals, cotangents):
   dout_bkgth, dlse_bkgt = cotangents
   # d(softmax) needs each query's sum over keys of p * dp, which is dout . out; the
   # log-sum-exp's own gradient reaches each score as dlse * p
-  delta_bkgt = jnp.sum(dout_bkgth.astype(jnp.float32) * out_bkgth.astype(jnp.float32),
-                       axis=-1) - dlse_bkgt
+  delta_bkgt = (
+      jnp.sum(dout_bkgth.astype(jnp.float32) * out_bkgth.astype(jnp.float32), axis=-1) - dlse_bkgt
+  )
   dq_blocks = []
   dk_ckhs = jnp.zeros(k_ckhs.shape, jnp.float32)
   dv_ckhs = jnp.zeros(v_ckhs.shape, jnp.float32)
-  for start, end, k_start, k_end in _part_blocks(q_bkgth.shape[3], k_ckhs.shape[3], causal, window,
-                                                 block):
+  for start, end, k_start, k_end in _part_blocks(
+      q_bkgth.shape[3], k_ckhs.shape[3], causal, window, block
+  ):
     q_bkgqh, dout_bkgqh = q_bkgth[:, :, :, start:end], dout_bkgth[:, :, :, start:end]
     k_ckhs_, v_ckhs_ = k_ckhs[..., k_start:k_end], v_ckhs[..., k_start:k_end]
-    scores_bkgqs = _block_scores(q_bkgqh, k_ckhs_,
-                                 _block_mask(mask, causal, start, end, k_start, k_end, window),
-                                 scale)
+    scores_bkgqs = _block_scores(
+        q_bkgqh, k_ckhs_, _block_mask(mask, causal, start, end, k_start, k_end, window), scale
+    )
     probs_bkgqs = jnp.exp(scores_bkgqs - lse_bkgt[:, :, :, start:end, None])
     dv_ckhs = dv_ckhs.at[..., k_start:k_end].add(
-        _grouped_einsum("bkgqh,bkgqs->ckhs", dout_bkgqh, probs_bkgqs.astype(dout_bkgqh.dtype),
-                        groups=k_ckhs.shape[0]))
+        _grouped_einsum(
+            "bkgqh,bkgqs->ckhs",
+            dout_bkgqh,
+            probs_bkgqs.astype(dout_bkgqh.dtype),
+            groups=k_ckhs.shape[0],
+        )
+    )
     dprobs_bkgqs = _grouped_einsum("bkgqh,ckhs->bkgqs", dout_bkgqh, v_ckhs_).astype(jnp.float32)
-    dscores_bkgqs = (probs_bkgqs * (dprobs_bkgqs - delta_bkgt[:, :, :, start:end, None])
-                     * scale).astype(q_bkgqh.dtype)
+    dscores_bkgqs = (
+        probs_bkgqs * (dprobs_bkgqs - delta_bkgt[:, :, :, start:end, None]) * scale
+    ).astype(q_bkgqh.dtype)
     dq_blocks.append(_grouped_einsum("bkgqs,ckhs->bkgqh", dscores_bkgqs, k_ckhs_))
     dk_ckhs = dk_ckhs.at[..., k_start:k_end].add(
-        _grouped_einsum("bkgqh,bkgqs->ckhs", q_bkgqh, dscores_bkgqs, groups=k_ckhs.shape[0]))
+        _grouped_einsum("bkgqh,bkgqs->ckhs", q_bkgqh, dscores_bkgqs, groups=k_ckhs.shape[0])
+    )
   dq_bkgth = jnp.concatenate(dq_blocks, axis=3)
   return dq_bkgth, dk_ckhs.astype(k_ckhs.dtype), dv_ckhs.astype(v_ckhs.dtype), None
 
@@ -424,8 +468,15 @@ def _local_rows_and_heads(rows: int, heads: int) -> tuple[int, int]:
   return local_rows, max(heads // tensor, 1)
 
 
-def row_tiles(local_groups: int, rows_per_group: int, local_heads: int, queries: int, keys: int,
-              block: int = ATTENTION_BLOCK, tile_bytes: int = 0) -> int:
+def row_tiles(
+    local_groups: int,
+    rows_per_group: int,
+    local_heads: int,
+    queries: int,
+    keys: int,
+    block: int = ATTENTION_BLOCK,
+    tile_bytes: int = 0,
+) -> int:
   """How many map steps the attention takes over one device's rows: the fewest that divide its
   groups of rows (a context's groups, or single rows) and bring a step's largest score block
   under `tile_bytes` (0: `ATTENTION_TILE_BYTES`; 1 step: all rows at once, also whenever they
@@ -449,22 +500,31 @@ def _map_row_tiles(fn, steps: int, rows_per_group: int, row_args: tuple, group_a
 
   def split(x, per):  # [groups·per, ...] -> [steps, groups/steps·per, ...]
     n = x.shape[0] // per
-    return x.reshape(n // steps, steps, per,
-                     *x.shape[1:]).swapaxes(0, 1).reshape(steps, n // steps * per, *x.shape[1:])
+    return (
+        x.reshape(n // steps, steps, per, *x.shape[1:])
+        .swapaxes(0, 1)
+        .reshape(steps, n // steps * per, *x.shape[1:])
+    )
 
   def join(y):
     n = y.shape[1] // rows_per_group
-    return y.reshape(steps, n, rows_per_group,
-                     *y.shape[2:]).swapaxes(0, 1).reshape(steps * y.shape[1], *y.shape[2:])
+    return (
+        y.reshape(steps, n, rows_per_group, *y.shape[2:])
+        .swapaxes(0, 1)
+        .reshape(steps * y.shape[1], *y.shape[2:])
+    )
 
-  tiles = (tuple(split(x, rows_per_group) for x in row_args),
-           tuple(split(x, 1) for x in group_args))
+  tiles = (
+      tuple(split(x, rows_per_group) for x in row_args),
+      tuple(split(x, 1) for x in group_args),
+  )
   out = jax.lax.map(lambda tile: fn(*tile[0], *tile[1]), tiles)
   return jax.tree.map(join, out)
 
 
-def blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0,
-                               block: int = ATTENTION_BLOCK):
+def blockwise_causal_attention(
+    q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0, block: int = ATTENTION_BLOCK
+):
   """Causal grouped-query self-attention a block of queries at a time, each block reading only
   the keys at or before its last query (the masked upper triangle is never computed), with a
   flash-attention-style gradient: only the output and each query's log-sum-exp are kept, each
@@ -478,13 +538,25 @@ def blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: 
     return _flash_attention(q_bkgth, k_bkht, v_bkht, valid_bt, True, window, block, h**-0.5)[0]
 
   local_rows, local_heads = _local_rows_and_heads(b, n)
-  out_bkgth = _map_row_tiles(attention, row_tiles(local_rows, 1, local_heads, t, t, block), 1,
-                             (q_bkgth, k_bkht, v_bkht, valid_bt))
+  out_bkgth = _map_row_tiles(
+      attention,
+      row_tiles(local_rows, 1, local_heads, t, t, block),
+      1,
+      (q_bkgth, k_bkht, v_bkht, valid_bt),
+  )
   return _from_flash_layout(out_bkgth)
 
 
-def blockwise_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype,
-                                window: int = 0, block: int = ATTENTION_BLOCK):
+def blockwise_context_attention(
+    q_btnh,
+    k_btkh,
+    v_btkh,
+    valid_bt,
+    kv: ContextKV,
+    dtype,
+    window: int = 0,
+    block: int = ATTENTION_BLOCK,
+):
   """Rows continuing after a read-only context: one softmax over the context's keys and their
   own (causal), computed as two flash parts (`_flash_attention`) merged by their log-sum-exps;
   the merge is differentiated as written, so each part's gradient gets its share."""
@@ -493,30 +565,40 @@ def blockwise_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV,
   q_bkgth, k_bkht, v_bkht = _tag_all(_flash_layout(q_btnh, k_btkh, v_btkh, dtype), FLASH_INPUTS)
   scale = h**-0.5
 
-  def attention(q_bkgth, k_bkht, v_bkht, valid_bt, context_mask_bts, context_k_gksh,
-                context_v_gksh):
-    own_bkgth, own_lse_bkgt = _flash_attention(q_bkgth, k_bkht, v_bkht, valid_bt, True, window,
-                                               block, scale)
+  def attention(
+      q_bkgth, k_bkht, v_bkht, valid_bt, context_mask_bts, context_k_gksh, context_v_gksh
+  ):
+    own_bkgth, own_lse_bkgt = _flash_attention(
+        q_bkgth, k_bkht, v_bkht, valid_bt, True, window, block, scale
+    )
     context_k_gkhs, context_v_gkhs = (
-        jnp.swapaxes(x, 2, 3).astype(dtype) for x in (context_k_gksh, context_v_gksh))
-    context_bkgth, context_lse_bkgt = _flash_attention(q_bkgth, context_k_gkhs, context_v_gkhs,
-                                                       context_mask_bts, False, 0, block, scale)
+        jnp.swapaxes(x, 2, 3).astype(dtype) for x in (context_k_gksh, context_v_gksh)
+    )
+    context_bkgth, context_lse_bkgt = _flash_attention(
+        q_bkgth, context_k_gkhs, context_v_gkhs, context_mask_bts, False, 0, block, scale
+    )
     lse_bkgt = jnp.logaddexp(own_lse_bkgt, context_lse_bkgt)
     share = lambda part_lse_bkgt: jnp.exp(part_lse_bkgt - lse_bkgt)[..., None]
-    return (own_bkgth.astype(jnp.float32) * share(own_lse_bkgt)
-            + context_bkgth.astype(jnp.float32) * share(context_lse_bkgt)).astype(dtype)
+    return (
+        own_bkgth.astype(jnp.float32) * share(own_lse_bkgt)
+        + context_bkgth.astype(jnp.float32) * share(context_lse_bkgt)
+    ).astype(dtype)
 
   per_group = b // groups
   local_groups, local_heads = _local_rows_and_heads(groups, n)
-  out_bkgth = _map_row_tiles(attention,
-                             row_tiles(local_groups, per_group, local_heads, t, t + s, block),
-                             per_group, (q_bkgth, k_bkht, v_bkht, valid_bt, kv.mask_bts),
-                             (kv.k_gksh, kv.v_gksh))
+  out_bkgth = _map_row_tiles(
+      attention,
+      row_tiles(local_groups, per_group, local_heads, t, t + s, block),
+      per_group,
+      (q_bkgth, k_bkht, v_bkht, valid_bt, kv.mask_bts),
+      (kv.k_gksh, kv.v_gksh),
+  )
   return _from_flash_layout(out_bkgth)
 
 
-def fused_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype,
-                            window: int = 0):
+def fused_context_attention(
+    q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype, window: int = 0
+):
   """`blockwise_context_attention` as one `jax.nn.dot_product_attention` over the context's
   keys (repeated for each row of a group) and the rows' own, under one explicit mask."""
   b, t = valid_bt.shape
@@ -529,8 +611,9 @@ def fused_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dty
   if window:
     seen_tt &= pos[None, :] > pos[:, None] - window
   mask_bts = jnp.concatenate([kv.mask_bts, seen_tt[None] & valid_bt[:, None, :]], axis=2)
-  return tag(jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None]),
-             FUSED_NAMES[3])
+  return tag(
+      jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None]), FUSED_NAMES[3]
+  )
 
 
 def native_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV):
@@ -538,8 +621,9 @@ def native_context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV):
   and the rows' own keys under one softmax; named as the blockwise form's for the remat policy."""
   q_btnh, k_btkh, v_btkh = _tag_all((q_btnh, k_btkh, v_btkh), FLASH_INPUTS)
   context = (kv.k_gksh, kv.v_gksh, kv.mask_bts[:, 0, :])  # without a window, the same per token
-  return cpu_attention.flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, 0, FLASH_OUTPUTS,
-                                       context)[0]
+  return cpu_attention.flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, 0, FLASH_OUTPUTS, context)[
+      0
+  ]
 
 
 def uses_native_attention(cfg) -> bool:
@@ -548,8 +632,16 @@ def uses_native_attention(cfg) -> bool:
   return jax.default_backend() == "cpu" and cpu_attention.chosen(cfg.cpu_attention, cfg.dtype)
 
 
-def context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV, dtype, window: int = 0,
-                      cpu_kernel: str = "native"):
+def context_attention(
+    q_btnh,
+    k_btkh,
+    v_btkh,
+    valid_bt,
+    kv: ContextKV,
+    dtype,
+    window: int = 0,
+    cpu_kernel: str = "native",
+):
   """Training rows after a read-only context: on CPU the native kernel (as `causal_attention`
   picks it; without a window) or two flash parts merged (`blockwise_context_attention`),
   elsewhere one fused call (`fused_context_attention`)."""
@@ -567,8 +659,9 @@ def native_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, window: int = 0):
   return cpu_attention.flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, window, FLASH_OUTPUTS)[0]
 
 
-def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0,
-                     cpu_kernel: str = "native"):
+def causal_attention(
+    q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0, cpu_kernel: str = "native"
+):
   """Self-attention over the tokens themselves, with no cache (training): causal, keys at
   padding masked, grouped-query. On CPU the native kernel (`cpu_kernel` 'native', where it
   builds and takes the dtype) or the blockwise XLA form ('xla'); elsewhere
@@ -579,14 +672,28 @@ def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window: int = 0,
     return blockwise_causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window)
   q_btnh, k_btkh, v_btkh = _fused_inputs(q_btnh, k_btkh, v_btkh, dtype)
   return tag(
-      jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=valid_bt[:, None,
-                                                                         None, :], is_causal=True,
-                                   local_window_size=(window - 1, 0) if window else None),
-      FUSED_NAMES[3])
+      jax.nn.dot_product_attention(
+          q_btnh,
+          k_btkh,
+          v_btkh,
+          mask=valid_bt[:, None, None, :],
+          is_causal=True,
+          local_window_size=(window - 1, 0) if window else None,
+      ),
+      FUSED_NAMES[3],
+  )
 
 
-def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | KeptKV | ContextKV | None, dtype,
-           window: int = 0, cpu_kernel: str = "native"):
+def attend(
+    q_btnh,
+    k_btkh,
+    v_btkh,
+    valid_bt,
+    kv: LayerKV | KeptKV | ContextKV | None,
+    dtype,
+    window: int = 0,
+    cpu_kernel: str = "native",
+):
   """Attention for one layer: with the cache's `kv`, the new keys and values are written into it
   (`cached_attention`); without one (training), tokens attend causally to themselves (`valid_bt`
   masks padding; on CPU by `cpu_kernel`, see `causal_attention`) and nothing is stored but, with
@@ -600,7 +707,7 @@ def attend(q_btnh, k_btkh, v_btkh, valid_bt, kv: LayerKV | KeptKV | ContextKV | 
   elif kv is None or isinstance(kv, KeptKV):
     out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, dtype, window, cpu_kernel)
     if kv is not None:
-      first = lambda x_btkh: jnp.swapaxes(x_btkh[:, :kv.length], 1, 2).astype(dtype)
+      first = lambda x_btkh: jnp.swapaxes(x_btkh[:, : kv.length], 1, 2).astype(dtype)
       kv = kv.replace(k_bksh=first(k_btkh), v_bksh=first(v_btkh))
   else:
     out_btnh, kv = cached_attention(q_btnh, k_btkh, v_btkh, kv, dtype)
@@ -649,6 +756,7 @@ def tag(x, name: str):
 @flax.struct.dataclass
 class _LayerContext:
   """A scanned layer's slice of a read-only training context (its mask is shared)."""
+
   k_gksh: jax.Array
   v_gksh: jax.Array
 
@@ -656,6 +764,7 @@ class _LayerContext:
 @flax.struct.dataclass
 class _LayerCache:
   """A scanned layer's slice of the cache: its own buffers and its contexts' keys/values."""
+
   k_bksh: jax.Array
   v_bksh: jax.Array
   context_k: tuple
@@ -665,6 +774,7 @@ class _LayerCache:
 class _ScannedLayer(nn.Module):
   """One block as a scan body: the block shares this module's scope, so a scanned model's
   parameters are `layers/<block's own names>` with a leading layer axis."""
+
   block_cls: type
   cfg: object
   keep_kv: int = 0  # training: keep the first tokens' keys and values (KeptKV)
@@ -673,15 +783,23 @@ class _ScannedLayer(nn.Module):
     self.block = self.block_cls(self.cfg)
     nn.share_scope(self, self.block)
 
-  def __call__(self, x_btd, positions_bt, valid_bt, shared,
-               layer: _LayerCache | _LayerContext | None):
+  def __call__(
+      self, x_btd, positions_bt, valid_bt, shared, layer: _LayerCache | _LayerContext | None
+  ):
     kv = KeptKV(self.keep_kv) if self.keep_kv else None
     if isinstance(layer, _LayerContext):
       kv = ContextKV(layer.k_gksh, layer.v_gksh, shared)
     elif layer is not None:
       index, mask_bts, context_masks = shared
-      kv = LayerKV(layer.k_bksh, layer.v_bksh, index, mask_bts, layer.context_k, layer.context_v,
-                   context_masks)
+      kv = LayerKV(
+          layer.k_bksh,
+          layer.v_bksh,
+          index,
+          mask_bts,
+          layer.context_k,
+          layer.context_v,
+          context_masks,
+      )
     x_btd, kv = self.block(x_btd, positions_bt, valid_bt, kv)
     stored = (kv.k_bksh, kv.v_bksh) if isinstance(kv, (LayerKV, KeptKV)) else None
     return constrain(x_btd, RESIDUAL), stored
@@ -691,9 +809,14 @@ def _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, shared, layer, k
   body = _ScannedLayer
   if cfg.remat != "none":
     body = nn.remat(body, policy=remat_policy(cfg.remat), prevent_cse=False)
-  scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
-                    metadata_params={nn.PARTITION_NAME: LAYERS})
+  scanned = nn.scan(
+      body,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+      length=cfg.n_layers,
+      metadata_params={nn.PARTITION_NAME: LAYERS},
+  )
   return scanned(block_cls, cfg, keep_kv, name=LAYERS)(x_btd, positions_bt, valid_bt, shared, layer)
 
 
@@ -711,8 +834,9 @@ def _per_layer_training(block_cls, cfg, x_btd, positions_bt, valid_bt, layer_kv)
   return x_btd, kvs
 
 
-def _run_after_context(block_cls, cfg, x_btd, positions_bt, valid_bt, context: Context,
-                       window: int):
+def _run_after_context(
+    block_cls, cfg, x_btd, positions_bt, valid_bt, context: Context, window: int
+):
   """Training rows after a read-only context (`ContextKV`): the layer stack, rematerialised."""
   mask_bts = context_mask(context.positions_gs, positions_bt, window)
   if cfg.scan_layers:
@@ -723,8 +847,16 @@ def _run_after_context(block_cls, cfg, x_btd, positions_bt, valid_bt, context: C
   return _per_layer_training(block_cls, cfg, x_btd, positions_bt, valid_bt, layer_kv)[0]
 
 
-def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | Context | None,
-               window: int = 0, keep_kv: int = 0):
+def run_blocks(
+    block_cls,
+    cfg,
+    x_btd,
+    positions_bt,
+    valid_bt,
+    cache: KVCache | Context | None,
+    window: int = 0,
+    keep_kv: int = 0,
+):
   """The layer stack shared by every family: `cfg.n_layers` blocks, each called as
   `block(x, positions, valid, kv)` and rematerialised by `cfg.remat`'s policy; with
   `cfg.scan_layers` one block body under `nn.scan` over stacked parameters (`layers/...`: one
@@ -742,8 +874,14 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | C
     if scan:
       x_btd, kept = _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, None, None, keep_kv)
     else:
-      x_btd, kvs = _per_layer_training(block_cls, cfg, x_btd, positions_bt, valid_bt,
-                                       lambda _: KeptKV(keep_kv) if keep_kv else None)
+      x_btd, kvs = _per_layer_training(
+          block_cls,
+          cfg,
+          x_btd,
+          positions_bt,
+          valid_bt,
+          lambda _: KeptKV(keep_kv) if keep_kv else None,
+      )
       kept = (tuple(kv.k_bksh for kv in kvs), tuple(kv.v_bksh for kv in kvs)) if keep_kv else None
     if not keep_kv:
       return x_btd, None
@@ -753,16 +891,27 @@ def run_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, cache: KVCache | C
   mask_bts = attention_mask(valid_bs, cache.index, t, window)
   context_masks = tuple(context_mask(c.positions_gs, positions_bt, window) for c in cache.context)
   if scan:
-    layer = _LayerCache(cache.keys, cache.values, tuple(c.keys for c in cache.context),
-                        tuple(c.values for c in cache.context))
-    x_btd, (keys, values) = _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt,
-                                         (cache.index, mask_bts, context_masks), layer)
+    layer = _LayerCache(
+        cache.keys,
+        cache.values,
+        tuple(c.keys for c in cache.context),
+        tuple(c.values for c in cache.context),
+    )
+    x_btd, (keys, values) = _scan_blocks(
+        block_cls, cfg, x_btd, positions_bt, valid_bt, (cache.index, mask_bts, context_masks), layer
+    )
   else:
     keys, values = [], []
     for layer in range(cfg.n_layers):
-      kv = LayerKV(cache.keys[layer], cache.values[layer], cache.index, mask_bts,
-                   tuple(c.keys[layer] for c in cache.context),
-                   tuple(c.values[layer] for c in cache.context), context_masks)
+      kv = LayerKV(
+          cache.keys[layer],
+          cache.values[layer],
+          cache.index,
+          mask_bts,
+          tuple(c.keys[layer] for c in cache.context),
+          tuple(c.values[layer] for c in cache.context),
+          context_masks,
+      )
       x_btd, kv = block_cls(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, kv)
       keys.append(kv.k_bksh)
       values.append(kv.v_bksh)
@@ -779,8 +928,9 @@ def stack_layers(params: dict, n_layers: int, stack=None) -> dict:
   one parameter at a time: `stack(path, parts)` builds each stacked array (e.g. onto its
   devices), after which that parameter's per-layer arrays are dropped, so the peak is the model
   plus one stacked parameter. Consumes `params`' per-layer subtrees."""
-  stack = stack or (lambda _, parts: np.stack(parts)
-                    if isinstance(parts[0], np.ndarray) else jnp.stack(parts))
+  stack = stack or (
+      lambda _, parts: np.stack(parts) if isinstance(parts[0], np.ndarray) else jnp.stack(parts)
+  )
   out = {k: v for k, v in params.items() if not k.startswith("layer_")}
   layers = [params[f"layer_{i}"] for i in range(n_layers)]
   stacked: dict = {}

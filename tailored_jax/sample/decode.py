@@ -5,6 +5,7 @@ and shared by all rows; then only each prompt's own tokens are prefilled per bat
 on its own at EOS or a blank line (`\\n\\n`, one token or two) and the loop ends as soon as
 every row has stopped (the release always ran the full budget).
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,6 +26,7 @@ from tailored_jax.sample.sampling import NEG_INF, SamplingConfig, choose_tokens
 class StopTables:
   """Per-token facts the loop needs, as arrays over the vocabulary (a pytree: the arrays are
   traced, the ids static)."""
+
   starts_newline_v: np.ndarray
   ends_newline_v: np.ndarray
   blank_line_v: np.ndarray
@@ -40,21 +42,23 @@ class StopTables:
     return cls(none, none, none, none, none, eos_id=-1, pad_id=pad_id)
 
   @classmethod
-  def from_tokenizer(cls, tok, vocab_size: int | None = None,
-                     blank_line: bool = True) -> "StopTables":
+  def from_tokenizer(
+      cls, tok, vocab_size: int | None = None, blank_line: bool = True
+  ) -> "StopTables":
     """Stops at EOS, and at a blank line unless `blank_line` is False. Tables span the model's
     `vocab_size` (embedding rows past the tokenizer's vocabulary are never generated)."""
     size = tok.vocab_size if vocab_size is None else vocab_size
     if size < tok.vocab_size:
-      raise ValueError(f"model vocabulary ({size}) is smaller than the tokenizer's "
-                       f"({tok.vocab_size})")
+      raise ValueError(
+          f"model vocabulary ({size}) is smaller than the tokenizer's " f"({tok.vocab_size})"
+      )
     starts, ends, blank = (np.zeros(size, bool) for _ in range(3))
     if blank_line:
       for table, values in zip((starts, ends, blank), tok.newline_tables()):
-        table[:tok.vocab_size] = values
+        table[: tok.vocab_size] = values
     never = np.zeros(size, bool)
     never[[tok.pad_id, tok.bos_id]] = True
-    never[tok.vocab_size:] = True
+    never[tok.vocab_size :] = True
     never[tok.eos_id] = False  # some models pad with their EOS
     special = np.zeros(size, bool)
     special[tok.special_ids] = True
@@ -65,6 +69,7 @@ class StopTables:
 class DecodeState:
   """The while-loop carry: `tokens_nm` holds what each row generated so far (pad after it
   stopped), `logits_nv` the next-token logits, `prev_n` each row's last token."""
+
   step: jax.Array
   cache: KVCache
   logits_nv: jax.Array
@@ -79,14 +84,31 @@ def prefill_prefix(params, prefix_p, *, model) -> Context:
   cfg = model.cfg
   p = prefix_p.shape[0]
   cache = KVCache.zeros(cfg.n_layers, 1, p, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
-  _, _, cache = model.apply({"params": params}, prefix_p[None],
-                            jnp.arange(p)[None], jnp.ones((1, p), bool), cache, with_logits=False)
+  _, _, cache = model.apply(
+      {"params": params},
+      prefix_p[None],
+      jnp.arange(p)[None],
+      jnp.ones((1, p), bool),
+      cache,
+      with_logits=False,
+  )
   return cache.as_context(jnp.arange(p)[None])
 
 
-def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables,
-             prefix: Context | None = None, *, model, max_new_tokens: int, num_samples: int,
-             sampling: SamplingConfig, rows: NamedSharding | None = None):
+def generate(
+    params,
+    prompt_bp,
+    prompt_valid_bp,
+    rng,
+    tables: StopTables,
+    prefix: Context | None = None,
+    *,
+    model,
+    max_new_tokens: int,
+    num_samples: int,
+    sampling: SamplingConfig,
+    rows: NamedSharding | None = None,
+):
   """Returns (tokens [B*k, max_new_tokens] padded with pad_id, lengths [B*k]).
 
   Row b*k + j is sample j of prompt b. Prompts are left-padded; with a shared `prefix` they are
@@ -103,18 +125,27 @@ def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables,
   offset = 0 if prefix is None else prefix.length
   positions_bp = offset + jnp.maximum(jnp.cumsum(prompt_valid_bp, axis=1) - 1, 0)
   prompt_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, dtype, context)
-  _, hidden_bpd, prompt_cache = model.apply({"params": params}, prompt_bp, positions_bp,
-                                            prompt_valid_bp, prompt_cache, with_logits=False)
+  _, hidden_bpd, prompt_cache = model.apply(
+      {"params": params}, prompt_bp, positions_bp, prompt_valid_bp, prompt_cache, with_logits=False
+  )
   last_logits_bv = head_logits(params, hidden_bpd[:, -1:], cfg)[:, 0]
   n = b * num_samples
-  cache = KVCache.zeros(cfg.n_layers, n, max_new_tokens, cfg.n_kv_heads, cfg.head_dim, dtype,
-                        context + (prompt_cache.as_context(positions_bp),))
+  cache = KVCache.zeros(
+      cfg.n_layers,
+      n,
+      max_new_tokens,
+      cfg.n_kv_heads,
+      cfg.head_dim,
+      dtype,
+      context + (prompt_cache.as_context(positions_bp),),
+  )
   if rng.ndim == 1:
     keys_n = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(n))
   else:
     keys_n = rng.reshape(n, rng.shape[-1])
   next_position_n = offset + jnp.repeat(
-      jnp.sum(prompt_valid_bp, axis=1).astype(jnp.int32), num_samples)
+      jnp.sum(prompt_valid_bp, axis=1).astype(jnp.int32), num_samples
+  )
 
   def cond(s: DecodeState):
     return (s.step < max_new_tokens) & ~jnp.all(s.done_n)
@@ -126,28 +157,44 @@ def generate(params, prompt_bp, prompt_valid_bp, rng, tables: StopTables,
     token_n = choose_tokens(logits_nv, step_keys_n, sampling, rows)
     token_n = jnp.where(s.done_n, tables.pad_id, token_n)
     tokens_nm = jax.lax.dynamic_update_slice_in_dim(s.tokens_nm, token_n[:, None], s.step, axis=1)
-    stops_n = ((token_n == tables.eos_id) | tables.blank_line_v[token_n]
-               | (tables.ends_newline_v[s.prev_n] & tables.starts_newline_v[token_n]))
+    stops_n = (
+        (token_n == tables.eos_id)
+        | tables.blank_line_v[token_n]
+        | (tables.ends_newline_v[s.prev_n] & tables.starts_newline_v[token_n])
+    )
     positions_n1 = (next_position_n + s.step)[:, None]
-    logits_n1v, _, cache = model.apply({"params": params}, token_n[:, None], positions_n1,
-                                       (~s.done_n)[:, None], s.cache)
-    return DecodeState(step=s.step + 1, cache=cache, logits_nv=logits_n1v[:, 0],
-                       tokens_nm=tokens_nm, done_n=s.done_n | stops_n, prev_n=token_n,
-                       lengths_n=s.lengths_n + (~s.done_n).astype(jnp.int32))
+    logits_n1v, _, cache = model.apply(
+        {"params": params}, token_n[:, None], positions_n1, (~s.done_n)[:, None], s.cache
+    )
+    return DecodeState(
+        step=s.step + 1,
+        cache=cache,
+        logits_nv=logits_n1v[:, 0],
+        tokens_nm=tokens_nm,
+        done_n=s.done_n | stops_n,
+        prev_n=token_n,
+        lengths_n=s.lengths_n + (~s.done_n).astype(jnp.int32),
+    )
 
-  start = DecodeState(step=jnp.zeros((), jnp.int32), cache=cache,
-                      logits_nv=jnp.repeat(last_logits_bv, num_samples, axis=0), tokens_nm=jnp.full(
-                          (n, max_new_tokens), tables.pad_id, jnp.int32), done_n=jnp.zeros(
-                              (n,), bool), prev_n=jnp.full((n,), tables.pad_id, jnp.int32),
-                      lengths_n=jnp.zeros((n,), jnp.int32))
+  start = DecodeState(
+      step=jnp.zeros((), jnp.int32),
+      cache=cache,
+      logits_nv=jnp.repeat(last_logits_bv, num_samples, axis=0),
+      tokens_nm=jnp.full((n, max_new_tokens), tables.pad_id, jnp.int32),
+      done_n=jnp.zeros((n,), bool),
+      prev_n=jnp.full((n,), tables.pad_id, jnp.int32),
+      lengths_n=jnp.zeros((n,), jnp.int32),
+  )
   end = jax.lax.while_loop(cond, body, start)
   return end.tokens_nm, end.lengths_n
 
 
 def _check_per_layer(params) -> None:
   if is_stacked(params):
-    raise ValueError("decoding takes per-layer weights; convert a scanned model's stacked ones "
-                     "with models.layers.unstack_layers")
+    raise ValueError(
+        "decoding takes per-layer weights; convert a scanned model's stacked ones "
+        "with models.layers.unstack_layers"
+    )
 
 
 class Decoder:
@@ -172,14 +219,31 @@ class Decoder:
     self._shapes.add(("prefix", prefix_p.shape))
     return self._prefill(params, prefix_p)
 
-  def __call__(self, params, prompt_bp, prompt_valid_bp, rng, *, max_new_tokens: int,
-               num_samples: int, sampling: SamplingConfig, prefix: Context | None = None,
-               rows: NamedSharding | None = None):
+  def __call__(
+      self,
+      params,
+      prompt_bp,
+      prompt_valid_bp,
+      rng,
+      *,
+      max_new_tokens: int,
+      num_samples: int,
+      sampling: SamplingConfig,
+      prefix: Context | None = None,
+      rows: NamedSharding | None = None,
+  ):
     _check_per_layer(params)
     key = (max_new_tokens, num_samples, sampling, rows)
     if key not in self._jitted:
       self._jitted[key] = jax.jit(
-          functools.partial(generate, model=self.model, max_new_tokens=max_new_tokens,
-                            num_samples=num_samples, sampling=sampling, rows=rows))
+          functools.partial(
+              generate,
+              model=self.model,
+              max_new_tokens=max_new_tokens,
+              num_samples=num_samples,
+              sampling=sampling,
+              rows=rows,
+          )
+      )
     self._shapes.add(key + (prompt_bp.shape, rng.shape, None if prefix is None else prefix.length))
     return self._jitted[key](params, prompt_bp, prompt_valid_bp, rng, self._arrays, prefix)

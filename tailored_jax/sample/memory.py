@@ -1,5 +1,6 @@
 """How many prompts a decode batch can hold: the KV cache and per-step buffers a row needs, against
 a memory budget (the device's free memory, or host RAM on CPU). Pure arithmetic, plus one probe."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class DecodeMemory:
   """Bytes one prompt of a decode batch needs on a device, by part."""
+
   kv_cache: int  # its k rows' own slots (prompt after the shared prefix + new tokens), all layers
   step: int  # per generated token: logits, attention scores, activations (k rows)
   prefill: int  # prefilling its own prompt tokens: attention scores and MLP activations
@@ -21,19 +23,21 @@ class DecodeMemory:
     return self.kv_cache + max(self.step, self.prefill)
 
 
-def decode_memory(cfg, prompt_slots: int, max_new_tokens: int, num_samples: int,
-                  shared_prefix: int = 0) -> DecodeMemory:
+def decode_memory(
+    cfg, prompt_slots: int, max_new_tokens: int, num_samples: int, shared_prefix: int = 0
+) -> DecodeMemory:
   """What one prompt (its `num_samples` rows) needs: float32 scores and logits, the model's
   dtype for keys, values and activations. `prompt_slots` excludes the shared prefix."""
   item = np.dtype(cfg.dtype).itemsize
   slots = prompt_slots + max_new_tokens
   seen = shared_prefix + slots
   kv = 2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * item
-  step = 4 * cfg.vocab_size * 3 + 4 * cfg.n_heads * seen * 2 + item * (cfg.d_ff * 3
-                                                                       + cfg.d_model * 4)
-  prefill = (4 * cfg.n_heads * prompt_slots *
-             (shared_prefix + prompt_slots) * 2 + item * prompt_slots *
-             (cfg.d_ff * 3 + cfg.d_model * 4))
+  step = (
+      4 * cfg.vocab_size * 3 + 4 * cfg.n_heads * seen * 2 + item * (cfg.d_ff * 3 + cfg.d_model * 4)
+  )
+  prefill = 4 * cfg.n_heads * prompt_slots * (
+      shared_prefix + prompt_slots
+  ) * 2 + item * prompt_slots * (cfg.d_ff * 3 + cfg.d_model * 4)
   return DecodeMemory(kv_cache=kv * num_samples, step=step * num_samples, prefill=prefill)
 
 

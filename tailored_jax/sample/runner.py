@@ -1,4 +1,5 @@
 """Host side of generation: tokenise prompts, bucket and batch them, decode, report rates."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,8 @@ def left_pad(rows: list[list[int]], length: int, batch: int, pad_id: int):
   valid = np.zeros((batch, length), bool)
   for i, ids in enumerate(rows):
     ids = ids[-length:]
-    tokens[i, length - len(ids):] = ids
-    valid[i, length - len(ids):] = True
+    tokens[i, length - len(ids) :] = ids
+    valid[i, length - len(ids) :] = True
   return tokens, valid
 
 
@@ -46,10 +47,24 @@ def shared_prefix_length(encoded: list[list[int]]) -> int:
   return max(0, min(len(common), min(len(ids) for ids in encoded) - 1))
 
 
-def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, mesh,
-                   num_samples: int, sampling: SamplingConfig, max_new_tokens: int, batch_size: int,
-                   rng, label: str, bucket: int = 32, share_prefix: bool = True,
-                   decode_layout: str = "train", memory_budget_bytes: int = 0) -> list[list[str]]:
+def generate_texts(
+    decoder: Decoder,
+    params,
+    tokenizer,
+    prompts: list[str],
+    *,
+    mesh,
+    num_samples: int,
+    sampling: SamplingConfig,
+    max_new_tokens: int,
+    batch_size: int,
+    rng,
+    label: str,
+    bucket: int = 32,
+    share_prefix: bool = True,
+    decode_layout: str = "train",
+    memory_budget_bytes: int = 0,
+) -> list[list[str]]:
   """`num_samples` continuations per prompt, as text (special tokens dropped).
 
   With `share_prefix`, the tokens every prompt starts with (a task's few-shot demos) are
@@ -70,8 +85,13 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
   else:
     shared = 0
   compilations_before = decoder.compilations
-  need = memory.decode_memory(decoder.model.cfg, round_up(max(len(ids) for ids in encoded), bucket),
-                              max_new_tokens, num_samples, shared)
+  need = memory.decode_memory(
+      decoder.model.cfg,
+      round_up(max(len(ids) for ids in encoded), bucket),
+      max_new_tokens,
+      num_samples,
+      shared,
+  )
   row_axes = sharding.decode_row_axes(decode_layout, jax.tree.map(lambda x: x.sharding, params))
   rows = sharding.decode_batch_sharding(mesh, 2, row_axes)
   row_shards = int(np.prod([mesh.shape[axis] for axis in row_axes]))
@@ -89,7 +109,8 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
       requested,
       need.total / 2**20,
       need.kv_cache / 2**20,
-      budget / 2**20)
+      budget / 2**20,
+  )
   order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
   outputs: list[list[str]] = [[] for _ in prompts]
   start = time.time()
@@ -97,28 +118,45 @@ def generate_texts(decoder: Decoder, params, tokenizer, prompts: list[str], *, m
   rows_done = 0
   progress = Progress(label, len(prompts), "prompts")
   for at in range(0, len(order), batch_size):
-    chunk = order[at:at + batch_size]
+    chunk = order[at : at + batch_size]
     length = round_up(max(len(encoded[i]) for i in chunk), bucket)
     tokens, valid = left_pad([encoded[i] for i in chunk], length, batch_size, tokenizer.pad_id)
     put = lambda a: sharding.put_global(a, sharding.decode_batch_sharding(mesh, a.ndim, row_axes))
     hashes = np.zeros((batch_size,), np.uint32)
-    hashes[:len(chunk)] = [prompt_hash(prompts[i]) for i in chunk]
+    hashes[: len(chunk)] = [prompt_hash(prompts[i]) for i in chunk]
     keys = np.asarray(_sample_keys(rng, hashes, num_samples))
-    out, lengths = decoder(params, put(tokens), put(valid), put(keys),
-                           max_new_tokens=max_new_tokens, num_samples=num_samples,
-                           sampling=sampling, prefix=prefix, rows=rows)
+    out, lengths = decoder(
+        params,
+        put(tokens),
+        put(valid),
+        put(keys),
+        max_new_tokens=max_new_tokens,
+        num_samples=num_samples,
+        sampling=sampling,
+        prefix=prefix,
+        rows=rows,
+    )
     out, lengths = sharding.to_host(out), sharding.to_host(lengths)
     texts = tokenizer.decode_batch([row[:n] for row, n in zip(out, lengths)])
     for j, i in enumerate(chunk):
-      outputs[i] = texts[j * num_samples:(j + 1) * num_samples]
-    generated_tokens += int(lengths[:len(chunk) * num_samples].sum())
+      outputs[i] = texts[j * num_samples : (j + 1) * num_samples]
+    generated_tokens += int(lengths[: len(chunk) * num_samples].sum())
     rows_done += len(chunk) * num_samples
-    progress.update(len(chunk),
-                    tokens_per_s=f"{generated_tokens / max(time.time() - start, 1e-9):.0f}")
+    progress.update(
+        len(chunk), tokens_per_s=f"{generated_tokens / max(time.time() - start, 1e-9):.0f}"
+    )
   progress.close()
   elapsed = max(time.time() - start, 1e-9)
   logging.info(
       "%s: %d sequences, %d tokens in %.1fs (%.1f seq/s, %.0f tokens/s); shared prefix %d tokens, "
-      "%d new compilations", label, rows_done, generated_tokens, elapsed, rows_done / elapsed,
-      generated_tokens / elapsed, shared, decoder.compilations - compilations_before)
+      "%d new compilations",
+      label,
+      rows_done,
+      generated_tokens,
+      elapsed,
+      rows_done / elapsed,
+      generated_tokens / elapsed,
+      shared,
+      decoder.compilations - compilations_before,
+  )
   return outputs

@@ -1,4 +1,5 @@
 """Next-token choice from logits: greedy, or temperature with top-k and top-p (pure)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,9 @@ class SamplingConfig:
 
   def __post_init__(self):
     if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, "
-                       f"0 < top_p <= 1")
+      raise ValueError(
+          f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, " f"0 < top_p <= 1"
+      )
 
 
 def nucleus(sorted_logits_bj, top_p: float):
@@ -54,7 +56,8 @@ def top_k(logits_bv, k: int, rows: NamedSharding | None = None):
   spec = PartitionSpec(rows.spec[0])
   per_device = lambda x_bv: tuple(jax.lax.top_k(x_bv, k))
   return tuple(
-      jax.shard_map(per_device, mesh=rows.mesh, in_specs=spec, out_specs=(spec, spec))(logits_bv))
+      jax.shard_map(per_device, mesh=rows.mesh, in_specs=spec, out_specs=(spec, spec))(logits_bv)
+  )
 
 
 def greedy_tokens(logits_bv):
@@ -85,5 +88,6 @@ def sample_keys(rng, prompt_hashes_b, num_samples: int):
   """Keys [B, k, 2]: sample j of the prompt with hash h draws from fold_in(fold_in(rng, h), j),
   a function of (prompt, sample) alone, never of the batch a prompt lands in."""
   per_prompt = jax.vmap(lambda h: jax.random.fold_in(rng, h))(prompt_hashes_b)
-  return jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))
-                  (jnp.arange(num_samples)))(per_prompt)
+  return jax.vmap(
+      lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num_samples))
+  )(per_prompt)

@@ -4,6 +4,7 @@ Import reads config.json and (sharded) safetensors tensor by tensor, so a model 
 memory streams onto the mesh one parameter at a time; export writes config.json and
 model.safetensors that `transformers` loads.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,10 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LlamaConfig |
   """Our config and the HF model_type, from an HF config dict."""
   model_type = hf.get("model_type")
   if model_type not in _BY_MODEL_TYPE:
-    raise ModelImportError(f"{source}: model_type {model_type!r} is not supported; "
-                           f"supported: {', '.join(SUPPORTED)}")
+    raise ModelImportError(
+        f"{source}: model_type {model_type!r} is not supported; "
+        f"supported: {', '.join(SUPPORTED)}"
+    )
   try:
     return _BY_MODEL_TYPE[model_type].from_hf_config(hf, model_type), model_type
   except KeyError as e:
@@ -51,8 +54,11 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LlamaConfig |
 
 def hf_config(cfg, model_type: str, bos_id: int | None, eos_id: int | None) -> dict:
   return dict(
-      family(cfg).to_hf_config(cfg, model_type), torch_dtype="float32", bos_token_id=bos_id,
-      eos_token_id=eos_id)
+      family(cfg).to_hf_config(cfg, model_type),
+      torch_dtype="float32",
+      bos_token_id=bos_id,
+      eos_token_id=eos_id,
+  )
 
 
 def tensor_table(cfg) -> dict[str, HFTensor]:
@@ -85,14 +91,18 @@ def safetensors_files(directory: str) -> list[str]:
 def iter_hf_tensors(directory: str) -> Iterator[tuple[str, str, np.ndarray]]:
   """(file, name, float32 array) for every tensor, read one at a time."""
   from safetensors import safe_open
+
   for path in safetensors_files(directory):
     with safe_open(path, framework="numpy") as f:
       for name in f.keys():
         yield path, name, np.asarray(f.get_tensor(name), np.float32)
 
 
-def load_params(tensors: Iterator[tuple[str, str, np.ndarray]], cfg,
-                place: Callable[[tuple[str, ...], np.ndarray], object] = lambda path, a: a) -> dict:
+def load_params(
+    tensors: Iterator[tuple[str, str, np.ndarray]],
+    cfg,
+    place: Callable[[tuple[str, ...], np.ndarray], object] = lambda path, a: a,
+) -> dict:
   """Our param tree from HF-named tensors; `place` puts each onto devices as it is converted.
 
   Unknown tensors, shape mismatches and missing tensors each raise naming the file and tensor.
@@ -101,16 +111,21 @@ def load_params(tensors: Iterator[tuple[str, str, np.ndarray]], cfg,
   params: dict = {}
   seen = set()
   for source, name, array in tensors:
-    if (name.endswith("rotary_emb.inv_freq") or name.endswith("attn.bias") or
-        name.endswith("attn.masked_bias") or
-        (getattr(cfg, "tie_embeddings", False) and name == "lm_head.weight")):
+    if (
+        name.endswith("rotary_emb.inv_freq")
+        or name.endswith("attn.bias")
+        or name.endswith("attn.masked_bias")
+        or (getattr(cfg, "tie_embeddings", False) and name == "lm_head.weight")
+    ):
       continue
     if name not in expected:
       raise ModelImportError(f"{source}: unexpected tensor {name!r} for this architecture")
     entry = expected[name]
     if tuple(array.shape) != entry.hf_shape:
-      raise ModelImportError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, config "
-                             f"says {entry.hf_shape}")
+      raise ModelImportError(
+          f"{source}: tensor {name!r} has shape {tuple(array.shape)}, config "
+          f"says {entry.hf_shape}"
+      )
     tree_set(params, entry.path, place(entry.path, np.ascontiguousarray(entry.to_ours(array))))
     seen.add(name)
   missing = sorted(set(expected) - seen)
@@ -119,11 +134,19 @@ def load_params(tensors: Iterator[tuple[str, str, np.ndarray]], cfg,
   return params
 
 
-def save_hf_dir(directory: str, params, cfg, model_type: str = "llama", bos_id: int | None = None,
-                eos_id: int | None = None) -> None:
+def save_hf_dir(
+    directory: str,
+    params,
+    cfg,
+    model_type: str = "llama",
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+) -> None:
   from safetensors.numpy import save_file
+
   os.makedirs(directory, exist_ok=True)
-  save_file(to_hf(params, cfg), os.path.join(directory, "model.safetensors"),
-            metadata={"format": "pt"})
+  save_file(
+      to_hf(params, cfg), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"}
+  )
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hf_config(cfg, model_type, bos_id, eos_id), f, indent=2)

@@ -1,5 +1,6 @@
 """Load a student from any source the tools accept: an HF directory, a GGUF file, or a
 tailored_jax round checkpoint (`WORKDIR/checkpoints/round_R`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,9 @@ def load_student(src: str) -> Student:
     pretrained = open_pretrained(src)
     model = model_for(pretrained.cfg)
     params = jax.tree.map(jnp.asarray, pretrained.load_params())
-    return Student(model, params, pretrained.tokenizer, pretrained.model_type,
-                   pretrained.chat_template)
+    return Student(
+        model, params, pretrained.tokenizer, pretrained.model_type, pretrained.chat_template
+    )
   with open(layout.config) as f:
     cfg = config_lib.from_saved(json.load(f))
   tokenizer = Tokenizer.load(layout.tokenizer)
@@ -56,5 +58,10 @@ def load_student(src: str) -> Student:
   except checkpointing.CheckpointError as e:
     raise ModelImportError(str(e)) from e
   model, params = for_decoding(model), unstack_layers(params)
-  return Student(model, params, tokenizer, pretrained.model_type if pretrained else "llama",
-                 pretrained.chat_template if pretrained else None)
+  return Student(
+      model,
+      params,
+      tokenizer,
+      pretrained.model_type if pretrained else "llama",
+      pretrained.chat_template if pretrained else None,
+  )

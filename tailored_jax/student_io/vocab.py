@@ -1,5 +1,6 @@
 """A pad token for vocabularies without one (GPT-2 BPE, as GPT-J uses), added as the release did,
 with its embedding and LM-head rows set to the mean of the existing rows (METHOD §4)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ first, paired by seed and by test question. Seeds are each config's own seed + 0
 task's splits do not depend on them, so runs are paired by question. Run logs show with
 --verbosity=1.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,14 +42,17 @@ def main(argv):
   from tailored_jax import config_lib
   from tailored_jax import workdir as wd
   from tailored_jax.study import report, runs
+
   names = [runs.config_name(p) for p in _CONFIGS.value]
   if len(set(names)) != len(names):
     sys.exit(f"error: config file names must differ (they name the run folders): {names}")
   args_path = os.path.join(_WORKDIR.value, "study_args.json")
   current = {"configs": _CONFIGS.value, "overrides": overrides}
   if os.path.exists(args_path) and wd.read_json(args_path) != current:
-    sys.exit(f"error: {_WORKDIR.value} holds a study of {wd.read_json(args_path)}; this command "
-             f"asks for {current} (use another --workdir)")
+    sys.exit(
+        f"error: {_WORKDIR.value} holds a study of {wd.read_json(args_path)}; this command "
+        f"asks for {current} (use another --workdir)"
+    )
   try:
     base_seeds = {}
     for path in _CONFIGS.value:

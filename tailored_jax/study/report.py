@@ -1,4 +1,5 @@
 """A study's aggregates from its runs' outputs: study.json, the study.md table and study.png."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,14 @@ from tailored_jax.layout import Layout
 from tailored_jax.study import stats
 from tailored_jax.study.runs import Run, read_summary
 
-PER_ROUND = ("val_accuracy", "test_accuracy", "teacher_requests", "teacher_tokens",
-             "optimizer_steps", "seconds")
+PER_ROUND = (
+    "val_accuracy",
+    "test_accuracy",
+    "teacher_requests",
+    "teacher_tokens",
+    "optimizer_steps",
+    "seconds",
+)
 
 
 def test_outcomes(run: Run, round_index: int) -> dict[str, bool]:
@@ -41,17 +48,21 @@ def aggregate(runs: list[Run]) -> dict:
       per_round.append(row)
     final = [records[-1] for records in summaries.values()]
     configs[name] = {
-        "config": members[0].config_path, "seeds": [run.seed for run in members],
-        "runs": {str(seed): records for seed, records in summaries.items()}, "per_round": per_round,
+        "config": members[0].config_path,
+        "seeds": [run.seed for run in members],
+        "runs": {str(seed): records for seed, records in summaries.items()},
+        "per_round": per_round,
         "final": {
             "round": stats.mean_interval([r["round"] for r in final]),
             "test_accuracy": stats.mean_interval([r["test_accuracy"] for r in final]),
             "val_accuracy": stats.mean_interval([r["val_accuracy"] for r in final]),
             "teacher_tokens": stats.mean_interval(
-                [sum(x["teacher_tokens"] for x in records) for records in summaries.values()]),
+                [sum(x["teacher_tokens"] for x in records) for records in summaries.values()]
+            ),
             "wall_seconds": stats.mean_interval(
-                [sum(x["seconds"] for x in records) for records in summaries.values()]),
-        }
+                [sum(x["seconds"] for x in records) for records in summaries.values()]
+            ),
+        },
     }
   names = list(by_config)
   comparisons = {}
@@ -77,7 +88,7 @@ def compare(first: list[Run], second: list[Run]) -> dict:
     b_right += [b_out[q] for q in sorted(a_out)]
   return {
       "test_accuracy_difference": stats.paired_difference(a_acc, b_acc),
-      "per_question": stats.mcnemar_exact(a_right, b_right)
+      "per_question": stats.mcnemar_exact(a_right, b_right),
   }
 
 
@@ -88,8 +99,10 @@ def _value(records: list[dict], round_index: int, field: str):
 
 
 def _pct(interval: dict) -> str:
-  return (f"{100 * interval['mean']:.1f} [{100 * interval['low']:.1f}, "
-          f"{100 * interval['high']:.1f}]")
+  return (
+      f"{100 * interval['mean']:.1f} [{100 * interval['low']:.1f}, "
+      f"{100 * interval['high']:.1f}]"
+  )
 
 
 def _num(interval: dict) -> str:
@@ -100,7 +113,8 @@ def markdown(result: dict) -> str:
   """The study table: per config and round, then the paired comparisons."""
   lines = [
       "| config | round | seeds | val acc % [95% CI] | test acc % [95% CI] | teacher requests | "
-      "teacher tokens | optimizer steps | seconds |", "|---|---|---|---|---|---|---|---|---|"
+      "teacher tokens | optimizer steps | seconds |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   for name, c in result["configs"].items():
     for row in c["per_round"]:
@@ -117,17 +131,21 @@ def markdown(result: dict) -> str:
       ]
       lines.append("| " + " | ".join(cells) + " |")
   lines += [
-      "", f"Final round against `{result['baseline']}` (test accuracy; seeds paired in order; "
-      "per-question test pooled over the seeds' test questions):", "",
+      "",
+      f"Final round against `{result['baseline']}` (test accuracy; seeds paired in order; "
+      "per-question test pooled over the seeds' test questions):",
+      "",
       "| config | mean difference, points [95% CI] | discordant questions (baseline only / "
-      "this only) | p-value | test |", "|---|---|---|---|---|"
+      "this only) | p-value | test |",
+      "|---|---|---|---|---|",
   ]
   for name, comparison in result["comparisons"].items():
     d, q = comparison["test_accuracy_difference"], comparison["per_question"]
     lines.append(
         f"| {name} | {100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
         f" | {q['only_first_right']} / {q['only_second_right']} | {q['p_value']:.3g} | "
-        f"{q['test']} |")
+        f"{q['test']} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -135,19 +153,30 @@ def plot(path: str, result: dict) -> None:
   """Test accuracy per round with 95% bands per config; beside it, accuracy against cumulative
   teacher tokens (the cost view)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, (by_round, by_cost) = plt.subplots(1, 2, figsize=(11, 4))
   for name, c in result["configs"].items():
     rows = [r for r in c["per_round"] if "test_accuracy" in r]
     x = [r["round"] for r in rows]
     mean = [100 * r["test_accuracy"]["mean"] for r in rows]
-    line, = by_round.plot(x, mean, marker="o", label=name)
-    by_round.fill_between(x, [100 * r["test_accuracy"]["low"] for r in rows],
-                          [100 * r["test_accuracy"]["high"] for r in rows], alpha=0.2,
-                          color=line.get_color())
-    by_cost.plot([r["cumulative_teacher_tokens"]["mean"] for r in rows], mean, marker="o",
-                 color=line.get_color(), label=name)
+    (line,) = by_round.plot(x, mean, marker="o", label=name)
+    by_round.fill_between(
+        x,
+        [100 * r["test_accuracy"]["low"] for r in rows],
+        [100 * r["test_accuracy"]["high"] for r in rows],
+        alpha=0.2,
+        color=line.get_color(),
+    )
+    by_cost.plot(
+        [r["cumulative_teacher_tokens"]["mean"] for r in rows],
+        mean,
+        marker="o",
+        color=line.get_color(),
+        label=name,
+    )
   by_round.set_xlabel("round")
   by_round.set_ylabel("test accuracy (%), mean and 95% interval over seeds")
   by_cost.set_xlabel("cumulative teacher tokens (mean over seeds)")

@@ -1,4 +1,5 @@
 """Running a study's (config, seed) pairs as ordinary, resumable runs, one at a time."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from tailored_jax.layout import Layout
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One (config, seed) of a study and where it lives."""
+
   config_path: str
   seed: int
   workdir: str
@@ -29,8 +31,9 @@ def config_name(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def plan(config_paths: list[str], seeds: int, study_dir: str, base_seeds: dict[str,
-                                                                               int]) -> list[Run]:
+def plan(
+    config_paths: list[str], seeds: int, study_dir: str, base_seeds: dict[str, int]
+) -> list[Run]:
   """Every (config, seed): seeds are the config's own seed + 0..seeds-1, so seed 0 of a study is
   the config's ordinary run; runs live in DIR/<config>/seed_<seed>/."""
   runs = []
@@ -75,8 +78,13 @@ def run_all(runs: list[Run], overrides: list[str], quiet: bool = True) -> int:
       root.setLevel(level)
     started += 1
     last = records[-1] if records else {}
-    logging.warning("%s: done in %.0fs, %d rounds, test accuracy %s", label,
-                    time.time() - start, len(records), last.get("test_accuracy"))
+    logging.warning(
+        "%s: done in %.0fs, %d rounds, test accuracy %s",
+        label,
+        time.time() - start,
+        len(records),
+        last.get("test_accuracy"),
+    )
   return started
 
 

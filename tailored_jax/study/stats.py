@@ -1,5 +1,6 @@
 """The statistics a study reports, as pure functions: means with Student-t intervals over seeds,
 paired differences, and McNemar's exact test on per-question outcomes."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ def mean_interval(values: list[float], level: float = 0.95) -> dict:
   mean = sum(values) / n
   if n < 2:
     return {"mean": mean, "low": mean, "high": mean, "n": n, "sd": 0.0}
-  sd = math.sqrt(sum((v - mean)**2 for v in values) / (n - 1))
+  sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
   half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
   return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "sd": sd}
 
@@ -35,6 +36,9 @@ def mcnemar_exact(a_right: list[bool], b_right: list[bool]) -> dict:
   discordant = only_a + only_b
   p = 1.0 if discordant == 0 else stats.binomtest(only_b, discordant, 0.5).pvalue
   return {
-      "test": "McNemar exact (two-sided binomial on discordant pairs)", "pairs": len(a_right),
-      "only_first_right": only_a, "only_second_right": only_b, "p_value": float(p)
+      "test": "McNemar exact (two-sided binomial on discordant pairs)",
+      "pairs": len(a_right),
+      "only_first_right": only_a,
+      "only_second_right": only_b,
+      "p_value": float(p),
   }

@@ -9,6 +9,7 @@ command pays for nothing twice and retries only what failed. That cache is also 
 `teacher.kind=replay` can answer from. The API key is read from the environment variable named
 by --api-key-env and never printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,14 @@ def read_requests(path: str, defaults: dict) -> list[tuple[str, ChatRequest]]:
       messages = record.get("messages")
       if messages is None and isinstance(record.get("prompt"), str):
         messages = [{"role": "user", "content": record["prompt"]}]
-      if not (isinstance(messages, list) and messages and
-              all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-        raise ValueError(f"{where}: field 'messages' must be a list of {{role, content}} "
-                         "(or give 'prompt')")
+      if not (
+          isinstance(messages, list)
+          and messages
+          and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+      ):
+        raise ValueError(
+            f"{where}: field 'messages' must be a list of {{role, content}} " "(or give 'prompt')"
+        )
       options = {k: record.get(k, defaults[k]) for k in ("n", "temperature", "max_tokens")}
       out.append((rid, ChatRequest(messages, **options)))
   return out
@@ -68,8 +73,9 @@ def finished_ids(path: str) -> set[str]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--requests", required=True)
   parser.add_argument("--results", required=True)
   parser.add_argument("--base-url", required=True)
@@ -92,8 +98,8 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   try:
     todo = read_requests(
-        args.requests,
-        {"n": args.n, "temperature": args.temperature, "max_tokens": args.max_tokens})
+        args.requests, {"n": args.n, "temperature": args.temperature, "max_tokens": args.max_tokens}
+    )
     price = parse_prices(args.prices).get(args.model)
     if args.max_cost and price is None:
       raise ValueError(f"--max-cost needs the price of {args.model!r} in --prices")
@@ -101,15 +107,26 @@ def main(argv=None) -> int:
     sys.exit(f"error: {e}")
   done = finished_ids(args.results)
   todo = [(rid, request) for rid, request in todo if rid not in done]
-  logging.info("%d requests to send (%d already answered in %s)", len(todo), len(done),
-               args.results)
+  logging.info(
+      "%d requests to send (%d already answered in %s)", len(todo), len(done), args.results
+  )
   cache = ReplyCache(args.results + ".cache.jsonl", CACHE_VERSION)
-  client = ChatClient(args.base_url, args.model, api_key=os.environ.get(args.api_key_env, ""),
-                      cache=cache, max_concurrency=args.max_concurrency,
-                      max_retries=args.max_retries, timeout_s=args.timeout_s,
-                      requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
-                      supports_n=not args.no_n, max_requests=args.max_requests,
-                      max_total_tokens=args.max_tokens_total, max_cost=args.max_cost, price=price)
+  client = ChatClient(
+      args.base_url,
+      args.model,
+      api_key=os.environ.get(args.api_key_env, ""),
+      cache=cache,
+      max_concurrency=args.max_concurrency,
+      max_retries=args.max_retries,
+      timeout_s=args.timeout_s,
+      requests_per_minute=args.rpm,
+      tokens_per_minute=args.tpm,
+      supports_n=not args.no_n,
+      max_requests=args.max_requests,
+      max_total_tokens=args.max_tokens_total,
+      max_cost=args.max_cost,
+      price=price,
+  )
   failed = [0]
   os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
   with open(args.results, "a") as out, Progress("teacher", len(todo), "requests") as progress:
@@ -120,22 +137,36 @@ def main(argv=None) -> int:
       os.fsync(out.fileno())
 
     def on_reply(i, reply):
-      write({
-          "id": todo[i][0], "texts": reply.texts, "finish_reasons": reply.finish_reasons, "usage": {
-              "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens
-          }, "cached": reply.cached
-      })
-      progress.update(1, failed=failed[0], tokens=client.budget.tokens,
-                      cost=f"{client.budget.cost:.4f}")
+      write(
+          {
+              "id": todo[i][0],
+              "texts": reply.texts,
+              "finish_reasons": reply.finish_reasons,
+              "usage": {
+                  "prompt_tokens": reply.prompt_tokens,
+                  "completion_tokens": reply.completion_tokens,
+              },
+              "cached": reply.cached,
+          }
+      )
+      progress.update(
+          1, failed=failed[0], tokens=client.budget.tokens, cost=f"{client.budget.cost:.4f}"
+      )
 
     results, usage = client.run([request for _, request in todo], on_reply=on_reply)
     for (rid, _), result in zip(todo, results):
       if isinstance(result, TeacherError):
         failed[0] += 1
         write({"id": rid, "error": str(result)})
-  logging.info("done: %d answered (%d from the cache), %d failed; %d paid requests, %d tokens%s",
-               len(todo) - failed[0], usage.cache_hits, failed[0], usage.requests, usage.tokens,
-               f", {client.budget.cost:.4f} USD" if price else "")
+  logging.info(
+      "done: %d answered (%d from the cache), %d failed; %d paid requests, %d tokens%s",
+      len(todo) - failed[0],
+      usage.cache_hits,
+      failed[0],
+      usage.requests,
+      usage.tokens,
+      f", {client.budget.cost:.4f} USD" if price else "",
+  )
   return 1 if failed[0] else 0
 
 

@@ -4,6 +4,7 @@ A re-run with the same request (model, messages, n, temperature, max_tokens) rea
 back instead of paying again. A torn last line (a kill mid-write) is dropped with a warning;
 a bad line anywhere else is an error naming the file and line.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,13 +70,23 @@ class ReplyCache:
   def get(self, key: str) -> dict | None:
     return self._entries.get(key)
 
-  def put(self, key: str, payload: dict, texts: list[str], usage: dict,
-          finish_reasons: list[str] | None = None) -> None:
+  def put(
+      self,
+      key: str,
+      payload: dict,
+      texts: list[str],
+      usage: dict,
+      finish_reasons: list[str] | None = None,
+  ) -> None:
     if self.read_only:
       raise ValueError(f"{self.path} is a read-only recording")
     entry = {
-        "key": key, "prompt_version": self.prompt_version, "time": time.time(), "request": payload,
-        "texts": texts, "usage": usage
+        "key": key,
+        "prompt_version": self.prompt_version,
+        "time": time.time(),
+        "request": payload,
+        "texts": texts,
+        "usage": usage,
     }
     if finish_reasons and any(r != "stop" for r in finish_reasons):
       entry["finish_reasons"] = finish_reasons
@@ -87,7 +98,9 @@ class ReplyCache:
           f.flush()
           os.fsync(f.fileno())
       except OSError as e:
-        raise StorageError(f"cannot append a paid teacher reply to {self.path}: {root_cause(e)} "
-                           f"({free_mib(self.path):.1f} MiB free); replies written before it are "
-                           "kept") from e
+        raise StorageError(
+            f"cannot append a paid teacher reply to {self.path}: {root_cause(e)} "
+            f"({free_mib(self.path):.1f} MiB free); replies written before it are "
+            "kept"
+        ) from e
       self._entries[key] = entry

@@ -6,6 +6,7 @@ and the provider's `x-ratelimit-*` headers, and within a budget in requests, tok
 (honouring Retry-After); every reply is cached before it is returned, so a crash never loses a
 paid call.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,6 +54,7 @@ class ChatReply:
 @dataclasses.dataclass
 class Usage:
   """What a batch of requests cost: paid requests, tokens, and replies served from the cache."""
+
   requests: int = 0
   prompt_tokens: int = 0
   completion_tokens: int = 0
@@ -73,12 +75,27 @@ class ChatClient:
   """Batches chat requests to an OpenAI-compatible server; `replay_only`: answers come from the
   cache alone (a recorded run), and a request it has no reply for fails naming the request."""
 
-  def __init__(self, base_url: str, model: str, *, api_key: str = "", cache: ReplyCache | None,
-               max_concurrency: int = 16, max_retries: int = 5, timeout_s: float = 120.0,
-               backoff_s: float = 1.0, requests_per_minute: float = 0.0, supports_n: bool = True,
-               max_requests: int = 0, connect_timeout_s: float = 10.0, replay_only: bool = False,
-               tokens_per_minute: float = 0.0, max_total_tokens: int = 0, max_cost: float = 0.0,
-               price: tuple[float, float] | None = None):
+  def __init__(
+      self,
+      base_url: str,
+      model: str,
+      *,
+      api_key: str = "",
+      cache: ReplyCache | None,
+      max_concurrency: int = 16,
+      max_retries: int = 5,
+      timeout_s: float = 120.0,
+      backoff_s: float = 1.0,
+      requests_per_minute: float = 0.0,
+      supports_n: bool = True,
+      max_requests: int = 0,
+      connect_timeout_s: float = 10.0,
+      replay_only: bool = False,
+      tokens_per_minute: float = 0.0,
+      max_total_tokens: int = 0,
+      max_cost: float = 0.0,
+      price: tuple[float, float] | None = None,
+  ):
     if replay_only and cache is None:
       raise ValueError("a replaying client needs the recording as its cache")
     self.replay_only = replay_only
@@ -97,8 +114,11 @@ class ChatClient:
 
   def payload(self, request: ChatRequest, n: int | None = None) -> dict:
     return {
-        "model": self.model, "messages": request.messages, "n": request.n if n is None else n,
-        "temperature": request.temperature, "max_tokens": request.max_tokens
+        "model": self.model,
+        "messages": request.messages,
+        "n": request.n if n is None else n,
+        "temperature": request.temperature,
+        "max_tokens": request.max_tokens,
     }
 
   def run(
@@ -121,12 +141,18 @@ class ChatClient:
     # waits for one; the timeouts then cover one attempt on the wire only (connect, first byte /
     # each read, total), never time spent queued here. A timeout that started while a request
     # was still queued would abandon and re-send requests the server is already serving.
-    connector = aiohttp.TCPConnector(limit=self.max_concurrency,
-                                     limit_per_host=self.max_concurrency)
-    timeout = aiohttp.ClientTimeout(total=self.timeout_s, connect=self.connect_timeout_s,
-                                    sock_connect=self.connect_timeout_s, sock_read=self.timeout_s)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout,
-                                     connector=connector) as session:
+    connector = aiohttp.TCPConnector(
+        limit=self.max_concurrency, limit_per_host=self.max_concurrency
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=self.timeout_s,
+        connect=self.connect_timeout_s,
+        sock_connect=self.connect_timeout_s,
+        sock_read=self.timeout_s,
+    )
+    async with aiohttp.ClientSession(
+        headers=headers, timeout=timeout, connector=connector
+    ) as session:
 
       async def one(i: int, request: ChatRequest):
         try:
@@ -142,8 +168,15 @@ class ChatClient:
       await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
     return results, usage
 
-  async def _complete(self, session, request, semaphore, limits: RateLimits, usage,
-                      in_flight: dict[str, asyncio.Future]) -> ChatReply:
+  async def _complete(
+      self,
+      session,
+      request,
+      semaphore,
+      limits: RateLimits,
+      usage,
+      in_flight: dict[str, asyncio.Future],
+  ) -> ChatReply:
     if self.supports_n or request.n == 1:
       payloads = [self.payload(request)]
     else:  # servers without `n` (e.g. Ollama): n requests of one choice each, cached apart
@@ -159,7 +192,8 @@ class ChatClient:
         usage.cache_hits += 1
         recorded = entry.get("usage") or {}
         usage.cached_tokens += int(recorded.get("prompt_tokens", 0)) + int(
-            recorded.get("completion_tokens", 0))
+            recorded.get("completion_tokens", 0)
+        )
         got = entry["texts"]
         got_reasons = entry.get("finish_reasons") or ["stop"] * len(got)
       else:
@@ -169,7 +203,8 @@ class ChatClient:
           raise TeacherError(
               f"replay: {self.cache.path} has no reply for request {key[:16]} (model "
               f"{self.model!r}, n={payload['n']}, temperature {payload['temperature']}; last "
-              f"message ends {question[-120:]!r})")
+              f"message ends {question[-120:]!r})"
+          )
         estimate = estimate_prompt_tokens(payload["messages"])
         worst_completion = payload["max_tokens"] * payload["n"]
         try:
@@ -181,7 +216,8 @@ class ChatClient:
           async with semaphore:
             window = await limits.acquire(estimate + worst_completion)
             got, got_reasons, p_tok, c_tok = await self._post_with_retries(
-                session, payload, usage, key, limits)
+                session, payload, usage, key, limits
+            )
         except TeacherError as e:
           self.budget.release(reservation)
           shared.set_exception(e)
@@ -189,10 +225,13 @@ class ChatClient:
           raise
         finally:
           in_flight.pop(key, None)
-        shared.set_result({
-            "texts": got, "finish_reasons": got_reasons,
-            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok}
-        })
+        shared.set_result(
+            {
+                "texts": got,
+                "finish_reasons": got_reasons,
+                "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok},
+            }
+        )
         limits.settle(window, p_tok + c_tok)
         self.budget.spend(reservation, p_tok, c_tok)
         usage.requests += 1
@@ -201,11 +240,16 @@ class ChatClient:
         prompt_tokens += p_tok
         completion_tokens += c_tok
         if self.cache is not None:
-          self.cache.put(key, payload, got, {"prompt_tokens": p_tok, "completion_tokens": c_tok},
-                         got_reasons)
+          self.cache.put(
+              key, payload, got, {"prompt_tokens": p_tok, "completion_tokens": c_tok}, got_reasons
+          )
       if len(got) < payload["n"]:  # a server that ignored `n`: the rest one by one, cached apart
-        logging.info("teacher request %s: %d of n=%d choices; asking for the rest singly", key[:12],
-                     len(got), payload["n"])
+        logging.info(
+            "teacher request %s: %d of n=%d choices; asking for the rest singly",
+            key[:12],
+            len(got),
+            payload["n"],
+        )
         payloads += [dict(payload, n=1, seed=i) for i in range(len(got), payload["n"])]
       texts.extend(got)
       reasons.extend(got_reasons)
@@ -215,8 +259,9 @@ class ChatClient:
     """A server message with the API key (some echo it) masked: it never reaches a log."""
     return text.replace(self.api_key, "***") if self.api_key else text
 
-  async def _post_with_retries(self, session, payload, usage, key: str,
-                               limits: RateLimits) -> tuple[list[str], list[str], int, int]:
+  async def _post_with_retries(
+      self, session, payload, usage, key: str, limits: RateLimits
+  ) -> tuple[list[str], list[str], int, int]:
     """One request until it succeeds (texts, finish reasons, prompt and completion tokens) or
     fails for good: 408/409/429/5xx, timeouts, resets, and 200 replies that are not JSON or lack
     `choices` are retried with backoff (Retry-After in seconds or as an HTTP date honoured);
@@ -236,8 +281,9 @@ class ChatClient:
           else:
             message = self._redact(_error_message(text))
             if response.status not in RETRYABLE_STATUS:
-              raise TeacherError(f"{self.url}: HTTP {response.status} for request {key[:16]}: "
-                                 f"{message}")
+              raise TeacherError(
+                  f"{self.url}: HTTP {response.status} for request {key[:16]}: " f"{message}"
+              )
             last_error = f"HTTP {response.status}: {message}"
             wait = retry_after_seconds(response.headers.get("Retry-After"))
             if wait is not None:
@@ -247,11 +293,19 @@ class ChatClient:
       if attempt < self.max_retries:
         usage.retries += 1
         delay = max(delay, limits.not_before - time.monotonic())
-        logging.info("teacher request %s failed (%s); retry %d/%d in %.1fs", key[:16], last_error,
-                     attempt + 1, self.max_retries, delay)
+        logging.info(
+            "teacher request %s failed (%s); retry %d/%d in %.1fs",
+            key[:16],
+            last_error,
+            attempt + 1,
+            self.max_retries,
+            delay,
+        )
         await asyncio.sleep(delay)
-    raise TeacherError(f"{self.url}: request {key[:16]}: gave up after {self.max_retries + 1} "
-                       f"attempts: {last_error}")
+    raise TeacherError(
+        f"{self.url}: request {key[:16]}: gave up after {self.max_retries + 1} "
+        f"attempts: {last_error}"
+    )
 
   def _read_reply(self, body, n: int) -> tuple[list[str], list[str], int, int]:
     """Texts (a null content is ''), finish reasons and token counts; ValueError when the reply
@@ -265,8 +319,12 @@ class ChatClient:
     if not texts or len(texts) > n:
       raise ValueError(f"asked for n={n} choices, got {len(texts)}")
     usage = body.get("usage") or {}
-    return texts, reasons, int(usage.get("prompt_tokens",
-                                         0)), int(usage.get("completion_tokens", 0))
+    return (
+        texts,
+        reasons,
+        int(usage.get("prompt_tokens", 0)),
+        int(usage.get("completion_tokens", 0)),
+    )
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

@@ -1,6 +1,7 @@
 """The human-rationale teacher: it answers with a task's own written solutions (GSM8K's, cleaned
 of calculator notes; the synthetic task's reference ones), so a real task runs end to end with
 no API: the "distil from human rationales" baseline. Served by the local teacher server."""
+
 from __future__ import annotations
 
 import random
@@ -21,8 +22,10 @@ class DatasetAnswers:
   def __init__(self, examples: list[Example], source: str):
     self.by_question = {_normal(e.question): e for e in examples if e.rationale}
     if not self.by_question:
-      raise ValueError(f"{source} has no human rationales: teacher.kind=dataset needs a task "
-                       "whose records carry solutions (gsm8k, synthetic)")
+      raise ValueError(
+          f"{source} has no human rationales: teacher.kind=dataset needs a task "
+          "whose records carry solutions (gsm8k, synthetic)"
+      )
 
   def __call__(self, messages: list[dict], n: int, rng: random.Random) -> list[str]:
     del rng

@@ -1,6 +1,7 @@
 """What the client may send and when: requests- and tokens-per-minute windows, the provider's own
 `x-ratelimit-*` headers, and a budget in requests, tokens or money that is never exceeded (a
 request is sent only if its worst case still fits)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -36,9 +37,14 @@ def estimate_prompt_tokens(messages: list[dict]) -> int:
 class RateLimits:
   """Requests and tokens per minute over a sliding window, and pauses the provider asks for."""
 
-  def __init__(self, requests_per_minute: float = 0.0, tokens_per_minute: float = 0.0,
-               window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
-               sleep: Callable[[float], Awaitable] = asyncio.sleep):
+  def __init__(
+      self,
+      requests_per_minute: float = 0.0,
+      tokens_per_minute: float = 0.0,
+      window_s: float = 60.0,
+      clock: Callable[[], float] = time.monotonic,
+      sleep: Callable[[float], Awaitable] = asyncio.sleep,
+  ):
     self.rpm, self.tpm, self.window_s = requests_per_minute, tokens_per_minute, window_s
     self.clock, self.sleep = clock, sleep
     self.sent: collections.deque = collections.deque()  # [time, tokens] per request in window
@@ -104,8 +110,13 @@ class Budget:
   if its worst case (estimated prompt + max_tokens × n) fits what is left; spending is corrected
   to the reply's usage."""
 
-  def __init__(self, max_requests: int = 0, max_tokens: int = 0, max_cost: float = 0.0,
-               price: tuple[float, float] | None = None):
+  def __init__(
+      self,
+      max_requests: int = 0,
+      max_tokens: int = 0,
+      max_cost: float = 0.0,
+      price: tuple[float, float] | None = None,
+  ):
     self.max_requests, self.max_tokens, self.max_cost = max_requests, max_tokens, max_cost
     self.price = price
     self.requests = self.tokens = 0
@@ -126,11 +137,15 @@ class Budget:
     if self.max_requests and self.requests >= self.max_requests:
       raise BudgetExceeded(f"teacher.max_requests={self.max_requests} reached")
     if self.max_tokens and self.tokens + self.reserved_tokens + worst_tokens > self.max_tokens:
-      raise BudgetExceeded(f"teacher.max_total_tokens={self.max_tokens} would be exceeded "
-                           f"({self.tokens} spent, next request up to {worst_tokens})")
+      raise BudgetExceeded(
+          f"teacher.max_total_tokens={self.max_tokens} would be exceeded "
+          f"({self.tokens} spent, next request up to {worst_tokens})"
+      )
     if self.max_cost and self.cost + self.reserved_cost + worst_cost > self.max_cost:
-      raise BudgetExceeded(f"teacher.max_cost={self.max_cost:g} USD would be exceeded "
-                           f"({self.cost:.4f} spent, next request up to {worst_cost:.4f})")
+      raise BudgetExceeded(
+          f"teacher.max_cost={self.max_cost:g} USD would be exceeded "
+          f"({self.cost:.4f} spent, next request up to {worst_cost:.4f})"
+      )
     self.requests += 1
     self.reserved_tokens += worst_tokens
     self.reserved_cost += worst_cost

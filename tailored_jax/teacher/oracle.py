@@ -3,6 +3,7 @@
 It sees only the chat messages (our real prompts) and answers in the requested format. With
 `error_rate` > 0 it sometimes slips on one step, so the loop's answer check has work to do.
 """
+
 from __future__ import annotations
 
 import random
@@ -16,8 +17,12 @@ def _slipped_rationale(problem: synthetic.Problem, rng: random.Random) -> tuple[
   text = synthetic.reference_rationale(problem, rng=rng)
   values = problem.values()
   wrong = values[-1] + rng.choice([-2, -1, 1, 2])
-  return text.replace(f"= {values[-1]}", f"= {wrong}").replace(f"has {values[-1]} {problem.item}",
-                                                               f"has {wrong} {problem.item}"), wrong
+  return (
+      text.replace(f"= {values[-1]}", f"= {wrong}").replace(
+          f"has {values[-1]} {problem.item}", f"has {wrong} {problem.item}"
+      ),
+      wrong,
+  )
 
 
 def _solution(problem: synthetic.Problem, rng: random.Random, error_rate: float) -> tuple[str, int]:
@@ -38,14 +43,15 @@ def reply(messages: list[dict], n: int, rng: random.Random, error_rate: float = 
       continue
     wrong = synthetic.first_wrong_step(problem, request.student_rationale)
     if wrong is None:
-      feedback = ("Every step you wrote is right, but the final answer does not follow from "
-                  "them.")
+      feedback = "Every step you wrote is right, but the final answer does not follow from " "them."
     elif wrong[1]:
       step, eq = wrong
-      before, after = problem.values()[step - 1:step + 1]
+      before, after = problem.values()[step - 1 : step + 1]
       op = problem.steps[step - 1]
-      feedback = (f"Step {step} is wrong: you wrote {eq}, but it should be {before} "
-                  f"{synthetic.SYMBOL[op.op]} {op.operand} = {after}.")
+      feedback = (
+          f"Step {step} is wrong: you wrote {eq}, but it should be {before} "
+          f"{synthetic.SYMBOL[op.op]} {op.operand} = {after}."
+      )
     else:
       feedback = f"You stopped before step {wrong[0]}, so part of the problem was never used."
     out.append(f"Feedback: {feedback}\nReasoning: {rationale}\nAnswer: {answer}")

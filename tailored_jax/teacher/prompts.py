@@ -4,6 +4,7 @@ PROMPT_VERSION is stored beside every cached reply: change it whenever the wordi
 The local oracle reads requests back with the `parse_*_request` functions here, so the prompt
 format and its reader live in one place.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,10 +15,14 @@ from tailored_jax.data.tasks import Demo
 
 PROMPT_VERSION = "tailored-1"
 
-SYSTEM = ("You are a patient, exact teacher. You solve reasoning problems step by step and "
-          "explain a student's mistakes plainly.")
-_FORMAT = ("Reply in exactly this format:\n{feedback}Reasoning: <the step-by-step reasoning, "
-           "{style}>\nAnswer: <{answer}>")
+SYSTEM = (
+    "You are a patient, exact teacher. You solve reasoning problems step by step and "
+    "explain a student's mistakes plainly."
+)
+_FORMAT = (
+    "Reply in exactly this format:\n{feedback}Reasoning: <the step-by-step reasoning, "
+    "{style}>\nAnswer: <{answer}>"
+)
 _PROBLEM = "Problem: "
 _STUDENT = "Student's reasoning: "
 _GOLD = "Correct final answer: "
@@ -26,8 +31,10 @@ _GOLD = "Correct final answer: "
 def _examples(demos: list[Demo]) -> str:
   if not demos:
     return ""
-  shots = "\n\n".join(f"{_PROBLEM}{d.question}\nReasoning: {clean_rationale(d.rationale)}\n"
-                      f"Answer: {d.answer}" for d in demos)
+  shots = "\n\n".join(
+      f"{_PROBLEM}{d.question}\nReasoning: {clean_rationale(d.rationale)}\n" f"Answer: {d.answer}"
+      for d in demos
+  )
   return f"Examples of the expected style:\n\n{shots}\n\n"
 
 
@@ -37,20 +44,25 @@ def _reply_format(style, feedback: str) -> str:
 
 def annotation_messages(question: str, demos: list[Demo], style=QAFormat()) -> list[dict]:
   """Ask for a step-by-step solution; `style` (the task's format) says how rationales read."""
-  user = (f"{_examples(demos)}Solve the problem below.\n{_reply_format(style, '')}\n\n"
-          f"{_PROBLEM}{question.strip()}")
+  user = (
+      f"{_examples(demos)}Solve the problem below.\n{_reply_format(style, '')}\n\n"
+      f"{_PROBLEM}{question.strip()}"
+  )
   return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
-def feedback_messages(question: str, student_rationale: str, gold: str, demos: list[Demo],
-                      style=QAFormat()) -> list[dict]:
+def feedback_messages(
+    question: str, student_rationale: str, gold: str, demos: list[Demo], style=QAFormat()
+) -> list[dict]:
   """Show a mistake and the gold answer; ask where it went wrong and for a correct solution."""
-  user = (f"{_examples(demos)}A student tried the problem below and got it wrong.\n"
-          "First say in one sentence where the student's reasoning first goes wrong. Then write "
-          "a complete, correct solution in the style of the examples.\n"
-          f"{_reply_format(style, 'Feedback: <where the student first went wrong>' + chr(10))}"
-          f"\n\n{_PROBLEM}{question.strip()}\n{_STUDENT}{clean_rationale(student_rationale)}\n"
-          f"{_GOLD}{gold.strip()}")
+  user = (
+      f"{_examples(demos)}A student tried the problem below and got it wrong.\n"
+      "First say in one sentence where the student's reasoning first goes wrong. Then write "
+      "a complete, correct solution in the style of the examples.\n"
+      f"{_reply_format(style, 'Feedback: <where the student first went wrong>' + chr(10))}"
+      f"\n\n{_PROBLEM}{question.strip()}\n{_STUDENT}{clean_rationale(student_rationale)}\n"
+      f"{_GOLD}{gold.strip()}"
+  )
   return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -70,7 +82,7 @@ def parse_request(messages: list[dict]) -> ParsedRequest:
   for line in tail.split("\n"):
     for marker, name in ((_PROBLEM, "question"), (_STUDENT, "student"), (_GOLD, "gold")):
       if line.startswith(marker):
-        fields[name] = line[len(marker):]
+        fields[name] = line[len(marker) :]
   if "question" not in fields:
     raise ValueError("not a tailored_jax teacher prompt: no 'Problem:' line at the end")
   if "student" in fields or "gold" in fields:
@@ -97,8 +109,11 @@ def parse_reply(text: str) -> ParsedReply:
   """Rationale and stated answer from a reply in our format; unformatted replies keep all text."""
   match = _REASONING.search(text)
   rationale = match.group(1) if match else text
-  answer = _ANSWER.search("\n" + text[match.end(1):] if match else "\n" + text)
+  answer = _ANSWER.search("\n" + text[match.end(1) :] if match else "\n" + text)
   answer_text = answer.group(1).strip().split("\n")[0].strip() if answer else None
-  feedback = _FEEDBACK.search(text[:match.start()] if match else text)
-  return ParsedReply(clean_rationale(rationale), answer_text or None,
-                     clean_rationale(feedback.group(1)) if feedback else "")
+  feedback = _FEEDBACK.search(text[: match.start()] if match else text)
+  return ParsedReply(
+      clean_rationale(rationale),
+      answer_text or None,
+      clean_rationale(feedback.group(1)) if feedback else "",
+  )

@@ -5,6 +5,7 @@ usual status codes — so the loop talks to it through the same client as to a r
 Usage counts whitespace-separated words as tokens. Run alone with
 `python -m tailored_jax.teacher.server --port 8000`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,9 @@ from tailored_jax.teacher import oracle
 DEFAULT_MODEL = "tailored-oracle"
 
 
-def _error(status: int, message: str, error_type: str, code: str | None = None,
-           param: str | None = None) -> web.Response:
+def _error(
+    status: int, message: str, error_type: str, code: str | None = None, param: str | None = None
+) -> web.Response:
   body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
   return web.json_response(body, status=status)
 
@@ -38,11 +40,19 @@ class OracleApp:
   """The aiohttp application and its counters; `fail_next` injects retryable failures. `answer`
   (messages, n, rng) -> n texts replaces the synthetic oracle (e.g. `DatasetAnswers`)."""
 
-  def __init__(self, *, model: str = DEFAULT_MODEL, api_key: str = "", seed: int = 0,
-               error_rate: float = 0.0, reply_delay_s: float = 0.0,
-               answer: Callable[[list[dict], int, random.Random], list[str]] | None = None):
+  def __init__(
+      self,
+      *,
+      model: str = DEFAULT_MODEL,
+      api_key: str = "",
+      seed: int = 0,
+      error_rate: float = 0.0,
+      reply_delay_s: float = 0.0,
+      answer: Callable[[list[dict], int, random.Random], list[str]] | None = None,
+  ):
     self.answer = answer or (
-        lambda messages, n, rng: oracle.reply(messages, n, rng, self.error_rate))
+        lambda messages, n, rng: oracle.reply(messages, n, rng, self.error_rate)
+    )
     self.model = model
     self.api_key = api_key
     self.seed = seed
@@ -63,11 +73,19 @@ class OracleApp:
       return await handler(request)
     except web.HTTPException as e:
       if e.status == 404:
-        return _error(404, f"Unknown request URL: {request.method} {request.path}",
-                      "invalid_request_error", "unknown_url")
+        return _error(
+            404,
+            f"Unknown request URL: {request.method} {request.path}",
+            "invalid_request_error",
+            "unknown_url",
+        )
       if e.status == 405:
-        return _error(405, f"Method {request.method} not allowed on {request.path}",
-                      "invalid_request_error", "method_not_allowed")
+        return _error(
+            405,
+            f"Method {request.method} not allowed on {request.path}",
+            "invalid_request_error",
+            "method_not_allowed",
+        )
       raise
 
   def _unauthorised(self, request) -> web.Response | None:
@@ -78,10 +96,14 @@ class OracleApp:
     return None
 
   async def models(self, request):
-    return self._unauthorised(request) or web.json_response({
-        "object": "list",
-        "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "tailored_jax"}]
-    })
+    return self._unauthorised(request) or web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {"id": self.model, "object": "model", "created": 0, "owned_by": "tailored_jax"}
+            ],
+        }
+    )
 
   async def chat_completions(self, request):
     self.in_flight += 1
@@ -97,16 +119,20 @@ class OracleApp:
       return denied
     if self.fail_next:
       status = self.fail_next.pop(0)
-      return _error(status, "The server is overloaded; try again.",
-                    "rate_limit_error" if status == 429 else "server_error")
+      return _error(
+          status,
+          "The server is overloaded; try again.",
+          "rate_limit_error" if status == 429 else "server_error",
+      )
     fault = self.faults.pop(0) if self.faults else None
     if fault in STATUS_FAULTS:
       return STATUS_FAULTS[fault](self.api_key)
     try:
       body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-      return _error(400, "We could not parse the JSON body of your request.",
-                    "invalid_request_error")
+      return _error(
+          400, "We could not parse the JSON body of your request.", "invalid_request_error"
+      )
     if not isinstance(body, dict):
       return _error(400, "The request body must be a JSON object.", "invalid_request_error")
     invalid = self._validate(body)
@@ -118,22 +144,36 @@ class OracleApp:
     try:
       texts = self.answer(body["messages"], n, rng)
     except ValueError as e:
-      return _error(400, f"The local teacher cannot answer this prompt: {e}",
-                    "invalid_request_error", param="messages")
+      return _error(
+          400,
+          f"The local teacher cannot answer this prompt: {e}",
+          "invalid_request_error",
+          param="messages",
+      )
     if self.reply_delay_s:
       await asyncio.sleep(self.reply_delay_s)
     self.completions += 1
     prompt_tokens = sum(_count_tokens(str(m.get("content", ""))) for m in body["messages"])
     completion_tokens = sum(_count_tokens(t) for t in texts)
     reply = {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-        "created": int(time.time()), "model": self.model, "choices": [{
-            "index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop",
-            "logprobs": None
-        } for i, t in enumerate(texts)], "usage": {
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens
-        }
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": self.model,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": t},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+            for i, t in enumerate(texts)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
     if fault is not None:
       return await self._deliver_badly(fault, request, reply)
@@ -149,10 +189,11 @@ class OracleApp:
       return web.Response(status=200)
     if fault == "truncated":
       text = json.dumps(reply)
-      return web.Response(text=text[:len(text) // 2], content_type="application/json")
+      return web.Response(text=text[: len(text) // 2], content_type="application/json")
     if fault == "malformed":
-      return web.Response(text="<html><body>502 Bad Gateway</body></html>",
-                          content_type="text/html")
+      return web.Response(
+          text="<html><body>502 Bad Gateway</body></html>", content_type="text/html"
+      )
     if fault == "no_choices":
       return web.json_response({k: v for k, v in reply.items() if k != "choices"})
     if fault == "null_content":
@@ -170,24 +211,45 @@ class OracleApp:
 
   def _validate(self, body: dict) -> web.Response | None:
     if "model" not in body:
-      return _error(400, "you must provide a model parameter", "invalid_request_error",
-                    param="model")
+      return _error(
+          400, "you must provide a model parameter", "invalid_request_error", param="model"
+      )
     if body["model"] != self.model:
-      return _error(404, f"The model `{body['model']}` does not exist.", "invalid_request_error",
-                    "model_not_found", "model")
+      return _error(
+          404,
+          f"The model `{body['model']}` does not exist.",
+          "invalid_request_error",
+          "model_not_found",
+          "model",
+      )
     messages = body.get("messages")
-    if (not isinstance(messages, list) or not messages or
-        not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-      return _error(400, "'messages' must be a non-empty list of {role, content} objects.",
-                    "invalid_request_error", param="messages")
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+    ):
+      return _error(
+          400,
+          "'messages' must be a non-empty list of {role, content} objects.",
+          "invalid_request_error",
+          param="messages",
+      )
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
-      return _error(400, f"{n!r} is not valid for 'n': it must be an integer from 1 to 128.",
-                    "invalid_request_error", param="n")
+      return _error(
+          400,
+          f"{n!r} is not valid for 'n': it must be an integer from 1 to 128.",
+          "invalid_request_error",
+          param="n",
+      )
     temperature = body.get("temperature", 1.0)
     if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-      return _error(400, f"{temperature!r} is not valid for 'temperature': 0 to 2.",
-                    "invalid_request_error", param="temperature")
+      return _error(
+          400,
+          f"{temperature!r} is not valid for 'temperature': 0 to 2.",
+          "invalid_request_error",
+          param="temperature",
+      )
     return None
 
 
@@ -199,22 +261,35 @@ def _http_date(offset_s: float) -> str:
 STATUS_FAULTS = {
     "429": lambda key: _error(429, "Rate limit reached.", "rate_limit_error"),
     "429_retry_after_seconds": lambda key: _with_header(
-        _error(429, "Rate limit reached.", "rate_limit_error"), "Retry-After", "0"),
+        _error(429, "Rate limit reached.", "rate_limit_error"), "Retry-After", "0"
+    ),
     "429_retry_after_date": lambda key: _with_header(
-        _error(429, "Rate limit reached.", "rate_limit_error"), "Retry-After", _http_date(-5)),
+        _error(429, "Rate limit reached.", "rate_limit_error"), "Retry-After", _http_date(-5)
+    ),
     "500": lambda key: _error(500, "The server had an error.", "server_error"),
     "503": lambda key: _error(503, "The engine is overloaded.", "server_error"),
     "400": lambda key: _error(400, "Invalid request.", "invalid_request_error"),
-    "401": lambda key: _error(401, f"Incorrect API key provided: {key}.", "invalid_request_error",
-                              "invalid_api_key"),
-    "403": lambda key: _error(403, "Your organisation may not use this model.",
-                              "invalid_request_error"),
-    "404": lambda key: _error(404, "The model does not exist.", "invalid_request_error",
-                              "model_not_found"),
+    "401": lambda key: _error(
+        401, f"Incorrect API key provided: {key}.", "invalid_request_error", "invalid_api_key"
+    ),
+    "403": lambda key: _error(
+        403, "Your organisation may not use this model.", "invalid_request_error"
+    ),
+    "404": lambda key: _error(
+        404, "The model does not exist.", "invalid_request_error", "model_not_found"
+    ),
 }
 # Faults in delivering a computed (billed) reply.
-REPLY_FAULTS = ("timeout", "reset", "truncated", "malformed", "no_choices", "null_content",
-                "length", "fewer_choices")
+REPLY_FAULTS = (
+    "timeout",
+    "reset",
+    "truncated",
+    "malformed",
+    "no_choices",
+    "null_content",
+    "length",
+    "fewer_choices",
+)
 
 
 def _with_header(response: web.Response, name: str, value: str) -> web.Response:
@@ -279,6 +354,7 @@ class LocalTeacherServer:
 
 def main():
   import argparse
+
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--port", type=int, default=8000)
   parser.add_argument("--api-key", default="")

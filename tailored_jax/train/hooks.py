@@ -1,5 +1,6 @@
 """What a training loop does every N steps, as hooks (as Levanter's `add_hook` and tunix's
 `TrainingHooks`): the loop dispatches steps; each hook decides what to read from the device."""
+
 from __future__ import annotations
 
 import collections
@@ -16,6 +17,7 @@ from tailored_jax.train import throughput
 class StepInfo:
   """After step `step` (1-based) of `total` was dispatched: its state and metrics (device
   arrays, not yet read) and the tokens its batch held (host counts)."""
+
   round_index: int
   step: int
   total: int
@@ -96,15 +98,28 @@ class TrainLog:
     skipped = int(guard.nonfinite_total)
     logging.info(
         "round %d step %d/%d: loss %.4f (lm %.4f, sr %.4f), %.2f steps/s, "
-        "%.0f target tokens/s, %s%s", info.round_index, info.step, info.total,
-        self.last["loss"], self.last["lm_loss"], self.last["sr_loss"], steps_per_s, tokens_per_s,
-        flops.text(), f", {skipped} non-finite steps skipped" if skipped else "")
+        "%.0f target tokens/s, %s%s",
+        info.round_index,
+        info.step,
+        info.total,
+        self.last["loss"],
+        self.last["lm_loss"],
+        self.last["sr_loss"],
+        steps_per_s,
+        tokens_per_s,
+        flops.text(),
+        f", {skipped} non-finite steps skipped" if skipped else "",
+    )
     self.progress.fields.update(loss=f"{self.last['loss']:.4f}", tokens_per_s=f"{tokens_per_s:.0f}")
     self.metrics.scalars(
         {
-            **{f"train/{k}": v for k, v in self.last.items()
-              }, "train/steps_per_s": steps_per_s, "train/target_tokens_per_s": tokens_per_s,
-            "train/model_tflops_per_device": flops.per_device_tflops, "train/mfu": flops.mfu,
-            "train/nonfinite_steps_skipped": skipped
-        }, self.step_offset + info.step)
+            **{f"train/{k}": v for k, v in self.last.items()},
+            "train/steps_per_s": steps_per_s,
+            "train/target_tokens_per_s": tokens_per_s,
+            "train/model_tflops_per_device": flops.per_device_tflops,
+            "train/mfu": flops.mfu,
+            "train/nonfinite_steps_skipped": skipped,
+        },
+        self.step_offset + info.step,
+    )
     self.window.reset()

@@ -1,4 +1,5 @@
 """The two losses of METHOD §3 as pure functions of arrays."""
+
 from __future__ import annotations
 
 import jax
@@ -8,8 +9,9 @@ import optax
 
 def lm_loss(logits_btv, targets_bt, weights_bt, target_mask_bt):
   """Σ w·CE / (number of real target tokens): w = 0.1 on prefix targets, 1 on the continuation."""
-  ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32),
-                                                          targets_bt)
+  ce_bt = optax.softmax_cross_entropy_with_integer_labels(
+      logits_btv.astype(jnp.float32), targets_bt
+  )
   total = jnp.sum(ce_bt * weights_bt)
   count = jnp.sum(target_mask_bt.astype(jnp.float32))
   return total / jnp.maximum(count, 1.0)
@@ -31,8 +33,11 @@ def chunked_lm_loss(hidden_btd, head_fn, targets_bt, weights_bt, target_mask_bt,
     ce_bc = optax.softmax_cross_entropy_with_integer_labels(head_fn(h_bcd), y_bc)
     return jnp.sum(ce_bc * w_bc)
 
-  total, _ = jax.lax.scan(lambda acc, xs: (acc + chunk_total(*xs), None), jnp.zeros(
-      (), jnp.float32), (h_nbcd, y_nbc, w_nbc))
+  total, _ = jax.lax.scan(
+      lambda acc, xs: (acc + chunk_total(*xs), None),
+      jnp.zeros((), jnp.float32),
+      (h_nbcd, y_nbc, w_nbc),
+  )
   count = jnp.sum(target_mask_bt.astype(jnp.float32))
   return total / jnp.maximum(count, 1.0)
 
@@ -46,8 +51,9 @@ def cosine(x_bd, y_bd, eps: float = 1e-8):
 
 def triplet_loss(anchor_bd, positive_bd, negative_bd, mask_b, margin: float):
   """Σ m·max(0, ρ − cos(a, p) + cos(a, n)) / max(Σ m, 1e-6)."""
-  per_example_b = jax.nn.relu(margin - cosine(anchor_bd, positive_bd)
-                              + cosine(anchor_bd, negative_bd))
+  per_example_b = jax.nn.relu(
+      margin - cosine(anchor_bd, positive_bd) + cosine(anchor_bd, negative_bd)
+  )
   mask_b = mask_b.astype(jnp.float32)
   return jnp.sum(per_example_b * mask_b) / jnp.maximum(jnp.sum(mask_b), 1e-6)
 
@@ -58,12 +64,19 @@ def last_real_token(hidden_btd, valid_bt):
   return jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)[:, 0, :]
 
 
-def dpo_loss(policy_chosen_b, policy_rejected_b, reference_chosen_b, reference_rejected_b, mask_b,
-             beta: float):
+def dpo_loss(
+    policy_chosen_b,
+    policy_rejected_b,
+    reference_chosen_b,
+    reference_rejected_b,
+    mask_b,
+    beta: float,
+):
   """Σ m·−log σ(β·((π_w − ref_w) − (π_l − ref_l))) / max(Σ m, 1e-6): DPO on sequence
   log-probabilities of a chosen (correct) and a rejected (the student's wrong) rationale."""
-  margin_b = beta * ((policy_chosen_b - reference_chosen_b) -
-                     (policy_rejected_b - reference_rejected_b))
+  margin_b = beta * (
+      (policy_chosen_b - reference_chosen_b) - (policy_rejected_b - reference_rejected_b)
+  )
   mask_b = mask_b.astype(jnp.float32)
   return jnp.sum(-jax.nn.log_sigmoid(margin_b) * mask_b) / jnp.maximum(jnp.sum(mask_b), 1e-6)
 
@@ -71,9 +84,14 @@ def dpo_loss(policy_chosen_b, policy_rejected_b, reference_chosen_b, reference_r
 def sequence_logprob(first_logits_bv, logits_bcv, tokens_bc, valid_bc):
   """Σ log p(token) over each row's valid tokens: the first predicted by `first_logits_bv` (the
   prefix's last position), token j+1 by position j of `logits_bcv`."""
-  first_b = jnp.take_along_axis(jax.nn.log_softmax(first_logits_bv.astype(jnp.float32), axis=-1),
-                                tokens_bc[:, :1], axis=1)[:, 0]
-  rest_bc = jnp.take_along_axis(jax.nn.log_softmax(logits_bcv[:, :-1].astype(jnp.float32), axis=-1),
-                                tokens_bc[:, 1:, None], axis=2)[..., 0]
-  return (first_b * valid_bc[:, 0].astype(jnp.float32)
-          + jnp.sum(rest_bc * valid_bc[:, 1:].astype(jnp.float32), axis=1))
+  first_b = jnp.take_along_axis(
+      jax.nn.log_softmax(first_logits_bv.astype(jnp.float32), axis=-1), tokens_bc[:, :1], axis=1
+  )[:, 0]
+  rest_bc = jnp.take_along_axis(
+      jax.nn.log_softmax(logits_bcv[:, :-1].astype(jnp.float32), axis=-1),
+      tokens_bc[:, 1:, None],
+      axis=2,
+  )[..., 0]
+  return first_b * valid_bc[:, 0].astype(jnp.float32) + jnp.sum(
+      rest_bc * valid_bc[:, 1:].astype(jnp.float32), axis=1
+  )

@@ -2,6 +2,7 @@
 gradients and AdamW state (exact, from their shardings), activations kept for the backward pass
 (by remat policy), the loss's logits and the self-reflection rows; the largest batch that fits a
 budget. Pure arithmetic over the configs; `plan.py` checks it against XLA's memory analysis."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,13 @@ import numpy as np
 from jax.tree_util import tree_leaves as jax_leaves
 
 from tailored_jax.config_lib import ConfigError
-from tailored_jax.models.layers import (ATTENTION_BLOCK, LAYERS, is_stacked, query_blocks,
-                                        row_tiles)
+from tailored_jax.models.layers import (
+    ATTENTION_BLOCK,
+    LAYERS,
+    is_stacked,
+    query_blocks,
+    row_tiles,
+)
 
 GB = 1e9
 
@@ -22,6 +28,7 @@ GB = 1e9
 class StepShape:
   """The train step's work: global LM rows × tokens and self-reflection rows (0: none), split
   over `row_shards` devices (data × fsdp); heads and MLP split `tensor` ways."""
+
   batch: int
   seq_len: int
   sr_rows: int
@@ -38,6 +45,7 @@ class StepShape:
 @dataclasses.dataclass(frozen=True)
 class TrainMemory:
   """Bytes per device of one train step, by part."""
+
   parameters: int
   gradients: int
   optimizer: int
@@ -87,8 +95,9 @@ def kept_per_token(cfg, remat: str, tensor: int, seq: int, attention_parts: int 
   return working_per_token(cfg, tensor, seq)
 
 
-def working_per_token(cfg, tensor: int, seq: int, block: int = ATTENTION_BLOCK,
-                      native: bool = False) -> int:
+def working_per_token(
+    cfg, tensor: int, seq: int, block: int = ATTENTION_BLOCK, native: bool = False
+) -> int:
   """Bytes per token of everything one layer computes: what no remat keeps, and what one
   layer's recompute holds at once. Norms (float32 input and normalised output, twice); q, k, v
   and their float32 rotary terms; each query block's inputs to the blockwise attention (its
@@ -100,14 +109,27 @@ def working_per_token(cfg, tensor: int, seq: int, block: int = ATTENTION_BLOCK,
   d, q, kv, f = _layer_dims(cfg, tensor)
   blocks = math.ceil(seq / block)
   norms = 2 * d * 4 + 2 * d * item
-  attention = ((q + 2 * kv) * item + (q + kv) * (item + 2 * 4) + q * item +
-               (0 if native else (blocks + 1) / 2 * 2 * kv * item) + q * item + 2 * d * item)
+  attention = (
+      (q + 2 * kv) * item
+      + (q + kv) * (item + 2 * 4)
+      + q * item
+      + (0 if native else (blocks + 1) / 2 * 2 * kv * item)
+      + q * item
+      + 2 * d * item
+  )
   mlp = 5 * f * item + d * item
   return int(norms + attention + mlp)
 
 
-def attention_scores(cfg, groups: int, rows_per_group: int, queries: int, keys: int, tensor: int,
-                     block: int = ATTENTION_BLOCK) -> int:
+def attention_scores(
+    cfg,
+    groups: int,
+    rows_per_group: int,
+    queries: int,
+    keys: int,
+    tensor: int,
+    block: int = ATTENTION_BLOCK,
+) -> int:
   """One layer's three float32 scores-sized buffers (scores, probabilities, their gradients) for
   `queries` queries over the keys each can see, the first `keys` - `queries` of which are a
   prefix seen by all: a block of at most `block` queries reads the keys up to its end, and XLA
@@ -116,15 +138,23 @@ def attention_scores(cfg, groups: int, rows_per_group: int, queries: int, keys: 
   if not groups:
     return 0
   heads = max(cfg.n_heads // tensor, 1)
-  tile_rows = groups // row_tiles(groups, rows_per_group, heads, queries, keys,
-                                  block) * rows_per_group
+  tile_rows = (
+      groups // row_tiles(groups, rows_per_group, heads, queries, keys, block) * rows_per_group
+  )
   prefix = keys - queries
   seen = sum((end - start) * (prefix + end) for start, end, _ in query_blocks(queries, block, 0))
   return 3 * 4 * tile_rows * heads * seen
 
 
-def train_memory(cfg, shape: StepShape, parameters: int, optimizer: int, remat: str,
-                 layer_bytes: int = 0, head_bytes: int = 0) -> TrainMemory:
+def train_memory(
+    cfg,
+    shape: StepShape,
+    parameters: int,
+    optimizer: int,
+    remat: str,
+    layer_bytes: int = 0,
+    head_bytes: int = 0,
+) -> TrainMemory:
   """The train step's bytes per device; `parameters` and `optimizer` are the exact per-device
   bytes from their shardings (gradients are the parameters' size); `layer_bytes` and
   `head_bytes` are one layer's and the LM head's weights gathered over fsdp (split over tensor
@@ -135,40 +165,69 @@ def train_memory(cfg, shape: StepShape, parameters: int, optimizer: int, remat: 
   tokens = rows * shape.seq_len
   cont_tokens = shape.continuations * sr_rows * shape.continuation_len
   native = shape.native_attention
-  activations = cfg.n_layers * (kept_per_token(cfg, remat, shape.tensor, shape.seq_len) * tokens
-                                + kept_per_token(cfg, remat, shape.tensor, shape.continuation_len,
-                                                 1 if native else 2) * cont_tokens)
+  activations = cfg.n_layers * (
+      kept_per_token(cfg, remat, shape.tensor, shape.seq_len) * tokens
+      + kept_per_token(cfg, remat, shape.tensor, shape.continuation_len, 1 if native else 2)
+      * cont_tokens
+  )
   working = max(
       working_per_token(cfg, shape.tensor, shape.seq_len, native=native) * tokens,
-      working_per_token(cfg, shape.tensor, shape.continuation_len, native=native) * cont_tokens)
+      working_per_token(cfg, shape.tensor, shape.continuation_len, native=native) * cont_tokens,
+  )
   if not native:
     working += max(
         attention_scores(cfg, rows, 1, shape.seq_len, shape.seq_len, shape.tensor),
-        attention_scores(cfg, sr_rows, shape.continuations, shape.continuation_len,
-                         shape.prefix_len + shape.continuation_len, shape.tensor))
+        attention_scores(
+            cfg,
+            sr_rows,
+            shape.continuations,
+            shape.continuation_len,
+            shape.prefix_len + shape.continuation_len,
+            shape.tensor,
+        ),
+    )
   vocab = cfg.vocab_size // shape.tensor
   logit_tokens = rows * (shape.loss_chunk_tokens or shape.seq_len)
   logits = 3 * 4 * vocab * logit_tokens
   _, _, kv, _ = _layer_dims(cfg, shape.tensor)
   prefix_context = 2 * cfg.n_layers * sr_rows * shape.prefix_len * kv * item
   gathered = 2 * layer_bytes + head_bytes if shape.fsdp > 1 else 0
-  return TrainMemory(parameters=parameters, gradients=parameters, optimizer=optimizer,
-                     gathered_weights=gathered, activations=activations, layer_working=working,
-                     logits=logits, self_reflection=prefix_context)
+  return TrainMemory(
+      parameters=parameters,
+      gradients=parameters,
+      optimizer=optimizer,
+      gathered_weights=gathered,
+      activations=activations,
+      layer_working=working,
+      logits=logits,
+      self_reflection=prefix_context,
+  )
 
 
-def largest_batch(cfg, shape: StepShape, parameters: int, optimizer: int, remat: str, budget: int,
-                  layer_bytes: int = 0, head_bytes: int = 0) -> int:
+def largest_batch(
+    cfg,
+    shape: StepShape,
+    parameters: int,
+    optimizer: int,
+    remat: str,
+    budget: int,
+    layer_bytes: int = 0,
+    head_bytes: int = 0,
+) -> int:
   """The largest global batch (a multiple of the row shards, self-reflection rows scaled
   alike) whose step fits `budget` bytes per device; 0 when not even one row per device does."""
   best = 0
   rows = shape.row_shards
   while True:
     scaled = dataclasses.replace(
-        shape, batch=rows,
-        sr_rows=min(rows, shape.sr_rows * rows // max(shape.batch, 1)) if shape.sr_rows else 0)
-    if train_memory(cfg, scaled, parameters, optimizer, remat, layer_bytes,
-                    head_bytes).total > budget:
+        shape,
+        batch=rows,
+        sr_rows=min(rows, shape.sr_rows * rows // max(shape.batch, 1)) if shape.sr_rows else 0,
+    )
+    if (
+        train_memory(cfg, scaled, parameters, optimizer, remat, layer_bytes, head_bytes).total
+        > budget
+    ):
       return best
     best = rows
     if rows >= 1 << 16:
@@ -181,33 +240,45 @@ def worst_case_shape(train_cfg, mesh_shape: dict, native_attention: bool = False
   self-reflection row with a full prefix and `train.max_continuation_len` continuations."""
   t = train_cfg
   cont = t.max_continuation_len
-  return StepShape(batch=t.batch_size, seq_len=t.max_seq_len, sr_rows=t.sr_batch_size or
-                   t.batch_size, prefix_len=max(t.max_seq_len - cont, 8), continuation_len=cont,
-                   loss_chunk_tokens=t.loss_chunk_tokens,
-                   row_shards=mesh_shape["data"] * mesh_shape["fsdp"], tensor=mesh_shape["tensor"],
-                   fsdp=mesh_shape["fsdp"],
-                   continuations=2 if t.get("sr_reuse_lm_forward", False) else 3,
-                   native_attention=native_attention)
+  return StepShape(
+      batch=t.batch_size,
+      seq_len=t.max_seq_len,
+      sr_rows=t.sr_batch_size or t.batch_size,
+      prefix_len=max(t.max_seq_len - cont, 8),
+      continuation_len=cont,
+      loss_chunk_tokens=t.loss_chunk_tokens,
+      row_shards=mesh_shape["data"] * mesh_shape["fsdp"],
+      tensor=mesh_shape["tensor"],
+      fsdp=mesh_shape["fsdp"],
+      continuations=2 if t.get("sr_reuse_lm_forward", False) else 3,
+      native_attention=native_attention,
+  )
 
 
 def refusal(plan: TrainMemory, budget: int, shape: StepShape, remat: str, batch: int) -> str:
   """The one-paragraph error for a step that does not fit: the numbers, and the largest
   `batch` that would."""
   parts = ", ".join(f"{k} {v:.2f}" for k, v in plan.as_gb().items() if k != "total")
-  advice = (f"the largest train.batch_size that fits is {batch}"
-            if batch else "not even one row per device fits: shard the weights wider (mesh.fsdp)")
+  advice = (
+      f"the largest train.batch_size that fits is {batch}"
+      if batch
+      else "not even one row per device fits: shard the weights wider (mesh.fsdp)"
+  )
   if remat != "full":
     advice += "; model.remat=full keeps only each block's input"
-  return (f"the train step needs {plan.total / GB:.2f} GB per device ({parts} GB; "
-          f"batch {shape.batch} x {shape.seq_len} tokens, model.remat={remat}) but the budget is "
-          f"{budget / GB:.2f} GB (train.memory_budget_gb; 0: the device's memory, -1: no check); "
-          f"{advice}")
+  return (
+      f"the train step needs {plan.total / GB:.2f} GB per device ({parts} GB; "
+      f"batch {shape.batch} x {shape.seq_len} tokens, model.remat={remat}) but the budget is "
+      f"{budget / GB:.2f} GB (train.memory_budget_gb; 0: the device's memory, -1: no check); "
+      f"{advice}"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class StateBytes:
   """Per device: parameters and optimizer state (from their shardings), and what an FSDP step
   gathers while it uses them (one layer's weights and the LM head's, split over tensor only)."""
+
   parameters: int
   optimizer: int
   layer: int = 0
@@ -220,11 +291,13 @@ def _nbytes(tree, shardings=None) -> int:
     return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in leaves)
   return sum(
       int(np.prod(s.shard_shape(a.shape), dtype=np.int64)) * np.dtype(a.dtype).itemsize
-      for a, s in zip(leaves, jax_leaves(shardings)))
+      for a, s in zip(leaves, jax_leaves(shardings))
+  )
 
 
-def state_bytes(abstract_params, param_shardings, abstract_opt, opt_shardings, n_layers: int,
-                tensor: int) -> StateBytes:
+def state_bytes(
+    abstract_params, param_shardings, abstract_opt, opt_shardings, n_layers: int, tensor: int
+) -> StateBytes:
   """The StateBytes of abstract (shape/dtype) parameter and optimizer trees on their
   shardings."""
   if is_stacked(abstract_params):
@@ -232,25 +305,45 @@ def state_bytes(abstract_params, param_shardings, abstract_opt, opt_shardings, n
   else:
     layer = _nbytes(abstract_params.get("layer_0", {}))
   head = _nbytes({k: v for k, v in abstract_params.items() if k in ("lm_head", "embedding")})
-  return StateBytes(_nbytes(abstract_params, param_shardings), _nbytes(abstract_opt, opt_shardings),
-                    layer // tensor, head // tensor)
+  return StateBytes(
+      _nbytes(abstract_params, param_shardings),
+      _nbytes(abstract_opt, opt_shardings),
+      layer // tensor,
+      head // tensor,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Planner:
   """One trainer's step as the planner sees it: the model, the config's worst-case step shape
   and the train state's bytes per device."""
+
   model_cfg: object
   shape: StepShape
   state: StateBytes
 
   def plan(self) -> TrainMemory:
-    return train_memory(self.model_cfg, self.shape, self.state.parameters, self.state.optimizer,
-                        self.model_cfg.remat, self.state.layer, self.state.head)
+    return train_memory(
+        self.model_cfg,
+        self.shape,
+        self.state.parameters,
+        self.state.optimizer,
+        self.model_cfg.remat,
+        self.state.layer,
+        self.state.head,
+    )
 
   def largest_batch(self, budget: int) -> int:
-    return largest_batch(self.model_cfg, self.shape, self.state.parameters, self.state.optimizer,
-                         self.model_cfg.remat, budget, self.state.layer, self.state.head)
+    return largest_batch(
+        self.model_cfg,
+        self.shape,
+        self.state.parameters,
+        self.state.optimizer,
+        self.model_cfg.remat,
+        budget,
+        self.state.layer,
+        self.state.head,
+    )
 
   def check(self, budget_gb: float, device_bytes) -> None:
     """Refuses (ConfigError, naming the numbers and the batch that would fit) a step that
@@ -263,4 +356,5 @@ class Planner:
     logging.info("train step plan per device: %s GB; budget %.2f GB", plan.as_gb(), budget / GB)
     if plan.total > budget:
       raise ConfigError(
-          refusal(plan, budget, self.shape, self.model_cfg.remat, self.largest_batch(budget)))
+          refusal(plan, budget, self.shape, self.model_cfg.remat, self.largest_batch(budget))
+      )

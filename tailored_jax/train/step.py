@@ -1,4 +1,5 @@
 """The pure train step: LM loss on the full string plus λ · self-reflection on shared prefixes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ from tailored_jax.train import losses
 @flax.struct.dataclass
 class Guard:
   """The non-finite guard's record, kept on device (read by the host only at log points)."""
+
   nonfinite_run: jax.Array  # int32: consecutive steps whose loss or gradient was not finite
   nonfinite_total: jax.Array  # int32: such steps this round
   first_bad_step: jax.Array  # int32: the step where the current run began (-1: none)
@@ -26,8 +28,12 @@ class Guard:
 
   @classmethod
   def fresh(cls) -> "Guard":
-    return cls(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32),
-               jnp.full((), jnp.nan, jnp.float32))
+    return cls(
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
+        jnp.full((), -1, jnp.int32),
+        jnp.full((), jnp.nan, jnp.float32),
+    )
 
 
 @flax.struct.dataclass
@@ -52,18 +58,29 @@ class LossConfig:
 def make_optimizer(cfg) -> optax.GradientTransformation:
   """AdamW with linear warm-up then constant lr; no decay on 1-D params (norm scales; a scanned
   model's stacked ones too)."""
-  schedule = optax.join_schedules([
-      optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
-      optax.constant_schedule(cfg.lr)
-  ], [max(cfg.warmup_steps, 1)])
+  schedule = optax.join_schedules(
+      [
+          optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
+          optax.constant_schedule(cfg.lr),
+      ],
+      [max(cfg.warmup_steps, 1)],
+  )
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim - (path[0].key == LAYERS) > 1, params)
+      lambda path, p: p.ndim - (path[0].key == LAYERS) > 1, params
+  )
   chain = []
   if cfg.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(cfg.grad_clip))
   chain.append(
-      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                  mask=decay_mask))
+      optax.adamw(
+          schedule,
+          b1=cfg.b1,
+          b2=cfg.b2,
+          eps=cfg.eps,
+          weight_decay=cfg.weight_decay,
+          mask=decay_mask,
+      )
+  )
   return optax.chain(*chain)
 
 
@@ -72,13 +89,26 @@ def lm_forward_loss(model, params, lm: LMBatch, chunk: int = 0, keep_kv: int = 0
   tokens_bt = lm.inputs
   positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
   if chunk:
-    _, hidden_btd, kept = model.apply({"params": params}, tokens_bt, positions_bt, lm.input_mask,
-                                      with_logits=False, keep_kv=keep_kv)
-    loss = losses.chunked_lm_loss(hidden_btd, lambda h: head_logits(params, h, model.cfg),
-                                  lm.targets, lm.target_weights, lm.target_mask, chunk)
+    _, hidden_btd, kept = model.apply(
+        {"params": params},
+        tokens_bt,
+        positions_bt,
+        lm.input_mask,
+        with_logits=False,
+        keep_kv=keep_kv,
+    )
+    loss = losses.chunked_lm_loss(
+        hidden_btd,
+        lambda h: head_logits(params, h, model.cfg),
+        lm.targets,
+        lm.target_weights,
+        lm.target_mask,
+        chunk,
+    )
     return loss, hidden_btd, kept
-  logits_btv, hidden_btd, kept = model.apply({"params": params}, tokens_bt, positions_bt,
-                                             lm.input_mask, keep_kv=keep_kv)
+  logits_btv, hidden_btd, kept = model.apply(
+      {"params": params}, tokens_bt, positions_bt, lm.input_mask, keep_kv=keep_kv
+  )
   return losses.lm_loss(logits_btv, lm.targets, lm.target_weights, lm.target_mask), hidden_btd, kept
 
 
@@ -93,10 +123,23 @@ def encode_prefix(model, params, reflection: ReflectionBatch) -> tuple[jax.Array
   b, p = prefix_bp.shape
   cfg = model.cfg
   prefix_positions_bp = jnp.maximum(jnp.cumsum(prefix_valid_bp, axis=1) - 1, 0)
-  prefix_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim,
-                               jnp.dtype(cfg.dtype), stacked=cfg.scan_layers)
-  _, hidden_bpd, prefix_cache = model.apply({"params": params}, prefix_bp, prefix_positions_bp,
-                                            prefix_valid_bp, prefix_cache, with_logits=False)
+  prefix_cache = KVCache.zeros(
+      cfg.n_layers,
+      b,
+      p,
+      cfg.n_kv_heads,
+      cfg.head_dim,
+      jnp.dtype(cfg.dtype),
+      stacked=cfg.scan_layers,
+  )
+  _, hidden_bpd, prefix_cache = model.apply(
+      {"params": params},
+      prefix_bp,
+      prefix_positions_bp,
+      prefix_valid_bp,
+      prefix_cache,
+      with_logits=False,
+  )
   return hidden_bpd, prefix_cache.as_context(prefix_positions_bp)
 
 
@@ -105,17 +148,22 @@ def prefix_context(model, params, reflection: ReflectionBatch) -> Context:
   return jax.lax.stop_gradient(encode_prefix(model, params, reflection)[1])
 
 
-def run_continuations(model, params, context: Context, prefix_len_b, cont_bmc, valid_bmc,
-                      with_logits: bool = False):
+def run_continuations(
+    model, params, context: Context, prefix_len_b, cont_bmc, valid_bmc, with_logits: bool = False
+):
   """(logits [rows·m, c, vocab] or None, final hidden states [rows·m, c, d]) of each row's m
   continuations, run after its prefix's keys and values (a context read by the m, not copied;
   the training attention over it and their own tokens, no cache)."""
   b, m, c = cont_bmc.shape
   positions_bmc = jnp.broadcast_to(prefix_len_b[:, None, None] + jnp.arange(c), (b, m, c))
-  logits_rcv, hidden_rcd, _ = model.apply({"params": params}, cont_bmc.reshape(b * m, c),
-                                          positions_bmc.reshape(b * m, c),
-                                          valid_bmc.reshape(b * m, c), context,
-                                          with_logits=with_logits)
+  logits_rcv, hidden_rcd, _ = model.apply(
+      {"params": params},
+      cont_bmc.reshape(b * m, c),
+      positions_bmc.reshape(b * m, c),
+      valid_bmc.reshape(b * m, c),
+      context,
+      with_logits=with_logits,
+  )
   return logits_rcv, hidden_rcd
 
 
@@ -130,14 +178,26 @@ def continuation_hidden(model, params, context: Context, prefix_len_b, cont_bmc,
 def self_reflection_loss(model, params, reflection: ReflectionBatch, margin: float):
   """METHOD §3: the prefix encoded once without gradient; anchor, positive and negative
   continue from its keys and values."""
-  h_bmd = continuation_hidden(model, params, prefix_context(model, params, reflection),
-                              prefix_lengths(reflection), reflection.continuations,
-                              reflection.continuation_mask)
+  h_bmd = continuation_hidden(
+      model,
+      params,
+      prefix_context(model, params, reflection),
+      prefix_lengths(reflection),
+      reflection.continuations,
+      reflection.continuation_mask,
+  )
   return losses.triplet_loss(h_bmd[:, 0], h_bmd[:, 1], h_bmd[:, 2], reflection.sr_mask, margin)
 
 
-def self_reflection_loss_from_lm(model, params, reflection: ReflectionBatch, lm: LMBatch,
-                                 hidden_btd, kept: KVCache, margin: float):
+def self_reflection_loss_from_lm(
+    model,
+    params,
+    reflection: ReflectionBatch,
+    lm: LMBatch,
+    hidden_btd,
+    kept: KVCache,
+    margin: float,
+):
   """The triplet loss reusing the LM forward (`train.sr_reuse_lm_forward`): the anchor is its LM
   row's final hidden state at EOS (the same string, so the same value as METHOD §3's anchor when
   it fits the continuation cap, but its gradient also reaches the prefix), and the positive and
@@ -147,15 +207,28 @@ def self_reflection_loss_from_lm(model, params, reflection: ReflectionBatch, lm:
     rows = lambda x, axis=0: x
   else:
     rows = lambda x, axis=0: jnp.take(x, reflection.lm_rows, axis=axis)
-  layer_rows = ((lambda x: rows(x, axis=1)) if model.cfg.scan_layers else
-                (lambda xs: tuple(rows(x) for x in xs)))
+  layer_rows = (
+      (lambda x: rows(x, axis=1))
+      if model.cfg.scan_layers
+      else (lambda xs: tuple(rows(x) for x in xs))
+  )
   prefix_len_b = prefix_lengths(reflection)
   slots = jnp.arange(kept.slots)
   context = jax.lax.stop_gradient(
-      Context(layer_rows(kept.keys), layer_rows(kept.values),
-              jnp.where(slots[None, :] < prefix_len_b[:, None], slots[None, :], -1)))
-  h_bmd = continuation_hidden(model, params, context, prefix_len_b, reflection.continuations[:, 1:],
-                              reflection.continuation_mask[:, 1:])
+      Context(
+          layer_rows(kept.keys),
+          layer_rows(kept.values),
+          jnp.where(slots[None, :] < prefix_len_b[:, None], slots[None, :], -1),
+      )
+  )
+  h_bmd = continuation_hidden(
+      model,
+      params,
+      context,
+      prefix_len_b,
+      reflection.continuations[:, 1:],
+      reflection.continuation_mask[:, 1:],
+  )
   anchor_bd = losses.last_real_token(rows(hidden_btd), rows(lm.input_mask))
   return losses.triplet_loss(anchor_bd, h_bmd[:, 0], h_bmd[:, 1], reflection.sr_mask, margin)
 
@@ -168,11 +241,15 @@ def continuation_logprobs(model, params, reflection: ReflectionBatch, which: tup
   b, m, c = cont_bmc.shape
   hidden_bpd, context = encode_prefix(model, params, reflection)
   first_logits_bv = head_logits(params, hidden_bpd[:, -1:], model.cfg)[:, 0]  # left-padded
-  logits_rcv, _ = run_continuations(model, params, context, prefix_lengths(reflection), cont_bmc,
-                                    valid_bmc, with_logits=True)
-  return losses.sequence_logprob(jnp.repeat(first_logits_bv, m, axis=0), logits_rcv,
-                                 cont_bmc.reshape(b * m, c), valid_bmc.reshape(b * m,
-                                                                               c)).reshape(b, m)
+  logits_rcv, _ = run_continuations(
+      model, params, context, prefix_lengths(reflection), cont_bmc, valid_bmc, with_logits=True
+  )
+  return losses.sequence_logprob(
+      jnp.repeat(first_logits_bv, m, axis=0),
+      logits_rcv,
+      cont_bmc.reshape(b * m, c),
+      valid_bmc.reshape(b * m, c),
+  ).reshape(b, m)
 
 
 def dpo_reflection_loss(model, params, reference_params, reflection: ReflectionBatch, beta: float):
@@ -180,30 +257,50 @@ def dpo_reflection_loss(model, params, reference_params, reflection: ReflectionB
   round's starting weights as the reference model."""
   policy_bm = continuation_logprobs(model, params, reflection, (0, 2))
   reference_bm = jax.lax.stop_gradient(
-      continuation_logprobs(model, reference_params, reflection, (0, 2)))
-  return losses.dpo_loss(policy_bm[:, 0], policy_bm[:, 1], reference_bm[:, 0], reference_bm[:, 1],
-                         reflection.sr_mask, beta)
+      continuation_logprobs(model, reference_params, reflection, (0, 2))
+  )
+  return losses.dpo_loss(
+      policy_bm[:, 0],
+      policy_bm[:, 1],
+      reference_bm[:, 0],
+      reference_bm[:, 1],
+      reflection.sr_mask,
+      beta,
+  )
 
 
-def train_step(state: TrainState, lm: LMBatch, reflection: ReflectionBatch | None,
-               reference_params=None, *, model, optimizer, loss_cfg: LossConfig):
+def train_step(
+    state: TrainState,
+    lm: LMBatch,
+    reflection: ReflectionBatch | None,
+    reference_params=None,
+    *,
+    model,
+    optimizer,
+    loss_cfg: LossConfig,
+):
   """One optimizer step on L_LM + λ·L_SR; without reflection rows (None) L_SR is 0. With
   `loss_cfg.reflection_loss='dpo'`, L_SR is DPO against `reference_params`."""
 
-  reuse = (reflection is not None and loss_cfg.reflection_loss == "triplet" and
-           loss_cfg.sr_reuse_lm_forward)
+  reuse = (
+      reflection is not None
+      and loss_cfg.reflection_loss == "triplet"
+      and loss_cfg.sr_reuse_lm_forward
+  )
 
   def loss_fn(params):
     keep_kv = min(reflection.prefix.shape[1], lm.inputs.shape[1]) if reuse else 0
-    lm_loss, hidden_btd, kept = lm_forward_loss(model, params, lm, loss_cfg.loss_chunk_tokens,
-                                                keep_kv)
+    lm_loss, hidden_btd, kept = lm_forward_loss(
+        model, params, lm, loss_cfg.loss_chunk_tokens, keep_kv
+    )
     if reflection is None:
       sr_loss = jnp.zeros((), jnp.float32)
     elif loss_cfg.reflection_loss == "dpo":
       sr_loss = dpo_reflection_loss(model, params, reference_params, reflection, loss_cfg.dpo_beta)
     elif reuse:
-      sr_loss = self_reflection_loss_from_lm(model, params, reflection, lm, hidden_btd, kept,
-                                             loss_cfg.sr_margin)
+      sr_loss = self_reflection_loss_from_lm(
+          model, params, reflection, lm, hidden_btd, kept, loss_cfg.sr_margin
+      )
     else:
       sr_loss = self_reflection_loss(model, params, reflection, loss_cfg.sr_margin)
     return lm_loss + loss_cfg.sr_weight * sr_loss, (lm_loss, sr_loss)
@@ -218,15 +315,24 @@ def train_step(state: TrainState, lm: LMBatch, reflection: ReflectionBatch | Non
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
   g = state.guard
   guard = Guard(
-      nonfinite_run=jnp.where(finite, 0, g.nonfinite_run + 1), nonfinite_total=g.nonfinite_total +
-      (~finite).astype(jnp.int32),
-      first_bad_step=jnp.where(finite, -1,
-                               jnp.where(g.nonfinite_run == 0, state.step, g.first_bad_step)),
-      last_finite_loss=jnp.where(finite, loss, g.last_finite_loss))
+      nonfinite_run=jnp.where(finite, 0, g.nonfinite_run + 1),
+      nonfinite_total=g.nonfinite_total + (~finite).astype(jnp.int32),
+      first_bad_step=jnp.where(
+          finite, -1, jnp.where(g.nonfinite_run == 0, state.step, g.first_bad_step)
+      ),
+      last_finite_loss=jnp.where(finite, loss, g.last_finite_loss),
+  )
   metrics = {
-      "loss": loss, "lm_loss": lm_loss, "sr_loss": sr_loss, "grad_norm": grad_norm,
-      "target_tokens": jnp.sum(lm.target_mask.astype(jnp.int32)), "sr_examples": (jnp.zeros(
-          (), jnp.int32) if reflection is None else jnp.sum(reflection.sr_mask.astype(jnp.int32)))
+      "loss": loss,
+      "lm_loss": lm_loss,
+      "sr_loss": sr_loss,
+      "grad_norm": grad_norm,
+      "target_tokens": jnp.sum(lm.target_mask.astype(jnp.int32)),
+      "sr_examples": (
+          jnp.zeros((), jnp.int32)
+          if reflection is None
+          else jnp.sum(reflection.sr_mask.astype(jnp.int32))
+      ),
   }
   return TrainState(state.step + 1, params, opt_state, guard), metrics
 

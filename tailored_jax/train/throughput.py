@@ -1,6 +1,7 @@
 """Training throughput: tokens/s over a window of steps, model FLOP/s and the MFU against the
 chip's data-sheet peak (or, on CPU, the measured matmul peak). Chosen by the devices the step
 runs on, never by the default backend."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,13 @@ import numpy as np
 
 # Dense bf16 peak TFLOP/s per chip, by device kind (vendor data sheets), for the MFU in logs.
 PEAK_BF16_TFLOPS = {
-    "H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
-    "TPU v5p": 459.0, "TPU v6 lite": 918.0
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,
 }
 
 
@@ -58,8 +64,9 @@ def model_flops(num_params: int, tokens_per_s: float, devices, dtype: str = "flo
   if peak:
     return ModelFlops(per_device, per_device / peak, "bf16 peak")
   if getattr(devices[0], "platform", "") == "cpu":
-    return ModelFlops(per_device, per_device / measured_matmul_tflops(dtype),
-                      f"the measured {dtype} matmul peak")
+    return ModelFlops(
+        per_device, per_device / measured_matmul_tflops(dtype), f"the measured {dtype} matmul peak"
+    )
   return ModelFlops(per_device, None, "")
 
 

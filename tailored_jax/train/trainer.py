@@ -4,6 +4,7 @@
 state; a round resumes from its newest mid-round checkpoint with the same batches it would
 have seen (epoch order and self-reflection draws are seeded by round, epoch and step).
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,27 +58,41 @@ class Trainer:
     self.abstract_opt = nn.meta.unbox(abstract_opt)
     replicated = sharding.replicated(mesh)
     self.state_shardings = step_lib.TrainState(
-        replicated, self.param_shardings, self.opt_shardings,
-        step_lib.Guard(replicated, replicated, replicated, replicated))
-    self._init_params = jax.jit(lambda key: nn.meta.unbox(init_boxed(key)[0]),
-                                out_shardings=self.param_shardings)
+        replicated,
+        self.param_shardings,
+        self.opt_shardings,
+        step_lib.Guard(replicated, replicated, replicated, replicated),
+    )
+    self._init_params = jax.jit(
+        lambda key: nn.meta.unbox(init_boxed(key)[0]), out_shardings=self.param_shardings
+    )
     self._init_opt = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)
     self._all_finite = jax.jit(step_lib.all_finite)
     step = functools.partial(
-        step_lib.train_step, model=self.model, optimizer=self.optimizer,
-        loss_cfg=step_lib.LossConfig(train_cfg.sr_weight, train_cfg.sr_margin,
-                                     train_cfg.max_nonfinite_steps > 0, train_cfg.loss_chunk_tokens,
-                                     reflection_loss, train_cfg.get("dpo_beta", 0.1),
-                                     train_cfg.get("sr_reuse_lm_forward", False)))
+        step_lib.train_step,
+        model=self.model,
+        optimizer=self.optimizer,
+        loss_cfg=step_lib.LossConfig(
+            train_cfg.sr_weight,
+            train_cfg.sr_margin,
+            train_cfg.max_nonfinite_steps > 0,
+            train_cfg.loss_chunk_tokens,
+            reflection_loss,
+            train_cfg.get("dpo_beta", 0.1),
+            train_cfg.get("sr_reuse_lm_forward", False),
+        ),
+    )
 
     def train_step(*args):  # traced under the activations' logical layout
       with sharding.activation_layout(mesh):
         return step(*args)
 
-    self._step = jax.jit(train_step,
-                         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-                         donate_argnums=0,
-                         compiler_options=compile_options.for_devices(mesh.devices))
+    self._step = jax.jit(
+        train_step,
+        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+        donate_argnums=0,
+        compiler_options=compile_options.for_devices(mesh.devices),
+    )
 
   def init_params(self, seed: int):
     return self._init_params(jax.random.PRNGKey(seed))
@@ -90,31 +105,48 @@ class Trainer:
     """The train state as shapes, dtypes and shardings (nothing allocated): for lowering the
     step ahead of time and reading XLA's memory analysis."""
     abstract = step_lib.TrainState(
-        jax.ShapeDtypeStruct((), jnp.int32), self.abstract_params, self.abstract_opt,
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x),
-                                                    np.asarray(x).dtype), step_lib.Guard.fresh()))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                        self.state_shardings)
+        jax.ShapeDtypeStruct((), jnp.int32),
+        self.abstract_params,
+        self.abstract_opt,
+        jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), step_lib.Guard.fresh()
+        ),
+    )
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        self.state_shardings,
+    )
 
   def _fresh_guard(self) -> step_lib.Guard:
     return jax.tree.map(
         lambda x: sharding.put_global(np.asarray(x), sharding.replicated(self.mesh)),
-        step_lib.Guard.fresh())
+        step_lib.Guard.fresh(),
+    )
 
   def check_finite_params(self, params, what: str) -> None:
     """Stops with NonFiniteError when any weight is NaN or infinite."""
     if not bool(self._all_finite(params)):
-      raise NonFiniteError(f"{what}: the weights hold NaN or infinite values; they are not used "
-                           "(lower train.lr, or use float32 if bf16 overflowed)")
+      raise NonFiniteError(
+          f"{what}: the weights hold NaN or infinite values; they are not used "
+          "(lower train.lr, or use float32 if bf16 overflowed)"
+      )
 
   @functools.cached_property
   def planner(self) -> train_memory.Planner:
     """The memory planner for this trainer's worst-case step (nothing allocated)."""
     cfg = self.model.cfg
-    state = train_memory.state_bytes(self.abstract_params, self.param_shardings, self.abstract_opt,
-                                     self.opt_shardings, cfg.n_layers, self.mesh.shape["tensor"])
-    shape = train_memory.worst_case_shape(self.cfg, dict(self.mesh.shape),
-                                          layers.uses_native_attention(cfg))
+    state = train_memory.state_bytes(
+        self.abstract_params,
+        self.param_shardings,
+        self.abstract_opt,
+        self.opt_shardings,
+        cfg.n_layers,
+        self.mesh.shape["tensor"],
+    )
+    shape = train_memory.worst_case_shape(
+        self.cfg, dict(self.mesh.shape), layers.uses_native_attention(cfg)
+    )
     return train_memory.Planner(cfg, shape, state)
 
   def step_fn(self):
@@ -134,13 +166,15 @@ class Trainer:
           f"{step_number}) had a non-finite loss or gradient and were skipped; last finite loss "
           f"{float(guard.last_finite_loss):.4f}. Try a lower train.lr (now {self.cfg.lr:g}), "
           "float32 if bfloat16 overflowed, or look for a bad data row in those steps' batches. "
-          "The round is not marked complete.")
+          "The round is not marked complete."
+      )
     return guard
 
   def put_batch(self, batch):
     """A batch dataclass (or None) as global arrays, rows split over the batch axes."""
     return jax.tree.map(
-        lambda v: sharding.put_global(v, sharding.batch_sharding(self.mesh, v.ndim)), batch)
+        lambda v: sharding.put_global(v, sharding.batch_sharding(self.mesh, v.ndim)), batch
+    )
 
   def schedule(self, batcher: Batcher, seed: int, round_index: int) -> list[list[int]]:
     """Every batch of the round, in order: `epochs` epochs of distinct-question batches."""
@@ -159,9 +193,18 @@ class Trainer:
     carry = checkpointing.restore_params(directory, like, shardings)
     return step_lib.TrainState(carry["step"], params, carry["opt_state"], self._fresh_guard())
 
-  def train_round(self, params, batcher: Batcher, *, seed: int, round_index: int,
-                  checkpoint_dir: str, state=None, metrics: Metrics | None = None,
-                  step_offset: int = 0):
+  def train_round(
+      self,
+      params,
+      batcher: Batcher,
+      *,
+      seed: int,
+      round_index: int,
+      checkpoint_dir: str,
+      state=None,
+      metrics: Metrics | None = None,
+      step_offset: int = 0,
+  ):
     """Trains one round from `params` (or from a given state, optimizer included); returns
     (final state, summary dict). `metrics` gets the train/* scalars at each log step, numbered
     `step_offset` + the round's step."""
@@ -176,32 +219,49 @@ class Trainer:
     start, state = self._resume(checkpoints, state, round_index, len(batches))
     logging.info(
         "round %d: training on %d examples (%d with self-reflection pairs), %d steps, "
-        "seq_len %d%s, %.1f%% padding, %d LM lengths", round_index, len(batcher),
-        batcher.sr_candidates, len(batches), batcher.seq_len,
-        f", {batcher.truncated} cut" if batcher.truncated else "", 100 * padding_share, lm_lengths)
+        "seq_len %d%s, %.1f%% padding, %d LM lengths",
+        round_index,
+        len(batcher),
+        batcher.sr_candidates,
+        len(batches),
+        batcher.seq_len,
+        f", {batcher.truncated} cut" if batcher.truncated else "",
+        100 * padding_share,
+        lm_lengths,
+    )
     progress = Progress(f"train {round_index}", len(batches), "steps", start=start)
     completed = hooks_lib.CompletedSteps(progress)
-    log = hooks_lib.TrainLog(self._checked_guard, self.flops, progress, metrics or Metrics(),
-                             step_offset)
+    log = hooks_lib.TrainLog(
+        self._checked_guard, self.flops, progress, metrics or Metrics(), step_offset
+    )
     hooks = hooks_lib.Hooks()
     hooks.add(log.count, every=1, at_end=True)
     hooks.add(log, every=self.cfg.log_every_steps, at_end=True)
-    hooks.add(functools.partial(self._checkpoint, checkpoints),
-              every=self.cfg.checkpoint_every_steps, at_end=False)
+    hooks.add(
+        functools.partial(self._checkpoint, checkpoints),
+        every=self.cfg.checkpoint_every_steps,
+        at_end=False,
+    )
     round_start = time.time()
     step_shapes = set()  # (LM length, continuation length): one compiled step each
     total_tokens = 0
     for i in range(start, len(batches)):
       lm, reflection = batcher.build(batches[i], derive_seed(seed, round_index, i, 1))
       step_shapes.add(
-          (lm.inputs.shape[1], None if reflection is None else reflection.continuations.shape[2]))
-      inputs = int(lm.input_mask.sum()) + (0 if reflection is None else int(
-          reflection.prefix_mask.sum() + reflection.continuation_mask.sum()))
-      state, step_metrics = step_fn(state, self.put_batch(lm), self.put_batch(reflection),
-                                    reference)
+          (lm.inputs.shape[1], None if reflection is None else reflection.continuations.shape[2])
+      )
+      inputs = int(lm.input_mask.sum()) + (
+          0
+          if reflection is None
+          else int(reflection.prefix_mask.sum() + reflection.continuation_mask.sum())
+      )
+      state, step_metrics = step_fn(
+          state, self.put_batch(lm), self.put_batch(reflection), reference
+      )
       completed.dispatched(step_metrics["loss"])
-      info = hooks_lib.StepInfo(round_index, i + 1, len(batches), state, step_metrics,
-                                int(lm.target_mask.sum()), inputs)
+      info = hooks_lib.StepInfo(
+          round_index, i + 1, len(batches), state, step_metrics, int(lm.target_mask.sum()), inputs
+      )
       total_tokens += info.target_tokens
       hooks(info)
     completed.drain()
@@ -210,14 +270,20 @@ class Trainer:
     guard = self._checked_guard(state, round_index, len(batches))
     seconds = time.time() - round_start
     summary = {
-        "steps": len(batches), "resumed_at_step": start, "seconds": seconds,
-        "self_reflection": batcher.self_reflection, "optimizer_step_at_start": start_optimizer_step,
-        "final_loss": log.last.get("loss"), "final_lm_loss": log.last.get("lm_loss"),
-        "final_sr_loss": log.last.get("sr_loss"), "target_tokens": total_tokens,
-        "padding_share": round(padding_share,
-                               4), "lm_lengths": lm_lengths, "step_shapes": len(step_shapes),
-        "nonfinite_steps_skipped": int(guard.nonfinite_total
-                                      ), "target_tokens_per_s": total_tokens / max(seconds, 1e-9)
+        "steps": len(batches),
+        "resumed_at_step": start,
+        "seconds": seconds,
+        "self_reflection": batcher.self_reflection,
+        "optimizer_step_at_start": start_optimizer_step,
+        "final_loss": log.last.get("loss"),
+        "final_lm_loss": log.last.get("lm_loss"),
+        "final_sr_loss": log.last.get("sr_loss"),
+        "target_tokens": total_tokens,
+        "padding_share": round(padding_share, 4),
+        "lm_lengths": lm_lengths,
+        "step_shapes": len(step_shapes),
+        "nonfinite_steps_skipped": int(guard.nonfinite_total),
+        "target_tokens_per_s": total_tokens / max(seconds, 1e-9),
     }
     return state, summary
 
@@ -230,8 +296,9 @@ class Trainer:
       return found
     if had_checkpoints:
       logging.warning(
-          "round %d: no intact step checkpoint left; training the round from its "
-          "start", round_index)
+          "round %d: no intact step checkpoint left; training the round from its " "start",
+          round_index,
+      )
     return 0, state
 
   def _checkpoint(self, checkpoints, info: hooks_lib.StepInfo) -> None:
@@ -240,5 +307,6 @@ class Trainer:
 
   def flops(self, input_tokens_per_s: float) -> throughput.ModelFlops:
     """Model FLOP/s per device of this trainer's mesh at a rate of tokens processed."""
-    return throughput.model_flops(self.num_params, input_tokens_per_s, self.mesh.devices.flat,
-                                  self.model.cfg.dtype)
+    return throughput.model_flops(
+        self.num_params, input_tokens_per_s, self.mesh.devices.flat, self.model.cfg.dtype
+    )

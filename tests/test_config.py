@@ -138,18 +138,22 @@ def test_cli_overrides_and_their_errors():
 
 def test_the_config_schema_is_a_leaf():
   """Importing the config loads no other module of the package (no teacher, model or jax)."""
+  loaded = modules_after_import("tailored_jax.config_lib")
+  assert sorted(m for m in loaded if m.startswith(("tailored_jax", "jax"))) == [
+      "tailored_jax",
+      "tailored_jax.config_lib",
+  ]
+
+
+def modules_after_import(module: str) -> set[str]:
+  """The modules a fresh interpreter holds after importing `module`."""
   out = subprocess.run(
-      [
-          sys.executable,
-          "-c",
-          "import sys, tailored_jax.config_lib; "
-          "print(sorted(m for m in sys.modules if m.startswith(('tailored_jax', 'jax'))))",
-      ],
+      [sys.executable, "-c", f"import sys, {module}; print(*sys.modules, sep=chr(10))"],
       capture_output=True,
       text=True,
       check=True,
   ).stdout
-  assert out.strip() == "['tailored_jax', 'tailored_jax.config_lib']"
+  return set(out.split())
 
 
 def test_overrides_parse_as_the_fields_type():
@@ -203,16 +207,6 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
 
 def test_the_models_package_is_the_network_alone():
   """Student I/O (HF, GGUF, tokenizers) lives in student_io: building a model loads none of it."""
-  out = subprocess.run(
-      [
-          sys.executable,
-          "-c",
-          "import sys, tailored_jax.models; "
-          "print(sorted(m for m in ('transformers', 'gguf', 'safetensors', "
-          "'tailored_jax.student_io', 'tailored_jax.teacher') if m in sys.modules))",
-      ],
-      capture_output=True,
-      text=True,
-      check=True,
-  ).stdout
-  assert out.strip() == "[]"
+  loaded = modules_after_import("tailored_jax.models")
+  io = {"transformers", "gguf", "safetensors", "tailored_jax.student_io", "tailored_jax.teacher"}
+  assert not io & loaded

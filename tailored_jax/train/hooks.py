@@ -71,6 +71,7 @@ class CompletedSteps:
 
   def drain(self) -> None:
     """Waits for the steps still running, counting each as it ends."""
+    self.poll()
     while self._pending:
       jax.block_until_ready(self._pending.popleft())
       self.progress.update(1)

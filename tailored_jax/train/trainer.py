@@ -264,6 +264,7 @@ class Trainer:
       )
       total_tokens += info.target_tokens
       hooks(info)
+      completed.poll()  # a log or checkpoint hook may have waited for the device
     completed.drain()
     progress.close()
     checkpoints.close()

@@ -77,7 +77,7 @@ def _save(mngr: ocp.CheckpointManager, directory: str, step: int, tree, **info) 
     mngr.wait_until_finished()
   except Exception as e:  # orbax wraps OS errors in many types: name the directory and the cause
     raise wd.StorageError(
-        f"cannot save checkpoint {directory} step {step}: " f"{wd.root_cause(e)}"
+        f"cannot save checkpoint {directory} step {step}: {wd.root_cause(e)}"
     ) from e
   manifest = {"step": step, **info, "arrays": checksums(tree)}
   wd.write_json(os.path.join(directory, str(step), MANIFEST), manifest)
@@ -101,7 +101,7 @@ def _restore_verified(mngr: ocp.CheckpointManager, directory: str, step: int, li
   bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
   if bad:
     raise CheckpointError(
-        f"{where}: {len(bad)} arrays differ from the manifest written with " f"them, e.g. {bad[0]}"
+        f"{where}: {len(bad)} arrays differ from the manifest written with them, e.g. {bad[0]}"
     )
   return restored
 

@@ -354,7 +354,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(
       not (t.sr_reuse_lm_forward and c.method.reflection_loss == "dpo"),
       "train.sr_reuse_lm_forward",
-      "applies to the triplet loss only, not method." "reflection_loss='dpo'",
+      "applies to the triplet loss only, not method.reflection_loss='dpo'",
   )
   _require(
       0 <= t.sr_batch_size <= t.batch_size,

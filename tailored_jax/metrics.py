@@ -51,7 +51,7 @@ class Metrics:
         import wandb
       except ImportError as e:
         raise ImportError(
-            "logging.wandb_project is set but wandb is not installed: " "pip install -e '.[wandb]'"
+            "logging.wandb_project is set but wandb is not installed: pip install -e '.[wandb]'"
         ) from e
       wandb_run = wandb.init(
           project=log_cfg.wandb_project,

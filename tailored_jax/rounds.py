@@ -506,7 +506,7 @@ class Run:
     data = self.training_data(round_index)
     if not data:
       raise RuntimeError(
-          f"round {round_index}: no teacher data to train on " "(see round_*/teacher.json)"
+          f"round {round_index}: no teacher data to train on (see round_*/teacher.json)"
       )
     negatives: dict[str, list[str]] = {}
     mistakes_path = self.layout.mistakes(round_index - 1)

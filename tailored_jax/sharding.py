@@ -111,7 +111,7 @@ def decode_shardings(specs, abstract_params, mesh: Mesh, layout: str):
     return nn.logical_to_mesh_sharding(specs, mesh, RULES)
   if layout not in DECODE_LAYOUTS:
     raise ValueError(
-        f"config field mesh.decode_layout: {layout!r} is not one of " f"{list(DECODE_LAYOUTS)}"
+        f"config field mesh.decode_layout: {layout!r} is not one of {list(DECODE_LAYOUTS)}"
     )
   is_spec = lambda x: isinstance(x, PartitionSpec)
   sizes: dict[str, set[int]] = {}

@@ -55,7 +55,7 @@ def _write_atomically(path: str, write) -> None:
     os.replace(tmp, path)
   except OSError as e:
     raise StorageError(
-        f"cannot write {path}: {root_cause(e)} ({free_mib(path):.1f} MiB " "free)"
+        f"cannot write {path}: {root_cause(e)} ({free_mib(path):.1f} MiB free)"
     ) from e
 
 

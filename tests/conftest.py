@@ -57,7 +57,7 @@ def _fail_the_skip(report) -> None:
   reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
   report.outcome = "failed"
   report.longrepr = (
-      f"skipped under CI=true, and tests/allowed_skips.txt does not allow it: " f"{reason}"
+      f"skipped under CI=true, and tests/allowed_skips.txt does not allow it: {reason}"
   )
 
 

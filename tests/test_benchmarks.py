@@ -126,7 +126,7 @@ def test_csqa_format_and_unlabeled_test_file():
   example = next(e for e in t.splits()["test"] if e.id == "1afa02df02c908a558b4036e80242fac")
   assert example.gold == "a"
   assert example.question.endswith(
-      "Answer Choices:\n(a) bank\n(b) library\n(c) department " "store\n(d) mall\n(e) new york"
+      "Answer Choices:\n(a) bank\n(b) library\n(c) department store\n(d) mall\n(e) new york"
   )
   prefix = t.format_prefix(example.question, t.all_demos[:1])
   assert prefix.endswith("(e) new york\nAnswer:") and prefix.count("Question:") == 2
@@ -205,7 +205,7 @@ def test_gsm8k_from_a_prepared_tfds_dataset(tmp_path):
       "train": [
           {
               "question": f"What is {i} + {i}?",
-              "answer": f"{i}+{i}=<<{i}+{i}={2 * i}>>" f"{2 * i}\n#### {2 * i:,}",
+              "answer": f"{i}+{i}=<<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i:,}",
           }
           for i in range(998, 1006)
       ],

@@ -48,7 +48,7 @@ def test_importing_the_package_leaves_xla_flags_alone():
       [
           sys.executable,
           "-c",
-          "import os, tailored_jax.main; " "print(repr(os.environ.get('XLA_FLAGS')))",
+          "import os, tailored_jax.main; print(repr(os.environ.get('XLA_FLAGS')))",
       ],
       env=env,
       capture_output=True,

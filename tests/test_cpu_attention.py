@@ -194,7 +194,7 @@ def test_a_compiler_without_march_native_builds_for_the_baseline(monkeypatch, tm
   """Compilers that refuse -march=native (Apple clang on arm64) get the portable flags."""
   compiler = tmp_path / "cxx"
   compiler.write_text(
-      '#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\n' 'exec g++ "$@"\n'
+      '#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec g++ "$@"\n'
   )
   compiler.chmod(0o755)
   monkeypatch.setenv("CXX", str(compiler))

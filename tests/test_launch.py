@@ -51,7 +51,7 @@ def test_slurm_dry_run_prints_one_process_per_node():
       "slurm.sh", "configs/gsm8k_gptj6b.py", "/shared/run", "--config.rounds=2", NODES="2"
   )
   assert lines[1].startswith(
-      "run: 'srun' '--ntasks-per-node=1' 'python' '-m' " "'tailored_jax.main' '--distributed'"
+      "run: 'srun' '--ntasks-per-node=1' 'python' '-m' 'tailored_jax.main' '--distributed'"
   )
   assert lines[2:] == [
       f"node {rank}: SLURM_PROCID={rank} SLURM_NTASKS=2 coordinator=node0 python -m "

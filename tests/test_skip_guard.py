@@ -21,7 +21,7 @@ def pytest_run(test_id: str, tmp_path, **env) -> subprocess.CompletedProcess:
 
 def test_without_a_compiler_ci_fails_naming_the_reason(tmp_path):
   test_id = (
-      "tests/test_cpu_attention.py::" "test_causal_attention_picks_the_kernel_by_config_and_dtype"
+      "tests/test_cpu_attention.py::test_causal_attention_picks_the_kernel_by_config_and_dtype"
   )
   done = pytest_run(test_id, tmp_path, CI="true", CXX="false")
   assert done.returncode == 1, done.stdout

@@ -74,7 +74,7 @@ def test_feedback_names_first_wrong_step(server):
   assert status == 200
   text = reply["choices"][0]["message"]["content"]
   assert text.startswith(
-      "Feedback: Step 2 is wrong: you wrote 8 * 2 = 18, but it should be " "8 * 2 = 16."
+      "Feedback: Step 2 is wrong: you wrote 8 * 2 = 18, but it should be 8 * 2 = 16."
   )
   assert prompts.parse_reply(text).answer == "16"
 

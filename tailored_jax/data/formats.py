@@ -23,7 +23,7 @@ class QAFormat:
   """`Question: q\\nReasoning: r\\nAnswer: a` (math tasks and StrategyQA)."""
 
   style_hint: str = (
-      "one short sentence per step, every calculation written as an equation " "like 12 + 7 = 19"
+      "one short sentence per step, every calculation written as an equation like 12 + 7 = 19"
   )
   answer_hint: str = "the final answer only"
 

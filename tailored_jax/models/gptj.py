@@ -180,7 +180,7 @@ def from_hf_config(hf: dict, model_type: str) -> GPTJConfig:
   del model_type
   if hf.get("activation_function", "gelu_new") != "gelu_new":
     raise ValueError(
-        f"activation_function {hf['activation_function']!r} is not supported " "(gelu_new)"
+        f"activation_function {hf['activation_function']!r} is not supported (gelu_new)"
     )
   return GPTJConfig(
       vocab_size=hf["vocab_size"],

@@ -50,7 +50,7 @@ class StopTables:
     size = tok.vocab_size if vocab_size is None else vocab_size
     if size < tok.vocab_size:
       raise ValueError(
-          f"model vocabulary ({size}) is smaller than the tokenizer's " f"({tok.vocab_size})"
+          f"model vocabulary ({size}) is smaller than the tokenizer's ({tok.vocab_size})"
       )
     starts, ends, blank = (np.zeros(size, bool) for _ in range(3))
     if blank_line:

@@ -20,7 +20,7 @@ class SamplingConfig:
   def __post_init__(self):
     if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
       raise ValueError(
-          f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, " f"0 < top_p <= 1"
+          f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1"
       )
 
 

@@ -60,7 +60,7 @@ def _as_transformers_encodes(directory: str, raw: tokenizers.Tokenizer) -> token
     hf = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
   except Exception as e:  # any failure of transformers' loader: report, keep the cause
     raise ModelImportError(
-        f"{directory}: transformers cannot load this tokenizer " f"({type(e).__name__}: {e})"
+        f"{directory}: transformers cannot load this tokenizer ({type(e).__name__}: {e})"
     ) from e
   backend = getattr(hf, "backend_tokenizer", None) or raw
   backend = tokenizers.Tokenizer.from_str(backend.to_str())
@@ -108,7 +108,7 @@ def _hf_tokenizer(directory: str) -> tuple[Tokenizer, str | None]:
     if token:
       if tok.token_to_id(token) is None:
         raise ModelImportError(
-            f"{directory}/tokenizer_config.json: {key}_token {token!r} is " "not in tokenizer.json"
+            f"{directory}/tokenizer_config.json: {key}_token {token!r} is not in tokenizer.json"
         )
       return tok.token_to_id(token)
     for name, source in id_sources:
@@ -125,9 +125,7 @@ def _hf_tokenizer(directory: str) -> tuple[Tokenizer, str | None]:
 
   bos, eos, pad = token_id("bos"), token_id("eos"), token_id("pad")
   if eos is None:
-    raise ModelImportError(
-        f"{directory}: cannot tell the EOS token (no eos_token or " "eos_token_id)"
-    )
+    raise ModelImportError(f"{directory}: cannot tell the EOS token (no eos_token or eos_token_id)")
   tokenizer = Tokenizer(
       _as_transformers_encodes(directory, tok),
       bos if bos is not None else eos,

@@ -54,7 +54,7 @@ def read_requests(path: str, defaults: dict) -> list[tuple[str, ChatRequest]]:
           and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
       ):
         raise ValueError(
-            f"{where}: field 'messages' must be a list of {{role, content}} " "(or give 'prompt')"
+            f"{where}: field 'messages' must be a list of {{role, content}} (or give 'prompt')"
         )
       options = {k: record.get(k, defaults[k]) for k in ("n", "temperature", "max_tokens")}
       out.append((rid, ChatRequest(messages, **options)))

@@ -282,7 +282,7 @@ class ChatClient:
             message = self._redact(_error_message(text))
             if response.status not in RETRYABLE_STATUS:
               raise TeacherError(
-                  f"{self.url}: HTTP {response.status} for request {key[:16]}: " f"{message}"
+                  f"{self.url}: HTTP {response.status} for request {key[:16]}: {message}"
               )
             last_error = f"HTTP {response.status}: {message}"
             wait = retry_after_seconds(response.headers.get("Retry-After"))

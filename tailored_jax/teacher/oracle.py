@@ -43,7 +43,7 @@ def reply(messages: list[dict], n: int, rng: random.Random, error_rate: float = 
       continue
     wrong = synthetic.first_wrong_step(problem, request.student_rationale)
     if wrong is None:
-      feedback = "Every step you wrote is right, but the final answer does not follow from " "them."
+      feedback = "Every step you wrote is right, but the final answer does not follow from them."
     elif wrong[1]:
       step, eq = wrong
       before, after = problem.values()[step - 1 : step + 1]

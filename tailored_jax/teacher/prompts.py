@@ -32,7 +32,7 @@ def _examples(demos: list[Demo]) -> str:
   if not demos:
     return ""
   shots = "\n\n".join(
-      f"{_PROBLEM}{d.question}\nReasoning: {clean_rationale(d.rationale)}\n" f"Answer: {d.answer}"
+      f"{_PROBLEM}{d.question}\nReasoning: {clean_rationale(d.rationale)}\nAnswer: {d.answer}"
       for d in demos
   )
   return f"Examples of the expected style:\n\n{shots}\n\n"

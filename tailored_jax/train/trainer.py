@@ -297,7 +297,7 @@ class Trainer:
       return found
     if had_checkpoints:
       logging.warning(
-          "round %d: no intact step checkpoint left; training the round from its " "start",
+          "round %d: no intact step checkpoint left; training the round from its start",
           round_index,
       )
     return 0, state

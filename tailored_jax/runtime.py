@@ -14,13 +14,24 @@ import ml_collections
 from tailored_jax import checkpointing, sharding
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.layout import Layout
-from tailored_jax.models import build_model, layers
+from tailored_jax.models import build_model, cpu_attention, layers
 from tailored_jax.student_io import vocab
 from tailored_jax.models.layers import tree_get
 from tailored_jax.student_io.pretrained import Pretrained
 from tailored_jax.sample.decode import Decoder, StopTables
 from tailored_jax.sample.memory import device_memory_bytes
 from tailored_jax.train.trainer import Trainer
+
+
+def one_attention_for_all_processes(model_section, mesh) -> None:
+  """Every process runs the native CPU attention, or none does: a process whose compiler
+  cannot build it would otherwise trace another program than the rest and hang them."""
+  if jax.process_count() == 1 or model_section.cpu_attention != "native":
+    return
+  if mesh.devices.flat[0].platform != "cpu":
+    return
+  if sharding.smallest(int(cpu_attention.available())) == 0 and cpu_attention.available():
+    cpu_attention.turn_off("another process of this run cannot build it")
 
 
 class StudentRuntime:
@@ -33,11 +44,14 @@ class StudentRuntime:
     self.mesh = mesh
     self.pretrained = pretrained
     self.tokenizer = Tokenizer.load(layout.tokenizer)
+    one_attention_for_all_processes(cfg.model, mesh)
     self.model = build_model(
         cfg.model, self.tokenizer.vocab_size, pretrained.cfg if pretrained else None
     )
     self.trainer = Trainer(self.model, cfg.train, mesh, cfg.method.reflection_loss)
-    self.trainer.planner.check(cfg.train.memory_budget_gb, device_memory_bytes)
+    self.trainer.planner.check(
+        cfg.train.memory_budget_gb, lambda: sharding.smallest(device_memory_bytes())
+    )
     self.decoder = Decoder(
         self.model, StopTables.from_tokenizer(self.tokenizer, self.model.cfg.vocab_size)
     )

@@ -192,6 +192,17 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def smallest(value: int) -> int:
+  """The smallest of every process's `value`, on every process: for choices each process
+  would otherwise make from its own machine (free memory, a kernel that builds), which must be
+  the same everywhere, or the processes trace different programs and hang in a collective."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+
+  return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
 def agree(flag: bool) -> bool:
   """Process 0's value of `flag`, on every process (the value itself in a single process)."""
   if jax.process_count() == 1:

@@ -21,8 +21,11 @@ assert jax.process_count() == 2 and jax.device_count() == 4
 sys.path.insert(0, sys.argv[4])
 from tests.test_rounds import tiny_config
 from tailored_jax import rounds
+if os.environ.get("TEST_DEVICE_BUDGET_BYTES"):  # this machine has less free memory than the rest
+  from tailored_jax.sample import memory
+  memory.device_budget_bytes = lambda fraction=0.5: int(os.environ["TEST_DEVICE_BUDGET_BYTES"])
 cfg = tiny_config()
-cfg.rounds = 2
+cfg.rounds = int(sys.argv[6])
 cfg.mesh.num_devices = 0
 cfg.teacher.max_requests = int(sys.argv[5])
 rounds.run(cfg, sys.argv[3])
@@ -40,13 +43,17 @@ def read(workdir, *parts):
     return f.read()
 
 
-def run_two(workdir: str, max_requests: int = 0) -> list[tuple[int, str]]:
+def run_two(
+    workdir: str, max_requests: int = 0, rounds: int = 2, process_1_env: dict | None = None
+) -> list[tuple[int, str]]:
+  """Both processes' (exit code, output); `process_1_env` changes process 1's machine."""
   address = f"127.0.0.1:{free_port()}"
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   workers = [
       subprocess.Popen(
-          [sys.executable, "-c", WORKER, address, str(i), workdir, ROOT, str(max_requests)],
-          env=env,
+          [sys.executable, "-c", WORKER, address, str(i), workdir, ROOT, str(max_requests)]
+          + [str(rounds)],
+          env=dict(env, **(process_1_env or {})) if i == 1 else env,
           stdout=subprocess.PIPE,
           stderr=subprocess.STDOUT,
           text=True,
@@ -87,3 +94,35 @@ def test_two_processes_match_one(tmp_path):
   assert read(shared, "teacher_cache.jsonl").count("\n") == read(
       single, "teacher_cache.jsonl"
   ).count("\n")
+
+
+def test_processes_on_unequal_machines_make_one_choice(tmp_path):
+  """Process 1 has no C++ compiler and almost no free memory: without one decision for all,
+  the processes would trace different attentions and exam batch shapes and hang. They run the
+  XLA attention and the smallest batch everywhere, as one process configured so does."""
+  from tests.test_rounds import tiny_config
+
+  shared = str(tmp_path / "shared")
+  unequal = {
+      "CXX": "false",
+      "TAILORED_JAX_CACHE": str(tmp_path / "empty_kernel_cache"),
+      "TEST_DEVICE_BUDGET_BYTES": "1",
+  }
+  (rc0, out0), (rc1, out1) = run_two(shared, rounds=1, process_1_env=unequal)
+  assert rc0 == 0 and rc1 == 0, (out0[-3000:], out1[-3000:])
+  assert "native CPU attention off: another process of this run cannot build it" in out0
+  batch_lines = lambda out: [
+      line.split("] ")[-1] for line in out.splitlines() if "per batch" in line
+  ]
+  assert batch_lines(out0) == batch_lines(
+      out1
+  ) and "evaluate 1 test: 4 prompts x 1 samples per batch (asked 8)" in (batch_lines(out0)[-1])
+  cfg = tiny_config()
+  cfg.rounds = 1
+  cfg.mesh.num_devices = 4
+  cfg.model.cpu_attention = "xla"
+  single = str(tmp_path / "single")
+  records = rounds.run(cfg, single)
+  shared_records = json.loads(read(shared, "summary.json"))
+  assert [dict(r, seconds=0) for r in shared_records] == [dict(r, seconds=0) for r in records]
+  assert read(shared, "round_1", "eval_test.jsonl") == read(single, "round_1", "eval_test.jsonl")

@@ -141,6 +141,14 @@ def available() -> bool:
     return _state["ok"]
 
 
+def turn_off(reason: str) -> None:
+  """The XLA form from now on in this process (e.g. another process of the run cannot build
+  the kernel: all must trace the same program)."""
+  with _lock:
+    _state.update(ok=False, why=reason)
+  logging.warning("native CPU attention off: %s", reason)
+
+
 def chosen(kernel: str, dtype) -> bool:
   """Whether the training attention runs this kernel: asked for (`model.cpu_attention`
   'native'), float32 compute, and built here."""

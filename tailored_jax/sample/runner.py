@@ -95,7 +95,7 @@ def generate_texts(
   row_axes = sharding.decode_row_axes(decode_layout, jax.tree.map(lambda x: x.sharding, params))
   rows = sharding.decode_batch_sharding(mesh, 2, row_axes)
   row_shards = int(np.prod([mesh.shape[axis] for axis in row_axes]))
-  budget = memory_budget_bytes or memory.device_budget_bytes()
+  budget = sharding.smallest(memory_budget_bytes or memory.device_budget_bytes())
   requested = batch_size
   wanted = min(batch_size, round_up(len(prompts), row_shards))  # no batch beyond the prompts
   batch_size = memory.fit_batch(wanted, need.total, budget, row_shards)

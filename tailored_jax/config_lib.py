@@ -188,6 +188,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.base_url = "https://api.openai.com/v1"
   c.teacher.model = "gpt-4o-mini"  # ignored for 'local'
   c.teacher.api_key_env = "OPENAI_API_KEY"
+  # Or a file holding the key (mode 600), read by process 0 alone: what launch/tpu_pod.sh copies
+  # to worker 0, so the key is on no command line, log or workdir.
+  c.teacher.api_key_file = ""
   c.teacher.num_rationales = 4  # rationales asked per question at annotation
   c.teacher.feedback_samples = 1  # tailored rationales asked per mistake
   c.teacher.temperature = 0.7
@@ -460,6 +463,7 @@ RESUMABLE_FIELDS = (
     "teacher.max_total_tokens",
     "teacher.max_cost",
     "teacher.prices",
+    "teacher.api_key_file",
     "eval.batch_size",
     "exam.batch_size",
     "mesh.data",

@@ -32,6 +32,7 @@ from tailored_jax.progress import Progress
 from tailored_jax.sample.runner import generate_texts
 from tailored_jax.sample.sampling import SamplingConfig
 from tailored_jax.teacher import prompts as teacher_prompts
+from tailored_jax.teacher.api_key import read_api_key
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.dataset import DatasetAnswers
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
@@ -138,7 +139,8 @@ class Run:
         model = models[0] if len(models) == 1 else t.model
         base_url, api_key = "http://replay.invalid/v1", ""
       else:
-        base_url, model, api_key = t.base_url, t.model, os.environ.get(t.api_key_env, "")
+        base_url, model = t.base_url, t.model
+        api_key = read_api_key(t.api_key_file, t.api_key_env)
       self._client = ChatClient(
           base_url,
           model,

@@ -82,3 +82,58 @@ def test_tpu_pod_dry_run_prints_every_workers_command():
       f"'--zone=us-central2-b' '--worker=all' '--command' '{remote}'"
   )
   assert lines[1:] == [f"worker {w}: {remote}" for w in range(4)]
+
+
+def test_tpu_pod_dry_run_activates_the_env_quotes_paths_and_masks_the_key():
+  lines = dry_run(
+      "tpu_pod.sh",
+      "my-tpu",
+      "us-central2-b",
+      "configs/my config.py",
+      "/mnt/my run",
+      OPENAI_API_KEY="sk-secret",
+      TAILORED_JAX_ENV="/opt/venvs/tj env",
+  )
+  assert not any("sk-secret" in line for line in lines)
+  assert lines[0].startswith("key: OPENAI_API_KEY=<set>, to worker 0's ~/.tailored_jax/teacher_key")
+  assert "'--worker=0'" in lines[1] and "umask 077" in lines[1]
+  assert lines[-1] == (
+      "worker 0: cd tailored_jax && source /opt/venvs/tj\\ env/bin/activate && python -m "
+      "tailored_jax.main --distributed --config=configs/my\\ config.py --workdir=/mnt/my\\ run "
+      "--config.teacher.api_key_file=$HOME/.tailored_jax/teacher_key"
+  )
+
+
+def test_tpu_pod_launch_sends_the_key_to_worker_0_on_standard_input_only(tmp_path):
+  """A stand-in `gcloud` records every command line and runs worker 0's `--command` as the
+  worker's shell would (HOME: a folder of the test): the key reaches a mode-600 file there and
+  no command line."""
+  bin_dir, home = tmp_path / "bin", tmp_path / "worker0_home"
+  bin_dir.mkdir()
+  home.mkdir()
+  (bin_dir / "gcloud").write_text(
+      "#!/usr/bin/env bash\n"
+      'printf "%s\\n" "$*" >> "$CALLS"\n'
+      'for a in "$@"; do [[ $prev == --command ]] && command=$a; prev=$a; done\n'
+      'if [[ " $* " == *" --worker=0 "* ]]; then HOME="$WORKER0_HOME" bash -c "$command"; fi\n'
+  )
+  (bin_dir / "gcloud").chmod(0o755)
+  calls = tmp_path / "calls"
+  subprocess.run(
+      ["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "t", "z", "c.py", "/w"],
+      env=dict(
+          os.environ,
+          PATH=f"{bin_dir}:{os.environ['PATH']}",
+          CALLS=str(calls),
+          WORKER0_HOME=str(home),
+          MY_KEY="sk-secret",
+          TEACHER_KEY_ENV="MY_KEY",
+      ),
+      check=True,
+  )
+  lines = calls.read_text().splitlines()
+  assert len(lines) == 2 and "--worker=0" in lines[0] and "--worker=all" in lines[1]
+  assert not any("sk-secret" in line for line in lines)
+  key_file = home / ".tailored_jax" / "teacher_key"
+  assert key_file.read_text() == "sk-secret\n" and (key_file.stat().st_mode & 0o777) == 0o600
+  assert "--config.teacher.api_key_file=$HOME/.tailored_jax/teacher_key" in lines[1]

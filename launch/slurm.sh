@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Multi-GPU / multi-node on SLURM, one process per node (JAX sees every local GPU):
+# Multi-GPU / multi-node on SLURM, one process per node, holding every GPU SLURM gave its node
+# (tailored_jax/cluster.py; the run stops at start, naming both counts, if it holds fewer):
 #   sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh CONFIG WORKDIR [--config.X=Y ...]
 # WORKDIR must be on a filesystem every node sees: process 0 writes it, all read it.
 # DRY_RUN=1 (outside or inside an allocation) prints the srun command and, per node, the

@@ -76,7 +76,12 @@ def main(argv):
   import jax
 
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    from tailored_jax import cluster
+
+    try:
+      cluster.initialize()
+    except cluster.ClusterError as e:
+      sys.exit(f"error: {e}")
   from tailored_jax import config_lib, rounds, summary
 
   try:

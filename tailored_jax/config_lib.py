@@ -12,6 +12,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from tailored_jax import tpu_slices
+
 # Common slices: devices, memory per device (GB, vendor figures) and the (data, fsdp, tensor)
 # mesh the paper's students use there: weights and AdamW state sharded over the fast
 # interconnect (fsdp), data parallel across hosts where a slice spans them.
@@ -24,9 +26,20 @@ MESH_PRESETS = {
     "h100-2x8": (16, 80, (2, 8, 1)),
 }
 
+
+def mesh_preset(name: str) -> tuple[int, float, tuple[int, int, int]]:
+  """(devices, memory GB per device, (data, fsdp, tensor)) of a `MESH_PRESETS` slice or of a
+  TPU topology as libtpu names it ('v5e:4x4': 16 chips, FSDP over all of them)."""
+  if name in MESH_PRESETS:
+    return MESH_PRESETS[name]
+  tpu = tpu_slices.parse(name)  # TopologyError naming the accepted forms
+  return tpu.chips, tpu.chip.hbm_bytes / 1e9, (1, tpu.chips, 1)
+
+
 # Named here (this module imports no jax) and used by the models and `sharding.py`.
 REMAT_POLICIES = ("none", "full", "minimal", "save_attention")
-CPU_ATTENTION = ("native", "xla")  # the training attention's implementation on CPU
+# The training attention (model.attention); `models/attention/dispatch.py` resolves 'auto'.
+ATTENTION = ("auto", "xla", "cudnn", "splash", "cpu_native", "cpu_blockwise")
 DECODE_LAYOUTS = ("model_parallel", "replicated", "train")
 
 
@@ -104,18 +117,23 @@ def base_config() -> ml_collections.ConfigDict:
   # output and what its backward reads: the attention runs once; on CPU the fastest at 8 x 512).
   c.model.remat = "none"
   c.model.scan_layers = False  # one nn.scan over stacked layers: one layer compiled at any depth
-  # The training attention on CPU: 'native' a flash kernel compiled on first use with the
-  # machine's C++ compiler (about twice as fast; falls back to 'xla' where it cannot build, and
-  # for dtypes other than float32), 'xla' the blockwise form in XLA ops. Same values.
-  c.model.cpu_attention = "native"
+  # The training attention, chosen once for the devices the step compiles for and logged:
+  # 'auto' picks per platform (CPU: 'cpu_native' where it builds and the compute dtype is
+  # float32, else 'cpu_blockwise'; GPU: 'cudnn' where it takes the dtype and head size, else
+  # 'xla'; TPU: 'splash'). 'cpu_native' a flash kernel compiled on first use with the machine's
+  # C++ compiler (about twice the blockwise form's speed), 'cpu_blockwise' the blockwise form in
+  # XLA ops, 'xla' one jax.nn.dot_product_attention in XLA ops (scores materialised), 'cudnn'
+  # cuDNN's flash kernel (GPU, bf16/fp16), 'splash' JAX's Pallas splash kernel (TPU).
+  c.model.attention = "auto"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.num_devices = 0  # use the first N devices; 0: all of them
-  # A slice from MESH_PRESETS (e.g. 'h100-1x8'): its (data, fsdp, tensor) replace the three
-  # sizes above, and the run checks it has that many devices.
+  # A slice from MESH_PRESETS (e.g. 'h100-1x8') or a TPU topology as libtpu names it (e.g.
+  # 'v5e:4x4': FSDP over its chips): its (data, fsdp, tensor) replace the three sizes above, and
+  # the run checks it has that many devices.
   c.mesh.preset = ""
   # Weights while decoding (exam, evaluation): 'model_parallel' splits heads/mlp/vocab over
   # tensor and fsdp (no per-token weight all-gather), 'replicated' keeps a whole copy per device,
@@ -325,9 +343,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
       f"must be one of {list(REMAT_POLICIES)}, got {m.remat!r}",
   )
   _require(
-      m.cpu_attention in CPU_ATTENTION,
-      "model.cpu_attention",
-      f"must be one of {list(CPU_ATTENTION)}, got {m.cpu_attention!r}",
+      m.attention in ATTENTION,
+      "model.attention",
+      f"must be one of {list(ATTENTION)}, got {m.attention!r}",
   )
   _require(
       m.n_heads % m.n_kv_heads == 0,
@@ -378,9 +396,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(e.max_new_tokens >= 1, "exam.max_new_tokens", "must be >= 1")
   _require(e.memory_budget_gb >= 0, "exam.memory_budget_gb", "must be >= 0")
   _require(
-      not c.mesh.preset or c.mesh.preset in MESH_PRESETS,
+      not c.mesh.preset or c.mesh.preset in MESH_PRESETS or tpu_slices.is_topology(c.mesh.preset),
       "mesh.preset",
-      f"must be one of {sorted(MESH_PRESETS)}, got {c.mesh.preset!r}",
+      f"must be one of {sorted(MESH_PRESETS)} or a TPU topology (e.g. v5e:4x4), got"
+      f" {c.mesh.preset!r}",
   )
   _require(
       c.mesh.decode_layout in DECODE_LAYOUTS,
@@ -471,7 +490,8 @@ RESUMABLE_FIELDS = (
     "mesh.tensor",
     "mesh.num_devices",
     "mesh.decode_layout",
-    "model.cpu_attention",
+    "model.attention",
+    "model.cpu_attention",  # retired: workdirs written before model.attention replaced it
     "train.memory_budget_gb",
     "exam.memory_budget_gb",
     "logging.tensorboard",

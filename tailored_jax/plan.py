@@ -1,11 +1,15 @@
-"""`python -m tailored_jax.plan --config=configs/NAME.py --model=PRESET --mesh=DATA,FSDP,TENSOR`:
-lowers and compiles the real train step (LM + self-reflection) and the exam's decode step on
-abstract arguments (shapes, dtypes and shardings; no weights allocated) over a mesh of that many
-devices (host CPU devices are forced when the machine has fewer), and prints JSON: per-device
-bytes from XLA's memory analysis and the collectives in each compiled program.
+"""`python -m tailored_jax.plan --config=configs/NAME.py --model=PRESET --topology=v5e:4x4`:
+lowers and compiles the real train step (LM + self-reflection, the config's remat and dtypes)
+and the exam's decode step on abstract arguments (shapes, dtypes and shardings; no weights
+allocated) with the TPU compiler for the slice's compile-only devices (libtpu; no TPU needed),
+and prints JSON: per-device bytes from the compiler's memory analysis against the chip's HBM,
+the collectives and custom calls (the attention kernel) in each program, and a roofline step
+time from the compiler's cost analysis and the chip's data-sheet peaks (an estimate). Exits 1,
+after the JSON, when the train step does not fit.
 
-Presets carry the paper's students' public config.json values. A first step of the pod planner
-(issue 12): the numbers are XLA's own, not an analytic estimate.
+Without --topology (GPU presets, `--mesh`/`--slice`), the steps compile with XLA:CPU over as
+many forced host devices: a stand-in for a GPU compiler (the CPU attention form, CPU fusion), as
+the JSON's "compiler" says. Presets carry the paper's students' public config.json values.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import os
 import re
 import subprocess
 import sys
+
+from tailored_jax import tpu_slices
 
 PRESETS = {
     # EleutherAI/gpt-j-6b config.json
@@ -167,9 +173,49 @@ def collectives(hlo_text: str) -> dict:
 
 def memory(compiled) -> dict:
   analysis = compiled.memory_analysis()
-  return {
+  out = {
       k: int(getattr(analysis, f"{k}_size_in_bytes"))
       for k in ("argument", "output", "temp", "alias", "generated_code")
+  }
+  # live at once: the arguments, temporaries and the outputs not written over donated arguments
+  out["total"] = out["argument"] + out["temp"] + max(out["output"] - out["alias"], 0)
+  return out
+
+
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w\-]+?)(?:\.\d+)* = ")
+
+
+def custom_calls(hlo_text: str) -> dict:
+  """Custom-call targets in a compiled module (a Pallas/Mosaic kernel is `tpu_custom_call`, a
+  cuDNN one `__cudnn$fmha...`, ours on CPU `tailored_jax_flash_*`), with how many call sites;
+  Mosaic kernels also by the kernel's own name (`tpu_custom_call:splash_mha_fwd_...`)."""
+  out: dict[str, int] = {}
+  for line in hlo_text.splitlines():
+    target = _CUSTOM_CALL.search(line)
+    if target:
+      name = target.group(1)
+      instruction = _INSTRUCTION.match(line)
+      if name == "tpu_custom_call" and instruction:
+        name = f"{name}:{instruction.group(1)}"
+      out[name] = out.get(name, 0) + 1
+  return out
+
+
+def roofline(compiled, chip) -> dict:
+  """The compiler's cost analysis (FLOPs, bytes accessed per device) and the step time they
+  imply at the chip's data-sheet peaks: an estimate, not a measurement."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  compute_s = flops / (chip.bf16_tflops * 1e12)
+  memory_s = accessed / (chip.hbm_gb_per_s * 1e9)
+  return {
+      "flops_per_device": flops,
+      "bytes_accessed_per_device": accessed,
+      "estimated_step_seconds": round(max(compute_s, memory_s), 6),
+      "bound_by": "compute" if compute_s >= memory_s else "memory bandwidth",
+      "note": "estimate: max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth), data-sheet peaks",
   }
 
 
@@ -214,17 +260,55 @@ def _split_of(name: str, specs, shardings, mesh) -> int:
   return 1
 
 
-def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool = True) -> dict:
+def abstract_batches(cfg, mesh) -> tuple:
+  """The config's worst-case LM and self-reflection batches as shapes, dtypes and shardings:
+  every row at `train.max_seq_len`, each reflection row a full prefix and continuations."""
+  import jax
+  import jax.numpy as jnp
+
+  from tailored_jax import sharding
+  from tailored_jax.data.batching import LMBatch, ReflectionBatch
+
+  rows = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), sharding.BATCH_AXES)
+  )
+  t = cfg.train
+  b, seq = t.batch_size, t.max_seq_len
+  lm = LMBatch(
+      *(rows((b, seq), dtype) for dtype in (jnp.int32, jnp.int32, bool, bool, jnp.float32))
+  )
+  sr_rows, cont = t.sr_batch_size or b, t.max_continuation_len
+  prefix = max(seq - cont, 8)
+  reflection = ReflectionBatch(
+      rows((sr_rows, prefix), jnp.int32),
+      rows((sr_rows, prefix), bool),
+      rows((sr_rows, 3, cont), jnp.int32),
+      rows((sr_rows, 3, cont), bool),
+      rows((sr_rows,), jnp.float32),
+      rows((sr_rows,), jnp.int32) if t.sr_reuse_lm_forward and sr_rows < b else None,
+  )
+  return lm, reflection
+
+
+def lower(
+    cfg,
+    preset: str,
+    device_memory_gb: float = 80.0,
+    compile_steps: bool = True,
+    devices=None,
+    topology: str = "",
+) -> dict:
   """The planner's per-device bytes for `cfg` (a config: train/exam sizes, dtype, remat, mesh)
   with the preset's architecture, whether they fit `device_memory_gb` and the largest batch
-  that does; with `compile_steps`, both steps also compiled and XLA's figures beside them."""
+  that does; with `compile_steps`, both steps also compiled and the compiler's figures beside
+  them. `devices`: the mesh's (a TPU `topology`'s compile-only devices; default this
+  process's)."""
   import functools
 
   import jax
   import jax.numpy as jnp
 
   from tailored_jax import sharding
-  from tailored_jax.data.batching import LMBatch, ReflectionBatch
   import flax.linen as nn
 
   from tailored_jax.models import for_decoding, model_for
@@ -237,30 +321,17 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
 
   arch = model_config(preset, cfg.model)
   model = model_for(arch)
-  mesh = sharding.make_mesh(cfg)
+  mesh = sharding.make_mesh(cfg, devices)
   trainer = Trainer(model, cfg.train, mesh, cfg.method.reflection_loss)
+  arch = trainer.model.cfg  # the attention chosen for the mesh's devices
   t = cfg.train
   rows = lambda shape, dtype, row_axes=sharding.BATCH_AXES: jax.ShapeDtypeStruct(
       shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes)
   )
   b, seq = t.batch_size, t.max_seq_len
-  lm = LMBatch(
-      rows((b, seq), jnp.int32),
-      rows((b, seq), jnp.int32),
-      rows((b, seq), bool),
-      rows((b, seq), bool),
-      rows((b, seq), jnp.float32),
-  )
+  lm, reflection = abstract_batches(cfg, mesh)
   sr_rows, cont = t.sr_batch_size or b, t.max_continuation_len
   prefix = max(seq - cont, 8)
-  reflection = ReflectionBatch(
-      rows((sr_rows, prefix), jnp.int32),
-      rows((sr_rows, prefix), bool),
-      rows((sr_rows, 3, cont), jnp.int32),
-      rows((sr_rows, 3, cont), bool),
-      rows((sr_rows,), jnp.float32),
-      rows((sr_rows,), jnp.int32) if t.sr_reuse_lm_forward and sr_rows < b else None,
-  )
   reference = trainer.abstract_state().params if cfg.method.reflection_loss == "dpo" else None
   train_args = (trainer.abstract_state(), lm, reflection, reference)
   planned = trainer.planner.plan()
@@ -273,7 +344,7 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
   }
 
   layout = cfg.mesh.decode_layout
-  decode_model = for_decoding(model)
+  decode_model = for_decoding(trainer.model)
   per_layer = abstract_boxed_params(decode_model)
   per_layer_abstract = nn.meta.unbox(per_layer)
   decode_shardings = sharding.decode_shardings(
@@ -298,8 +369,16 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
           ),
       }
   }
+  on_tpu = mesh.devices.flat[0].platform == "tpu"
   report = {
+      "compiler": "tpu" if on_tpu else "xla:cpu",
+      "compiler_note": (
+          f"libtpu's compiler for {topology} ({mesh.devices.flat[0].device_kind}), compile-only"
+          if on_tpu
+          else "XLA:CPU over forced host devices: a stand-in for a GPU compiler"
+      ),
       "model": preset,
+      "attention": arch.attention,
       "parameters": trainer.num_params,
       "dtype": arch.dtype,
       "param_dtype": arch.param_dtype,
@@ -351,15 +430,32 @@ def lower(cfg, preset: str, device_memory_gb: float = 80.0, compile_steps: bool 
   )
   exam = generate.lower(*exam_args, tables).compile()
   train_memory_xla = memory(train)
+  train_text, exam_text = train.as_text(), exam.as_text()
   report["train_step"].update(
       xla_bytes_per_device=train_memory_xla,
       inputs_from_shardings=sharded_bytes(train_args),
       planned_temp_over_xla_temp=round(planned.temporaries / max(train_memory_xla["temp"], 1), 3),
-      collectives=collectives(train.as_text()),
+      collectives=collectives(train_text),
+      custom_calls=custom_calls(train_text),
   )
   report["exam_decode"].update(
-      xla_bytes_per_device=memory(exam), collectives=collectives(exam.as_text())
+      xla_bytes_per_device=memory(exam),
+      collectives=collectives(exam_text),
+      custom_calls=custom_calls(exam_text),
   )
+  if on_tpu:
+    chip = tpu_slices.parse(topology).chip
+    step = report["train_step"]
+    step["fits"] = train_memory_xla["total"] <= budget
+    # the planner's largest batch against a budget scaled by how the compiler's temporaries
+    # compare with the planner's at this batch
+    ratio = train_memory_xla["temp"] / max(planned.temporaries, 1)
+    fixed = planned.parameters + planned.optimizer
+    step["largest_batch_that_fits"] = trainer.planner.largest_batch(
+        int(fixed + (budget - fixed) / max(ratio, 1e-9))
+    )
+    step["largest_batch_note"] = "the planner's, calibrated by the compiled temporaries"
+    step["roofline"] = roofline(train, chip)
   return report
 
 
@@ -384,19 +480,41 @@ def main(argv=None) -> None:
       help="a mesh preset (config_lib.MESH_PRESETS): its devices, mesh, memory",
   )
   parser.add_argument(
+      "--topology",
+      default="",
+      help="a TPU slice as libtpu names it (v5e:4x4, v4:2x2x4, v5p:2x2x2, v6e:2x4): compile with"
+      " the TPU compiler for its devices, memory from the chip's HBM",
+  )
+  parser.add_argument(
       "--no_compile",
       action="store_true",
       help="the planner's figures only (seconds), without XLA's",
   )
   args, overrides = parser.parse_known_args(argv)
-  if args.slice:
-    from tailored_jax.config_lib import MESH_PRESETS
+  devices = None
+  if args.topology:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu compiles; no TPU is opened
+    try:
+      tpu = tpu_slices.parse(args.topology)
+      devices = tpu_slices.compile_only_devices(args.topology)
+    except tpu_slices.TopologyError as e:
+      sys.exit(f"error: --topology: {e}")
+    args.devices, args.device_memory_gb = len(devices), tpu.chip.hbm_bytes / 1e9
+    if args.mesh == parser.get_default("mesh"):
+      args.mesh = f"1,{len(devices)},1"
+  elif args.slice:
+    from tailored_jax.config_lib import MESH_PRESETS, mesh_preset
 
     if args.slice not in MESH_PRESETS:
-      sys.exit(f"error: --slice={args.slice!r} is not one of {sorted(MESH_PRESETS)}")
-    devices, memory_gb, sizes = MESH_PRESETS[args.slice]
+      sys.exit(
+          f"error: --slice={args.slice!r} is not one of {sorted(MESH_PRESETS)} (TPU slices:"
+          " --topology)"
+      )
+    devices, memory_gb, sizes = mesh_preset(args.slice)
     args.devices, args.device_memory_gb, args.mesh = devices, memory_gb, ",".join(map(str, sizes))
-  if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  if not args.topology and "--xla_force_host_platform_device_count" not in os.environ.get(
+      "XLA_FLAGS", ""
+  ):
     env = dict(
         os.environ,
         XLA_FLAGS=(
@@ -416,13 +534,23 @@ def main(argv=None) -> None:
     sys.exit(f"error: {e}")
   cfg.mesh.update(data=data, fsdp=fsdp, tensor=tensor, num_devices=args.devices, preset=args.slice)
   try:
-    report = lower(cfg, args.model, args.device_memory_gb, not args.no_compile)
+    report = lower(
+        cfg, args.model, args.device_memory_gb, not args.no_compile, devices, args.topology
+    )
   except ValueError as e:  # e.g. a batch the mesh's batch axes do not divide
     sys.exit(
         f"error: {args.config} on mesh {args.mesh} over {args.devices} devices: "
         f"{str(e).splitlines()[0]}"
     )
   print(json.dumps(report, indent=2))
+  if args.topology and not report["train_step"]["fits"]:
+    step = report["train_step"]
+    sys.exit(
+        f"error: the train step does not fit {args.topology}: "
+        f"{step.get('xla_bytes_per_device', {}).get('total', 0) / 1e9:.2f} GB per device"
+        f" (HBM {args.device_memory_gb:.2f} GB); largest batch that fits:"
+        f" {step['largest_batch_that_fits']}"
+    )
 
 
 if __name__ == "__main__":

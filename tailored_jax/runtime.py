@@ -14,7 +14,8 @@ import ml_collections
 from tailored_jax import checkpointing, sharding
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.layout import Layout
-from tailored_jax.models import build_model, cpu_attention, layers
+from tailored_jax.models import build_model, for_devices, layers
+from tailored_jax.models.attention import cpu_native
 from tailored_jax.student_io import vocab
 from tailored_jax.models.layers import tree_get
 from tailored_jax.student_io.pretrained import Pretrained
@@ -26,12 +27,12 @@ from tailored_jax.train.trainer import Trainer
 def one_attention_for_all_processes(model_section, mesh) -> None:
   """Every process runs the native CPU attention, or none does: a process whose compiler
   cannot build it would otherwise trace another program than the rest and hang them."""
-  if jax.process_count() == 1 or model_section.cpu_attention != "native":
+  if jax.process_count() == 1 or model_section.attention not in ("auto", "cpu_native"):
     return
   if mesh.devices.flat[0].platform != "cpu":
     return
-  if sharding.smallest(int(cpu_attention.available())) == 0 and cpu_attention.available():
-    cpu_attention.turn_off("another process of this run cannot build it")
+  if sharding.smallest(int(cpu_native.available())) == 0 and cpu_native.available():
+    cpu_native.turn_off("another process of this run cannot build it")
 
 
 class StudentRuntime:
@@ -45,8 +46,9 @@ class StudentRuntime:
     self.pretrained = pretrained
     self.tokenizer = Tokenizer.load(layout.tokenizer)
     one_attention_for_all_processes(cfg.model, mesh)
-    self.model = build_model(
-        cfg.model, self.tokenizer.vocab_size, pretrained.cfg if pretrained else None
+    self.model = for_devices(
+        build_model(cfg.model, self.tokenizer.vocab_size, pretrained.cfg if pretrained else None),
+        mesh.devices.flat,
     )
     self.trainer = Trainer(self.model, cfg.train, mesh, cfg.method.reflection_loss)
     self.trainer.planner.check(

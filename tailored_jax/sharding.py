@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from tailored_jax.config_lib import DECODE_LAYOUTS, MESH_PRESETS
+from tailored_jax.config_lib import DECODE_LAYOUTS, mesh_preset
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # what a training batch's rows are split over
@@ -37,7 +37,7 @@ RULES = (
 
 @contextlib.contextmanager
 def activation_layout(mesh: Mesh):
-  """Within: the models' activation constraints (`layers.constrain`) apply by `RULES` on `mesh`
+  """Within: the models' activation constraints (`annotations.constrain`) apply by `RULES` on `mesh`
   (rows over data × fsdp, heads/MLP/vocabulary over tensor, the residual stream whole), so
   the partitioner gathers FSDP weights instead of splitting the contraction of activations."""
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(RULES):
@@ -49,7 +49,7 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, ...]:
   whatever is left."""
   preset = cfg.mesh.get("preset", "")
   if preset:
-    devices, _, sizes = MESH_PRESETS[preset]
+    devices, _, sizes = mesh_preset(preset)
     if devices != num_devices:
       raise ValueError(
           f"config field mesh.preset: {preset!r} is a slice of {devices} devices, "

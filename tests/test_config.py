@@ -175,8 +175,9 @@ def test_overrides_parse_as_the_fields_type():
 
 
 def test_execution_knobs_are_declared_once_and_reach_every_model():
-  """dtype, param_dtype, remat, scan_layers, cpu_attention: one `layers.Execution`, inherited by
-  every family, filled from the config's model section by the run and the planner alike."""
+  """dtype, param_dtype, remat, scan_layers, attention: one `layers.Execution`, inherited by
+  every family, filled from the config's model section by the run and the planner alike (the
+  platform is set when the attention is resolved for the step's devices)."""
   import dataclasses
   from tailored_jax import plan
   from tailored_jax.models import build_model
@@ -185,12 +186,17 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
   from tailored_jax.models.llama import LlamaConfig
 
   names = {f.name for f in dataclasses.fields(Execution)}
-  assert names == {"dtype", "param_dtype", "remat", "scan_layers", "cpu_attention"}
+  assert names == {"dtype", "param_dtype", "remat", "scan_layers", "attention", "platform"}
+  names -= {"platform"}
   for family in (LlamaConfig, GPTJConfig):
     assert issubclass(family, Execution)
   section = config_lib.base_config().model
   section.update(
-      dtype="bfloat16", param_dtype="bfloat16", remat="full", scan_layers=True, cpu_attention="xla"
+      dtype="bfloat16",
+      param_dtype="bfloat16",
+      remat="full",
+      scan_layers=True,
+      attention="cpu_blockwise",
   )
   knobs = lambda cfg: {name: getattr(cfg, name) for name in names}
   wanted = {
@@ -198,7 +204,7 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
       "param_dtype": "bfloat16",
       "remat": "full",
       "scan_layers": True,
-      "cpu_attention": "xla",
+      "attention": "cpu_blockwise",
   }
   assert knobs(build_model(section, 300).cfg) == wanted
   assert knobs(plan.model_config("gptj_6b", section)) == wanted

@@ -1,6 +1,6 @@
-"""The native CPU flash kernel (`models/cpu_attention`) against the blockwise XLA form: outputs,
-log-sum-exps and gradients, grouped heads, odd head sizes and lengths, padding, sliding
-windows, a mesh; and the fallback where it cannot be built."""
+"""The native CPU flash kernel (`models/attention/cpu_native`) against the blockwise XLA form:
+outputs, log-sum-exps and gradients, grouped heads, odd head sizes and lengths, padding,
+sliding windows, a mesh; and the fallback where it cannot be built."""
 
 import jax
 import jax.numpy as jnp
@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from tailored_jax import sharding
-from tailored_jax.models import cpu_attention, layers
+from tailored_jax.models.attention import blockwise, cpu_native, dispatch
+from tailored_jax.models.attention.contexts import ContextKV
 from tests.test_model_and_decode import _mesh_cfg
 
 needs_kernel = pytest.mark.skipif(
-    not cpu_attention.available(),
+    not cpu_native.available(),
     reason="the native CPU attention did not build (no C++ compiler?)",
 )
 
@@ -36,15 +37,15 @@ def _inputs(b, t, n, kv, h, lengths=None, seed=0):
 def _xla(q, k, v, valid, window):
   """The blockwise form's (output, log-sum-exp [b, heads, t]), as `_flash_attention` gives them."""
   b, t, n, h = q.shape
-  q_bkgth, k_bkht, v_bkht = layers._flash_layout(q, k, v, jnp.float32)
-  out, lse = layers._flash_attention(
-      q_bkgth, k_bkht, v_bkht, valid, True, window, layers.ATTENTION_BLOCK, h**-0.5
+  q_bkgth, k_bkht, v_bkht = blockwise._flash_layout(q, k, v, jnp.float32)
+  out, lse = blockwise._flash_attention(
+      q_bkgth, k_bkht, v_bkht, valid, True, window, blockwise.ATTENTION_BLOCK, h**-0.5
   )
-  return layers._from_flash_layout(out), lse.reshape(b, n, t)
+  return blockwise._from_flash_layout(out), lse.reshape(b, n, t)
 
 
 def _native(q, k, v, valid, window):
-  return cpu_attention.flash_attention(q, k, v, valid, window)
+  return cpu_native.flash_attention(q, k, v, valid, window)
 
 
 def _loss(attention, valid, weights, lse_weights, window):
@@ -111,16 +112,16 @@ def test_native_context_attention_equals_the_two_merged_parts(b, groups, t, slot
   def loss(attention):
 
     def value(q, k, v, context_k, context_v):
-      out = attention(q, k, v, valid, layers.ContextKV(context_k, context_v, mask_bts))
+      out = attention(q, k, v, valid, ContextKV(context_k, context_v, mask_bts))
       return jnp.sum(jnp.where(valid[:, :, None, None], out * weights, 0))
 
     return jax.jit(jax.value_and_grad(value, (0, 1, 2, 3, 4)))
 
-  xla = lambda q, k, v, valid, kv: layers.blockwise_context_attention(
+  xla = lambda q, k, v, valid, kv: blockwise.blockwise_context_attention(
       q, k, v, valid, kv, jnp.float32
   )
   (want, want_grads), (got, got_grads) = (
-      loss(f)(q, k, v, context_k, context_v) for f in (xla, layers.native_context_attention)
+      loss(f)(q, k, v, context_k, context_v) for f in (xla, cpu_native.context_attention)
   )
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   for name, w, g in zip(["q", "k", "v", "context k", "context v"], want_grads, got_grads):
@@ -132,14 +133,14 @@ def test_causal_attention_picks_the_kernel_by_config_and_dtype():
   q, k, v, _, _, valid = _inputs(2, 40, 4, 2, 16, [40, 33])
   lowered = (
       lambda kernel, dtype=jnp.float32: jax.jit(
-          lambda q, k, v: layers.causal_attention(q, k, v, valid, dtype, cpu_kernel=kernel)
+          lambda q, k, v: dispatch.causal_attention(q, k, v, valid, dtype, 0, kernel)
       )
       .lower(q, k, v)
       .as_text()
   )
-  assert cpu_attention.FORWARD in lowered("native")
-  assert cpu_attention.FORWARD not in lowered("xla")
-  assert cpu_attention.FORWARD not in lowered("native", jnp.bfloat16)  # float32 only
+  assert cpu_native.FORWARD in lowered("cpu_native")
+  assert cpu_native.FORWARD not in lowered("cpu_blockwise")
+  assert cpu_native.FORWARD not in lowered("cpu_native", jnp.bfloat16)  # float32 only
 
 
 @needs_kernel
@@ -167,25 +168,29 @@ def test_native_kernel_on_a_mesh_runs_each_devices_rows_and_heads():
 def test_a_kernel_that_cannot_build_falls_back_to_the_xla_form(monkeypatch, tmp_path, caplog):
   monkeypatch.setenv("CXX", "false")  # a compiler that always fails
   monkeypatch.setenv("TAILORED_JAX_CACHE", str(tmp_path))
-  monkeypatch.setattr(cpu_attention, "_state", {})
-  assert not cpu_attention.available()
-  assert "failed" in cpu_attention._state["why"] and not list(tmp_path.glob("*.so"))
+  monkeypatch.setattr(cpu_native, "_state", {})
+  assert not cpu_native.available()
+  assert "failed" in cpu_native._state["why"] and not list(tmp_path.glob("*.so"))
   q, k, v, _, _, valid = _inputs(2, 40, 4, 2, 16)
   text = (
-      jax.jit(lambda q, k, v: layers.causal_attention(q, k, v, valid, jnp.float32))
+      jax.jit(
+          lambda q, k, v: dispatch.causal_attention(q, k, v, valid, jnp.float32, 0, "cpu_native")
+      )
       .lower(q, k, v)
       .as_text()
   )
-  assert cpu_attention.FORWARD not in text
+  assert cpu_native.FORWARD not in text
+  choice = dispatch.choose("auto", jax.devices(), "float32", 16)
+  assert choice.implementation == "cpu_blockwise" and "does not build here" in choice.reason
 
 
 @needs_kernel
 def test_a_damaged_cached_build_is_built_again(monkeypatch, tmp_path):
   monkeypatch.setenv("TAILORED_JAX_CACHE", str(tmp_path))
-  monkeypatch.setattr(cpu_attention, "_state", {})
-  path = cpu_attention.library_path()
+  monkeypatch.setattr(cpu_native, "_state", {})
+  path = cpu_native.library_path()
   path.write_bytes(b"not a shared library")
-  assert cpu_attention.available()
+  assert cpu_native.available()
   assert path.read_bytes()[:4] == b"\x7fELF"
 
 
@@ -199,11 +204,11 @@ def test_a_compiler_without_march_native_builds_for_the_baseline(monkeypatch, tm
   compiler.chmod(0o755)
   monkeypatch.setenv("CXX", str(compiler))
   path = tmp_path / "cache" / "kernel.so"
-  cpu_attention.build(path)
+  cpu_native.build(path)
   assert path.read_bytes()[:4] == b"\x7fELF"
   compiler.write_text("#!/bin/sh\nexit 3\n")
   with pytest.raises(RuntimeError, match="failed \\(3\\).*failed \\(3\\)"):
-    cpu_attention.build(tmp_path / "cache" / "other.so")
+    cpu_native.build(tmp_path / "cache" / "other.so")
 
 
 @needs_kernel
@@ -214,7 +219,7 @@ def test_the_cache_key_follows_the_compilers_target_features(monkeypatch, tmp_pa
   compiler.write_text('#!/bin/sh\nexec g++ "$@" "-DTJ_FEATURE_$TJ_FEATURE"\n')
   compiler.chmod(0o755)
   monkeypatch.setenv("CXX", str(compiler))
-  key = lambda feature: (monkeypatch.setenv("TJ_FEATURE", feature), cpu_attention.library_path())[1]
+  key = lambda feature: (monkeypatch.setenv("TJ_FEATURE", feature), cpu_native.library_path())[1]
   assert key("AVX512") == key("AVX512") != key("SVE")
-  features = cpu_attention._target_features()
+  features = cpu_native._target_features()
   assert "TJ_FEATURE_SVE" in features and ("__x86_64__" in features or "__aarch64__" in features)

@@ -120,7 +120,7 @@ def test_processes_on_unequal_machines_make_one_choice(tmp_path):
   cfg = tiny_config()
   cfg.rounds = 1
   cfg.mesh.num_devices = 4
-  cfg.model.cpu_attention = "xla"
+  cfg.model.attention = "cpu_blockwise"
   single = str(tmp_path / "single")
   records = rounds.run(cfg, single)
   shared_records = json.loads(read(shared, "summary.json"))

@@ -13,7 +13,11 @@ import pytest
 
 from tailored_jax import sharding
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
-from tailored_jax.models import cpu_attention, layers
+from tailored_jax.models import layers
+from tailored_jax.models.attention import blockwise as blockwise_lib
+from tailored_jax.models.attention import cached as cached_lib
+from tailored_jax.models.attention import cpu_native, fused, masks
+from tailored_jax.models.attention.contexts import ContextKV
 from tailored_jax.models.llama import Llama
 from tailored_jax.train import step as step_lib
 from tailored_jax.train.trainer import Trainer
@@ -22,9 +26,9 @@ from tests.test_model_and_decode import CFG, _batch, _mesh_cfg, _train_cfg
 
 @pytest.mark.parametrize("window, tile_bytes", [(0, 0), (9, 0), (9, 1)])
 def test_blockwise_attention_equals_dot_product_attention(window, tile_bytes, monkeypatch):
-  """tile_bytes = 1: one row per map step (`layers.row_tiles`)."""
+  """tile_bytes = 1: one row per map step (`blockwise.row_tiles`)."""
   if tile_bytes:
-    monkeypatch.setattr(layers, "ATTENTION_TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(blockwise_lib, "ATTENTION_TILE_BYTES", tile_bytes)
   b, t, n, kv, h = 3, 37, 4, 2, 8
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   q = jax.random.normal(keys[0], (b, t, n, h))
@@ -47,7 +51,7 @@ def test_blockwise_attention_equals_dot_product_attention(window, tile_bytes, mo
       is_causal=True,
       local_window_size=(window - 1, 0) if window else None,
   )
-  blockwise = lambda q, k, v: layers.blockwise_causal_attention(
+  blockwise = lambda q, k, v: blockwise_lib.blockwise_causal_attention(
       q, k, v, jnp.asarray(valid), jnp.float32, window, block=16
   )
   grads = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2), has_aux=True))
@@ -65,7 +69,7 @@ def test_context_attention_equals_the_cached_attention(window, tile_bytes, monke
   and gradients, the prefix's keys and values included (DPO differentiates through them);
   tile_bytes = 1: one group of rows per map step."""
   if tile_bytes:
-    monkeypatch.setattr(layers, "ATTENTION_TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(blockwise_lib, "ATTENTION_TILE_BYTES", tile_bytes)
   groups, per_group, t, s, n, kv, h = 2, 3, 37, 21, 4, 2, 8
   b = groups * per_group
   keys = jax.random.split(jax.random.PRNGKey(2), 6)
@@ -82,21 +86,21 @@ def test_context_attention_equals_the_cached_attention(window, tile_bytes, monke
   valid[1, 30:] = False  # right-padded continuations
   valid[4, 12:] = False
   positions_bt = jnp.asarray(prefix_len[:, None] + np.arange(t))
-  context_mask = layers.context_mask(jnp.asarray(positions_gs), positions_bt, window)
+  context_mask = masks.context_mask(jnp.asarray(positions_gs), positions_bt, window)
   out_weights = jax.random.normal(keys[5], (b, t, n, h)) * valid[:, :, None, None]
 
   def cached(q, k, v, context_k, context_v):
     zeros = jnp.zeros((b, kv, t, h))
-    layer = layers.LayerKV(
+    layer = cached_lib.LayerKV(
         zeros,
         zeros,
         jnp.asarray(0),
-        layers.attention_mask(jnp.asarray(valid), jnp.asarray(0), t, window),
+        masks.attention_mask(jnp.asarray(valid), jnp.asarray(0), t, window),
         (context_k,),
         (context_v,),
         (context_mask,),
     )
-    return layers.cached_attention(q, k, v, layer, jnp.float32)[0]
+    return cached_lib.cached_attention(q, k, v, layer, jnp.float32)[0]
 
   def training(form):
     return lambda q, k, v, context_k, context_v: form(
@@ -104,16 +108,18 @@ def test_context_attention_equals_the_cached_attention(window, tile_bytes, monke
         k,
         v,
         jnp.asarray(valid),
-        layers.ContextKV(context_k, context_v, context_mask),
+        ContextKV(context_k, context_v, context_mask),
         jnp.float32,
         window,
     )
 
-  blockwise = lambda *a: layers.blockwise_context_attention(*a[:5], jnp.float32, window, block=16)
+  blockwise = lambda *a: blockwise_lib.blockwise_context_attention(
+      *a[:5], jnp.float32, window, block=16
+  )
   runs = {
       "cached": cached,
       "blockwise": training(blockwise),
-      "fused": training(layers.fused_context_attention),
+      "fused": training(fused.fused_context_attention),
   }
   results = {
       name: jax.jit(
@@ -139,7 +145,9 @@ def test_dense_gradient_equals_the_matmuls(x_shape, w_shape):
   grads = lambda fn: jax.jit(
       jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w) * out_weights), (0, 1))
   )(x, w)
-  (expected, expected_grads), (got, got_grads) = grads(plain), grads(layers.dense)
+  (expected, expected_grads), (got, got_grads) = grads(plain), grads(
+      lambda x, w: layers.dense(x, w, "cpu")
+  )
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   for a, e in zip(got_grads, expected_grads):
     assert a.shape == e.shape
@@ -207,7 +215,7 @@ def test_scan_compiles_one_layer_and_full_remat_keeps_only_block_inputs():
   assert kept_inputs < 0.5 * kept_everything, (kept_inputs, kept_everything)
 
 
-@pytest.mark.parametrize("kernel", ["xla", "native"])
+@pytest.mark.parametrize("kernel", ["cpu_blockwise", "cpu_native"])
 @pytest.mark.parametrize("reflection", [False, True])
 def test_save_attention_runs_the_attention_forward_once(reflection, kernel):
   """Under 'save_attention' the flash attention's inputs and outputs (its backward's residuals)
@@ -215,9 +223,9 @@ def test_save_attention_runs_the_attention_forward_once(reflection, kernel):
   block's scores, forward and backward, and the continuations' merge; the native kernel's
   forward calls) as with nothing recomputed; 'full' runs the forward again. With reflection
   rows the continuations attend after their prefix."""
-  if kernel == "native" and not cpu_attention.available():
+  if kernel == "cpu_native" and not cpu_native.available():
     pytest.skip("no C++ compiler")
-  cfg = lambda remat: dataclasses.replace(CFG, scan_layers=True, remat=remat, cpu_attention=kernel)
+  cfg = lambda remat: dataclasses.replace(CFG, scan_layers=True, remat=remat, attention=kernel)
 
   def attention_work(remat):  # (exponentials in the attention (the loss has its own), kernels)
     text = _lowered_lm_step(cfg(remat), 4, 256, 128 if reflection else 0).as_text(debug_info=True)
@@ -228,11 +236,11 @@ def test_save_attention_runs_the_attention_forward_once(reflection, kernel):
         loc in in_attention
         for loc in re.findall(r"stablehlo\.exponential .*loc\((#loc\d+)\)$", text, re.M)
     )
-    return exps, text.count(f"custom_call @{cpu_attention.FORWARD}(")
+    return exps, text.count(f"custom_call @{cpu_native.FORWARD}(")
 
   kept_everything = attention_work("none")
   if not reflection:  # 2 query blocks of 128, forward and backward; or one kernel call
-    assert kept_everything == ((4, 0) if kernel == "xla" else (0, 1))
+    assert kept_everything == ((4, 0) if kernel == "cpu_blockwise" else (0, 1))
   recomputed = attention_work("full")
   assert attention_work("save_attention") == kept_everything
   assert sum(recomputed) > sum(kept_everything)
@@ -283,9 +291,9 @@ def test_activation_layouts_give_one_devices_loss_and_updates(monkeypatch):
       ((1, 2, 4, 0), scanned, 0),
       ((2, 2, 2, 0), scanned, 1),
   )
-  results, default_tile = [], layers.ATTENTION_TILE_BYTES
+  results, default_tile = [], blockwise_lib.ATTENTION_TILE_BYTES
   for mesh_shape, cfg, tile_bytes in runs:
-    monkeypatch.setattr(layers, "ATTENTION_TILE_BYTES", tile_bytes or default_tile)
+    monkeypatch.setattr(blockwise_lib, "ATTENTION_TILE_BYTES", tile_bytes or default_tile)
     trainer = Trainer(Llama(cfg), _train_cfg(), sharding.make_mesh(_mesh_cfg(*mesh_shape)))
     params = jax.tree.map(jnp.asarray, initial)
     if cfg.scan_layers:

@@ -17,7 +17,7 @@ import numpy as np
 
 from tailored_jax.bench.common import median_seconds, report
 from tailored_jax.bench.train_step import Shape
-from tailored_jax.models import cpu_attention, layers
+from tailored_jax.models.attention import blockwise, cpu_native, dispatch
 
 
 def parse_heads(text: str) -> tuple[int, int]:
@@ -39,11 +39,11 @@ def inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, seed:
   return draw(heads), draw(kv_heads), draw(kv_heads), draw(heads)
 
 
-def ours(q, k, v, weights, repeats: int, kernel: str = "native") -> dict:
+def ours(q, k, v, weights, repeats: int, kernel: str = "cpu_native") -> dict:
   valid = jnp.ones(q.shape[:2], bool)
 
   def attention(q, k, v):
-    return layers.causal_attention(q, k, v, valid, jnp.float32, cpu_kernel=kernel)
+    return dispatch.causal_attention(q, k, v, valid, jnp.float32, 0, kernel)
 
   loss = lambda q, k, v: jnp.sum(attention(q, k, v) * weights)
   forward = jax.jit(attention)
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
     q, k, v, weights = inputs(batch, seq, heads, kv_heads, args.head_dim)
     results = {
         "ours": ours(q, k, v, weights, args.repeats),
-        "ours_xla": ours(q, k, v, weights, args.repeats, "xla"),
+        "ours_xla": ours(q, k, v, weights, args.repeats, "cpu_blockwise"),
         "torch": theirs(q, k, v, weights, args.repeats),
     }
     row = {
@@ -147,9 +147,9 @@ def main(argv=None) -> None:
       repeats=args.repeats,
       torch_threads=torch.get_num_threads(),
       torch_version=torch.__version__,
-      native_kernel=cpu_attention.available(),
-      tile_bytes=layers.ATTENTION_TILE_BYTES,
-      block=layers.ATTENTION_BLOCK,
+      native_kernel=cpu_native.available(),
+      tile_bytes=blockwise.ATTENTION_TILE_BYTES,
+      block=blockwise.ATTENTION_BLOCK,
       shapes=rows,
   )
 

@@ -29,7 +29,7 @@ import numpy as np
 from tailored_jax import config_lib, sharding
 from tailored_jax.bench.common import PRESETS, median_seconds, report, torch_model
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
-from tailored_jax.models import cpu_attention, layers
+from tailored_jax.models import for_devices, layers
 from tailored_jax.models.llama import Llama, LlamaConfig
 from tailored_jax.train.throughput import measured_matmul_tflops
 from tailored_jax.train.trainer import Trainer
@@ -250,10 +250,10 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--scan_layers", type=int, default=1, help="ours: nn.scan over layers")
   parser.add_argument(
-      "--cpu_attention",
-      default="native",
-      choices=config_lib.CPU_ATTENTION,
-      help="ours on CPU: the native flash kernel or the blockwise XLA form",
+      "--attention",
+      default="auto",
+      choices=config_lib.ATTENTION,
+      help="ours: the training attention (model.attention; on CPU 'auto' is the native kernel)",
   )
   parser.add_argument(
       "--loss_chunk_tokens",
@@ -282,8 +282,9 @@ def main(argv=None) -> None:
       PRESETS[args.model],
       remat=args.remat,
       scan_layers=bool(args.scan_layers),
-      cpu_attention=args.cpu_attention,
+      attention=args.attention,
   )
+  cfg = for_devices(Llama(cfg), jax.devices()).cfg
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(cfg))))
   sides = ("ours", "torch") if args.side == "both" else (args.side,)
   peaks = {side: matmul_peak_gflops(side) for side in sides}
@@ -353,7 +354,7 @@ def main(argv=None) -> None:
       sr_weight=SR_WEIGHT,
       ours_remat=args.remat,
       ours_scan_layers=bool(args.scan_layers),
-      ours_cpu_attention=args.cpu_attention if cpu_attention.available() else "xla",
+      ours_attention=cfg.attention,
       ours_loss_chunk_tokens=chunk,
       repeats=args.repeats,
       matmul_peak_gflops=peaks,

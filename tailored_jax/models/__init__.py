@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from tailored_jax.models import gptj, llama
+from tailored_jax.models.attention import dispatch
 from tailored_jax.models.gptj import GPTJ, GPTJConfig
 from tailored_jax.models.layers import execution_of
 from tailored_jax.models.llama import Llama, LlamaConfig
@@ -33,6 +34,12 @@ HEADS = {LlamaConfig: llama.head_logits, GPTJConfig: gptj.head_logits}
 def model_for(cfg: LlamaConfig | GPTJConfig):
   """The Flax module of an architecture config."""
   return MODULES[type(cfg)](cfg)
+
+
+def for_devices(model, devices):
+  """The same model with its training attention (and weight matmul) chosen for `devices`, the
+  devices its steps compile for (`attention.dispatch.resolve`); a chosen one is kept."""
+  return model_for(dispatch.resolve(model.cfg, list(devices)))
 
 
 def for_decoding(model):

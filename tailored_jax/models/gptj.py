@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tailored_jax.models.annotations import constrain
+from tailored_jax.models.attention.cached import LayerKV
+from tailored_jax.models.attention.dispatch import attend
 from tailored_jax.models.kv_cache import KVCache
 from tailored_jax.models.layers import (
     LOGITS,
@@ -19,10 +22,7 @@ from tailored_jax.models.layers import (
     RESIDUAL,
     Execution,
     HFTensor,
-    LayerKV,
-    attend,
     dense,
-    constrain,
     merge_heads,
     param,
     run_blocks,
@@ -99,19 +99,24 @@ class GPTJBlock(nn.Module):
     wk = param(self, "wk", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
     wv = param(self, "wv", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
     wo = param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), pdt, normal(d))
-    q_btnh = apply_interleaved_rope(dense(h_btd, wq.astype(dt)), positions_bt, cfg.rotary_dim)
-    k_btnh = apply_interleaved_rope(dense(h_btd, wk.astype(dt)), positions_bt, cfg.rotary_dim)
-    v_btnh = dense(h_btd, wv.astype(dt))
-    out_btnh, kv = attend(q_btnh, k_btnh, v_btnh, valid_bt, kv, dt, cpu_kernel=cfg.cpu_attention)
-    attn_btd = dense(merge_heads(out_btnh), wo.reshape(-1, wo.shape[-1]).astype(dt))
+    q_btnh = apply_interleaved_rope(
+        dense(h_btd, wq.astype(dt), cfg.platform), positions_bt, cfg.rotary_dim
+    )
+    k_btnh = apply_interleaved_rope(
+        dense(h_btd, wk.astype(dt), cfg.platform), positions_bt, cfg.rotary_dim
+    )
+    v_btnh = dense(h_btd, wv.astype(dt), cfg.platform)
+    out_btnh, kv = attend(q_btnh, k_btnh, v_btnh, valid_bt, kv, dt, implementation=cfg.attention)
+    attn_btd = dense(merge_heads(out_btnh), wo.reshape(-1, wo.shape[-1]).astype(dt), cfg.platform)
     w_in = param(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), pdt, normal(d))
     b_in = param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
     w_out = param(self, "w_out", (cfg.d_ff, d), ("mlp", "embed"), pdt, normal(cfg.d_ff))
     b_out = param(self, "b_out", (d,), ("norm",), pdt, nn.initializers.zeros)
     ff_btf = jax.nn.gelu(
-        constrain(dense(h_btd, w_in.astype(dt)) + b_in.astype(dt), MLP_HIDDEN), approximate=True
+        constrain(dense(h_btd, w_in.astype(dt), cfg.platform) + b_in.astype(dt), MLP_HIDDEN),
+        approximate=True,
     )
-    mlp_btd = dense(ff_btf, w_out.astype(dt)) + b_out.astype(dt)
+    mlp_btd = dense(ff_btf, w_out.astype(dt), cfg.platform) + b_out.astype(dt)
     return x_btd + attn_btd + mlp_btd, kv
 
 
@@ -167,7 +172,9 @@ def head_logits(params, hidden_btd, cfg: GPTJConfig):
   """The biased LM head on hidden states, float32 logits; `params` is the parameter tree (or the
   part holding the head)."""
   dt = jnp.dtype(cfg.dtype)
-  logits_btv = dense(hidden_btd, params["lm_head"].astype(dt)) + params["lm_head_bias"].astype(dt)
+  logits_btv = dense(hidden_btd, params["lm_head"].astype(dt), cfg.platform) + params[
+      "lm_head_bias"
+  ].astype(dt)
   return constrain(logits_btv.astype(jnp.float32), LOGITS)
 
 

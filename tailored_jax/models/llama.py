@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tailored_jax.models.annotations import constrain
+from tailored_jax.models.attention.cached import LayerKV
+from tailored_jax.models.attention.dispatch import attend
 from tailored_jax.models.kv_cache import KVCache
 from tailored_jax.models.layers import (
     LOGITS,
@@ -20,10 +23,7 @@ from tailored_jax.models.layers import (
     RESIDUAL,
     Execution,
     HFTensor,
-    LayerKV,
-    attend,
     dense,
-    constrain,
     merge_heads,
     param,
     run_blocks,
@@ -146,9 +146,9 @@ class Attention(nn.Module):
         _normal((cfg.n_heads * cfg.head_dim) ** -0.5),
     )
     x_btd = x_btd.astype(dt)
-    q_btnh = dense(x_btd, wq.astype(dt))
-    k_btkh = dense(x_btd, wk.astype(dt))
-    v_btkh = dense(x_btd, wv.astype(dt))
+    q_btnh = dense(x_btd, wq.astype(dt), cfg.platform)
+    k_btkh = dense(x_btd, wk.astype(dt), cfg.platform)
+    v_btkh = dense(x_btd, wv.astype(dt), cfg.platform)
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q_btnh += param(
@@ -165,9 +165,9 @@ class Attention(nn.Module):
     k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
 
     out_btnh, kv = attend(
-        q_btnh, k_btkh, v_btkh, valid_bt, kv, dt, cfg.sliding_window, cfg.cpu_attention
+        q_btnh, k_btkh, v_btkh, valid_bt, kv, dt, cfg.sliding_window, cfg.attention
     )
-    out_btd = dense(merge_heads(out_btnh), wo.reshape(-1, wo.shape[-1]).astype(dt))
+    out_btd = dense(merge_heads(out_btnh), wo.reshape(-1, wo.shape[-1]).astype(dt), cfg.platform)
     return out_btd, kv
 
 
@@ -188,9 +188,9 @@ class MLP(nn.Module):
         self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pdt, _normal(cfg.d_ff**-0.5)
     )
     x_btd = x_btd.astype(dt)
-    gate_btf = jax.nn.silu(constrain(dense(x_btd, w_gate.astype(dt)), MLP_HIDDEN))
-    up_btf = constrain(dense(x_btd, w_up.astype(dt)), MLP_HIDDEN)
-    return dense(gate_btf * up_btf, w_down.astype(dt))
+    gate_btf = jax.nn.silu(constrain(dense(x_btd, w_gate.astype(dt), cfg.platform), MLP_HIDDEN))
+    up_btf = constrain(dense(x_btd, w_up.astype(dt), cfg.platform), MLP_HIDDEN)
+    return dense(gate_btf * up_btf, w_down.astype(dt), cfg.platform)
 
 
 class Block(nn.Module):
@@ -262,9 +262,9 @@ def head_logits(params, hidden_btd, cfg: LlamaConfig):
   parameter tree (or the part holding the head)."""
   dt = jnp.dtype(cfg.dtype)
   if cfg.tie_embeddings:
-    logits_btv = dense(hidden_btd, params["embedding"].astype(dt).T)
+    logits_btv = dense(hidden_btd, params["embedding"].astype(dt).T, cfg.platform)
   else:
-    logits_btv = dense(hidden_btd, params["lm_head"].astype(dt))
+    logits_btv = dense(hidden_btd, params["lm_head"].astype(dt), cfg.platform)
   return constrain(logits_btv.astype(jnp.float32), LOGITS)
 
 

@@ -13,13 +13,8 @@ import numpy as np
 from jax.tree_util import tree_leaves as jax_leaves
 
 from tailored_jax.config_lib import ConfigError
-from tailored_jax.models.layers import (
-    ATTENTION_BLOCK,
-    LAYERS,
-    is_stacked,
-    query_blocks,
-    row_tiles,
-)
+from tailored_jax.models.attention.blockwise import ATTENTION_BLOCK, query_blocks, row_tiles
+from tailored_jax.models.layers import LAYERS, is_stacked
 
 GB = 1e9
 
@@ -39,7 +34,9 @@ class StepShape:
   tensor: int
   fsdp: int = 1
   continuations: int = 3  # per self-reflection row: 2 when the anchor comes from the LM forward
-  native_attention: bool = False  # the CPU kernel: no score buffers in XLA's, one softmax part
+  # A fused kernel (native CPU, splash, cuDNN): no score buffers in XLA's, one softmax part
+  native_attention: bool = False
+  full_scores: bool = False  # 'xla': one [rows, heads, queries, keys] scores buffer, not blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,17 +126,20 @@ def attention_scores(
     keys: int,
     tensor: int,
     block: int = ATTENTION_BLOCK,
+    tile_bytes: int = 0,
 ) -> int:
   """One layer's three float32 scores-sized buffers (scores, probabilities, their gradients) for
   `queries` queries over the keys each can see, the first `keys` - `queries` of which are a
   prefix seen by all: a block of at most `block` queries reads the keys up to its end, and XLA
   keeps every block's buffers live at once (the blocks are unrolled, not sequenced), for one
-  tile of rows (`layers.row_tiles`: the attention maps over tiles of the device's rows)."""
+  tile of rows (`row_tiles`: the attention maps over tiles of the device's rows)."""
   if not groups:
     return 0
   heads = max(cfg.n_heads // tensor, 1)
   tile_rows = (
-      groups // row_tiles(groups, rows_per_group, heads, queries, keys, block) * rows_per_group
+      groups
+      // row_tiles(groups, rows_per_group, heads, queries, keys, block, tile_bytes)
+      * rows_per_group
   )
   prefix = keys - queries
   seen = sum((end - start) * (prefix + end) for start, end, _ in query_blocks(queries, block, 0))
@@ -175,8 +175,10 @@ def train_memory(
       working_per_token(cfg, shape.tensor, shape.continuation_len, native=native) * cont_tokens,
   )
   if not native:
+    # the XLA form: every query in one block, all rows at once; the blockwise form: blocks, tiles
+    whole = (shape.seq_len + shape.prefix_len, 1 << 60) if shape.full_scores else ()
     working += max(
-        attention_scores(cfg, rows, 1, shape.seq_len, shape.seq_len, shape.tensor),
+        attention_scores(cfg, rows, 1, shape.seq_len, shape.seq_len, shape.tensor, *whole),
         attention_scores(
             cfg,
             sr_rows,
@@ -184,6 +186,7 @@ def train_memory(
             shape.continuation_len,
             shape.prefix_len + shape.continuation_len,
             shape.tensor,
+            *whole,
         ),
     )
   vocab = cfg.vocab_size // shape.tensor
@@ -235,7 +238,9 @@ def largest_batch(
     rows += shape.row_shards
 
 
-def worst_case_shape(train_cfg, mesh_shape: dict, native_attention: bool = False) -> StepShape:
+def worst_case_shape(
+    train_cfg, mesh_shape: dict, native_attention: bool = False, full_scores: bool = False
+) -> StepShape:
   """The largest step a config can make: every row at `train.max_seq_len`, every
   self-reflection row with a full prefix and `train.max_continuation_len` continuations."""
   t = train_cfg
@@ -252,6 +257,7 @@ def worst_case_shape(train_cfg, mesh_shape: dict, native_attention: bool = False
       fsdp=mesh_shape["fsdp"],
       continuations=2 if t.get("sr_reuse_lm_forward", False) else 3,
       native_attention=native_attention,
+      full_scores=full_scores,
   )
 
 

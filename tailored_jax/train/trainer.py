@@ -18,7 +18,8 @@ import numpy as np
 
 from tailored_jax import checkpointing, compile_options, sharding
 from tailored_jax.data.batching import Batcher
-from tailored_jax.models import layers
+from tailored_jax.models import for_devices, layers
+from tailored_jax.models.attention import dispatch
 from tailored_jax.metrics import Metrics
 from tailored_jax.progress import Progress
 from tailored_jax.train import hooks as hooks_lib
@@ -39,6 +40,7 @@ def derive_seed(*parts: int) -> int:
 class Trainer:
 
   def __init__(self, model, train_cfg, mesh, reflection_loss: str = "triplet"):
+    model = for_devices(model, mesh.devices.flat)  # the attention for the step's devices
     self.model = model
     self.cfg = train_cfg
     self.reflection_loss = reflection_loss
@@ -145,7 +147,7 @@ class Trainer:
         self.mesh.shape["tensor"],
     )
     shape = train_memory.worst_case_shape(
-        self.cfg, dict(self.mesh.shape), layers.uses_native_attention(cfg)
+        self.cfg, dict(self.mesh.shape), dispatch.uses_kernel(cfg), cfg.attention == "xla"
     )
     return train_memory.Planner(cfg, shape, state)
 

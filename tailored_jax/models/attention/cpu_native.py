@@ -1,10 +1,10 @@
-"""The training step's causal self-attention on CPU as a native flash kernel (`cpu_attention.cc`,
+"""The training step's causal self-attention on CPU as a native flash kernel (`cpu_native.cc`,
 forward and backward, XLA's intra-op threads): XLA:CPU runs the blockwise form's small per-head
 matmuls at a third of its matmul peak, and this kernel runs the whole attention about twice as
 fast. Compiled with the machine's C++ compiler on first use into a cache directory
 ($TAILORED_JAX_CACHE, else ~/.cache/tailored_jax), keyed by the source, the flags, jaxlib, the
 CPU and the compiler's target features; where that fails, `available()` is False (the reason
-logged once) and the models use the blockwise XLA form (`layers.blockwise_causal_attention`),
+logged once) and the models use the blockwise XLA form (`attention.blockwise`),
 which computes the same values.
 """
 
@@ -27,7 +27,12 @@ from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-SOURCE = Path(__file__).with_name("cpu_attention.cc")
+from tailored_jax.models.annotations import tag_all
+from tailored_jax.models.attention import shard
+from tailored_jax.models.attention.contexts import ContextKV
+from tailored_jax.models.attention.names import FLASH_INPUTS, FLASH_OUTPUTS
+
+SOURCE = Path(__file__).with_name("cpu_native.cc")
 FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-fPIC", "-shared", "-w")
 PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")  # compilers without it
 FORWARD, BACKWARD = "tailored_jax_flash_forward", "tailored_jax_flash_backward"
@@ -149,10 +154,14 @@ def turn_off(reason: str) -> None:
   logging.warning("native CPU attention off: %s", reason)
 
 
-def chosen(kernel: str, dtype) -> bool:
-  """Whether the training attention runs this kernel: asked for (`model.cpu_attention`
-  'native'), float32 compute, and built here."""
-  return kernel == "native" and jnp.dtype(dtype) == jnp.float32 and available()
+def why() -> str:
+  """Why the kernel is not available here ('' where it is, or before it was tried)."""
+  return _state.get("why", "")
+
+
+def usable(dtype) -> bool:
+  """Whether the kernel can run the training attention here: float32 compute, built here."""
+  return jnp.dtype(dtype) == jnp.float32 and available()
 
 
 def _forward_call(q_btnh, k_btkh, v_btkh, real_bt, context, scale: float, window: int):
@@ -257,20 +266,6 @@ def _flash_bwd(scale, window, names, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _split(mesh, rows: int, groups: int, heads: int, kv_heads: int):
-  """(rows' mesh axes, heads' mesh axis) the kernel runs split over, as the activations lie
-  (`sharding.RULES`: rows over data × fsdp, heads over tensor); None where they do not divide
-  (the rows, or a context's groups of them)."""
-  size = lambda name: mesh.shape.get(name, 1)
-  row_axes = tuple(a for a in ("data", "fsdp") if size(a) > 1)
-  row_shards = int(np.prod([size(a) for a in row_axes])) if row_axes else 1
-  tensor = size("tensor")
-  return (
-      row_axes if row_axes and rows % row_shards == 0 and groups % row_shards == 0 else None,
-      "tensor" if tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0 else None,
-  )
-
-
 def flash_attention(
     q_btnh,
     k_btkh,
@@ -300,18 +295,32 @@ def flash_attention(
   args = (*map(as_f32, (q_btnh, k_btkh, v_btkh, valid_bt)), *map(as_f32, context))
   names = tuple(output_names)
   kernel = lambda *args: _flash(*args, h**-0.5, window, names)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  mesh = shard.trace_mesh()
+  if mesh is None:
     return kernel(*args)
   groups = context[0].shape[0] if context[0].shape[2] else b
-  rows, heads = _split(mesh, b, groups, n, kv)
+  rows, heads = shard.split_axes(mesh, b, groups, n, kv)
   per_token = PartitionSpec(rows, None, heads, None)
   per_row = PartitionSpec(rows, None)
   per_slot = PartitionSpec(rows if context[0].shape[2] else None, heads, None, None)
-  return jax.shard_map(
+  return shard.per_device(
       kernel,
-      mesh=mesh,
-      in_specs=(per_token, per_token, per_token, per_row, per_slot, per_slot, per_row),
-      out_specs=(per_token, PartitionSpec(rows, heads, None)),
-      check_vma=False,
+      mesh,
+      (per_token, per_token, per_token, per_row, per_slot, per_slot, per_row),
+      (per_token, PartitionSpec(rows, heads, None)),
   )(*args)
+
+
+def causal_attention(q_btnh, k_btkh, v_btkh, valid_bt, window: int = 0):
+  """The blockwise form's values from this kernel, its inputs and outputs named as the
+  blockwise form's for the 'save_attention' policy."""
+  q_btnh, k_btkh, v_btkh = tag_all((q_btnh, k_btkh, v_btkh), FLASH_INPUTS)
+  return flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, window, FLASH_OUTPUTS)[0]
+
+
+def context_attention(q_btnh, k_btkh, v_btkh, valid_bt, kv: ContextKV):
+  """`blockwise.blockwise_context_attention`'s values (no window): the context and the rows'
+  own keys under one softmax; named as the blockwise form's for the remat policy."""
+  q_btnh, k_btkh, v_btkh = tag_all((q_btnh, k_btkh, v_btkh), FLASH_INPUTS)
+  context = (kv.k_gksh, kv.v_gksh, kv.mask_bts[:, 0, :])  # without a window, the same per token
+  return flash_attention(q_btnh, k_btkh, v_btkh, valid_bt, 0, FLASH_OUTPUTS, context)[0]

@@ -1,5 +1,5 @@
 // Causal grouped-query flash attention for XLA:CPU training (forward and backward), registered
-// with jax.ffi by tailored_jax/models/cpu_attention.py, which compiles this file on first use.
+// with jax.ffi by tailored_jax/models/attention/cpu_native.py, which compiles this file on first use.
 // Layouts are the models' own: queries, outputs and their gradients [batch, tokens, heads,
 // head_dim]; keys and values [batch, tokens, kv_heads, head_dim]; the key mask [batch, tokens]
 // (1 real, 0 padding); the log-sum-exp [batch, heads, tokens]; optionally a read-only context

@@ -12,8 +12,6 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from tailored_jax import tpu_slices
-
 # Common slices: devices, memory per device (GB, vendor figures) and the (data, fsdp, tensor)
 # mesh the paper's students use there: weights and AdamW state sharded over the fast
 # interconnect (fsdp), data parallel across hosts where a slice spans them.
@@ -30,10 +28,18 @@ MESH_PRESETS = {
 def mesh_preset(name: str) -> tuple[int, float, tuple[int, int, int]]:
   """(devices, memory GB per device, (data, fsdp, tensor)) of a `MESH_PRESETS` slice or of a
   TPU topology as libtpu names it ('v5e:4x4': 16 chips, FSDP over all of them)."""
+  from tailored_jax import tpu_slices  # a leaf too; loaded only for TPU names
+
   if name in MESH_PRESETS:
     return MESH_PRESETS[name]
   tpu = tpu_slices.parse(name)  # TopologyError naming the accepted forms
   return tpu.chips, tpu.chip.hbm_bytes / 1e9, (1, tpu.chips, 1)
+
+
+def _is_topology(name: str) -> bool:
+  from tailored_jax import tpu_slices
+
+  return tpu_slices.is_topology(name)
 
 
 # Named here (this module imports no jax) and used by the models and `sharding.py`.
@@ -172,6 +178,10 @@ def base_config() -> ml_collections.ConfigDict:
   # (a separate stop-gradient prefix pass and three continuations).
   c.train.sr_reuse_lm_forward = False
   c.train.max_negatives = 4
+  # Gradient accumulation: each step's rows (LM and self-reflection) in this many slices, one
+  # optimizer update from their summed gradients (the same update as the whole batch's). 0: the
+  # fewest slices whose step fits the memory budget, chosen by the planner and logged.
+  c.train.microbatches = 1
   c.train.dpo_beta = 0.1  # DPO's β (method.reflection_loss='dpo')
   # A step whose loss or gradient is not finite is skipped (weights and AdamW state unchanged);
   # this many in a row stop the run (checked at log points and checkpoints). 0: no guard.
@@ -382,6 +392,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
       "train.sr_batch_size",
       f"must be in [0, train.batch_size={t.batch_size}], got {t.sr_batch_size}",
   )
+  _require(t.microbatches >= 0, "train.microbatches", f"must be >= 0, got {t.microbatches}")
+  sr_rows = t.sr_batch_size or t.batch_size
+  _require(
+      t.microbatches <= 1 or (t.batch_size % t.microbatches == 0 and sr_rows % t.microbatches == 0),
+      "train.microbatches",
+      f"must divide train.batch_size={t.batch_size} and the self-reflection rows ({sr_rows}),"
+      f" got {t.microbatches}",
+  )
+  _require(
+      t.microbatches == 1 or not t.sr_reuse_lm_forward or sr_rows == t.batch_size,
+      "train.microbatches",
+      "with train.sr_reuse_lm_forward, slicing needs every LM row to be a self-reflection row"
+      " (train.sr_batch_size 0)",
+  )
   _require(t.max_seq_len >= 8, "train.max_seq_len", "must be >= 8")
   _require(t.length_bucket >= 0, "train.length_bucket", "must be >= 0")
   _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
@@ -396,7 +420,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(e.max_new_tokens >= 1, "exam.max_new_tokens", "must be >= 1")
   _require(e.memory_budget_gb >= 0, "exam.memory_budget_gb", "must be >= 0")
   _require(
-      not c.mesh.preset or c.mesh.preset in MESH_PRESETS or tpu_slices.is_topology(c.mesh.preset),
+      not c.mesh.preset or c.mesh.preset in MESH_PRESETS or _is_topology(c.mesh.preset),
       "mesh.preset",
       f"must be one of {sorted(MESH_PRESETS)} or a TPU topology (e.g. v5e:4x4), got"
       f" {c.mesh.preset!r}",
@@ -491,6 +515,7 @@ RESUMABLE_FIELDS = (
     "mesh.num_devices",
     "mesh.decode_layout",
     "model.attention",
+    "train.microbatches",
     "model.cpu_attention",  # retired: workdirs written before model.attention replaced it
     "train.memory_budget_gb",
     "exam.memory_budget_gb",

@@ -51,7 +51,7 @@ class StudentRuntime:
         mesh.devices.flat,
     )
     self.trainer = Trainer(self.model, cfg.train, mesh, cfg.method.reflection_loss)
-    self.trainer.planner.check(
+    self.trainer.fit_memory(
         cfg.train.memory_budget_gb, lambda: sharding.smallest(device_memory_bytes())
     )
     self.decoder = Decoder(

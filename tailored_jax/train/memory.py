@@ -37,6 +37,7 @@ class StepShape:
   # A fused kernel (native CPU, splash, cuDNN): no score buffers in XLA's, one softmax part
   native_attention: bool = False
   full_scores: bool = False  # 'xla': one [rows, heads, queries, keys] scores buffer, not blocks
+  microbatches: int = 1  # gradient accumulation: the rows run this many slices at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +160,9 @@ def train_memory(
   bytes from their shardings (gradients are the parameters' size); `layer_bytes` and
   `head_bytes` are one layer's and the LM head's weights gathered over fsdp (split over tensor
   only), which an FSDP step holds whole while it uses them."""
-  rows = math.ceil(shape.batch / shape.row_shards)
-  sr_rows = math.ceil(shape.sr_rows / shape.row_shards) if shape.sr_rows else 0
+  k = shape.microbatches
+  rows = math.ceil(shape.batch / k / shape.row_shards)
+  sr_rows = math.ceil(shape.sr_rows / k / shape.row_shards) if shape.sr_rows else 0
   item = np.dtype(cfg.dtype).itemsize
   tokens = rows * shape.seq_len
   cont_tokens = shape.continuations * sr_rows * shape.continuation_len
@@ -195,9 +197,11 @@ def train_memory(
   _, _, kv, _ = _layer_dims(cfg, shape.tensor)
   prefix_context = 2 * cfg.n_layers * sr_rows * shape.prefix_len * kv * item
   gathered = 2 * layer_bytes + head_bytes if shape.fsdp > 1 else 0
+  # accumulating: the float32 sums beside one slice's gradients
+  sums = parameters * 4 // np.dtype(cfg.param_dtype).itemsize if k > 1 else 0
   return TrainMemory(
       parameters=parameters,
-      gradients=parameters,
+      gradients=parameters + sums,
       optimizer=optimizer,
       gathered_weights=gathered,
       activations=activations,
@@ -220,7 +224,7 @@ def largest_batch(
   """The largest global batch (a multiple of the row shards, self-reflection rows scaled
   alike) whose step fits `budget` bytes per device; 0 when not even one row per device does."""
   best = 0
-  rows = shape.row_shards
+  rows = shape.row_shards * shape.microbatches
   while True:
     scaled = dataclasses.replace(
         shape,
@@ -235,7 +239,7 @@ def largest_batch(
     best = rows
     if rows >= 1 << 16:
       return best
-    rows += shape.row_shards
+    rows += shape.row_shards * shape.microbatches
 
 
 def worst_case_shape(
@@ -258,7 +262,20 @@ def worst_case_shape(
       continuations=2 if t.get("sr_reuse_lm_forward", False) else 3,
       native_attention=native_attention,
       full_scores=full_scores,
+      microbatches=max(t.get("microbatches", 1), 1),
   )
+
+
+def microbatch_counts(shape: StepShape) -> list[int]:
+  """The slice counts a step can take: dividing its LM and self-reflection rows, each slice's
+  LM rows spread evenly over the row shards."""
+  return [
+      k
+      for k in range(1, shape.batch + 1)
+      if shape.batch % k == 0
+      and shape.sr_rows % k == 0
+      and (shape.batch // k) % shape.row_shards == 0
+  ]
 
 
 def refusal(plan: TrainMemory, budget: int, shape: StepShape, remat: str, batch: int) -> str:
@@ -270,6 +287,10 @@ def refusal(plan: TrainMemory, budget: int, shape: StepShape, remat: str, batch:
       if batch
       else "not even one row per device fits: shard the weights wider (mesh.fsdp)"
   )
+  if shape.microbatches > 1:
+    advice += f" (in {shape.microbatches} microbatches)"
+  else:
+    advice += "; train.microbatches=0 slices the batch until it fits"
   if remat != "full":
     advice += "; model.remat=full keeps only each block's input"
   return (
@@ -350,6 +371,16 @@ class Planner:
         self.state.layer,
         self.state.head,
     )
+
+  def with_microbatches(self, k: int) -> "Planner":
+    return dataclasses.replace(self, shape=dataclasses.replace(self.shape, microbatches=k))
+
+  def fewest_microbatches(self, budget: int) -> int:
+    """The fewest slices of the rows whose step fits `budget` bytes per device; 0: none."""
+    for k in microbatch_counts(self.shape):
+      if self.with_microbatches(k).plan().total <= budget:
+        return k
+    return 0
 
   def check(self, budget_gb: float, device_bytes) -> None:
     """Refuses (ConfigError, naming the numbers and the batch that would fit) a step that

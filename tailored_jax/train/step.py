@@ -53,6 +53,7 @@ class LossConfig:
   reflection_loss: str = "triplet"  # or 'dpo': learning from the same (correct, wrong) pairs
   dpo_beta: float = 0.1
   sr_reuse_lm_forward: bool = False  # the triplet's anchor and prefix from the LM forward
+  microbatches: int = 1  # gradients accumulated over this many slices of the batch's rows
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -269,6 +270,47 @@ def dpo_reflection_loss(model, params, reference_params, reflection: ReflectionB
   )
 
 
+def microbatch_rows(tree, microbatches: int):
+  """Each [rows, ...] leaf as [microbatches, rows / microbatches, ...], microbatch j holding
+  rows j, j + microbatches, ...: a device's contiguous share of the rows then has its part of
+  every microbatch, so slicing moves no rows between devices."""
+  split = lambda x: jnp.swapaxes(
+      x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]), 0, 1
+  )
+  return jax.tree.map(split, tree)
+
+
+def accumulated_gradients(losses_of, params, lm, reflection, sr_weight: float, microbatches: int):
+  """(loss, L_LM, L_SR, gradients) of the whole batch from `microbatches` slices of its rows
+  (`lax.scan`; float32 sums): each slice's losses are weighted by its share of the batch's
+  target tokens and self-reflection rows, the normalisers of the whole-batch losses, so the
+  result equals the single-batch step's."""
+  count = lambda x: jnp.sum(x.astype(jnp.float32))
+  lm_total = jnp.maximum(count(lm.target_mask), 1.0)
+  sr_total = jnp.maximum(count(reflection.sr_mask), 1e-6) if reflection is not None else 1.0
+  slices = (microbatch_rows(lm, microbatches), microbatch_rows(reflection, microbatches))
+
+  def one(sums, batch):
+    lm_j, reflection_j = batch
+    lm_share = count(lm_j.target_mask) / lm_total
+    sr_share = count(reflection_j.sr_mask) / sr_total if reflection_j is not None else 0.0
+
+    def loss_fn(params):
+      lm_loss, sr_loss = losses_of(params, lm_j, reflection_j)
+      lm_part, sr_part = lm_loss * lm_share, sr_loss * sr_share
+      return lm_part + sr_weight * sr_part, (lm_part, sr_part)
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grad_sums = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), sums[0], grads)
+    return (grad_sums, sums[1] + loss, sums[2] + parts[0], sums[3] + parts[1]), None
+
+  zero = jnp.zeros((), jnp.float32)
+  grad_zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (grads, loss, lm_loss, sr_loss), _ = jax.lax.scan(one, (grad_zeros, zero, zero, zero), slices)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  return loss, lm_loss, sr_loss, grads
+
+
 def train_step(
     state: TrainState,
     lm: LMBatch,
@@ -288,7 +330,7 @@ def train_step(
       and loss_cfg.sr_reuse_lm_forward
   )
 
-  def loss_fn(params):
+  def losses_of(params, lm, reflection):
     keep_kv = min(reflection.prefix.shape[1], lm.inputs.shape[1]) if reuse else 0
     lm_loss, hidden_btd, kept = lm_forward_loss(
         model, params, lm, loss_cfg.loss_chunk_tokens, keep_kv
@@ -303,9 +345,19 @@ def train_step(
       )
     else:
       sr_loss = self_reflection_loss(model, params, reflection, loss_cfg.sr_margin)
-    return lm_loss + loss_cfg.sr_weight * sr_loss, (lm_loss, sr_loss)
+    return lm_loss, sr_loss
 
-  (loss, (lm_loss, sr_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if loss_cfg.microbatches > 1:
+    loss, lm_loss, sr_loss, grads = accumulated_gradients(
+        losses_of, state.params, lm, reflection, loss_cfg.sr_weight, loss_cfg.microbatches
+    )
+  else:
+
+    def loss_fn(params):
+      lm_loss, sr_loss = losses_of(params, lm, reflection)
+      return lm_loss + loss_cfg.sr_weight * sr_loss, (lm_loss, sr_loss)
+
+    (loss, (lm_loss, sr_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

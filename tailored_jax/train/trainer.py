@@ -70,31 +70,8 @@ class Trainer:
     )
     self._init_opt = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)
     self._all_finite = jax.jit(step_lib.all_finite)
-    step = functools.partial(
-        step_lib.train_step,
-        model=self.model,
-        optimizer=self.optimizer,
-        loss_cfg=step_lib.LossConfig(
-            train_cfg.sr_weight,
-            train_cfg.sr_margin,
-            train_cfg.max_nonfinite_steps > 0,
-            train_cfg.loss_chunk_tokens,
-            reflection_loss,
-            train_cfg.get("dpo_beta", 0.1),
-            train_cfg.get("sr_reuse_lm_forward", False),
-        ),
-    )
-
-    def train_step(*args):  # traced under the activations' logical layout
-      with sharding.activation_layout(mesh):
-        return step(*args)
-
-    self._step = jax.jit(
-        train_step,
-        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-        donate_argnums=0,
-        compiler_options=compile_options.for_devices(mesh.devices),
-    )
+    # train.microbatches 0: decided by `fit_memory` (the fewest slices that fit), else 1
+    self.microbatches = max(train_cfg.get("microbatches", 1), 1)
 
   def init_params(self, seed: int):
     return self._init_params(jax.random.PRNGKey(seed))
@@ -149,12 +126,65 @@ class Trainer:
     shape = train_memory.worst_case_shape(
         self.cfg, dict(self.mesh.shape), dispatch.uses_kernel(cfg), cfg.attention == "xla"
     )
-    return train_memory.Planner(cfg, shape, state)
+    return train_memory.Planner(cfg, shape, state).with_microbatches(self.microbatches)
 
   def step_fn(self):
     """The jitted step `(state, lm, reflection | None[, reference params]) -> (state, metrics)`;
     it compiles once per batch shape, with and without reflection rows."""
     return self._step
+
+  @functools.cached_property
+  def _step(self):
+    train_cfg, mesh = self.cfg, self.mesh
+    step = functools.partial(
+        step_lib.train_step,
+        model=self.model,
+        optimizer=self.optimizer,
+        loss_cfg=step_lib.LossConfig(
+            train_cfg.sr_weight,
+            train_cfg.sr_margin,
+            train_cfg.max_nonfinite_steps > 0,
+            train_cfg.loss_chunk_tokens,
+            self.reflection_loss,
+            train_cfg.get("dpo_beta", 0.1),
+            train_cfg.get("sr_reuse_lm_forward", False),
+            self.microbatches,
+        ),
+    )
+
+    def train_step(*args):  # traced under the activations' logical layout
+      with sharding.activation_layout(mesh):
+        return step(*args)
+
+    return jax.jit(
+        train_step,
+        out_shardings=(self.state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+        compiler_options=compile_options.for_devices(mesh.devices),
+    )
+
+  def fit_memory(self, budget_gb: float, device_bytes) -> None:
+    """Before anything is allocated: with train.microbatches 0 the fewest slices of the rows
+    whose step fits (logged), then the planner's check (a ConfigError naming the numbers when
+    the step cannot fit). `budget_gb` as `memory.Planner.check` reads it."""
+    if self.cfg.get("microbatches", 1) == 0 and budget_gb >= 0:
+      budget = int(budget_gb * train_memory.GB) if budget_gb else device_bytes()
+      k = self.planner.fewest_microbatches(budget)
+      if k:
+        self.use_microbatches(k)
+        logging.info(
+            "train.microbatches=0: %d microbatches of %d rows fit %.2f GB per device",
+            k,
+            self.cfg.batch_size // k,
+            budget / train_memory.GB,
+        )
+    self.planner.check(budget_gb, device_bytes)
+
+  def use_microbatches(self, k: int) -> None:
+    """Slices each step's rows `k` ways (before the step is first built)."""
+    self.microbatches = k
+    self.__dict__.pop("planner", None)
+    self.__dict__.pop("_step", None)
 
   def _checked_guard(self, state: step_lib.TrainState, round_index: int, step_number: int):
     """The guard's record (one small device read); NonFiniteError once too many consecutive

@@ -85,6 +85,8 @@ def compile_only_devices(name: str) -> list:
   tpu = parse(name)
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  if os.environ.get("JAX_PLATFORMS") == "cpu":  # compile-only: no chip to guard
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # beside another plan's libtpu
   try:
     from jax.experimental import topologies
 
@@ -95,7 +97,12 @@ def compile_only_devices(name: str) -> list:
     )
     return list(description.devices)
   except (ImportError, RuntimeError) as e:
-    raise TopologyError(
-        f"topology {name!r}: libtpu cannot describe it here ({str(e).splitlines()[0]}); install"
-        ' it with pip install "jax[tpu]==<the installed jax version>"'
-    ) from e
+    why = str(e).splitlines()[0]
+    hint = (
+        'install libtpu with pip install "jax[tpu]==<the installed jax version>"'
+        if isinstance(e, ImportError) or "libtpu" not in why.lower()
+        else "another process holds libtpu; run with JAX_PLATFORMS=cpu to compile only"
+    )
+    if "INVALID_ARGUMENT" in why:
+      hint = "name a slice libtpu lays out (e.g. v5e:2x2, v5e:4x4, v4:2x2x4)"
+    raise TopologyError(f"topology {name!r}: libtpu cannot describe it here ({why}); {hint}") from e

@@ -15,8 +15,6 @@ gradients are tested against the XLA form.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
@@ -41,7 +39,6 @@ def _block(length: int) -> int:
   return next(b for b in BLOCKS if length % b == 0)
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(heads: int, queries: int, keys: int, offset: int, window: int, interpret: bool):
   """The splash kernel for one device's heads: queries [heads, queries, head_dim] over keys
   [kv_heads, keys, head_dim], key j seen by query i when j <= i + offset (and, with a sliding
@@ -62,14 +59,15 @@ def _kernel(heads: int, queries: int, keys: int, offset: int, window: int, inter
       block_q_dq=bq,
       block_kv_dq=bkv,
   )
-  with jax.ensure_compile_time_eval():  # the mask tables as constants, never a trace's values
-    return kernel_lib.make_splash_mha(
-        mask_lib.MultiHeadMask([mask] * heads),
-        block_sizes=sizes,
-        head_shards=1,
-        q_seq_shards=1,
-        interpret=interpret,
-    )
+  # built in the trace that calls it (its mask tables are that trace's constants; a kernel
+  # kept across traces would carry one trace's values into another)
+  return kernel_lib.make_splash_mha(
+      mask_lib.MultiHeadMask([mask] * heads),
+      block_sizes=sizes,
+      head_shards=1,
+      q_seq_shards=1,
+      interpret=interpret,
+  )
 
 
 def _pad(x, axis: int, to: int):

@@ -202,6 +202,19 @@ def custom_calls(hlo_text: str) -> dict:
   return out
 
 
+def _compiled(compile_fn):
+  """(compiled, None), or (None, the compiler's first line) when the program cannot fit the
+  devices' memory (the TPU compiler refuses it: RESOURCE_EXHAUSTED)."""
+  import jax
+
+  try:
+    return compile_fn(), None
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return None, str(e).splitlines()[0]
+
+
 def step_model_flops(cfg, num_params: int) -> float:
   """The train step's model FLOPs (the whole batch): 6 per parameter per token trained (LM rows
   and self-reflection continuations), 2 per prefix token run under stop-gradient, and 2 more per
@@ -429,7 +442,20 @@ def lower(
   }
   if not compile_steps:
     return report
-  train = trainer.step_fn().lower(*train_args).compile()
+  tried = (
+      [
+          k
+          for k in train_memory.microbatch_counts(trainer.planner.shape)
+          if k >= trainer.microbatches
+      ]
+      if auto_microbatches
+      else [trainer.microbatches]
+  )
+  for k in tried:  # the compiler's verdict: on a TPU it refuses a program its HBM cannot hold
+    trainer.use_microbatches(k)
+    train, train_error = _compiled(lambda: trainer.step_fn().lower(*train_args).compile())
+    if train is not None:
+      break
   tables = jax.tree.map(jnp.asarray, decode.StopTables.never_stop(arch.vocab_size))
   generate = jax.jit(
       functools.partial(
@@ -447,24 +473,36 @@ def lower(
       rows((e.batch_size, prompt), bool, row_axes),
       rows((e.batch_size, e.num_samples, 2), jnp.uint32, row_axes),
   )
-  exam = generate.lower(*exam_args, tables).compile()
-  train_memory_xla = memory(train)
-  train_text, exam_text = train.as_text(), exam.as_text()
-  report["train_step"].update(
-      xla_bytes_per_device=train_memory_xla,
-      inputs_from_shardings=sharded_bytes(train_args),
-      planned_temp_over_xla_temp=round(planned.temporaries / max(train_memory_xla["temp"], 1), 3),
-      collectives=collectives(train_text),
-      custom_calls=custom_calls(train_text),
+  exam, exam_error = _compiled(lambda: generate.lower(*exam_args, tables).compile())
+  step = report["train_step"]
+  planned = trainer.planner.plan()
+  step.update(
+      microbatches=trainer.microbatches, planned_gb=planned.as_gb(), fits=planned.total <= budget
   )
-  report["exam_decode"].update(
-      xla_bytes_per_device=memory(exam),
-      collectives=collectives(exam_text),
-      custom_calls=custom_calls(exam_text),
-  )
-  if on_tpu:
+  if train is None:
+    step.update(fits=False, compiler_error=train_error, microbatches_tried=tried)
+  else:
+    train_memory_xla = memory(train)
+    train_text = train.as_text()
+    step.update(
+        xla_bytes_per_device=train_memory_xla,
+        inputs_from_shardings=sharded_bytes(train_args),
+        planned_temp_over_xla_temp=round(planned.temporaries / max(train_memory_xla["temp"], 1), 3),
+        collectives=collectives(train_text),
+        custom_calls=custom_calls(train_text),
+    )
+  if exam is None:
+    report["exam_decode"].update(fits=False, compiler_error=exam_error)
+  else:
+    exam_text = exam.as_text()
+    report["exam_decode"].update(
+        xla_bytes_per_device=memory(exam),
+        collectives=collectives(exam_text),
+        custom_calls=custom_calls(exam_text),
+    )
+  if on_tpu and train is not None:
     chip = tpu_slices.parse(topology).chip
-    step = report["train_step"]
+    train_memory_xla = step["xla_bytes_per_device"]
     step["fits"] = train_memory_xla["total"] <= budget
     # the planner's largest batch against a budget scaled by how the compiler's temporaries
     # compare with the planner's at this batch
@@ -564,11 +602,15 @@ def main(argv=None) -> None:
   print(json.dumps(report, indent=2))
   if args.topology and not report["train_step"]["fits"]:
     step = report["train_step"]
+    needs = (
+        step["compiler_error"]
+        if "compiler_error" in step
+        else f"{step['xla_bytes_per_device']['total'] / 1e9:.2f} GB per device"
+    )
     sys.exit(
-        f"error: the train step does not fit {args.topology}: "
-        f"{step.get('xla_bytes_per_device', {}).get('total', 0) / 1e9:.2f} GB per device"
-        f" (HBM {args.device_memory_gb:.2f} GB); largest batch that fits:"
-        f" {step['largest_batch_that_fits']}"
+        f"error: the train step does not fit {args.topology} (HBM {args.device_memory_gb:.2f} GB"
+        f" per chip) in {step['microbatches']} microbatch(es): {needs}; the planner's largest"
+        f" batch: {step['largest_batch_that_fits']}"
     )
 
 

@@ -55,8 +55,14 @@ def row(student: str, slice_name: str, report: dict) -> str:
   if "error" in report:
     return f"| {student} | {slice_name} | error: {report['error']} | | | | | |"
   step = report["train_step"]
-  xla = step["xla_bytes_per_device"]
   hbm = step["device_memory_gb"]
+  if "compiler_error" in step:
+    tried = ",".join(map(str, step.get("microbatches_tried", [])))
+    return (
+        f"| {student} | {slice_name} | no | > {hbm:.1f} (compiler: out of HBM) | tried {tried} |"
+        f" {step['largest_batch_that_fits']} (planner) | | |"
+    )
+  xla = step["xla_bytes_per_device"]
   gathers = step["collectives"].get("all-gather", {})
   reduces = step["collectives"].get("all-reduce", {})
   return (

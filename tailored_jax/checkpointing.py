@@ -1,5 +1,7 @@
 """Orbax checkpoints, verified: the train state mid-round (to resume a killed round) and params per
-round, each with a manifest of per-array CRC-32 checksums computed on the host as it is written.
+round, each with a manifest of per-array checksums written with it: position-keyed hash sums
+(`shard_checksums`) that each process computes from the shards it holds, added up across
+processes, so no array is ever gathered whole and a different mesh verifies the same sums.
 
 Restores go straight onto the target shardings (a run can resume on a different mesh) and are
 checked against the manifest. A step checkpoint that fails is set aside (moved, never deleted) and
@@ -17,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tailored_jax import sharding
+from tailored_jax import shard_checksums, sharding
 from tailored_jax import workdir as wd
 
 MANIFEST = "tailored_manifest.json"
@@ -43,8 +45,24 @@ def _abstract(tree, shardings):
 
 
 def checksums(tree) -> dict[str, dict]:
-  """Per leaf (by tree path): shape, dtype and the CRC-32 of its bytes, one leaf on the host at a
-  time (a collective on multi-host runs: every process calls it)."""
+  """Per leaf (by tree path): shape, dtype and the hash sum of its elements (`hash64`), from
+  this process's shards, added up over processes (a collective on multi-host runs: every
+  process calls it; a few integers exchanged, no array gathered)."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  sums = sharding.process_sums([shard_checksums.local_sum(leaf) for _, leaf in leaves])
+  return {
+      jax.tree_util.keystr(path): {
+          "shape": list(leaf.shape),
+          "dtype": str(np.dtype(leaf.dtype)),
+          "hash64": f"{value:016x}",
+      }
+      for (path, leaf), value in zip(leaves, sums)
+  }
+
+
+def crc32_checksums(tree) -> dict[str, dict]:
+  """The manifests written before `hash64` (CRC-32 of each whole array, gathered on the host),
+  to verify checkpoints saved by earlier versions."""
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     array = np.ascontiguousarray(sharding.to_host(leaf))
@@ -97,7 +115,8 @@ def _restore_verified(mngr: ocp.CheckpointManager, directory: str, step: int, li
     restored = mngr.restore(step, args=ocp.args.StandardRestore(_abstract(like, shardings)))
   except Exception as e:  # orbax raises many types on damaged files
     raise CheckpointError(f"{where}: cannot be restored ({wd.root_cause(e)})") from e
-  got = checksums(restored)
+  earlier = any("crc32" in entry for entry in expected.values())
+  got = crc32_checksums(restored) if earlier else checksums(restored)
   bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
   if bad:
     raise CheckpointError(

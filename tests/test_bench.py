@@ -13,6 +13,7 @@ import torch
 from tailored_jax.bench import attention, common, decode, train_step
 from tailored_jax.bench import machine as bench_machine
 from tailored_jax.models import layers
+from tailored_jax.models.attention import blockwise
 from tailored_jax.models.llama import Llama
 from tailored_jax.train import step as step_lib
 
@@ -85,7 +86,7 @@ def test_train_step_benchmark_reports_the_lm_throughput_change_with_length(capsy
 def test_attention_benchmark_agrees_with_torch_sdpa(capsys, monkeypatch):
   """Ours (the native kernel, and the XLA form mapped one row per tile here) and torch's fused
   causal attention, grouped-query: same outputs and query gradients on the same inputs."""
-  monkeypatch.setattr(layers, "ATTENTION_TILE_BYTES", 1)
+  monkeypatch.setattr(blockwise, "ATTENTION_TILE_BYTES", 1)
   attention.main(["--shapes=3x40", "--heads=4,2", "--head_dim=16", "--repeats=1"])
   row = json.loads(capsys.readouterr().out)["shapes"]["3x40"]
   for side in ("ours", "ours_xla"):

@@ -147,7 +147,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_training_falls_back(
   manifest = os.path.join(params_dir, "0", checkpointing.MANIFEST)
   record = json.loads(read(manifest))
   first = sorted(record["arrays"])[0]
-  record["arrays"][first]["crc32"] ^= 1
+  record["arrays"][first]["hash64"] = f"{int(record['arrays'][first]['hash64'], 16) ^ 1:016x}"
   with open(manifest, "w") as f:
     json.dump(record, f)
   with pytest.raises(checkpointing.CheckpointError, match=rf"{params_dir}.*differ.*cannot be used"):

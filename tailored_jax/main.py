@@ -94,8 +94,17 @@ def main(argv):
   if _WORKDIR.value is None:
     sys.exit("error: --workdir is required")
   logging.info("devices: %s", jax.devices())
+  from tailored_jax import preemption
+
+  preemption.install(jax.process_count())
   try:
     records = rounds.run(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted as e:
+    print(
+        f"preempted: {e}; the same command resumes (exit {preemption.EXIT_CODE})",
+        file=sys.stderr,
+    )
+    sys.exit(preemption.EXIT_CODE)
   except _stopping_errors() as e:
     if flags.FLAGS.verbosity >= 1:
       logging.exception("the run stopped")

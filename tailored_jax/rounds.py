@@ -17,7 +17,7 @@ import time
 import jax
 import ml_collections
 
-from tailored_jax import checkpointing, config_lib, sharding, summary
+from tailored_jax import checkpointing, config_lib, preemption, sharding, summary
 from tailored_jax import workdir as wd
 from tailored_jax.data import scoring
 from tailored_jax.data.batching import Batcher, TrainExample
@@ -92,6 +92,7 @@ class Run:
     process 0 alone, the others on every process; all meet at a barrier afterwards."""
     if self.state.done(name):
       return
+    preemption.stop_if_noticed(f"before phase {name}")
     logging.info("phase %s: start", name)
     start = time.time()
     if writer_only:

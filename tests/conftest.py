@@ -33,6 +33,22 @@ def reference(tmp_path_factory):
   return workdir, rounds.run(tiny_config(), workdir)
 
 
+@pytest.fixture
+def paid(monkeypatch):
+  """Completions the local teacher served (paid requests, counted at the server)."""
+  count = {"n": 0}
+  from tailored_jax.teacher import oracle
+
+  real = oracle.reply
+
+  def counting(*args, **kwargs):
+    count["n"] += 1
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(oracle, "reply", counting)
+  return count
+
+
 def _allowed_skips() -> dict[str, str]:
   """tests/allowed_skips.txt: `test id prefix  # reason` per line."""
   allowed = {}

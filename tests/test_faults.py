@@ -14,7 +14,6 @@ import pytest
 
 from tailored_jax import checkpointing, rounds
 from tailored_jax import workdir as wd
-from tailored_jax.teacher import oracle
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.train import step as step_lib
 from tailored_jax.train.trainer import NonFiniteError
@@ -29,20 +28,6 @@ class Kill(Exception):
 
 def strip_seconds(records):
   return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-
-
-@pytest.fixture
-def paid(monkeypatch):
-  """Completions the local teacher served (paid requests, counted at the server)."""
-  count = {"n": 0}
-  real = oracle.reply
-
-  def counting(*args, **kwargs):
-    count["n"] += 1
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(oracle, "reply", counting)
-  return count
 
 
 def kill_after(monkeypatch, kind: str, name: str, nth: int):

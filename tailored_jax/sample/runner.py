@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 
-from tailored_jax import sharding
+from tailored_jax import preemption, sharding
 from tailored_jax.data.batching import round_up
 from tailored_jax.progress import Progress
 from tailored_jax.sample import memory
@@ -118,6 +118,7 @@ def generate_texts(
   rows_done = 0
   progress = Progress(label, len(prompts), "prompts")
   for at in range(0, len(order), batch_size):
+    preemption.stop_if_noticed("between decode batches (decoding runs again on resume)")
     chunk = order[at : at + batch_size]
     length = round_up(max(len(encoded[i]) for i in chunk), bucket)
     tokens, valid = left_pad([encoded[i] for i in chunk], length, batch_size, tokenizer.pad_id)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import aiohttp
 
+from tailored_jax import preemption
 from tailored_jax.teacher.cache import ReplyCache, request_key
 from tailored_jax.teacher.limits import (Budget, BudgetExceeded, RateLimits, estimate_prompt_tokens)
 
@@ -28,6 +29,10 @@ RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 class TeacherError(RuntimeError):
   """A request that failed for good (bad request, auth, retries exhausted, malformed reply)."""
+
+
+class NotSent(TeacherError):
+  """A request not sent because the run is stopping (a preemption signal)."""
 
 
 class TeacherBudgetError(TeacherError):
@@ -157,6 +162,9 @@ class ChatClient:
       async def one(i: int, request: ChatRequest):
         try:
           reply = await self._complete(session, request, semaphore, limits, usage, in_flight)
+        except NotSent as e:
+          results[i] = e
+          return
         except TeacherError as e:
           usage.failures += 1
           results[i] = e
@@ -166,6 +174,12 @@ class ChatClient:
           on_reply(i, reply)
 
       await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+    unsent = sum(isinstance(r, NotSent) for r in results)
+    if unsent:  # every reply that was sent has arrived and is cached
+      raise preemption.Preempted(
+          f"during the teacher phase: {len(requests) - unsent} of {len(requests)} requests"
+          f" answered and cached, {unsent} not sent"
+      )
     return results, usage
 
   async def _complete(
@@ -214,6 +228,8 @@ class ChatClient:
         shared = in_flight[key] = asyncio.get_running_loop().create_future()
         try:
           async with semaphore:
+            if preemption.noticed():  # stopping: what is in flight finishes, nothing new goes
+              raise NotSent("not sent: the run is stopping")
             window = await limits.acquire(estimate + worst_completion)
             got, got_reasons, p_tok, c_tok = await self._post_with_retries(
                 session, payload, usage, key, limits

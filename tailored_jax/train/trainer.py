@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax import checkpointing, compile_options, sharding
+from tailored_jax import checkpointing, compile_options, preemption, sharding
 from tailored_jax.data.batching import Batcher
 from tailored_jax.models import for_devices, layers
 from tailored_jax.models.attention import dispatch
@@ -297,6 +297,15 @@ class Trainer:
       total_tokens += info.target_tokens
       hooks(info)
       completed.poll()  # a log or checkpoint hook may have waited for the device
+      if not info.last and preemption.reached(preemption.next_sync_step()):
+        completed.drain()
+        if info.step not in checkpoints.steps():
+          self._checkpoint(checkpoints, info)
+        checkpoints.close()
+        progress.close()
+        raise preemption.Preempted(
+            f"round {round_index}: saved at step {info.step}/{len(batches)} in {checkpoint_dir}"
+        )
     completed.drain()
     progress.close()
     checkpoints.close()

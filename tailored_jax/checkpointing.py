@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
 import zlib
 
 import jax
@@ -29,11 +30,19 @@ class CheckpointError(RuntimeError):
   pass
 
 
-def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+def _manager(directory: str, max_to_keep: int, on_commit=None) -> ocp.CheckpointManager:
+  """Synchronous saves, or with `on_commit` asynchronous ones: `save` returns once the arrays
+  are copied off the devices, Orbax writes them in the background (one save at a time) and
+  calls `on_commit` after each commits."""
   return ocp.CheckpointManager(
       os.path.abspath(directory),
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+          max_to_keep=max_to_keep,
+          create=True,
+          enable_async_checkpointing=on_commit is not None,
+          async_options=ocp.AsyncOptions(post_finalization_callback=on_commit)
+          if on_commit
+          else None,
       ),
   )
 
@@ -126,22 +135,84 @@ def _restore_verified(mngr: ocp.CheckpointManager, directory: str, step: int, li
 
 
 class StepCheckpoints:
-  """Step-numbered, verified checkpoints of one round's train state; keeps the newest two."""
+  """Step-numbered, verified checkpoints of one round's train state; keeps the newest two.
+  Saved asynchronously: training goes on while Orbax writes, and a step's manifest is written
+  once its save has committed (a checkpoint without one is never restored)."""
 
   def __init__(self, directory: str, round_index: int = 0):
     self.directory = directory
     self.round_index = round_index
-    self._mngr = _manager(directory, max_to_keep=2)
+    self._pending: dict[int, dict] = {}  # step -> manifest, until its save commits
+    self._lock = threading.Lock()
+    self._failure: BaseException | None = None  # a manifest write that failed in the background
+    self._saved: set[int] = set()  # steps this object saved (committed or in flight)
+    self._mngr = _manager(directory, max_to_keep=2, on_commit=self._commit_manifests)
 
   def steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
 
+  def saved(self, step: int) -> bool:
+    return step in self._saved or step in self.steps()
+
   def save(self, step: int, state) -> None:
-    _save(self._mngr, self.directory, step, state, round=self.round_index, kind="train_state")
+    """Starts the save of `state` (returns once its arrays are off the devices, so the state
+    may be donated to the next step); its checksums are taken now, its manifest written after
+    the save commits."""
+    self._raise_failure()
+    ensure_space(self.directory, int(nbytes(state) * 1.05) + 2**20)
+    try:
+      self._mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+      self._saved.add(step)
+    except Exception as e:  # orbax wraps OS errors in many types: name the directory and cause
+      raise wd.StorageError(
+          f"cannot save checkpoint {self.directory} step {step}: {wd.root_cause(e)}"
+      ) from e
+    try:
+      manifest = {
+          "step": step,
+          "round": self.round_index,
+          "kind": "train_state",
+          "arrays": checksums(state),
+      }
+    except BaseException:
+      self.wait()  # nothing in the background outlives the failure
+      raise
+    with self._lock:
+      self._pending[step] = manifest
+    if not self._mngr.is_saving_in_progress():  # committed already: the callback has run
+      self._commit_manifests()
+
+  def _commit_manifests(self) -> None:
+    """Writes the manifests of the saves that have committed (Orbax's background thread, or
+    the caller's)."""
+    with self._lock:
+      for step in sorted(self._pending):
+        where = os.path.join(self.directory, str(step))
+        if not os.path.isdir(where):
+          continue
+        try:
+          wd.write_json(os.path.join(where, MANIFEST), self._pending.pop(step))
+        except BaseException as e:  # raised in the trainer's thread at the next save or wait
+          self._failure = e
+
+  def _raise_failure(self) -> None:
+    if self._failure is not None:
+      failure, self._failure = self._failure, None
+      raise failure
+
+  def wait(self) -> None:
+    """Until the save in flight has committed and its manifest is written."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:
+      raise wd.StorageError(f"cannot save checkpoint {self.directory}: {wd.root_cause(e)}") from e
+    self._commit_manifests()
+    self._raise_failure()
 
   def restore_latest_intact(self, like, shardings):
     """(step, state) of the newest checkpoint that restores and verifies, or None. Each one that
     fails is moved aside, with one log line."""
+    self.wait()
     for step in reversed(self.steps()):
       try:
         return step, _restore_verified(self._mngr, self.directory, step, like, shardings)
@@ -158,11 +229,15 @@ class StepCheckpoints:
       os.replace(os.path.join(self.directory, str(step)), target)
     sharding.barrier(f"set aside {self.directory} {step}")
     self._mngr.close()
-    self._mngr = _manager(self.directory, max_to_keep=2)
+    self._mngr = _manager(self.directory, max_to_keep=2, on_commit=self._commit_manifests)
     return target
 
   def close(self) -> None:
-    self._mngr.close()
+    """Waits for the save in flight (its manifest written), then closes."""
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
 
 
 def save_params(directory: str, params, **info) -> None:

@@ -132,3 +132,18 @@ def test_torch_reference_triplet_loss_is_ours():
     )
   assert float(ours) > 0.1
   np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5)
+
+
+def test_checkpoint_benchmark_times_both_saves(capsys):
+  """The background (`StepCheckpoints`) and synchronous saves of the same state, one process."""
+  from tailored_jax.bench import checkpoint
+
+  checkpoint.main(["--model=tiny", "--shape=2x16", "--steps_after=1", "--saves=2"])
+  result = json.loads(capsys.readouterr().out)
+  for side in ("background", "synchronous"):
+    assert result[side]["save_blocks_loop_s"] > 0
+    assert result[side]["save_plus_steps_s"] >= result[side]["save_blocks_loop_s"]
+  assert result["loop_seconds_saved_per_checkpoint"] == (
+      result["synchronous"]["save_plus_steps_s"] - result["background"]["save_plus_steps_s"]
+  )
+  assert result["state_mb"] > 0 and result["step_s_without_save"] > 0

@@ -46,7 +46,7 @@ def kill_after(monkeypatch, kind: str, name: str, nth: int):
   elif kind == "cache":
     real_put = ReplyCache.put
     monkeypatch.setattr(ReplyCache, "put", lambda self, *a: (real_put(self, *a), hit(self.path)))
-  elif kind == "checkpoint":
+  elif kind == "checkpoint":  # round params (synchronous) or a step checkpoint (in flight)
     real_save = checkpointing._save
     monkeypatch.setattr(
         checkpointing,
@@ -55,6 +55,12 @@ def kill_after(monkeypatch, kind: str, name: str, nth: int):
             real_save(mngr, directory, step, tree, **info),
             hit(directory),
         ),
+    )
+    real_step_save = checkpointing.StepCheckpoints.save
+    monkeypatch.setattr(
+        checkpointing.StepCheckpoints,
+        "save",
+        lambda self, step, state: (real_step_save(self, step, state), hit(self.directory)),
     )
   elif kind == "manifest":  # the Orbax files are written, the manifest is not: a torn save
     monkeypatch.setattr(
@@ -282,7 +288,7 @@ KILLER = textwrap.dedent("""
           die()
         real_put(self, key, payload, texts, *rest)
       ReplyCache.put = put
-    elif point == "checkpoint":  # Orbax's files written, the manifest not yet
+    elif point == "checkpoint":  # a step checkpoint in flight; round params before the manifest
       real_save = ocp.CheckpointManager.save
       def save(self, *args, **kwargs):
         result = real_save(self, *args, **kwargs)
@@ -307,7 +313,7 @@ KILLER = textwrap.dedent("""
     "point, nth",
     [
         ("teacher_cache", 5),  # mid-annotation, the fifth paid reply torn in its append
-        ("checkpoint", 1),  # a step checkpoint's Orbax files written, its manifest not
+        ("checkpoint", 1),  # a step checkpoint's asynchronous save in flight
         ("checkpoint", 2),  # round 1's params written by Orbax, their manifest not
         ("state", 3),  # state.json about to record train_1 as done
     ],

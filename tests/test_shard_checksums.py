@@ -126,6 +126,7 @@ def test_a_manifest_written_before_hash64_still_verifies(tmp_path):
   saved = _placed((1, 1, 1, 1), {})
   steps = checkpointing.StepCheckpoints(str(tmp_path / "ckpt"))
   steps.save(1, saved)
+  steps.wait()  # committed, its manifest written
   manifest = tmp_path / "ckpt" / "1" / checkpointing.MANIFEST
   record = json.loads(manifest.read_text())
   record["arrays"] = checkpointing.crc32_checksums(saved)

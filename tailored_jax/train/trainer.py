@@ -244,71 +244,72 @@ class Trainer:
     batches = self.schedule(batcher, seed, round_index)
     padding_share, lm_lengths = batcher.padding(batches)
     checkpoints = checkpointing.StepCheckpoints(checkpoint_dir, round_index)
-    # DPO's reference model: the round's starting weights, copied before the state donates them
-    reference = jax.tree.map(jnp.copy, params) if self.reflection_loss == "dpo" else None
-    state = self.new_state(params) if state is None else state
-    start_optimizer_step = int(jax.device_get(state.step))
-    start, state = self._resume(checkpoints, state, round_index, len(batches))
-    logging.info(
-        "round %d: training on %d examples (%d with self-reflection pairs), %d steps, "
-        "seq_len %d%s, %.1f%% padding, %d LM lengths",
-        round_index,
-        len(batcher),
-        batcher.sr_candidates,
-        len(batches),
-        batcher.seq_len,
-        f", {batcher.truncated} cut" if batcher.truncated else "",
-        100 * padding_share,
-        lm_lengths,
-    )
-    progress = Progress(f"train {round_index}", len(batches), "steps", start=start)
-    completed = hooks_lib.CompletedSteps(progress)
-    log = hooks_lib.TrainLog(
-        self._checked_guard, self.flops, progress, metrics or Metrics(), step_offset
-    )
-    hooks = hooks_lib.Hooks()
-    hooks.add(log.count, every=1, at_end=True)
-    hooks.add(log, every=self.cfg.log_every_steps, at_end=True)
-    hooks.add(
-        functools.partial(self._checkpoint, checkpoints),
-        every=self.cfg.checkpoint_every_steps,
-        at_end=False,
-    )
-    round_start = time.time()
-    step_shapes = set()  # (LM length, continuation length): one compiled step each
-    total_tokens = 0
-    for i in range(start, len(batches)):
-      lm, reflection = batcher.build(batches[i], derive_seed(seed, round_index, i, 1))
-      step_shapes.add(
-          (lm.inputs.shape[1], None if reflection is None else reflection.continuations.shape[2])
+    try:  # a save in flight commits (or fails) before anything leaves this round
+      # DPO's reference model: the round's starting weights, copied before the state donates them
+      reference = jax.tree.map(jnp.copy, params) if self.reflection_loss == "dpo" else None
+      state = self.new_state(params) if state is None else state
+      start_optimizer_step = int(jax.device_get(state.step))
+      start, state = self._resume(checkpoints, state, round_index, len(batches))
+      logging.info(
+          "round %d: training on %d examples (%d with self-reflection pairs), %d steps, "
+          "seq_len %d%s, %.1f%% padding, %d LM lengths",
+          round_index,
+          len(batcher),
+          batcher.sr_candidates,
+          len(batches),
+          batcher.seq_len,
+          f", {batcher.truncated} cut" if batcher.truncated else "",
+          100 * padding_share,
+          lm_lengths,
       )
-      inputs = int(lm.input_mask.sum()) + (
-          0
-          if reflection is None
-          else int(reflection.prefix_mask.sum() + reflection.continuation_mask.sum())
+      progress = Progress(f"train {round_index}", len(batches), "steps", start=start)
+      completed = hooks_lib.CompletedSteps(progress)
+      log = hooks_lib.TrainLog(
+          self._checked_guard, self.flops, progress, metrics or Metrics(), step_offset
       )
-      state, step_metrics = step_fn(
-          state, self.put_batch(lm), self.put_batch(reflection), reference
+      hooks = hooks_lib.Hooks()
+      hooks.add(log.count, every=1, at_end=True)
+      hooks.add(log, every=self.cfg.log_every_steps, at_end=True)
+      hooks.add(
+          functools.partial(self._checkpoint, checkpoints),
+          every=self.cfg.checkpoint_every_steps,
+          at_end=False,
       )
-      completed.dispatched(step_metrics["loss"])
-      info = hooks_lib.StepInfo(
-          round_index, i + 1, len(batches), state, step_metrics, int(lm.target_mask.sum()), inputs
-      )
-      total_tokens += info.target_tokens
-      hooks(info)
-      completed.poll()  # a log or checkpoint hook may have waited for the device
-      if not info.last and preemption.reached(preemption.next_sync_step()):
-        completed.drain()
-        if info.step not in checkpoints.steps():
-          self._checkpoint(checkpoints, info)
-        checkpoints.close()
-        progress.close()
-        raise preemption.Preempted(
-            f"round {round_index}: saved at step {info.step}/{len(batches)} in {checkpoint_dir}"
+      round_start = time.time()
+      step_shapes = set()  # (LM length, continuation length): one compiled step each
+      total_tokens = 0
+      for i in range(start, len(batches)):
+        lm, reflection = batcher.build(batches[i], derive_seed(seed, round_index, i, 1))
+        step_shapes.add(
+            (lm.inputs.shape[1], None if reflection is None else reflection.continuations.shape[2])
         )
-    completed.drain()
-    progress.close()
-    checkpoints.close()
+        inputs = int(lm.input_mask.sum()) + (
+            0
+            if reflection is None
+            else int(reflection.prefix_mask.sum() + reflection.continuation_mask.sum())
+        )
+        state, step_metrics = step_fn(
+            state, self.put_batch(lm), self.put_batch(reflection), reference
+        )
+        completed.dispatched(step_metrics["loss"])
+        info = hooks_lib.StepInfo(
+            round_index, i + 1, len(batches), state, step_metrics, int(lm.target_mask.sum()), inputs
+        )
+        total_tokens += info.target_tokens
+        hooks(info)
+        completed.poll()  # a log or checkpoint hook may have waited for the device
+        if not info.last and preemption.reached(preemption.next_sync_step()):
+          completed.drain()
+          if not checkpoints.saved(info.step):
+            self._checkpoint(checkpoints, info)
+          progress.close()
+          raise preemption.Preempted(
+              f"round {round_index}: saved at step {info.step}/{len(batches)} in {checkpoint_dir}"
+          )
+      completed.drain()
+      progress.close()
+    finally:
+      checkpoints.close()
     guard = self._checked_guard(state, round_index, len(batches))
     seconds = time.time() - round_start
     summary = {

@@ -254,27 +254,37 @@ def test_a_full_disk_ends_with_one_clear_line_and_the_same_command_resumes(
   assert paid["n"] == cache_lines(reference[0]) - recorded
 
 
-KILLER = textwrap.dedent("""
+# The start of a run's process that a test stops at its `nth` `point`: the arguments, `due()`
+# and every reply the local teacher serves counted in `served_log` (as the provider bills).
+SUBPROCESS_HEAD = textwrap.dedent("""
     import json, os, signal, sys
     config, workdir, point, nth, served_log = sys.argv[1:6]
-    import orbax.checkpoint as ocp
     from tailored_jax.teacher import oracle
-    from tailored_jax.teacher.cache import ReplyCache
     seen = [0]
 
     def due():
       seen[0] += 1
       return seen[0] == int(nth)
 
-    def die():  # no finally, no flush, no atexit: what a pre-empted VM or the OOM killer does
-      os.kill(os.getpid(), signal.SIGKILL)
-
     real_reply = oracle.reply
-    def served(*args, **kwargs):  # counted at the server, as the provider bills
+    def served(*args, **kwargs):
       with open(served_log, "a") as f:
         f.write(".")
       return real_reply(*args, **kwargs)
     oracle.reply = served
+""")
+SUBPROCESS_MAIN = textwrap.dedent("""
+    sys.argv = ["main", "--config=" + config, "--workdir=" + workdir]
+    from tailored_jax import main
+    main.run()
+""")
+
+KILLER = SUBPROCESS_HEAD + textwrap.dedent("""
+    import orbax.checkpoint as ocp
+    from tailored_jax.teacher.cache import ReplyCache
+
+    def die():  # no finally, no flush, no atexit: what a pre-empted VM or the OOM killer does
+      os.kill(os.getpid(), signal.SIGKILL)
 
     if point == "teacher_cache":  # half of a paid reply's line reaches the disk
       real_put = ReplyCache.put
@@ -303,10 +313,7 @@ KILLER = textwrap.dedent("""
           die()
         real_replace(src, dst)
       os.replace = replace
-    sys.argv = ["main", "--config=" + config, "--workdir=" + workdir]
-    from tailored_jax import main
-    main.run()
-""")
+""") + SUBPROCESS_MAIN
 
 
 @pytest.mark.parametrize(

@@ -197,3 +197,30 @@ def test_a_mesh_preset_must_match_the_devices():
   cfg.mesh.preset = "tpu-v9"
   with pytest.raises(config_lib.ConfigError, match="config field mesh.preset: must be one of"):
     config_lib.validate(cfg)
+
+
+def test_the_pods_table_row_reads_a_plan_and_a_refusal():
+  from tailored_jax import pods
+
+  step = {
+      "device_memory_gb": 17.18,
+      "fits": True,
+      "microbatches": 2,
+      "largest_batch_that_fits": 48,
+      "xla_bytes_per_device": {"total": 10.59e9},
+      "collectives": {"all-gather": {"count": 42, "bytes": 5.66e9}},
+      "roofline": {"estimated_step_seconds": 0.4412},
+  }
+  assert pods.row("gptj_6b", "v5e-16", {"train_step": step}) == (
+      "| gptj_6b | v5e-16 | yes | 10.59 / 17.2 | 2 | 48 | 42 AG 5.7 GB, 0 AR 0.0 GB | 0.44 |"
+  )
+  refused = {
+      "device_memory_gb": 17.18,
+      "compiler_error": "RESOURCE_EXHAUSTED: Ran out of memory on HBM",
+      "microbatches_tried": [1, 2],
+      "largest_batch_that_fits": 8,
+  }
+  assert pods.row("gptj_6b", "v5e-8", {"train_step": refused}).startswith(
+      "| gptj_6b | v5e-8 | no | > 17.2 (compiler: out of HBM) | tried 1,2 | 8 (planner) |"
+  )
+  assert pods.row("x", "y", {"error": "libtpu missing"}).startswith("| x | y | error: libtpu")

@@ -9,34 +9,24 @@ import sys
 import textwrap
 
 from tailored_jax import preemption, rounds
-from tests.test_faults import ROOT, strip_seconds
+from tests.test_faults import ROOT, SUBPROCESS_HEAD, SUBPROCESS_MAIN, strip_seconds
 from tests.test_rounds import cache_lines, read, tiny_config
 
-TERMINATOR = textwrap.dedent("""
-    import os, signal, sys
-    config, workdir, point, nth, served_log = sys.argv[1:6]
-    from tailored_jax.teacher import oracle
+TERMINATOR = SUBPROCESS_HEAD + textwrap.dedent("""
     from tailored_jax.train import hooks
     from tailored_jax.sample import decode
-    seen = [0]
-
-    def due():
-      seen[0] += 1
-      return seen[0] == int(nth)
 
     def terminate():  # what TPU maintenance, a spot VM's reclaim or SLURM's end of job send
       os.kill(os.getpid(), signal.SIGTERM)
 
-    real_reply = oracle.reply
-    def served(*args, **kwargs):  # counted at the server, as the provider bills
-      with open(served_log, "a") as f:
-        f.write(".")
-      if point == "teacher" and due():
-        terminate()
-      return real_reply(*args, **kwargs)
-    oracle.reply = served
-
-    if point == "train":
+    if point == "teacher":
+      counted = oracle.reply
+      def serve_then_stop(*args, **kwargs):
+        if due():
+          terminate()
+        return counted(*args, **kwargs)
+      oracle.reply = serve_then_stop
+    elif point == "train":
       real_call = hooks.Hooks.__call__
       def call(self, info):
         real_call(self, info)
@@ -50,10 +40,7 @@ TERMINATOR = textwrap.dedent("""
           terminate()
         return real_generate(self, *args, **kwargs)
       decode.Decoder.__call__ = generate
-    sys.argv = ["main", "--config=" + config, "--workdir=" + workdir]
-    from tailored_jax import main
-    main.run()
-""")
+""") + SUBPROCESS_MAIN
 
 
 # two requests in flight at a time, so a stop leaves requests not yet sent (a resumable field)

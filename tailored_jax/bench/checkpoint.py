@@ -18,27 +18,9 @@ import orbax.checkpoint as ocp
 
 from tailored_jax import checkpointing, sharding
 from tailored_jax.bench.common import PRESETS, report
-from tailored_jax.bench.train_step import Shape, Work
+from tailored_jax.bench.train_step import Shape, Work, train_cfg
 from tailored_jax.models.llama import Llama
 from tailored_jax.train.trainer import Trainer
-
-
-def _train_cfg():
-  return ml_collections.ConfigDict(
-      dict(
-          lr=1e-4,
-          warmup_steps=1,
-          b1=0.9,
-          b2=0.999,
-          eps=1e-8,
-          weight_decay=0.01,
-          grad_clip=0.0,
-          sr_weight=0.5,
-          sr_margin=1.0,
-          max_nonfinite_steps=3,
-          loss_chunk_tokens=0,
-      )
-  )
 
 
 def main(argv=None) -> None:
@@ -51,7 +33,7 @@ def main(argv=None) -> None:
   mesh = sharding.make_mesh(
       ml_collections.ConfigDict({"mesh": dict(data=1, fsdp=1, tensor=1, num_devices=1)})
   )
-  trainer = Trainer(Llama(PRESETS[args.model]), _train_cfg(), mesh)
+  trainer = Trainer(Llama(PRESETS[args.model]), train_cfg(), mesh)
   state = trainer.new_state(trainer.init_params(0))
   lm, _ = Work.random(Shape.parse(args.shape), PRESETS[args.model].vocab_size).ours()
   lm = trainer.put_batch(lm)

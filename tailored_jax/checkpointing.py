@@ -1,7 +1,7 @@
 """Orbax checkpoints, verified: the train state mid-round (to resume a killed round) and params per
 round, each with a manifest of per-array checksums written with it: position-keyed hash sums
-(`shard_checksums`) that each process computes from the shards it holds, added up across
-processes, so no array is ever gathered whole and a different mesh verifies the same sums.
+(`shard_checksums`) computed on the devices where the arrays live, so no array is ever gathered
+whole and a different mesh verifies the same sums.
 
 Restores go straight onto the target shardings (a run can resume on a different mesh) and are
 checked against the manifest. A step checkpoint that fails is set aside (moved, never deleted) and
@@ -54,18 +54,20 @@ def _abstract(tree, shardings):
 
 
 def checksums(tree) -> dict[str, dict]:
-  """Per leaf (by tree path): shape, dtype and the hash sum of its elements (`hash64`), from
-  this process's shards, added up over processes (a collective on multi-host runs: every
-  process calls it; a few integers exchanged, no array gathered)."""
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  sums = sharding.process_sums([shard_checksums.local_sum(leaf) for _, leaf in leaves])
+  """Per leaf (by tree path): shape, dtype and its checksum (`hash64`), computed on the devices
+  where the leaf lives (`shard_checksums`; every process calls it, as a train step)."""
+  return manifest_arrays(tree, shard_checksums.tree_sums(tree))
+
+
+def manifest_arrays(tree, sums) -> dict[str, dict]:
+  """The manifest's entries from `shard_checksums.tree_sums(tree)` (read now)."""
   return {
       jax.tree_util.keystr(path): {
           "shape": list(leaf.shape),
           "dtype": str(np.dtype(leaf.dtype)),
-          "hash64": f"{value:016x}",
+          "hash64": shard_checksums.hex64(value),
       }
-      for (path, leaf), value in zip(leaves, sums)
+      for (path, leaf), value in zip(jax.tree_util.tree_leaves_with_path(tree), sums)
   }
 
 
@@ -156,8 +158,8 @@ class StepCheckpoints:
 
   def save(self, step: int, state) -> None:
     """Starts the save of `state` (returns once its arrays are off the devices, so the state
-    may be donated to the next step); its checksums are taken now, its manifest written after
-    the save commits."""
+    may be donated to the next step); its checksums are computed on the devices behind it, and
+    its manifest written after the save commits."""
     self._raise_failure()
     ensure_space(self.directory, int(nbytes(state) * 1.05) + 2**20)
     try:
@@ -167,18 +169,15 @@ class StepCheckpoints:
       raise wd.StorageError(
           f"cannot save checkpoint {self.directory} step {step}: {wd.root_cause(e)}"
       ) from e
-    try:
-      manifest = {
-          "step": step,
-          "round": self.round_index,
-          "kind": "train_state",
-          "arrays": checksums(state),
-      }
+    try:  # dispatched behind the step that made `state`; read when the save has committed
+      sums = shard_checksums.tree_sums(state)
     except BaseException:
       self.wait()  # nothing in the background outlives the failure
       raise
+    header = {"step": step, "round": self.round_index, "kind": "train_state"}
+    arrays = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     with self._lock:
-      self._pending[step] = manifest
+      self._pending[step] = (header, arrays, sums)
     if not self._mngr.is_saving_in_progress():  # committed already: the callback has run
       self._commit_manifests()
 
@@ -190,8 +189,10 @@ class StepCheckpoints:
         where = os.path.join(self.directory, str(step))
         if not os.path.isdir(where):
           continue
+        header, arrays, sums = self._pending.pop(step)
         try:
-          wd.write_json(os.path.join(where, MANIFEST), self._pending.pop(step))
+          manifest = {**header, "arrays": manifest_arrays(arrays, sums)}
+          wd.write_json(os.path.join(where, MANIFEST), manifest)
         except BaseException as e:  # raised in the trainer's thread at the next save or wait
           self._failure = e
 

@@ -1,80 +1,82 @@
-"""Checksums of sharded arrays that never gather one: each process sums a position-keyed hash
-of every element of the shards it holds (one replica of each), and the per-array sums add up
-across processes (a few integers exchanged). The sum is the same for any mesh, any sharding and
-any number of processes, so a checkpoint saved on one mesh verifies when restored onto another.
+"""Checksums of sharded arrays computed where they live: every element's bits mixed with its
+position in the whole array, summed. One jitted computation over a tree: each device sums its
+own shard and XLA adds the partial sums (an all-reduce of a few integers), so no array is ever
+gathered whole, on any device or host, and the sum is the same for any mesh, sharding or number
+of processes (addition mod 2**32 does not depend on order): a checkpoint saved on one mesh
+verifies when restored onto another. It runs in the device stream like a train step, so a save
+can start it and read the few integers later.
 
-Element hash: the element's bits and its linear index in the whole array, mixed (xor-shift
-multiply) to 64 bits; the array's checksum is their sum mod 2**64. Host memory: a bounded chunk
-of one shard at a time.
+Two independent 32-bit sums (murmur3's finaliser over the element's 32-bit words and their
+position) make the 64-bit checksum written as 16 hex digits.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-CHUNK_ELEMENTS = 1 << 20  # elements hashed at once
-_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
-_MIX = np.uint64(0xBF58476D1CE4E5B9)
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_SEEDS = ((0x9E3779B1, 0x85EBCA77), (0xC2B2AE3D, 0x27D4EB2F))
 
 
-def _hash_sum(bits: np.ndarray, linear_index: np.ndarray) -> int:
-  x = bits.astype(np.uint64) + linear_index.astype(np.uint64) * _MULTIPLIER
-  x ^= x >> np.uint64(29)
-  x *= _MIX
-  x ^= x >> np.uint64(32)
-  return int(np.sum(x, dtype=np.uint64))
+def _mix(x):
+  """murmur3's 32-bit finaliser."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
 
 
-def block_sum(block: np.ndarray, starts: tuple[int, ...], shape: tuple[int, ...]) -> int:
-  """The hash sum of `block`, which sits at `starts` in an array of `shape`."""
-  block = np.ascontiguousarray(block).reshape(np.shape(block))  # (it makes a scalar 1-d)
-  if block.dtype == bool:
-    block = block.astype(np.uint8)
-  bits = block.view(_UINT[block.dtype.itemsize])
-  strides = np.cumprod((1,) + tuple(reversed(shape[1:])))[::-1].astype(np.int64)
-  if block.ndim == 0:
-    return _hash_sum(bits.reshape(1), np.zeros(1, np.int64))
-  total = 0
-  rows = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(block.shape[1:]))))
-  inner = np.zeros(block.shape[1:], np.int64)
-  for d in range(1, block.ndim):
-    axis = (np.arange(block.shape[d]) + starts[d]) * strides[d]
-    inner = inner + axis.reshape((-1,) + (1,) * (block.ndim - 1 - d))
-  for r0 in range(0, block.shape[0], rows):
-    r1 = min(r0 + rows, block.shape[0])
-    row_offsets = (np.arange(r0, r1) + starts[0]) * strides[0]
-    index = row_offsets.reshape((-1,) + (1,) * (block.ndim - 1)) + inner
-    total += _hash_sum(bits[r0:r1], index)
-  return total % (1 << 64)
+def _words(x) -> list:
+  """The array's bits as uint32 words of the same shape (two for 8-byte elements)."""
+  if x.dtype == jnp.bool_:
+    return [x.astype(jnp.uint32)]
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 8:
+    halves = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    return [halves[..., 0], halves[..., 1]]
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+  return [jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)]
 
 
-def local_sum(array) -> int:
-  """This process's part of `array`'s checksum: the shards it holds whose replica id is 0
-  (numpy arrays: the whole array)."""
-  shape = tuple(array.shape)
-  if isinstance(array, np.ndarray) or not hasattr(array, "addressable_shards"):
-    return block_sum(np.asarray(array), (0,) * len(shape), shape)
-  total = 0
-  for shard in array.addressable_shards:
-    if shard.replica_id != 0:
-      continue
-    starts = tuple(s.indices(n)[0] for s, n in zip(shard.index, shape))
-    total += block_sum(np.asarray(shard.data), starts, shape)
-  return total % (1 << 64)
+def _position(shape) -> jax.Array:
+  """Each element's position, hashed from its index on every axis (uint32)."""
+  h = jnp.zeros(shape, jnp.uint32)
+  for axis in range(len(shape)):
+    index = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    h = _mix(h * jnp.uint32(0x01000193) + index + jnp.uint32(axis + 1))
+  return h
 
 
-def combine(parts: np.ndarray) -> list[int]:
-  """Per array, the sum mod 2**64 of every process's part; `parts` is [processes, arrays, 2]
-  uint32 halves (high, low)."""
-  parts = np.asarray(parts, np.uint64).reshape(-1, parts.shape[-2], 2)
-  return [
-      sum((int(hi) << 32) | int(lo) for hi, lo in parts[:, i]) % (1 << 64)
-      for i in range(parts.shape[1])
-  ]
+def _leaf_sums(x) -> jax.Array:
+  """uint32[2]: the leaf's two hash sums."""
+  position = _position(x.shape)
+  sums = []
+  for a, b in _SEEDS:
+    h = jnp.zeros(x.shape, jnp.uint32)
+    for word in _words(x):
+      h = h + _mix(word * jnp.uint32(a) + position * jnp.uint32(b))
+    sums.append(jnp.sum(h, dtype=jnp.uint32))
+  return jnp.stack(sums)
 
 
-def halves(values: list[int]) -> np.ndarray:
-  """[arrays, 2] uint32 (high, low) of 64-bit values: what processes exchange (no 64-bit
-  integers needed on the devices)."""
-  return np.asarray([[v >> 32, v & 0xFFFFFFFF] for v in values], np.uint32).reshape(-1, 2)
+@jax.jit
+def tree_sums(tree) -> list:
+  """Per leaf, uint32[2] on the device (replicated): dispatched, not waited for."""
+  return [_leaf_sums(x) for x in jax.tree.leaves(tree)]
+
+
+def hex64(sums) -> str:
+  """A leaf's two sums (`tree_sums`, read from this process's copy) as 16 hex digits."""
+  if isinstance(sums, jax.Array):
+    sums = sums.addressable_data(0)  # replicated: every process holds the value
+  high, low = (int(v) for v in np.asarray(sums))
+  return f"{high:08x}{low:08x}"
+
+
+def host_hex64(array: np.ndarray) -> str:
+  """The same checksum of a host array (tests, tools)."""
+  return hex64(tree_sums([jnp.asarray(array)])[0])

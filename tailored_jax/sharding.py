@@ -203,19 +203,6 @@ def smallest(value: int) -> int:
   return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
-def process_sums(values: list[int]) -> list[int]:
-  """Each 64-bit value summed over every process (mod 2**64), on every process: a few integers
-  exchanged, e.g. the parts of a checksum each process computed from its own shards."""
-  if jax.process_count() == 1:
-    return [v % (1 << 64) for v in values]
-  from jax.experimental import multihost_utils
-
-  from tailored_jax import shard_checksums
-
-  parts = multihost_utils.process_allgather(shard_checksums.halves(values))
-  return shard_checksums.combine(np.asarray(parts))
-
-
 def agree(flag: bool) -> bool:
   """Process 0's value of `flag`, on every process (the value itself in a single process)."""
   if jax.process_count() == 1:

@@ -62,11 +62,11 @@ def kill_after(monkeypatch, kind: str, name: str, nth: int):
         "save",
         lambda self, step, state: (real_step_save(self, step, state), hit(self.directory)),
     )
-  elif kind == "manifest":  # the Orbax files are written, the manifest is not: a torn save
+  elif kind == "manifest":  # the Orbax files are committed, the manifest is not: a torn save
     monkeypatch.setattr(
         checkpointing,
-        "checksums",
-        lambda tree: (_ for _ in ()).throw(Kill("killed before the manifest")),
+        "manifest_arrays",
+        lambda tree, sums: (_ for _ in ()).throw(Kill("killed before the manifest")),
     )
 
 

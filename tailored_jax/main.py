@@ -75,6 +75,9 @@ def main(argv):
       handler.addFilter(_QuietLibraries())
   import jax
 
+  from tailored_jax import platforms
+
+  platforms.skip_absent_tpu()
   if _DISTRIBUTED.value:
     from tailored_jax import cluster
 

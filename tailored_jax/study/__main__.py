@@ -39,8 +39,10 @@ def main(argv):
   if _SEEDS.value < 1:
     sys.exit("error: --seeds must be >= 1")
   logging.getLogger().setLevel(logging.INFO)
-  from tailored_jax import config_lib
+  from tailored_jax import config_lib, platforms
   from tailored_jax import workdir as wd
+
+  platforms.skip_absent_tpu()
   from tailored_jax.study import report, runs
 
   names = [runs.config_name(p) for p in _CONFIGS.value]

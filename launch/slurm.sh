@@ -6,9 +6,13 @@
 # DRY_RUN=1 (outside or inside an allocation) prints the srun command and, per node, the
 # process id and coordinator jax.distributed.initialize() will read, and runs nothing;
 # NODES=N stands in for SLURM_JOB_NUM_NODES outside an allocation.
+# Two minutes before the time limit SLURM sends SIGUSR1 to every process: training saves a
+# checkpoint at the next step all agree on and the run exits 75; submit the same command again
+# (or add --requeue) to resume.
 #SBATCH --job-name=tailored_jax
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
+#SBATCH --signal=USR1@120
 set -euo pipefail
 config=${1:?usage: launch/slurm.sh CONFIG WORKDIR [overrides...]}
 workdir=${2:?usage: launch/slurm.sh CONFIG WORKDIR [overrides...]}

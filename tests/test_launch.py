@@ -59,6 +59,10 @@ def test_slurm_dry_run_prints_one_process_per_node():
       "--config.rounds=2"
       for rank in (0, 1)
   ]
+  # SLURM warns every process before the time limit; the run saves and exits 75 on it
+  with open(os.path.join(ROOT, "launch", "slurm.sh")) as f:
+    directives = [line for line in f if line.startswith("#SBATCH")]
+  assert "#SBATCH --signal=USR1@120\n" in directives
 
 
 def test_tpu_pod_dry_run_prints_every_workers_command():

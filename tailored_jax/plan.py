@@ -353,8 +353,9 @@ def lower(
   arch = trainer.model.cfg  # the attention chosen for the mesh's devices
   budget = int(device_memory_gb * train_memory.GB)
   auto_microbatches = cfg.train.microbatches == 0
-  if auto_microbatches and trainer.planner.fewest_microbatches(budget):
-    trainer.use_microbatches(trainer.planner.fewest_microbatches(budget))
+  fewest = trainer.planner.fewest_microbatches(budget) if auto_microbatches else 0
+  if fewest:
+    trainer.use_microbatches(fewest)
   t = cfg.train
   rows = lambda shape, dtype, row_axes=sharding.BATCH_AXES: jax.ShapeDtypeStruct(
       shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes)

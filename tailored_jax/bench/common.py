@@ -12,6 +12,7 @@ import numpy as np
 from tailored_jax.bench.machine import machine
 from tailored_jax.student_io import hf_io
 from tailored_jax.models.llama import LlamaConfig
+from tailored_jax.plan import PRESETS as PLAN_PRESETS
 
 # Model presets: public config.json values (SmolLM2-135M) or a stated small shape.
 PRESETS = {
@@ -33,18 +34,7 @@ PRESETS = {
         tie_embeddings=True,
     ),
     # HuggingFaceTB/SmolLM2-135M config.json.
-    "smollm2_135m": LlamaConfig(
-        vocab_size=49152,
-        d_model=576,
-        n_layers=30,
-        n_heads=9,
-        n_kv_heads=3,
-        head_dim=64,
-        d_ff=1536,
-        rope_theta=100000.0,
-        norm_eps=1e-5,
-        tie_embeddings=True,
-    ),
+    "smollm2_135m": LlamaConfig(**PLAN_PRESETS["smollm2_135m"][1]),  # its config.json values
 }
 
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from absl import logging
 
-from tailored_jax.config_lib import ATTENTION
+from tailored_jax.config_lib import ATTENTION, ConfigError
 from tailored_jax.models.annotations import constrain
 from tailored_jax.models.attention import blockwise, cpu_native, fused, splash
 from tailored_jax.models.attention.cached import LayerKV, cached_attention
@@ -37,8 +37,9 @@ PLATFORMS = {
 SPLASH_INTERPRET = "splash_interpret"
 
 
-class AttentionError(ValueError):
-  """`model.attention` cannot run on the devices the step compiles for."""
+class AttentionError(ConfigError):
+  """`model.attention` cannot run on the devices the step compiles for (a config error: the
+  run stops with one line naming the field)."""
 
 
 class Choice(NamedTuple):

@@ -144,7 +144,7 @@ class StepCheckpoints:
   def __init__(self, directory: str, round_index: int = 0):
     self.directory = directory
     self.round_index = round_index
-    self._pending: dict[int, dict] = {}  # step -> manifest, until its save commits
+    self._pending: dict[int, tuple] = {}  # step -> (header, array shapes, sums) until it commits
     self._lock = threading.Lock()
     self._failure: BaseException | None = None  # a manifest write that failed in the background
     self._saved: set[int] = set()  # steps this object saved (committed or in flight)

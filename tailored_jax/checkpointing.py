@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import threading
 import zlib
 
@@ -20,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tailored_jax import shard_checksums, sharding
+from tailored_jax import shard_checksums, sharding, storage
 from tailored_jax import workdir as wd
 
 MANIFEST = "tailored_manifest.json"
@@ -35,7 +34,7 @@ def _manager(directory: str, max_to_keep: int, on_commit=None) -> ocp.Checkpoint
   are copied off the devices, Orbax writes them in the background (one save at a time) and
   calls `on_commit` after each commits."""
   return ocp.CheckpointManager(
-      os.path.abspath(directory),
+      storage.absolute(directory),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep,
           create=True,
@@ -91,9 +90,9 @@ def nbytes(tree) -> int:
 
 def ensure_space(directory: str, needed: int) -> None:
   """Stops before a write that cannot fit: a StorageError naming the sizes."""
-  free = wd.free_mib(directory)
-  if free < needed / 2**20:
-    raise wd.StorageError(
+  free = storage.free_mib(directory)
+  if free is not None and free < needed / 2**20:
+    raise storage.StorageError(
         f"no space left on device for checkpoint {directory}: needed ~{needed / 2**20:.1f} MiB, "
         f"{free:.1f} MiB free"
     )
@@ -105,18 +104,18 @@ def _save(mngr: ocp.CheckpointManager, directory: str, step: int, tree, **info) 
     mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
     mngr.wait_until_finished()
   except Exception as e:  # orbax wraps OS errors in many types: name the directory and the cause
-    raise wd.StorageError(
-        f"cannot save checkpoint {directory} step {step}: {wd.root_cause(e)}"
+    raise storage.StorageError(
+        f"cannot save checkpoint {directory} step {step}: {storage.root_cause(e)}"
     ) from e
   manifest = {"step": step, **info, "arrays": checksums(tree)}
-  wd.write_json(os.path.join(directory, str(step), MANIFEST), manifest)
+  wd.write_json(storage.join(directory, str(step), MANIFEST), manifest)
 
 
 def _restore_verified(mngr: ocp.CheckpointManager, directory: str, step: int, like, shardings):
   """The checkpoint restored and checked against its manifest; CheckpointError says why not."""
-  where = os.path.join(directory, str(step))
-  manifest_path = os.path.join(where, MANIFEST)
-  if not os.path.exists(manifest_path):
+  where = storage.join(directory, str(step))
+  manifest_path = storage.join(where, MANIFEST)
+  if not storage.exists(manifest_path):
     raise CheckpointError(f"{where}: no {MANIFEST} (the save did not finish)")
   try:
     expected = wd.read_json(manifest_path)["arrays"]
@@ -125,7 +124,7 @@ def _restore_verified(mngr: ocp.CheckpointManager, directory: str, step: int, li
   try:
     restored = mngr.restore(step, args=ocp.args.StandardRestore(_abstract(like, shardings)))
   except Exception as e:  # orbax raises many types on damaged files
-    raise CheckpointError(f"{where}: cannot be restored ({wd.root_cause(e)})") from e
+    raise CheckpointError(f"{where}: cannot be restored ({storage.root_cause(e)})") from e
   earlier = any("crc32" in entry for entry in expected.values())
   got = crc32_checksums(restored) if earlier else checksums(restored)
   bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
@@ -166,8 +165,8 @@ class StepCheckpoints:
       self._mngr.save(step, args=ocp.args.StandardSave(state), force=True)
       self._saved.add(step)
     except Exception as e:  # orbax wraps OS errors in many types: name the directory and cause
-      raise wd.StorageError(
-          f"cannot save checkpoint {self.directory} step {step}: {wd.root_cause(e)}"
+      raise storage.StorageError(
+          f"cannot save checkpoint {self.directory} step {step}: {storage.root_cause(e)}"
       ) from e
     try:  # dispatched behind the step that made `state`; read when the save has committed
       sums = shard_checksums.tree_sums(state)
@@ -186,13 +185,13 @@ class StepCheckpoints:
     the caller's)."""
     with self._lock:
       for step in sorted(self._pending):
-        where = os.path.join(self.directory, str(step))
-        if not os.path.isdir(where):
+        where = storage.join(self.directory, str(step))
+        if not storage.is_dir(where):
           continue
         header, arrays, sums = self._pending.pop(step)
         try:
           manifest = {**header, "arrays": manifest_arrays(arrays, sums)}
-          wd.write_json(os.path.join(where, MANIFEST), manifest)
+          wd.write_json(storage.join(where, MANIFEST), manifest)
         except BaseException as e:  # raised in the trainer's thread at the next save or wait
           self._failure = e
 
@@ -206,7 +205,9 @@ class StepCheckpoints:
     try:
       self._mngr.wait_until_finished()
     except Exception as e:
-      raise wd.StorageError(f"cannot save checkpoint {self.directory}: {wd.root_cause(e)}") from e
+      raise storage.StorageError(
+          f"cannot save checkpoint {self.directory}: {storage.root_cause(e)}"
+      ) from e
     self._commit_manifests()
     self._raise_failure()
 
@@ -224,10 +225,9 @@ class StepCheckpoints:
 
   def _set_aside(self, step: int) -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    target = os.path.join(f"{os.path.abspath(self.directory)}.set_aside", f"{step}-{stamp}")
+    target = storage.join(f"{storage.absolute(self.directory)}.set_aside", f"{step}-{stamp}")
     if wd.is_writer():
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.replace(os.path.join(self.directory, str(step)), target)
+      storage.move_tree(storage.join(self.directory, str(step)), target)
     sharding.barrier(f"set aside {self.directory} {step}")
     self._mngr.close()
     self._mngr = _manager(self.directory, max_to_keep=2, on_commit=self._commit_manifests)

@@ -7,7 +7,6 @@ checks values and cross-field constraints and names the offending field.
 from __future__ import annotations
 
 import ast
-import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -313,6 +312,13 @@ def _require(condition: bool, field: str, message: str) -> None:
     raise ConfigError(f"config field {field}: {message}")
 
 
+def _recording_exists(path: str) -> bool:
+  """A teacher cache to replay: a file, or the chunk objects of one kept on Cloud Storage."""
+  from tailored_jax import storage  # config stays a leaf module until a recording is checked
+
+  return bool(path) and (storage.exists(path) or storage.exists(f"{path}.chunks"))
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad field."""
   _require(c.rounds >= 1, "rounds", f"must be >= 1, got {c.rounds}")
@@ -474,7 +480,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
       "teacher pacing and budgets must be >= 0",
   )
   _require(
-      tc.kind != "replay" or os.path.isfile(tc.replay_from),
+      tc.kind != "replay" or _recording_exists(tc.replay_from),
       "teacher.replay_from",
       f"teacher.kind=replay needs a recorded teacher_cache.jsonl, got {tc.replay_from!r}",
   )

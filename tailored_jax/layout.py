@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
+
+from tailored_jax import storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -11,7 +12,7 @@ class Layout:
   root: str
 
   def path(self, *parts: str) -> str:
-    return os.path.join(self.root, *parts)
+    return storage.join(self.root, *parts)
 
   # ---- the run ----------------------------------------------------------------------------------
   @property
@@ -106,4 +107,4 @@ class Layout:
   @classmethod
   def of_params_dir(cls, params_dir: str) -> "Layout":
     """The layout of the workdir a `params_dir` belongs to."""
-    return cls(os.path.dirname(os.path.dirname(os.path.abspath(params_dir))))
+    return cls(storage.parent(storage.parent(storage.absolute(params_dir))))

@@ -30,7 +30,7 @@ def _stopping_errors() -> tuple[type[BaseException], ...]:
   from tailored_jax.student_io.hf_io import ModelImportError
   from tailored_jax.teacher.client import TeacherError
   from tailored_jax.train.trainer import NonFiniteError
-  from tailored_jax.workdir import StorageError
+  from tailored_jax.storage import StorageError
 
   return (
       StorageError,

@@ -8,11 +8,14 @@ import hashlib
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2, summary_pb2
 
+from tailored_jax import storage
 from tailored_jax import workdir as wd
 
 ROUND_FIELDS = (
@@ -59,7 +62,7 @@ class Metrics:
           mode=log_cfg.wandb_mode,
           name=run_name,
           config=config,
-          dir=os.path.dirname(logdir),
+          dir=None if storage.is_object_store(logdir) else os.path.dirname(logdir),
           resume="allow",
           id=_wandb_id(run_name, logdir),
       )
@@ -92,6 +95,11 @@ class Metrics:
       values["round/teacher_cost_usd"] = teacher_cost_usd
     self.scalars(values, record["round"])
 
+  def sync(self) -> None:
+    """What is written so far made visible where the workdir lives (an object store's upload)."""
+    if self._tensorboard is not None:
+      self._tensorboard.sync()
+
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
@@ -103,15 +111,22 @@ class Metrics:
 
 class _EventFile:
   """TensorBoard events written as they come (tensorboardX's `EventsWriter`: no background
-  thread, no flush at exit), each write flushed. A write that fails (a full disk) costs the
-  run its scalars from then on, with one warning, never the run itself."""
+  thread, no flush at exit), each write flushed. On an object store (which cannot append) the
+  file is written locally and uploaded whole by `sync` (every phase, and at most every
+  `upload_every_s` while writing). A write that fails (a full disk) costs the run its scalars
+  from then on, with one warning, never the run itself."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, upload_every_s: float = 60.0):
     self.logdir = logdir
     self._events = None
+    self._staging = (
+        tempfile.mkdtemp(prefix="tensorboard-") if storage.is_object_store(logdir) else None
+    )
+    self._upload_every_s = upload_every_s
+    self._uploaded_at = time.monotonic()
     try:
-      os.makedirs(logdir, exist_ok=True)
-      self._events = EventsWriter(os.path.join(logdir, "events"))
+      os.makedirs(self._staging or logdir, exist_ok=True)
+      self._events = EventsWriter(os.path.join(self._staging or logdir, "events"))
     except OSError as e:
       self._give_up(e)
 
@@ -126,18 +141,35 @@ class _EventFile:
       self._events.flush()
     except OSError as e:
       self._give_up(e)
+    if time.monotonic() - self._uploaded_at > self._upload_every_s:
+      self.sync()
+
+  def sync(self) -> None:
+    """The staged event file uploaded whole to the object store (nothing to do locally)."""
+    if self._staging is None or self._events is None:
+      return
+    local = self._events._file_name
+    try:
+      with open(local, "rb") as f:
+        storage.write_atomically(storage.join(self.logdir, os.path.basename(local)), f.read())
+    except Exception as e:  # gcsfs and s3fs raise their own types
+      self._give_up(e)
+    self._uploaded_at = time.monotonic()
 
   def close(self) -> None:
+    self.sync()
     if self._events is not None:
       try:
         self._events.close()
       except OSError as e:
         self._give_up(e)
       self._events = None
+    if self._staging is not None:
+      shutil.rmtree(self._staging, ignore_errors=True)
 
-  def _give_up(self, error: OSError) -> None:
+  def _give_up(self, error: Exception) -> None:
     logging.warning(
-        "TensorBoard events in %s are no longer written: %s", self.logdir, wd.root_cause(error)
+        "TensorBoard events in %s are no longer written: %s", self.logdir, storage.root_cause(error)
     )
     events, self._events = self._events, None
     if events is not None:
@@ -149,4 +181,4 @@ class _EventFile:
 
 def _wandb_id(run_name: str, logdir: str) -> str:
   """One W&B run per workdir, so a resumed run continues its curves."""
-  return f"{run_name[:40]}-{hashlib.sha1(os.path.abspath(logdir).encode()).hexdigest()[:8]}"
+  return f"{run_name[:40]}-{hashlib.sha1(storage.absolute(logdir).encode()).hexdigest()[:8]}"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 
+from tailored_jax import storage
 from tailored_jax import workdir as wd
 from tailored_jax.layout import Layout
 
@@ -46,14 +46,14 @@ def _pct(value) -> str:
 def _read_run(workdir: str) -> tuple[dict, list[dict]]:
   layout = Layout(workdir)
   for path in (layout.config, layout.summary):
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise FileNotFoundError(f"{path} not found: is {workdir} a finished run?")
   return wd.read_json(layout.config), wd.read_json(layout.summary)
 
 
 def _outcomes(layout: Layout, r: int) -> dict[str, int] | None:
   path = layout.exam_outcomes(r)
-  return {o["qid"]: int(o["wrong"]) for o in wd.read_jsonl(path)} if os.path.exists(path) else None
+  return {o["qid"]: int(o["wrong"]) for o in wd.read_jsonl(path)} if storage.exists(path) else None
 
 
 def feedback_examples(workdir: str, samples: int) -> list[dict]:
@@ -63,14 +63,14 @@ def feedback_examples(workdir: str, samples: int) -> list[dict]:
   layout = Layout(workdir)
   questions = {}
   data_path = layout.data("train")
-  if os.path.exists(data_path):
+  if storage.exists(data_path):
     questions = {q["id"]: q for q in wd.read_jsonl(data_path)}
   config = wd.read_json(layout.config)
   k = _field(config, "exam.num_samples")
   shown = []
   for r in range(2, int(config["rounds"]) + 2):
     path = layout.teacher_data(r)
-    if not os.path.exists(path):
+    if not storage.exists(path):
       continue
     records = [d for d in wd.read_jsonl(path) if d.get("source") == "feedback"]
     first_per_question = {}
@@ -191,14 +191,14 @@ def plot(path: str, workdir: str, compare: str | None) -> None:
           [100 * (r.get(key) or float("nan")) for r in records],
           style,
           marker="o",
-          label=f"{os.path.basename(os.path.normpath(run))} {label}",
+          label=f"{storage.name(run)} {label}",
       )
   ax.set_xlabel("round")
   ax.set_ylabel("accuracy (%)")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  wd.write_figure(path, fig, dpi=120)
   plt.close(fig)
 
 
@@ -209,12 +209,12 @@ def main(argv=None) -> None:
   parser.add_argument("--samples", type=int, default=5, help="questions shown per feedback round")
   args = parser.parse_args(argv)
   try:
-    plot(os.path.join(args.workdir, "report.png"), args.workdir, args.compare)
+    plot(storage.join(args.workdir, "report.png"), args.workdir, args.compare)
     text = markdown(args.workdir, args.compare, args.samples, "report.png")
   except (FileNotFoundError, ValueError, KeyError) as e:
     sys.exit(f"error: {e}")
-  wd.write_text(os.path.join(args.workdir, "report.md"), text)
-  print(os.path.join(args.workdir, "report.md"))
+  wd.write_text(storage.join(args.workdir, "report.md"), text)
+  print(storage.join(args.workdir, "report.md"))
 
 
 if __name__ == "__main__":

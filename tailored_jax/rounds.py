@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 
 import jax
 import ml_collections
 
-from tailored_jax import checkpointing, config_lib, preemption, sharding, summary
+from tailored_jax import checkpointing, config_lib, preemption, sharding, storage, summary
 from tailored_jax import workdir as wd
 from tailored_jax.data import scoring
 from tailored_jax.data.batching import Batcher, TrainExample
@@ -53,7 +51,8 @@ class Run:
     self.workdir = workdir
     self.layout = Layout(workdir)
     self.stop_after = stop_after
-    os.makedirs(workdir, exist_ok=True)
+    storage.check_usable(workdir)
+    storage.makedirs(workdir)
     self._check_config()
     self.state = wd.RunState(workdir)
     self.task = build_task(cfg.task)
@@ -70,7 +69,7 @@ class Run:
     self.metrics = Metrics.for_run(
         cfg.logging,
         self.layout.tensorboard,
-        os.path.basename(os.path.abspath(workdir)),
+        storage.name(storage.absolute(workdir)),
         json.loads(cfg.to_json()),
     )
 
@@ -78,7 +77,7 @@ class Run:
   def _check_config(self) -> None:
     path = self.layout.config
     current = json.loads(self.cfg.to_json())
-    if os.path.exists(path):
+    if storage.exists(path):
       changed = config_lib.changed_fields(wd.read_json(path), current)
       if changed:
         raise config_lib.ConfigError(
@@ -110,12 +109,13 @@ class Run:
       fn()
     sharding.barrier(f"phase {name}")
     seconds = time.time() - start
-    timings = wd.read_json(self.layout.timings) if os.path.exists(self.layout.timings) else {}
+    timings = wd.read_json(self.layout.timings) if storage.exists(self.layout.timings) else {}
     timings[name] = timings.get(name, 0.0) + seconds
     wd.write_json(self.layout.timings, timings)
     self.state.mark(name)
     kind, _, r = name.partition("_")
     self.metrics.scalars({f"phase_seconds/{kind}": seconds}, int(r or 0))
+    self.metrics.sync()
     logging.info("phase %s: done in %.1fs", name, seconds)
     if self.stop_after == name:
       raise RunStopped(name)
@@ -209,7 +209,7 @@ class Run:
     price = config_lib.parse_prices(self.cfg.teacher.prices).get(self.cfg.teacher.model)
     path = self.layout.teacher_report(r)
     cost = None
-    if price and os.path.exists(path):
+    if price and storage.exists(path):
       usage = wd.read_json(path)["usage"]
       cost = (
           usage.get("prompt_tokens", 0) * price[0] + usage.get("completion_tokens", 0) * price[1]
@@ -493,7 +493,7 @@ class Run:
     data = []
     for r in range(first, round_index + 1):
       path = self.layout.teacher_data(r)
-      if os.path.exists(path):
+      if storage.exists(path):
         data.extend(wd.read_jsonl(path))
     return data
 
@@ -501,10 +501,10 @@ class Run:
     c = self.cfg
     params_dir = self.layout.params_dir(round_index)
     checkpoint_dir = self.layout.step_dir(round_index)
-    trained = os.path.exists(self.layout.train_report(round_index))
-    if trained and os.path.isdir(params_dir):
+    trained = storage.exists(self.layout.train_report(round_index))
+    if trained and storage.is_dir(params_dir):
       if wd.is_writer():  # killed after saving: nothing to redo
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        storage.remove_tree(checkpoint_dir)
       return
     data = self.training_data(round_index)
     if not data:
@@ -513,7 +513,7 @@ class Run:
       )
     negatives: dict[str, list[str]] = {}
     mistakes_path = self.layout.mistakes(round_index - 1)
-    if c.method.self_reflection and os.path.exists(mistakes_path):
+    if c.method.self_reflection and storage.exists(mistakes_path):
       for m in wd.read_jsonl(mistakes_path):
         negatives.setdefault(m["qid"], []).append(m["output"])
     qids = sorted({d["qid"] for d in data})
@@ -542,7 +542,7 @@ class Run:
     earlier_steps = sum(
         wd.read_json(self.layout.train_report(r))["steps"]
         for r in range(1, round_index)
-        if os.path.exists(self.layout.train_report(r))
+        if storage.exists(self.layout.train_report(r))
     )
     state, metrics = trainer.train_round(
         start_params,
@@ -574,7 +574,7 @@ class Run:
     )
     sharding.barrier(f"saved round {round_index}")
     if wd.is_writer():
-      shutil.rmtree(checkpoint_dir, ignore_errors=True)
+      storage.remove_tree(checkpoint_dir)
 
   def evaluate(self, round_index: int) -> None:
     params = self.student.decode_params(round_index)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 
+from tailored_jax import storage
 from tailored_jax import workdir as wd
 from tailored_jax.layout import Layout
 
@@ -62,35 +63,35 @@ def mistake_transitions(before: dict[str, int], after: dict[str, int]) -> dict[s
 
 
 def _wrong_counts(path: str) -> dict[str, int] | None:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
   return {r["qid"]: int(r["wrong"]) for r in wd.read_jsonl(path)}
 
 
 def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
   """One record per round whose evaluation is done, read from the phase outputs."""
-  timings = wd.read_json(layout.timings) if os.path.exists(layout.timings) else {}
-  stop = wd.read_json(layout.stop) if os.path.exists(layout.stop) else {}
+  timings = wd.read_json(layout.timings) if storage.exists(layout.timings) else {}
+  stop = wd.read_json(layout.stop) if storage.exists(layout.stop) else {}
   out = []
   for r in range(1, rounds + 1):
     if not state.done(f"evaluate_{r}"):
       break
     evals = wd.read_json(layout.eval_report(r))
     teacher_path = layout.teacher_report(r)
-    teacher = wd.read_json(teacher_path)["usage"] if os.path.exists(teacher_path) else {}
+    teacher = wd.read_json(teacher_path)["usage"] if storage.exists(teacher_path) else {}
     train = wd.read_json(layout.train_report(r))
     exam_path = layout.exam_report(r - 1)
     before, after = _wrong_counts(layout.exam_outcomes(r - 1)), _wrong_counts(
         layout.exam_outcomes(r)
     )
     moved = mistake_transitions(before, after) if before is not None and after is not None else {}
-    rejected = wd.read_json(teacher_path).get("dropped", {}) if os.path.exists(teacher_path) else {}
+    rejected = wd.read_json(teacher_path).get("dropped", {}) if storage.exists(teacher_path) else {}
     out.append(
         {
             "round": r,
             "train_examples": train["examples"],
             "optimizer_steps": train.get("steps"),
-            "mistakes": wd.read_json(exam_path)["mistakes"] if os.path.exists(exam_path) else 0,
+            "mistakes": wd.read_json(exam_path)["mistakes"] if storage.exists(exam_path) else 0,
             "teacher_requests": teacher.get("requests", 0) + teacher.get("cache_hits", 0),
             "teacher_tokens": teacher.get("tokens", 0) + teacher.get("cached_tokens", 0),
             "mistakes_fixed": moved.get("fixed"),
@@ -162,10 +163,8 @@ def plot(path: str, records: list[dict]) -> None:
   mistakes_ax.legend()
   mistakes_ax.set_title("Exam mistakes: before vs after the round")
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp)
+  wd.write_figure(path, fig)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def table(records: list[dict]) -> str:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, Callable, Iterator
+
+from tailored_jax import storage
 
 
 class DataError(ValueError):
@@ -22,21 +23,23 @@ def _where(path: str, number: int, jsonl: bool) -> str:
 
 def iter_records(path: str) -> Iterator[tuple[str, Any]]:
   """(location, record) for each record of a .jsonl (line numbers) or .json list (indices)."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise DataError(f"data file not found: {path}")
+  try:
+    text = storage.read_text(path)
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
   if path.endswith(".jsonl"):
-    with open(path, encoding="utf-8") as f:
-      for number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          yield _where(path, number, True), json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from e
+    for number, line in enumerate(text.split("\n"), start=1):
+      if not line.strip():
+        continue
+      try:
+        yield _where(path, number, True), json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from e
     return
   try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+    data = json.loads(text)
   except json.JSONDecodeError as e:
     raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
   if not isinstance(data, list):

@@ -10,11 +10,12 @@ model wrote.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from tailored_jax import storage
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -58,17 +59,16 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
     try:
-      tok = tokenizers.Tokenizer.from_file(path)
+      tok = tokenizers.Tokenizer.from_str(storage.read_text(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
       raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
     ids = {}
-    sidecar = os.path.join(os.path.dirname(path), "special_tokens.json")
-    if os.path.exists(sidecar):
-      with open(sidecar) as f:
-        ids = json.load(f)
+    sidecar = storage.join(storage.parent(path), "special_tokens.json")
+    if storage.exists(sidecar):
+      ids = json.loads(storage.read_text(sidecar))
     if ids.get("add_bos") and not special_affixes(tok)[0]:
       # Workdirs written before the post-processor carried the BOS rule.
       bos_id = ids.get("bos_id", tok.token_to_id(BOS))
@@ -76,11 +76,11 @@ class Tokenizer:
     return cls(tok, ids.get("bos_id"), ids.get("eos_id"), ids.get("pad_id"))
 
   def save(self, path: str) -> None:
-    tmp = path + ".tmp"
-    self._tok.save(tmp)
-    os.replace(tmp, path)
-    with open(os.path.join(os.path.dirname(path), "special_tokens.json"), "w") as f:
-      json.dump({"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}, f)
+    storage.write_atomically(path, self._tok.to_str(pretty=True))
+    storage.write_atomically(
+        storage.join(storage.parent(path), "special_tokens.json"),
+        json.dumps({"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}),
+    )
 
   def encode(self, text: str) -> list[int]:
     """Ids of `text` with the tokenizer's own special tokens, as transformers encodes it."""

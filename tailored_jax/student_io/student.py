@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 
-from tailored_jax import checkpointing, config_lib
+from tailored_jax import checkpointing, config_lib, storage
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.layout import Layout
 from tailored_jax.models import build_model, for_decoding, model_for
@@ -32,22 +31,21 @@ class Student:
 
 def _layout_of(checkpoint: str) -> Layout | None:
   layout = Layout.of_params_dir(checkpoint)
-  if os.path.exists(layout.config) and os.path.exists(layout.tokenizer):
+  if storage.exists(layout.config) and storage.exists(layout.tokenizer):
     return layout
   return None
 
 
 def load_student(src: str) -> Student:
-  layout = _layout_of(src) if os.path.isdir(src) else None
-  if layout is None or os.path.exists(os.path.join(src, "config.json")):
+  layout = _layout_of(src) if storage.is_dir(src) else None
+  if layout is None or storage.exists(storage.join(src, "config.json")):
     pretrained = open_pretrained(src)
     model = model_for(pretrained.cfg)
     params = jax.tree.map(jnp.asarray, pretrained.load_params())
     return Student(
         model, params, pretrained.tokenizer, pretrained.model_type, pretrained.chat_template
     )
-  with open(layout.config) as f:
-    cfg = config_lib.from_saved(json.load(f))
+  cfg = config_lib.from_saved(json.loads(storage.read_text(layout.config)))
   tokenizer = Tokenizer.load(layout.tokenizer)
   pretrained = open_pretrained(cfg.model.init_from) if cfg.model.init_from else None
   model = build_model(cfg.model, tokenizer.vocab_size, pretrained.cfg if pretrained else None)

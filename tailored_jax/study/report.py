@@ -185,7 +185,7 @@ def plot(path: str, result: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  wd.write_figure(path, fig, dpi=120)
   plt.close(fig)
 
 

@@ -1,4 +1,4 @@
-"""Persistent teacher reply cache: every paid reply is appended (and flushed) as it arrives.
+"""Persistent teacher reply cache: every paid reply is kept as it arrives.
 
 A re-run with the same request (model, messages, n, temperature, max_tokens) reads the reply
 back instead of paying again. A torn last line (a kill mid-write) is dropped with a warning;
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 import threading
 import time
 
-from tailored_jax.workdir import StorageError, free_mib, root_cause
+from tailored_jax.append_log import AppendLog
+from tailored_jax.storage import StorageError
 
 
 def request_key(payload: dict) -> str:
@@ -23,42 +22,19 @@ def request_key(payload: dict) -> str:
 
 
 class ReplyCache:
-  """Replies by request key, loaded from `path` and appended to it; `read_only` (a replayed
-  recording) never writes, not even to drop a torn last line."""
+  """Replies by request key, loaded from `path` and appended to it (`append_log`: a local file,
+  or chunk objects on an object store); `read_only` (a replayed recording) never writes, not
+  even to drop a torn last line."""
 
   def __init__(self, path: str, prompt_version: str, read_only: bool = False):
     self.path = path
     self.prompt_version = prompt_version
     self.read_only = read_only
+    self._log = AppendLog(path, read_only=read_only, what="a paid teacher reply")
     self._entries: dict[str, dict] = {}
     self._lock = threading.Lock()
-    if os.path.exists(path):
-      self._load()
-
-  def _load(self) -> None:
-    with open(self.path, "rb") as f:
-      lines = f.read().split(b"\n")
-    good_bytes = 0
-    for number, line in enumerate(lines, start=1):
-      is_last = number == len(lines) or (number == len(lines) - 1 and lines[-1] == b"")
-      if not line.strip():
-        good_bytes += len(line) + 1
-        continue
-      try:
-        entry = json.loads(line)
-        key, texts = entry["key"], entry["texts"]
-        if not isinstance(texts, list):
-          raise ValueError("'texts' is not a list")
-      except (ValueError, KeyError, TypeError) as e:
-        if is_last:
-          logging.warning("%s:%d: dropping a torn last line (%s)", self.path, number, e)
-          if not self.read_only:
-            with open(self.path, "rb+") as f:
-              f.truncate(good_bytes)
-          return
-        raise ValueError(f"{self.path}:{number}: corrupt teacher cache entry ({e})") from e
-      self._entries[key] = entry
-      good_bytes += len(line) + 1
+    for entry in self._log.read(_parse_entry):
+      self._entries[entry["key"]] = entry
 
   def __len__(self) -> int:
     return len(self._entries)
@@ -90,17 +66,25 @@ class ReplyCache:
     }
     if finish_reasons and any(r != "stop" for r in finish_reasons):
       entry["finish_reasons"] = finish_reasons
-    line = json.dumps(entry) + "\n"
     with self._lock:
       try:
-        with open(self.path, "a") as f:
-          f.write(line)
-          f.flush()
-          os.fsync(f.fileno())
-      except OSError as e:
-        raise StorageError(
-            f"cannot append a paid teacher reply to {self.path}: {root_cause(e)} "
-            f"({free_mib(self.path):.1f} MiB free); replies written before it are "
-            "kept"
-        ) from e
+        self._log.append(json.dumps(entry) + "\n")
+      except StorageError as e:
+        raise StorageError(f"{e}; replies written before it are kept") from e
       self._entries[key] = entry
+
+  def flush(self) -> None:
+    """Until every reply put so far is stored (an object store's uploads run behind `put`)."""
+    if not self.read_only:
+      self._log.flush()
+
+
+def _parse_entry(line: bytes) -> dict:
+  try:
+    entry = json.loads(line)
+    key, texts = entry["key"], entry["texts"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"corrupt teacher cache entry ({e})") from e
+  if not isinstance(key, str) or not isinstance(texts, list):
+    raise ValueError("corrupt teacher cache entry ('key' is not a string or 'texts' not a list)")
+  return entry

@@ -130,7 +130,11 @@ class ChatClient:
       self, requests: list[ChatRequest], on_reply: Callable[[int, ChatReply], None] | None = None
   ) -> tuple[list[ChatReply | TeacherError], Usage]:
     """Sends all requests (cache first); results in request order, failures as TeacherError."""
-    return asyncio.run(self._run(requests, on_reply))
+    try:
+      return asyncio.run(self._run(requests, on_reply))
+    finally:  # the replies paid for are stored before anything relies on them
+      if self.cache is not None:
+        self.cache.flush()
 
   async def _run(self, requests, on_reply):
     usage = Usage()

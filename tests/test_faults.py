@@ -41,8 +41,8 @@ def kill_after(monkeypatch, kind: str, name: str, nth: int):
         raise Kill(f"killed after {kind} write #{nth} of {name}")
 
   if kind == "json":
-    real = wd._write_atomically
-    monkeypatch.setattr(wd, "_write_atomically", lambda path, write: (real(path, write), hit(path)))
+    real = wd._write
+    monkeypatch.setattr(wd, "_write", lambda path, data: (real(path, data), hit(path)))
   elif kind == "cache":
     real_put = ReplyCache.put
     monkeypatch.setattr(ReplyCache, "put", lambda self, *a: (real_put(self, *a), hit(self.path)))

@@ -31,8 +31,8 @@ def check_usable(path: str) -> None:
   if str(path).startswith("s3://"):  # the path layer reads and writes s3 (s3fs); Orbax cannot
     raise StorageError(
         f"{path}: s3:// workdirs are not supported: Orbax {_orbax_version()} cannot checkpoint "
-        "there (its OCDBT paths keep only gs://, and its commit renames fail on S3); use gs:// "
-        "or a local or NFS path"
+        "there (its path normalisation keeps only gs://: arrays land in a local directory "
+        "named 's3:'); use gs:// or a local or NFS path"
     )
   if not str(path).startswith("gs://"):
     raise StorageError(f"{path}: unsupported storage (local paths and gs://)")

@@ -19,6 +19,8 @@ MESH_PRESETS = {
     "tpu-v4-32": (16, 32, (1, 16, 1)),
     "tpu-v5e-16": (16, 16, (1, 16, 1)),
     "tpu-v5p-8": (4, 95, (1, 4, 1)),
+    "h100-1x1": (1, 80, (1, 1, 1)),
+    "l4-1x1": (1, 24, (1, 1, 1)),
     "h100-1x8": (8, 80, (1, 8, 1)),
     "h100-2x8": (16, 80, (2, 8, 1)),
 }
@@ -43,6 +45,10 @@ def _is_topology(name: str) -> bool:
 
 # Named here (this module imports no jax) and used by the models and `sharding.py`.
 REMAT_POLICIES = ("none", "full", "minimal", "save_attention")
+# The projections LoRA can adapt (model.lora_targets), named as LLaMA's; GPT-J's fc_in and fc_out
+# are up and down.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
 # The training attention (model.attention); `models/attention/dispatch.py` resolves 'auto'.
 ATTENTION = ("auto", "xla", "cudnn", "splash", "cpu_native", "cpu_blockwise")
 DECODE_LAYOUTS = ("model_parallel", "replicated", "train")
@@ -130,6 +136,12 @@ def base_config() -> ml_collections.ConfigDict:
   # XLA ops, 'xla' one jax.nn.dot_product_attention in XLA ops (scores materialised), 'cudnn'
   # cuDNN's flash kernel (GPU, bf16/fp16), 'splash' JAX's Pallas splash kernel (TPU).
   c.model.attention = "auto"
+  # LoRA (Hu et al., 2021): 0 trains every weight; r > 0 freezes them and trains rank-r adapters
+  # beside the targeted projections (q, k, v, o, gate, up, down; GPT-J's fc_in/fc_out are
+  # up/down), scaled by lora_alpha / r. Decoding and export fold the adapters in.
+  c.model.lora_rank = 0
+  c.model.lora_alpha = 16.0
+  c.model.lora_targets = "q,k,v,o,gate,up,down"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -369,6 +381,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
       f"n_heads={m.n_heads} must be a multiple of n_kv_heads={m.n_kv_heads}",
   )
   _require(m.head_dim % 2 == 0, "model.head_dim", "must be even (rotary embedding)")
+  _require(m.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0: no LoRA), got {m.lora_rank}")
+  _require(m.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
+  targets = [t.strip() for t in str(m.lora_targets).split(",") if t.strip()]
+  _require(
+      bool(targets) and set(targets) <= set(LORA_TARGETS),
+      "model.lora_targets",
+      f"a comma list of {', '.join(LORA_TARGETS)}; got {m.lora_targets!r}",
+  )
   for name in ("dtype", "param_dtype"):
     _require(
         m[name] in ("float32", "bfloat16", "float16"),

@@ -14,7 +14,7 @@ import ml_collections
 from tailored_jax import checkpointing, sharding
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.layout import Layout
-from tailored_jax.models import build_model, for_devices, layers
+from tailored_jax.models import build_model, for_devices, layers, lora
 from tailored_jax.models.attention import cpu_native
 from tailored_jax.student_io import vocab
 from tailored_jax.models.layers import tree_get
@@ -63,7 +63,7 @@ class StudentRuntime:
     per_layer_specs = nn.get_partition_spec(per_layer)
     self._per_layer_shardings = sharding.logical_sharding(per_layer, mesh)
     self._to_decode_layout = jax.jit(
-        layers.unstack_layers,
+        lambda params: layers.unstack_layers(lora.folded(params, self.model.cfg)),
         out_shardings=sharding.decode_shardings(
             per_layer_specs, nn.meta.unbox(per_layer), mesh, self.decode_layout
         ),
@@ -81,7 +81,7 @@ class StudentRuntime:
           self.trainer.param_shardings,
       )
     elif self.pretrained is not None:
-      params = self._pretrained_params()
+      params = self.trainer.with_fresh_adapters(self._pretrained_params(), self.cfg.seed)
     else:
       params = self.trainer.init_params(self.cfg.seed)
     self.hold(round_index, params)
@@ -92,7 +92,7 @@ class StudentRuntime:
     per round so that decoding never gathers a weight per token."""
     if self._decode_held is None or self._decode_held[0] != round_index:
       params = self.params(round_index)
-      if self.decode_layout != "train" or layers.is_stacked(params):
+      if self.decode_layout != "train" or layers.is_stacked(params) or lora.has_adapters(params):
         params = self._to_decode_layout(params)
       self._decode_held = (round_index, params)
     return self._decode_held[1]

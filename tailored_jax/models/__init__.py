@@ -45,8 +45,9 @@ def for_devices(model, devices):
 def for_decoding(model):
   """The same architecture with per-layer parameters and no remat: decoding updates one cache
   buffer per layer in place, which a scan over stacked layers would copy every token (convert
-  the weights with `layers.unstack_layers`)."""
-  return model_for(dataclasses.replace(model.cfg, scan_layers=False, remat="none"))
+  the weights with `layers.unstack_layers`); LoRA adapters folded into their weights
+  (`lora.merged`)."""
+  return model_for(dataclasses.replace(model.cfg, scan_layers=False, remat="none", lora_rank=0))
 
 
 def head_logits(params, hidden_btd, cfg: LlamaConfig | GPTJConfig):

@@ -25,6 +25,7 @@ from tailored_jax.models.layers import (
     dense,
     merge_heads,
     param,
+    projection,
     run_blocks,
 )
 
@@ -100,23 +101,34 @@ class GPTJBlock(nn.Module):
     wv = param(self, "wv", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
     wo = param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), pdt, normal(d))
     q_btnh = apply_interleaved_rope(
-        dense(h_btd, wq.astype(dt), cfg.platform), positions_bt, cfg.rotary_dim
+        projection(self, "wq", "q", h_btd, wq, 1, ("embed", "heads", "head_dim"), cfg),
+        positions_bt,
+        cfg.rotary_dim,
     )
     k_btnh = apply_interleaved_rope(
-        dense(h_btd, wk.astype(dt), cfg.platform), positions_bt, cfg.rotary_dim
+        projection(self, "wk", "k", h_btd, wk, 1, ("embed", "kv_heads", "head_dim"), cfg),
+        positions_bt,
+        cfg.rotary_dim,
     )
-    v_btnh = dense(h_btd, wv.astype(dt), cfg.platform)
+    v_btnh = projection(self, "wv", "v", h_btd, wv, 1, ("embed", "kv_heads", "head_dim"), cfg)
     out_btnh, kv = attend(q_btnh, k_btnh, v_btnh, valid_bt, kv, dt, implementation=cfg.attention)
-    attn_btd = dense(merge_heads(out_btnh), wo.reshape(-1, wo.shape[-1]).astype(dt), cfg.platform)
+    attn_btd = projection(
+        self, "wo", "o", merge_heads(out_btnh), wo, 2, ("heads", "head_dim", "embed"), cfg
+    )
     w_in = param(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), pdt, normal(d))
     b_in = param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
     w_out = param(self, "w_out", (cfg.d_ff, d), ("mlp", "embed"), pdt, normal(cfg.d_ff))
     b_out = param(self, "b_out", (d,), ("norm",), pdt, nn.initializers.zeros)
     ff_btf = jax.nn.gelu(
-        constrain(dense(h_btd, w_in.astype(dt), cfg.platform) + b_in.astype(dt), MLP_HIDDEN),
+        constrain(
+            projection(self, "w_in", "up", h_btd, w_in, 1, ("embed", "mlp"), cfg) + b_in.astype(dt),
+            MLP_HIDDEN,
+        ),
         approximate=True,
     )
-    mlp_btd = dense(ff_btf, w_out.astype(dt), cfg.platform) + b_out.astype(dt)
+    mlp_btd = projection(
+        self, "w_out", "down", ff_btf, w_out, 1, ("mlp", "embed"), cfg
+    ) + b_out.astype(dt)
     return x_btd + attn_btd + mlp_btd, kv
 
 

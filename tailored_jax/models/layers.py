@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax.config_lib import REMAT_POLICIES
+from tailored_jax.models import lora
 from tailored_jax.models.annotations import constrain
 from tailored_jax.models.attention.cached import LayerKV
 from tailored_jax.models.attention.contexts import ContextKV, KeptKV
@@ -34,13 +35,18 @@ class Execution:
   scan_layers: bool = False  # one nn.scan over stacked layers
   attention: str = "auto"  # the training attention: attention.dispatch.REQUESTS, then resolved
   platform: str = ""  # the devices the step compiles for, set with `attention` by `resolve`
+  lora_rank: int = 0  # > 0: rank-r adapters beside the targeted projections (`models/lora.py`)
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ()
 
 
 def execution_of(model_section) -> dict:
   """The `Execution` fields a config's `model` section sets, as keyword arguments (the platform
   is set when the attention is resolved for the step's devices)."""
   fields = (f.name for f in dataclasses.fields(Execution) if f.name != "platform")
-  return {name: model_section[name] for name in fields}
+  out = {name: model_section[name] for name in fields}
+  out["lora_targets"] = lora.parse_targets(out["lora_targets"])
+  return out
 
 
 def param(module: nn.Module, name: str, shape: tuple, axes: tuple, dtype, init) -> jax.Array:
@@ -84,6 +90,18 @@ def tree_set(tree: dict, path: tuple[str, ...], value) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
+
+
+def projection(module: nn.Module, name: str, target: str, x_bi, w, n_in: int, axes: tuple, cfg):
+  """x·W for a weight `w` [in..., out...] (its first `n_in` axes the input, `x_bi` flattened
+  over them; `axes` its logical names), plus its LoRA adapter when `target` is adapted."""
+  dt = jnp.dtype(cfg.dtype)
+  y = dense(x_bi, w.reshape(-1, *w.shape[n_in:]).astype(dt), cfg.platform)
+  if lora.targeted(cfg, target):
+    y = y + lora.adapter_delta(
+        module, name, x_bi, w.shape[:n_in], w.shape[n_in:], axes[:n_in], axes[n_in:], cfg
+    )
+  return y
 
 
 def dense(x_bi, w_i_, platform: str = ""):

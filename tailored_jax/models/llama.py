@@ -26,6 +26,7 @@ from tailored_jax.models.layers import (
     dense,
     merge_heads,
     param,
+    projection,
     run_blocks,
 )
 
@@ -146,9 +147,9 @@ class Attention(nn.Module):
         _normal((cfg.n_heads * cfg.head_dim) ** -0.5),
     )
     x_btd = x_btd.astype(dt)
-    q_btnh = dense(x_btd, wq.astype(dt), cfg.platform)
-    k_btkh = dense(x_btd, wk.astype(dt), cfg.platform)
-    v_btkh = dense(x_btd, wv.astype(dt), cfg.platform)
+    q_btnh = projection(self, "wq", "q", x_btd, wq, 1, ("embed", "heads", "head_dim"), cfg)
+    k_btkh = projection(self, "wk", "k", x_btd, wk, 1, ("embed", "kv_heads", "head_dim"), cfg)
+    v_btkh = projection(self, "wv", "v", x_btd, wv, 1, ("embed", "kv_heads", "head_dim"), cfg)
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q_btnh += param(
@@ -167,7 +168,9 @@ class Attention(nn.Module):
     out_btnh, kv = attend(
         q_btnh, k_btkh, v_btkh, valid_bt, kv, dt, cfg.sliding_window, cfg.attention
     )
-    out_btd = dense(merge_heads(out_btnh), wo.reshape(-1, wo.shape[-1]).astype(dt), cfg.platform)
+    out_btd = projection(
+        self, "wo", "o", merge_heads(out_btnh), wo, 2, ("heads", "head_dim", "embed"), cfg
+    )
     return out_btd, kv
 
 
@@ -188,9 +191,11 @@ class MLP(nn.Module):
         self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pdt, _normal(cfg.d_ff**-0.5)
     )
     x_btd = x_btd.astype(dt)
-    gate_btf = jax.nn.silu(constrain(dense(x_btd, w_gate.astype(dt), cfg.platform), MLP_HIDDEN))
-    up_btf = constrain(dense(x_btd, w_up.astype(dt), cfg.platform), MLP_HIDDEN)
-    return dense(gate_btf * up_btf, w_down.astype(dt), cfg.platform)
+    in_out, out_in = ("embed", "mlp"), ("mlp", "embed")
+    gate_btf = projection(self, "w_gate", "gate", x_btd, w_gate, 1, in_out, cfg)
+    gate_btf = jax.nn.silu(constrain(gate_btf, MLP_HIDDEN))
+    up_btf = constrain(projection(self, "w_up", "up", x_btd, w_up, 1, in_out, cfg), MLP_HIDDEN)
+    return projection(self, "w_down", "down", gate_btf * up_btf, w_down, 1, out_in, cfg)
 
 
 class Block(nn.Module):

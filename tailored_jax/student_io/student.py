@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from tailored_jax import checkpointing, config_lib, storage
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.layout import Layout
-from tailored_jax.models import build_model, for_decoding, model_for
+from tailored_jax.models import build_model, for_decoding, lora, model_for
 from tailored_jax.student_io.hf_io import ModelImportError
 from tailored_jax.models.layers import abstract_params, unstack_layers
 from tailored_jax.models.gptj import GPTJ
@@ -27,6 +27,8 @@ class Student:
   tokenizer: Tokenizer
   model_type: str
   chat_template: str | None = None
+  base_model: str = ""  # the pretrained weights a workdir's student started from (init_from)
+  adapted: tuple | None = None  # LoRA: (model config, per-layer params with the adapters unmerged)
 
 
 def _layout_of(checkpoint: str) -> Layout | None:
@@ -55,11 +57,14 @@ def load_student(src: str) -> Student:
     params = checkpointing.restore_params(src, abstract, jax.tree.map(lambda _: device, abstract))
   except checkpointing.CheckpointError as e:
     raise ModelImportError(str(e)) from e
-  model, params = for_decoding(model), unstack_layers(params)
+  adapted = (model.cfg, unstack_layers(params)) if lora.has_adapters(params) else None
+  model, params = for_decoding(model), unstack_layers(lora.folded(params, model.cfg))
   return Student(
       model,
       params,
       tokenizer,
       pretrained.model_type if pretrained else "llama",
       pretrained.chat_template if pretrained else None,
+      cfg.model.init_from,
+      adapted,
   )

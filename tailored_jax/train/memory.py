@@ -14,6 +14,7 @@ from jax.tree_util import tree_leaves as jax_leaves
 
 from tailored_jax.config_lib import ConfigError
 from tailored_jax.models.attention.blockwise import ATTENTION_BLOCK, query_blocks, row_tiles
+from tailored_jax.models import lora
 from tailored_jax.models.layers import LAYERS, is_stacked
 
 GB = 1e9
@@ -155,11 +156,13 @@ def train_memory(
     remat: str,
     layer_bytes: int = 0,
     head_bytes: int = 0,
+    gradients: int | None = None,
 ) -> TrainMemory:
   """The train step's bytes per device; `parameters` and `optimizer` are the exact per-device
-  bytes from their shardings (gradients are the parameters' size); `layer_bytes` and
-  `head_bytes` are one layer's and the LM head's weights gathered over fsdp (split over tensor
-  only), which an FSDP step holds whole while it uses them."""
+  bytes from their shardings; `gradients` those of what is trained (None: every parameter;
+  LoRA: the float32 adapters); `layer_bytes` and `head_bytes` are one layer's and the LM head's
+  weights gathered over fsdp (split over tensor only), which an FSDP step holds whole while it
+  uses them."""
   k = shape.microbatches
   rows = math.ceil(shape.batch / k / shape.row_shards)
   sr_rows = math.ceil(shape.sr_rows / k / shape.row_shards) if shape.sr_rows else 0
@@ -198,10 +201,13 @@ def train_memory(
   prefix_context = 2 * cfg.n_layers * sr_rows * shape.prefix_len * kv * item
   gathered = 2 * layer_bytes + head_bytes if shape.fsdp > 1 else 0
   # accumulating: the float32 sums beside one slice's gradients
-  sums = parameters * 4 // np.dtype(cfg.param_dtype).itemsize if k > 1 else 0
+  if gradients is None:
+    gradients, sums = parameters, parameters * 4 // np.dtype(cfg.param_dtype).itemsize
+  else:
+    sums = gradients
   return TrainMemory(
       parameters=parameters,
-      gradients=parameters + sums,
+      gradients=gradients + (sums if k > 1 else 0),
       optimizer=optimizer,
       gathered_weights=gathered,
       activations=activations,
@@ -220,6 +226,7 @@ def largest_batch(
     budget: int,
     layer_bytes: int = 0,
     head_bytes: int = 0,
+    gradients: int | None = None,
 ) -> int:
   """The largest global batch (a multiple of the row shards, self-reflection rows scaled
   alike) whose step fits `budget` bytes per device; 0 when not even one row per device does."""
@@ -232,7 +239,9 @@ def largest_batch(
         sr_rows=min(rows, shape.sr_rows * rows // max(shape.batch, 1)) if shape.sr_rows else 0,
     )
     if (
-        train_memory(cfg, scaled, parameters, optimizer, remat, layer_bytes, head_bytes).total
+        train_memory(
+            cfg, scaled, parameters, optimizer, remat, layer_bytes, head_bytes, gradients
+        ).total
         > budget
     ):
       return best
@@ -310,6 +319,7 @@ class StateBytes:
   optimizer: int
   layer: int = 0
   head: int = 0
+  gradients: int | None = None  # what is trained, when not every parameter (LoRA adapters)
 
 
 def _nbytes(tree, shardings=None) -> int:
@@ -332,11 +342,15 @@ def state_bytes(
   else:
     layer = _nbytes(abstract_params.get("layer_0", {}))
   head = _nbytes({k: v for k, v in abstract_params.items() if k in ("lm_head", "embedding")})
+  gradients = None
+  if lora.has_adapters(abstract_params):
+    gradients = _nbytes(lora.split(abstract_params)[1], lora.split(param_shardings)[1])
   return StateBytes(
       _nbytes(abstract_params, param_shardings),
       _nbytes(abstract_opt, opt_shardings),
       layer // tensor,
       head // tensor,
+      gradients,
   )
 
 
@@ -358,6 +372,7 @@ class Planner:
         self.model_cfg.remat,
         self.state.layer,
         self.state.head,
+        self.state.gradients,
     )
 
   def largest_batch(self, budget: int) -> int:
@@ -370,6 +385,7 @@ class Planner:
         budget,
         self.state.layer,
         self.state.head,
+        self.state.gradients,
     )
 
   def with_microbatches(self, k: int) -> "Planner":

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from tailored_jax.data.batching import LMBatch, ReflectionBatch
-from tailored_jax.models import head_logits
+from tailored_jax.models import head_logits, lora
 from tailored_jax.models.kv_cache import Context, KVCache
 from tailored_jax.models.layers import LAYERS
 from tailored_jax.train import losses
@@ -270,6 +270,16 @@ def dpo_reflection_loss(model, params, reference_params, reflection: ReflectionB
   )
 
 
+def trainable(params):
+  """(what the step trains, a function putting it back into the whole parameter tree): with
+  LoRA adapters only the adapters (the base is frozen: no gradient, no optimizer state), else
+  every parameter."""
+  if not lora.has_adapters(params):
+    return params, lambda t: t
+  base, adapters = lora.split(params)
+  return adapters, lambda t: lora.join(base, t)
+
+
 def microbatch_rows(tree, microbatches: int):
   """Each [rows, ...] leaf as [microbatches, rows / microbatches, ...], microbatch j holding
   rows j, j + microbatches, ...: a device's contiguous share of the rows then has its part of
@@ -347,24 +357,27 @@ def train_step(
       sr_loss = self_reflection_loss(model, params, reflection, loss_cfg.sr_margin)
     return lm_loss, sr_loss
 
+  trained, whole = trainable(state.params)
+  with_trained = lambda t, lm, reflection: losses_of(whole(t), lm, reflection)
   if loss_cfg.microbatches > 1:
     loss, lm_loss, sr_loss, grads = accumulated_gradients(
-        losses_of, state.params, lm, reflection, loss_cfg.sr_weight, loss_cfg.microbatches
+        with_trained, trained, lm, reflection, loss_cfg.sr_weight, loss_cfg.microbatches
     )
   else:
 
-    def loss_fn(params):
-      lm_loss, sr_loss = losses_of(params, lm, reflection)
+    def loss_fn(t):
+      lm_loss, sr_loss = with_trained(t, lm, reflection)
       return lm_loss + loss_cfg.sr_weight * sr_loss, (lm_loss, sr_loss)
 
-    (loss, (lm_loss, sr_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (lm_loss, sr_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+  new_trained = optax.apply_updates(trained, updates)
   if loss_cfg.skip_nonfinite:  # the selects fuse into the update's elementwise pass
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    new_trained, opt_state = keep(new_trained, trained), keep(opt_state, state.opt_state)
+  params = whole(new_trained)
   g = state.guard
   guard = Guard(
       nonfinite_run=jnp.where(finite, 0, g.nonfinite_run + 1),

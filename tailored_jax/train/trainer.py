@@ -18,7 +18,7 @@ import numpy as np
 
 from tailored_jax import checkpointing, compile_options, preemption, sharding
 from tailored_jax.data.batching import Batcher
-from tailored_jax.models import for_devices, layers
+from tailored_jax.models import for_devices, layers, lora
 from tailored_jax.models.attention import dispatch
 from tailored_jax.metrics import Metrics
 from tailored_jax.progress import Progress
@@ -49,7 +49,7 @@ class Trainer:
 
     def init_boxed(key):
       params = layers.init_boxed_params(model, key)
-      return params, self.optimizer.init(params)
+      return params, self.optimizer.init(step_lib.trainable(params)[0])
 
     abstract_params, abstract_opt = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
     self.param_shardings = sharding.logical_sharding(abstract_params, mesh)
@@ -68,13 +68,27 @@ class Trainer:
     self._init_params = jax.jit(
         lambda key: nn.meta.unbox(init_boxed(key)[0]), out_shardings=self.param_shardings
     )
-    self._init_opt = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)
+    self._init_opt = jax.jit(
+        lambda params: self.optimizer.init(step_lib.trainable(params)[0]),
+        out_shardings=self.opt_shardings,
+    )
+    self._init_adapters = jax.jit(
+        lambda key: lora.split(nn.meta.unbox(init_boxed(key)[0]))[1],
+        out_shardings=lora.split(self.param_shardings)[1],
+    )
     self._all_finite = jax.jit(step_lib.all_finite)
     # train.microbatches 0: decided by `fit_memory` (the fewest slices that fit), else 1
     self.microbatches = max(train_cfg.get("microbatches", 1), 1)
 
   def init_params(self, seed: int):
     return self._init_params(jax.random.PRNGKey(seed))
+
+  def with_fresh_adapters(self, params, seed: int):
+    """Weights without LoRA adapters (pretrained ones) given this model's fresh adapters (B = 0:
+    the same function); unchanged when the model has none."""
+    if self.model.cfg.lora_rank == 0:
+      return params
+    return lora.join(params, self._init_adapters(jax.random.PRNGKey(seed)))
 
   def new_state(self, params) -> step_lib.TrainState:
     step = sharding.put_global(np.zeros((), np.int32), sharding.replicated(self.mesh))

@@ -175,8 +175,8 @@ def test_overrides_parse_as_the_fields_type():
 
 
 def test_execution_knobs_are_declared_once_and_reach_every_model():
-  """dtype, param_dtype, remat, scan_layers, attention: one `layers.Execution`, inherited by
-  every family, filled from the config's model section by the run and the planner alike (the
+  """dtype, param_dtype, remat, scan_layers, attention, LoRA: one `layers.Execution`, inherited
+  by every family, filled from the config's model section by the run and the planner alike (the
   platform is set when the attention is resolved for the step's devices)."""
   import dataclasses
   from tailored_jax import plan
@@ -186,7 +186,17 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
   from tailored_jax.models.llama import LlamaConfig
 
   names = {f.name for f in dataclasses.fields(Execution)}
-  assert names == {"dtype", "param_dtype", "remat", "scan_layers", "attention", "platform"}
+  assert names == {
+      "dtype",
+      "param_dtype",
+      "remat",
+      "scan_layers",
+      "attention",
+      "platform",
+      "lora_rank",
+      "lora_alpha",
+      "lora_targets",
+  }
   names -= {"platform"}
   for family in (LlamaConfig, GPTJConfig):
     assert issubclass(family, Execution)
@@ -197,6 +207,9 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
       remat="full",
       scan_layers=True,
       attention="cpu_blockwise",
+      lora_rank=8,
+      lora_alpha=4.0,
+      lora_targets="q, v",
   )
   knobs = lambda cfg: {name: getattr(cfg, name) for name in names}
   wanted = {
@@ -205,6 +218,9 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
       "remat": "full",
       "scan_layers": True,
       "attention": "cpu_blockwise",
+      "lora_rank": 8,
+      "lora_alpha": 4.0,
+      "lora_targets": ("q", "v"),
   }
   assert knobs(build_model(section, 300).cfg) == wanted
   assert knobs(plan.model_config("gptj_6b", section)) == wanted

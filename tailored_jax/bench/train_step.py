@@ -14,6 +14,10 @@ runs METHOD §3 as written (`ours_self_reflection`: a stop-gradient prefix pass 
 continuations) and reusing the LM forward (`ours_self_reflection_reusing_lm`,
 `train.sr_reuse_lm_forward`: positive and negative only); torch runs the release's way (a
 no-grad prefix pass, then the three continuations with gradient over its cache).
+
+`--lora_rank=R`: both sides train rank-R adapters on every projection (alpha 2R; torch through
+peft, AdamW over the adapters), LM loss only, and ours also runs the full fine-tune
+(`ours_lm_full_finetune_over_lm`: full ÷ LoRA seconds per step; peak RSS per run).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from tailored_jax.train.throughput import measured_matmul_tflops
 from tailored_jax.train.trainer import Trainer
 
 SR_WEIGHT, SR_MARGIN, LR = 0.5, 1.0, 1e-5
+TORCH_MODULES = dict(
+    q="q_proj", k="k_proj", v="v_proj", o="o_proj", gate="gate_proj", up="up_proj", down="down_proj"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,8 +217,24 @@ def theirs(
   import torch
 
   model = torch_model(cfg).to(device)
+  if cfg.lora_rank:  # peft's LoRA on the same projections, AdamW over the adapters alone
+    import peft
+
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=[TORCH_MODULES[t] for t in cfg.lora_targets],
+        ),
+    )
   optimizer = torch.optim.AdamW(
-      model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01
+      [p for p in model.parameters() if p.requires_grad],
+      lr=LR,
+      betas=(0.9, 0.999),
+      eps=1e-8,
+      weight_decay=0.01,
   )
   tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
   inputs, targets = tensor(work.tokens[:, :-1]), tensor(work.tokens[:, 1:])
@@ -269,6 +292,13 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--lm_only", action="store_true", help="no self-reflection runs")
   parser.add_argument(
+      "--lora_rank",
+      type=int,
+      default=0,
+      help="LoRA on every projection at this rank, both sides (torch: peft), LM loss only; "
+      "ours also fully fine-tuned for the LoRA ÷ full ratio",
+  )
+  parser.add_argument(
       "--guard_cost",
       action="store_true",
       help="also ours with self-reflection and no non-finite guard",
@@ -285,7 +315,18 @@ def main(argv=None) -> None:
       attention=args.attention,
   )
   cfg = for_devices(Llama(cfg), jax.devices()).cfg
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(cfg))))
+  full_cfg = cfg
+  if args.lora_rank:
+    args.lm_only = True
+    cfg = dataclasses.replace(
+        cfg,
+        lora_rank=args.lora_rank,
+        lora_alpha=2.0 * args.lora_rank,
+        lora_targets=tuple(TORCH_MODULES),
+    )
+  n_params = sum(
+      int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(full_cfg)))
+  )
   sides = ("ours", "torch") if args.side == "both" else (args.side,)
   peaks = {side: matmul_peak_gflops(side) for side in sides}
   chunk = args.loss_chunk_tokens
@@ -295,6 +336,10 @@ def main(argv=None) -> None:
       "ours": {"lm": functools.partial(ours_run, self_reflection=False)},
       "torch": {"lm": functools.partial(torch_run, self_reflection=False)},
   }
+  if args.lora_rank:
+    runs["ours"]["lm_full_finetune"] = functools.partial(
+        ours, full_cfg, repeats=args.repeats, loss_chunk_tokens=chunk, self_reflection=False
+    )
   if not args.lm_only:
     runs["ours"].update(
         self_reflection=functools.partial(ours_run, self_reflection=True),
@@ -356,6 +401,8 @@ def main(argv=None) -> None:
       ours_scan_layers=bool(args.scan_layers),
       ours_attention=cfg.attention,
       ours_loss_chunk_tokens=chunk,
+      lora_rank=args.lora_rank,
+      lora_alpha=cfg.lora_alpha if args.lora_rank else None,
       repeats=args.repeats,
       matmul_peak_gflops=peaks,
       **torch_info,

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from tailored_jax.data import synthetic
-from tailored_jax.teacher import prompts
+from tailored_jax.teacher import limits, prompts
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
 from tailored_jax.teacher.server import DEFAULT_MODEL, LocalTeacherServer
@@ -212,7 +212,7 @@ def test_local_teacher_replies_depend_on_the_request_alone():
 HIGH_CONCURRENCY = """
 import json, sys
 from tailored_jax.data import synthetic
-from tailored_jax.teacher import prompts
+from tailored_jax.teacher import limits, prompts
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
 from tailored_jax.teacher.server import DEFAULT_MODEL, LocalTeacherServer
 problems = [synthetic.Problem("Ava", "pens", a, (synthetic.Step("add", b, 0),), "Ben")
@@ -302,12 +302,14 @@ REFUSED = ["400", "401", "403", "404"]
 
 
 @pytest.mark.parametrize(
-    "fault", RETRIED + RETRIED_AFTER_BILLING + ["null_content", "length"] + REFUSED
+    "fault", RETRIED + RETRIED_AFTER_BILLING + ["null_content", "length", "no_usage"] + REFUSED
 )
 def test_every_fault_ends_once_as_a_success_or_a_failure_with_its_reason(fault, tmp_path):
   """One injected fault, then a healthy server: retryable faults succeed on the one retry (a
-  reply lost in delivery was billed, so the server computed two); withheld or cut replies are
-  successes whose finish reason says so; 4xx fail at once, naming the request, never the key."""
+  reply lost in delivery was billed, so the server computed two, and the run's budget counts
+  both, across a resume too: the lost one by the usage it reported, else its worst case);
+  withheld or cut replies are successes whose finish reason says so; a reply without usage is
+  charged an estimate; 4xx fail at once, naming the request, never the key."""
   key = "sk-secret-123"
   with LocalTeacherServer(api_key=key, seed=1) as server:
     server.oracle_app.faults = [fault]
@@ -333,12 +335,23 @@ def test_every_fault_ends_once_as_a_success_or_a_failure_with_its_reason(fault, 
     return
   assert not isinstance(result, TeacherError), result
   assert len(result.texts) == 2 and usage.requests == 1 and len(cache) == 1
+  resumed = ChatClient(server.url, DEFAULT_MODEL, cache=ReplyCache(cache.path, "v")).budget
+  assert (resumed.requests, resumed.tokens) == (client.budget.requests, client.budget.tokens)
+  assert client.budget.requests == served
   if fault in RETRIED + RETRIED_AFTER_BILLING:
     assert usage.retries == 1 and result.finish_reasons == ["stop", "stop"]
     assert served == (2 if fault in RETRIED_AFTER_BILLING else 1)
+    if fault in RETRIED_AFTER_BILLING:
+      lost = client.budget.tokens - usage.tokens
+      worst = limits.estimate_prompt_tokens(request.messages) + 2 * request.max_tokens
+      assert lost == (usage.tokens if fault == "no_choices" else worst)  # reported, else worst
+  elif fault == "no_usage":
+    assert usage.tokens == limits.estimate_prompt_tokens(
+        request.messages
+    ) + limits.estimate_completion_tokens(result.texts)
   elif fault == "null_content":
     assert result.texts == ["", ""] and result.finish_reasons == ["content_filter"] * 2
-  else:
+  elif fault == "length":
     assert result.finish_reasons == ["length", "stop"] and len(result.texts[0].split()) == 4
   again, usage = ChatClient(server.url, DEFAULT_MODEL, api_key=key, cache=cache).run([request])
   assert usage.requests == 0 and again[0].texts == result.texts  # the cache: never paid twice
@@ -365,3 +378,29 @@ def test_retry_after_reads_seconds_and_http_dates():
   assert retry_after_seconds("Wed, 21 Oct 2015 07:28:30 GMT", now=now) == 30.0
   assert retry_after_seconds("Wed, 21 Oct 2015 07:27:00 GMT", now=now) == 0.0
   assert retry_after_seconds("soon") is None
+
+
+def test_a_budget_holds_for_the_run_across_a_resume(tmp_path):
+  """teacher.max_requests=3 for the run: a first invocation pays for 2 replies; a resumed one
+  (a new client over the same cache) may pay for 1 more, and refuses the rest in one line."""
+  requests = [
+      ChatRequest(
+          prompts.annotation_messages(
+              synthetic.Problem("Ava", "pens", 5 + i, PROBLEM.steps, "Ben").question(), []
+          ),
+          n=1,
+      )
+      for i in range(5)
+  ]
+  path = str(tmp_path / "cache.jsonl")
+  with LocalTeacherServer(api_key="k", seed=1) as server:
+    client = lambda: ChatClient(
+        server.url, DEFAULT_MODEL, api_key="k", cache=ReplyCache(path, "v"), max_requests=3
+    )
+    first, _ = client().run(requests[:2])
+    assert not any(isinstance(r, TeacherError) for r in first)
+    second, usage = client().run(requests[2:])
+    billed = server.oracle_app.completions
+  assert billed == 3 and usage.requests == 1  # counted at the server
+  refused = [r for r in second if isinstance(r, TeacherError)]
+  assert len(refused) == 2 and all("teacher.max_requests=3 reached" in str(r) for r in refused)

@@ -32,9 +32,13 @@ class ReplyCache:
     self.read_only = read_only
     self._log = AppendLog(path, read_only=read_only, what="a paid teacher reply")
     self._entries: dict[str, dict] = {}
+    self._charges: list[dict] = []  # attempts billed whose replies were lost
     self._lock = threading.Lock()
     for entry in self._log.read(_parse_entry):
-      self._entries[entry["key"]] = entry
+      if "charge" in entry:
+        self._charges.append(entry)
+      else:
+        self._entries[entry["key"]] = entry
 
   def __len__(self) -> int:
     return len(self._entries)
@@ -73,6 +77,32 @@ class ReplyCache:
         raise StorageError(f"{e}; replies written before it are kept") from e
       self._entries[key] = entry
 
+  def charge(self, key: str, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    """Records an attempt that may have been billed although its reply was lost, so that the
+    run's budget counts it after a resume too."""
+    if self.read_only:
+      return
+    entry = {
+        "key": key,
+        "charge": reason,
+        "time": time.time(),
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+    }
+    with self._lock:
+      self._log.append(json.dumps(entry) + "\n")
+      self._charges.append(entry)
+
+  def spent(self) -> tuple[int, int, int]:
+    """(requests, prompt tokens, completion tokens) paid for by every invocation of the run:
+    the replies kept and the charged attempts whose replies were lost."""
+    records = [*self._entries.values(), *self._charges]
+    usage = [r.get("usage") or {} for r in records]
+    return (
+        len(records),
+        sum(int(u.get("prompt_tokens", 0)) for u in usage),
+        sum(int(u.get("completion_tokens", 0)) for u in usage),
+    )
+
   def flush(self) -> None:
     """Until every reply put so far is stored (an object store's uploads run behind `put`)."""
     if not self.read_only:
@@ -80,9 +110,15 @@ class ReplyCache:
 
 
 def _parse_entry(line: bytes) -> dict:
+  """A reply (key, texts) or a charge record (key, charge, usage)."""
   try:
     entry = json.loads(line)
-    key, texts = entry["key"], entry["texts"]
+    key = entry["key"]
+    if "charge" in entry:
+      usage = entry["usage"]
+      int(usage["prompt_tokens"]) + int(usage["completion_tokens"])
+      return entry
+    texts = entry["texts"]
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"corrupt teacher cache entry ({e})") from e
   if not isinstance(key, str) or not isinstance(texts, list):

@@ -22,7 +22,13 @@ import aiohttp
 
 from tailored_jax import preemption
 from tailored_jax.teacher.cache import ReplyCache, request_key
-from tailored_jax.teacher.limits import (Budget, BudgetExceeded, RateLimits, estimate_prompt_tokens)
+from tailored_jax.teacher.limits import (
+    Budget,
+    BudgetExceeded,
+    RateLimits,
+    estimate_completion_tokens,
+    estimate_prompt_tokens,
+)
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -67,6 +73,7 @@ class Usage:
   cached_tokens: int = 0  # tokens of replies served from the cache (paid in an earlier run)
   retries: int = 0
   failures: int = 0
+  charged_lost: int = 0  # attempts that may have been billed though their reply was lost
 
   @property
   def tokens(self) -> int:
@@ -114,7 +121,17 @@ class ChatClient:
     self.connect_timeout_s = min(connect_timeout_s, timeout_s)
     self.backoff_s = backoff_s
     self.supports_n = supports_n
-    self.budget = Budget(max_requests, max_total_tokens, max_cost, price)  # the client's life
+    self.budget = Budget(max_requests, max_total_tokens, max_cost, price)  # over the run
+    if cache is not None and not replay_only:
+      spent = cache.spent()
+      self.budget.carry(*spent)
+      if spent[0]:
+        logging.info(
+            "teacher budget: %d requests, %d tokens already spent by this run (%s)",
+            spent[0],
+            spent[1] + spent[2],
+            cache.path,
+        )
     self.limits = RateLimits(requests_per_minute, tokens_per_minute)  # over the client's life
 
   def payload(self, request: ChatRequest, n: int | None = None) -> dict:
@@ -295,9 +312,11 @@ class ChatClient:
           limits.observe(response.headers)
           if response.status == 200:
             try:
-              return self._read_reply(json.loads(text), payload["n"])
+              body = json.loads(text)
+              return self._read_reply(body, payload)
             except ValueError as e:
               last_error = f"malformed reply ({self._redact(str(e))}): {self._redact(text[:120])!r}"
+              self._charge_lost(key, payload, usage, "malformed reply", _usage_of(text))
           else:
             message = self._redact(_error_message(text))
             if response.status not in RETRYABLE_STATUS:
@@ -310,6 +329,8 @@ class ChatClient:
               delay = max(delay, wait)
       except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         last_error = self._redact(f"{type(e).__name__}: {e}")
+        if not isinstance(e, NOT_SENT):  # sent: the provider may have billed a reply we lost
+          self._charge_lost(key, payload, usage, type(e).__name__, None)
       if attempt < self.max_retries:
         usage.retries += 1
         delay = max(delay, limits.not_before - time.monotonic())
@@ -327,9 +348,25 @@ class ChatClient:
         f"attempts: {last_error}"
     )
 
-  def _read_reply(self, body, n: int) -> tuple[list[str], list[str], int, int]:
-    """Texts (a null content is ''), finish reasons and token counts; ValueError when the reply
-    has no usable `choices` or more than n of them (fewer are topped up by the caller)."""
+  def _charge_lost(self, key: str, payload: dict, usage, reason: str, reported) -> None:
+    """An attempt whose reply was lost after it was sent, charged to the run's budget (and
+    recorded in the cache, so a resume counts it): by the usage the reply reported, else the
+    request's worst case."""
+    if reported is None:
+      reported = (
+          estimate_prompt_tokens(payload["messages"]),
+          payload["max_tokens"] * payload["n"],
+      )
+    self.budget.charge(*reported)
+    usage.charged_lost += 1
+    if self.cache is not None:
+      self.cache.charge(key, reason, *reported)
+
+  def _read_reply(self, body, payload: dict) -> tuple[list[str], list[str], int, int]:
+    """Texts (a null content is ''), finish reasons and token counts (estimated when the reply
+    has no `usage`); ValueError when the reply has no usable `choices` or more than n of them
+    (fewer are topped up by the caller)."""
+    n = payload["n"]
     try:
       choices = sorted(body["choices"], key=lambda c: c.get("index", 0))
       texts = [c["message"]["content"] or "" for c in choices]
@@ -339,12 +376,27 @@ class ChatClient:
     if not texts or len(texts) > n:
       raise ValueError(f"asked for n={n} choices, got {len(texts)}")
     usage = body.get("usage") or {}
-    return (
-        texts,
-        reasons,
-        int(usage.get("prompt_tokens", 0)),
-        int(usage.get("completion_tokens", 0)),
-    )
+    if "prompt_tokens" not in usage or "completion_tokens" not in usage:  # charged by estimate
+      return (
+          texts,
+          reasons,
+          estimate_prompt_tokens(payload["messages"]),
+          estimate_completion_tokens(texts),
+      )
+    return texts, reasons, int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+
+
+# Failures before the request left: nothing can have been billed.
+NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+def _usage_of(text: str) -> tuple[int, int] | None:
+  """(prompt, completion) tokens a reply we could not use still reported, if any."""
+  try:
+    usage = json.loads(text)["usage"]
+    return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

@@ -30,7 +30,8 @@ def parse_duration(text: str | None) -> float | None:
 
 
 def estimate_prompt_tokens(messages: list[dict]) -> int:
-  """A provider-independent upper-ish estimate: about 4 characters per token, plus framing."""
+  """A provider-independent upper-ish estimate: a token per 3 characters (English runs about 4
+  with OpenAI's and LLaMA's tokenizers), plus 4 per message and 3 for the reply's framing."""
   return sum(len(str(m.get("content", ""))) // 3 + 4 for m in messages) + 3
 
 
@@ -105,10 +106,16 @@ class BudgetExceeded(Exception):
   """The next request's worst case would exceed a budget (the caller raises TeacherBudgetError)."""
 
 
+def estimate_completion_tokens(texts: list[str]) -> int:
+  """What a reply without `usage` is charged for its texts (the prompt estimate's rate)."""
+  return sum(len(t) // 3 + 1 for t in texts)
+
+
 class Budget:
-  """Caps in requests, tokens and money over the client's life. A request is let through only
-  if its worst case (estimated prompt + max_tokens × n) fits what is left; spending is corrected
-  to the reply's usage."""
+  """Caps in requests, tokens and money over the run: what earlier invocations spent is carried
+  in (`carry`, from the teacher cache). A request is let through only if its worst case
+  (estimated prompt + max_tokens × n) fits what is left; spending is corrected to the reply's
+  usage, and an attempt that may have been billed without its reply arriving is `charge`d."""
 
   def __init__(
       self,
@@ -156,6 +163,16 @@ class Budget:
     self.reserved_cost -= reservation[1]
     self.tokens += prompt + completion
     self.cost += self._cost(prompt, completion)
+
+  def carry(self, requests: int, prompt: int, completion: int) -> None:
+    """What earlier invocations of this run spent, counted against the caps."""
+    self.requests += requests
+    self.tokens += prompt + completion
+    self.cost += self._cost(prompt, completion)
+
+  def charge(self, prompt: int, completion: int) -> None:
+    """An attempt billed (or possibly billed) whose reply was lost: one more request spent."""
+    self.carry(1, prompt, completion)
 
   def release(self, reservation: tuple[int, float]) -> None:
     """A request that failed for good: its worst case no longer held back (it may have been

@@ -205,6 +205,8 @@ class OracleApp:
       first["finish_reason"] = "length"
     elif fault == "fewer_choices":
       reply["choices"] = reply["choices"][:1]
+    elif fault == "no_usage":  # some servers omit it: the client charges an estimate
+      del reply["usage"]
     else:
       raise ValueError(f"unknown fault {fault!r}; known: {sorted(STATUS_FAULTS)} + {REPLY_FAULTS}")
     return web.json_response(reply)
@@ -289,6 +291,7 @@ REPLY_FAULTS = (
     "null_content",
     "length",
     "fewer_choices",
+    "no_usage",
 )
 
 

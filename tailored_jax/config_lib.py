@@ -217,6 +217,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256  # prompts per greedy batch
   c.eval.splits = "val,test"
+  # Round 0: the initial student evaluated with the task's few-shot prompt before any training
+  # (the prompting baseline every table of the paper starts from). Unset: for pretrained
+  # students (model.init_from) only; a student trained from scratch starts at chance.
+  c.eval.initial = config_dict.placeholder(bool)
 
   c.teacher = ml_collections.ConfigDict()
   # 'local': the loopback oracle (synthetic task); 'openai': any OpenAI-compatible base_url;
@@ -286,6 +290,13 @@ def paper_config(task: str, family: str) -> ml_collections.ConfigDict:
 
 class ConfigError(ValueError):
   pass
+
+
+def initial_eval(c: ml_collections.ConfigDict) -> bool:
+  """Whether the run evaluates the initial student as round 0: the field, or its default."""
+  if c.eval.initial is None:
+    return bool(c.model.init_from)
+  return bool(c.eval.initial)
 
 
 def initial_exam(c: ml_collections.ConfigDict) -> bool:

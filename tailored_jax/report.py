@@ -110,11 +110,13 @@ def markdown(workdir: str, compare: str | None, samples: int, plot_name: str | N
     header += " compared val | compared test |"
     rule += "---|---|"
   lines += [header, rule]
-  for i in range(max(len(records), len(other or []))):
-    mine = records[i] if i < len(records) else {}
-    row = f"| {i + 1} | {_pct(mine.get('val_accuracy'))} | {_pct(mine.get('test_accuracy'))} |"
+  by_round = lambda rs: {r["round"]: r for r in rs or []}
+  mine_by, theirs_by = by_round(records), by_round(other)
+  for r in sorted(set(mine_by) | set(theirs_by)):  # round 0: the initial student, if evaluated
+    mine = mine_by.get(r, {})
+    row = f"| {r} | {_pct(mine.get('val_accuracy'))} | {_pct(mine.get('test_accuracy'))} |"
     if other is not None:
-      theirs = other[i] if i < len(other) else {}
+      theirs = theirs_by.get(r, {})
       row += f" {_pct(theirs.get('val_accuracy'))} | {_pct(theirs.get('test_accuracy'))} |"
     lines.append(row)
   if compare:

@@ -175,6 +175,9 @@ class Run:
     try:
       self._phase("prepare", self.prepare, writer_only=True)
       self.student = StudentRuntime(self.cfg, self.layout, self.mesh, self.pretrained)
+      if config_lib.initial_eval(self.cfg):
+        self._phase("evaluate_0", lambda: self.evaluate(0))
+        self._write_round_metrics(0)
       self._phase("annotate", self.annotate, writer_only=True)
       if config_lib.initial_exam(self.cfg) and self.cfg.method.self_reflection:
         self._phase("exam_0", lambda: self.exam(0))

@@ -22,9 +22,12 @@ COLUMNS = (
 
 
 def best_round(records: list[dict]) -> dict | None:
-  """The round to keep, chosen on validation accuracy (never test); ties go to the later round."""
+  """The trained round to keep, chosen on validation accuracy (never test); ties go to the later
+  round. Round 0 (the initial student, when evaluated) is the baseline, not a candidate."""
   scored = [
-      r for r in records if r.get("val_accuracy") is not None and math.isfinite(r["val_accuracy"])
+      r
+      for r in records
+      if r["round"] > 0 and r.get("val_accuracy") is not None and math.isfinite(r["val_accuracy"])
   ]
   if not scored:
     return None
@@ -69,10 +72,31 @@ def _wrong_counts(path: str) -> dict[str, int] | None:
 
 
 def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
-  """One record per round whose evaluation is done, read from the phase outputs."""
+  """One record per round whose evaluation is done, read from the phase outputs; round 0 (the
+  initial student, nothing trained) when the run evaluated it."""
   timings = wd.read_json(layout.timings) if storage.exists(layout.timings) else {}
   stop = wd.read_json(layout.stop) if storage.exists(layout.stop) else {}
   out = []
+  if state.done("evaluate_0"):
+    evals = wd.read_json(layout.eval_report(0))
+    out.append(
+        {
+            "round": 0,
+            "train_examples": 0,
+            "optimizer_steps": 0,
+            "mistakes": None,
+            "teacher_requests": 0,
+            "teacher_tokens": 0,
+            "mistakes_fixed": None,
+            "mistakes_persistent": None,
+            "mistakes_new": None,
+            "teacher_rejected": {},
+            "stop_reason": None,
+            "val_accuracy": evals.get("val", {}).get("accuracy"),
+            "test_accuracy": evals.get("test", {}).get("accuracy"),
+            "seconds": round(timings.get("evaluate_0", 0.0), 1),
+        }
+    )
   for r in range(1, rounds + 1):
     if not state.done(f"evaluate_{r}"):
       break

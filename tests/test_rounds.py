@@ -379,3 +379,24 @@ def test_cut_or_withheld_teacher_replies_are_rejected_with_their_reason(tmp_path
       finish_reasons=["length", "length", "content_filter", "stop"],
   )
   assert counts == {"truncated": 2, "content_filter": 1} and len(kept) == 1
+
+
+def test_round_0_evaluates_the_initial_student_and_changes_nothing_after(reference, tmp_path):
+  """`eval.initial`: the untrained student's few-shot accuracy recorded as round 0 (summary,
+  report, never the best round); the trained rounds' records are the reference run's."""
+  from tailored_jax import report, summary
+
+  cfg = tiny_config()
+  cfg.eval.initial = True
+  workdir = str(tmp_path / "run")
+  records = rounds.run(cfg, workdir)
+  assert [r["round"] for r in records] == [0, 1, 2]
+  initial = records[0]
+  assert initial["train_examples"] == 0 and initial["teacher_requests"] == 0
+  evaluated = [json.loads(x) for x in read(workdir, "round_0", "eval_test.jsonl").splitlines()]
+  assert initial["test_accuracy"] == sum(r["correct"] for r in evaluated) / len(evaluated)
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+  assert strip(records[1:]) == strip(reference[1])
+  assert summary.best_round(records)["round"] > 0
+  report.main(["--workdir", workdir])
+  assert "| 0 | " in read(workdir, "report.md")

@@ -142,6 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.lora_rank = 0
   c.model.lora_alpha = 16.0
   c.model.lora_targets = "q,k,v,o,gate,up,down"
+  c.model.lora_dropout = 0.0  # dropout on each adapter's input in training (PEFT's lora_dropout)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -394,6 +395,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(m.head_dim % 2 == 0, "model.head_dim", "must be even (rotary embedding)")
   _require(m.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0: no LoRA), got {m.lora_rank}")
   _require(m.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
+  _require(
+      0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}"
+  )
   targets = [t.strip() for t in str(m.lora_targets).split(",") if t.strip()]
   _require(
       bool(targets) and set(targets) <= set(LORA_TARGETS),

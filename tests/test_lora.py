@@ -245,3 +245,31 @@ def test_a_lora_run_trains_adapters_and_decodes_merged(tmp_path):
       rtol=1e-6,
       atol=1e-6,
   )
+
+
+def test_adapter_dropout_acts_in_training_steps_alone():
+  """lora_dropout: a step's update differs from the undropped one, the same on every run; a
+  forward without a 'dropout' rng (evaluation, decoding) is the undropped model."""
+  mesh = sharding.make_mesh(_mesh_cfg(1, 1, 1, 1))
+  batch = _batch(np.random.default_rng(1))[0]
+
+  def steps(dropout, times):
+    trainer = Trainer(Llama(dataclasses.replace(LLAMA, lora_dropout=dropout)), _train_cfg(), mesh)
+    out = []
+    for _ in range(times):  # each from the same weights
+      state = trainer.new_state(_params(Llama(LLAMA)))
+      state, metrics = trainer.step_fn()(state, trainer.put_batch(batch), None)
+      adapters = [np.asarray(x) for x in jax.tree.leaves(lora.split(state.params)[1])]
+      out.append((float(metrics["loss"]), float(metrics["grad_norm"]), adapters))
+    return out
+
+  (plain,), (dropped, again) = steps(0.0, 1), steps(0.5, 2)
+  assert plain[0] != dropped[0] and plain[1] != dropped[1]
+  assert dropped[:2] == again[:2]
+  assert all(np.array_equal(a, b) for a, b in zip(dropped[2], again[2]))
+  tokens = jnp.asarray(batch.inputs)
+  params = _params(Llama(LLAMA))
+  np.testing.assert_array_equal(
+      _forward(Llama(dataclasses.replace(LLAMA, lora_dropout=0.5)), params, tokens),
+      _forward(Llama(LLAMA), params, tokens),
+  )

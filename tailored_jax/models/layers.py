@@ -38,6 +38,7 @@ class Execution:
   lora_rank: int = 0  # > 0: rank-r adapters beside the targeted projections (`models/lora.py`)
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ()
+  lora_dropout: float = 0.0  # on an adapter's input, in training steps (a 'dropout' rng given)
 
 
 def execution_of(model_section) -> dict:
@@ -233,7 +234,7 @@ def _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, shared, layer, k
   scanned = nn.scan(
       body,
       variable_axes={"params": 0},
-      split_rngs={"params": True},
+      split_rngs={"params": True, "dropout": True},
       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
       length=cfg.n_layers,
       metadata_params={nn.PARTITION_NAME: LAYERS},

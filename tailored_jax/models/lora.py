@@ -97,10 +97,14 @@ def product(a, b, w_ndim: int) -> jax.Array:
 
 def adapter_delta(module: nn.Module, name: str, x_bi, in_shape, out_shape, in_axes, out_axes, cfg):
   """(alpha / r)·(x·A)·B for weight `name` of `module` ([in..., out...]; `x_bi` flattened over
-  the input axes), creating A and B; the rank axis is replicated (A and B are small)."""
+  the input axes, dropped out at `lora_dropout` when the call has a 'dropout' rng), creating A
+  and B; the rank axis is replicated (A and B are small)."""
   from tailored_jax.models.layers import dense, param  # layers imports this module
 
   rank, dt = cfg.lora_rank, jnp.dtype(cfg.dtype)
+  if cfg.lora_dropout > 0 and module.has_rng("dropout"):  # training steps give the rng
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x_bi.shape)
+    x_bi = jnp.where(keep, x_bi / (1.0 - cfg.lora_dropout), 0).astype(x_bi.dtype)
   fan_in = tuple(range(len(in_shape)))
   a = param(
       module,

@@ -257,8 +257,9 @@ def dpo_reflection_loss(model, params, reference_params, reflection: ReflectionB
   """DPO on (anchor: a correct rationale, negative: the student's own wrong one), against the
   round's starting weights as the reference model."""
   policy_bm = continuation_logprobs(model, params, reflection, (0, 2))
+  reference_model = getattr(model, "deterministic", model)  # no dropout in the reference
   reference_bm = jax.lax.stop_gradient(
-      continuation_logprobs(model, reference_params, reflection, (0, 2))
+      continuation_logprobs(reference_model, reference_params, reflection, (0, 2))
   )
   return losses.dpo_loss(
       policy_bm[:, 0],
@@ -268,6 +269,26 @@ def dpo_reflection_loss(model, params, reference_params, reflection: ReflectionB
       reflection.sr_mask,
       beta,
   )
+
+
+@dataclasses.dataclass
+class _Dropping:
+  """The model with a 'dropout' rng of its own for each application in one train step (LoRA
+  dropout: a key per step, folded with the application's order while tracing);
+  `deterministic` is the model itself (DPO's reference pass uses it)."""
+
+  deterministic: Any
+  key: jax.Array
+  applied: int = 0
+
+  @property
+  def cfg(self):
+    return self.deterministic.cfg
+
+  def apply(self, variables, *args, **kwargs):
+    self.applied += 1
+    rngs = {"dropout": jax.random.fold_in(self.key, self.applied)}
+    return self.deterministic.apply(variables, *args, rngs=rngs, **kwargs)
 
 
 def trainable(params):
@@ -333,6 +354,8 @@ def train_step(
 ):
   """One optimizer step on L_LM + λ·L_SR; without reflection rows (None) L_SR is 0. With
   `loss_cfg.reflection_loss='dpo'`, L_SR is DPO against `reference_params`."""
+  if getattr(model.cfg, "lora_rank", 0) and getattr(model.cfg, "lora_dropout", 0.0) > 0:
+    model = _Dropping(model, jax.random.fold_in(jax.random.PRNGKey(0), state.step))
 
   reuse = (
       reflection is not None

@@ -10,7 +10,7 @@ import argparse
 import hashlib
 import sys
 
-from tailored_jax import storage
+from tailored_jax import config_lib, storage, summary
 from tailored_jax import workdir as wd
 from tailored_jax.layout import Layout
 
@@ -128,10 +128,14 @@ def markdown(workdir: str, compare: str | None, samples: int, plot_name: str | N
       "## Mistakes and teacher cost per round",
       "",
       "| round | train examples | exam mistakes | fixed | persistent | new | teacher requests | "
-      "teacher tokens | teacher replies rejected |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "teacher tokens | teacher USD | teacher replies rejected |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
+  price = config_lib.parse_prices(_field(config, "teacher.prices") or "").get(
+      _field(config, "teacher.model")
+  )
   for r in records:
+    cost = summary.teacher_cost_usd(Layout(workdir), r["round"], price)
     rejected = ", ".join(f"{k} {v}" for k, v in (r.get("teacher_rejected") or {}).items()) or "—"
     cells = [
         r["round"],
@@ -142,6 +146,7 @@ def markdown(workdir: str, compare: str | None, samples: int, plot_name: str | N
         r.get("mistakes_new"),
         r["teacher_requests"],
         f"{r['teacher_tokens']:,}",
+        None if cost is None else f"{cost:.4f}",
         rejected,
     ]
     lines.append("| " + " | ".join("—" if c is None else str(c) for c in cells) + " |")

@@ -210,14 +210,7 @@ class Run:
     if record is None:
       return
     price = config_lib.parse_prices(self.cfg.teacher.prices).get(self.cfg.teacher.model)
-    path = self.layout.teacher_report(r)
-    cost = None
-    if price and storage.exists(path):
-      usage = wd.read_json(path)["usage"]
-      cost = (
-          usage.get("prompt_tokens", 0) * price[0] + usage.get("completion_tokens", 0) * price[1]
-      ) / 1e6
-    self.metrics.round_record(record, cost)
+    self.metrics.round_record(record, summary.teacher_cost_usd(self.layout, r, price))
 
   # ---- the stop rule (`rounds` is then a maximum) ---------------------------------------------
   def _plateau(self, r: int) -> str | None:

@@ -71,6 +71,18 @@ def _wrong_counts(path: str) -> dict[str, int] | None:
   return {r["qid"]: int(r["wrong"]) for r in wd.read_jsonl(path)}
 
 
+def teacher_cost_usd(layout: Layout, r: int, price: tuple[float, float] | None) -> float | None:
+  """What round r's teacher data cost in USD (tokens paid in this run at `price`, USD per
+  million prompt and completion tokens); None without a price or a teacher report."""
+  path = layout.teacher_report(r)
+  if not price or not storage.exists(path):
+    return None
+  usage = wd.read_json(path)["usage"]
+  return (
+      usage.get("prompt_tokens", 0) * price[0] + usage.get("completion_tokens", 0) * price[1]
+  ) / 1e6
+
+
 def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:
   """One record per round whose evaluation is done, read from the phase outputs; round 0 (the
   initial student, nothing trained) when the run evaluated it."""

@@ -36,6 +36,23 @@ def test_report_shows_the_runs_figures_and_its_feedback_examples(reference, tmp_
     assert f"**Teacher feedback.** {e['feedback']}" in text
 
 
+def test_report_prices_each_rounds_teacher_tokens(reference, tmp_path):
+  """With teacher.prices for the teacher's model, each round's paid tokens in USD."""
+  import shutil
+
+  workdir = str(tmp_path / "priced")
+  shutil.copytree(reference[0], workdir, ignore=shutil.ignore_patterns("checkpoints"))
+  config = json.load(open(os.path.join(workdir, "config.json")))
+  config["teacher"]["prices"] = f"{config['teacher']['model']}=1.5/4"
+  json.dump(config, open(os.path.join(workdir, "config.json"), "w"))
+  report.main(["--workdir", workdir])
+  text = open(os.path.join(workdir, "report.md")).read()
+  for r in reference[1]:
+    usage = json.load(open(os.path.join(workdir, f"round_{r['round']}", "teacher.json")))["usage"]
+    usd = (usage["prompt_tokens"] * 1.5 + usage["completion_tokens"] * 4) / 1e6
+    assert usd > 0 and f"| {r['teacher_tokens']:,} | {usd:.4f} |" in text
+
+
 def test_report_of_an_unfinished_run_is_one_clear_line(tmp_path, capsys):
   import pytest
 

@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.max_train = 0  # > 0: only the first N train questions (a fixed slice); 0: all
   c.task.max_test = 0  # > 0: only the first N test questions; 0: all
   c.task.max_new_tokens = 0  # greedy evaluation budget; 0: the task's default
+  # 'rationale' (the method: question -> rationale -> answer) or 'answer_only' (the baseline
+  # the paper compares with: fine-tuning on question -> gold answer, no teacher and no
+  # rationale; needs method.feedback and method.self_reflection off)
+  c.task.format = "rationale"
   # Math answers compared as numbers (`18.00` equals `18`). Off: METHOD §5's rule, the string
   # after removing commas (and a sentence's full stop) must equal the gold string.
   c.task.numeric_equality = False
@@ -348,6 +352,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.rounds >= 1, "rounds", f"must be >= 1, got {c.rounds}")
   _require(c.task.num_demos >= -1, "task.num_demos", "must be >= -1")
   _require(c.task.max_new_tokens >= 0, "task.max_new_tokens", "must be >= 0")
+  _require(
+      c.task.format in ("rationale", "answer_only"),
+      "task.format",
+      f"'rationale' or 'answer_only', got {c.task.format!r}",
+  )
+  _require(
+      c.task.format != "answer_only" or not (c.method.feedback or c.method.self_reflection),
+      "task.format",
+      "answer_only trains on gold answers alone: set method.feedback=False and "
+      "method.self_reflection=False",
+  )
   _require(c.task.num_val >= 1, "task.num_val", "must be >= 1")
   _require(
       c.task.source == "files" or c.task.source.startswith("tfds:"),

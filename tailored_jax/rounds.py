@@ -335,6 +335,8 @@ class Run:
     return results, usage
 
   def annotate(self) -> None:
+    if self.cfg.task.format == "answer_only":
+      return self._gold_answers()
     t = self.cfg.teacher
     train = self.splits["train"]
     requests = [
@@ -372,6 +374,24 @@ class Run:
             "questions_with_two_rationales": _count_questions_with(data, 2),
             "prompt_version": teacher_prompts.PROMPT_VERSION,
         },
+    )
+
+  def _gold_answers(self) -> None:
+    """D_1 of the answer-only baseline: each train question with its gold answer; no teacher."""
+    train = self.splits["train"]
+    data = [
+        {
+            "qid": e.id,
+            "continuation": self.task.format_continuation(e.question, "", e.gold),
+            "source": "gold_answer",
+            "round": 1,
+        }
+        for e in train
+    ]
+    wd.write_jsonl(self.layout.teacher_data(1), data)
+    wd.write_json(
+        self.layout.teacher_report(1),
+        {"phase": "annotate", "usage": {}, "kept": len(data), "questions": len(train)},
     )
 
   def exam(self, round_index: int) -> None:

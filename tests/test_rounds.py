@@ -400,3 +400,23 @@ def test_round_0_evaluates_the_initial_student_and_changes_nothing_after(referen
   assert summary.best_round(records)["round"] > 0
   report.main(["--workdir", workdir])
   assert "| 0 | " in read(workdir, "report.md")
+
+
+def test_answer_only_baseline_trains_on_gold_answers_without_a_teacher(tmp_path, paid):
+  """task.format=answer_only: D_1 is every train question with its gold answer, nothing is
+  asked of the teacher, and the evaluation prompt asks for the answer alone."""
+  cfg = tiny_config()
+  cfg.task.format = "answer_only"
+  cfg.method.feedback = cfg.method.self_reflection = False
+  workdir = str(tmp_path / "run")
+  records = rounds.run(cfg, workdir)
+  assert paid["n"] == 0 and [r["teacher_requests"] for r in records] == [0, 0]
+  data = [json.loads(x) for x in read(workdir, "round_1", "teacher_data.jsonl").splitlines()]
+  train = [json.loads(x) for x in read(workdir, "data", "train.jsonl").splitlines()]
+  assert [(d["qid"], d["continuation"]) for d in data] == [
+      (q["id"], f" {q['gold']}") for q in train
+  ]
+  assert records[-1]["optimizer_steps"] > 0
+  cfg.method.self_reflection = True
+  with pytest.raises(config_lib.ConfigError, match="task.format"):
+    config_lib.validate(cfg)

@@ -66,6 +66,23 @@ class ChoiceFormat:
     return f" {rationale}"
 
 
+@dataclasses.dataclass(frozen=True)
+class AnswerOnlyFormat:
+  """`Question: q\nAnswer: a`, no rationale: the answer-only fine-tuning baseline
+  (`task.format=answer_only`); demos lose their rationales too."""
+
+  style_hint: str = ""
+  answer_hint: str = "the final answer only"
+
+  def prefix(self, question: str, demos) -> str:
+    shots = "".join(f"Question: {d.question}\nAnswer: {d.answer}\n\n" for d in demos)
+    return f"{shots}Question: {question.strip()}\nAnswer:"
+
+  def continuation(self, question: str, rationale: str, answer: str) -> str:
+    del question, rationale
+    return f" {answer}"
+
+
 def choices_block(stem: str, choices: list[str]) -> str:
   letters = "abcde"
   lines = "\n".join(f"({letters[i]}) {c}" for i, c in enumerate(choices))

@@ -8,7 +8,7 @@ import random
 from typing import Callable
 
 from tailored_jax.data import answers, synthetic
-from tailored_jax.data.formats import QAFormat
+from tailored_jax.data.formats import AnswerOnlyFormat, QAFormat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,13 @@ class Task:
           f"{'files or tfds:' + self.tfds_name if self.tfds_name else 'files only'}"
           f", not {cfg.source!r}"
       )
+    if cfg.get("format", "rationale") == "answer_only":
+      if not isinstance(self.format, QAFormat):
+        raise ValueError(
+            f"config field task.format: answer_only is for question-answer tasks; {self.name} "
+            "answers with its choices' text"
+        )
+      self.format = AnswerOnlyFormat()
     self.max_new_tokens = cfg.max_new_tokens or self.default_max_new_tokens
     self.numeric_equality = bool(cfg.numeric_equality)
     self.num_demos = len(self.all_demos) if cfg.num_demos < 0 else cfg.num_demos

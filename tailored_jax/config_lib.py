@@ -147,6 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.lora_alpha = 16.0
   c.model.lora_targets = "q,k,v,o,gate,up,down"
   c.model.lora_dropout = 0.0  # dropout on each adapter's input in training (PEFT's lora_dropout)
+  # QLoRA: the frozen projection weights stored as 'int8' or 'nf4' codes with absmax scales per
+  # block of 64 inputs, dequantised in the compute dtype inside each layer ('none': param_dtype)
+  c.model.base_quantization = "none"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -412,6 +415,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(m.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
   _require(
       0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}"
+  )
+  _require(
+      m.base_quantization in ("none", "int8", "nf4"),
+      "model.base_quantization",
+      f"none, int8 or nf4; got {m.base_quantization!r}",
+  )
+  _require(
+      m.base_quantization == "none" or m.lora_rank > 0,
+      "model.base_quantization",
+      "a quantised base is frozen: it needs LoRA adapters to train (model.lora_rank > 0)",
   )
   targets = [t.strip() for t in str(m.lora_targets).split(",") if t.strip()]
   _require(

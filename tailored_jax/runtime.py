@@ -6,15 +6,18 @@ nothing here depends on which phase ran before.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from tailored_jax import checkpointing, sharding
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.layout import Layout
-from tailored_jax.models import build_model, for_devices, layers, lora
+from tailored_jax.models import build_model, for_devices, layers, lora, model_for, quantize
 from tailored_jax.models.attention import cpu_native
 from tailored_jax.student_io import vocab
 from tailored_jax.models.layers import tree_get
@@ -107,6 +110,13 @@ class StudentRuntime:
     one parameter at a time); an added pad token's embedding and LM-head rows are the mean of
     the trained rows (METHOD §4)."""
     dtype = jnp.dtype(self.cfg.model.param_dtype)
+    kind = self.model.cfg.base_quantization
+    targets = self._per_layer_shardings
+    if kind != "none":  # the projections quantised on the host as they stream in
+      stored = dataclasses.replace(self.model.cfg, scan_layers=False, remat="none", lora_rank=0)
+      targets = sharding.logical_sharding(
+          layers.abstract_boxed_params(model_for(stored)), self.mesh
+      )
     source = self.pretrained.tokenizer
     pad_added = self.tokenizer.pad_id != source.pad_id
     # rows that hold trained tokens (transformers may know tokens the model has no row for)
@@ -117,7 +127,11 @@ class StudentRuntime:
         array = vocab.with_mean_row(
             array, vocab.VOCAB_AXIS[path], self.tokenizer.pad_id, trained_rows
         )
-      return sharding.put_global(array.astype(dtype), tree_get(self._per_layer_shardings, path))
+      target = tree_get(targets, path)
+      if quantize.is_quantized(target):
+        codes = quantize.quantize(array.astype(np.float32), quantize.INPUT_AXES[path[-1]], kind)
+        return {k: sharding.put_global(v, target[k]) for k, v in codes.items()}
+      return sharding.put_global(array.astype(dtype), target)
 
     params = self.pretrained.load_params(place)
     if not self.model.cfg.scan_layers:

@@ -205,25 +205,13 @@ def test_export_round_checkpoint_loads_in_transformers(reference, tmp_path):
   assert tokens == greedy
 
 
-def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
-  """init_from an HF directory: tokenizer from the source, a pad token added (one more embedding
-  row; its mean initialisation is checked below), weights streamed in; the pretrained student is
-  examined before round 1 (N_0, on by default with init_from) and, with fresh_optimizer off,
-  round 2 continues round 1's AdamW state and schedule. As in the paper configs, the layers
-  run under a scan with full remat: the loaded per-layer weights are stacked, decoding reads
-  them unstacked, and the stacked round checkpoint loads back as a per-layer student; the
-  triplet loss reuses the LM forward."""
+def tiny_gptj_source(cfg, tmp_path):
+  """A random tiny GPT-J saved as an HF directory with a BPE tokenizer of the task (no pad)."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from tailored_jax.data.tokenizer import train_bpe
   from tailored_jax.data.tasks import build_task
-  from tailored_jax.student_io.student import load_student
+  from tailored_jax.data.tokenizer import train_bpe
 
-  cfg = tiny_config()
-  cfg.method.fresh_optimizer = False
-  cfg.model.update(scan_layers=True, remat="full")
-  cfg.train.length_bucket = 8  # each batch padded to its own longest string
-  cfg.train.sr_reuse_lm_forward = True  # the triplet's anchor and prefix from the LM forward
   task = build_task(cfg.task)
   tok = train_bpe(
       [
@@ -247,11 +235,32 @@ def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
           {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
       )
   )
+  return source, tok
+
+
+def test_round_from_a_pretrained_gptj_without_pad_token(tmp_path):
+  """init_from an HF directory: tokenizer from the source, a pad token added (one more embedding
+  row; its mean initialisation is checked below), weights streamed in; the pretrained student is
+  examined before round 1 (N_0, on by default with init_from) and, with fresh_optimizer off,
+  round 2 continues round 1's AdamW state and schedule. As in the paper configs, the layers
+  run under a scan with full remat: the loaded per-layer weights are stacked, decoding reads
+  them unstacked, and the stacked round checkpoint loads back as a per-layer student; the
+  triplet loss reuses the LM forward."""
+  from tailored_jax.student_io.student import load_student
+
+  cfg = tiny_config()
+  cfg.method.fresh_optimizer = False
+  cfg.model.update(scan_layers=True, remat="full")
+  cfg.train.length_bucket = 8  # each batch padded to its own longest string
+  cfg.train.sr_reuse_lm_forward = True  # the triplet's anchor and prefix from the LM forward
+  source, tok = tiny_gptj_source(cfg, tmp_path)
   cfg.model.init_from = str(source)
   workdir = str(tmp_path / "run")
   records = rounds.run(cfg, workdir)
-  assert len(records) == 2 and records[0]["test_accuracy"] is not None
+  assert [r["round"] for r in records] == [0, 1, 2] and records[0]["test_accuracy"] is not None
+  records = records[1:]  # round 0: the pretrained student as it is (eval.initial's default)
   state = json.loads(read(workdir, "state.json"))
+
   assert "exam_0" in state["completed"]
   exam_0 = json.loads(read(workdir, "round_0", "exam.json"))
   train_1 = json.loads(read(workdir, "round_1", "train.json"))

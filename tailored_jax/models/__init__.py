@@ -47,7 +47,11 @@ def for_decoding(model):
   buffer per layer in place, which a scan over stacked layers would copy every token (convert
   the weights with `layers.unstack_layers`); LoRA adapters folded into their weights
   (`lora.merged`)."""
-  return model_for(dataclasses.replace(model.cfg, scan_layers=False, remat="none", lora_rank=0))
+  return model_for(
+      dataclasses.replace(
+          model.cfg, scan_layers=False, remat="none", lora_rank=0, base_quantization="none"
+      )
+  )
 
 
 def head_logits(params, hidden_btd, cfg: LlamaConfig | GPTJConfig):

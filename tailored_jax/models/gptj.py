@@ -16,6 +16,7 @@ from tailored_jax.models.annotations import constrain
 from tailored_jax.models.attention.cached import LayerKV
 from tailored_jax.models.attention.dispatch import attend
 from tailored_jax.models.kv_cache import KVCache
+from tailored_jax.models.quantize import weight
 from tailored_jax.models.layers import (
     LOGITS,
     MLP_HIDDEN,
@@ -96,10 +97,10 @@ class GPTJBlock(nn.Module):
     d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
     normal = lambda fan_in: nn.initializers.normal(stddev=fan_in**-0.5)
     h_btd = LayerNorm(cfg.norm_eps, dt, pdt, name="ln")(x_btd)
-    wq = param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), pdt, normal(d))
-    wk = param(self, "wk", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
-    wv = param(self, "wv", (d, n, h), ("embed", "kv_heads", "head_dim"), pdt, normal(d))
-    wo = param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), pdt, normal(d))
+    wq = weight(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), normal(d), cfg)
+    wk = weight(self, "wk", (d, n, h), ("embed", "kv_heads", "head_dim"), normal(d), cfg)
+    wv = weight(self, "wv", (d, n, h), ("embed", "kv_heads", "head_dim"), normal(d), cfg)
+    wo = weight(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), normal(d), cfg)
     q_btnh = apply_interleaved_rope(
         projection(self, "wq", "q", h_btd, wq, 1, ("embed", "heads", "head_dim"), cfg),
         positions_bt,
@@ -115,9 +116,9 @@ class GPTJBlock(nn.Module):
     attn_btd = projection(
         self, "wo", "o", merge_heads(out_btnh), wo, 2, ("heads", "head_dim", "embed"), cfg
     )
-    w_in = param(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), pdt, normal(d))
+    w_in = weight(self, "w_in", (d, cfg.d_ff), ("embed", "mlp"), normal(d), cfg)
     b_in = param(self, "b_in", (cfg.d_ff,), ("mlp",), pdt, nn.initializers.zeros)
-    w_out = param(self, "w_out", (cfg.d_ff, d), ("mlp", "embed"), pdt, normal(cfg.d_ff))
+    w_out = weight(self, "w_out", (cfg.d_ff, d), ("mlp", "embed"), normal(cfg.d_ff), cfg)
     b_out = param(self, "b_out", (d,), ("norm",), pdt, nn.initializers.zeros)
     ff_btf = jax.nn.gelu(
         constrain(

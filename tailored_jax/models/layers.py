@@ -39,6 +39,7 @@ class Execution:
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ()
   lora_dropout: float = 0.0  # on an adapter's input, in training steps (a 'dropout' rng given)
+  base_quantization: str = "none"  # QLoRA: projection weights stored int8 / nf4 (`quantize.py`)
 
 
 def execution_of(model_section) -> dict:

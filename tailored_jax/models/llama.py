@@ -17,6 +17,7 @@ from tailored_jax.models.annotations import constrain
 from tailored_jax.models.attention.cached import LayerKV
 from tailored_jax.models.attention.dispatch import attend
 from tailored_jax.models.kv_cache import KVCache
+from tailored_jax.models.quantize import weight
 from tailored_jax.models.layers import (
     LOGITS,
     MLP_HIDDEN,
@@ -114,37 +115,37 @@ class Attention(nn.Module):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     scale = cfg.d_model**-0.5
-    wq = param(
+    wq = weight(
         self,
         "wq",
         (cfg.d_model, cfg.n_heads, cfg.head_dim),
         ("embed", "heads", "head_dim"),
-        pdt,
         _normal(scale),
+        cfg,
     )
-    wk = param(
+    wk = weight(
         self,
         "wk",
         (cfg.d_model, cfg.n_kv_heads, cfg.head_dim),
         ("embed", "kv_heads", "head_dim"),
-        pdt,
         _normal(scale),
+        cfg,
     )
-    wv = param(
+    wv = weight(
         self,
         "wv",
         (cfg.d_model, cfg.n_kv_heads, cfg.head_dim),
         ("embed", "kv_heads", "head_dim"),
-        pdt,
         _normal(scale),
+        cfg,
     )
-    wo = param(
+    wo = weight(
         self,
         "wo",
         (cfg.n_heads, cfg.head_dim, cfg.d_model),
         ("heads", "head_dim", "embed"),
-        pdt,
         _normal((cfg.n_heads * cfg.head_dim) ** -0.5),
+        cfg,
     )
     x_btd = x_btd.astype(dt)
     q_btnh = projection(self, "wq", "q", x_btd, wq, 1, ("embed", "heads", "head_dim"), cfg)
@@ -180,15 +181,15 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_btd):
     cfg = self.cfg
-    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    w_gate = param(
-        self, "w_gate", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt, _normal(cfg.d_model**-0.5)
+    dt = jnp.dtype(cfg.dtype)
+    w_gate = weight(
+        self, "w_gate", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), _normal(cfg.d_model**-0.5), cfg
     )
-    w_up = param(
-        self, "w_up", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt, _normal(cfg.d_model**-0.5)
+    w_up = weight(
+        self, "w_up", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), _normal(cfg.d_model**-0.5), cfg
     )
-    w_down = param(
-        self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pdt, _normal(cfg.d_ff**-0.5)
+    w_down = weight(
+        self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), _normal(cfg.d_ff**-0.5), cfg
     )
     x_btd = x_btd.astype(dt)
     in_out, out_in = ("embed", "mlp"), ("mlp", "embed")

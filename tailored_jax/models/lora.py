@@ -82,7 +82,12 @@ def merged(params: dict, scale: float) -> dict:
 
 
 def folded(params: dict, cfg) -> dict:
-  """`merged` at the model config's scale (alpha / r); the tree as it is without adapters."""
+  """The weights decoding and export use: a quantised base dequantised (in the compute dtype),
+  then `merged` at the model config's scale (alpha / r); the tree as it is without either."""
+  if getattr(cfg, "base_quantization", "none") != "none":
+    from tailored_jax.models import quantize
+
+    params = quantize.dequantized(params, cfg.base_quantization, jnp.dtype(cfg.dtype))
   return merged(params, cfg.lora_alpha / cfg.lora_rank) if has_adapters(params) else params
 
 

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from tailored_jax.models import quantize
 from tailored_jax.models.layers import is_stacked, tree_get, unstack_layers
 from tailored_jax.student_io.hf_io import tensor_table
 
@@ -30,7 +31,10 @@ def peft_tensors(params, cfg) -> tuple[dict[str, np.ndarray], list[str]]:
       continue
     a = np.asarray(node[f"{leaf}_lora_a"], np.float32)
     b = np.asarray(node[f"{leaf}_lora_b"], np.float32)
-    w = np.asarray(node[leaf], np.float32)
+    w = node[leaf]
+    if quantize.is_quantized(w):  # a QLoRA base: its layout checked on the dequantised weight
+      w = quantize.dequantize(w, quantize.INPUT_AXES[leaf], cfg.base_quantization, np.float32)
+    w = np.asarray(w, np.float32)
     fan_in, rank = math.prod(a.shape[:-1]), a.shape[-1]
     if not np.array_equal(entry.to_hf(w), w.reshape(fan_in, -1).T):
       raise ValueError(f"{name}: not a transposed matrix of ours; its adapter cannot be exported")

@@ -16,7 +16,7 @@ from tailored_jax.models.gptj import GPTJ, GPTJConfig
 from tailored_jax.models.llama import Llama, LlamaConfig
 from tailored_jax.sample import decode, sampling
 from tailored_jax.train.trainer import Trainer
-from tests.test_model_and_decode import _batch, _mesh_cfg, _train_cfg
+from tests.test_model_and_decode import _batch, _mesh_cfg, _train_cfg, fixed_batch_losses
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
 LLAMA = LlamaConfig(
@@ -187,15 +187,7 @@ def test_lora_fields_are_validated():
 
 
 def test_lora_learns_a_fixed_batch():
-  mesh = sharding.make_mesh(_mesh_cfg(1, 1, 1, 1))
-  trainer = Trainer(Llama(LLAMA), _train_cfg(), mesh)
-  state = trainer.new_state(trainer.init_params(1))
-  step_fn = trainer.step_fn()
-  batch = trainer.put_batch(_batch(np.random.default_rng(1))[0])
-  losses = []
-  for _ in range(30):
-    state, metrics = step_fn(state, batch, None)
-    losses.append(float(metrics["loss"]))
+  losses = fixed_batch_losses(Llama(LLAMA))
   assert losses[-1] < 0.8 * losses[0], losses
 
 

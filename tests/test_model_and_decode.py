@@ -209,16 +209,21 @@ def _mesh_cfg(data, fsdp, tensor, num_devices):
   )
 
 
-def test_lm_loss_decreases_on_a_fixed_batch():
-  mesh = sharding.make_mesh(_mesh_cfg(1, 1, 1, 1))
-  trainer = Trainer(MODEL, _train_cfg(), mesh)
+def fixed_batch_losses(model, steps: int = 30) -> list[float]:
+  """The LM loss over `steps` steps on one batch, from fresh weights on one device."""
+  trainer = Trainer(model, _train_cfg(), sharding.make_mesh(_mesh_cfg(1, 1, 1, 1)))
   state = trainer.new_state(trainer.init_params(1))
   step_fn = trainer.step_fn()
   batch = trainer.put_batch(_batch(np.random.default_rng(1))[0])
   losses = []
-  for _ in range(30):
+  for _ in range(steps):
     state, metrics = step_fn(state, batch, None)
     losses.append(float(metrics["loss"]))
+  return losses
+
+
+def test_lm_loss_decreases_on_a_fixed_batch():
+  losses = fixed_batch_losses(MODEL)
   assert losses[-1] < 0.5 * losses[0]
 
 

@@ -205,6 +205,10 @@ def test_a_lora_run_trains_adapters_and_decodes_merged(tmp_path):
   workdir = str(tmp_path / "run")
   records = rounds.run(cfg, workdir)
   assert [r["round"] for r in records] == [1] and records[0]["test_accuracy"] is not None
+  from tests.test_metrics import read_events
+
+  loss = read_events(f"{workdir}/tensorboard")["train/loss"]  # logged every few steps
+  assert len(loss) >= 2 and loss[max(loss)] < loss[min(loss)]  # the LoRA round learns
   run = rounds.Run(cfg, workdir)
   runtime = StudentRuntime(cfg, run.layout, run.mesh, None)
   initial, trained = runtime.params(0), runtime.params(1)

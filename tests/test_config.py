@@ -196,6 +196,8 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
       "lora_rank",
       "lora_alpha",
       "lora_targets",
+      "lora_dropout",
+      "base_quantization",
   }
   names -= {"platform"}
   for family in (LlamaConfig, GPTJConfig):
@@ -210,6 +212,8 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
       lora_rank=8,
       lora_alpha=4.0,
       lora_targets="q, v",
+      lora_dropout=0.1,
+      base_quantization="int8",
   )
   knobs = lambda cfg: {name: getattr(cfg, name) for name in names}
   wanted = {
@@ -221,6 +225,8 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
       "lora_rank": 8,
       "lora_alpha": 4.0,
       "lora_targets": ("q", "v"),
+      "lora_dropout": 0.1,
+      "base_quantization": "int8",
   }
   assert knobs(build_model(section, 300).cfg) == wanted
   assert knobs(plan.model_config("gptj_6b", section)) == wanted

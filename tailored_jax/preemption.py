@@ -6,8 +6,9 @@ One process: a Python handler notes the signal; training checks it at every step
 client stops sending new requests (the ones in flight are received and cached: they are paid),
 and the exam and evaluation stop between batches (nothing paid; they run again on resume).
 Several processes (`jax.distributed`): JAX's preemption service catches SIGTERM on any process
-and `reached_preemption_sync_point` names the same step on all of them; SIGUSR1 is passed on to
-it as SIGTERM.
+and `reached_preemption_sync_point` names the same point on all of them: training steps, phase
+boundaries and decode batches; SIGUSR1 is passed on to it as SIGTERM. (Process 0's teacher
+client keeps sending there: its replies are cached as they arrive.)
 """
 
 from __future__ import annotations
@@ -82,8 +83,13 @@ def reached(step: int) -> bool:
 
 
 def stop_if_noticed(where: str) -> None:
-  """Raises `Preempted` at a safe point outside training (one process)."""
-  if _noticed.is_set():
+  """Raises `Preempted` at a safe point outside training (between phases, between decode
+  batches): one process reads its own flag; several meet at a JAX preemption sync point (every
+  process passes the same points in the same order), so all stop there or none does."""
+  import jax
+
+  stop = _noticed.is_set() if jax.process_count() == 1 else reached(next_sync_step())
+  if stop:
     raise Preempted(f"stopped by a preemption signal {where}")
 
 

@@ -200,7 +200,11 @@ def smallest(value: int) -> int:
     return value
   from jax.experimental import multihost_utils
 
-  return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+  # as two 31-bit halves: without jax_enable_x64 an int64 travels as int32 and wraps (80 GB of
+  # device memory arrived negative)
+  halves = np.asarray([value >> 31, value & 0x7FFFFFFF], np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves)).reshape(-1, 2)
+  return min((int(high) << 31) | int(low) for high, low in gathered)
 
 
 def agree(flag: bool) -> bool:

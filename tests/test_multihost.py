@@ -28,6 +28,18 @@ cfg = tiny_config()
 cfg.rounds = int(sys.argv[6])
 cfg.mesh.num_devices = 0
 cfg.teacher.max_requests = int(sys.argv[5])
+if os.environ.get("TEST_SIGTERM_AT_DECODE"):  # this process is told to stop, at its Nth decode
+  import signal
+  from tailored_jax.sample import decode
+  real, calls = decode.Decoder.__call__, [0]
+  def decode_then_stop(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ["TEST_SIGTERM_AT_DECODE"]):
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, *args, **kwargs)
+  decode.Decoder.__call__ = decode_then_stop
+from tailored_jax import preemption
+preemption.install(jax.process_count())
 rounds.run(cfg, sys.argv[3])
 """
 
@@ -126,3 +138,39 @@ def test_processes_on_unequal_machines_make_one_choice(tmp_path):
   shared_records = json.loads(read(shared, "summary.json"))
   assert [dict(r, seconds=0) for r in shared_records] == [dict(r, seconds=0) for r in records]
   assert read(shared, "round_1", "eval_test.jsonl") == read(single, "round_1", "eval_test.jsonl")
+
+
+def test_a_sigterm_on_one_process_stops_both_at_the_same_decode_batch(tmp_path):
+  """JAX's preemption service hears process 1's SIGTERM during the evaluation; both processes
+  stop at the same sync point between decode batches, nothing hangs."""
+  (rc0, out0), (rc1, out1) = run_two(
+      str(tmp_path / "w"), rounds=1, process_1_env={"TEST_SIGTERM_AT_DECODE": "1"}
+  )
+  line = "Preempted: stopped by a preemption signal between decode batches"
+  assert rc0 != 0 and rc1 != 0 and line in out0 and line in out1, (out0[-2000:], out1[-2000:])
+
+
+def test_one_choice_survives_values_past_32_bits(monkeypatch):
+  """`sharding.smallest` of device memories (80 GB here, 3 GB on the other process) through a
+  gather that carries int32, as JAX's does without x64: the old int64 gather wrapped negative
+  and every multi-host accelerator run refused its own train step."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from tailored_jax import sharding
+
+  other = 3 * 10**9
+  monkeypatch.setattr(sharding.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(
+      multihost_utils,
+      "process_allgather",
+      lambda x: np.stack(
+          [np.asarray(x).astype(np.int32), np.asarray(sharding_halves(other), np.int32)]
+      ),
+  )
+  assert sharding.smallest(80 * 10**9) == other
+  assert sharding.smallest(2 * 10**9) == 2 * 10**9
+
+
+def sharding_halves(value: int):
+  return [value >> 31, value & 0x7FFFFFFF]

@@ -612,6 +612,11 @@ def changed_fields(saved: dict, current: dict) -> list[str]:
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
 
 
+def cost_usd(price: tuple[float, float], prompt_tokens: int, completion_tokens: int) -> float:
+  """What tokens cost at `price` (USD per million prompt and completion tokens)."""
+  return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+
+
 def parse_prices(text: str) -> dict[str, tuple[float, float]]:
   """'MODEL=IN/OUT,…' (USD per million prompt / completion tokens) as {model: (in, out)}."""
   prices = {}

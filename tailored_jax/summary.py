@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 
-from tailored_jax import storage
+from tailored_jax import config_lib, storage
 from tailored_jax import workdir as wd
 from tailored_jax.layout import Layout
 
@@ -78,9 +78,9 @@ def teacher_cost_usd(layout: Layout, r: int, price: tuple[float, float] | None) 
   if not price or not storage.exists(path):
     return None
   usage = wd.read_json(path)["usage"]
-  return (
-      usage.get("prompt_tokens", 0) * price[0] + usage.get("completion_tokens", 0) * price[1]
-  ) / 1e6
+  return config_lib.cost_usd(
+      price, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+  )
 
 
 def records(layout: Layout, state: wd.RunState, rounds: int) -> list[dict]:

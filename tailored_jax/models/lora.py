@@ -84,7 +84,7 @@ def merged(params: dict, scale: float) -> dict:
 def folded(params: dict, cfg) -> dict:
   """The weights decoding and export use: a quantised base dequantised (in the compute dtype),
   then `merged` at the model config's scale (alpha / r); the tree as it is without either."""
-  if getattr(cfg, "base_quantization", "none") != "none":
+  if cfg.base_quantization != "none":
     from tailored_jax.models import quantize
 
     params = quantize.dequantized(params, cfg.base_quantization, jnp.dtype(cfg.dtype))

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tailored_jax.models.layers import LAYERS, param
+
 KINDS = ("int8", "nf4")
 BLOCK = 64
 # NF4: the 16 quantiles of N(0, 1) scaled to [-1, 1] (QLoRA's table, as bitsandbytes ships it)
@@ -91,8 +93,6 @@ def dequantize(q: dict, n_in: int, kind: str, dtype) -> jax.Array:
 def weight(module: nn.Module, name: str, shape: tuple, axes: tuple, init, cfg):
   """A projection weight [in..., out...]: the parameter array, or with `base_quantization` its
   quantised dict (initialised by quantising `init`'s float draw), dequantised here."""
-  from tailored_jax.models.layers import param  # layers imports this module
-
   kind = cfg.base_quantization
   if kind == "none":
     return param(module, name, shape, axes, jnp.dtype(cfg.param_dtype), init)
@@ -116,8 +116,6 @@ def is_quantized(value) -> bool:
 def dequantized(params: dict, kind: str, dtype, stacked: bool = False) -> dict:
   """The tree with every quantised weight replaced by its float array in `dtype` (a scanned
   model's stacked weights dequantised layer by layer)."""
-  from tailored_jax.models.layers import LAYERS
-
   out = {}
   for k, v in params.items():
     if is_quantized(v):

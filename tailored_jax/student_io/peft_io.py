@@ -52,7 +52,7 @@ def adapter_config(cfg, modules: list[str], base_model: str) -> dict:
       "base_model_name_or_path": base_model,
       "r": cfg.lora_rank,
       "lora_alpha": cfg.lora_alpha,
-      "lora_dropout": getattr(cfg, "lora_dropout", 0.0),
+      "lora_dropout": cfg.lora_dropout,
       "target_modules": modules,
       "bias": "none",
       "fan_in_fan_out": False,

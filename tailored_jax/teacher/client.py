@@ -311,12 +311,13 @@ class ChatClient:
           text = await response.text()
           limits.observe(response.headers)
           if response.status == 200:
+            body = None
             try:
               body = json.loads(text)
               return self._read_reply(body, payload)
             except ValueError as e:
               last_error = f"malformed reply ({self._redact(str(e))}): {self._redact(text[:120])!r}"
-              self._charge_lost(key, payload, usage, "malformed reply", _usage_of(text))
+              self._charge_lost(key, payload, usage, "malformed reply", _usage_of(body))
           else:
             message = self._redact(_error_message(text))
             if response.status not in RETRYABLE_STATUS:
@@ -390,10 +391,11 @@ class ChatClient:
 NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
-def _usage_of(text: str) -> tuple[int, int] | None:
-  """(prompt, completion) tokens a reply we could not use still reported, if any."""
+def _usage_of(body) -> tuple[int, int] | None:
+  """(prompt, completion) tokens a reply we could not use still reported (its parsed JSON, or
+  None when it was not JSON), if any."""
   try:
-    usage = json.loads(text)["usage"]
+    usage = body["usage"]
     return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
   except (ValueError, KeyError, TypeError):
     return None

@@ -10,6 +10,8 @@ import re
 import time
 from typing import Awaitable, Callable
 
+from tailored_jax.config_lib import cost_usd
+
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
@@ -134,9 +136,7 @@ class Budget:
       raise ValueError("teacher.max_cost needs the model's prices (teacher.prices)")
 
   def _cost(self, prompt: int, completion: int) -> float:
-    if self.price is None:
-      return 0.0
-    return (prompt * self.price[0] + completion * self.price[1]) / 1e6
+    return 0.0 if self.price is None else cost_usd(self.price, prompt, completion)
 
   def reserve(self, prompt_estimate: int, completion_max: int) -> tuple[int, float]:
     worst_tokens = prompt_estimate + completion_max

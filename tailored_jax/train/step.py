@@ -354,7 +354,7 @@ def train_step(
 ):
   """One optimizer step on L_LM + λ·L_SR; without reflection rows (None) L_SR is 0. With
   `loss_cfg.reflection_loss='dpo'`, L_SR is DPO against `reference_params`."""
-  if getattr(model.cfg, "lora_rank", 0) and getattr(model.cfg, "lora_dropout", 0.0) > 0:
+  if model.cfg.lora_rank and model.cfg.lora_dropout > 0:
     model = _Dropping(model, jax.random.fold_in(jax.random.PRNGKey(0), state.step))
 
   reuse = (

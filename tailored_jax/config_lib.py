@@ -232,13 +232,23 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.teacher = ml_collections.ConfigDict()
   # 'local': the loopback oracle (synthetic task); 'openai': any OpenAI-compatible base_url;
-  # 'dataset': the task's own human rationales (GSM8K, synthetic), no API; 'replay': the replies
-  # recorded in teacher.replay_from (another run's teacher_cache.jsonl), nothing sent.
+  # 'anthropic': Anthropic's Messages API; 'dataset': the task's own human rationales (GSM8K,
+  # synthetic), no API; 'replay': the replies recorded in teacher.replay_from (another run's
+  # teacher_cache.jsonl), nothing sent.
   c.teacher.kind = "local"
   c.teacher.replay_from = ""
-  c.teacher.base_url = "https://api.openai.com/v1"
+  c.teacher.base_url = ""  # '': the provider's own (api.openai.com/v1, api.anthropic.com/v1)
   c.teacher.model = "gpt-4o-mini"  # ignored for 'local'
-  c.teacher.api_key_env = "OPENAI_API_KEY"
+  c.teacher.api_key_env = ""  # '': OPENAI_API_KEY or ANTHROPIC_API_KEY by teacher.kind
+  # 'sync': one call per request as it goes; 'batch': the provider's batch API first (OpenAI's
+  # /v1/batches, Anthropic's /v1/messages/batches: half the price, within 24 h), whatever it
+  # cannot answer then sync. Servers without batch endpoints (vLLM, llama.cpp) get sync calls.
+  c.teacher.mode = "sync"
+  c.teacher.batch_poll_s = 60.0  # between batch status polls
+  c.teacher.batch_deadline_h = 24.0  # per phase, from its first batch; then the rest go sync
+  c.teacher.batch_retries = 2  # times failed lines (errored, expired) are batched again
+  c.teacher.batch_max_lines = 0  # lines per batch; 0: the provider's limit
+  c.teacher.batch_discount = 0.5  # batch price / sync price (both providers: 0.5)
   # Or a file holding the key (mode 600), read by process 0 alone: what launch/tpu_pod.sh copies
   # to worker 0, so the key is on no command line, log or workdir.
   c.teacher.api_key_file = ""
@@ -524,10 +534,27 @@ def validate(c: ml_collections.ConfigDict) -> None:
       "task.max_train and task.max_test must be >= 0",
   )
   _require(
-      tc.kind in ("local", "openai", "dataset", "replay"),
+      tc.kind in ("local", "openai", "anthropic", "dataset", "replay"),
       "teacher.kind",
-      f"'local', 'openai', 'dataset' or 'replay', got {tc.kind!r}",
+      f"'local', 'openai', 'anthropic', 'dataset' or 'replay', got {tc.kind!r}",
   )
+  _require(tc.mode in ("sync", "batch"), "teacher.mode", f"'sync' or 'batch', got {tc.mode!r}")
+  _require(
+      tc.kind != "anthropic" or 0 <= tc.temperature <= 1,
+      "teacher.temperature",
+      f"Anthropic's range is 0 to 1, got {tc.temperature}",
+  )
+  _require(
+      tc.batch_poll_s >= 0 and tc.batch_deadline_h > 0,
+      "teacher.batch_deadline_h",
+      "teacher.batch_poll_s must be >= 0 and teacher.batch_deadline_h > 0",
+  )
+  _require(
+      tc.batch_retries >= 0 and tc.batch_max_lines >= 0,
+      "teacher.batch_retries",
+      "teacher.batch_retries and teacher.batch_max_lines must be >= 0",
+  )
+  _require(0 < tc.batch_discount <= 1, "teacher.batch_discount", "must be in (0, 1]")
   try:
     prices = parse_prices(tc.prices)
   except ValueError as e:
@@ -576,6 +603,13 @@ RESUMABLE_FIELDS = (
     "teacher.max_cost",
     "teacher.prices",
     "teacher.api_key_file",
+    "teacher.api_key_env",
+    "teacher.mode",  # the same requests either way
+    "teacher.batch_poll_s",
+    "teacher.batch_deadline_h",
+    "teacher.batch_retries",
+    "teacher.batch_max_lines",
+    "teacher.batch_discount",
     "eval.batch_size",
     "exam.batch_size",
     "mesh.data",
@@ -615,6 +649,30 @@ def changed_fields(saved: dict, current: dict) -> list[str]:
 def cost_usd(price: tuple[float, float], prompt_tokens: int, completion_tokens: int) -> float:
   """What tokens cost at `price` (USD per million prompt and completion tokens)."""
   return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+
+
+PROVIDER_DEFAULTS = {  # teacher.kind -> (base_url, api_key_env) where the config leaves them ''
+    "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
+    "anthropic": ("https://api.anthropic.com/v1", "ANTHROPIC_API_KEY"),
+}
+
+
+def teacher_endpoint(teacher: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(base_url, api_key_env) of an API teacher: the config's, else its provider's defaults."""
+  base_url, key_env = PROVIDER_DEFAULTS.get(teacher.kind, PROVIDER_DEFAULTS["openai"])
+  return teacher.base_url or base_url, teacher.api_key_env or key_env
+
+
+def usage_cost_usd(price: tuple[float, float], usage: dict, batch_discount: float) -> float:
+  """What a phase's `usage` (a teacher report's) cost: its batch tokens (`batch_prompt_tokens`,
+  `batch_completion_tokens`, part of the totals) at `batch_discount` times the price."""
+  batch_prompt = usage.get("batch_prompt_tokens", 0)
+  batch_completion = usage.get("batch_completion_tokens", 0)
+  return cost_usd(
+      price,
+      usage.get("prompt_tokens", 0) - batch_prompt,
+      usage.get("completion_tokens", 0) - batch_completion,
+  ) + batch_discount * cost_usd(price, batch_prompt, batch_completion)
 
 
 def parse_prices(text: str) -> dict[str, tuple[float, float]]:

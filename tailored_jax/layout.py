@@ -36,6 +36,11 @@ class Layout:
     return self.path("teacher_cache.jsonl")
 
   @property
+  def teacher_batches(self) -> str:
+    """The manifest of the run's provider batches (teacher.mode=batch)."""
+    return self.path("teacher_batches.json")
+
+  @property
   def tensorboard(self) -> str:
     """TensorBoard event files (`tensorboard --logdir WORKDIR/tensorboard`)."""
     return self.path("tensorboard")

@@ -134,8 +134,10 @@ def markdown(workdir: str, compare: str | None, samples: int, plot_name: str | N
   price = config_lib.parse_prices(_field(config, "teacher.prices") or "").get(
       _field(config, "teacher.model")
   )
+  discount = _field(config, "teacher.batch_discount") or 0.5
   for r in records:
-    cost = summary.teacher_cost_usd(Layout(workdir), r["round"], price)
+    cost = summary.teacher_cost_usd(Layout(workdir), r["round"], price, discount)
+    batch_cost = summary.teacher_batch_cost_usd(Layout(workdir), r["round"], price, discount)
     rejected = ", ".join(f"{k} {v}" for k, v in (r.get("teacher_rejected") or {}).items()) or "—"
     cells = [
         r["round"],
@@ -146,7 +148,9 @@ def markdown(workdir: str, compare: str | None, samples: int, plot_name: str | N
         r.get("mistakes_new"),
         r["teacher_requests"],
         f"{r['teacher_tokens']:,}",
-        None if cost is None else f"{cost:.4f}",
+        None
+        if cost is None
+        else f"{cost:.4f}" + (f" (batch {batch_cost:.4f})" if batch_cost else ""),
         rejected,
     ]
     lines.append("| " + " | ".join("—" if c is None else str(c) for c in cells) + " |")

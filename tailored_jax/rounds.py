@@ -8,6 +8,7 @@ killed training round from its newest checkpoint.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ from tailored_jax.sample.runner import generate_texts
 from tailored_jax.sample.sampling import SamplingConfig
 from tailored_jax.teacher import prompts as teacher_prompts
 from tailored_jax.teacher.api_key import read_api_key
+from tailored_jax.teacher.batch import BatchOptions
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.dataset import DatasetAnswers
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
@@ -140,8 +142,9 @@ class Run:
         model = models[0] if len(models) == 1 else t.model
         base_url, api_key = "http://replay.invalid/v1", ""
       else:
-        base_url, model = t.base_url, t.model
-        api_key = read_api_key(t.api_key_file, t.api_key_env)
+        model = t.model
+        base_url, key_env = config_lib.teacher_endpoint(t)
+        api_key = read_api_key(t.api_key_file, key_env)
       self._client = ChatClient(
           base_url,
           model,
@@ -160,6 +163,16 @@ class Run:
           max_total_tokens=t.max_total_tokens,
           max_cost=t.max_cost,
           price=config_lib.parse_prices(t.prices).get(model),
+          protocol="anthropic" if t.kind == "anthropic" else "openai",
+          mode=t.mode,
+          batch_options=BatchOptions(
+              poll_s=t.batch_poll_s,
+              deadline_s=t.batch_deadline_h * 3600,
+              retries=t.batch_retries,
+              max_lines=t.batch_max_lines,
+              discount=t.batch_discount,
+          ),
+          batch_manifest=self.layout.teacher_batches,
       )
     return self._client
 
@@ -209,8 +222,11 @@ class Run:
     record = next((x for x in records if x["round"] == r), None)
     if record is None:
       return
-    price = config_lib.parse_prices(self.cfg.teacher.prices).get(self.cfg.teacher.model)
-    self.metrics.round_record(record, summary.teacher_cost_usd(self.layout, r, price))
+    t = self.cfg.teacher
+    price = config_lib.parse_prices(t.prices).get(t.model)
+    self.metrics.round_record(
+        record, summary.teacher_cost_usd(self.layout, r, price, t.batch_discount)
+    )
 
   # ---- the stop rule (`rounds` is then a maximum) ---------------------------------------------
   def _plateau(self, r: int) -> str | None:
@@ -315,6 +331,7 @@ class Run:
           on_reply=lambda i, reply: progress.update(
               1, tokens=reply.prompt_tokens + reply.completion_tokens
           ),
+          label=label,
       )
     failures = [r for r in results if isinstance(r, TeacherError)]
     logging.info(
@@ -345,6 +362,7 @@ class Run:
             n=t.num_rationales,
             temperature=t.temperature,
             max_tokens=t.max_tokens,
+            tag=f"annotate-{e.id}",
         )
         for e in train
     ]
@@ -460,6 +478,11 @@ class Run:
     """Tailored rationales for round r's mistakes: the data D_{r+1}."""
     t = self.cfg.teacher
     mistakes = wd.read_jsonl(self.layout.mistakes(round_index))
+    nth = collections.Counter()
+    tags = []
+    for m in mistakes:
+      tags.append(f"feedback_{round_index}-{m['qid']}-m{nth[m['qid']]}")
+      nth[m["qid"]] += 1
     requests = [
         ChatRequest(
             teacher_prompts.feedback_messages(
@@ -472,8 +495,9 @@ class Run:
             n=t.feedback_samples,
             temperature=t.temperature,
             max_tokens=t.max_tokens,
+            tag=tag,
         )
-        for m in mistakes
+        for m, tag in zip(mistakes, tags)
     ]
     results, usage = self._ask_teacher(requests, f"feedback {round_index}")
     data, counts, seen_by_question = [], {}, {}

@@ -71,15 +71,28 @@ def _wrong_counts(path: str) -> dict[str, int] | None:
   return {r["qid"]: int(r["wrong"]) for r in wd.read_jsonl(path)}
 
 
-def teacher_cost_usd(layout: Layout, r: int, price: tuple[float, float] | None) -> float | None:
+def teacher_cost_usd(
+    layout: Layout, r: int, price: tuple[float, float] | None, batch_discount: float = 0.5
+) -> float | None:
   """What round r's teacher data cost in USD (tokens paid in this run at `price`, USD per
-  million prompt and completion tokens); None without a price or a teacher report."""
+  million prompt and completion tokens; batch tokens at `batch_discount` of it); None without
+  a price or a teacher report."""
+  path = layout.teacher_report(r)
+  if not price or not storage.exists(path):
+    return None
+  return config_lib.usage_cost_usd(price, wd.read_json(path)["usage"], batch_discount)
+
+
+def teacher_batch_cost_usd(
+    layout: Layout, r: int, price: tuple[float, float] | None, batch_discount: float
+) -> float | None:
+  """The part of `teacher_cost_usd` paid through provider batches."""
   path = layout.teacher_report(r)
   if not price or not storage.exists(path):
     return None
   usage = wd.read_json(path)["usage"]
-  return config_lib.cost_usd(
-      price, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+  return batch_discount * config_lib.cost_usd(
+      price, usage.get("batch_prompt_tokens", 0), usage.get("batch_completion_tokens", 0)
   )
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import io
 import json
-
-import jax
+import sys
 
 from tailored_jax import storage
 
 
 def is_writer() -> bool:
-  return jax.process_index() == 0
+  """Process 0 of the run writes. A tool that never imported jax (the teacher CLI: it starts in
+  a fraction of the time) is a single process."""
+  jax = sys.modules.get("jax")
+  return jax is None or jax.process_index() == 0
 
 
 def _write(path: str, data: str | bytes) -> None:

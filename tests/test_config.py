@@ -87,7 +87,7 @@ def test_baseline_is_plain_distillation_with_a_larger_budget():
         ("rounds", 0, "config field rounds: must be >= 1"),
         ("model.n_kv_heads", 3, "config field model.n_kv_heads"),
         ("exam.top_p", 0.0, "config field exam.top_p"),
-        ("teacher.kind", "anthropic", "config field teacher.kind"),
+        ("teacher.kind", "cohere", "config field teacher.kind"),
         ("task.synthetic.operations", "add,div", "config field task.synthetic.operations"),
     ],
 )

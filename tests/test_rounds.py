@@ -429,3 +429,22 @@ def test_answer_only_baseline_trains_on_gold_answers_without_a_teacher(tmp_path,
   cfg.method.self_reflection = True
   with pytest.raises(config_lib.ConfigError, match="task.format"):
     config_lib.validate(cfg)
+
+
+def test_a_batch_mode_run_equals_the_sync_run(reference, tmp_path):
+  """teacher.mode=batch against the local server's batch API: annotation and feedback paid as
+  batches (at half price), records and teacher data the reference (sync) run's."""
+  cfg = tiny_config()
+  cfg.teacher.update(mode="batch", batch_poll_s=0.0)
+  workdir = str(tmp_path / "run")
+  records = rounds.run(cfg, workdir)
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+  assert strip(records) == strip(reference[1])
+  for name in ("round_1/teacher_data.jsonl", "round_2/teacher_data.jsonl"):
+    assert read(workdir, name) == read(reference[0], name)
+  for r in (1, 2):
+    usage = json.loads(read(workdir, f"round_{r}", "teacher.json"))["usage"]
+    assert usage["batch_requests"] == usage["requests"] > 0
+  manifest = json.loads(read(workdir, "teacher_batches.json"))
+  assert [b["label"] for b in manifest["batches"]] == ["annotate", "feedback 1"]
+  assert all(b["state"] == "done" for b in manifest["batches"])

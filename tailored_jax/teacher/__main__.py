@@ -1,13 +1,16 @@
 """`python -m tailored_jax.teacher --requests=IN.jsonl --results=OUT.jsonl --base-url=URL
---model=NAME [--rpm --tpm --max-cost --prices ...]`: annotate a dataset with a teacher, no more.
+--model=NAME [--protocol=anthropic] [--mode=batch] [--rpm --tpm --max-cost --prices ...]`:
+annotate a dataset with a teacher, no more.
 
 IN.jsonl holds one request per line: `{"id": ..., "messages": [...]}` or `{"id": ..., "prompt":
 "..."}`, optionally with `n`, `temperature`, `max_tokens`. Each finished request is appended to
 OUT.jsonl as `{"id", "texts", "finish_reasons", "usage"}` (or `{"id", "error"}`) as it arrives;
 every paid reply is first kept in OUT.jsonl.cache.jsonl, so a killed run re-run with the same
 command pays for nothing twice and retries only what failed. That cache is also a recording
-`teacher.kind=replay` can answer from. The API key is read from the environment variable named
-by --api-key-env and never printed.
+`teacher.kind=replay` can answer from. With --mode=batch the provider's batch API answers first
+(half the price; its manifest, OUT.jsonl.batches.json, lets a killed run re-attach to its
+batches). The API key is read from the environment variable named by --api-key-env (default:
+the protocol's) and never printed.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import sys
 
 from tailored_jax import workdir as wd
 from tailored_jax.progress import Progress
+from tailored_jax.config_lib import PROVIDER_DEFAULTS, parse_prices
+from tailored_jax.teacher.batch import BatchOptions
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
-from tailored_jax.config_lib import parse_prices
 
 CACHE_VERSION = "batch-1"
 
@@ -57,7 +61,7 @@ def read_requests(path: str, defaults: dict) -> list[tuple[str, ChatRequest]]:
             f"{where}: field 'messages' must be a list of {{role, content}} (or give 'prompt')"
         )
       options = {k: record.get(k, defaults[k]) for k in ("n", "temperature", "max_tokens")}
-      out.append((rid, ChatRequest(messages, **options)))
+      out.append((rid, ChatRequest(messages, **options, tag=rid)))
   return out
 
 
@@ -80,7 +84,12 @@ def main(argv=None) -> int:
   parser.add_argument("--results", required=True)
   parser.add_argument("--base-url", required=True)
   parser.add_argument("--model", required=True)
-  parser.add_argument("--api-key-env", default="OPENAI_API_KEY")
+  parser.add_argument("--api-key-env", default="", help="default: the protocol's own")
+  parser.add_argument("--protocol", choices=("openai", "anthropic"), default="openai")
+  parser.add_argument("--mode", choices=("sync", "batch"), default="sync")
+  parser.add_argument("--batch-poll-s", type=float, default=60.0)
+  parser.add_argument("--batch-deadline-h", type=float, default=24.0)
+  parser.add_argument("--batch-retries", type=int, default=2)
   parser.add_argument("--n", type=int, default=1)
   parser.add_argument("--temperature", type=float, default=1.0)
   parser.add_argument("--max-tokens", type=int, default=512)
@@ -114,7 +123,7 @@ def main(argv=None) -> int:
   client = ChatClient(
       args.base_url,
       args.model,
-      api_key=os.environ.get(args.api_key_env, ""),
+      api_key=os.environ.get(args.api_key_env or PROVIDER_DEFAULTS[args.protocol][1], ""),
       cache=cache,
       max_concurrency=args.max_concurrency,
       max_retries=args.max_retries,
@@ -126,6 +135,14 @@ def main(argv=None) -> int:
       max_total_tokens=args.max_tokens_total,
       max_cost=args.max_cost,
       price=price,
+      protocol=args.protocol,
+      mode=args.mode,
+      batch_options=BatchOptions(
+          poll_s=args.batch_poll_s,
+          deadline_s=args.batch_deadline_h * 3600,
+          retries=args.batch_retries,
+      ),
+      batch_manifest=args.results + ".batches.json",
   )
   failed = [0]
   os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
@@ -153,17 +170,21 @@ def main(argv=None) -> int:
           1, failed=failed[0], tokens=client.budget.tokens, cost=f"{client.budget.cost:.4f}"
       )
 
-    results, usage = client.run([request for _, request in todo], on_reply=on_reply)
+    results, usage = client.run(
+        [request for _, request in todo], on_reply=on_reply, label="teacher"
+    )
     for (rid, _), result in zip(todo, results):
       if isinstance(result, TeacherError):
         failed[0] += 1
         write({"id": rid, "error": str(result)})
   logging.info(
-      "done: %d answered (%d from the cache), %d failed; %d paid requests, %d tokens%s",
+      "done: %d answered (%d from the cache), %d failed; %d paid requests (%d in batches), %d "
+      "tokens%s",
       len(todo) - failed[0],
       usage.cache_hits,
       failed[0],
       usage.requests,
+      usage.batch_requests,
       usage.tokens,
       f", {client.budget.cost:.4f} USD" if price else "",
   )

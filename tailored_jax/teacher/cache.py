@@ -7,6 +7,7 @@ a bad line anywhere else is an error naming the file and line.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -57,7 +58,10 @@ class ReplyCache:
       texts: list[str],
       usage: dict,
       finish_reasons: list[str] | None = None,
+      batch_id: str = "",
   ) -> None:
+    """Keeps a paid reply; `batch_id`: it came from that provider batch (billed at the batch
+    price)."""
     if self.read_only:
       raise ValueError(f"{self.path} is a read-only recording")
     entry = {
@@ -70,6 +74,8 @@ class ReplyCache:
     }
     if finish_reasons and any(r != "stop" for r in finish_reasons):
       entry["finish_reasons"] = finish_reasons
+    if batch_id:
+      entry["batch"] = batch_id
     with self._lock:
       try:
         self._log.append(json.dumps(entry) + "\n")
@@ -77,7 +83,9 @@ class ReplyCache:
         raise StorageError(f"{e}; replies written before it are kept") from e
       self._entries[key] = entry
 
-  def charge(self, key: str, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+  def charge(
+      self, key: str, reason: str, prompt_tokens: int, completion_tokens: int, batch_id: str = ""
+  ) -> None:
     """Records an attempt that may have been billed although its reply was lost, so that the
     run's budget counts it after a resume too."""
     if self.read_only:
@@ -88,25 +96,54 @@ class ReplyCache:
         "time": time.time(),
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
     }
+    if batch_id:
+      entry["batch"] = batch_id
     with self._lock:
       self._log.append(json.dumps(entry) + "\n")
       self._charges.append(entry)
 
-  def spent(self) -> tuple[int, int, int]:
-    """(requests, prompt tokens, completion tokens) paid for by every invocation of the run:
-    the replies kept and the charged attempts whose replies were lost."""
-    records = [*self._entries.values(), *self._charges]
-    usage = [r.get("usage") or {} for r in records]
-    return (
-        len(records),
-        sum(int(u.get("prompt_tokens", 0)) for u in usage),
-        sum(int(u.get("completion_tokens", 0)) for u in usage),
-    )
+  def spent(self) -> "Spent":
+    """What every invocation of the run paid for: the replies kept and the charged attempts
+    whose replies were lost."""
+    spent = Spent()
+    for record in [*self._entries.values(), *self._charges]:
+      usage = record.get("usage") or {}
+      spent.add(
+          int(usage.get("prompt_tokens", 0)),
+          int(usage.get("completion_tokens", 0)),
+          batch=bool(record.get("batch")),
+      )
+    return spent
 
   def flush(self) -> None:
     """Until every reply put so far is stored (an object store's uploads run behind `put`)."""
     if not self.read_only:
       self._log.flush()
+
+
+@dataclasses.dataclass
+class Spent:
+  """Requests and tokens paid for; the `batch_*` part of the tokens at the batch price."""
+
+  requests: int = 0
+  prompt_tokens: int = 0
+  completion_tokens: int = 0
+  batch_requests: int = 0
+  batch_prompt_tokens: int = 0
+  batch_completion_tokens: int = 0
+
+  def add(self, prompt: int, completion: int, batch: bool = False) -> None:
+    self.requests += 1
+    self.prompt_tokens += prompt
+    self.completion_tokens += completion
+    if batch:
+      self.batch_requests += 1
+      self.batch_prompt_tokens += prompt
+      self.batch_completion_tokens += completion
+
+  @property
+  def tokens(self) -> int:
+    return self.prompt_tokens + self.completion_tokens
 
 
 def _parse_entry(line: bytes) -> dict:

@@ -1,10 +1,12 @@
-"""An asyncio (aiohttp) client for any OpenAI-compatible `/v1/chat/completions` endpoint.
+"""An asyncio (aiohttp) client for a chat API: any OpenAI-compatible `/v1/chat/completions`, or
+Anthropic's `/v1/messages` (`protocols.py` holds the wire formats).
 
 Many requests run concurrently under a semaphore, within requests- and tokens-per-minute windows
 and the provider's `x-ratelimit-*` headers, and within a budget in requests, tokens or money
 (`limits.py`); 429/5xx/timeouts and malformed replies are retried with exponential backoff
 (honouring Retry-After); every reply is cached before it is returned, so a crash never loses a
-paid call.
+paid call. With `mode='batch'` the provider's batch API answers first (`batch.py`, half price)
+and whatever it could not answer is sent here.
 """
 
 from __future__ import annotations
@@ -21,16 +23,11 @@ from typing import Callable
 import aiohttp
 
 from tailored_jax import preemption
-from tailored_jax.teacher.cache import ReplyCache, request_key
-from tailored_jax.teacher.limits import (
-    Budget,
-    BudgetExceeded,
-    RateLimits,
-    estimate_completion_tokens,
-    estimate_prompt_tokens,
-)
+from tailored_jax.teacher.cache import ReplyCache
+from tailored_jax.teacher.limits import Budget, BudgetExceeded, RateLimits
+from tailored_jax.teacher.protocols import PROTOCOLS, Call, ChatRequest, Reply, worst_case
 
-RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}  # 529: Anthropic overloaded
 
 
 class TeacherError(RuntimeError):
@@ -43,14 +40,6 @@ class NotSent(TeacherError):
 
 class TeacherBudgetError(TeacherError):
   """The configured request budget would be exceeded."""
-
-
-@dataclasses.dataclass
-class ChatRequest:
-  messages: list[dict]
-  n: int = 1
-  temperature: float = 1.0
-  max_tokens: int = 512
 
 
 @dataclasses.dataclass
@@ -74,6 +63,19 @@ class Usage:
   retries: int = 0
   failures: int = 0
   charged_lost: int = 0  # attempts that may have been billed though their reply was lost
+  # The part of `requests` and the tokens paid through provider batches (at the batch price).
+  batch_requests: int = 0
+  batch_prompt_tokens: int = 0
+  batch_completion_tokens: int = 0
+
+  def paid(self, prompt: int, completion: int, batch: bool = False) -> None:
+    self.requests += 1
+    self.prompt_tokens += prompt
+    self.completion_tokens += completion
+    if batch:
+      self.batch_requests += 1
+      self.batch_prompt_tokens += prompt
+      self.batch_completion_tokens += completion
 
   @property
   def tokens(self) -> int:
@@ -84,8 +86,10 @@ class Usage:
 
 
 class ChatClient:
-  """Batches chat requests to an OpenAI-compatible server; `replay_only`: answers come from the
-  cache alone (a recorded run), and a request it has no reply for fails naming the request."""
+  """Batches chat requests to a provider (`protocol`: 'openai' for any OpenAI-compatible server,
+  'anthropic'); `replay_only`: answers come from the cache alone (a recorded run), and a request
+  it has no reply for fails naming the request. `mode='batch'`: the provider's batch API first
+  (`batch_options`, a manifest at `batch_manifest`)."""
 
   def __init__(
       self,
@@ -107,11 +111,19 @@ class ChatClient:
       max_total_tokens: int = 0,
       max_cost: float = 0.0,
       price: tuple[float, float] | None = None,
+      protocol: str = "openai",
+      mode: str = "sync",
+      batch_options=None,
+      batch_manifest: str = "",
   ):
     if replay_only and cache is None:
       raise ValueError("a replaying client needs the recording as its cache")
+    if mode == "batch" and (cache is None or not batch_manifest):
+      raise ValueError("batch mode needs a reply cache and a manifest path")
     self.replay_only = replay_only
-    self.url = base_url.rstrip("/") + "/chat/completions"
+    self.protocol = PROTOCOLS[protocol]()
+    self.base_url = base_url.rstrip("/")
+    self.url = self.base_url + self.protocol.path
     self.model = model
     self.api_key = api_key
     self.cache = cache
@@ -121,52 +133,47 @@ class ChatClient:
     self.connect_timeout_s = min(connect_timeout_s, timeout_s)
     self.backoff_s = backoff_s
     self.supports_n = supports_n
-    self.budget = Budget(max_requests, max_total_tokens, max_cost, price)  # over the run
+    self.mode = "sync" if replay_only else mode
+    self.batch_options = batch_options
+    self.batch_manifest = batch_manifest
+    self.batch_paid: set[str] = set()  # cache keys the batches of this client's runs paid for
+    discount = batch_options.discount if batch_options is not None else 0.5
+    self.budget = Budget(max_requests, max_total_tokens, max_cost, price, discount)  # the run's
     if cache is not None and not replay_only:
       spent = cache.spent()
-      self.budget.carry(*spent)
-      if spent[0]:
+      self.budget.carry(spent)
+      if spent.requests:
         logging.info(
             "teacher budget: %d requests, %d tokens already spent by this run (%s)",
-            spent[0],
-            spent[1] + spent[2],
+            spent.requests,
+            spent.tokens,
             cache.path,
         )
     self.limits = RateLimits(requests_per_minute, tokens_per_minute)  # over the client's life
 
-  def payload(self, request: ChatRequest, n: int | None = None) -> dict:
-    return {
-        "model": self.model,
-        "messages": request.messages,
-        "n": request.n if n is None else n,
-        "temperature": request.temperature,
-        "max_tokens": request.max_tokens,
-    }
+  def calls(self, request: ChatRequest) -> list[Call]:
+    return self.protocol.calls(self.model, request, self.supports_n)
 
   def run(
-      self, requests: list[ChatRequest], on_reply: Callable[[int, ChatReply], None] | None = None
+      self,
+      requests: list[ChatRequest],
+      on_reply: Callable[[int, ChatReply], None] | None = None,
+      label: str = "",
   ) -> tuple[list[ChatReply | TeacherError], Usage]:
-    """Sends all requests (cache first); results in request order, failures as TeacherError."""
+    """Sends all requests (cache first); results in request order, failures as TeacherError.
+    `label` names the phase (its batches and their deadline)."""
     try:
-      return asyncio.run(self._run(requests, on_reply))
+      return asyncio.run(self._run(requests, on_reply, label))
     finally:  # the replies paid for are stored before anything relies on them
       if self.cache is not None:
         self.cache.flush()
 
-  async def _run(self, requests, on_reply):
-    usage = Usage()
-    results: list[ChatReply | TeacherError | None] = [None] * len(requests)
-    semaphore = asyncio.Semaphore(self.max_concurrency)
-    limits = self.limits
-    limits.lock = asyncio.Lock()  # a lock belongs to one event loop; the windows carry over
-    in_flight: dict[str, asyncio.Future] = {}  # identical requests of a batch are sent once
-    headers = {"Content-Type": "application/json"}
-    if self.api_key:
-      headers["Authorization"] = f"Bearer {self.api_key}"
-    # The pool holds a connection for every request the semaphore lets through, so no request
-    # waits for one; the timeouts then cover one attempt on the wire only (connect, first byte /
-    # each read, total), never time spent queued here. A timeout that started while a request
-    # was still queued would abandon and re-send requests the server is already serving.
+  def session(self) -> aiohttp.ClientSession:
+    """A session whose pool holds a connection for every request the semaphore lets through,
+    so no request waits for one; the timeouts then cover one attempt on the wire only (connect,
+    first byte / each read, total), never time spent queued here. A timeout that started while
+    a request was still queued would abandon and re-send requests the server is serving."""
+    headers = self.protocol.headers(self.api_key)  # a JSON body sets its own Content-Type
     connector = aiohttp.TCPConnector(
         limit=self.max_concurrency, limit_per_host=self.max_concurrency
     )
@@ -176,9 +183,20 @@ class ChatClient:
         sock_connect=self.connect_timeout_s,
         sock_read=self.timeout_s,
     )
-    async with aiohttp.ClientSession(
-        headers=headers, timeout=timeout, connector=connector
-    ) as session:
+    return aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector)
+
+  async def _run(self, requests, on_reply, label):
+    usage = Usage()
+    results: list[ChatReply | TeacherError | None] = [None] * len(requests)
+    semaphore = asyncio.Semaphore(self.max_concurrency)
+    limits = self.limits
+    limits.lock = asyncio.Lock()  # a lock belongs to one event loop; the windows carry over
+    in_flight: dict[str, asyncio.Future] = {}  # identical requests of a batch are sent once
+    async with self.session() as session:
+      if self.mode == "batch":
+        from tailored_jax.teacher.batch import BatchSender  # a leaf of this module
+
+        await BatchSender(self, session, usage).fill(requests, label)
 
       async def one(i: int, request: ChatRequest):
         try:
@@ -212,23 +230,23 @@ class ChatClient:
       usage,
       in_flight: dict[str, asyncio.Future],
   ) -> ChatReply:
-    if self.supports_n or request.n == 1:
-      payloads = [self.payload(request)]
-    else:  # servers without `n` (e.g. Ollama): n requests of one choice each, cached apart
-      payloads = [dict(self.payload(request, n=1), seed=i) for i in range(request.n)]
+    calls = self.calls(request)
     texts, reasons, prompt_tokens, completion_tokens, all_cached = [], [], 0, 0, True
-    while payloads:
-      payload = payloads.pop(0)
-      key = request_key(payload) + (f"-{payload['seed']}" if "seed" in payload else "")
+    while calls:
+      call = calls.pop(0)
+      key = call.key
       entry = self.cache.get(key) if self.cache is not None else None
       if entry is None and key in in_flight:  # the same request is being paid for: share it
         entry = await asyncio.shield(in_flight[key])
       if entry is not None:
-        usage.cache_hits += 1
-        recorded = entry.get("usage") or {}
-        usage.cached_tokens += int(recorded.get("prompt_tokens", 0)) + int(
-            recorded.get("completion_tokens", 0)
-        )
+        if key in self.batch_paid:  # paid by this run's batches: counted there
+          all_cached = False
+        else:
+          usage.cache_hits += 1
+          recorded = entry.get("usage") or {}
+          usage.cached_tokens += int(recorded.get("prompt_tokens", 0)) + int(
+              recorded.get("completion_tokens", 0)
+          )
         got = entry["texts"]
         got_reasons = entry.get("finish_reasons") or ["stop"] * len(got)
       else:
@@ -237,11 +255,10 @@ class ChatClient:
           question = request.messages[-1].get("content", "") if request.messages else ""
           raise TeacherError(
               f"replay: {self.cache.path} has no reply for request {key[:16]} (model "
-              f"{self.model!r}, n={payload['n']}, temperature {payload['temperature']}; last "
+              f"{self.model!r}, n={call.samples}, temperature {request.temperature}; last "
               f"message ends {question[-120:]!r})"
           )
-        estimate = estimate_prompt_tokens(payload["messages"])
-        worst_completion = payload["max_tokens"] * payload["n"]
+        estimate, worst_completion = worst_case(call)
         try:
           reservation = self.budget.reserve(estimate, worst_completion)
         except BudgetExceeded as e:
@@ -252,9 +269,7 @@ class ChatClient:
             if preemption.noticed():  # stopping: what is in flight finishes, nothing new goes
               raise NotSent("not sent: the run is stopping")
             window = await limits.acquire(estimate + worst_completion)
-            got, got_reasons, p_tok, c_tok = await self._post_with_retries(
-                session, payload, usage, key, limits
-            )
+            reply = await self._post_with_retries(session, call, usage, limits)
         except TeacherError as e:
           self.budget.release(reservation)
           shared.set_exception(e)
@@ -262,6 +277,8 @@ class ChatClient:
           raise
         finally:
           in_flight.pop(key, None)
+        got, got_reasons = reply.texts, reply.finish_reasons
+        p_tok, c_tok = reply.prompt_tokens, reply.completion_tokens
         shared.set_result(
             {
                 "texts": got,
@@ -271,23 +288,25 @@ class ChatClient:
         )
         limits.settle(window, p_tok + c_tok)
         self.budget.spend(reservation, p_tok, c_tok)
-        usage.requests += 1
-        usage.prompt_tokens += p_tok
-        usage.completion_tokens += c_tok
+        usage.paid(p_tok, c_tok)
         prompt_tokens += p_tok
         completion_tokens += c_tok
         if self.cache is not None:
           self.cache.put(
-              key, payload, got, {"prompt_tokens": p_tok, "completion_tokens": c_tok}, got_reasons
+              key,
+              call.body,
+              got,
+              {"prompt_tokens": p_tok, "completion_tokens": c_tok},
+              got_reasons,
           )
-      if len(got) < payload["n"]:  # a server that ignored `n`: the rest one by one, cached apart
+      if len(got) < call.samples:  # a server that ignored `n`: the rest one by one, cached apart
         logging.info(
             "teacher request %s: %d of n=%d choices; asking for the rest singly",
             key[:12],
             len(got),
-            payload["n"],
+            call.samples,
         )
-        payloads += [dict(payload, n=1, seed=i) for i in range(len(got), payload["n"])]
+        calls += [self.protocol.single(call.body, i) for i in range(len(got), call.samples)]
       texts.extend(got)
       reasons.extend(got_reasons)
     return ChatReply(texts, prompt_tokens, completion_tokens, all_cached, reasons)
@@ -296,30 +315,29 @@ class ChatClient:
     """A server message with the API key (some echo it) masked: it never reaches a log."""
     return text.replace(self.api_key, "***") if self.api_key else text
 
-  async def _post_with_retries(
-      self, session, payload, usage, key: str, limits: RateLimits
-  ) -> tuple[list[str], list[str], int, int]:
-    """One request until it succeeds (texts, finish reasons, prompt and completion tokens) or
-    fails for good: 408/409/429/5xx, timeouts, resets, and 200 replies that are not JSON or lack
-    `choices` are retried with backoff (Retry-After in seconds or as an HTTP date honoured);
-    other statuses are not. Errors name the request by its cache key, never the API key."""
+  async def _post_with_retries(self, session, call: Call, usage, limits: RateLimits) -> Reply:
+    """One call until it succeeds or fails for good: 408/409/429/5xx/529, timeouts, resets, and
+    200 replies that are not JSON or lack the reply's content are retried with backoff
+    (Retry-After in seconds or as an HTTP date honoured); other statuses are not. Errors name
+    the call by its cache key, never the API key."""
+    key = call.key
     last_error = ""
     for attempt in range(self.max_retries + 1):
       delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
       try:
-        async with session.post(self.url, json=payload) as response:
+        async with session.post(self.url, json=call.body) as response:
           text = await response.text()
           limits.observe(response.headers)
           if response.status == 200:
             body = None
             try:
               body = json.loads(text)
-              return self._read_reply(body, payload)
+              return self.protocol.read(body, call)
             except ValueError as e:
               last_error = f"malformed reply ({self._redact(str(e))}): {self._redact(text[:120])!r}"
-              self._charge_lost(key, payload, usage, "malformed reply", _usage_of(body))
+              self.charge_lost(call, usage, "malformed reply", self.protocol.usage(body))
           else:
-            message = self._redact(_error_message(text))
+            message = self._redact(error_message(text))
             if response.status not in RETRYABLE_STATUS:
               raise TeacherError(
                   f"{self.url}: HTTP {response.status} for request {key[:16]}: {message}"
@@ -331,7 +349,7 @@ class ChatClient:
       except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         last_error = self._redact(f"{type(e).__name__}: {e}")
         if not isinstance(e, NOT_SENT):  # sent: the provider may have billed a reply we lost
-          self._charge_lost(key, payload, usage, type(e).__name__, None)
+          self.charge_lost(call, usage, type(e).__name__, None)
       if attempt < self.max_retries:
         usage.retries += 1
         delay = max(delay, limits.not_before - time.monotonic())
@@ -349,56 +367,20 @@ class ChatClient:
         f"attempts: {last_error}"
     )
 
-  def _charge_lost(self, key: str, payload: dict, usage, reason: str, reported) -> None:
+  def charge_lost(self, call: Call, usage, reason: str, reported, batch_id: str = "") -> None:
     """An attempt whose reply was lost after it was sent, charged to the run's budget (and
     recorded in the cache, so a resume counts it): by the usage the reply reported, else the
-    request's worst case."""
+    call's worst case."""
     if reported is None:
-      reported = (
-          estimate_prompt_tokens(payload["messages"]),
-          payload["max_tokens"] * payload["n"],
-      )
-    self.budget.charge(*reported)
+      reported = worst_case(call)
+    self.budget.charge(*reported, batch=bool(batch_id))
     usage.charged_lost += 1
     if self.cache is not None:
-      self.cache.charge(key, reason, *reported)
-
-  def _read_reply(self, body, payload: dict) -> tuple[list[str], list[str], int, int]:
-    """Texts (a null content is ''), finish reasons and token counts (estimated when the reply
-    has no `usage`); ValueError when the reply has no usable `choices` or more than n of them
-    (fewer are topped up by the caller)."""
-    n = payload["n"]
-    try:
-      choices = sorted(body["choices"], key=lambda c: c.get("index", 0))
-      texts = [c["message"]["content"] or "" for c in choices]
-      reasons = [str(c.get("finish_reason") or "stop") for c in choices]
-    except (KeyError, TypeError, AttributeError) as e:
-      raise ValueError(f"no choices[].message.content: {e!r}") from e
-    if not texts or len(texts) > n:
-      raise ValueError(f"asked for n={n} choices, got {len(texts)}")
-    usage = body.get("usage") or {}
-    if "prompt_tokens" not in usage or "completion_tokens" not in usage:  # charged by estimate
-      return (
-          texts,
-          reasons,
-          estimate_prompt_tokens(payload["messages"]),
-          estimate_completion_tokens(texts),
-      )
-    return texts, reasons, int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+      self.cache.charge(call.key, reason, *reported, batch_id=batch_id)
 
 
 # Failures before the request left: nothing can have been billed.
 NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
-
-
-def _usage_of(body) -> tuple[int, int] | None:
-  """(prompt, completion) tokens a reply we could not use still reported (its parsed JSON, or
-  None when it was not JSON), if any."""
-  try:
-    usage = body["usage"]
-    return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-  except (ValueError, KeyError, TypeError):
-    return None
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -417,7 +399,8 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
   return max(0.0, when.timestamp() - now)
 
 
-def _error_message(text: str) -> str:
+def error_message(text: str) -> str:
+  """The message of an error body (OpenAI's and Anthropic's `error.message`), else its start."""
   try:
     return json.loads(text)["error"]["message"]
   except (ValueError, KeyError, TypeError):

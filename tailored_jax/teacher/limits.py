@@ -117,7 +117,8 @@ class Budget:
   """Caps in requests, tokens and money over the run: what earlier invocations spent is carried
   in (`carry`, from the teacher cache). A request is let through only if its worst case
   (estimated prompt + max_tokens × n) fits what is left; spending is corrected to the reply's
-  usage, and an attempt that may have been billed without its reply arriving is `charge`d."""
+  usage, and an attempt that may have been billed without its reply arriving is `charge`d.
+  Batch calls (`batch=True`) cost `batch_discount` times the price."""
 
   def __init__(
       self,
@@ -125,9 +126,11 @@ class Budget:
       max_tokens: int = 0,
       max_cost: float = 0.0,
       price: tuple[float, float] | None = None,
+      batch_discount: float = 0.5,
   ):
     self.max_requests, self.max_tokens, self.max_cost = max_requests, max_tokens, max_cost
     self.price = price
+    self.batch_discount = batch_discount
     self.requests = self.tokens = 0
     self.cost = 0.0
     self.reserved_tokens = 0
@@ -135,47 +138,63 @@ class Budget:
     if max_cost and price is None:
       raise ValueError("teacher.max_cost needs the model's prices (teacher.prices)")
 
-  def _cost(self, prompt: int, completion: int) -> float:
-    return 0.0 if self.price is None else cost_usd(self.price, prompt, completion)
+  def _cost(self, prompt: int, completion: int, batch: bool = False) -> float:
+    if self.price is None:
+      return 0.0
+    return cost_usd(self.price, prompt, completion) * (self.batch_discount if batch else 1.0)
 
-  def reserve(self, prompt_estimate: int, completion_max: int) -> tuple[int, float]:
+  def reserve(
+      self, prompt_estimate: int, completion_max: int, batch: bool = False, force: bool = False
+  ) -> tuple[int, float]:
+    """Holds a call's worst case back; BudgetExceeded if it does not fit (`force`: a call
+    already sent, in a batch an earlier invocation created, is held back regardless)."""
     worst_tokens = prompt_estimate + completion_max
-    worst_cost = self._cost(prompt_estimate, completion_max)
-    if self.max_requests and self.requests >= self.max_requests:
-      raise BudgetExceeded(f"teacher.max_requests={self.max_requests} reached")
-    if self.max_tokens and self.tokens + self.reserved_tokens + worst_tokens > self.max_tokens:
-      raise BudgetExceeded(
-          f"teacher.max_total_tokens={self.max_tokens} would be exceeded "
-          f"({self.tokens} spent, next request up to {worst_tokens})"
-      )
-    if self.max_cost and self.cost + self.reserved_cost + worst_cost > self.max_cost:
-      raise BudgetExceeded(
-          f"teacher.max_cost={self.max_cost:g} USD would be exceeded "
-          f"({self.cost:.4f} spent, next request up to {worst_cost:.4f})"
-      )
+    worst_cost = self._cost(prompt_estimate, completion_max, batch)
+    if not force:
+      if self.max_requests and self.requests >= self.max_requests:
+        raise BudgetExceeded(f"teacher.max_requests={self.max_requests} reached")
+      if self.max_tokens and self.tokens + self.reserved_tokens + worst_tokens > self.max_tokens:
+        raise BudgetExceeded(
+            f"teacher.max_total_tokens={self.max_tokens} would be exceeded "
+            f"({self.tokens} spent, next request up to {worst_tokens})"
+        )
+      if self.max_cost and self.cost + self.reserved_cost + worst_cost > self.max_cost:
+        raise BudgetExceeded(
+            f"teacher.max_cost={self.max_cost:g} USD would be exceeded "
+            f"({self.cost:.4f} spent, next request up to {worst_cost:.4f})"
+        )
     self.requests += 1
     self.reserved_tokens += worst_tokens
     self.reserved_cost += worst_cost
     return worst_tokens, worst_cost
 
-  def spend(self, reservation: tuple[int, float], prompt: int, completion: int) -> None:
+  def spend(
+      self, reservation: tuple[int, float], prompt: int, completion: int, batch: bool = False
+  ) -> None:
     self.reserved_tokens -= reservation[0]
     self.reserved_cost -= reservation[1]
     self.tokens += prompt + completion
-    self.cost += self._cost(prompt, completion)
+    self.cost += self._cost(prompt, completion, batch)
 
-  def carry(self, requests: int, prompt: int, completion: int) -> None:
-    """What earlier invocations of this run spent, counted against the caps."""
-    self.requests += requests
-    self.tokens += prompt + completion
-    self.cost += self._cost(prompt, completion)
+  def carry(self, spent) -> None:
+    """What earlier invocations of this run spent (a `cache.Spent`), counted against the caps."""
+    batch_prompt, batch_completion = spent.batch_prompt_tokens, spent.batch_completion_tokens
+    self.requests += spent.requests
+    self.tokens += spent.tokens
+    self.cost += self._cost(
+        spent.prompt_tokens - batch_prompt, spent.completion_tokens - batch_completion
+    ) + self._cost(batch_prompt, batch_completion, batch=True)
 
-  def charge(self, prompt: int, completion: int) -> None:
+  def charge(self, prompt: int, completion: int, batch: bool = False) -> None:
     """An attempt billed (or possibly billed) whose reply was lost: one more request spent."""
-    self.carry(1, prompt, completion)
+    self.requests += 1
+    self.tokens += prompt + completion
+    self.cost += self._cost(prompt, completion, batch)
 
-  def release(self, reservation: tuple[int, float]) -> None:
-    """A request that failed for good: its worst case no longer held back (it may have been
-    billed; the provider's usage was not returned)."""
+  def release(self, reservation: tuple[int, float], billed: bool = True) -> None:
+    """A call that failed for good: its worst case no longer held back. `billed=False`: the
+    provider says it was never run (an errored or expired batch line), so it is no request."""
     self.reserved_tokens -= reservation[0]
     self.reserved_cost -= reservation[1]
+    if not billed:
+      self.requests -= 1

@@ -1,14 +1,15 @@
-"""A loopback OpenAI-compatible teacher (`/v1/chat/completions`, `/v1/models`) backed by the oracle.
-
-It speaks the documented protocol — `n` choices, `usage`, and `{"error": {...}}` bodies with the
-usual status codes — so the loop talks to it through the same client as to a real API.
-Usage counts whitespace-separated words as tokens. Run alone with
-`python -m tailored_jax.teacher.server --port 8000`.
+"""A loopback teacher backed by the oracle, speaking the providers' documented protocols: OpenAI's
+`/v1/chat/completions` (`n` choices, `usage`, `{"error": {...}}` bodies with the usual status
+codes) and `/v1/models`, Anthropic's `/v1/messages`, and both batch APIs (`server_batches.py`),
+so the loop talks to it through the same client as to a real API. It counts what it bills
+(`billed`: calls answered, by request body). Usage counts whitespace-separated words as tokens.
+Run alone with `python -m tailored_jax.teacher.server --port 8000`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import hashlib
 import json
@@ -36,6 +37,16 @@ def _count_tokens(text: str) -> int:
   return len(text.split())
 
 
+def body_hash(body: dict) -> str:
+  """A request's identity (what `billed` counts by)."""
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def anthropic_error(status: int, message: str, error_type: str) -> web.Response:
+  body = {"type": "error", "error": {"type": error_type, "message": message}}
+  return web.json_response(body, status=status)
+
+
 class OracleApp:
   """The aiohttp application and its counters; `fail_next` injects retryable failures. `answer`
   (messages, n, rng) -> n texts replaces the synthetic oracle (e.g. `DatasetAnswers`)."""
@@ -49,6 +60,7 @@ class OracleApp:
       error_rate: float = 0.0,
       reply_delay_s: float = 0.0,
       answer: Callable[[list[dict], int, random.Random], list[str]] | None = None,
+      batch_api: bool = True,
   ):
     self.answer = answer or (
         lambda messages, n, rng: oracle.reply(messages, n, rng, self.error_rate)
@@ -59,13 +71,19 @@ class OracleApp:
     self.error_rate = error_rate
     self.reply_delay_s = reply_delay_s  # a slow provider's latency (tests, benchmarks)
     self.completions = 0  # replies computed (what a provider bills), faulty deliveries included
+    self.billed: collections.Counter = collections.Counter()  # body_hash -> times billed
     self.in_flight = self.max_in_flight = 0  # concurrent requests being answered (tests)
     self.fail_next: list[int] = []  # statuses to answer the next requests with (tests)
     self.faults: list[str] = []  # faults for the next requests, one each (FAULTS; tests)
     self.fault_delay_s = 1.0  # how long a 'timeout' fault holds its reply
     self.app = web.Application(middlewares=[self._errors_as_json])
     self.app.router.add_post("/v1/chat/completions", self.chat_completions)
+    self.app.router.add_post("/v1/messages", self.messages)
     self.app.router.add_get("/v1/models", self.models)
+    if batch_api:  # else a server like vLLM's or llama.cpp's: no batch endpoints
+      from tailored_jax.teacher.server_batches import BatchEndpoints  # built on this module
+
+      self.batches = BatchEndpoints(self)
 
   @web.middleware
   async def _errors_as_json(self, request, handler):
@@ -133,16 +151,34 @@ class OracleApp:
       return _error(
           400, "We could not parse the JSON body of your request.", "invalid_request_error"
       )
+    if self.reply_delay_s:
+      await asyncio.sleep(self.reply_delay_s)
+    reply = self.chat_completion(body)
+    if isinstance(reply, web.Response):
+      return reply
+    if fault is not None:
+      return await self._deliver_badly(fault, request, reply)
+    return web.json_response(reply)
+
+  def _answer(self, messages: list[dict], n: int, body: dict) -> list[str]:
+    """n texts for a request, the same for the same body (ValueError: not our prompt)."""
+    key = hashlib.sha256(json.dumps([self.seed, body], sort_keys=True).encode()).digest()
+    return self.answer(messages, n, random.Random(key))
+
+  def _bill(self, body: dict) -> None:
+    self.completions += 1
+    self.billed[body_hash(body)] += 1
+
+  def chat_completion(self, body) -> dict | web.Response:
+    """An OpenAI chat completion for `body` (billed), or the error response."""
     if not isinstance(body, dict):
       return _error(400, "The request body must be a JSON object.", "invalid_request_error")
     invalid = self._validate(body)
     if invalid:
       return invalid
     n = body.get("n", 1)
-    key = hashlib.sha256(json.dumps([self.seed, body], sort_keys=True).encode()).digest()
-    rng = random.Random(key)
     try:
-      texts = self.answer(body["messages"], n, rng)
+      texts = self._answer(body["messages"], n, body)
     except ValueError as e:
       return _error(
           400,
@@ -150,12 +186,10 @@ class OracleApp:
           "invalid_request_error",
           param="messages",
       )
-    if self.reply_delay_s:
-      await asyncio.sleep(self.reply_delay_s)
-    self.completions += 1
+    self._bill(body)
     prompt_tokens = sum(_count_tokens(str(m.get("content", ""))) for m in body["messages"])
     completion_tokens = sum(_count_tokens(t) for t in texts)
-    reply = {
+    return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
@@ -175,9 +209,61 @@ class OracleApp:
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
-    if fault is not None:
-      return await self._deliver_badly(fault, request, reply)
-    return web.json_response(reply)
+
+  async def messages(self, request):
+    """Anthropic's Messages API (x-api-key and anthropic-version headers, one text reply)."""
+    denied = self._anthropic_denied(request)
+    if denied:
+      return denied
+    if self.fail_next:
+      self.fail_next.pop(0)
+      return anthropic_error(529, "Overloaded", "overloaded_error")
+    try:
+      body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      return anthropic_error(400, "The request body is not valid JSON.", "invalid_request_error")
+    if self.reply_delay_s:
+      await asyncio.sleep(self.reply_delay_s)
+    reply = self.anthropic_message(body)
+    return reply if isinstance(reply, web.Response) else web.json_response(reply)
+
+  def _anthropic_denied(self, request) -> web.Response | None:
+    if self.api_key and request.headers.get("x-api-key", "") != self.api_key:
+      return anthropic_error(401, "invalid x-api-key", "authentication_error")
+    if not request.headers.get("anthropic-version"):
+      return anthropic_error(400, "anthropic-version header is required", "invalid_request_error")
+    return None
+
+  def anthropic_message(self, body) -> dict | web.Response:
+    """An Anthropic message for `body` (billed), or the error response."""
+    invalid = _validate_anthropic(body, self.model)
+    if invalid:
+      return anthropic_error(
+          400 if "model:" not in invalid else 404, invalid, "invalid_request_error"
+      )
+    messages = list(body["messages"])
+    if body.get("system"):
+      messages = [{"role": "system", "content": body["system"]}, *messages]
+    try:
+      (text,) = self._answer(messages, 1, body)
+    except ValueError as e:
+      return anthropic_error(
+          400, f"The local teacher cannot answer this prompt: {e}", "invalid_request_error"
+      )
+    self._bill(body)
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": self.model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": sum(_count_tokens(str(m["content"])) for m in messages),
+            "output_tokens": _count_tokens(text),
+        },
+    }
 
   async def _deliver_badly(self, fault: str, request, reply: dict) -> web.StreamResponse:
     """A computed (billed) reply delivered with one of REPLY_FAULTS."""
@@ -253,6 +339,34 @@ class OracleApp:
           param="temperature",
       )
     return None
+
+
+def _validate_anthropic(body, model: str) -> str:
+  """What is wrong with a Messages request, as Anthropic words it ('' when nothing)."""
+  if not isinstance(body, dict):
+    return "The request body must be a JSON object."
+  if body.get("model") != model:
+    return f"model: {body.get('model')!r} is not a model this server serves"
+  max_tokens = body.get("max_tokens")
+  if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+    return "max_tokens: Field required (an integer >= 1)"
+  messages = body.get("messages")
+  if (
+      not isinstance(messages, list)
+      or not messages
+      or not all(
+          isinstance(m, dict) and m.get("role") in ("user", "assistant") and "content" in m
+          for m in messages
+      )
+  ):
+    return "messages: a non-empty list of {role: user|assistant, content}"
+  temperature = body.get("temperature", 1.0)
+  if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 1:
+    return "temperature: Input should be less than or equal to 1"
+  extra = set(body) - {"model", "max_tokens", "messages", "system", "temperature", "metadata"}
+  if extra:
+    return f"{sorted(extra)[0]}: Extra inputs are not permitted"
+  return ""
 
 
 def _http_date(offset_s: float) -> str:

@@ -271,6 +271,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.prices = ""
   c.teacher.max_mistakes_per_question = 4
   c.teacher.local_error_rate = 0.1  # local oracle: chance a rationale has an arithmetic slip
+  c.teacher.local_reply_delay_s = 0.0  # local oracle: each reply's latency (benchmarks)
+  # Each exam batch's mistakes go to the teacher while the next batch decodes (sync mode), so
+  # feedback ends shortly after the exam; the same requests and results as one after the other.
+  c.teacher.stream_feedback = True
 
   # Scalars (loss, its parts, tokens/s, MFU every train.log_every_steps; per round: accuracies,
   # mistakes, teacher requests/tokens/cost, phase seconds), written by process 0 alone.
@@ -578,6 +582,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(tc.feedback_samples >= 1, "teacher.feedback_samples", "must be >= 1")
   _require(tc.max_concurrency >= 1, "teacher.max_concurrency", "must be >= 1")
   _require(0 <= tc.local_error_rate < 1, "teacher.local_error_rate", "must be in [0, 1)")
+  _require(tc.local_reply_delay_s >= 0, "teacher.local_reply_delay_s", "must be >= 0")
   if c.method.self_reflection:
     _require(
         tc.num_rationales >= 2,
@@ -610,6 +615,8 @@ RESUMABLE_FIELDS = (
     "teacher.batch_retries",
     "teacher.batch_max_lines",
     "teacher.batch_discount",
+    "teacher.stream_feedback",
+    "teacher.local_reply_delay_s",
     "eval.batch_size",
     "exam.batch_size",
     "mesh.data",

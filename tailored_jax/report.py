@@ -39,6 +39,24 @@ def _field(config: dict, dotted: str):
   return config
 
 
+def _streamed(workdir: str, records: list[dict]) -> list[str]:
+  """Per round whose exam streamed its mistakes: requests, teacher seconds hidden behind the
+  decoding (the time saved against asking after the exam), the wait after it."""
+  out = []
+  for r in records:
+    path = Layout(workdir).exam_report(r["round"])
+    if not storage.exists(path):
+      continue
+    stream = wd.read_json(path).get("feedback_stream")
+    if stream and stream["requests"]:
+      out.append(
+          f"round {r['round']}: {stream['requests']} requests, {stream['overlap_s']:.1f} s of "
+          f"teacher time hidden behind decoding, {stream['wait_after_decoding_s']:.1f} s waited "
+          "after it"
+      )
+  return out
+
+
 def _pct(value) -> str:
   return "—" if value is None else f"{100 * value:.1f}"
 
@@ -154,6 +172,14 @@ def markdown(workdir: str, compare: str | None, samples: int, plot_name: str | N
         rejected,
     ]
     lines.append("| " + " | ".join("—" if c is None else str(c) for c in cells) + " |")
+  streamed = _streamed(workdir, records)
+  if streamed:
+    lines += [
+        "",
+        "Feedback streamed during the exam (`teacher.stream_feedback`): "
+        + "; ".join(streamed)
+        + ".",
+    ]
   stop = next((r["stop_reason"] for r in records if r.get("stop_reason")), None)
   if stop:
     lines += ["", f"Stopped early: {stop}."]

@@ -133,7 +133,10 @@ class Run:
             else None
         )
         self._server = LocalTeacherServer(
-            seed=self.cfg.seed, error_rate=t.local_error_rate, answer=answer
+            seed=self.cfg.seed,
+            error_rate=t.local_error_rate,
+            answer=answer,
+            reply_delay_s=t.local_reply_delay_s,
         )
         base_url, model, api_key = self._server.start(), DEFAULT_MODEL, ""
       elif t.kind == "replay":  # answers from a recording alone; nothing is sent anywhere
@@ -413,52 +416,46 @@ class Run:
     )
 
   def exam(self, round_index: int) -> None:
-    """k sampled rationales per train question; distinct wrong ones are the round's mistakes."""
+    """k sampled rationales per train question; distinct wrong ones are the round's mistakes.
+    With feedback to follow, each decoded batch's mistakes go to the teacher at once
+    (`_feedback_stream`), so its replies arrive while the exam decodes."""
     e = self.cfg.exam
     train = self.splits["train"]
     params = self.student.params(round_index)
     self.student.trainer.check_finite_params(params, f"round {round_index}, before the exam")
     prompts = [self.task.format_prefix(x.question, self.demos) for x in train]
     sampling = SamplingConfig(e.temperature, e.top_k, e.top_p)
-    outputs = generate_texts(
-        self.student.decoder,
-        self.student.decode_params(round_index),
-        self.student.tokenizer,
-        prompts,
-        mesh=self.mesh,
-        num_samples=e.num_samples,
-        sampling=sampling,
-        max_new_tokens=e.max_new_tokens,
-        batch_size=e.batch_size,
-        rng=jax.random.PRNGKey(self.cfg.seed * 1000 + round_index),
-        label=f"exam {round_index}",
-        decode_layout=self.student.decode_layout,
-        memory_budget_bytes=int(e.memory_budget_gb * 2**30),
-    )
+    stream = self._feedback_stream(round_index)
+    try:
+      outputs = generate_texts(
+          self.student.decoder,
+          self.student.decode_params(round_index),
+          self.student.tokenizer,
+          prompts,
+          mesh=self.mesh,
+          num_samples=e.num_samples,
+          sampling=sampling,
+          max_new_tokens=e.max_new_tokens,
+          batch_size=e.batch_size,
+          rng=jax.random.PRNGKey(self.cfg.seed * 1000 + round_index),
+          label=f"exam {round_index}",
+          decode_layout=self.student.decode_layout,
+          memory_budget_bytes=int(e.memory_budget_gb * 2**30),
+          on_batch=stream
+          and (
+              lambda indices, samples: stream.add(
+                  [m for i, s in zip(indices, samples) for m in self._mistakes_of(train[i], s)[0]]
+              )
+          ),
+      )
+    finally:
+      if stream is not None:
+        stream.close()
     mistakes, outcomes, correct_samples, always_right = [], [], 0, 0
     for example, samples in zip(train, outputs):
-      seen, wrong_here = set(), 0
-      for text in samples:
-        record = scoring.score_output(self.task, example, text)
-        correct_samples += record["correct"]
-        if record["correct"]:
-          continue
-        wrong_here += 1
-        negative = record["rationale"]
-        if (
-            negative.strip()
-            and negative not in seen
-            and (len(seen) < self.cfg.teacher.max_mistakes_per_question)
-        ):
-          seen.add(negative)
-          mistakes.append(
-              {
-                  "qid": example.id,
-                  "output": negative,
-                  "answer": record["answer"],
-                  "error": record["error"],
-              }
-          )
+      found, wrong_here, right_here = self._mistakes_of(example, samples)
+      mistakes += found
+      correct_samples += right_here
       always_right += wrong_here == 0
       outcomes.append({"qid": example.id, "samples": len(samples), "wrong": wrong_here})
     wd.write_jsonl(self.layout.exam_outcomes(round_index), outcomes)
@@ -471,34 +468,78 @@ class Run:
             "correct_samples": correct_samples,
             "questions_always_right": always_right,
             "mistakes": len(mistakes),
+            **({"feedback_stream": stream.record()} if stream is not None else {}),
         },
     )
 
+  def _mistakes_of(self, example: Example, samples: list[str]) -> tuple[list[dict], int, int]:
+    """A question's mistakes (its distinct wrong rationales, at most
+    teacher.max_mistakes_per_question), wrong samples and right samples."""
+    mistakes, seen, wrong, right = [], set(), 0, 0
+    for text in samples:
+      record = scoring.score_output(self.task, example, text)
+      if record["correct"]:
+        right += 1
+        continue
+      wrong += 1
+      negative = record["rationale"]
+      if (
+          negative.strip()
+          and negative not in seen
+          and len(seen) < self.cfg.teacher.max_mistakes_per_question
+      ):
+        seen.add(negative)
+        mistakes.append(
+            {
+                "qid": example.id,
+                "output": negative,
+                "answer": record["answer"],
+                "error": record["error"],
+            }
+        )
+    return mistakes, wrong, right
+
+  def _feedback_stream(self, round_index: int) -> "_FeedbackStream | None":
+    """Where the exam's mistakes go as they are found: the teacher, when this exam's feedback
+    phase will follow (sync mode, process 0; batch mode waits for the whole phase)."""
+    c = self.cfg
+    if not (
+        c.teacher.stream_feedback
+        and c.method.feedback
+        and c.teacher.mode == "sync"
+        and round_index >= 1
+        and round_index < c.rounds
+        and c.task.format != "answer_only"
+        and wd.is_writer()
+    ):
+      return None
+    return _FeedbackStream(self, round_index, c.method.stop_min_mistakes)
+
+  def _feedback_requests(self, round_index: int, mistakes: list[dict]) -> list[ChatRequest]:
+    """One request per mistake, tagged (round, question, its n-th mistake) in mistakes order."""
+    t = self.cfg.teacher
+    nth = collections.Counter()
+    requests = []
+    for m in mistakes:
+      example = self.by_id[m["qid"]]
+      requests.append(
+          ChatRequest(
+              teacher_prompts.feedback_messages(
+                  example.question, m["output"], example.gold, self.demos, self.task.format
+              ),
+              n=t.feedback_samples,
+              temperature=t.temperature,
+              max_tokens=t.max_tokens,
+              tag=f"feedback_{round_index}-{m['qid']}-m{nth[m['qid']]}",
+          )
+      )
+      nth[m["qid"]] += 1
+    return requests
+
   def feedback(self, round_index: int) -> None:
     """Tailored rationales for round r's mistakes: the data D_{r+1}."""
-    t = self.cfg.teacher
     mistakes = wd.read_jsonl(self.layout.mistakes(round_index))
-    nth = collections.Counter()
-    tags = []
-    for m in mistakes:
-      tags.append(f"feedback_{round_index}-{m['qid']}-m{nth[m['qid']]}")
-      nth[m["qid"]] += 1
-    requests = [
-        ChatRequest(
-            teacher_prompts.feedback_messages(
-                self.by_id[m["qid"]].question,
-                m["output"],
-                self.by_id[m["qid"]].gold,
-                self.demos,
-                self.task.format,
-            ),
-            n=t.feedback_samples,
-            temperature=t.temperature,
-            max_tokens=t.max_tokens,
-            tag=tag,
-        )
-        for m, tag in zip(mistakes, tags)
-    ]
+    requests = self._feedback_requests(round_index, mistakes)
     results, usage = self._ask_teacher(requests, f"feedback {round_index}")
     data, counts, seen_by_question = [], {}, {}
     for mistake, reply in zip(mistakes, results):
@@ -648,6 +689,53 @@ class Run:
           summary_["total"],
       )
     wd.write_json(self.layout.eval_report(round_index), results)
+
+
+class _FeedbackStream:
+  """The exam's mistakes sent to the teacher batch by batch (`ChatClient.stream`: bounded,
+  the teacher's concurrency limit unchanged); the feedback phase then reads the replies from
+  the cache, in the sequential order. With `method.stop_min_mistakes`, nothing goes before the
+  exam has found that many (the stop rule could otherwise end the run with feedback paid)."""
+
+  def __init__(self, run: Run, round_index: int, hold_until: int):
+    self.run, self.round_index, self.hold_until = run, round_index, hold_until
+    self.stream = run.client().stream()
+    self.held: list[dict] = []
+    self.sent = 0
+    self.first_sent = self.decode_end = self.closed = None
+
+  def add(self, mistakes: list[dict]) -> None:
+    """A decode batch's mistakes (each question's all in one batch, so the tags' per-question
+    counts are those of the whole mistakes file)."""
+    self.held += mistakes
+    if len(self.held) < self.hold_until:
+      return
+    for request in self.run._feedback_requests(self.round_index, self.held):
+      self.first_sent = self.first_sent or time.time()
+      self.stream.submit(request)
+      self.sent += 1
+    self.held, self.hold_until = [], 0
+
+  def decoded(self) -> None:
+    self.decode_end = time.time()
+
+  def close(self) -> None:
+    self.stream.close()
+    self.closed = time.time()
+
+  def record(self) -> dict:
+    """For the exam report: requests sent while decoding, the teacher's time hidden behind the
+    decoding (from the first request to the exam's last batch: what the feedback phase no
+    longer waits), and the wait for the last replies after it."""
+    overlap = 0.0
+    if self.first_sent is not None and self.decode_end is not None:
+      overlap = max(0.0, self.decode_end - self.first_sent)
+    wait = (self.closed - self.decode_end) if self.decode_end and self.closed else 0.0
+    return {
+        "requests": self.sent,
+        "overlap_s": round(overlap, 2),
+        "wait_after_decoding_s": round(wait, 2),
+    }
 
 
 def _count_questions_with(data: list[dict], at_least: int) -> int:

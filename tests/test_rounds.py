@@ -102,7 +102,7 @@ def test_resume_after_kill_between_phases(reference, tmp_path):
   records = rounds.run(tiny_config(), workdir)
   assert records == [dict(r, seconds=r2["seconds"]) for r, r2 in zip(reference[1], records)]
   assert cache_lines(workdir) == cache_lines(reference[0])  # no teacher call paid twice
-  assert paid_before == 16
+  assert paid_before == cache_lines(reference[0])  # the feedback was streamed during the exam
   assert read(workdir, "round_2", "eval_test.jsonl") == read(
       reference[0], "round_2", "eval_test.jsonl"
   )
@@ -110,6 +110,8 @@ def test_resume_after_kill_between_phases(reference, tmp_path):
 
 def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, monkeypatch):
   workdir = str(tmp_path)
+  cfg = tiny_config()
+  cfg.teacher.stream_feedback = False  # the feedback phase pays (a kill mid-feedback)
   real_step_fn = Trainer.step_fn
   calls = {"n": 0}
 
@@ -126,14 +128,14 @@ def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, mon
 
   monkeypatch.setattr(Trainer, "step_fn", dying_step_fn)
   with pytest.raises(KeyboardInterrupt):
-    rounds.run(tiny_config(), workdir)
+    rounds.run(cfg, workdir)
   assert json.loads(read(workdir, "state.json"))["last_completed"] == "annotate"
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "train_round_1", "3"))
   monkeypatch.setattr(Trainer, "step_fn", real_step_fn)
 
   real_run = ChatClient.run
 
-  def dying_run(self, requests, on_reply=None):
+  def dying_run(self, requests, on_reply=None, label=""):
 
     def reply_then_die(i, reply):
       if len(self.cache) >= 16 + 3:  # three feedback replies paid, then the kill
@@ -141,22 +143,67 @@ def test_resume_after_kill_mid_training_and_mid_teacher(reference, tmp_path, mon
       if on_reply:
         on_reply(i, reply)
 
-    return real_run(self, requests, reply_then_die)
+    return real_run(self, requests, reply_then_die, label)
 
   monkeypatch.setattr(ChatClient, "run", dying_run)
   with pytest.raises(SimulatedKill):
-    rounds.run(tiny_config(), workdir)
+    rounds.run(cfg, workdir)
   assert json.loads(read(workdir, "state.json"))["last_completed"] == "exam_1"
   assert cache_lines(workdir) >= 16 + 3
   monkeypatch.setattr(ChatClient, "run", real_run)
 
-  records = rounds.run(tiny_config(), workdir)
+  records = rounds.run(cfg, workdir)
   assert cache_lines(workdir) == cache_lines(reference[0])
   train1 = json.loads(read(workdir, "round_1", "train.json"))
   assert train1["resumed_at_step"] == 3
   assert [dict(r, seconds=0) for r in records] == [dict(r, seconds=0) for r in reference[1]]
   assert read(workdir, "round_2", "eval_test.jsonl") == read(
       reference[0], "round_2", "eval_test.jsonl"
+  )
+
+
+def test_a_kill_while_the_exam_streams_feedback_resumes_exactly(reference, tmp_path, monkeypatch):
+  """Exam batches of 4 questions: each batch's mistakes go to the teacher as it is decoded. A
+  kill after the third request was handed over; the resumed run decodes the exam again (the
+  same samples: keys per question and sample, whatever the batch size), pays only what was not
+  cached, and ends with the reference (sequential) run's records and teacher data."""
+  from tailored_jax.teacher.client import Stream
+
+  cfg = tiny_config()
+  cfg.exam.batch_size = 4
+  workdir = str(tmp_path)
+  real_submit, real_add = Stream.submit, rounds._FeedbackStream.add
+  handed, pieces = [], []
+
+  def dying_submit(self, request):
+    handed.append(request.tag)
+    if len(handed) == 4:
+      raise SimulatedKill("killed while the exam streams")
+    real_submit(self, request)
+
+  def counting_add(self, mistakes):
+    pieces.append(len(mistakes))
+    real_add(self, mistakes)
+
+  monkeypatch.setattr(Stream, "submit", dying_submit)
+  monkeypatch.setattr(rounds._FeedbackStream, "add", counting_add)
+  with pytest.raises(SimulatedKill):
+    rounds.run(cfg, workdir)
+  assert json.loads(read(workdir, "state.json"))["last_completed"] == "evaluate_1"
+  monkeypatch.setattr(Stream, "submit", real_submit)
+  records = rounds.run(cfg, workdir)
+  assert sum(1 for n in pieces if n) >= 2  # streamed batch by batch
+  exam = json.loads(read(workdir, "round_1", "exam.json"))
+  assert exam["feedback_stream"]["requests"] == exam["mistakes"]
+  from tailored_jax import report
+
+  report.main(["--workdir", workdir])
+  assert f"round 1: {exam['mistakes']} requests, " in read(workdir, "report.md")
+  assert cache_lines(workdir) == cache_lines(reference[0])  # nothing paid twice
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+  assert strip(records) == strip(reference[1])
+  assert read(workdir, "round_2", "teacher_data.jsonl") == read(
+      reference[0], "round_2", "teacher_data.jsonl"
   )
 
 

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -64,6 +65,7 @@ def generate_texts(
     share_prefix: bool = True,
     decode_layout: str = "train",
     memory_budget_bytes: int = 0,
+    on_batch: Callable[[list[int], list[list[str]]], None] | None = None,
 ) -> list[list[str]]:
   """`num_samples` continuations per prompt, as text (special tokens dropped).
 
@@ -73,7 +75,9 @@ def generate_texts(
   `sharding.decode_row_axes` gives for it.
   `batch_size` prompts per batch at most: fewer if their KV cache would not fit
   `memory_budget_bytes` per device (0: half the device's free memory); one batch size for the
-  call, so it compiles once per length bucket.
+  call, so it compiles once per length bucket. `on_batch(indices, samples)` is called as each
+  batch is decoded (its prompts' indices and their texts), e.g. to send mistakes on while the
+  next batch decodes.
   """
   encoded = tokenizer.encode_batch(prompts)
   shared = shared_prefix_length(encoded) if share_prefix else 0
@@ -141,6 +145,8 @@ def generate_texts(
     texts = tokenizer.decode_batch([row[:n] for row, n in zip(out, lengths)])
     for j, i in enumerate(chunk):
       outputs[i] = texts[j * num_samples : (j + 1) * num_samples]
+    if on_batch is not None:
+      on_batch(chunk, [outputs[i] for i in chunk])
     generated_tokens += int(lengths[: len(chunk) * num_samples].sum())
     rows_done += len(chunk) * num_samples
     progress.update(

@@ -327,7 +327,6 @@ class BatchSender:
         continue
       self._settle(cid, billed=False)
       self.client.budget.charge(reply.prompt_tokens, reply.completion_tokens, batch=True)
-      self.usage.paid(reply.prompt_tokens, reply.completion_tokens, batch=True)
       self.cache.put(
           call.key,
           call.body,
@@ -336,7 +335,7 @@ class BatchSender:
           reply.finish_reasons,
           batch_id=batch["batch_id"],
       )
-      self.client.batch_paid.add(call.key)
+      self.client.prepaid[call.key] = (reply.prompt_tokens, reply.completion_tokens, True)
       answered += 1
       if answered == len(calls) // 2:
         failpoints.reached("batch_results")

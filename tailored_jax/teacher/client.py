@@ -17,6 +17,7 @@ import email.utils
 import json
 import logging
 import random
+import threading
 import time
 from typing import Callable
 
@@ -136,7 +137,9 @@ class ChatClient:
     self.mode = "sync" if replay_only else mode
     self.batch_options = batch_options
     self.batch_manifest = batch_manifest
-    self.batch_paid: set[str] = set()  # cache keys the batches of this client's runs paid for
+    # Calls paid ahead of the run that uses them (by a batch, or a stream during the exam):
+    # cache key -> (prompt, completion tokens, batch); counted as paid when the run reads them.
+    self.prepaid: dict[str, tuple[int, int, bool]] = {}
     discount = batch_options.discount if batch_options is not None else 0.5
     self.budget = Budget(max_requests, max_total_tokens, max_cost, price, discount)  # the run's
     if cache is not None and not replay_only:
@@ -167,6 +170,12 @@ class ChatClient:
     finally:  # the replies paid for are stored before anything relies on them
       if self.cache is not None:
         self.cache.flush()
+
+  def stream(self, max_pending: int = 0) -> "Stream":
+    """Requests sent as they are known (a background event loop), their replies cached as they
+    arrive; `max_pending` submitted but unanswered at most (0: 4 × max_concurrency), beyond
+    which `submit` waits."""
+    return Stream(self, max_pending or 4 * self.max_concurrency)
 
   def session(self) -> aiohttp.ClientSession:
     """A session whose pool holds a connection for every request the semaphore lets through,
@@ -229,7 +238,10 @@ class ChatClient:
       limits: RateLimits,
       usage,
       in_flight: dict[str, asyncio.Future],
+      prepay: bool = False,
   ) -> ChatReply:
+    """A request's reply (its calls from the cache or paid); `prepay`: what is paid is counted
+    by the run that later reads it from the cache (`prepaid`), not in `usage`."""
     calls = self.calls(request)
     texts, reasons, prompt_tokens, completion_tokens, all_cached = [], [], 0, 0, True
     while calls:
@@ -239,7 +251,8 @@ class ChatClient:
       if entry is None and key in in_flight:  # the same request is being paid for: share it
         entry = await asyncio.shield(in_flight[key])
       if entry is not None:
-        if key in self.batch_paid:  # paid by this run's batches: counted there
+        if key in self.prepaid:  # paid ahead for this run (a batch, a stream): paid here
+          usage.paid(*self.prepaid.pop(key))
           all_cached = False
         else:
           usage.cache_hits += 1
@@ -288,7 +301,10 @@ class ChatClient:
         )
         limits.settle(window, p_tok + c_tok)
         self.budget.spend(reservation, p_tok, c_tok)
-        usage.paid(p_tok, c_tok)
+        if prepay:
+          self.prepaid[key] = (p_tok, c_tok, False)
+        else:
+          usage.paid(p_tok, c_tok)
         prompt_tokens += p_tok
         completion_tokens += c_tok
         if self.cache is not None:
@@ -377,6 +393,70 @@ class ChatClient:
     usage.charged_lost += 1
     if self.cache is not None:
       self.cache.charge(call.key, reason, *reported, batch_id=batch_id)
+
+
+class Stream:
+  """A client's requests sent while the caller goes on (e.g. the exam keeps decoding): an event
+  loop in a thread, the client's concurrency limit and rate windows, a bounded number of
+  requests pending (back-pressure on `submit`). What it pays is counted by the client's next
+  `run` that reads it (`prepaid`); failures are left for that run to retry."""
+
+  def __init__(self, client: ChatClient, max_pending: int):
+    self.client = client
+    self.usage = Usage()
+    self.loop = asyncio.new_event_loop()
+    self.thread = threading.Thread(target=self.loop.run_forever, name="teacher-stream", daemon=True)
+    self.thread.start()
+    self.slots = threading.BoundedSemaphore(max_pending)
+    self.futures: list = []
+    self.failed: list[TeacherError] = []
+    self.session = asyncio.run_coroutine_threadsafe(self._open(), self.loop).result()
+
+  async def _open(self):
+    self.semaphore = asyncio.Semaphore(self.client.max_concurrency)
+    self.client.limits.lock = asyncio.Lock()
+    self.in_flight: dict[str, asyncio.Future] = {}
+    return self.client.session()
+
+  async def _one(self, request: ChatRequest) -> None:
+    try:
+      await self.client._complete(
+          self.session,
+          request,
+          self.semaphore,
+          self.client.limits,
+          self.usage,
+          self.in_flight,
+          prepay=True,
+      )
+    except TeacherError as e:  # NotSent included: the run that reads it tries again
+      self.failed.append(e)
+
+  def submit(self, request: ChatRequest) -> None:
+    self.slots.acquire()
+    future = asyncio.run_coroutine_threadsafe(self._one(request), self.loop)
+    future.add_done_callback(lambda _: self.slots.release())
+    self.futures.append(future)
+
+  def close(self) -> None:
+    """Waits for every submitted request (answered and cached, or failed), then stops."""
+    try:
+      for future in self.futures:
+        future.result()
+    finally:
+      asyncio.run_coroutine_threadsafe(self.session.close(), self.loop).result()
+      self.loop.call_soon_threadsafe(self.loop.stop)
+      self.thread.join()
+      self.loop.close()
+      if self.client.cache is not None:
+        self.client.cache.flush()
+    if self.failed:
+      logging.info(
+          "teacher stream: %d of %d requests failed (%s); they are tried again",
+          len(self.failed),
+          len(self.futures),
+          self.failed[0],
+      )
 
 
 # Failures before the request left: nothing can have been billed.

@@ -54,6 +54,49 @@ PRESETS = {
             tie_embeddings=False,
         ),
     ),
+    # openai-community/gpt2-large config.json (the size study's GPT-2-Large)
+    "gpt2_large": (
+        "gpt2",
+        dict(
+            vocab_size=50257,
+            d_model=1280,
+            n_layers=36,
+            n_heads=20,
+            d_ff=5120,
+            max_positions=1024,
+            norm_eps=1e-5,
+        ),
+    ),
+    # EleutherAI/gpt-neo-2.7B config.json: every other layer local (window 256); its layers
+    # run one by one (model.scan_layers=False), as their windows differ
+    "gpt_neo_2_7b": (
+        "gpt2",
+        dict(
+            vocab_size=50257,
+            d_model=2560,
+            n_layers=32,
+            n_heads=20,
+            d_ff=10240,
+            max_positions=2048,
+            norm_eps=1e-5,
+            flavor="gpt_neo",
+            local_window=256,
+            local_layers=tuple(range(1, 32, 2)),
+        ),
+    ),
+    # facebook/opt-iml-1.3b config.json (OPT's architecture)
+    "opt_iml_1_3b": (
+        "gpt2",
+        dict(
+            vocab_size=50272,
+            d_model=2048,
+            n_layers=24,
+            n_heads=32,
+            d_ff=8192,
+            max_positions=2048 + 2,
+            flavor="opt",
+        ),
+    ),
     # HuggingFaceTB/SmolLM2-135M config.json
     "smollm2_135m": (
         "llama",
@@ -263,12 +306,13 @@ def sharded_bytes(tree) -> int:
 def model_config(preset: str, model_section):
   """The preset's architecture run as the config's `model` section says (dtypes, remat, scan,
   CPU attention)."""
+  from tailored_jax.models.gpt2 import GPT2Config
   from tailored_jax.models.gptj import GPTJConfig
   from tailored_jax.models.layers import execution_of
   from tailored_jax.models.llama import LlamaConfig
 
   family, fields = PRESETS[preset]
-  cls = GPTJConfig if family == "gptj" else LlamaConfig
+  cls = {"gptj": GPTJConfig, "gpt2": GPT2Config, "llama": LlamaConfig}[family]
   return cls(**fields, **execution_of(model_section))
 
 

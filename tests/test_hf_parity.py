@@ -1,4 +1,5 @@
-"""Our Flax LLaMA family against transformers' PyTorch models (float32, tiny random configs)."""
+"""Our Flax families (LLaMA, GPT-J, GPT-2, OPT) against transformers' PyTorch models (float32,
+tiny random configs)."""
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,28 @@ CASES = {
     "gptj": lambda: transformers.GPTJConfig(
         vocab_size=96, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256
     ),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_inner=112, n_positions=256
+    ),
+    "gpt_neo": lambda: transformers.GPTNeoConfig(
+        vocab_size=96,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=112,
+        max_position_embeddings=256,
+        window_size=4,  # shorter than the test's sequences: the local layer's window shows
+        attention_types=[[["global", "local"], 1]],
+    ),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=96,
+        hidden_size=64,
+        word_embed_proj_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=112,
+        max_position_embeddings=256,
+    ),
 }
 
 
@@ -89,6 +112,15 @@ def test_logits_match_transformers(name, tmp_path):
   diff = np.abs(np.asarray(got)[valid] - expected.numpy()[valid]).max()
   assert diff <= 1e-4, diff
   # the same weights stacked for a scan over layers, each block recomputed in the backward pass
+  if getattr(cfg, "local_layers", ()):
+    with pytest.raises(ValueError, match="set model.scan_layers=False"):
+      model_for(dataclasses_replace(cfg, scan_layers=True)).apply(
+          {"params": layers.stack_layers(params, cfg.n_layers)},
+          jnp.asarray(tokens, jnp.int32),
+          jnp.asarray(positions),
+          jnp.asarray(mask, bool),
+      )
+    return
   scanned = model_for(dataclasses_replace(cfg, scan_layers=True, remat="full"))
   stacked = layers.stack_layers(jax.tree.map(lambda x: x, params), cfg.n_layers)
   assert sorted(stacked) == sorted([k for k in params if not k.startswith("layer_")] + ["layers"])
@@ -156,7 +188,11 @@ def test_export_round_trip_is_bit_exact(name, tmp_path):
   exported = dict((n, a) for _, n, a in hf_io.iter_hf_tensors(str(tmp_path / "out")))
   if getattr(cfg, "tie_embeddings", False):
     original.pop("lm_head.weight")
-  original = {k: v for k, v in original.items() if not k.endswith(("attn.bias", "masked_bias"))}
+  original = {
+      k: v
+      for k, v in original.items()
+      if not k.endswith((".attn.bias", ".attention.bias", "masked_bias"))
+  }
   assert sorted(exported) == sorted(original)
   for key, value in original.items():
     assert np.array_equal(exported[key], value), key
@@ -223,3 +259,14 @@ def test_sharded_forward_matches_unsharded(tmp_path):
   forward = jax.jit(lambda p, t, pos, m: scanned.apply({"params": p}, t, pos, m)[0])
   got = forward(stacked, put(tokens), put(np.asarray(positions)), put(mask))
   np.testing.assert_allclose(np.asarray(got), np.asarray(single), atol=1e-5)
+
+
+def test_gpt2_adapters_on_the_fused_c_attn_are_refused_by_the_peft_export(tmp_path):
+  """GPT-2 stores q, k and v as one HF tensor: adapters on them have no PEFT module to go to."""
+  from tailored_jax.student_io import peft_io
+
+  _, cfg, _, params = build("gpt2", tmp_path)
+  params = jax.tree.map(np.asarray, params)
+  params["layer_0"]["wq_lora_a"] = np.zeros((64, 2), np.float32)
+  with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.weight: fused"):
+    peft_io.peft_tensors(params, cfg)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from tailored_jax.models import gptj, llama
+from tailored_jax.models import gpt2, gptj, llama
 from tailored_jax.models.attention import dispatch
+from tailored_jax.models.gpt2 import GPT2, GPT2Config
 from tailored_jax.models.gptj import GPTJ, GPTJConfig
 from tailored_jax.models.layers import execution_of
 from tailored_jax.models.llama import Llama, LlamaConfig
@@ -27,8 +28,12 @@ def llama_config(cfg, vocab_size: int) -> LlamaConfig:
   )
 
 
-MODULES = {LlamaConfig: Llama, GPTJConfig: GPTJ}
-HEADS = {LlamaConfig: llama.head_logits, GPTJConfig: gptj.head_logits}
+MODULES = {LlamaConfig: Llama, GPTJConfig: GPTJ, GPT2Config: GPT2}
+HEADS = {
+    LlamaConfig: llama.head_logits,
+    GPTJConfig: gptj.head_logits,
+    GPT2Config: gpt2.head_logits,
+}
 
 
 def model_for(cfg: LlamaConfig | GPTJConfig):

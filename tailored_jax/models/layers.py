@@ -74,12 +74,14 @@ def abstract_params(model: nn.Module) -> dict:
 
 class HFTensor(NamedTuple):
   """One entry of a family's tensor table: where an HF tensor lives in our tree, its HF shape,
-  and the two layout conversions."""
+  and the two layout conversions. A fused HF tensor (GPT-2's `c_attn`) fills several of ours:
+  `parts` names them, `to_ours` returns one array each and `to_hf` takes them in that order."""
 
   path: tuple[str, ...]
   hf_shape: tuple[int, ...]
   to_ours: Callable[[np.ndarray], np.ndarray]
   to_hf: Callable[[np.ndarray], np.ndarray]
+  parts: tuple[tuple[str, ...], ...] = ()
 
 
 def tree_get(tree, path):
@@ -228,6 +230,29 @@ class _ScannedLayer(nn.Module):
     return constrain(x_btd, RESIDUAL), stored
 
 
+def layer_config(cfg, i: int):
+  """The config layer i runs with: the family's per-layer variant where it has one (GPT-Neo's
+  local-attention layers, `for_layer`), else the model's."""
+  for_layer = getattr(cfg, "for_layer", None)
+  return for_layer(i) if for_layer is not None else cfg
+
+
+def layer_windows(cfg, window: int) -> tuple[int, ...]:
+  """Each layer's attention window (0: the whole causal context): `window` for every layer, or
+  the family's per-layer windows."""
+  if getattr(cfg, "for_layer", None) is None:
+    return (window,) * cfg.n_layers
+  return tuple(layer_config(cfg, i).window for i in range(cfg.n_layers))
+
+
+def _check_uniform(cfg, window: int) -> None:
+  if len(set(layer_windows(cfg, window))) > 1:
+    raise ValueError(
+        "layers with different attention windows (GPT-Neo's local layers) run one by one: "
+        "set model.scan_layers=False"
+    )
+
+
 def _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, shared, layer, keep_kv=0):
   body = _ScannedLayer
   if cfg.remat != "none":
@@ -251,7 +276,9 @@ def _per_layer_training(block_cls, cfg, x_btd, positions_bt, valid_bt, layer_kv)
     block = nn.remat(block_cls, policy=remat_policy(cfg.remat))
   kvs = []
   for layer in range(cfg.n_layers):
-    x_btd, kv = block(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, layer_kv(layer))
+    x_btd, kv = block(layer_config(cfg, layer), name=f"layer_{layer}")(
+        x_btd, positions_bt, valid_bt, layer_kv(layer)
+    )
     x_btd = constrain(x_btd, RESIDUAL)
     kvs.append(kv)
   return x_btd, kvs
@@ -261,12 +288,14 @@ def _run_after_context(
     block_cls, cfg, x_btd, positions_bt, valid_bt, context: Context, window: int
 ):
   """Training rows after a read-only context (`ContextKV`): the layer stack, rematerialised."""
-  mask_bts = context_mask(context.positions_gs, positions_bt, window)
+  windows = layer_windows(cfg, window)
+  masks = {w: context_mask(context.positions_gs, positions_bt, w) for w in set(windows)}
   if cfg.scan_layers:
+    _check_uniform(cfg, window)
     layer = _LayerContext(context.keys, context.values)
-    x_btd, _ = _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, mask_bts, layer)
+    x_btd, _ = _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, masks[window], layer)
     return x_btd
-  layer_kv = lambda i: ContextKV(context.keys[i], context.values[i], mask_bts)
+  layer_kv = lambda i: ContextKV(context.keys[i], context.values[i], masks[windows[i]])
   return _per_layer_training(block_cls, cfg, x_btd, positions_bt, valid_bt, layer_kv)[0]
 
 
@@ -293,6 +322,8 @@ def run_blocks(
   if isinstance(cache, Context):
     return _run_after_context(block_cls, cfg, x_btd, positions_bt, valid_bt, cache, window), None
   scan = cfg.scan_layers
+  if scan:
+    _check_uniform(cfg, window)
   if cache is None:
     if scan:
       x_btd, kept = _scan_blocks(block_cls, cfg, x_btd, positions_bt, valid_bt, None, None, keep_kv)
@@ -311,8 +342,15 @@ def run_blocks(
     return x_btd, KVCache(kept[0], kept[1], valid_bt[:, :keep_kv], jnp.asarray(keep_kv, jnp.int32))
   t = x_btd.shape[1]
   valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
-  mask_bts = attention_mask(valid_bs, cache.index, t, window)
-  context_masks = tuple(context_mask(c.positions_gs, positions_bt, window) for c in cache.context)
+  windows = layer_windows(cfg, window)
+  masks = {
+      w: (
+          attention_mask(valid_bs, cache.index, t, w),
+          tuple(context_mask(c.positions_gs, positions_bt, w) for c in cache.context),
+      )
+      for w in set(windows)
+  }
+  mask_bts, context_masks = masks[window] if scan else (None, None)
   if scan:
     layer = _LayerCache(
         cache.keys,
@@ -326,6 +364,7 @@ def run_blocks(
   else:
     keys, values = [], []
     for layer in range(cfg.n_layers):
+      mask_bts, context_masks = masks[windows[layer]]
       kv = LayerKV(
           cache.keys[layer],
           cache.values[layer],
@@ -335,7 +374,9 @@ def run_blocks(
           tuple(c.values[layer] for c in cache.context),
           context_masks,
       )
-      x_btd, kv = block_cls(cfg, name=f"layer_{layer}")(x_btd, positions_bt, valid_bt, kv)
+      x_btd, kv = block_cls(layer_config(cfg, layer), name=f"layer_{layer}")(
+          x_btd, positions_bt, valid_bt, kv
+      )
       keys.append(kv.k_bksh)
       values.append(kv.v_bksh)
     keys, values = tuple(keys), tuple(values)

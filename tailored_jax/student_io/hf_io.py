@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (llama, mistral, qwen2, gptj) <-> our Flax params.
+"""Hugging Face checkpoints (llama, mistral, qwen2, gptj, gpt2, opt) <-> our Flax params.
 
 Import reads config.json and (sharded) safetensors tensor by tensor, so a model larger than host
 memory streams onto the mesh one parameter at a time; export writes config.json and
@@ -14,7 +14,8 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from tailored_jax.models import gptj, llama
+from tailored_jax.models import gpt2, gptj, llama
+from tailored_jax.models.gpt2 import GPT2Config
 from tailored_jax.models.gptj import GPTJConfig
 from tailored_jax.models.layers import HFTensor, is_stacked, tree_get, tree_set, unstack_layers
 from tailored_jax.models.llama import LlamaConfig
@@ -26,7 +27,7 @@ class ModelImportError(ValueError):
 
 # One entry per family module: its config class and its HF interchange functions
 # (`HF_MODEL_TYPES`, `from_hf_config`, `to_hf_config`, `hf_tensors`).
-FAMILIES = {LlamaConfig: llama, GPTJConfig: gptj}
+FAMILIES = {LlamaConfig: llama, GPTJConfig: gptj, GPT2Config: gpt2}
 _BY_MODEL_TYPE = {t: module for module in FAMILIES.values() for t in module.HF_MODEL_TYPES}
 SUPPORTED = tuple(_BY_MODEL_TYPE)
 
@@ -70,8 +71,11 @@ def to_hf(params, cfg) -> dict[str, np.ndarray]:
   (float32 numpy)."""
   if is_stacked(params):
     params = unstack_layers({k: jax.tree.map(np.asarray, v) for k, v in params.items()})
+  get = lambda path: np.asarray(tree_get(params, path), np.float32)
   return {
-      name: np.ascontiguousarray(entry.to_hf(np.asarray(tree_get(params, entry.path), np.float32)))
+      name: np.ascontiguousarray(
+          entry.to_hf(tuple(map(get, entry.parts)) if entry.parts else get(entry.path))
+      )
       for name, entry in tensor_table(cfg).items()
   }
 
@@ -113,7 +117,7 @@ def load_params(
   for source, name, array in tensors:
     if (
         name.endswith("rotary_emb.inv_freq")
-        or name.endswith("attn.bias")
+        or name.endswith((".attn.bias", ".attention.bias"))  # causal-mask buffers, not c_attn.bias
         or name.endswith("attn.masked_bias")
         or (getattr(cfg, "tie_embeddings", False) and name == "lm_head.weight")
     ):
@@ -126,7 +130,11 @@ def load_params(
           f"{source}: tensor {name!r} has shape {tuple(array.shape)}, config "
           f"says {entry.hf_shape}"
       )
-    tree_set(params, entry.path, place(entry.path, np.ascontiguousarray(entry.to_ours(array))))
+    if entry.parts:
+      for path, part in zip(entry.parts, entry.to_ours(array)):
+        tree_set(params, path, place(path, np.ascontiguousarray(part)))
+    else:
+      tree_set(params, entry.path, place(entry.path, np.ascontiguousarray(entry.to_ours(array))))
     seen.add(name)
   missing = sorted(set(expected) - seen)
   if missing:

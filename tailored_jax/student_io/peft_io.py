@@ -25,6 +25,13 @@ def peft_tensors(params, cfg) -> tuple[dict[str, np.ndarray], list[str]]:
     params = unstack_layers(params)
   tensors, modules = {}, set()
   for name, entry in tensor_table(cfg).items():
+    for part in entry.parts:  # a fused HF tensor: one PEFT module for several adapters of ours
+      *parent, leaf = part
+      if f"{leaf}_lora_a" in tree_get(params, parent):
+        raise ValueError(
+            f"{name}: fused in the HF layout, so its adapters ({leaf}, ...) have no PEFT form; "
+            "adapt other projections (model.lora_targets) or export merged weights"
+        )
     *parent, leaf = entry.path
     node = tree_get(params, parent)
     if not name.endswith(".weight") or f"{leaf}_lora_a" not in node:

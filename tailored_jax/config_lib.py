@@ -234,9 +234,12 @@ def base_config() -> ml_collections.ConfigDict:
   # 'local': the loopback oracle (synthetic task); 'openai': any OpenAI-compatible base_url;
   # 'anthropic': Anthropic's Messages API; 'dataset': the task's own human rationales (GSM8K,
   # synthetic), no API; 'replay': the replies recorded in teacher.replay_from (another run's
-  # teacher_cache.jsonl), nothing sent.
+  # teacher_cache.jsonl), nothing sent; 'self': STaR, no teacher: each round's data are the
+  # student's own right exam samples (round 1: the initial student's), and with
+  # teacher.star_rationalize its right answers when told the gold answer as a hint.
   c.teacher.kind = "local"
   c.teacher.replay_from = ""
+  c.teacher.star_rationalize = True  # teacher.kind=self: rationalization for unsolved questions
   c.teacher.base_url = ""  # '': the provider's own (api.openai.com/v1, api.anthropic.com/v1)
   c.teacher.model = "gpt-4o-mini"  # ignored for 'local'
   c.teacher.api_key_env = ""  # '': OPENAI_API_KEY or ANTHROPIC_API_KEY by teacher.kind
@@ -538,9 +541,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
       "task.max_train and task.max_test must be >= 0",
   )
   _require(
-      tc.kind in ("local", "openai", "anthropic", "dataset", "replay"),
+      tc.kind in ("local", "openai", "anthropic", "dataset", "replay", "self"),
       "teacher.kind",
-      f"'local', 'openai', 'anthropic', 'dataset' or 'replay', got {tc.kind!r}",
+      f"'local', 'openai', 'anthropic', 'dataset', 'replay' or 'self', got {tc.kind!r}",
+  )
+  _require(
+      tc.kind != "self" or c.task.format == "rationale",
+      "teacher.kind",
+      "'self' (STaR) learns from the student's own rationales: it needs task.format=rationale",
   )
   _require(tc.mode in ("sync", "batch"), "teacher.mode", f"'sync' or 'batch', got {tc.mode!r}")
   _require(

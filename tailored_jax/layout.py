@@ -80,6 +80,10 @@ class Layout:
     """N_r: the distinct wrong exam rationales of the student after round r."""
     return self.path(f"round_{r}", "mistakes.jsonl")
 
+  def own_rationales(self, r: int) -> str:
+    """STaR (teacher.kind=self): the student's right rationales after round r, rationalized too."""
+    return self.path(f"round_{r}", "own_rationales.jsonl")
+
   def exam_outcomes(self, r: int) -> str:
     """Per train question: how many of the exam's samples after round r were wrong."""
     return self.path(f"round_{r}", "exam_outcomes.jsonl")

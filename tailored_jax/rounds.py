@@ -194,8 +194,11 @@ class Run:
       if config_lib.initial_eval(self.cfg):
         self._phase("evaluate_0", lambda: self.evaluate(0))
         self._write_round_metrics(0)
+      star = self.cfg.teacher.kind == "self"
+      if star:  # STaR: round 1's data are the initial student's own right answers
+        self._phase("exam_0", lambda: self.exam(0))
       self._phase("annotate", self.annotate, writer_only=True)
-      if config_lib.initial_exam(self.cfg) and self.cfg.method.self_reflection:
+      if not star and config_lib.initial_exam(self.cfg) and self.cfg.method.self_reflection:
         self._phase("exam_0", lambda: self.exam(0))
       for r in range(1, self.cfg.rounds + 1):
         if r > 1:
@@ -357,6 +360,8 @@ class Run:
   def annotate(self) -> None:
     if self.cfg.task.format == "answer_only":
       return self._gold_answers()
+    if self.cfg.teacher.kind == "self":
+      return self._own_data(0, "annotate")
     t = self.cfg.teacher
     train = self.splits["train"]
     requests = [
@@ -458,6 +463,8 @@ class Run:
       correct_samples += right_here
       always_right += wrong_here == 0
       outcomes.append({"qid": example.id, "samples": len(samples), "wrong": wrong_here})
+    if self.cfg.teacher.kind == "self":
+      self._own_rationales(round_index, train, outputs)
     wd.write_jsonl(self.layout.exam_outcomes(round_index), outcomes)
     wd.write_jsonl(self.layout.mistakes(round_index), mistakes)
     wd.write_json(
@@ -469,6 +476,87 @@ class Run:
             "questions_always_right": always_right,
             "mistakes": len(mistakes),
             **({"feedback_stream": stream.record()} if stream is not None else {}),
+        },
+    )
+
+  def _own_rationales(self, round_index: int, train: list[Example], outputs) -> None:
+    """STaR's data after exam r: each question's distinct right rationales among its samples;
+    for a question with none, rationalization (`teacher.star_rationalize`): the student asked
+    again with the gold answer as a hint in the question, its right rationales kept without the
+    hint. Written to round_r/own_rationales.jsonl for the teacher phase that follows."""
+    kept = []
+    unanswered = []
+    for example, samples in zip(train, outputs):
+      found = self._right_rationales(example, samples, "")
+      kept += [{"qid": example.id, "rationale": r, "source": "self"} for r in found]
+      if not found:
+        unanswered.append(example)
+    if unanswered and self.cfg.teacher.star_rationalize:
+      e = self.cfg.exam
+      hints = [_hint(x.gold) for x in unanswered]
+      retried = generate_texts(
+          self.student.decoder,
+          self.student.decode_params(round_index),
+          self.student.tokenizer,
+          [
+              self.task.format_prefix(f"{x.question.rstrip()} {hint}", self.demos)
+              for x, hint in zip(unanswered, hints)
+          ],
+          mesh=self.mesh,
+          num_samples=1,
+          sampling=SamplingConfig(e.temperature, e.top_k, e.top_p),
+          max_new_tokens=e.max_new_tokens,
+          batch_size=e.batch_size,
+          rng=jax.random.PRNGKey(self.cfg.seed * 1000 + round_index + 500_000),
+          label=f"rationalization {round_index}",
+          decode_layout=self.student.decode_layout,
+          memory_budget_bytes=int(e.memory_budget_gb * 2**30),
+      )
+      for example, hint, samples in zip(unanswered, hints, retried):
+        found = self._right_rationales(example, samples, hint)
+        kept += [{"qid": example.id, "rationale": r, "source": "rationalization"} for r in found]
+    wd.write_jsonl(self.layout.own_rationales(round_index), kept)
+
+  def _right_rationales(self, example: Example, samples: list[str], hint: str) -> list[str]:
+    """The distinct rationales of `samples` that reach the gold answer, the hint's words gone."""
+    out = []
+    for text in samples:
+      record = scoring.score_output(self.task, example, text)
+      rationale = _without_hint(record["rationale"].split("\nAnswer:")[0], hint)  # no answer line
+      if record["correct"] and rationale.strip() and rationale not in out:
+        out.append(rationale)
+    return out
+
+  def _own_data(self, exam_round: int, phase: str) -> None:
+    """D_{r+1} of STaR: exam r's own right rationales (at most teacher.num_rationales per
+    question), in training form; no teacher is asked."""
+    own = wd.read_jsonl(self.layout.own_rationales(exam_round))
+    per_question = collections.Counter()
+    data = []
+    for record in own:
+      if per_question[record["qid"]] >= self.cfg.teacher.num_rationales:
+        continue
+      per_question[record["qid"]] += 1
+      example = self.by_id[record["qid"]]
+      data.append(
+          {
+              "qid": example.id,
+              "continuation": self.task.format_continuation(
+                  example.question, record["rationale"], example.gold
+              ),
+              "source": record["source"],
+              "round": exam_round + 1,
+          }
+      )
+    wd.write_jsonl(self.layout.teacher_data(exam_round + 1), data)
+    wd.write_json(
+        self.layout.teacher_report(exam_round + 1),
+        {
+            "phase": phase,
+            "usage": {},
+            "kept": len(data),
+            "sources": dict(collections.Counter(d["source"] for d in data)),
+            "questions": len(per_question),
         },
     )
 
@@ -510,6 +598,7 @@ class Run:
         and round_index >= 1
         and round_index < c.rounds
         and c.task.format != "answer_only"
+        and c.teacher.kind != "self"
         and wd.is_writer()
     ):
       return None
@@ -538,6 +627,8 @@ class Run:
 
   def feedback(self, round_index: int) -> None:
     """Tailored rationales for round r's mistakes: the data D_{r+1}."""
+    if self.cfg.teacher.kind == "self":
+      return self._own_data(round_index, f"feedback_{round_index}")
     mistakes = wd.read_jsonl(self.layout.mistakes(round_index))
     requests = self._feedback_requests(round_index, mistakes)
     results, usage = self._ask_teacher(requests, f"feedback {round_index}")
@@ -689,6 +780,20 @@ class Run:
           summary_["total"],
       )
     wd.write_json(self.layout.eval_report(round_index), results)
+
+
+def _hint(gold: str) -> str:
+  """STaR's rationalization hint, appended to the question."""
+  return f"(Hint: the answer is {gold}.)"
+
+
+def _without_hint(rationale: str, hint: str) -> str:
+  """A rationalized rationale as if no hint had been given: the hint, and any line that
+  mentions one, removed."""
+  if not hint:
+    return rationale
+  text = rationale.replace(hint, "")
+  return "\n".join(line for line in text.split("\n") if "hint" not in line.lower()).strip()
 
 
 class _FeedbackStream:

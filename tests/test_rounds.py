@@ -495,3 +495,83 @@ def test_a_batch_mode_run_equals_the_sync_run(reference, tmp_path):
   manifest = json.loads(read(workdir, "teacher_batches.json"))
   assert [b["label"] for b in manifest["batches"]] == ["annotate", "feedback 1"]
   assert all(b["state"] == "done" for b in manifest["batches"])
+
+
+def test_star_learns_from_its_own_right_answers_and_rationalizes_the_rest(tmp_path, monkeypatch):
+  """teacher.kind=self: exam 0 runs before annotation; a question with a right sample keeps its
+  distinct right rationales; one without is asked again with the gold answer as a hint, and a
+  right answer to that is kept as if no hint had been given. Nothing is asked of a teacher."""
+  import types
+
+  cfg = tiny_config()
+  cfg.teacher.kind = "self"
+  cfg.method.self_reflection = False
+  run = rounds.Run(cfg, str(tmp_path / "run"))
+  run._phase("prepare", run.prepare)
+  run.student = types.SimpleNamespace(
+      decoder=None, tokenizer=None, decode_layout="train", decode_params=lambda r: None
+  )
+  train = run.splits["train"][:3]
+  answer = lambda x, gold=None: run.task.format_continuation(
+      x.question, x.rationale, gold or x.gold
+  )
+  wrong = lambda x: answer(x, str(int(x.gold) + 1))
+  outputs = [[answer(train[0]), wrong(train[0]), answer(train[0])], [wrong(train[1])] * 3]
+  outputs.append([wrong(train[2])] * 3)
+  asked = []
+
+  def rationalize(decoder, params, tokenizer, prompts, **kw):
+    asked.extend(prompts)
+    assert kw["label"] == "rationalization 0" and kw["num_samples"] == 1
+    hinted = f"(Hint: the answer is {train[1].gold}.)"
+    echoed = run.task.format_continuation(
+        train[1].question, f"{hinted}\n{train[1].rationale}", train[1].gold
+    )
+    return [[echoed], [wrong(train[2])]]
+
+  monkeypatch.setattr(rounds, "generate_texts", rationalize)
+  run._own_rationales(0, train, outputs)
+  assert len(asked) == 2
+  assert f"{train[1].question.rstrip()} (Hint: the answer is {train[1].gold}.)" in asked[0]
+  run._own_data(0, "annotate")
+  data = [json.loads(x) for x in read(run.workdir, "round_1", "teacher_data.jsonl").splitlines()]
+  assert [(d["qid"], d["source"]) for d in data] == [
+      (train[0].id, "self"),
+      (train[1].id, "rationalization"),
+  ]
+  assert [d["continuation"] for d in data] == [answer(train[0]), answer(train[1])]  # no hint
+
+
+def test_a_star_run_goes_end_to_end_without_a_teacher(tmp_path, monkeypatch, paid):
+  """The STaR baseline as a config of the loop: exam 0 (here answered right for every other
+  question, as a pretrained student might) feeds round 1; round 1's own exam and
+  rationalization feed round 2; no teacher request."""
+  cfg = tiny_config()
+  cfg.teacher.kind = "self"
+  cfg.method.self_reflection = False
+  workdir = str(tmp_path / "run")
+  real = rounds.generate_texts
+  by_prompt = {}
+
+  def first_exam_half_right(decoder, params, tokenizer, prompts, **kw):
+    if kw["label"] != "exam 0":
+      return real(decoder, params, tokenizer, prompts, **kw)
+    out = []
+    for i, prompt in enumerate(prompts):
+      x = by_prompt[prompt]
+      gold = x.gold if i % 2 == 0 else str(int(x.gold) + 1)
+      out.append([run_task.format_continuation(x.question, x.rationale, gold)] * kw["num_samples"])
+    return out
+
+  monkeypatch.setattr(rounds, "generate_texts", first_exam_half_right)
+  run = rounds.Run(cfg, workdir)
+  run_task = run.task
+  by_prompt.update({run.task.format_prefix(x.question, run.demos): x for x in run.splits["train"]})
+  records = run.run()
+  assert paid["n"] == 0 and [r["round"] for r in records] == [1, 2]
+  state = json.loads(read(workdir, "state.json"))["completed"]
+  assert state.index("exam_0") < state.index("annotate") < state.index("train_1")
+  data = [json.loads(x) for x in read(workdir, "round_1", "teacher_data.jsonl").splitlines()]
+  assert sum(d["source"] == "self" for d in data) == 8  # the 8 of 16 answered right
+  assert records[0]["train_examples"] == len(data) and records[1]["optimizer_steps"] > 0
+  assert os.path.exists(os.path.join(workdir, "round_1", "own_rationales.jsonl"))

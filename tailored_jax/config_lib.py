@@ -7,6 +7,7 @@ checks values and cross-field constraints and names the offending field.
 from __future__ import annotations
 
 import ast
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -236,10 +237,13 @@ def base_config() -> ml_collections.ConfigDict:
   # synthetic), no API; 'replay': the replies recorded in teacher.replay_from (another run's
   # teacher_cache.jsonl), nothing sent; 'self': STaR, no teacher: each round's data are the
   # student's own right exam samples (round 1: the initial student's), and with
-  # teacher.star_rationalize its right answers when told the gold answer as a hint.
+  # teacher.star_rationalize its right answers when told the gold answer as a hint;
+  # 'open_model': an open instruct model (teacher.model_path: an HF directory or a GGUF file)
+  # decoding the prompts on the run's own devices, in its chat template.
   c.teacher.kind = "local"
   c.teacher.replay_from = ""
   c.teacher.star_rationalize = True  # teacher.kind=self: rationalization for unsolved questions
+  c.teacher.model_path = ""  # teacher.kind=open_model: the model's HF directory or GGUF file
   c.teacher.base_url = ""  # '': the provider's own (api.openai.com/v1, api.anthropic.com/v1)
   c.teacher.model = "gpt-4o-mini"  # ignored for 'local'
   c.teacher.api_key_env = ""  # '': OPENAI_API_KEY or ANTHROPIC_API_KEY by teacher.kind
@@ -541,9 +545,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
       "task.max_train and task.max_test must be >= 0",
   )
   _require(
-      tc.kind in ("local", "openai", "anthropic", "dataset", "replay", "self"),
+      tc.kind in ("local", "openai", "anthropic", "dataset", "replay", "self", "open_model"),
       "teacher.kind",
-      f"'local', 'openai', 'anthropic', 'dataset', 'replay' or 'self', got {tc.kind!r}",
+      "'local', 'openai', 'anthropic', 'dataset', 'replay', 'self' or 'open_model', got "
+      f"{tc.kind!r}",
+  )
+  _require(
+      tc.kind != "open_model" or _local_model_exists(tc.model_path),
+      "teacher.model_path",
+      f"teacher.kind=open_model needs an HF directory or a .gguf file, got {tc.model_path!r}",
   )
   _require(
       tc.kind != "self" or c.task.format == "rationale",
@@ -676,6 +686,13 @@ def teacher_endpoint(teacher: ml_collections.ConfigDict) -> tuple[str, str]:
   """(base_url, api_key_env) of an API teacher: the config's, else its provider's defaults."""
   base_url, key_env = PROVIDER_DEFAULTS.get(teacher.kind, PROVIDER_DEFAULTS["openai"])
   return teacher.base_url or base_url, teacher.api_key_env or key_env
+
+
+def _local_model_exists(path: str) -> bool:
+  return bool(path) and (
+      os.path.isfile(os.path.join(path, "config.json"))
+      or (path.endswith(".gguf") and os.path.isfile(path))
+  )
 
 
 def usage_cost_usd(price: tuple[float, float], usage: dict, batch_discount: float) -> float:

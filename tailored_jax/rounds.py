@@ -33,6 +33,7 @@ from tailored_jax.sample.sampling import SamplingConfig
 from tailored_jax.teacher import prompts as teacher_prompts
 from tailored_jax.teacher.api_key import read_api_key
 from tailored_jax.teacher.batch import BatchOptions
+from tailored_jax.teacher.open_model import OpenModelTeacher
 from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.teacher.dataset import DatasetAnswers
 from tailored_jax.teacher.client import ChatClient, ChatRequest, TeacherError
@@ -122,10 +123,26 @@ class Run:
     if self.stop_after == name:
       raise RunStopped(name)
 
+  @property
+  def _teacher_on_devices(self) -> bool:
+    """The teacher decodes on the run's mesh (an open model): its phases run on every process."""
+    return self.cfg.teacher.kind == "open_model"
+
   def client(self) -> ChatClient:
     if self._client is None:
       t = self.cfg.teacher
       cache = ReplyCache(self.layout.teacher_cache, teacher_prompts.PROMPT_VERSION)
+      if t.kind == "open_model":
+        self._client = OpenModelTeacher(
+            t.model_path,
+            self.mesh,
+            cache,
+            batch_size=self.cfg.exam.batch_size,
+            memory_budget_gb=self.cfg.exam.memory_budget_gb,
+            seed=self.cfg.seed,
+            decode_layout=self.cfg.mesh.decode_layout,
+        )
+        return self._client
       if t.kind in ("local", "dataset"):
         answer = (
             DatasetAnswers(self.splits["train"], f"task {self.cfg.task.name}")
@@ -181,6 +198,9 @@ class Run:
 
   def close(self) -> None:
     self.metrics.close()
+    if isinstance(self._client, OpenModelTeacher):
+      self._client.release()
+      self._client = None
     if self._server is not None:
       self._server.stop()
       self._server = None
@@ -197,7 +217,7 @@ class Run:
       star = self.cfg.teacher.kind == "self"
       if star:  # STaR: round 1's data are the initial student's own right answers
         self._phase("exam_0", lambda: self.exam(0))
-      self._phase("annotate", self.annotate, writer_only=True)
+      self._phase("annotate", self.annotate, writer_only=not self._teacher_on_devices)
       if not star and config_lib.initial_exam(self.cfg) and self.cfg.method.self_reflection:
         self._phase("exam_0", lambda: self.exam(0))
       for r in range(1, self.cfg.rounds + 1):
@@ -212,7 +232,9 @@ class Run:
           if self._stopped(r, self._few_mistakes(r)):
             break
           if self.cfg.method.feedback:
-            self._phase(f"feedback_{r}", lambda: self.feedback(r), writer_only=True)
+            self._phase(
+                f"feedback_{r}", lambda: self.feedback(r), writer_only=not self._teacher_on_devices
+            )
       records = summary.records(self.layout, self.state, self.cfg.rounds)
       if wd.is_writer():
         summary.write(self.layout, records)
@@ -598,7 +620,7 @@ class Run:
         and round_index >= 1
         and round_index < c.rounds
         and c.task.format != "answer_only"
-        and c.teacher.kind != "self"
+        and c.teacher.kind not in ("self", "open_model")
         and wd.is_writer()
     ):
       return None

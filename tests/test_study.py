@@ -144,3 +144,39 @@ def test_a_tiny_study_resumes_reruns_nothing_and_reports_its_runs(tmp_path, refe
       text=True,
   )
   assert other.returncode != 0 and "holds a study of" in other.stderr
+
+
+def test_the_paper_grid_expands_to_valid_arms_and_matches_the_plain_budget(tmp_path):
+  """--grid=paper: every arm is a valid config of the base (a pretrained student), each
+  evaluates round 0 (the prompting baseline); plain distillation asks as many rationales per
+  question as spend the full method's mean teacher tokens."""
+  from tailored_jax.study import grid
+
+  base = os.path.join(
+      os.path.dirname(os.path.dirname(__file__)), "configs", "gsm8k_smollm2_human_rounds.py"
+  )
+  first = grid.arms(base, 2, str(tmp_path), 7, stage=1)
+  assert [(r.name, r.seed) for r in first][::2] == [
+      ("tailored_reflection", 7),
+      ("tailored_rounds", 7),
+      ("answer_only", 7),
+      ("star", 7),
+  ]
+  override = ["--config.model.init_from=/models/smollm2"]  # validation does not open it
+  for run in first:
+    cfg = runs.load_config(run, override)
+    assert cfg.eval.initial is True and cfg.seed == run.seed
+  star = runs.load_config(first[-1], override)
+  assert star.teacher.kind == "self" and not star.method.self_reflection
+  for run, (total, annotate) in zip(first[:2], ((2600, 400), (2200, 400))):
+    os.makedirs(os.path.join(run.workdir, "round_1"))
+    with open(os.path.join(run.workdir, "round_1", "teacher.json"), "w") as f:
+      json.dump({"usage": {"tokens": annotate}, "questions": 10}, f)
+    os.makedirs(os.path.join(run.workdir, "round_2"))
+    with open(os.path.join(run.workdir, "round_2", "teacher.json"), "w") as f:
+      json.dump({"usage": {"tokens": total - annotate}}, f)
+  plain, k = grid.plain_arm(base, 2, str(tmp_path), 7, first[:2], 4)
+  assert k == 24  # mean 2400 tokens at 10 per rationale, 10 questions
+  cfg = runs.load_config(plain[0], override)
+  assert (cfg.rounds, cfg.teacher.num_rationales, cfg.method.feedback) == (1, 24, False)
+  assert grid.matched_rationales(100, 400, 10, 4) == 4  # never fewer than the base asks

@@ -1,4 +1,6 @@
-"""`python -m tailored_jax.study --configs=A.py,B.py --seeds=N --workdir=DIR [--config.X=Y ...]`.
+"""`python -m tailored_jax.study --configs=A.py,B.py --seeds=N --workdir=DIR [--config.X=Y ...]`,
+or `--grid=paper --config=BASE.py`: the paper's comparison as arms of one pretrained student's
+config (`study/grid.py`).
 
 Runs every (config, seed) as an ordinary run in DIR/<config>/seed_<seed>/ (resumable; a re-run
 skips finished runs), one at a time, then writes DIR/study.json, study.md and study.png: means
@@ -19,6 +21,8 @@ from absl import app, flags
 _CONFIGS = flags.DEFINE_list("configs", None, "config files, the first is the baseline")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "seeds per config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "study directory (resumed if it exists)")
+_GRID = flags.DEFINE_enum("grid", None, ["paper"], "run a grid of arms of --config instead")
+_BASE = flags.DEFINE_string("config", None, "with --grid: the base config file")
 
 
 def _parse(argv):
@@ -34,6 +38,8 @@ def main(argv):
   unknown = [a for a in overrides if not a.startswith("--config.")]
   if unknown:
     sys.exit(f"error: unknown arguments {unknown}")
+  if _GRID.value:
+    return _grid(overrides)
   if not _CONFIGS.value or not _WORKDIR.value:
     sys.exit("error: --configs and --workdir are required")
   if _SEEDS.value < 1:
@@ -70,6 +76,50 @@ def main(argv):
   except config_lib.ConfigError as e:
     sys.exit(f"error: {e}")
   report.write(_WORKDIR.value, plan)
+  print(open(os.path.join(_WORKDIR.value, "study.md")).read())
+
+
+def _grid(overrides: list[str]) -> None:
+  """The paper's grid: stage 1 (the full method, tailored rounds alone, answer-only, STaR),
+  then plain distillation at the full method's teacher tokens; plain distillation first in the
+  report (the baseline every arm is paired with)."""
+  if _CONFIGS.value or not _BASE.value or not _WORKDIR.value:
+    sys.exit("error: --grid takes --config=BASE.py and --workdir (not --configs)")
+  logging.getLogger().setLevel(logging.INFO)
+  from tailored_jax import config_lib, platforms
+  from tailored_jax import workdir as wd
+
+  platforms.skip_absent_tpu()
+  from tailored_jax.study import grid, report, runs
+
+  try:
+    base = config_lib.from_file(_BASE.value)
+    config_lib.apply_overrides(base, overrides)
+  except (OSError, config_lib.ConfigError) as e:
+    sys.exit(f"error: {e}")
+  if not base.model.init_from:
+    sys.exit(
+        "error: the paper grid compares arms on a pretrained student (its prompting baseline and "
+        "STaR need one): set model.init_from in the config or as --config.model.init_from"
+    )
+  args_path = os.path.join(_WORKDIR.value, "study_args.json")
+  current = {"grid": _GRID.value, "config": _BASE.value, "overrides": overrides}
+  if os.path.exists(args_path) and wd.read_json(args_path) != current:
+    sys.exit(f"error: {_WORKDIR.value} holds another study: {wd.read_json(args_path)}")
+  wd.write_json(args_path, current)
+  quiet = flags.FLAGS.verbosity < 1
+  try:
+    first = grid.arms(_BASE.value, _SEEDS.value, _WORKDIR.value, base.seed, stage=1)
+    runs.run_all(first, overrides, quiet)
+    full = [run for run in first if run.name == "tailored_reflection"]
+    plain, matched = grid.plain_arm(
+        _BASE.value, _SEEDS.value, _WORKDIR.value, base.seed, full, base.teacher.num_rationales
+    )
+    logging.warning("study: plain distillation asks %d rationales per question", matched)
+    runs.run_all(plain, overrides, quiet)
+  except (config_lib.ConfigError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  report.write(_WORKDIR.value, plain + first)
   print(open(os.path.join(_WORKDIR.value, "study.md")).read())
 
 

@@ -16,15 +16,18 @@ from tailored_jax.layout import Layout
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One (config, seed) of a study and where it lives."""
+  """One (config, seed) of a study and where it lives; a grid's arm names itself and carries
+  its own overrides on the shared config file."""
 
   config_path: str
   seed: int
   workdir: str
+  arm: str = ""
+  overrides: tuple[str, ...] = ()
 
   @property
   def name(self) -> str:
-    return config_name(self.config_path)
+    return self.arm or config_name(self.config_path)
 
 
 def config_name(path: str) -> str:
@@ -50,7 +53,7 @@ def is_done(run: Run) -> bool:
 
 def load_config(run: Run, overrides: list[str]) -> ml_collections.ConfigDict:
   cfg = config_lib.from_file(run.config_path)
-  config_lib.apply_overrides(cfg, overrides)
+  config_lib.apply_overrides(cfg, [*overrides, *run.overrides])
   cfg.seed = run.seed
   config_lib.validate(cfg)
   return cfg

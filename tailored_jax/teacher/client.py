@@ -24,7 +24,7 @@ from typing import Callable
 import aiohttp
 
 from tailored_jax import preemption
-from tailored_jax.teacher.cache import ReplyCache
+from tailored_jax.teacher.cache import ReplyCache, Spent
 from tailored_jax.teacher.limits import Budget, BudgetExceeded, RateLimits
 from tailored_jax.teacher.protocols import PROTOCOLS, Call, ChatRequest, Reply, worst_case
 
@@ -53,34 +53,18 @@ class ChatReply:
 
 
 @dataclasses.dataclass
-class Usage:
-  """What a batch of requests cost: paid requests, tokens, and replies served from the cache."""
+class Usage(Spent):
+  """What a batch of requests cost: paid requests and tokens (`Spent`: their batch part at the
+  batch price), and replies served from the cache."""
 
-  requests: int = 0
-  prompt_tokens: int = 0
-  completion_tokens: int = 0
   cache_hits: int = 0
   cached_tokens: int = 0  # tokens of replies served from the cache (paid in an earlier run)
   retries: int = 0
   failures: int = 0
   charged_lost: int = 0  # attempts that may have been billed though their reply was lost
-  # The part of `requests` and the tokens paid through provider batches (at the batch price).
-  batch_requests: int = 0
-  batch_prompt_tokens: int = 0
-  batch_completion_tokens: int = 0
 
   def paid(self, prompt: int, completion: int, batch: bool = False) -> None:
-    self.requests += 1
-    self.prompt_tokens += prompt
-    self.completion_tokens += completion
-    if batch:
-      self.batch_requests += 1
-      self.batch_prompt_tokens += prompt
-      self.batch_completion_tokens += completion
-
-  @property
-  def tokens(self) -> int:
-    return self.prompt_tokens + self.completion_tokens
+    self.add(prompt, completion, batch)
 
   def as_dict(self) -> dict:
     return dict(dataclasses.asdict(self), tokens=self.tokens)

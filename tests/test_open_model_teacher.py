@@ -80,5 +80,7 @@ def test_the_loop_annotates_with_an_open_model(teacher_dir, tmp_path, paid):
   report = json.loads(read(workdir, "round_1", "teacher.json"))
   assert paid["n"] == 0 and report["usage"]["requests"] == 16  # one request per question
   assert report["usage"]["completion_tokens"] > 0
+  judged = report["kept"] + sum(report["dropped"].values())
+  assert judged == 16 * cfg.teacher.num_rationales  # every reply parsed and answer-checked
   cached = [json.loads(x) for x in read(workdir, "teacher_cache.jsonl").splitlines()]
   assert len(cached) == 16 and all(len(e["texts"]) == cfg.teacher.num_rationales for e in cached)

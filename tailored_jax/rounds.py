@@ -701,6 +701,8 @@ class Run:
         storage.remove_tree(checkpoint_dir)
       return
     data = self.training_data(round_index)
+    if not data and c.teacher.kind == "self":
+      return self._keep_untrained(round_index)
     if not data:
       raise RuntimeError(
           f"round {round_index}: no teacher data to train on (see round_*/teacher.json)"
@@ -769,6 +771,23 @@ class Run:
     sharding.barrier(f"saved round {round_index}")
     if wd.is_writer():
       storage.remove_tree(checkpoint_dir)
+
+  def _keep_untrained(self, round_index: int) -> None:
+    """STaR with no right answer to learn from (a student that solves nothing yet): round r's
+    weights are round r-1's, and train.json says no step was taken."""
+    logging.warning(
+        "round %d: the student answered nothing right, so STaR has nothing to learn from; "
+        "its weights stay as they were",
+        round_index,
+    )
+    params = self.student.params(round_index - 1)
+    checkpointing.save_params(self.layout.params_dir(round_index), params)
+    self.student.hold(round_index, params)
+    wd.write_json(
+        self.layout.train_report(round_index),
+        {"steps": 0, "examples": 0, "questions": 0, "negatives": 0},
+    )
+    sharding.barrier(f"saved round {round_index}")
 
   def evaluate(self, round_index: int) -> None:
     params = self.student.decode_params(round_index)

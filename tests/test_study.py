@@ -180,3 +180,68 @@ def test_the_paper_grid_expands_to_valid_arms_and_matches_the_plain_budget(tmp_p
   cfg = runs.load_config(plain[0], override)
   assert (cfg.rounds, cfg.teacher.num_rationales, cfg.method.feedback) == (1, 24, False)
   assert grid.matched_rationales(100, 400, 10, 4) == 4  # never fewer than the base asks
+
+
+def test_the_paper_grid_runs_every_arm_on_a_small_task(tmp_path):
+  """`study --grid=paper` on the tiny synthetic task: every arm runs (STaR keeps a student that
+  answers nothing right untrained), each with round 0, and the report pairs them with plain
+  distillation."""
+  base = tmp_path / "tiny.py"
+  base.write_text(CONFIG.format(rounds=2))
+  study = tmp_path / "grid"
+  out = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "tailored_jax.study",
+          "--grid=paper",
+          f"--config={base}",
+          "--seeds=1",
+          f"--workdir={study}",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=os.getcwd(),
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads((study / "study.json").read_text())
+  arms = ["plain_distillation", "tailored_reflection", "tailored_rounds", "answer_only", "star"]
+  assert list(result["configs"]) == arms
+  assert sorted(result["comparisons"]) == sorted(arms[1:])
+  for arm in arms:
+    summary = json.loads((study / arm / "seed_42" / "summary.json").read_text())
+    assert summary[0]["round"] == 0  # the prompting baseline
+    rows = result["configs"][arm]["per_round"]  # read by round number, round 0 first
+    assert [row["round"] for row in rows] == [r["round"] for r in summary]
+    for row, record in zip(rows, summary):
+      assert row["test_accuracy"]["mean"] == record["test_accuracy"]
+  star = json.loads((study / "star" / "seed_42" / "round_1" / "train.json").read_text())
+  assert star["steps"] == 0  # nothing right to learn from at round 0
+
+
+def test_study_rounds_are_read_by_number_when_round_0_is_there(tmp_path):
+  """Round 0 (the initial student) shifts a run's records by one: each round's figures are read
+  by its round number, not its position."""
+  members = []
+  for seed, shift in ((1, 0.0), (2, 0.1)):
+    run = runs.Run("x.py", seed, str(tmp_path / f"seed_{seed}"))
+    os.makedirs(run.workdir)
+    records = [
+        {
+            "round": r,
+            "test_accuracy": 0.1 * r + shift,
+            "val_accuracy": 0.2 * r,
+            "teacher_tokens": 100 * r,
+            "train_examples": r,
+            "mistakes": 0,
+            "seconds": 1.0,
+        }
+        for r in (0, 1, 2)
+    ]
+    with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+      json.dump(records, f)
+    members.append(run)
+  rows = report.aggregate(members)["configs"]["x"]["per_round"]
+  assert [row["round"] for row in rows] == [0, 1, 2]
+  assert [row["test_accuracy"]["mean"] for row in rows] == pytest.approx([0.05, 0.15, 0.25])
+  assert [row["cumulative_teacher_tokens"]["mean"] for row in rows] == [0, 100, 300]

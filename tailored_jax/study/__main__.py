@@ -98,9 +98,9 @@ def _grid(overrides: list[str]) -> None:
   except (OSError, config_lib.ConfigError) as e:
     sys.exit(f"error: {e}")
   if not base.model.init_from:
-    sys.exit(
-        "error: the paper grid compares arms on a pretrained student (its prompting baseline and "
-        "STaR need one): set model.init_from in the config or as --config.model.init_from"
+    logging.warning(
+        "study: the paper grid is meant for a pretrained student: one trained from scratch "
+        "answers at chance at round 0 and gives STaR nothing right to learn from"
     )
   args_path = os.path.join(_WORKDIR.value, "study_args.json")
   current = {"grid": _GRID.value, "config": _BASE.value, "overrides": overrides}

@@ -39,7 +39,7 @@ def aggregate(runs: list[Run]) -> dict:
     per_round = []
     for round_index in rounds:
       row = {"round": round_index}
-      present = [records for records in summaries.values() if len(records) >= round_index]
+      present = [rs for rs in summaries.values() if any(r["round"] == round_index for r in rs)]
       for field in PER_ROUND + ("cumulative_teacher_tokens",):
         values = [_value(records, round_index, field) for records in present]
         values = [v for v in values if v is not None]
@@ -93,9 +93,12 @@ def compare(first: list[Run], second: list[Run]) -> dict:
 
 
 def _value(records: list[dict], round_index: int, field: str):
+  """A run's `field` at round `round_index` (records are read by their round number: round 0,
+  the initial student, is there when the run evaluated it)."""
   if field == "cumulative_teacher_tokens":
-    return sum(r["teacher_tokens"] for r in records[:round_index])
-  return records[round_index - 1].get(field)
+    return sum(r["teacher_tokens"] for r in records if r["round"] <= round_index)
+  row = next((r for r in records if r["round"] == round_index), None)
+  return None if row is None else row.get(field)
 
 
 def _pct(interval: dict) -> str:

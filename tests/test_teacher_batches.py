@@ -238,3 +238,29 @@ def test_a_corrupt_manifest_is_refused_naming_the_file(tmp_path):
     with pytest.raises(BatchError, match=f"{path}: not a teacher batch manifest"):
       client(server, tmp_path).run(chat_requests(1))
   assert path.read_text() == '{"version": 1, "batches": ['
+
+
+def test_a_batch_planned_but_never_created_before_the_deadline_is_not_created_late(
+    tmp_path, sync_reference, monkeypatch
+):
+  texts, billed, _ = sync_reference["openai"]
+
+  class Killed(BaseException):
+    pass
+
+  def kill_at(name):
+    if name == "batch_planned":
+      raise Killed
+
+  with LocalTeacherServer(api_key=KEY, seed=3) as server:
+    monkeypatch.setattr(failpoints, "reached", kill_at)
+    with pytest.raises(Killed):
+      client(server, tmp_path).run(chat_requests(), label="annotate")
+    monkeypatch.undo()
+    manifest = Manifest(str(tmp_path / "batches.json"))
+    manifest.batches[0]["planned_at"] -= 25 * 3600
+    manifest.save()
+    results, usage = client(server, tmp_path).run(chat_requests(), label="annotate")
+    assert server.oracle_app.batches.created == 0 and dict(server.oracle_app.billed) == billed
+  assert [r.texts for r in results] == texts and usage.batch_requests == 0
+  assert Manifest(str(tmp_path / "batches.json")).batches[0]["state"] == "done"

@@ -114,7 +114,7 @@ class BatchSender:
         break
       for batch in open_batches:
         if batch["state"] == "planned":
-          await self._create(batch)
+          await self._create(batch, late=time.time() >= deadline)
         elif time.time() >= deadline and not batch.get("cancelled"):
           await self._cancel(batch, "the phase's deadline passed")
         else:
@@ -211,13 +211,22 @@ class BatchSender:
       self.client.budget.release(held, billed=billed)
 
   # ---- one batch's life ----------------------------------------------------------------------
-  async def _create(self, batch: dict) -> None:
+  async def _create(self, batch: dict, late: bool = False) -> None:
+    """Creates a planned batch, unless an earlier invocation did (then it is re-attached) or
+    the phase's deadline has passed (then its lines go sync)."""
     if batch["name"] not in self.planned_here:  # planned by a run that may have created it
       found = await self._find(batch)
       if found:
         logging.info("teacher batches: re-attached %s to %s", batch["name"], found)
         self._record_created(batch, found)
         return
+    if late:
+      for cid in batch["custom_ids"]:
+        self._settle(cid, billed=False)
+      batch["state"] = "done"
+      batch["status"] = "never created: past the deadline"
+      self.manifest.save()
+      return
     calls = self._calls_of(batch)
     if len(calls) < len(batch["custom_ids"]):  # answered meanwhile: not sent
       batch["custom_ids"] = list(calls)

@@ -136,10 +136,20 @@ def test_progress_counts_the_steps_the_device_finished_not_those_dispatched():
   x = jnp.ones((512, 512)) / 512
   slow_step(x).block_until_ready()  # compiled
   progress = Progress("train 1", 3, "steps", stream=open(os.devnull, "w"))
-  completed = hooks.CompletedSteps(progress)
+  completed = hooks.CompletedSteps(progress, max_in_flight=3)
   for _ in range(3):
     x = slow_step(x)
     completed.dispatched(x)
   assert progress.done == 0 and progress.line().startswith("train 1: 0/3 steps (0%)")
   completed.drain()
   assert progress.done == 3 and x.is_ready()
+  # by default the host runs at most two steps ahead: the third dispatch waits for the first,
+  # so a preemption signal checked between steps acts within two steps
+  progress = Progress("train 1", 3, "steps", stream=open(os.devnull, "w"))
+  completed, first = hooks.CompletedSteps(progress), None
+  for _ in range(3):
+    x = slow_step(x)
+    first = first if first is not None else x
+    completed.dispatched(x)
+  assert first.is_ready() and progress.done >= 1 and len(completed._pending) <= 2
+  completed.drain()

@@ -50,16 +50,22 @@ class Hooks:
 class CompletedSteps:
   """Advances a `Progress` as steps finish on the device, not as they are dispatched: JAX runs
   ahead of the device, so a count of dispatched steps (and its rate and ETA) is wrong exactly
-  where steps are slow. Each step's output is queued and counted once it is ready."""
+  where steps are slow. Each step's output is queued and counted once it is ready. At most
+  `max_in_flight` steps run ahead of the host: the loop's checks between steps (a preemption
+  signal) then act within that many steps, not after every step already queued."""
 
-  def __init__(self, progress):
+  def __init__(self, progress, max_in_flight: int = 2):
     self.progress = progress
+    self.max_in_flight = max_in_flight
     self._pending: collections.deque = collections.deque()
 
   def dispatched(self, output) -> None:
     """`output`: an array the step produces (it is ready when the step is done)."""
     self._pending.append(output)
     self.poll()
+    while len(self._pending) > self.max_in_flight:
+      jax.block_until_ready(self._pending.popleft())
+      self.progress.update(1)
 
   def poll(self) -> None:
     ready = 0

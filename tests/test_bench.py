@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tailored_jax.bench import attention, common, decode, train_step
+from tailored_jax.bench import attention, common, decode, decode_student, train_step
 from tailored_jax.bench import machine as bench_machine
 from tailored_jax.models import layers
 from tailored_jax.models.attention import blockwise
@@ -147,3 +147,54 @@ def test_checkpoint_benchmark_times_both_saves(capsys):
       result["synchronous"]["save_plus_steps_s"] - result["background"]["save_plus_steps_s"]
   )
   assert result["state_mb"] > 0 and result["step_s_without_save"] > 0
+
+
+def test_decode_benchmark_on_a_student_directory_and_the_task_prompts(tmp_path, capsys):
+  """`bench.decode --model=DIR`: a random tiny LLaMA saved by transformers, with a BPE tokenizer,
+  decodes the GSM8K evaluation prompts (the few-shot prefix shared) with the same greedy tokens
+  as transformers', both running every row to the budget."""
+  import transformers
+
+  from tailored_jax.data.tokenizer import train_bpe
+  from tests.shared_data import DATA
+
+  data = os.path.join(DATA, "gsm8k")
+  if not os.path.isdir(data):
+    pytest.skip(f"benchmark files not found at {DATA}")
+  corpus = decode_student.task_prompts("gsm8k", data, 4)
+  tok = train_bpe(corpus, 300)
+  source = tmp_path / "llama"
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(
+      transformers.LlamaConfig(
+          vocab_size=tok.vocab_size,
+          hidden_size=32,
+          intermediate_size=64,
+          num_hidden_layers=2,
+          num_attention_heads=4,
+          num_key_value_heads=2,
+          max_position_embeddings=4096,
+      )
+  ).save_pretrained(source)
+  tok.backend.save(str(source / "tokenizer.json"))
+  (source / "tokenizer_config.json").write_text(
+      json.dumps(
+          {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+      )
+  )
+  decode.main(
+      [
+          f"--model={source}",
+          f"--data_path={data}",
+          "--prompts=3",
+          "--new_tokens=5",
+          "--sampled_prompts=1",
+          "--samples=2",
+          "--repeats=1",
+      ]
+  )
+  result = json.loads(capsys.readouterr().out)
+  greedy = result["greedy"]
+  assert greedy["shared_prefix_tokens"] > 100  # the demos, prefilled once
+  assert greedy["same_tokens_rows_shared_prefix"] == greedy["same_tokens_rows_whole_prompts"] == 3
+  assert result["sampled"]["ours_shared_prefix"]["new_tokens_per_s"] > 0

@@ -663,3 +663,46 @@ def test_model_flops_and_mfu_by_the_devices_the_step_runs_on(monkeypatch):
   )
   flops = throughput.model_flops(10**6, 1e3, [OtherGPU()])
   assert flops.text() == "0.006 model TFLOP/s per device" and flops.mfu is None
+
+
+@pytest.mark.parametrize("groups", [4, 1])
+def test_a_decode_step_reads_only_the_filled_slots_and_equals_the_whole_buffer(groups):
+  """`attend_filled` (a one-token step over its rows' own buffer, read in chunks up to the
+  slots filled so far) equals one softmax over the whole buffer, and reads no chunk past the
+  filled slots: those hold NaN here. Also the forms of `attend_part` for rows sharing keys
+  (groups = 1) and rows owning theirs (groups = rows)."""
+  from tailored_jax.models.attention import cached
+
+  rows, kv_heads, x, h, slots, filled = 4, 2, 3, 8, 4 * cached.FILLED_CHUNK, 45
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  q = jax.random.normal(keys[0], (rows, kv_heads, x, h))
+  k = jax.random.normal(keys[1], (groups, kv_heads, slots, h))
+  v = jax.random.normal(keys[2], (groups, kv_heads, slots, h))
+  mask = np.zeros((rows, x, slots), bool)
+  mask[:, :, :filled] = True
+  mask[1, :, :7] = False  # a left-padded row
+  expected = cached.attend_part(q, k, v, jnp.asarray(mask), jnp.float32, 0.3)
+  reference = np.einsum(
+      "bkxs,bksh->bkxh",
+      np.where(
+          mask[:, None],
+          np.exp(
+              np.einsum("bkxh,bksh->bkxs", q, np.repeat(k, rows // groups, 0)) * 0.3
+              - np.asarray(expected.max_bkx)[..., None]
+          ),
+          0.0,
+      ),
+      np.repeat(v, rows // groups, 0),
+  )
+  np.testing.assert_allclose(np.asarray(expected.out_bkxh), reference, rtol=1e-5, atol=1e-5)
+  if groups == 1:
+    return
+  unread = -(-filled // cached.FILLED_CHUNK) * cached.FILLED_CHUNK
+  poisoned = lambda a: a.at[:, :, unread:].set(jnp.nan)
+  got = jax.jit(
+      lambda q, k, v, filled: cached.attend_filled(
+          q, k, v, jnp.asarray(mask), filled, jnp.float32, 0.3
+      )
+  )(q, poisoned(k), poisoned(v), jnp.asarray(filled))
+  normalised = lambda p: np.asarray(p.out_bkxh / p.sum_bkx[..., None])
+  np.testing.assert_allclose(normalised(got), normalised(expected), rtol=1e-5, atol=1e-6)

@@ -1,6 +1,8 @@
 """`python -m tailored_jax.bench.decode [--model=llama_34m]`: our KV-cache decoder against
 transformers' `generate` on the same weights, prompts, batch and token budget, side by side in
-one process (float32; every row runs the full budget). Prints JSON.
+one process (float32; every row runs the full budget). Prints JSON. With `--model=PATH` (a GGUF
+file or an HF directory) and `--data_path`, a real student on the evaluation's own prompts
+instead (`bench.decode_student`).
 
 - greedy: batch 32, 64-token prompts, 64 new tokens: new tokens/s both, and whether the tokens
   are the same; our sampled decoding (k samples, top-k 50) on the same number of rows.
@@ -13,12 +15,14 @@ one process (float32; every row runs the full budget). Prints JSON.
 from __future__ import annotations
 
 import argparse
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tailored_jax.bench import decode_student
 from tailored_jax.bench.common import PRESETS, median_seconds, report, torch_twin
 from tailored_jax.data.batching import round_up
 from tailored_jax.models import layers
@@ -106,7 +110,9 @@ def timed_row(call, repeats: int, new_tokens_total: int) -> dict:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--model", default="llama_34m", choices=sorted(PRESETS))
+  parser.add_argument(
+      "--model", default="llama_34m", help=f"a preset ({', '.join(sorted(PRESETS))}) or a path"
+  )
   parser.add_argument("--greedy_batch", type=int, default=32)
   parser.add_argument("--greedy_prompt", type=int, default=64)
   parser.add_argument("--greedy_new", type=int, default=64)
@@ -119,7 +125,22 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--torch_device", default="cpu", help="cpu, or cuda beside a JAX GPU")
   parser.add_argument("--parts", default="greedy,exam", help="which comparisons to run")
+  student = parser.add_argument_group("a real student (--model=PATH)")
+  student.add_argument("--data_path", default="", help="the task's data files")
+  student.add_argument("--task", default="gsm8k")
+  student.add_argument("--prompts", type=int, default=32, help="greedy rows")
+  student.add_argument("--new_tokens", type=int, default=128)
+  student.add_argument("--sampled_prompts", type=int, default=8)
+  student.add_argument("--samples", type=int, default=4)
   args = parser.parse_args(argv)
+  if args.model not in PRESETS:
+    if not os.path.exists(args.model) or not args.data_path:
+      parser.error(
+          f"--model={args.model}: not a preset; a real student needs its path and --data_path"
+      )
+    if args.parts == "greedy,exam":
+      args.parts = "greedy,sampled"
+    return decode_student.run(args)
   parts = set(args.parts.split(","))
   import torch
 

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailored_jax.bench import decode_student
 from tailored_jax.bench.common import PRESETS, median_seconds, report, torch_twin
 from tailored_jax.data.batching import round_up
 from tailored_jax.models import layers
@@ -34,18 +33,20 @@ from tailored_jax.sample.sampling import SamplingConfig, sample_keys
 PAD = 0
 
 
-def hf_generate(model, rows: list[np.ndarray], new_tokens: int, samples: int, sampling, device):
+def hf_generate(
+    model, rows: list, new_tokens: int, samples: int, sampling, device, pad_id: int = PAD
+):
   """transformers' generate on left-padded prompts; returns (call, new tokens [rows*k, new])."""
   import torch
 
   length = round_up(max(len(r) for r in rows), 32)
-  tokens, valid = left_pad([r.tolist() for r in rows], length, len(rows), PAD)
+  tokens, valid = left_pad([list(r) for r in rows], length, len(rows), pad_id)
   ids = torch.tensor(tokens, dtype=torch.long, device=device)
   mask = torch.tensor(valid, dtype=torch.long, device=device)
   options = dict(
       max_new_tokens=new_tokens,
       min_new_tokens=new_tokens,
-      pad_token_id=PAD,
+      pad_token_id=pad_id,
       num_return_sequences=samples,
   )
   if sampling.temperature:
@@ -71,20 +72,21 @@ def hf_generate(model, rows: list[np.ndarray], new_tokens: int, samples: int, sa
 def ours_generate(
     decoder,
     params,
-    rows: list[np.ndarray],
+    rows: list,
     new_tokens: int,
     samples: int,
     sampling,
     shared: int = 0,
+    pad_id: int = PAD,
 ):
   """Our decoder on the same prompts; with `shared` > 0, their first `shared` tokens (the same in
   every row) are prefilled once and shared. Returns (call, new tokens [rows*k, new])."""
   own = [r[shared:] for r in rows]
   length = round_up(max(len(r) for r in own), 32)
-  tokens, valid = left_pad([r.tolist() for r in own], length, len(rows), PAD)
+  tokens, valid = left_pad([list(r) for r in own], length, len(rows), pad_id)
   keys = sample_keys(jax.random.PRNGKey(0), jnp.arange(len(rows), dtype=jnp.uint32), samples)
   tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
-  prefix_tokens = jnp.asarray(rows[0][:shared], jnp.int32)
+  prefix_tokens = jnp.asarray(np.asarray(rows[0][:shared]), jnp.int32)
 
   def call():
     prefix = decoder.prefill(params, prefix_tokens) if shared else None
@@ -140,6 +142,8 @@ def main(argv=None) -> None:
       )
     if args.parts == "greedy,exam":
       args.parts = "greedy,sampled"
+    from tailored_jax.bench import decode_student
+
     return decode_student.run(args)
   parts = set(args.parts.split(","))
   import torch

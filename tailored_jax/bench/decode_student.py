@@ -13,19 +13,19 @@ transformers' `min_new_tokens` does), so tokens/s counts the same tokens.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tailored_jax import config_lib
-from tailored_jax.bench.common import median_seconds, report
-from tailored_jax.data.batching import round_up
+from tailored_jax.bench.common import report
+from tailored_jax.bench.decode import hf_generate, ours_generate, timed_row
 from tailored_jax.data.tasks import build_task
 from tailored_jax.sample.decode import Decoder, StopTables
-from tailored_jax.sample.runner import left_pad, shared_prefix_length
-from tailored_jax.sample.sampling import SamplingConfig, sample_keys
+from tailored_jax.sample.runner import shared_prefix_length
+from tailored_jax.sample.sampling import SamplingConfig
 from tailored_jax.student_io.student import load_student
 
 
@@ -59,61 +59,6 @@ def no_eos_tables(vocab_size: int, pad_id: int, eos_id: int) -> StopTables:
   return tables.replace(never_v=never)
 
 
-def ours_call(decoder, params, encoded, new_tokens, samples, sampling, pad_id, share: bool):
-  shared = shared_prefix_length(encoded) if share else 0
-  own = [ids[shared:] for ids in encoded]
-  tokens, valid = left_pad(own, round_up(max(map(len, own)), 32), len(own), pad_id)
-  tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
-  keys = sample_keys(jax.random.PRNGKey(0), jnp.arange(len(own), dtype=jnp.uint32), samples)
-  prefix_tokens = jnp.asarray(encoded[0][:shared], jnp.int32)
-
-  def call():
-    prefix = decoder.prefill(params, prefix_tokens) if shared else None
-    out, _ = decoder(
-        params,
-        tokens,
-        valid,
-        keys,
-        max_new_tokens=new_tokens,
-        num_samples=samples,
-        sampling=sampling,
-        prefix=prefix,
-    )
-    return np.asarray(out)
-
-  return call, shared
-
-
-def transformers_call(model, encoded, new_tokens, samples, sampling, pad_id):
-  import torch
-
-  length = round_up(max(map(len, encoded)), 32)
-  tokens, valid = left_pad(encoded, length, len(encoded), pad_id)
-  options = dict(
-      max_new_tokens=new_tokens,
-      min_new_tokens=new_tokens,
-      pad_token_id=pad_id,
-      num_return_sequences=samples,
-  )
-  if sampling.temperature:
-    options.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k)
-  else:
-    options.update(do_sample=False, top_k=None, top_p=None, temperature=None)
-  ids = torch.tensor(tokens, dtype=torch.long)
-  mask = torch.tensor(valid, dtype=torch.long)
-
-  def call():
-    with torch.no_grad():
-      return model.generate(input_ids=ids, attention_mask=mask, **options)[:, length:].numpy()
-
-  return call
-
-
-def timed(call, repeats: int, tokens: int) -> dict:
-  first, seconds = median_seconds(call, repeats)
-  return {"first_call_s": first, "seconds": seconds, "new_tokens_per_s": tokens / seconds}
-
-
 def run(args) -> None:
   import torch
 
@@ -128,22 +73,20 @@ def run(args) -> None:
   if "greedy" in args.parts.split(","):
     rows = encoded[: args.prompts]
     greedy, total = SamplingConfig(), args.prompts * args.new_tokens
-    shared_call, shared = ours_call(
-        decoder, student.params, rows, args.new_tokens, 1, greedy, tok.pad_id, True
-    )
-    whole_call, _ = ours_call(
-        decoder, student.params, rows, args.new_tokens, 1, greedy, tok.pad_id, False
-    )
-    hf_call = transformers_call(theirs, rows, args.new_tokens, 1, greedy, tok.pad_id)
+    shared = shared_prefix_length(rows)
+    ours = functools.partial(ours_generate, decoder, student.params, rows, args.new_tokens, 1)
+    shared_call = ours(greedy, shared, tok.pad_id)
+    whole_call = ours(greedy, 0, tok.pad_id)
+    hf_call = hf_generate(theirs, rows, args.new_tokens, 1, greedy, "cpu", tok.pad_id)
     expected = hf_call()
     results["greedy"] = {
         "prompts": args.prompts,
         "prompt_tokens": [min(map(len, rows)), max(map(len, rows))],
         "shared_prefix_tokens": shared,
         "new_tokens": args.new_tokens,
-        "ours_shared_prefix": timed(shared_call, args.repeats, total),
-        "ours_whole_prompts": timed(whole_call, args.repeats, total),
-        "transformers": timed(hf_call, args.repeats, total),
+        "ours_shared_prefix": timed_row(shared_call, args.repeats, total),
+        "ours_whole_prompts": timed_row(whole_call, args.repeats, total),
+        "transformers": timed_row(hf_call, args.repeats, total),
         "same_tokens_rows_shared_prefix": int((shared_call() == expected).all(axis=1).sum()),
         "same_tokens_rows_whole_prompts": int((whole_call() == expected).all(axis=1).sum()),
     }
@@ -152,16 +95,17 @@ def run(args) -> None:
   if "sampled" in args.parts.split(","):
     rows, k = encoded[: args.sampled_prompts], args.samples
     sampled, total = SamplingConfig(1.0, 50, 1.0), args.sampled_prompts * k * args.new_tokens
-    ours, _ = ours_call(
-        decoder, student.params, rows, args.new_tokens, k, sampled, tok.pad_id, True
+    shared = shared_prefix_length(rows)
+    ours = ours_generate(
+        decoder, student.params, rows, args.new_tokens, k, sampled, shared, tok.pad_id
     )
-    hf_call = transformers_call(theirs, rows, args.new_tokens, k, sampled, tok.pad_id)
+    hf_call = hf_generate(theirs, rows, args.new_tokens, k, sampled, "cpu", tok.pad_id)
     results["sampled"] = {
         "prompts": args.sampled_prompts,
         "samples": k,
         "new_tokens": args.new_tokens,
-        "ours_shared_prefix": timed(ours, args.repeats, total),
-        "transformers": timed(hf_call, args.repeats, total),
+        "ours_shared_prefix": timed_row(ours, args.repeats, total),
+        "transformers": timed_row(hf_call, args.repeats, total),
     }
     s = results["sampled"]
     s["ours_over_transformers"] = s["transformers"]["seconds"] / s["ours_shared_prefix"]["seconds"]

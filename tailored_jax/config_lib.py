@@ -222,6 +222,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Device memory a decode batch (exam and evaluation) may use; the batch shrinks to fit its KV
   # cache. 0: half the device's free memory (host RAM available on CPU).
   c.exam.memory_budget_gb = 0.0
+  # Exam and evaluation decode with continuous batching: batch_size x num_samples slots, a row
+  # that stops frees its slot for the next prompt's (the same texts as static batches, which
+  # run until their longest row stops).
+  c.exam.continuous_batching = True
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256  # prompts per greedy batch
@@ -647,6 +651,7 @@ RESUMABLE_FIELDS = (
     "model.cpu_attention",  # retired: workdirs written before model.attention replaced it
     "train.memory_budget_gb",
     "exam.memory_budget_gb",
+    "exam.continuous_batching",  # the same texts either way
     "logging.tensorboard",
     "logging.wandb_project",
     "logging.wandb_entity",

@@ -141,6 +141,7 @@ class Run:
             memory_budget_gb=self.cfg.exam.memory_budget_gb,
             seed=self.cfg.seed,
             decode_layout=self.cfg.mesh.decode_layout,
+            continuous_batching=self.cfg.exam.continuous_batching,
         )
         return self._client
       if t.kind in ("local", "dataset"):
@@ -468,6 +469,7 @@ class Run:
           label=f"exam {round_index}",
           decode_layout=self.student.decode_layout,
           memory_budget_bytes=int(e.memory_budget_gb * 2**30),
+          continuous=e.continuous_batching,
           on_batch=stream
           and (
               lambda indices, samples: stream.add(
@@ -533,6 +535,7 @@ class Run:
           label=f"rationalization {round_index}",
           decode_layout=self.student.decode_layout,
           memory_budget_bytes=int(e.memory_budget_gb * 2**30),
+          continuous=e.continuous_batching,
       )
       for example, hint, samples in zip(unanswered, hints, retried):
         found = self._right_rationales(example, samples, hint)
@@ -790,26 +793,31 @@ class Run:
     sharding.barrier(f"saved round {round_index}")
 
   def evaluate(self, round_index: int) -> None:
+    """Greedy answers for every evaluation split, decoded in one call (one set of batches or
+    slots for all: a split's last rows do not run alone), scored per split."""
     params = self.student.decode_params(round_index)
+    splits = [s.strip() for s in self.cfg.eval.splits.split(",") if s.strip()]
+    examples = [(split, x) for split in splits for x in self.splits[split]]
+    outputs = generate_texts(
+        self.student.decoder,
+        params,
+        self.student.tokenizer,
+        [self.task.format_prefix(x.question, self.demos) for _, x in examples],
+        mesh=self.mesh,
+        num_samples=1,
+        sampling=SamplingConfig(),
+        max_new_tokens=self.task.max_new_tokens,
+        batch_size=self.cfg.eval.batch_size,
+        rng=jax.random.PRNGKey(0),
+        label=f"evaluate {round_index} ({', '.join(splits)})",
+        decode_layout=self.student.decode_layout,
+        memory_budget_bytes=int(self.cfg.exam.memory_budget_gb * 2**30),
+        continuous=self.cfg.exam.continuous_batching,
+    )
     results = {}
-    for split in [s.strip() for s in self.cfg.eval.splits.split(",") if s.strip()]:
-      examples = self.splits[split]
-      outputs = generate_texts(
-          self.student.decoder,
-          params,
-          self.student.tokenizer,
-          [self.task.format_prefix(x.question, self.demos) for x in examples],
-          mesh=self.mesh,
-          num_samples=1,
-          sampling=SamplingConfig(),
-          max_new_tokens=self.task.max_new_tokens,
-          batch_size=self.cfg.eval.batch_size,
-          rng=jax.random.PRNGKey(0),
-          label=f"evaluate {round_index} {split}",
-          decode_layout=self.student.decode_layout,
-          memory_budget_bytes=int(self.cfg.exam.memory_budget_gb * 2**30),
-      )
-      records, summary_ = scoring.score(self.task, examples, [o[0] for o in outputs])
+    for split in splits:
+      mine = [(x, o[0]) for (name, x), o in zip(examples, outputs) if name == split]
+      records, summary_ = scoring.score(self.task, [x for x, _ in mine], [o for _, o in mine])
       wd.write_jsonl(self.layout.eval_records(round_index, split), records)
       results[split] = summary_
       logging.info(

@@ -190,10 +190,16 @@ def test_decode_benchmark_on_a_student_directory_and_the_task_prompts(tmp_path, 
           "--new_tokens=5",
           "--sampled_prompts=1",
           "--samples=2",
+          "--eval_prompts=3",
+          "--eval_batch=2",
           "--repeats=1",
       ]
   )
   result = json.loads(capsys.readouterr().out)
+  evaluation = result["evaluation"]
+  assert evaluation["same_texts_continuous_static"] == 3
+  assert evaluation["ours_continuous"]["new_tokens"] == evaluation["ours_static"]["new_tokens"] > 0
+  assert evaluation["transformers"]["new_tokens"] > 0
   greedy = result["greedy"]
   assert greedy["shared_prefix_tokens"] > 100  # the demos, prefilled once
   assert greedy["same_tokens_rows_shared_prefix"] == greedy["same_tokens_rows_whole_prompts"] == 3

@@ -667,10 +667,10 @@ def test_model_flops_and_mfu_by_the_devices_the_step_runs_on(monkeypatch):
 
 @pytest.mark.parametrize("groups", [4, 1])
 def test_a_decode_step_reads_only_the_filled_slots_and_equals_the_whole_buffer(groups):
-  """`attend_filled` (a one-token step over its rows' own buffer, read in chunks up to the
-  slots filled so far) equals one softmax over the whole buffer, and reads no chunk past the
-  filled slots: those hold NaN here. Also the forms of `attend_part` for rows sharing keys
-  (groups = 1) and rows owning theirs (groups = rows)."""
+  """`attend_span` (a one-token step over its rows' own buffer, read in chunks up to the
+  slots filled so far; a prompt buffer's from the first slot a row sees) equals one softmax over
+  the whole buffer, and reads no chunk outside the span: those hold NaN here. Also the forms of
+  `attend_part` for rows sharing keys (groups = 1) and rows owning theirs (groups = rows)."""
   from tailored_jax.models.attention import cached
 
   rows, kv_heads, x, h, slots, filled = 4, 2, 3, 8, 4 * cached.FILLED_CHUNK, 45
@@ -699,10 +699,18 @@ def test_a_decode_step_reads_only_the_filled_slots_and_equals_the_whole_buffer(g
     return
   unread = -(-filled // cached.FILLED_CHUNK) * cached.FILLED_CHUNK
   poisoned = lambda a: a.at[:, :, unread:].set(jnp.nan)
-  got = jax.jit(
-      lambda q, k, v, filled: cached.attend_filled(
-          q, k, v, jnp.asarray(mask), filled, jnp.float32, 0.3
-      )
-  )(q, poisoned(k), poisoned(v), jnp.asarray(filled))
+  span = jax.jit(
+      lambda q, k, v, mask, lo, hi: cached.attend_span(q, k, v, mask, lo, hi, jnp.float32, 0.3)
+  )
+  got = span(q, poisoned(k), poisoned(v), jnp.asarray(mask), 0, filled)
   normalised = lambda p: np.asarray(p.out_bkxh / p.sum_bkx[..., None])
+  np.testing.assert_allclose(normalised(got), normalised(expected), rtol=1e-5, atol=1e-6)
+  late = np.zeros_like(mask)  # right-aligned prompts, the longest starting in the second chunk
+  late[:, :, 40:] = True
+  late[2, :, :50] = False
+  first = int(cached.first_seen(jnp.asarray(late)))
+  assert first == 40
+  expected = cached.attend_part(q, k, v, jnp.asarray(late), jnp.float32, 0.3)
+  skipped = lambda a: a.at[:, :, : cached.FILLED_CHUNK].set(jnp.nan)
+  got = span(q, skipped(k), skipped(v), jnp.asarray(late), first, slots)
   np.testing.assert_allclose(normalised(got), normalised(expected), rtol=1e-5, atol=1e-6)

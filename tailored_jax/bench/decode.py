@@ -134,6 +134,8 @@ def main(argv=None) -> None:
   student.add_argument("--new_tokens", type=int, default=128)
   student.add_argument("--sampled_prompts", type=int, default=8)
   student.add_argument("--samples", type=int, default=4)
+  student.add_argument("--eval_prompts", type=int, default=64, help="the evaluation part's")
+  student.add_argument("--eval_batch", type=int, default=32)
   args = parser.parse_args(argv)
   if args.model not in PRESETS:
     if not os.path.exists(args.model) or not args.data_path:
@@ -141,7 +143,7 @@ def main(argv=None) -> None:
           f"--model={args.model}: not a preset; a real student needs its path and --data_path"
       )
     if args.parts == "greedy,exam":
-      args.parts = "greedy,sampled"
+      args.parts = "greedy,sampled,evaluation"
     from tailored_jax.bench import decode_student
 
     return decode_student.run(args)

@@ -9,6 +9,11 @@ transformers' `min_new_tokens` does), so tokens/s counts the same tokens.
   have identical tokens.
 - sampled: `sampled_prompts` prompts × k samples at T=1.0, top-k 50: wall time of ours (shared
   prefix, one prefill per prompt read by its k samples) and of `generate(num_return_sequences=k)`.
+- evaluation: `eval_prompts` prompts decoded as a run's evaluation decodes them (the task's
+  budget; rows stop at EOS or a blank line), `eval_batch` rows at a time: ours in static batches
+  (each runs until its longest row stops) and with continuous batching (`generate_texts`), and
+  transformers' `generate` in the same static batches, stopping at EOS or "\n\n"
+  (`stop_strings`); generated tokens, seconds and how many texts are identical.
 """
 
 from __future__ import annotations
@@ -19,24 +24,132 @@ import os
 import jax
 import numpy as np
 
-from tailored_jax import config_lib
-from tailored_jax.bench.common import report
+import ml_collections
+
+from tailored_jax import config_lib, sharding
+from tailored_jax.bench.common import median_seconds, report
 from tailored_jax.bench.decode import hf_generate, ours_generate, timed_row
+from tailored_jax.data.batching import round_up
 from tailored_jax.data.tasks import build_task
 from tailored_jax.sample.decode import Decoder, StopTables
-from tailored_jax.sample.runner import shared_prefix_length
+from tailored_jax.sample.runner import generate_texts, left_pad, shared_prefix_length
 from tailored_jax.sample.sampling import SamplingConfig
 from tailored_jax.student_io.student import load_student
 
 
-def task_prompts(task_name: str, data_path: str, count: int) -> list[str]:
-  """The evaluation's prompts for the first `count` test questions (all the task's demos)."""
+def _task(task_name: str, data_path: str, count: int):
   task_cfg = config_lib.paper_config(task_name, "llama").task
   task_cfg.data_path = data_path
   task_cfg.max_test = count
-  task = build_task(task_cfg)
+  return build_task(task_cfg)
+
+
+def task_prompts(task_name: str, data_path: str, count: int) -> list[str]:
+  """The evaluation's prompts for the first `count` test questions (all the task's demos)."""
+  task = _task(task_name, data_path, count)
   demos = task.demos()
   return [task.format_prefix(x.question, demos) for x in task.splits()["test"][:count]]
+
+
+def transformers_tokenizer(path: str):
+  import transformers
+
+  if path.endswith(".gguf"):
+    directory, name = os.path.split(path)
+    return transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def evaluation(args, student, theirs, prompts: list[str]) -> dict:
+  """The `evaluation` part: ours static and continuous, and transformers, on the same prompts."""
+  import torch
+
+  tok, cfg = student.tokenizer, student.model.cfg
+  budget = _task(args.task, args.data_path, 1).max_new_tokens
+  decoder = Decoder(student.model, StopTables.from_tokenizer(tok, cfg.vocab_size))
+  mesh = sharding.make_mesh(
+      ml_collections.ConfigDict({"mesh": dict(data=-1, fsdp=1, tensor=1, num_devices=1)})
+  )
+  result = {"prompts": len(prompts), "batch": args.eval_batch, "max_new_tokens": budget}
+  texts = {}
+  for name, continuous in (("ours_static", False), ("ours_continuous", True)):
+    stats = {}
+
+    def ours(continuous=continuous, name=name, stats=stats):
+      texts[name] = generate_texts(
+          decoder,
+          student.params,
+          tok,
+          prompts,
+          mesh=mesh,
+          num_samples=1,
+          sampling=SamplingConfig(),
+          max_new_tokens=budget,
+          batch_size=args.eval_batch,
+          rng=jax.random.PRNGKey(0),
+          label=name,
+          continuous=continuous,
+          stats=stats,
+      )
+
+    first, seconds = median_seconds(ours, args.repeats)
+    result[name] = {
+        "first_call_s": first,
+        "seconds": seconds,
+        "new_tokens": stats["tokens"],
+        "new_tokens_per_s": stats["tokens"] / seconds,
+    }
+  encoded = tok.encode_batch(prompts)
+  order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+  hf_tokenizer = transformers_tokenizer(args.model)
+  rows: dict[int, list[int]] = {}
+
+  def hf():
+    for at in range(0, len(order), args.eval_batch):
+      chunk = order[at : at + args.eval_batch]
+      length = round_up(max(len(encoded[i]) for i in chunk), 32)
+      ids, valid = left_pad([encoded[i] for i in chunk], length, len(chunk), tok.pad_id)
+      with torch.no_grad():
+        out = theirs.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(valid, dtype=torch.long),
+            max_new_tokens=budget,
+            do_sample=False,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+            pad_token_id=tok.pad_id,
+            eos_token_id=tok.eos_id,
+            stop_strings=["\n\n"],
+            tokenizer=hf_tokenizer,
+        )
+      for i, row in zip(chunk, out[:, length:].tolist()):
+        ends = [n + 1 for n, t in enumerate(row) if t in (tok.eos_id, tok.pad_id)]
+        rows[i] = row[: ends[0]] if ends else row
+        if rows[i] and rows[i][-1] == tok.pad_id:
+          rows[i] = rows[i][:-1]
+
+  first, seconds = median_seconds(hf, args.repeats)
+  generated = sum(len(r) for r in rows.values())
+  result["transformers"] = {
+      "first_call_s": first,
+      "seconds": seconds,
+      "new_tokens": generated,
+      "new_tokens_per_s": generated / seconds,
+  }
+  theirs_texts = tok.decode_batch([rows[i] for i in range(len(prompts))])
+  static = [t[0] for t in texts["ours_static"]]
+  result["same_texts_continuous_static"] = sum(
+      a[0] == b for a, b in zip(texts["ours_continuous"], static)
+  )
+  result["same_texts_static_transformers"] = sum(a == b for a, b in zip(static, theirs_texts))
+  result["continuous_over_static"] = (
+      result["ours_static"]["seconds"] / result["ours_continuous"]["seconds"]
+  )
+  result["continuous_over_transformers"] = (
+      result["transformers"]["seconds"] / result["ours_continuous"]["seconds"]
+  )
+  return result
 
 
 def transformers_model(path: str):
@@ -67,10 +180,13 @@ def run(args) -> None:
   cfg = student.model.cfg
   decoder = Decoder(student.model, no_eos_tables(cfg.vocab_size, tok.pad_id, tok.eos_id))
   theirs = transformers_model(args.model)
-  prompts = task_prompts(args.task, args.data_path, max(args.prompts, args.sampled_prompts))
+  parts = args.parts.split(",")
+  prompts = task_prompts(
+      args.task, args.data_path, max(args.prompts, args.sampled_prompts, args.eval_prompts)
+  )
   encoded = tok.encode_batch(prompts)
   results = {}
-  if "greedy" in args.parts.split(","):
+  if "greedy" in parts:
     rows = encoded[: args.prompts]
     greedy, total = SamplingConfig(), args.prompts * args.new_tokens
     shared = shared_prefix_length(rows)
@@ -92,7 +208,7 @@ def run(args) -> None:
     }
     g = results["greedy"]
     g["ours_over_transformers"] = g["transformers"]["seconds"] / g["ours_shared_prefix"]["seconds"]
-  if "sampled" in args.parts.split(","):
+  if "sampled" in parts:
     rows, k = encoded[: args.sampled_prompts], args.samples
     sampled, total = SamplingConfig(1.0, 50, 1.0), args.sampled_prompts * k * args.new_tokens
     shared = shared_prefix_length(rows)
@@ -109,6 +225,8 @@ def run(args) -> None:
     }
     s = results["sampled"]
     s["ours_over_transformers"] = s["transformers"]["seconds"] / s["ours_shared_prefix"]["seconds"]
+  if "evaluation" in parts:
+    results["evaluation"] = evaluation(args, student, theirs, prompts[: args.eval_prompts])
   report(
       "decode_student",
       model=args.model,

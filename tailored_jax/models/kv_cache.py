@@ -1,6 +1,7 @@
 """The KV cache: one fixed-size buffer shared by generation and the self-reflection prefix.
 
-New tokens are written at `index` (the same for every row: prompts are left-padded); `valid_bs`
+New tokens are written at `index`: one slot for every row (static batches: prompts left-padded)
+or a slot per row (continuous batching: each row at its own step, `write_at`); `valid_bs`
 marks which buffer slots hold real tokens, so padding is masked everywhere. `context` holds keys
 and values that groups of rows read but never write, stored once per group: a task's few-shot
 prefix (one group: every row) and each prompt's own tokens (a group: its k samples). The
@@ -38,7 +39,7 @@ class KVCache:
   keys: tuple | jax.Array
   values: tuple | jax.Array
   valid_bs: jax.Array  # [batch, slots] bool
-  index: jax.Array  # int32 scalar: the next slot to write
+  index: jax.Array  # int32: the next slot to write, a scalar or one per row [batch]
   context: tuple[Context, ...] = ()  # read before the rows' own slots
 
   @classmethod
@@ -78,3 +79,12 @@ class KVCache:
     return Context(
         self.keys, self.values, jnp.where(self.valid_bs, positions_bs, -1).astype(jnp.int32)
     )
+
+
+def write_at(buffer, new, index, axis: int):
+  """`new` written into `buffer` from slot `index` along `axis` (>= 1; axis 0 is the rows): one
+  slice for a scalar index, each row at its own for an index per row."""
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, new, index, axis=axis)
+  row = lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=axis - 1)
+  return jax.vmap(row)(buffer, new.astype(buffer.dtype), index)

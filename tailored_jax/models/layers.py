@@ -21,7 +21,7 @@ from tailored_jax.models.attention.cached import LayerKV
 from tailored_jax.models.attention.contexts import ContextKV, KeptKV
 from tailored_jax.models.attention.masks import attention_mask, context_mask
 from tailored_jax.models.attention.names import FLASH_INPUTS, FLASH_OUTPUTS, FUSED_NAMES
-from tailored_jax.models.kv_cache import Context, KVCache
+from tailored_jax.models.kv_cache import Context, KVCache, write_at
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -341,7 +341,7 @@ def run_blocks(
       return x_btd, None
     return x_btd, KVCache(kept[0], kept[1], valid_bt[:, :keep_kv], jnp.asarray(keep_kv, jnp.int32))
   t = x_btd.shape[1]
-  valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
+  valid_bs = write_at(cache.valid_bs, valid_bt, cache.index, axis=1)
   windows = layer_windows(cfg, window)
   masks = {
       w: (

@@ -13,56 +13,15 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 
+from tailored_jax import sharding
 from tailored_jax.models import for_decoding, head_logits
 from tailored_jax.models.kv_cache import Context, KVCache
 from tailored_jax.models.layers import is_stacked
+from tailored_jax.sample import continuous
 from tailored_jax.sample.sampling import NEG_INF, SamplingConfig, choose_tokens
-
-
-@flax.struct.dataclass
-class StopTables:
-  """Per-token facts the loop needs, as arrays over the vocabulary (a pytree: the arrays are
-  traced, the ids static)."""
-
-  starts_newline_v: np.ndarray
-  ends_newline_v: np.ndarray
-  blank_line_v: np.ndarray
-  never_v: np.ndarray  # tokens never generated (pad, bos)
-  special_v: np.ndarray  # tokens the first generated token may not be
-  eos_id: int = flax.struct.field(pytree_node=False)
-  pad_id: int = flax.struct.field(pytree_node=False)
-
-  @classmethod
-  def never_stop(cls, vocab_size: int, pad_id: int = 0) -> "StopTables":
-    """Every row runs the full budget and any token may be drawn (parity tests, benchmarks)."""
-    none = np.zeros(vocab_size, bool)
-    return cls(none, none, none, none, none, eos_id=-1, pad_id=pad_id)
-
-  @classmethod
-  def from_tokenizer(
-      cls, tok, vocab_size: int | None = None, blank_line: bool = True
-  ) -> "StopTables":
-    """Stops at EOS, and at a blank line unless `blank_line` is False. Tables span the model's
-    `vocab_size` (embedding rows past the tokenizer's vocabulary are never generated)."""
-    size = tok.vocab_size if vocab_size is None else vocab_size
-    if size < tok.vocab_size:
-      raise ValueError(
-          f"model vocabulary ({size}) is smaller than the tokenizer's ({tok.vocab_size})"
-      )
-    starts, ends, blank = (np.zeros(size, bool) for _ in range(3))
-    if blank_line:
-      for table, values in zip((starts, ends, blank), tok.newline_tables()):
-        table[: tok.vocab_size] = values
-    never = np.zeros(size, bool)
-    never[[tok.pad_id, tok.bos_id]] = True
-    never[tok.vocab_size :] = True
-    never[tok.eos_id] = False  # some models pad with their EOS
-    special = np.zeros(size, bool)
-    special[tok.special_ids] = True
-    return cls(starts, ends, blank, never, special, tok.eos_id, tok.pad_id)
+from tailored_jax.sample.stops import StopTables, stop_tokens
 
 
 @flax.struct.dataclass
@@ -157,11 +116,7 @@ def generate(
     token_n = choose_tokens(logits_nv, step_keys_n, sampling, rows)
     token_n = jnp.where(s.done_n, tables.pad_id, token_n)
     tokens_nm = jax.lax.dynamic_update_slice_in_dim(s.tokens_nm, token_n[:, None], s.step, axis=1)
-    stops_n = (
-        (token_n == tables.eos_id)
-        | tables.blank_line_v[token_n]
-        | (tables.ends_newline_v[s.prev_n] & tables.starts_newline_v[token_n])
-    )
+    stops_n = stop_tokens(tables, s.prev_n, token_n)
     positions_n1 = (next_position_n + s.step)[:, None]
     logits_n1v, _, cache = model.apply(
         {"params": params}, token_n[:, None], positions_n1, (~s.done_n)[:, None], s.cache
@@ -209,6 +164,8 @@ class Decoder:
     self._jitted = {}
     self._prefill = jax.jit(functools.partial(prefill_prefix, model=model))
     self._shapes: set = set()
+    self._insert = jax.jit(functools.partial(continuous.insert, model=model), donate_argnums=1)
+    self._advance = {}
 
   @property
   def compilations(self) -> int:
@@ -247,3 +204,50 @@ class Decoder:
       )
     self._shapes.add(key + (prompt_bp.shape, rng.shape, None if prefix is None else prefix.length))
     return self._jitted[key](params, prompt_bp, prompt_valid_bp, rng, self._arrays, prefix)
+
+  def empty_slots(
+      self,
+      prefix: Context | None,
+      *,
+      slots: int,
+      prompt_slots: int,
+      max_new_tokens: int,
+      mesh,
+      row_axes: tuple[str, ...],
+  ) -> continuous.Slots:
+    """Free decode slots for continuous batching (`continuous.empty_slots`), each array with a
+    slot axis split over `row_axes` of `mesh`."""
+    make = functools.partial(
+        continuous.empty_slots,
+        model=self.model,
+        slots=slots,
+        prompt_slots=prompt_slots,
+        max_new_tokens=max_new_tokens,
+        pad_id=self.tables.pad_id,
+    )
+    place = lambda leaf: (
+        sharding.decode_batch_sharding(mesh, leaf.ndim, row_axes)
+        if leaf.ndim and leaf.shape[0] == slots
+        else sharding.replicated(mesh)
+    )
+    return jax.jit(make, out_shardings=jax.tree.map(place, jax.eval_shape(make, prefix)))(prefix)
+
+  def insert(self, params, state, prompt_up, prompt_valid_up, slot_r, source_r, keys_r):
+    """Prefills prompts into free slots (`continuous.insert`); `state` is donated."""
+    _check_per_layer(params)
+    self._shapes.add(("insert", state.size, prompt_up.shape, slot_r.shape))
+    return self._insert(
+        params, state, prompt_up, prompt_valid_up, slot_r, source_r, keys_r, self._arrays
+    )
+
+  def advance(self, params, state, free_to_stop: int, *, sampling, rows=None):
+    """Decodes the live slots until `free_to_stop` are free (`continuous.advance`); donates
+    `state`."""
+    key = (sampling, rows)
+    if key not in self._advance:
+      self._advance[key] = jax.jit(
+          functools.partial(continuous.advance, model=self.model, sampling=sampling, rows=rows),
+          donate_argnums=1,
+      )
+    self._shapes.add(("advance", state.size, state.tokens_sm.shape[1], key))
+    return self._advance[key](params, state, jnp.int32(free_to_stop), self._arrays)

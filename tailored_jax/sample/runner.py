@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import dataclasses
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -66,6 +67,8 @@ def generate_texts(
     decode_layout: str = "train",
     memory_budget_bytes: int = 0,
     on_batch: Callable[[list[int], list[list[str]]], None] | None = None,
+    continuous: bool = False,
+    stats: dict | None = None,
 ) -> list[list[str]]:
   """`num_samples` continuations per prompt, as text (special tokens dropped).
 
@@ -77,7 +80,9 @@ def generate_texts(
   `memory_budget_bytes` per device (0: half the device's free memory); one batch size for the
   call, so it compiles once per length bucket. `on_batch(indices, samples)` is called as each
   batch is decoded (its prompts' indices and their texts), e.g. to send mistakes on while the
-  next batch decodes.
+  next batch decodes. With `continuous`, the batch's rows are decode slots that a stopped row
+  frees for the next prompt's (`_slot_batches`): the same texts, fewer steps. `stats`, if
+  given, receives the call's sequences, generated tokens and seconds.
   """
   encoded = tokenizer.encode_batch(prompts)
   shared = shared_prefix_length(encoded) if share_prefix else 0
@@ -116,44 +121,44 @@ def generate_texts(
       budget / 2**20,
   )
   order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
+  job = _Job(
+      decoder,
+      params,
+      tokenizer,
+      prompts,
+      encoded,
+      order,
+      prefix,
+      mesh,
+      row_axes,
+      rows,
+      num_samples,
+      sampling,
+      max_new_tokens,
+      batch_size,
+      bucket,
+      rng,
+      label,
+  )
   outputs: list[list[str]] = [[] for _ in prompts]
   start = time.time()
   generated_tokens = 0
   rows_done = 0
   progress = Progress(label, len(prompts), "prompts")
-  for at in range(0, len(order), batch_size):
-    preemption.stop_if_noticed("between decode batches (decoding runs again on resume)")
-    chunk = order[at : at + batch_size]
-    length = round_up(max(len(encoded[i]) for i in chunk), bucket)
-    tokens, valid = left_pad([encoded[i] for i in chunk], length, batch_size, tokenizer.pad_id)
-    put = lambda a: sharding.put_global(a, sharding.decode_batch_sharding(mesh, a.ndim, row_axes))
-    hashes = np.zeros((batch_size,), np.uint32)
-    hashes[: len(chunk)] = [prompt_hash(prompts[i]) for i in chunk]
-    keys = np.asarray(_sample_keys(rng, hashes, num_samples))
-    out, lengths = decoder(
-        params,
-        put(tokens),
-        put(valid),
-        put(keys),
-        max_new_tokens=max_new_tokens,
-        num_samples=num_samples,
-        sampling=sampling,
-        prefix=prefix,
-        rows=rows,
-    )
-    out, lengths = sharding.to_host(out), sharding.to_host(lengths)
-    texts = tokenizer.decode_batch([row[:n] for row, n in zip(out, lengths)])
-    for j, i in enumerate(chunk):
-      outputs[i] = texts[j * num_samples : (j + 1) * num_samples]
-    if on_batch is not None:
-      on_batch(chunk, [outputs[i] for i in chunk])
-    generated_tokens += int(lengths[: len(chunk) * num_samples].sum())
-    rows_done += len(chunk) * num_samples
+  for finished, samples, tokens in (_slot_batches if continuous else _static_batches)(job):
+    for i, texts in zip(finished, samples):
+      outputs[i] = texts
+    if on_batch is not None and finished:
+      on_batch(finished, samples)
+    generated_tokens += tokens
+    rows_done += len(finished) * num_samples
     progress.update(
-        len(chunk), tokens_per_s=f"{generated_tokens / max(time.time() - start, 1e-9):.0f}"
+        len(finished), tokens_per_s=f"{generated_tokens / max(time.time() - start, 1e-9):.0f}"
     )
   progress.close()
   elapsed = max(time.time() - start, 1e-9)
+  if stats is not None:
+    stats.update(sequences=rows_done, tokens=generated_tokens, seconds=elapsed)
   logging.info(
       "%s: %d sequences, %d tokens in %.1fs (%.1f seq/s, %.0f tokens/s); shared prefix %d tokens, "
       "%d new compilations",
@@ -167,3 +172,154 @@ def generate_texts(
       decoder.compilations - compilations_before,
   )
   return outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+  """One `generate_texts` call's prompts (tokenised, after the shared prefix), in decode order."""
+
+  decoder: Decoder
+  params: object
+  tokenizer: object
+  prompts: list[str]
+  encoded: list[list[int]]
+  order: list[int]
+  prefix: object
+  mesh: object
+  row_axes: tuple[str, ...]
+  rows: object
+  num_samples: int
+  sampling: SamplingConfig
+  max_new_tokens: int
+  batch_size: int
+  bucket: int
+  rng: object
+  label: str
+
+  def put_rows(self, array):
+    return sharding.put_global(
+        array, sharding.decode_batch_sharding(self.mesh, array.ndim, self.row_axes)
+    )
+
+  def keys(self, indices) -> np.ndarray:
+    """[len(indices), samples, 2]: each prompt's sampling keys, from its text."""
+    hashes = np.asarray([prompt_hash(self.prompts[i]) for i in indices], np.uint32)
+    return np.asarray(_sample_keys(self.rng, hashes, self.num_samples))
+
+
+Finished = tuple[list[int], list[list[str]], int]  # prompts done, their samples, tokens generated
+
+
+def _static_batches(job: _Job) -> Iterator[Finished]:
+  """Batches of `batch_size` prompts, each decoded until its longest row stops."""
+  k = job.num_samples
+  for at in range(0, len(job.order), job.batch_size):
+    preemption.stop_if_noticed("between decode batches (decoding runs again on resume)")
+    chunk = job.order[at : at + job.batch_size]
+    length = round_up(max(len(job.encoded[i]) for i in chunk), job.bucket)
+    tokens, valid = left_pad(
+        [job.encoded[i] for i in chunk], length, job.batch_size, job.tokenizer.pad_id
+    )
+    keys = np.zeros((job.batch_size, k, 2), np.uint32)
+    keys[: len(chunk)] = job.keys(chunk)
+    out, lengths = job.decoder(
+        job.params,
+        job.put_rows(tokens),
+        job.put_rows(valid),
+        job.put_rows(keys),
+        max_new_tokens=job.max_new_tokens,
+        num_samples=k,
+        sampling=job.sampling,
+        prefix=job.prefix,
+        rows=job.rows,
+    )
+    out, lengths = sharding.to_host(out), sharding.to_host(lengths)
+    texts = job.tokenizer.decode_batch([row[:n] for row, n in zip(out, lengths)])
+    samples = [texts[j * k : (j + 1) * k] for j in range(len(chunk))]
+    yield chunk, samples, int(lengths[: len(chunk) * k].sum())
+
+
+REFILL_FRACTION = 4  # refill once a quarter of the slots (or every pending row) is free
+
+
+def _slot_batches(job: _Job) -> Iterator[Finished]:
+  """Continuous batching: `batch_size * num_samples` decode slots, one row (prompt, sample) each.
+  Rows start longest prompt first (a longer question tends to take a longer answer, and the
+  last rows to start decide how long the last slots run nearly empty); once `slots / REFILL_FRACTION` of them (or all rows still
+  waiting) have stopped, the next rows are prefilled into the free slots, in inserts of that
+  many rows (prompts padded to their length bucket), while the others keep their caches."""
+  k = job.num_samples
+  decoder, pad = job.decoder, job.tokenizer.pad_id
+  slots = job.batch_size * k
+  refill = max(1, slots // REFILL_FRACTION)
+  row_shards = int(np.prod([job.mesh.shape[axis] for axis in job.row_axes]))
+  unique = round_up(min(refill, -(-(refill - 1) // k) + 1), row_shards)
+  logging.info(
+      "%s: %d decode slots (%d prompts x %d samples), refilled %d rows at a time",
+      job.label,
+      slots,
+      job.batch_size,
+      k,
+      refill,
+  )
+  pending = [(i, j) for i in reversed(job.order) for j in range(k)]
+  keys = dict(zip(job.order, job.keys(job.order)))
+  state = decoder.empty_slots(
+      job.prefix,
+      slots=slots,
+      prompt_slots=round_up(max(len(ids) for ids in job.encoded), job.bucket),
+      max_new_tokens=job.max_new_tokens,
+      mesh=job.mesh,
+      row_axes=job.row_axes,
+  )
+  replicated = lambda a: sharding.put_global(a, sharding.replicated(job.mesh))
+  held: list[tuple[int, int] | None] = [None] * slots
+  texts: dict[int, list] = {}
+  at = 0
+  while True:
+    preemption.stop_if_noticed("between decode steps (decoding runs again on resume)")
+    free = [s for s in range(slots) if held[s] is None]
+    while at < len(pending) and free:
+      group = pending[at : at + min(refill, len(free))]
+      prompts = list(dict.fromkeys(i for i, _ in group))
+      length = round_up(max(len(job.encoded[i]) for i in prompts), job.bucket)
+      tokens, valid = left_pad([job.encoded[i] for i in prompts], length, unique, pad)
+      slot_r = np.full((refill,), slots, np.int32)  # past the last slot: no row
+      source_r = np.zeros((refill,), np.int32)
+      keys_r = np.zeros((refill, 2), np.uint32)
+      for r, (i, j) in enumerate(group):
+        slot_r[r], source_r[r], keys_r[r] = free[r], prompts.index(i), keys[i][j]
+        held[free[r]] = (i, j)
+      state = decoder.insert(
+          job.params,
+          state,
+          job.put_rows(tokens),
+          job.put_rows(valid),
+          replicated(slot_r),
+          replicated(source_r),
+          replicated(keys_r),
+      )
+      free, at = free[len(group) :], at + len(group)
+    if all(row is None for row in held):
+      return
+    waiting = len(pending) - at
+    state = decoder.advance(
+        job.params,
+        state,
+        min(refill, waiting) if waiting else slots + 1,
+        sampling=job.sampling,
+        rows=job.rows,
+    )
+    live = sharding.to_host(state.live_s)
+    lengths = sharding.to_host(state.lengths_s)
+    out = sharding.to_host(state.tokens_sm)
+    ended = [s for s in range(slots) if held[s] is not None and not live[s]]
+    decoded = job.tokenizer.decode_batch([out[s, : lengths[s]] for s in ended])
+    finished = []
+    for s, text in zip(ended, decoded):
+      i, j = held[s]
+      held[s] = None
+      texts.setdefault(i, [None] * k)[j] = text
+      if all(t is not None for t in texts[i]):
+        finished.append(i)
+    yield finished, [texts.pop(i) for i in finished], int(sum(lengths[s] for s in ended))

@@ -41,8 +41,10 @@ class OpenModelTeacher:
       memory_budget_gb: float,
       seed: int,
       decode_layout: str = "train",
+      continuous_batching: bool = True,
   ):
     self.path, self.mesh, self.cache = path, mesh, cache
+    self.continuous_batching = continuous_batching
     self.model_name = os.path.basename(path.rstrip("/"))
     self.batch_size, self.seed, self.decode_layout = batch_size, seed, decode_layout
     self.memory_budget_bytes = int(memory_budget_gb * 2**30)
@@ -138,6 +140,7 @@ class OpenModelTeacher:
           label=f"{label or 'teacher'} ({self.model_name})",
           decode_layout=self.decode_layout,
           memory_budget_bytes=self.memory_budget_bytes,
+          continuous=self.continuous_batching,
       )
       for i, prompt, texts in zip(group, prompts, outputs):
         lengths = [len(tok.encode(t)) for t in texts]

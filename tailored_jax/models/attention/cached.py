@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from tailored_jax.models.attention.masks import NEG_INF
+from tailored_jax.models.kv_cache import write_at
 
 
 @flax.struct.dataclass
@@ -85,22 +86,25 @@ def merge_parts(a: Partial, b: Partial) -> Partial:
   )
 
 
-FILLED_CHUNK = 32  # slots of a decode step's own buffer read per iteration
+FILLED_CHUNK = 32  # slots of a decode step's buffers read per iteration
 
 
-def attend_filled(q_bkxh, k_bksh, v_bksh, mask_bxs, filled, dtype, scale: float) -> Partial:
-  """`attend_part` over a row-owned buffer of which only slots [0, filled) can be valid, reading
-  it in chunks of `FILLED_CHUNK` slots up to `filled`: a decode step reads the tokens generated
-  so far, not the whole budget's buffer (at step 40 of 256, a sixth of it). Forward only (its
-  loop has a traced trip count): for one-token decode steps."""
-  slots = k_bksh.shape[2]
+def attend_span(q_bkxh, k_gksh, v_gksh, mask_bxs, lo, hi, dtype, scale: float) -> Partial:
+  """`attend_part` over buffers of which only slots [lo, hi) can be valid for any row, read in
+  `FILLED_CHUNK`-slot chunks from the one holding `lo` to the one holding `hi - 1`: a decode step
+  reads the tokens generated so far, not the whole budget's buffer (at step 40 of 256, a sixth
+  of it), and of the prompts' buffers only the chunks some row's prompt reaches. Chunks are cut
+  at multiples of `FILLED_CHUNK` from slot 0 (buffers of a multiple of it: prompts right-aligned
+  in them fall into the same chunks whatever the buffer's length, so a row gets the same sums);
+  other buffers are read whole. Forward only (its loop has traced bounds): one-token steps."""
+  slots = k_gksh.shape[2]
   if slots < 2 * FILLED_CHUNK or slots % FILLED_CHUNK:
-    return attend_part(q_bkxh, k_bksh, v_bksh, mask_bxs, dtype, scale)
+    return attend_part(q_bkxh, k_gksh, v_gksh, mask_bxs, dtype, scale)
   b, kv_heads, x, h = q_bkxh.shape
 
   def chunk(c, result: Partial) -> Partial:
     cut = lambda a: jax.lax.dynamic_slice_in_dim(a, c * FILLED_CHUNK, FILLED_CHUNK, axis=2)
-    part = attend_part(q_bkxh, cut(k_bksh), cut(v_bksh), cut(mask_bxs), dtype, scale)
+    part = attend_part(q_bkxh, cut(k_gksh), cut(v_gksh), cut(mask_bxs), dtype, scale)
     return merge_parts(result, part)
 
   empty = Partial(
@@ -108,19 +112,27 @@ def attend_filled(q_bkxh, k_bksh, v_bksh, mask_bxs, filled, dtype, scale: float)
       jnp.zeros((b, kv_heads, x), jnp.float32),
       jnp.zeros((b, kv_heads, x, h), jnp.float32),
   )
-  return jax.lax.fori_loop(0, (filled + FILLED_CHUNK - 1) // FILLED_CHUNK, chunk, empty)
+  first = jnp.clip(lo, 0, slots) // FILLED_CHUNK
+  last = (jnp.clip(hi, 0, slots) + FILLED_CHUNK - 1) // FILLED_CHUNK
+  return jax.lax.fori_loop(first, last, chunk, empty)
+
+
+def first_seen(mask_bts) -> jax.Array:
+  """The first slot any row's new tokens see (the slot count when none sees any)."""
+  slots = mask_bts.shape[-1]
+  seen_bs = jnp.any(mask_bts, axis=1)
+  return jnp.min(jnp.where(jnp.any(seen_bs, axis=1), jnp.argmax(seen_bs, axis=1), slots))
 
 
 def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | None = None):
   """Writes the new keys/values into the layer's own buffer at `index`, then attends over the
   contexts and the own buffer under one softmax (merged parts; grouped-query: each of the k
   kv-heads serves n/k query heads). Scores in float32. Returns (out_btnh, kv updated)."""
-  start = (0, 0, kv.index, 0)
   new_k_bkth = jnp.swapaxes(k_btkh, 1, 2).astype(kv.k_bksh.dtype)
   new_v_bkth = jnp.swapaxes(v_btkh, 1, 2).astype(kv.v_bksh.dtype)
   kv = kv.replace(
-      k_bksh=jax.lax.dynamic_update_slice(kv.k_bksh, new_k_bkth, start),
-      v_bksh=jax.lax.dynamic_update_slice(kv.v_bksh, new_v_bkth, start),
+      k_bksh=write_at(kv.k_bksh, new_k_bkth, kv.index, axis=2),
+      v_bksh=write_at(kv.v_bksh, new_v_bkth, kv.index, axis=2),
   )
   b, t, n, h = q_btnh.shape
   kv_heads = kv.k_bksh.shape[1]
@@ -135,15 +147,20 @@ def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | 
   )
   as_bxs = lambda mask_bts: jnp.tile(mask_bts, (1, g, 1))
   if t == 1:
-    result = attend_filled(
-        q_bkxh, kv.k_bksh, kv.v_bksh, as_bxs(kv.mask_bts), kv.index + 1, dtype, scale
+    result = attend_span(
+        q_bkxh, kv.k_bksh, kv.v_bksh, as_bxs(kv.mask_bts), 0, jnp.max(kv.index) + 1, dtype, scale
     )
   else:
     result = attend_part(q_bkxh, kv.k_bksh, kv.v_bksh, as_bxs(kv.mask_bts), dtype, scale)
   for k_gksh, v_gksh, mask_bts in zip(kv.context_k, kv.context_v, kv.context_masks):
-    result = merge_parts(
-        attend_part(q_bkxh, k_gksh, v_gksh, as_bxs(mask_bts), dtype, scale), result
-    )
+    if t == 1:
+      slots = k_gksh.shape[2]
+      part = attend_span(
+          q_bkxh, k_gksh, v_gksh, as_bxs(mask_bts), first_seen(mask_bts), slots, dtype, scale
+      )
+    else:
+      part = attend_part(q_bkxh, k_gksh, v_gksh, as_bxs(mask_bts), dtype, scale)
+    result = merge_parts(part, result)
   out_bkxh = result.out_bkxh / jnp.maximum(result.sum_bkx, 1e-30)[..., None]
   out_btnh = out_bkxh.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
   return out_btnh.astype(dtype), kv

@@ -12,14 +12,15 @@ def attention_mask(
     valid_bs: jax.Array, index: jax.Array, num_new: int, window: int = 0
 ) -> jax.Array:
   """[batch, new, slots]: a new token at slot index+t sees valid slots up to and including itself
-  (and, with a sliding `window`, only the last `window` slots; real tokens are contiguous)."""
+  (and, with a sliding `window`, only the last `window` slots; real tokens are contiguous).
+  `index`: a scalar, or each row's own [batch]."""
   slots = valid_bs.shape[1]
-  query_slot_t = index + jnp.arange(num_new)
-  key_slot_s = jnp.arange(slots)[None, :]
-  causal_ts = key_slot_s <= query_slot_t[:, None]
+  query_slot_bt = jnp.reshape(index, (-1, 1)) + jnp.arange(num_new)[None, :]
+  key_slot_s = jnp.arange(slots)
+  causal_bts = key_slot_s <= query_slot_bt[:, :, None]
   if window:
-    causal_ts &= key_slot_s > query_slot_t[:, None] - window
-  return valid_bs[:, None, :] & causal_ts[None, :, :]
+    causal_bts &= key_slot_s > query_slot_bt[:, :, None] - window
+  return valid_bs[:, None, :] & causal_bts
 
 
 def context_mask(positions_gs: jax.Array, positions_bt: jax.Array, window: int = 0) -> jax.Array:

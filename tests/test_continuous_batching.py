@@ -1,0 +1,201 @@
+"""Continuous batching (`generate_texts(continuous=True)`): decode slots refilled as rows stop give
+the texts static batches give, for greedy and sampled rows, rows of very different lengths, a
+sliding window, a shared prefix, a small memory budget and rows split over 8 devices."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from tailored_jax import sharding
+from tailored_jax.models import layers
+from tailored_jax.models.llama import Llama, LlamaConfig
+from tailored_jax.sample import decode, sampling
+from tailored_jax.sample.runner import generate_texts
+from tailored_jax.train.trainer import Trainer
+
+CFG = LlamaConfig(
+    vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+)
+BUDGET = 12
+PROMPTS = [
+    "the quick brown fox " + q
+    for q in (
+        "a",
+        "hello world",
+        "xyz",
+        "qq",
+        "mnop",
+        "sphinx of black quartz judge my vow",
+        "b",
+        "cc",
+        "dddd",
+        "pack my box with five dozen liquor jugs",
+        "eeeee ff",
+    )
+]
+
+
+class Letters:  # one token per letter a..z and space, ids 3..29; pad 0, bos 2
+  pad_id = 0
+
+  def encode_batch(self, texts):
+    return [[2] + [3 + (26 if c == " " else ord(c) - ord("a")) for c in t] for t in texts]
+
+  def decode_batch(self, rows):
+    return [",".join(str(int(t)) for t in row) for row in rows]
+
+
+def _params(model, seed=0):
+  return nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(seed)))
+
+
+def _mesh(data=-1, fsdp=1, tensor=1, num_devices=1):
+  return sharding.make_mesh(
+      ml_collections.ConfigDict(
+          {"mesh": dict(data=data, fsdp=fsdp, tensor=tensor, num_devices=num_devices)}
+      )
+  )
+
+
+def _stop_on(tokens) -> decode.StopTables:
+  """Rows stop at any of `tokens` (as a blank line would stop them); pad and bos never drawn."""
+  tables = decode.StopTables.never_stop(CFG.vocab_size)
+  blank = np.zeros(CFG.vocab_size, bool)
+  blank[list(tokens)] = True
+  never = np.zeros(CFG.vocab_size, bool)
+  never[[0, 2]] = True
+  return tables.replace(blank_line_v=blank, never_v=never)
+
+
+def _run(model, params, tables, *, continuous, batch_size, samples, mesh=None, **options):
+  decoder = decode.Decoder(model, tables)
+  texts = generate_texts(
+      decoder,
+      params,
+      Letters(),
+      PROMPTS,
+      mesh=mesh or _mesh(),
+      num_samples=samples,
+      sampling=sampling.SamplingConfig(1.0, 10, 1.0) if samples > 1 else sampling.SamplingConfig(),
+      max_new_tokens=BUDGET,
+      batch_size=batch_size,
+      rng=jax.random.PRNGKey(7),
+      label="exam",
+      continuous=continuous,
+      **options,
+  )
+  return texts, decoder
+
+
+def _lengths(texts) -> list[int]:
+  return [len(t.split(",")) if t else 0 for row in texts for t in row]
+
+
+def test_slots_refilled_as_rows_stop_give_each_row_its_own_greedy_tokens():
+  """Rows of very different lengths (1 token to the whole budget): two slots refilled ten times
+  give every prompt exactly the tokens it decodes alone up to its first stop token, as static
+  batches do."""
+  model = Llama(CFG)
+  params = _params(model)
+  free_run, _ = _run(
+      model, params, _stop_on([]), continuous=False, batch_size=len(PROMPTS), samples=1
+  )
+  rows = [[int(t) for t in row[0].split(",")] for row in free_run]
+  stops = {rows[i][0] for i in (0, 3)} | {rows[5][4]}  # some rows stop at once, some later
+  expected = []
+  for row in rows:
+    cut = next((n + 1 for n, t in enumerate(row) if t in stops), len(row))
+    expected.append([",".join(map(str, row[:cut]))])
+  lengths = _lengths(expected)
+  assert min(lengths) == 1 and max(lengths) == BUDGET and len(set(lengths)) >= 3
+  continuous, decoder = _run(
+      model, params, _stop_on(stops), continuous=True, batch_size=2, samples=1
+  )
+  static, _ = _run(model, params, _stop_on(stops), continuous=False, batch_size=4, samples=1)
+  assert continuous == expected
+  assert static == expected
+  inserts = {shape for shape in decoder._shapes if shape[0] == "insert"}
+  assert inserts and all(shape[1] == 2 for shape in inserts)  # two slots throughout
+
+
+def test_sampled_rows_keep_their_keys_per_prompt_and_sample():
+  """k = 3 samples per prompt on 6 slots: each (prompt, sample) draws what it draws in a static
+  batch, wherever and whenever its slot runs; samples stop at different lengths. A sliding
+  window shorter than the budget: each slot's window over its own tokens is its own."""
+  model = Llama(dataclasses.replace(CFG, sliding_window=5))
+  params = _params(model, seed=3)
+  tables = _stop_on([5, 11])
+  static, _ = _run(model, params, tables, continuous=False, batch_size=4, samples=3)
+  continuous, _ = _run(model, params, tables, continuous=True, batch_size=2, samples=3)
+  assert continuous == static
+  lengths = _lengths(static)
+  assert min(lengths) <= 2 and max(lengths) == BUDGET
+  assert len({s for row in static for s in row}) > len(PROMPTS)  # samples differ
+
+
+def test_a_small_memory_budget_gives_fewer_slots_and_the_same_texts(caplog):
+  model = Llama(CFG)
+  params = _params(model)
+  tables = _stop_on([5, 11])
+  with caplog.at_level("INFO"):
+    roomy, _ = _run(model, params, tables, continuous=True, batch_size=8, samples=2)
+    tight, decoder = _run(
+        model,
+        params,
+        tables,
+        continuous=True,
+        batch_size=8,
+        samples=2,
+        memory_budget_bytes=100_000,
+    )
+  assert roomy == tight
+  slots = [r.getMessage() for r in caplog.records if "decode slots" in r.getMessage()]
+  assert slots[0].startswith("exam: 16 decode slots (8 prompts x 2 samples)")
+  assert slots[1].startswith("exam: 2 decode slots (1 prompts x 2 samples)")
+  assert {shape[1] for shape in decoder._shapes if shape[0] == "insert"} == {2}
+
+
+def test_slots_over_eight_devices_in_the_model_parallel_layout():
+  """Rows split over the mesh axes no weight uses (data × fsdp of a (2, 2, 2) mesh), the weights
+  in the model-parallel decode layout: the texts of one device's static batches."""
+  model = Llama(CFG)
+  params = _params(model, seed=5)
+  tables = _stop_on([5, 11])
+  reference, _ = _run(model, params, tables, continuous=False, batch_size=4, samples=2)
+  mesh = _mesh(2, 2, 2, 0)
+  train_cfg = ml_collections.ConfigDict(
+      dict(
+          lr=1e-2,
+          warmup_steps=1,
+          b1=0.9,
+          b2=0.999,
+          eps=1e-8,
+          weight_decay=0.01,
+          grad_clip=1.0,
+          sr_weight=0.5,
+          sr_margin=1.0,
+          max_nonfinite_steps=3,
+          loss_chunk_tokens=0,
+      )
+  )
+  trainer = Trainer(model, train_cfg, mesh)
+  placed = jax.device_put(
+      params,
+      sharding.decode_shardings(
+          trainer.param_specs, trainer.abstract_params, mesh, "model_parallel"
+      ),
+  )
+  texts, _ = _run(
+      model,
+      placed,
+      tables,
+      continuous=True,
+      batch_size=4,
+      samples=2,
+      mesh=mesh,
+      decode_layout="model_parallel",
+  )
+  assert texts == reference

@@ -128,7 +128,9 @@ def test_processes_on_unequal_machines_make_one_choice(tmp_path):
   ]
   assert batch_lines(out0) == batch_lines(
       out1
-  ) and "evaluate 1 (val, test): 4 prompts x 1 samples per batch (asked 8)" in (batch_lines(out0)[-1])
+  ) and "evaluate 1 (val, test): 4 prompts x 1 samples per batch (asked 8)" in (
+      batch_lines(out0)[-1]
+  )
   cfg = tiny_config()
   cfg.rounds = 1
   cfg.mesh.num_devices = 4

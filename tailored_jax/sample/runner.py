@@ -245,9 +245,10 @@ REFILL_FRACTION = 4  # refill once a quarter of the slots (or every pending row)
 def _slot_batches(job: _Job) -> Iterator[Finished]:
   """Continuous batching: `batch_size * num_samples` decode slots, one row (prompt, sample) each.
   Rows start longest prompt first (a longer question tends to take a longer answer, and the
-  last rows to start decide how long the last slots run nearly empty); once `slots / REFILL_FRACTION` of them (or all rows still
-  waiting) have stopped, the next rows are prefilled into the free slots, in inserts of that
-  many rows (prompts padded to their length bucket), while the others keep their caches."""
+  last rows to start decide how long the last slots run nearly empty). Once
+  `slots / REFILL_FRACTION` of them (or all rows still waiting) have stopped, the next rows are
+  prefilled into the free slots, in inserts of that many rows (prompts padded to their length
+  bucket), while the others keep their caches."""
   k = job.num_samples
   decoder, pad = job.decoder, job.tokenizer.pad_id
   slots = job.batch_size * k

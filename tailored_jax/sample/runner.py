@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
-import dataclasses
 import time
 from typing import Callable, Iterator
 

@@ -15,6 +15,7 @@ from tailored_jax.models.llama import Llama, LlamaConfig
 from tailored_jax.sample import decode, sampling
 from tailored_jax.sample.runner import generate_texts
 from tailored_jax.train.trainer import Trainer
+from tests.test_model_and_decode import _train_cfg
 
 CFG = LlamaConfig(
     vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
@@ -166,22 +167,7 @@ def test_slots_over_eight_devices_in_the_model_parallel_layout():
   tables = _stop_on([5, 11])
   reference, _ = _run(model, params, tables, continuous=False, batch_size=4, samples=2)
   mesh = _mesh(2, 2, 2, 0)
-  train_cfg = ml_collections.ConfigDict(
-      dict(
-          lr=1e-2,
-          warmup_steps=1,
-          b1=0.9,
-          b2=0.999,
-          eps=1e-8,
-          weight_decay=0.01,
-          grad_clip=1.0,
-          sr_weight=0.5,
-          sr_margin=1.0,
-          max_nonfinite_steps=3,
-          loss_chunk_tokens=0,
-      )
-  )
-  trainer = Trainer(model, train_cfg, mesh)
+  trainer = Trainer(model, _train_cfg(), mesh)
   placed = jax.device_put(
       params,
       sharding.decode_shardings(

@@ -31,13 +31,16 @@ cfg.teacher.max_requests = int(sys.argv[5])
 if os.environ.get("TEST_SIGTERM_AT_DECODE"):  # this process is told to stop, at its Nth decode
   import signal
   from tailored_jax.sample import decode
-  real, calls = decode.Decoder.__call__, [0]
-  def decode_then_stop(self, *args, **kwargs):
-    calls[0] += 1
-    if calls[0] == int(os.environ["TEST_SIGTERM_AT_DECODE"]):
-      os.kill(os.getpid(), signal.SIGTERM)
-    return real(self, *args, **kwargs)
-  decode.Decoder.__call__ = decode_then_stop
+  calls = [0]
+  def stopping(real):  # static batches call the decoder, continuous slots advance
+    def decode_then_stop(self, *args, **kwargs):
+      calls[0] += 1
+      if calls[0] == int(os.environ["TEST_SIGTERM_AT_DECODE"]):
+        os.kill(os.getpid(), signal.SIGTERM)
+      return real(self, *args, **kwargs)
+    return decode_then_stop
+  decode.Decoder.__call__ = stopping(decode.Decoder.__call__)
+  decode.Decoder.advance = stopping(decode.Decoder.advance)
 from tailored_jax import preemption
 preemption.install(jax.process_count())
 rounds.run(cfg, sys.argv[3])

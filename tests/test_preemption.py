@@ -34,12 +34,14 @@ TERMINATOR = SUBPROCESS_HEAD + textwrap.dedent("""
           terminate()
       hooks.Hooks.__call__ = call
     elif point == "exam":
-      real_generate = decode.Decoder.__call__
-      def generate(self, *args, **kwargs):
-        if due():
-          terminate()
-        return real_generate(self, *args, **kwargs)
-      decode.Decoder.__call__ = generate
+      def stopping(real):  # static batches call the decoder, continuous slots advance
+        def generate(self, *args, **kwargs):
+          if due():
+            terminate()
+          return real(self, *args, **kwargs)
+        return generate
+      decode.Decoder.__call__ = stopping(decode.Decoder.__call__)
+      decode.Decoder.advance = stopping(decode.Decoder.advance)
 """) + SUBPROCESS_MAIN
 
 

@@ -278,7 +278,7 @@ def _slot_batches(job: _Job) -> Iterator[Finished]:
   texts: dict[int, list] = {}
   at = 0
   while True:
-    preemption.stop_if_noticed("between decode steps (decoding runs again on resume)")
+    preemption.stop_if_noticed("between decode batches (decoding runs again on resume)")
     free = [s for s in range(slots) if held[s] is None]
     while at < len(pending) and free:
       group = pending[at : at + min(refill, len(free))]

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from tailored_jax.models import head_logits
 from tailored_jax.models.kv_cache import Context, KVCache
+from tailored_jax.sample.prefill import prefill_prompts
 from tailored_jax.sample.sampling import NEG_INF, SamplingConfig, choose_tokens
 from tailored_jax.sample.stops import StopTables, stop_tokens
 
@@ -90,32 +90,21 @@ def insert(
   """Prefills `prompt_up` (left-padded, the tokens after the shared prefix) and starts row r in
   slot `slot_r[r]` from prompt `source_r[r]` with sampling key `keys_r[r]`; a slot index past the
   last slot leaves the row out (padding of the bucketed shape)."""
-  cfg = model.cfg
-  u, p = prompt_up.shape
+  p = prompt_up.shape[1]
   context = state.cache.context
   prefix = context[:-1]
-  offset = prefix[0].length if prefix else 0
-  positions_up = offset + jnp.maximum(jnp.cumsum(prompt_valid_up, axis=1) - 1, 0)
-  fresh = KVCache.zeros(cfg.n_layers, u, p, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
-  _, hidden_upd, fresh = model.apply(
-      {"params": params},
-      prompt_up,
-      positions_up,
-      prompt_valid_up,
-      fresh.replace(context=prefix),
-      with_logits=False,
-  )
-  logits_uv = head_logits(params, hidden_upd[:, -1:], cfg)[:, 0]
   prompts = context[-1]
   width = prompts.length
   if p > width:
     raise ValueError(f"prompt bucket {p} is longer than the slots' prompt room {width}")
+  logits_uv, fresh, first_position_u = prefill_prompts(
+      params, prompt_up, prompt_valid_up, prefix[0] if prefix else None, model=model
+  )
   put = lambda buffer, rows: buffer.at[slot_r].set(rows.astype(buffer.dtype), mode="drop")
   put_right = lambda buffer, new: buffer.at[slot_r, :, width - p :].set(
       new[source_r].astype(buffer.dtype), mode="drop"
   )
-  positions_up = jnp.where(prompt_valid_up, positions_up, -1)
-  positions_us = jnp.pad(positions_up, ((0, 0), (width - p, 0)), constant_values=-1)
+  positions_us = jnp.pad(fresh.positions_gs, ((0, 0), (width - p, 0)), constant_values=-1)
   prompts = Context(
       tuple(put_right(k, new) for k, new in zip(prompts.keys, fresh.keys)),
       tuple(put_right(v, new) for v, new in zip(prompts.values, fresh.values)),
@@ -127,7 +116,6 @@ def insert(
       index=put(state.cache.index, jnp.zeros((r,), jnp.int32)),
       context=prefix + (prompts,),
   )
-  first_position_u = offset + jnp.sum(prompt_valid_up, axis=1).astype(jnp.int32)
   return Slots(
       cache=cache,
       logits_sv=put(state.logits_sv, logits_uv[source_r]),

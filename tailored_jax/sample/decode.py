@@ -16,10 +16,11 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from tailored_jax import sharding
-from tailored_jax.models import for_decoding, head_logits
+from tailored_jax.models import for_decoding
 from tailored_jax.models.kv_cache import Context, KVCache
 from tailored_jax.models.layers import is_stacked
 from tailored_jax.sample import continuous
+from tailored_jax.sample.prefill import prefill_prefix, prefill_prompts
 from tailored_jax.sample.sampling import NEG_INF, SamplingConfig, choose_tokens
 from tailored_jax.sample.stops import StopTables, stop_tokens
 
@@ -36,22 +37,6 @@ class DecodeState:
   done_n: jax.Array
   prev_n: jax.Array
   lengths_n: jax.Array
-
-
-def prefill_prefix(params, prefix_p, *, model) -> Context:
-  """Keys and values of a prefix (no padding) that every prompt of a batch starts with."""
-  cfg = model.cfg
-  p = prefix_p.shape[0]
-  cache = KVCache.zeros(cfg.n_layers, 1, p, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
-  _, _, cache = model.apply(
-      {"params": params},
-      prefix_p[None],
-      jnp.arange(p)[None],
-      jnp.ones((1, p), bool),
-      cache,
-      with_logits=False,
-  )
-  return cache.as_context(jnp.arange(p)[None])
 
 
 def generate(
@@ -78,16 +63,11 @@ def generate(
   sharding, for the per-device top-k (`sampling.top_k`).
   """
   cfg = model.cfg
-  b, p = prompt_bp.shape
-  dtype = jnp.dtype(cfg.dtype)
-  context = () if prefix is None else (prefix,)
-  offset = 0 if prefix is None else prefix.length
-  positions_bp = offset + jnp.maximum(jnp.cumsum(prompt_valid_bp, axis=1) - 1, 0)
-  prompt_cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, dtype, context)
-  _, hidden_bpd, prompt_cache = model.apply(
-      {"params": params}, prompt_bp, positions_bp, prompt_valid_bp, prompt_cache, with_logits=False
+  b = prompt_bp.shape[0]
+  last_logits_bv, prompts, first_position_b = prefill_prompts(
+      params, prompt_bp, prompt_valid_bp, prefix, model=model
   )
-  last_logits_bv = head_logits(params, hidden_bpd[:, -1:], cfg)[:, 0]
+  context = () if prefix is None else (prefix,)
   n = b * num_samples
   cache = KVCache.zeros(
       cfg.n_layers,
@@ -95,16 +75,14 @@ def generate(
       max_new_tokens,
       cfg.n_kv_heads,
       cfg.head_dim,
-      dtype,
-      context + (prompt_cache.as_context(positions_bp),),
+      jnp.dtype(cfg.dtype),
+      context + (prompts,),
   )
   if rng.ndim == 1:
     keys_n = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(n))
   else:
     keys_n = rng.reshape(n, rng.shape[-1])
-  next_position_n = offset + jnp.repeat(
-      jnp.sum(prompt_valid_bp, axis=1).astype(jnp.int32), num_samples
-  )
+  next_position_n = jnp.repeat(first_position_b, num_samples)
 
   def cond(s: DecodeState):
     return (s.step < max_new_tokens) & ~jnp.all(s.done_n)
@@ -166,6 +144,7 @@ class Decoder:
     self._shapes: set = set()
     self._insert = jax.jit(functools.partial(continuous.insert, model=model), donate_argnums=1)
     self._advance = {}
+    self._empty = {}
 
   @property
   def compilations(self) -> int:
@@ -217,20 +196,25 @@ class Decoder:
   ) -> continuous.Slots:
     """Free decode slots for continuous batching (`continuous.empty_slots`), each array with a
     slot axis split over `row_axes` of `mesh`."""
-    make = functools.partial(
-        continuous.empty_slots,
-        model=self.model,
-        slots=slots,
-        prompt_slots=prompt_slots,
-        max_new_tokens=max_new_tokens,
-        pad_id=self.tables.pad_id,
-    )
-    place = lambda leaf: (
-        sharding.decode_batch_sharding(mesh, leaf.ndim, row_axes)
-        if leaf.ndim and leaf.shape[0] == slots
-        else sharding.replicated(mesh)
-    )
-    return jax.jit(make, out_shardings=jax.tree.map(place, jax.eval_shape(make, prefix)))(prefix)
+    key = (slots, prompt_slots, max_new_tokens, mesh, row_axes, prefix is None)
+    if key not in self._empty:
+      make = functools.partial(
+          continuous.empty_slots,
+          model=self.model,
+          slots=slots,
+          prompt_slots=prompt_slots,
+          max_new_tokens=max_new_tokens,
+          pad_id=self.tables.pad_id,
+      )
+      place = lambda leaf: (
+          sharding.decode_batch_sharding(mesh, leaf.ndim, row_axes)
+          if leaf.ndim and leaf.shape[0] == slots
+          else sharding.replicated(mesh)
+      )
+      self._empty[key] = jax.jit(
+          make, out_shardings=jax.tree.map(place, jax.eval_shape(make, prefix))
+      )
+    return self._empty[key](prefix)
 
   def insert(self, params, state, prompt_up, prompt_valid_up, slot_r, source_r, keys_r):
     """Prefills prompts into free slots (`continuous.insert`); `state` is donated."""

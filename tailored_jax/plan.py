@@ -289,6 +289,65 @@ def roofline(compiled, chip, model_flops_per_device: float) -> dict:
   }
 
 
+def decode_step_estimate(compiled, chip, tokens: int) -> dict:
+  """One decode step's time from the compiler's own cost analysis: its FLOPs at the chip's bf16
+  peak or its bytes at the HBM bandwidth, whichever is longer, plus its collectives' bytes at the
+  chip's ICI bandwidth (no latency, no overlap). An estimate to rank layouts by."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  moved = collectives(compiled.as_text())
+  moved_bytes = sum(kind["bytes"] for kind in moved.values())
+  seconds = max(flops / (chip.bf16_tflops * 1e12), accessed / (chip.hbm_gb_per_s * 1e9))
+  seconds += moved_bytes / (chip.ici_gb_per_s * 1e9)
+  return {
+      "compiler_flops_per_device": flops,
+      "compiler_bytes_accessed_per_device": accessed,
+      "collectives_per_token": moved,
+      "estimated_seconds_per_step": seconds,
+      "estimated_tokens_per_second": tokens / seconds if seconds else 0.0,
+  }
+
+
+def compare_decode_layouts(cfg, train_model, mesh, chip, budget: int) -> dict:
+  """One exam decode step (every slot one token) compiled by the TPU compiler in each decode
+  layout: bytes per device, collectives per token and the estimated tokens/s of the slice;
+  `best_layout` is the fastest that fits."""
+  from tailored_jax import exam_plan, sharding
+
+  layouts = {}
+  for layout in sharding.DECODE_LAYOUTS:
+    program = exam_plan.exam_program(cfg, train_model, mesh, layout)
+    compiled, error = _compiled(lambda: exam_plan.compile_step(program))
+    entry = {
+        "rows_over": list(program.row_axes),
+        "copies_of_the_weights": program.row_shards if layout != "train" else 1,
+        "weights_per_device": sharded_bytes(program.params),
+    }
+    if compiled is None:
+      entry.update(fits=False, compiler_error=error)
+    else:
+      used = memory(compiled)
+      entry.update(
+          xla_bytes_per_device=used,
+          fits=used["total"] <= budget,
+          **decode_step_estimate(compiled, chip, program.slots),
+      )
+    layouts[layout] = entry
+  fitting = [name for name, entry in layouts.items() if entry["fits"]]
+  return {
+      "layouts": layouts,
+      "best_layout": max(fitting, key=lambda n: layouts[n]["estimated_tokens_per_second"])
+      if fitting
+      else None,
+      "layouts_note": (
+          f"one step of {cfg.exam.batch_size} x {cfg.exam.num_samples} slots per layout; time ="
+          " max(compiler FLOPs / bf16 peak, compiler bytes / HBM bandwidth) + collective bytes /"
+          " ICI bandwidth (data sheet; no latency or overlap): an estimate to rank layouts by"
+      ),
+  }
+
+
 def sharded_bytes(tree) -> int:
   """Bytes per device of a tree of ShapeDtypeStructs with shardings (the first device's shard)."""
   import jax
@@ -368,25 +427,20 @@ def lower(
     compile_steps: bool = True,
     devices=None,
     topology: str = "",
+    decode_layouts: bool = False,
 ) -> dict:
   """The planner's per-device bytes for `cfg` (a config: train/exam sizes, dtype, remat, mesh)
   with the preset's architecture, whether they fit `device_memory_gb` and the largest batch
   that does; with `compile_steps`, both steps also compiled and the compiler's figures beside
   them. `devices`: the mesh's (a TPU `topology`'s compile-only devices; default this
-  process's)."""
-  import functools
-
+  process's). `decode_layouts` (TPU only): one exam decode step compiled in every decode layout
+  and the fastest by the compiler's numbers (`compare_decode_layouts`)."""
   import jax
-  import jax.numpy as jnp
 
   from tailored_jax import sharding
-  import flax.linen as nn
-
-  from tailored_jax.models import for_decoding, model_for
-  from tailored_jax.models.layers import abstract_boxed_params
-  from tailored_jax.sample import decode
+  from tailored_jax import exam_plan
+  from tailored_jax.models import model_for
   from tailored_jax.sample.memory import decode_memory
-  from tailored_jax.sample.sampling import SamplingConfig
   from tailored_jax.train import memory as train_memory
   from tailored_jax.train.trainer import Trainer
 
@@ -401,9 +455,6 @@ def lower(
   if fewest:
     trainer.use_microbatches(fewest)
   t = cfg.train
-  rows = lambda shape, dtype, row_axes=sharding.BATCH_AXES: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=sharding.decode_batch_sharding(mesh, len(shape), row_axes)
-  )
   b, seq = t.batch_size, t.max_seq_len
   lm, reflection = abstract_batches(cfg, mesh)
   sr_rows, cont = t.sr_batch_size or b, t.max_continuation_len
@@ -418,25 +469,16 @@ def lower(
       "largest_batch_that_fits": trainer.planner.largest_batch(budget),
   }
 
-  layout = cfg.mesh.decode_layout
-  decode_model = for_decoding(trainer.model)
-  per_layer = abstract_boxed_params(decode_model)
-  per_layer_abstract = nn.meta.unbox(per_layer)
-  decode_shardings = sharding.decode_shardings(
-      nn.get_partition_spec(per_layer), per_layer_abstract, mesh, layout
-  )
-  params = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      per_layer_abstract,
-      decode_shardings,
-  )
   e = cfg.exam
-  prompt = max(seq - e.max_new_tokens, 8)
-  row_axes = sharding.decode_row_axes(layout, decode_shardings)
-  decode_rows = e.batch_size // math.prod(mesh.shape[axis] for axis in row_axes)
+  exam = exam_plan.exam_program(cfg, trainer.model, mesh, cfg.mesh.decode_layout)
+  params, row_axes = exam.params, exam.row_axes
+  prompt = exam.prompt_len
+  decode_rows = e.batch_size // exam.row_shards
   per_prompt = decode_memory(arch, prompt, e.max_new_tokens, e.num_samples)
-  head_split = _split_of("kv_heads", nn.get_partition_spec(per_layer), decode_shardings, mesh)
-  exam_plan = {
+  head_split = _split_of(
+      "kv_heads", exam.param_specs, jax.tree.map(lambda a: a.sharding, params), mesh
+  )
+  exam_planned = {
       "planned_gb": {
           "parameters": round(sharded_bytes(params) / train_memory.GB, 3),
           "cache_and_buffers": round(
@@ -479,10 +521,11 @@ def lower(
           "samples": e.num_samples,
           "prompt_len": prompt,
           "new_tokens": e.max_new_tokens,
-          "layout": layout,
+          "layout": exam.layout,
+          "form": "continuous" if e.continuous_batching else "static",
           "rows_over": list(row_axes),
           "parameters_per_device": sharded_bytes(params),
-          **exam_plan,
+          **exam_planned,
       },
   }
   if not compile_steps:
@@ -501,24 +544,12 @@ def lower(
     train, train_error = _compiled(lambda: trainer.step_fn().lower(*train_args).compile())
     if train is not None:
       break
-  tables = jax.tree.map(jnp.asarray, decode.StopTables.never_stop(arch.vocab_size))
-  generate = jax.jit(
-      functools.partial(
-          decode.generate,
-          model=decode_model,
-          max_new_tokens=e.max_new_tokens,
-          num_samples=e.num_samples,
-          sampling=SamplingConfig(e.temperature, e.top_k, e.top_p),
-          rows=sharding.decode_batch_sharding(mesh, 2, row_axes),
-      )
-  )
-  exam_args = (
-      params,
-      rows((e.batch_size, prompt), jnp.int32, row_axes),
-      rows((e.batch_size, prompt), bool, row_axes),
-      rows((e.batch_size, e.num_samples, 2), jnp.uint32, row_axes),
-  )
-  exam, exam_error = _compiled(lambda: generate.lower(*exam_args, tables).compile())
+  if e.continuous_batching:
+    compiled_exam, exam_error = _compiled(lambda: exam_plan.compile_continuous(exam))
+    exam_compiled, insert_compiled = compiled_exam or (None, None)
+  else:
+    exam_compiled, exam_error = _compiled(lambda: exam_plan.compile_static(exam))
+    insert_compiled = None
   step = report["train_step"]
   planned = trainer.planner.plan()
   step.update(
@@ -536,14 +567,23 @@ def lower(
         collectives=collectives(train_text),
         custom_calls=custom_calls(train_text),
     )
-  if exam is None:
+  if exam_compiled is None:
     report["exam_decode"].update(fits=False, compiler_error=exam_error)
   else:
-    exam_text = exam.as_text()
+    exam_text = exam_compiled.as_text()
     report["exam_decode"].update(
-        xla_bytes_per_device=memory(exam),
+        xla_bytes_per_device=memory(exam_compiled),
         collectives=collectives(exam_text),
         custom_calls=custom_calls(exam_text),
+    )
+    if insert_compiled is not None:
+      report["exam_decode"]["insert"] = {
+          "xla_bytes_per_device": memory(insert_compiled),
+          "collectives": collectives(insert_compiled.as_text()),
+      }
+  if on_tpu and decode_layouts:
+    report["exam_decode"].update(
+        compare_decode_layouts(cfg, trainer.model, mesh, tpu_slices.parse(topology).chip, budget)
     )
   if on_tpu and train is not None:
     chip = tpu_slices.parse(topology).chip
@@ -586,6 +626,12 @@ def main(argv=None) -> None:
       default="",
       help="a TPU slice as libtpu names it (v5e:4x4, v4:2x2x4, v5p:2x2x2, v6e:2x4): compile with"
       " the TPU compiler for its devices, memory from the chip's HBM",
+  )
+  parser.add_argument(
+      "--decode_layouts",
+      action="store_true",
+      help="with --topology: compile one exam decode step in every decode layout and name the"
+      " fastest by the compiler's numbers",
   )
   parser.add_argument(
       "--no_compile",
@@ -637,7 +683,13 @@ def main(argv=None) -> None:
   cfg.mesh.update(data=data, fsdp=fsdp, tensor=tensor, num_devices=args.devices, preset=args.slice)
   try:
     report = lower(
-        cfg, args.model, args.device_memory_gb, not args.no_compile, devices, args.topology
+        cfg,
+        args.model,
+        args.device_memory_gb,
+        not args.no_compile,
+        devices,
+        args.topology,
+        args.decode_layouts,
     )
   except ValueError as e:  # e.g. a batch the mesh's batch axes do not divide
     sys.exit(

@@ -25,6 +25,7 @@ class Chip:
   hbm_gb_per_s: float
   accelerator_prefix: str  # TPU_ACCELERATOR_TYPE's name: prefix-<cores or chips>
   cores_per_chip: int  # the accelerator type counts TensorCores on v4/v5p, chips on v5e/v6e
+  ici_gb_per_s: float  # inter-chip interconnect per chip, the data sheet's Gbps / 8
 
   @property
   def megacore(self) -> bool:
@@ -33,10 +34,10 @@ class Chip:
 
 
 CHIPS = {
-    "v4": Chip(32 * GIB, 275.0, 1228.0, "v4", 2),
-    "v5e": Chip(16 * GIB, 197.0, 819.0, "v5litepod", 1),
-    "v5p": Chip(95 * GIB, 459.0, 2765.0, "v5p", 2),
-    "v6e": Chip(32 * GIB, 918.0, 1640.0, "v6e", 1),
+    "v4": Chip(32 * GIB, 275.0, 1228.0, "v4", 2, 300.0),
+    "v5e": Chip(16 * GIB, 197.0, 819.0, "v5litepod", 1, 200.0),
+    "v5p": Chip(95 * GIB, 459.0, 2765.0, "v5p", 2, 600.0),
+    "v6e": Chip(32 * GIB, 918.0, 1640.0, "v6e", 1, 448.0),
 }
 _NAME = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 

@@ -36,7 +36,9 @@ def devices():
 
 
 def test_the_plan_compiles_both_steps_for_the_slice_with_the_splash_kernel(devices):
-  report = plan.lower(_config("auto", 512), "tiny", 17.18, True, devices, TOPOLOGY)
+  """The train step with the splash kernel; the exam's continuous decode (advance and insert);
+  one decode step in each decode layout, ranked by the compiler's numbers."""
+  report = plan.lower(_config("auto", 512), "tiny", 17.18, True, devices, TOPOLOGY, True)
   assert report["compiler"] == "tpu" and report["attention"] == "splash"
   kernels = report["train_step"]["custom_calls"]
   assert any(name.startswith("tpu_custom_call:splash_mha_fwd") for name in kernels), kernels
@@ -46,7 +48,29 @@ def test_the_plan_compiles_both_steps_for_the_slice_with_the_splash_kernel(devic
   # 2 more recomputed under full remat), 4 x 256 prefix tokens forward only; over 4 chips
   flops = report["parameters"] * (8 * (4 * 512 + 4 * 3 * 256) + 2 * 4 * 256) / 4
   assert report["train_step"]["roofline"]["model_flops_per_device"] == flops
-  assert report["exam_decode"]["xla_bytes_per_device"]["total"] > 0
+  exam = report["exam_decode"]
+  assert exam["form"] == "continuous" and exam["xla_bytes_per_device"]["total"] > 0
+  assert exam["insert"]["xla_bytes_per_device"]["total"] > 0  # per-row scatter into the slots
+  layouts = exam["layouts"]
+  assert set(layouts) == {"model_parallel", "replicated", "train"}
+  # whole weights on each of the 4 chips, each decoding its own rows: nothing moves per token
+  assert layouts["replicated"]["copies_of_the_weights"] == 4
+  assert layouts["replicated"]["collectives_per_token"] == {}
+  assert (
+      layouts["model_parallel"]["weights_per_device"] < layouts["replicated"]["weights_per_device"]
+  )
+  assert layouts["model_parallel"]["collectives_per_token"]["all-reduce"]["count"] > 0
+  chip = tpu_slices.parse(TOPOLOGY).chip
+  for entry in layouts.values():
+    moved = sum(kind["bytes"] for kind in entry["collectives_per_token"].values())
+    seconds = max(
+        entry["compiler_flops_per_device"] / (chip.bf16_tflops * 1e12),
+        entry["compiler_bytes_accessed_per_device"] / (chip.hbm_gb_per_s * 1e9),
+    ) + moved / (chip.ici_gb_per_s * 1e9)
+    assert entry["estimated_seconds_per_step"] == pytest.approx(seconds, rel=1e-12)
+    assert entry["estimated_tokens_per_second"] == pytest.approx(8 / seconds, rel=1e-12)
+  speed = {name: entry["estimated_tokens_per_second"] for name, entry in layouts.items()}
+  assert exam["best_layout"] == max(speed, key=speed.get)
 
 
 def test_the_splash_step_needs_less_temporary_memory_than_the_xla_form(devices):

@@ -128,6 +128,49 @@ def insert(
   )
 
 
+def step(
+    params,
+    s: Slots,
+    tables: StopTables,
+    *,
+    model,
+    sampling: SamplingConfig,
+    rows: NamedSharding | None = None,
+) -> Slots:
+  """One decode step for every live slot: a token chosen from its logits, the row stopped at EOS,
+  a blank line or the budget (its own buffer full), as in `decode.generate`."""
+  budget = s.tokens_sm.shape[1]
+  step_s = s.cache.index
+  banned_sv = tables.never_v[None, :] | ((step_s == 0)[:, None] & tables.special_v[None, :])
+  logits_sv = jnp.where(banned_sv, NEG_INF, s.logits_sv)
+  step_keys_s = jax.vmap(jax.random.fold_in)(s.keys_s, step_s)
+  token_s = choose_tokens(logits_sv, step_keys_s, sampling, rows)
+  token_s = jnp.where(s.live_s, token_s, tables.pad_id)
+  written_sm = jax.nn.one_hot(step_s, budget, dtype=bool) & s.live_s[:, None]
+  tokens_sm = jnp.where(written_sm, token_s[:, None], s.tokens_sm)
+  stops_s = stop_tokens(tables, s.prev_s, token_s) | (step_s + 1 >= budget)
+  logits_s1v, _, cache = model.apply(
+      {"params": params},
+      token_s[:, None],
+      (s.first_position_s + step_s)[:, None],
+      s.live_s[:, None],
+      s.cache,
+  )
+  live_s = s.live_s & ~stops_s
+  prompts = cache.context[-1]
+  prompts = prompts.replace(positions_gs=jnp.where(live_s[:, None], prompts.positions_gs, -1))
+  return s.replace(
+      cache=cache.replace(
+          index=jnp.where(live_s, step_s + 1, 0), context=cache.context[:-1] + (prompts,)
+      ),
+      logits_sv=logits_s1v[:, 0].astype(s.logits_sv.dtype),
+      tokens_sm=tokens_sm,
+      prev_s=token_s,
+      live_s=live_s,
+      lengths_s=jnp.where(s.live_s, step_s + 1, s.lengths_s),
+  )
+
+
 def advance(
     params,
     state: Slots,
@@ -138,42 +181,10 @@ def advance(
     sampling: SamplingConfig,
     rows: NamedSharding | None = None,
 ) -> Slots:
-  """Decode steps for every live slot until none is live or `free_to_stop` slots are free. A row
-  stops at EOS, a blank line or the budget (its own buffer full), as in `decode.generate`."""
-  budget = state.tokens_sm.shape[1]
+  """Decode steps (`step`) until no slot is live or `free_to_stop` slots are free."""
 
   def cond(s: Slots):
     return jnp.any(s.live_s) & (jnp.sum(~s.live_s) < free_to_stop)
 
-  def body(s: Slots) -> Slots:
-    step_s = s.cache.index
-    banned_sv = tables.never_v[None, :] | ((step_s == 0)[:, None] & tables.special_v[None, :])
-    logits_sv = jnp.where(banned_sv, NEG_INF, s.logits_sv)
-    step_keys_s = jax.vmap(jax.random.fold_in)(s.keys_s, step_s)
-    token_s = choose_tokens(logits_sv, step_keys_s, sampling, rows)
-    token_s = jnp.where(s.live_s, token_s, tables.pad_id)
-    written_sm = jax.nn.one_hot(step_s, budget, dtype=bool) & s.live_s[:, None]
-    tokens_sm = jnp.where(written_sm, token_s[:, None], s.tokens_sm)
-    stops_s = stop_tokens(tables, s.prev_s, token_s) | (step_s + 1 >= budget)
-    logits_s1v, _, cache = model.apply(
-        {"params": params},
-        token_s[:, None],
-        (s.first_position_s + step_s)[:, None],
-        s.live_s[:, None],
-        s.cache,
-    )
-    live_s = s.live_s & ~stops_s
-    prompts = cache.context[-1]
-    prompts = prompts.replace(positions_gs=jnp.where(live_s[:, None], prompts.positions_gs, -1))
-    return s.replace(
-        cache=cache.replace(
-            index=jnp.where(live_s, step_s + 1, 0), context=cache.context[:-1] + (prompts,)
-        ),
-        logits_sv=logits_s1v[:, 0].astype(s.logits_sv.dtype),
-        tokens_sm=tokens_sm,
-        prev_s=token_s,
-        live_s=live_s,
-        lengths_s=jnp.where(s.live_s, step_s + 1, s.lengths_s),
-    )
-
+  body = lambda s: step(params, s, tables, model=model, sampling=sampling, rows=rows)
   return jax.lax.while_loop(cond, body, state)

@@ -242,6 +242,14 @@ def _static_batches(job: _Job) -> Iterator[Finished]:
 REFILL_FRACTION = 4  # refill once a quarter of the slots (or every pending row) is free
 
 
+def refill_shape(slots: int, num_samples: int, row_shards: int) -> tuple[int, int]:
+  """(rows, prompts) of one insert: `slots / REFILL_FRACTION` rows, from at most as many prompts
+  as they can span (k samples each, the first and last partly), split evenly over the row
+  shards."""
+  refill = max(1, slots // REFILL_FRACTION)
+  return refill, round_up(min(refill, -(-(refill - 1) // num_samples) + 1), row_shards)
+
+
 def _slot_batches(job: _Job) -> Iterator[Finished]:
   """Continuous batching: `batch_size * num_samples` decode slots, one row (prompt, sample) each.
   Rows start longest prompt first (a longer question tends to take a longer answer, and the
@@ -252,9 +260,8 @@ def _slot_batches(job: _Job) -> Iterator[Finished]:
   k = job.num_samples
   decoder, pad = job.decoder, job.tokenizer.pad_id
   slots = job.batch_size * k
-  refill = max(1, slots // REFILL_FRACTION)
   row_shards = int(np.prod([job.mesh.shape[axis] for axis in job.row_axes]))
-  unique = round_up(min(refill, -(-(refill - 1) // k) + 1), row_shards)
+  refill, unique = refill_shape(slots, k, row_shards)
   logging.info(
       "%s: %d decode slots (%d prompts x %d samples), refilled %d rows at a time",
       job.label,

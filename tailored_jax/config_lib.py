@@ -141,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
   # XLA ops, 'xla' one jax.nn.dot_product_attention in XLA ops (scores materialised), 'cudnn'
   # cuDNN's flash kernel (GPU, bf16/fp16), 'splash' JAX's Pallas splash kernel (TPU).
   c.model.attention = "auto"
+  # The decode KV cache's dtype ('' = the compute dtype): 'bfloat16' halves a float32 model's
+  # cache (keys and values rounded once when written; attention still computes in model.dtype).
+  c.model.kv_cache_dtype = ""
   # LoRA (Hu et al., 2021): 0 trains every weight; r > 0 freezes them and trains rank-r adapters
   # beside the targeted projections (q, k, v, o, gate, up, down; GPT-J's fc_in/fc_out are
   # up/down), scaled by lora_alpha / r. Decoding and export fold the adapters in.
@@ -463,6 +466,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"model.{name}",
         f"float32, bfloat16 or float16; got {m[name]!r}",
     )
+  _require(
+      m.kv_cache_dtype in ("", "float32", "bfloat16", "float16"),
+      "model.kv_cache_dtype",
+      f"'' (the compute dtype), float32, bfloat16 or float16; got {m.kv_cache_dtype!r}",
+  )
   t = c.train
   _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
   _require(t.epochs >= 1, "train.epochs", "must be >= 1")

@@ -32,6 +32,7 @@ class ExamProgram:
   params: dict  # ShapeDtypeStructs with their decode shardings
   param_specs: dict  # logical PartitionSpecs
   row_axes: tuple[str, ...]
+  head_axes: tuple[str, ...] | None
   prompts: int
   samples: int
   prompt_len: int
@@ -80,6 +81,7 @@ def exam_program(cfg, train_model, mesh, layout: str) -> ExamProgram:
       params=params,
       param_specs=specs,
       row_axes=sharding.decode_row_axes(layout, placed),
+      head_axes=sharding.decode_model_axes(layout, mesh, {model.cfg.n_heads, model.cfg.n_kv_heads}),
       prompts=e.batch_size,
       samples=e.num_samples,
       prompt_len=max(cfg.train.max_seq_len - e.max_new_tokens, 8),
@@ -98,12 +100,13 @@ def abstract_slots(p: ExamProgram) -> continuous.Slots:
       max_new_tokens=p.new_tokens,
       pad_id=0,
   )
-  place = lambda leaf: (
-      p.rows(leaf.shape, leaf.dtype)
-      if leaf.ndim and leaf.shape[0] == p.slots
-      else p.replicated(leaf.shape, leaf.dtype)
+  shapes = jax.eval_shape(make, None)
+  placed = sharding.decode_slot_shardings(shapes, p.mesh, p.slots, p.row_axes, p.head_axes)
+  return jax.tree.map(
+      lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+      shapes,
+      placed,
   )
-  return jax.tree.map(place, jax.eval_shape(make, None))
 
 
 def compile_static(p: ExamProgram):

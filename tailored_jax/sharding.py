@@ -101,6 +101,36 @@ def logical_sharding(tree, mesh: Mesh):
 MODEL_AXIS_GROUPS = (("heads", "kv_heads"), ("mlp",), ("vocab",))
 
 
+def decode_model_axes(layout: str, mesh: Mesh, sizes) -> tuple[str, ...] | None:
+  """The mesh axes a decode layout splits one group of model dims over (all of `sizes` must
+  divide): under 'model_parallel' tensor × fsdp, else tensor, else fsdp; None: whole."""
+  if layout != "model_parallel":
+    return None
+  for axes in (("tensor", "fsdp"), ("tensor",), ("fsdp",)):
+    split = math.prod(mesh.shape[a] for a in axes)
+    if split > 1 and all(size % split == 0 for size in sizes):
+      return axes
+  return None
+
+
+def decode_slot_shardings(tree, mesh: Mesh, slots: int, row_axes, head_axes):
+  """Shardings for continuous batching's slots (`sample.continuous.Slots`): arrays led by the
+  slot axis split over `row_axes`; keys and values ([rows or groups, kv_heads, positions,
+  head_dim]) also over `head_axes`, as the weights that write them are, so a model-parallel
+  layout holds 1/N of the cache per device; anything else whole."""
+
+  def place(leaf):
+    if leaf.ndim == 0:
+      return replicated(mesh)
+    rows = (tuple(row_axes) or None) if leaf.shape[0] == slots else None
+    rest = [None] * (leaf.ndim - 1)
+    if leaf.ndim == 4:
+      rest[0] = head_axes
+    return NamedSharding(mesh, PartitionSpec(rows, *rest))
+
+  return jax.tree.map(place, tree)
+
+
 def decode_shardings(specs, abstract_params, mesh: Mesh, layout: str):
   """Parameter shardings for decoding, where an FSDP layout would all-gather every weight at
   every token. 'model_parallel': heads/mlp/vocab dims split over tensor and fsdp (or the one of
@@ -123,13 +153,7 @@ def decode_shardings(specs, abstract_params, mesh: Mesh, layout: str):
   axes_for: dict[str, tuple[str, ...] | None] = {}
   for group in MODEL_AXIS_GROUPS:
     group_sizes = set().union(*(sizes.get(name, set()) for name in group))
-    choice = None
-    if layout == "model_parallel":
-      for axes in (("tensor", "fsdp"), ("tensor",), ("fsdp",)):
-        split = math.prod(mesh.shape[a] for a in axes)
-        if split > 1 and all(size % split == 0 for size in group_sizes):
-          choice = axes
-          break
+    choice = decode_model_axes(layout, mesh, group_sizes)
     axes_for.update({name: choice for name in group})
   return jax.tree.map(
       lambda spec, _: NamedSharding(mesh, PartitionSpec(*(axes_for.get(n) for n in spec))),

@@ -12,7 +12,7 @@ import numpy as np
 from tailored_jax import sharding
 from tailored_jax.models import layers
 from tailored_jax.models.llama import Llama, LlamaConfig
-from tailored_jax.sample import decode, sampling
+from tailored_jax.sample import decode, memory, prefill, sampling
 from tailored_jax.sample.runner import generate_texts
 from tailored_jax.train.trainer import Trainer
 from tests.test_model_and_decode import _train_cfg
@@ -161,7 +161,8 @@ def test_a_small_memory_budget_gives_fewer_slots_and_the_same_texts(caplog):
 
 def test_slots_over_eight_devices_in_the_model_parallel_layout():
   """Rows split over the mesh axes no weight uses (data × fsdp of a (2, 2, 2) mesh), the weights
-  in the model-parallel decode layout: the texts of one device's static batches."""
+  in the model-parallel decode layout: the texts of one device's static batches, and each
+  device holds its rows' keys and values for its own heads only."""
   model = Llama(CFG)
   params = _params(model, seed=5)
   tables = _stop_on([5, 11])
@@ -185,3 +186,55 @@ def test_slots_over_eight_devices_in_the_model_parallel_layout():
       decode_layout="model_parallel",
   )
   assert texts == reference
+  # the slots' keys and values split over the heads as the weights writing them are
+  heads = sharding.decode_model_axes("model_parallel", mesh, {CFG.n_heads, CFG.n_kv_heads})
+  assert heads == ("tensor",)
+  state = decode.Decoder(model, tables).empty_slots(
+      None,
+      slots=8,
+      prompt_slots=16,
+      max_new_tokens=BUDGET,
+      mesh=mesh,
+      row_axes=("data", "fsdp"),
+      head_axes=heads,
+  )
+  for buffer in (state.cache.keys[0], state.cache.context[-1].values[1]):
+    assert buffer.sharding.shard_shape(buffer.shape) == (2, 1, buffer.shape[2], CFG.head_dim)
+
+
+def test_a_bfloat16_cache_holds_keys_and_values_rounded_once_and_half_the_bytes():
+  """`model.kv_cache_dtype=bfloat16` on a float32 model: the first layer's prompt keys are the
+  float32 ones rounded, the slots hold bfloat16 buffers, the memory plan counts half the cache, and
+  continuous batching still gives the static batches' draws."""
+  model = Llama(CFG)
+  rounded = Llama(dataclasses.replace(CFG, kv_cache_dtype="bfloat16"))
+  params = _params(model, seed=2)
+  tokens = np.asarray(Letters().encode_batch(["hello world"]), np.int32)
+  valid = np.ones_like(tokens, bool)
+  full = decode.Decoder(model, _stop_on([]))
+  half = decode.Decoder(rounded, _stop_on([]))
+  logits, context, first = prefill.prefill_prompts(params, tokens, valid, None, model=full.model)
+  logits_r, context_r, first_r = prefill.prefill_prompts(
+      params, tokens, valid, None, model=half.model
+  )
+  bf16 = jax.numpy.bfloat16
+  assert context_r.keys[1].dtype == bf16
+  # the first layer's keys and values are the float32 ones rounded; later layers read rounded
+  # ones (the prefill attends through the cache), so theirs are near, not equal
+  np.testing.assert_array_equal(context_r.keys[0], context.keys[0].astype(bf16))
+  np.testing.assert_array_equal(context_r.values[0], context.values[0].astype(bf16))
+  np.testing.assert_allclose(context_r.keys[1].astype(np.float32), context.keys[1], atol=0.05)
+  np.testing.assert_allclose(logits_r, logits, atol=0.05)
+  assert int(first_r[0]) == int(first[0]) == tokens.shape[1]
+  slots = half.empty_slots(
+      None, slots=4, prompt_slots=8, max_new_tokens=BUDGET, mesh=_mesh(), row_axes=("data",)
+  )
+  assert {leaf.dtype for leaf in slots.cache.keys + slots.cache.context[0].values} == {
+      jax.numpy.dtype("bfloat16")
+  }
+  plan = lambda cfg: memory.decode_memory(cfg, 32, BUDGET, 2).kv_cache
+  assert plan(rounded.cfg) * 2 == plan(model.cfg)
+  tables = _stop_on([5, 11])
+  static, _ = _run(rounded, params, tables, continuous=False, batch_size=4, samples=2)
+  continuous, _ = _run(rounded, params, tables, continuous=True, batch_size=2, samples=2)
+  assert continuous == static

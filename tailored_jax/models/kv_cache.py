@@ -81,6 +81,11 @@ class KVCache:
     )
 
 
+def cache_dtype(cfg) -> jnp.dtype:
+  """The dtype decoding keeps keys and values in: `kv_cache_dtype`, else the compute dtype."""
+  return jnp.dtype(cfg.kv_cache_dtype or cfg.dtype)
+
+
 def write_at(buffer, new, index, axis: int):
   """`new` written into `buffer` from slot `index` along `axis` (>= 1; axis 0 is the rows): one
   slice for a scalar index, each row at its own for an index per row."""

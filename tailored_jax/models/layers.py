@@ -34,6 +34,7 @@ class Execution:
   remat: str = "none"  # config_lib.REMAT_POLICIES
   scan_layers: bool = False  # one nn.scan over stacked layers
   attention: str = "auto"  # the training attention: attention.dispatch.REQUESTS, then resolved
+  kv_cache_dtype: str = ""  # the decode cache's ('' = dtype)
   platform: str = ""  # the devices the step compiles for, set with `attention` by `resolve`
   lora_rank: int = 0  # > 0: rank-r adapters beside the targeted projections (`models/lora.py`)
   lora_alpha: float = 16.0

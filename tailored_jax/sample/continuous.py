@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from tailored_jax.models.kv_cache import Context, KVCache
+from tailored_jax.models.kv_cache import Context, KVCache, cache_dtype
 from tailored_jax.sample.prefill import prefill_prompts
 from tailored_jax.sample.sampling import NEG_INF, SamplingConfig, choose_tokens
 from tailored_jax.sample.stops import StopTables, stop_tokens
@@ -53,7 +53,7 @@ def empty_slots(
 ) -> Slots:
   """`slots` free slots for prompts of up to `prompt_slots` tokens after the shared `prefix`."""
   cfg = model.cfg
-  dtype = jnp.dtype(cfg.dtype)
+  dtype = cache_dtype(cfg)
   zeros = lambda: tuple(
       jnp.zeros((slots, cfg.n_kv_heads, prompt_slots, cfg.head_dim), dtype)
       for _ in range(cfg.n_layers)

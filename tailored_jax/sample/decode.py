@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 
 from tailored_jax import sharding
 from tailored_jax.models import for_decoding
-from tailored_jax.models.kv_cache import Context, KVCache
+from tailored_jax.models.kv_cache import Context, KVCache, cache_dtype
 from tailored_jax.models.layers import is_stacked
 from tailored_jax.sample import continuous
 from tailored_jax.sample.prefill import prefill_prefix, prefill_prompts
@@ -75,7 +75,7 @@ def generate(
       max_new_tokens,
       cfg.n_kv_heads,
       cfg.head_dim,
-      jnp.dtype(cfg.dtype),
+      cache_dtype(cfg),
       context + (prompts,),
   )
   if rng.ndim == 1:
@@ -193,10 +193,12 @@ class Decoder:
       max_new_tokens: int,
       mesh,
       row_axes: tuple[str, ...],
+      head_axes: tuple[str, ...] | None = None,
   ) -> continuous.Slots:
-    """Free decode slots for continuous batching (`continuous.empty_slots`), each array with a
-    slot axis split over `row_axes` of `mesh`."""
-    key = (slots, prompt_slots, max_new_tokens, mesh, row_axes, prefix is None)
+    """Free decode slots for continuous batching (`continuous.empty_slots`), placed by
+    `sharding.decode_slot_shardings`: slots over `row_axes`, keys and values also over
+    `head_axes` (where the decode layout splits the heads)."""
+    key = (slots, prompt_slots, max_new_tokens, mesh, row_axes, head_axes, prefix is None)
     if key not in self._empty:
       make = functools.partial(
           continuous.empty_slots,
@@ -206,14 +208,10 @@ class Decoder:
           max_new_tokens=max_new_tokens,
           pad_id=self.tables.pad_id,
       )
-      place = lambda leaf: (
-          sharding.decode_batch_sharding(mesh, leaf.ndim, row_axes)
-          if leaf.ndim and leaf.shape[0] == slots
-          else sharding.replicated(mesh)
+      placed = sharding.decode_slot_shardings(
+          jax.eval_shape(make, prefix), mesh, slots, row_axes, head_axes
       )
-      self._empty[key] = jax.jit(
-          make, out_shardings=jax.tree.map(place, jax.eval_shape(make, prefix))
-      )
+      self._empty[key] = jax.jit(make, out_shardings=placed)
     return self._empty[key](prefix)
 
   def insert(self, params, state, prompt_up, prompt_valid_up, slot_r, source_r, keys_r):

@@ -9,6 +9,8 @@ import os
 import jax
 import numpy as np
 
+from tailored_jax.models.kv_cache import cache_dtype
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeMemory:
@@ -26,12 +28,14 @@ class DecodeMemory:
 def decode_memory(
     cfg, prompt_slots: int, max_new_tokens: int, num_samples: int, shared_prefix: int = 0
 ) -> DecodeMemory:
-  """What one prompt (its `num_samples` rows) needs: float32 scores and logits, the model's
-  dtype for keys, values and activations. `prompt_slots` excludes the shared prefix."""
+  """What one prompt (its `num_samples` rows) needs: float32 scores and logits, the cache's
+  dtype for keys and values, the model's for activations. `prompt_slots` excludes the shared
+  prefix."""
   item = np.dtype(cfg.dtype).itemsize
+  cache_item = np.dtype(cache_dtype(cfg)).itemsize
   slots = prompt_slots + max_new_tokens
   seen = shared_prefix + slots
-  kv = 2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * item
+  kv = 2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * cache_item
   step = (
       4 * cfg.vocab_size * 3 + 4 * cfg.n_heads * seen * 2 + item * (cfg.d_ff * 3 + cfg.d_model * 4)
   )

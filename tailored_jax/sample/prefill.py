@@ -7,14 +7,14 @@ import jax
 import jax.numpy as jnp
 
 from tailored_jax.models import head_logits
-from tailored_jax.models.kv_cache import Context, KVCache
+from tailored_jax.models.kv_cache import Context, KVCache, cache_dtype
 
 
 def prefill_prefix(params, prefix_p, *, model) -> Context:
   """Keys and values of a prefix (no padding) that every prompt of a batch starts with."""
   cfg = model.cfg
   p = prefix_p.shape[0]
-  cache = KVCache.zeros(cfg.n_layers, 1, p, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
+  cache = KVCache.zeros(cfg.n_layers, 1, p, cfg.n_kv_heads, cfg.head_dim, cache_dtype(cfg))
   _, _, cache = model.apply(
       {"params": params},
       prefix_p[None],
@@ -37,9 +37,7 @@ def prefill_prompts(
   context = () if prefix is None else (prefix,)
   offset = 0 if prefix is None else prefix.length
   positions_bp = offset + jnp.maximum(jnp.cumsum(prompt_valid_bp, axis=1) - 1, 0)
-  cache = KVCache.zeros(
-      cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype), context
-  )
+  cache = KVCache.zeros(cfg.n_layers, b, p, cfg.n_kv_heads, cfg.head_dim, cache_dtype(cfg), context)
   _, hidden_bpd, cache = model.apply(
       {"params": params}, prompt_bp, positions_bp, prompt_valid_bp, cache, with_logits=False
   )

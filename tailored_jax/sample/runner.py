@@ -102,6 +102,9 @@ def generate_texts(
       shared,
   )
   row_axes = sharding.decode_row_axes(decode_layout, jax.tree.map(lambda x: x.sharding, params))
+  head_axes = sharding.decode_model_axes(
+      decode_layout, mesh, {decoder.model.cfg.n_heads, decoder.model.cfg.n_kv_heads}
+  )
   rows = sharding.decode_batch_sharding(mesh, 2, row_axes)
   row_shards = int(np.prod([mesh.shape[axis] for axis in row_axes]))
   budget = sharding.smallest(memory_budget_bytes or memory.device_budget_bytes())
@@ -131,6 +134,7 @@ def generate_texts(
       prefix,
       mesh,
       row_axes,
+      head_axes,
       rows,
       num_samples,
       sampling,
@@ -187,6 +191,7 @@ class _Job:
   prefix: object
   mesh: object
   row_axes: tuple[str, ...]
+  head_axes: tuple[str, ...] | None  # where the decode layout splits the heads (and the cache)
   rows: object
   num_samples: int
   sampling: SamplingConfig
@@ -279,6 +284,7 @@ def _slot_batches(job: _Job) -> Iterator[Finished]:
       max_new_tokens=job.max_new_tokens,
       mesh=job.mesh,
       row_axes=job.row_axes,
+      head_axes=job.head_axes,
   )
   replicated = lambda a: sharding.put_global(a, sharding.replicated(job.mesh))
   held: list[tuple[int, int] | None] = [None] * slots

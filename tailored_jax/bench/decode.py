@@ -136,6 +136,12 @@ def main(argv=None) -> None:
   student.add_argument("--samples", type=int, default=4)
   student.add_argument("--eval_prompts", type=int, default=64, help="the evaluation part's")
   student.add_argument("--eval_batch", type=int, default=32)
+  student.add_argument(
+      "--kv_cache_dtype",
+      default="bfloat16",
+      help="the evaluation part also decodes continuously with this KV cache dtype and scores"
+      " both ('' to skip)",
+  )
   args = parser.parse_args(argv)
   if args.model not in PRESETS:
     if not os.path.exists(args.model) or not args.data_path:

@@ -13,11 +13,14 @@ transformers' `min_new_tokens` does), so tokens/s counts the same tokens.
   budget; rows stop at EOS or a blank line), `eval_batch` rows at a time: ours in static batches
   (each runs until its longest row stops) and with continuous batching (`generate_texts`), and
   transformers' `generate` in the same static batches, stopping at EOS or "\n\n"
-  (`stop_strings`); generated tokens, seconds and how many texts are identical.
+  (`stop_strings`); generated tokens, seconds and how many texts are identical; with
+  `kv_cache_dtype`, continuous batching again with the KV cache in that dtype, and the test
+  accuracy of both caches' answers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -29,6 +32,7 @@ import ml_collections
 from tailored_jax import config_lib, sharding
 from tailored_jax.bench.common import median_seconds, report
 from tailored_jax.bench.decode import hf_generate, ours_generate, timed_row
+from tailored_jax.data import scoring
 from tailored_jax.data.batching import round_up
 from tailored_jax.data.tasks import build_task
 from tailored_jax.sample.decode import Decoder, StopTables
@@ -149,7 +153,54 @@ def evaluation(args, student, theirs, prompts: list[str]) -> dict:
   result["continuous_over_transformers"] = (
       result["transformers"]["seconds"] / result["ours_continuous"]["seconds"]
   )
+  if args.kv_cache_dtype:
+    result.update(cache_dtype_arm(args, student, prompts, texts["ours_continuous"], budget, mesh))
   return result
+
+
+def cache_dtype_arm(args, student, prompts, reference, budget, mesh) -> dict:
+  """Continuous batching with the KV cache in `args.kv_cache_dtype`: its time, how many texts
+  equal the compute dtype's (`reference`), and both caches' accuracy on these test questions."""
+  tok, cfg = student.tokenizer, student.model.cfg
+  model = type(student.model)(dataclasses.replace(cfg, kv_cache_dtype=args.kv_cache_dtype))
+  decoder = Decoder(model, StopTables.from_tokenizer(tok, cfg.vocab_size))
+  stats, out = {}, {}
+
+  def ours():
+    out["texts"] = generate_texts(
+        decoder,
+        student.params,
+        tok,
+        prompts,
+        mesh=mesh,
+        num_samples=1,
+        sampling=SamplingConfig(),
+        max_new_tokens=budget,
+        batch_size=args.eval_batch,
+        rng=jax.random.PRNGKey(0),
+        label=f"ours_continuous_{args.kv_cache_dtype}_cache",
+        continuous=True,
+        stats=stats,
+    )
+
+  first, seconds = median_seconds(ours, args.repeats)
+  task = _task(args.task, args.data_path, len(prompts))
+  examples = task.splits()["test"][: len(prompts)]
+  accuracy = lambda texts: scoring.score(task, examples, [t[0] for t in texts])[1]["accuracy"]
+  name = f"ours_continuous_{args.kv_cache_dtype}_cache"
+  return {
+      name: {
+          "first_call_s": first,
+          "seconds": seconds,
+          "new_tokens": stats["tokens"],
+          "new_tokens_per_s": stats["tokens"] / seconds,
+      },
+      f"same_texts_{args.kv_cache_dtype}_cache": sum(
+          a == b for a, b in zip(out["texts"], reference)
+      ),
+      "accuracy_compute_dtype_cache": accuracy(reference),
+      f"accuracy_{args.kv_cache_dtype}_cache": accuracy(out["texts"]),
+  }
 
 
 def transformers_model(path: str):

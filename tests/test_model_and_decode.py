@@ -563,6 +563,9 @@ def test_decode_memory_and_the_batch_that_fits():
   assert memory.fit_batch(64, need.total, 10 * need.total, 2) == 20
   assert memory.fit_batch(16, need.total, 10 * need.total, 2) == 16
   assert memory.fit_batch(64, need.total, 1, 4) == 4  # never below one row per shard
+  split = need.with_heads_split(2)  # a device holding one of the 2 kv heads
+  assert split.kv_cache == need.kv_cache // 2 and split.step == need.step
+  assert split.total == need.kv_cache // 2 + need.prefill
 
 
 def test_a_small_memory_budget_shrinks_the_batch_not_the_results(params, caplog):

@@ -24,6 +24,11 @@ class DecodeMemory:
   def total(self) -> int:
     return self.kv_cache + max(self.step, self.prefill)
 
+  def with_heads_split(self, ways: int) -> DecodeMemory:
+    """On a device holding 1/`ways` of the heads (a model-parallel decode layout): its share of
+    the keys and values; the per-step buffers counted whole (logits are not split)."""
+    return dataclasses.replace(self, kv_cache=-(-self.kv_cache // ways))
+
 
 def decode_memory(
     cfg, prompt_slots: int, max_new_tokens: int, num_samples: int, shared_prefix: int = 0

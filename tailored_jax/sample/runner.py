@@ -107,6 +107,7 @@ def generate_texts(
   )
   rows = sharding.decode_batch_sharding(mesh, 2, row_axes)
   row_shards = int(np.prod([mesh.shape[axis] for axis in row_axes]))
+  need = need.with_heads_split(int(np.prod([mesh.shape[axis] for axis in head_axes or ()])))
   budget = sharding.smallest(memory_budget_bytes or memory.device_budget_bytes())
   requested = batch_size
   wanted = min(batch_size, round_up(len(prompts), row_shards))  # no batch beyond the prompts

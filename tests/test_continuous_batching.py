@@ -96,9 +96,9 @@ def _lengths(texts) -> list[int]:
 
 
 def test_slots_refilled_as_rows_stop_give_each_row_its_own_greedy_tokens():
-  """Rows of very different lengths (1 token to the whole budget): two slots refilled ten times
-  give every prompt exactly the tokens it decodes alone up to its first stop token, as static
-  batches do."""
+  """Rows of very different lengths (1 token to the whole budget): two slots refilled ten times,
+  the last row moved to a slot of its own, give every prompt exactly the tokens it decodes alone
+  up to its first stop token, as static batches do."""
   model = Llama(CFG)
   params = _params(model)
   free_run, _ = _run(
@@ -119,7 +119,9 @@ def test_slots_refilled_as_rows_stop_give_each_row_its_own_greedy_tokens():
   assert continuous == expected
   assert static == expected
   inserts = {shape for shape in decoder._shapes if shape[0] == "insert"}
-  assert inserts and all(shape[1] == 2 for shape in inserts)  # two slots throughout
+  assert inserts and all(shape[1] == 2 for shape in inserts)  # two slots while rows start
+  # the last row, once no other is left to start, finishes alone in one slot
+  assert ("advance", 1, BUDGET) in {shape[:3] for shape in decoder._shapes}
 
 
 def test_sampled_rows_keep_their_keys_per_prompt_and_sample():

@@ -188,3 +188,13 @@ def advance(
 
   body = lambda s: step(params, s, tables, model=model, sampling=sampling, rows=rows)
   return jax.lax.while_loop(cond, body, state)
+
+
+def compact(state: Slots, keep_k) -> Slots:
+  """The slots `keep_k` (the live ones, padded with free ones) as a smaller set: each row's
+  caches, prompt, tokens and key move with it, so a tail with few rows still running steps at
+  the smaller size and computes what it would have in the larger one."""
+  take = lambda x: jnp.take(x, keep_k, axis=0)
+  cache = state.cache
+  moved = jax.tree.map(take, state.replace(cache=cache.replace(context=cache.context[-1:])))
+  return moved.replace(cache=moved.cache.replace(context=cache.context[:-1] + moved.cache.context))

@@ -13,6 +13,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 
 from tailored_jax import sharding
@@ -145,6 +146,7 @@ class Decoder:
     self._insert = jax.jit(functools.partial(continuous.insert, model=model), donate_argnums=1)
     self._advance = {}
     self._empty = {}
+    self._compact = {}
 
   @property
   def compilations(self) -> int:
@@ -213,6 +215,21 @@ class Decoder:
       )
       self._empty[key] = jax.jit(make, out_shardings=placed)
     return self._empty[key](prefix)
+
+  def compact(self, state, keep, *, mesh, row_axes, head_axes=None) -> continuous.Slots:
+    """The slots `keep` (host ints) as a smaller set (`continuous.compact`)."""
+    key = ("compact", state.size, len(keep), mesh, row_axes, head_axes)
+    if key not in self._compact:
+      shapes = jax.eval_shape(continuous.compact, state, jnp.zeros((len(keep),), jnp.int32))
+      self._compact[key] = jax.jit(
+          continuous.compact,
+          out_shardings=sharding.decode_slot_shardings(
+              shapes, mesh, len(keep), row_axes, head_axes
+          ),
+      )
+    self._shapes.add(key)
+    keep = sharding.put_global(np.asarray(keep, np.int32), sharding.replicated(mesh))
+    return self._compact[key](state, keep)
 
   def insert(self, params, state, prompt_up, prompt_valid_up, slot_r, source_r, keys_r):
     """Prefills prompts into free slots (`continuous.insert`); `state` is donated."""

@@ -262,7 +262,9 @@ def _slot_batches(job: _Job) -> Iterator[Finished]:
   last rows to start decide how long the last slots run nearly empty). Once
   `slots / REFILL_FRACTION` of them (or all rows still waiting) have stopped, the next rows are
   prefilled into the free slots, in inserts of that many rows (prompts padded to their length
-  bucket), while the others keep their caches."""
+  bucket), while the others keep their caches. Once no row is left to start and no more rows
+  run than a refill holds, the running ones move into that many slots (`Decoder.compact`), so
+  the tail does not step the emptied slots."""
   k = job.num_samples
   decoder, pad = job.decoder, job.tokenizer.pad_id
   slots = job.batch_size * k
@@ -289,17 +291,19 @@ def _slot_batches(job: _Job) -> Iterator[Finished]:
   )
   replicated = lambda a: sharding.put_global(a, sharding.replicated(job.mesh))
   held: list[tuple[int, int] | None] = [None] * slots
+  tail = round_up(refill, row_shards)  # the slots the last rows finish in
   texts: dict[int, list] = {}
   at = 0
   while True:
     preemption.stop_if_noticed("between decode batches (decoding runs again on resume)")
-    free = [s for s in range(slots) if held[s] is None]
+    size = len(held)
+    free = [s for s in range(size) if held[s] is None]
     while at < len(pending) and free:
       group = pending[at : at + min(refill, len(free))]
       prompts = list(dict.fromkeys(i for i, _ in group))
       length = round_up(max(len(job.encoded[i]) for i in prompts), job.bucket)
       tokens, valid = left_pad([job.encoded[i] for i in prompts], length, unique, pad)
-      slot_r = np.full((refill,), slots, np.int32)  # past the last slot: no row
+      slot_r = np.full((refill,), size, np.int32)  # past the last slot: no row
       source_r = np.zeros((refill,), np.int32)
       keys_r = np.zeros((refill, 2), np.uint32)
       for r, (i, j) in enumerate(group):
@@ -318,17 +322,17 @@ def _slot_batches(job: _Job) -> Iterator[Finished]:
     if all(row is None for row in held):
       return
     waiting = len(pending) - at
-    state = decoder.advance(
-        job.params,
-        state,
-        min(refill, waiting) if waiting else slots + 1,
-        sampling=job.sampling,
-        rows=job.rows,
-    )
+    if waiting:
+      free_to_stop = min(refill, waiting)
+    elif tail < size:  # nothing left to start: run until the rest fits the tail's slots
+      free_to_stop = size - tail
+    else:
+      free_to_stop = size + 1
+    state = decoder.advance(job.params, state, free_to_stop, sampling=job.sampling, rows=job.rows)
     live = sharding.to_host(state.live_s)
     lengths = sharding.to_host(state.lengths_s)
     out = sharding.to_host(state.tokens_sm)
-    ended = [s for s in range(slots) if held[s] is not None and not live[s]]
+    ended = [s for s in range(size) if held[s] is not None and not live[s]]
     decoded = job.tokenizer.decode_batch([out[s, : lengths[s]] for s in ended])
     finished = []
     for s, text in zip(ended, decoded):
@@ -337,4 +341,11 @@ def _slot_batches(job: _Job) -> Iterator[Finished]:
       texts.setdefault(i, [None] * k)[j] = text
       if all(t is not None for t in texts[i]):
         finished.append(i)
+    running = [s for s in range(size) if held[s] is not None]
+    if not waiting and running and tail < size and len(running) <= tail:
+      keep = running + [s for s in range(size) if held[s] is None][: tail - len(running)]
+      state = decoder.compact(
+          state, keep, mesh=job.mesh, row_axes=job.row_axes, head_axes=job.head_axes
+      )
+      held = [held[s] for s in keep]
     yield finished, [texts.pop(i) for i in finished], int(sum(lengths[s] for s in ended))

@@ -64,6 +64,36 @@ def transformers_tokenizer(path: str):
   return transformers.AutoTokenizer.from_pretrained(path)
 
 
+def timed_greedy(args, decoder, student, prompts, budget, mesh, label, continuous):
+  """Greedy texts of `prompts` as the evaluation decodes them, and the call's timing."""
+  stats, out = {}, {}
+
+  def ours():
+    out["texts"] = generate_texts(
+        decoder,
+        student.params,
+        student.tokenizer,
+        prompts,
+        mesh=mesh,
+        num_samples=1,
+        sampling=SamplingConfig(),
+        max_new_tokens=budget,
+        batch_size=args.eval_batch,
+        rng=jax.random.PRNGKey(0),
+        label=label,
+        continuous=continuous,
+        stats=stats,
+    )
+
+  first, seconds = median_seconds(ours, args.repeats)
+  return out["texts"], {
+      "first_call_s": first,
+      "seconds": seconds,
+      "new_tokens": stats["tokens"],
+      "new_tokens_per_s": stats["tokens"] / seconds,
+  }
+
+
 def evaluation(args, student, theirs, prompts: list[str]) -> dict:
   """The `evaluation` part: ours static and continuous, and transformers, on the same prompts."""
   import torch
@@ -77,32 +107,9 @@ def evaluation(args, student, theirs, prompts: list[str]) -> dict:
   result = {"prompts": len(prompts), "batch": args.eval_batch, "max_new_tokens": budget}
   texts = {}
   for name, continuous in (("ours_static", False), ("ours_continuous", True)):
-    stats = {}
-
-    def ours(continuous=continuous, name=name, stats=stats):
-      texts[name] = generate_texts(
-          decoder,
-          student.params,
-          tok,
-          prompts,
-          mesh=mesh,
-          num_samples=1,
-          sampling=SamplingConfig(),
-          max_new_tokens=budget,
-          batch_size=args.eval_batch,
-          rng=jax.random.PRNGKey(0),
-          label=name,
-          continuous=continuous,
-          stats=stats,
-      )
-
-    first, seconds = median_seconds(ours, args.repeats)
-    result[name] = {
-        "first_call_s": first,
-        "seconds": seconds,
-        "new_tokens": stats["tokens"],
-        "new_tokens_per_s": stats["tokens"] / seconds,
-    }
+    texts[name], result[name] = timed_greedy(
+        args, decoder, student, prompts, budget, mesh, name, continuous
+    )
   encoded = tok.encode_batch(prompts)
   order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
   hf_tokenizer = transformers_tokenizer(args.model)
@@ -164,42 +171,16 @@ def cache_dtype_arm(args, student, prompts, reference, budget, mesh) -> dict:
   tok, cfg = student.tokenizer, student.model.cfg
   model = type(student.model)(dataclasses.replace(cfg, kv_cache_dtype=args.kv_cache_dtype))
   decoder = Decoder(model, StopTables.from_tokenizer(tok, cfg.vocab_size))
-  stats, out = {}, {}
-
-  def ours():
-    out["texts"] = generate_texts(
-        decoder,
-        student.params,
-        tok,
-        prompts,
-        mesh=mesh,
-        num_samples=1,
-        sampling=SamplingConfig(),
-        max_new_tokens=budget,
-        batch_size=args.eval_batch,
-        rng=jax.random.PRNGKey(0),
-        label=f"ours_continuous_{args.kv_cache_dtype}_cache",
-        continuous=True,
-        stats=stats,
-    )
-
-  first, seconds = median_seconds(ours, args.repeats)
+  name = f"ours_continuous_{args.kv_cache_dtype}_cache"
+  texts, timing = timed_greedy(args, decoder, student, prompts, budget, mesh, name, True)
   task = _task(args.task, args.data_path, len(prompts))
   examples = task.splits()["test"][: len(prompts)]
   accuracy = lambda texts: scoring.score(task, examples, [t[0] for t in texts])[1]["accuracy"]
-  name = f"ours_continuous_{args.kv_cache_dtype}_cache"
   return {
-      name: {
-          "first_call_s": first,
-          "seconds": seconds,
-          "new_tokens": stats["tokens"],
-          "new_tokens_per_s": stats["tokens"] / seconds,
-      },
-      f"same_texts_{args.kv_cache_dtype}_cache": sum(
-          a == b for a, b in zip(out["texts"], reference)
-      ),
+      name: timing,
+      f"same_texts_{args.kv_cache_dtype}_cache": sum(a == b for a, b in zip(texts, reference)),
       "accuracy_compute_dtype_cache": accuracy(reference),
-      f"accuracy_{args.kv_cache_dtype}_cache": accuracy(out["texts"]),
+      f"accuracy_{args.kv_cache_dtype}_cache": accuracy(texts),
   }
 
 

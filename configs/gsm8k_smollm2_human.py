@@ -33,6 +33,6 @@ def get_config():
   c.teacher.update(kind="dataset", num_rationales=1)
   c.method.self_reflection = False  # one human solution per question: no positive besides it
   c.train.update(lr=2e-5, batch_size=4, epochs=2)
-  c.exam.update(num_samples=2, batch_size=16)
-  c.eval.batch_size = 32
+  c.exam.update(num_samples=2, batch_size=64)
+  c.eval.batch_size = 64
   return c

@@ -142,7 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
   # cuDNN's flash kernel (GPU, bf16/fp16), 'splash' JAX's Pallas splash kernel (TPU).
   c.model.attention = "auto"
   # The decode KV cache's dtype ('' = the compute dtype): 'bfloat16' halves a float32 model's
-  # cache (keys and values rounded once when written; attention still computes in model.dtype).
+  # cache (keys and values rounded once when written; attention still computes in model.dtype);
+  # 'int8' keeps each token's key and value vectors per kv head as int8 with one float32 scale
+  # (absolute maximum / 127): a quarter of float32's bytes plus 4 / head_dim.
   c.model.kv_cache_dtype = ""
   # LoRA (Hu et al., 2021): 0 trains every weight; r > 0 freezes them and trains rank-r adapters
   # beside the targeted projections (q, k, v, o, gate, up, down; GPT-J's fc_in/fc_out are
@@ -166,7 +168,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.preset = ""
   # Weights while decoding (exam, evaluation): 'model_parallel' splits heads/mlp/vocab over
   # tensor and fsdp (no per-token weight all-gather), 'replicated' keeps a whole copy per device,
-  # 'train' decodes in the training layout.
+  # 'train' decodes in the training layout; 'auto' compiles one exam decode step in each at the
+  # start and takes the fastest that fits by the compiler's numbers (`exam_plan`; logged).
   c.mesh.decode_layout = "model_parallel"
 
   c.train = ml_collections.ConfigDict()
@@ -467,9 +470,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"float32, bfloat16 or float16; got {m[name]!r}",
     )
   _require(
-      m.kv_cache_dtype in ("", "float32", "bfloat16", "float16"),
+      m.kv_cache_dtype in ("", "float32", "bfloat16", "float16", "int8"),
       "model.kv_cache_dtype",
-      f"'' (the compute dtype), float32, bfloat16 or float16; got {m.kv_cache_dtype!r}",
+      f"'' (the compute dtype), float32, bfloat16, float16 or int8; got {m.kv_cache_dtype!r}",
   )
   t = c.train
   _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -528,9 +531,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
       f" {c.mesh.preset!r}",
   )
   _require(
-      c.mesh.decode_layout in DECODE_LAYOUTS,
+      c.mesh.decode_layout in DECODE_LAYOUTS + ("auto",),
       "mesh.decode_layout",
-      f"must be 'model_parallel', 'replicated' or 'train', got {c.mesh.decode_layout!r}",
+      f"must be 'model_parallel', 'replicated', 'train' or 'auto', got {c.mesh.decode_layout!r}",
   )
   _require(
       c.logging.wandb_mode in ("online", "offline", "disabled"),

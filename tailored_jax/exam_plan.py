@@ -13,8 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tailored_jax import sharding
-from tailored_jax.models import for_decoding
+from absl import logging
+
+from tailored_jax import device_sheets, plan, sharding
+from tailored_jax.models import decode_weights, for_decoding
 from tailored_jax.models.layers import abstract_boxed_params
 from tailored_jax.sample import continuous, decode
 from tailored_jax.sample.runner import refill_shape
@@ -67,7 +69,7 @@ def exam_program(cfg, train_model, mesh, layout: str) -> ExamProgram:
   """`cfg.exam`'s decode of `train_model` (attention already chosen for the mesh) in `layout`."""
   model = for_decoding(train_model)
   boxed = abstract_boxed_params(model)
-  abstract = nn.meta.unbox(boxed)
+  abstract = jax.eval_shape(lambda p: decode_weights(p, model.cfg), nn.meta.unbox(boxed))
   specs = nn.get_partition_spec(boxed)
   placed = sharding.decode_shardings(specs, abstract, mesh, layout)
   params = jax.tree.map(
@@ -81,7 +83,7 @@ def exam_program(cfg, train_model, mesh, layout: str) -> ExamProgram:
       params=params,
       param_specs=specs,
       row_axes=sharding.decode_row_axes(layout, placed),
-      head_axes=sharding.decode_model_axes(layout, mesh, {model.cfg.n_heads, model.cfg.n_kv_heads}),
+      head_axes=sharding.decode_head_axes(layout, mesh, model.cfg),
       prompts=e.batch_size,
       samples=e.num_samples,
       prompt_len=max(cfg.train.max_seq_len - e.max_new_tokens, 8),
@@ -92,19 +94,20 @@ def exam_program(cfg, train_model, mesh, layout: str) -> ExamProgram:
 
 def abstract_slots(p: ExamProgram) -> continuous.Slots:
   """The decode slots (`continuous.empty_slots`) as abstract arrays placed as the runner does."""
-  make = functools.partial(
-      continuous.empty_slots,
-      model=p.model,
+  make, placed = decode.slot_layout(
+      p.model,
+      None,
       slots=p.slots,
       prompt_slots=p.prompt_len,
       max_new_tokens=p.new_tokens,
       pad_id=0,
+      mesh=p.mesh,
+      row_axes=p.row_axes,
+      head_axes=p.head_axes,
   )
-  shapes = jax.eval_shape(make, None)
-  placed = sharding.decode_slot_shardings(shapes, p.mesh, p.slots, p.row_axes, p.head_axes)
   return jax.tree.map(
       lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-      shapes,
+      jax.eval_shape(make, None),
       placed,
   )
 
@@ -161,3 +164,35 @@ def compile_step(p: ExamProgram):
       donate_argnums=1,
   )
   return step.lower(p.params, abstract_slots(p), p.tables).compile()
+
+
+def choose_decode_layout(cfg, train_model, mesh, budget: int) -> str:
+  """`mesh.decode_layout=auto`: one exam decode step compiled for the run's own devices in each
+  layout, and the one `plan.fastest_layout` picks by the compiler's numbers (time per token from
+  the chip's data sheet where there is one), logged with each layout's figures."""
+  if mesh.devices.size == 1:
+    logging.info("mesh.decode_layout=auto: one device, every layout the same: replicated")
+    return "replicated"
+  kind = mesh.devices.flat[0].device_kind
+  compared = plan.compare_decode_layouts(
+      cfg, train_model, mesh, device_sheets.peaks_of(kind), budget
+  )
+  for name, entry in compared["layouts"].items():
+    logging.info(
+        "decode layout %s: fits %s, %.1f MiB per device, %d bytes moved per token%s",
+        name,
+        entry["fits"],
+        entry.get("xla_bytes_per_device", {}).get("total", 0) / 2**20,
+        entry.get("collective_bytes_per_token", 0),
+        f", about {entry['estimated_tokens_per_second']:.0f} tokens/s (estimate)"
+        if "estimated_tokens_per_second" in entry
+        else "",
+    )
+  best = compared["best_layout"]
+  if best is None:
+    raise ValueError(
+        f"config field mesh.decode_layout=auto: no decode layout's exam step fits"
+        f" {budget / 2**30:.1f} GiB per device ({kind}); lower exam.batch_size"
+    )
+  logging.info("mesh.decode_layout=auto: %s on %s (%s)", best, kind, compared["layouts_note"])
+  return best

@@ -292,27 +292,52 @@ def roofline(compiled, chip, model_flops_per_device: float) -> dict:
 def decode_step_estimate(compiled, chip, tokens: int) -> dict:
   """One decode step's time from the compiler's own cost analysis: its FLOPs at the chip's bf16
   peak or its bytes at the HBM bandwidth, whichever is longer, plus its collectives' bytes at the
-  chip's ICI bandwidth (no latency, no overlap). An estimate to rank layouts by."""
+  chip's ICI bandwidth (no latency, no overlap). An estimate to rank layouts by. `chip` (data-sheet
+  peaks, `device_sheets.Peaks` or a `tpu_slices.Chip`) None: the compiler's numbers alone."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   moved = collectives(compiled.as_text())
   moved_bytes = sum(kind["bytes"] for kind in moved.values())
-  seconds = max(flops / (chip.bf16_tflops * 1e12), accessed / (chip.hbm_gb_per_s * 1e9))
-  seconds += moved_bytes / (chip.ici_gb_per_s * 1e9)
-  return {
+  estimate = {
       "compiler_flops_per_device": flops,
       "compiler_bytes_accessed_per_device": accessed,
       "collectives_per_token": moved,
-      "estimated_seconds_per_step": seconds,
-      "estimated_tokens_per_second": tokens / seconds if seconds else 0.0,
+      "collective_bytes_per_token": moved_bytes,
   }
+  if chip is None:
+    return estimate
+  seconds = max(flops / (chip.bf16_tflops * 1e12), accessed / (chip.hbm_gb_per_s * 1e9))
+  seconds += moved_bytes / (chip.ici_gb_per_s * 1e9)
+  return dict(
+      estimate,
+      estimated_seconds_per_step=seconds,
+      estimated_tokens_per_second=tokens / seconds if seconds else 0.0,
+  )
+
+
+def fastest_layout(layouts: dict) -> str | None:
+  """The decode layout that fits and has the highest estimated tokens/s; without data-sheet
+  estimates, the one that moves the fewest bytes between devices per token, then reads the
+  fewest. None: none fits."""
+  fitting = [name for name, entry in layouts.items() if entry["fits"]]
+  if not fitting:
+    return None
+  if all("estimated_tokens_per_second" in layouts[name] for name in fitting):
+    return max(fitting, key=lambda n: layouts[n]["estimated_tokens_per_second"])
+  return min(
+      fitting,
+      key=lambda n: (
+          layouts[n]["collective_bytes_per_token"],
+          layouts[n]["compiler_bytes_accessed_per_device"],
+      ),
+  )
 
 
 def compare_decode_layouts(cfg, train_model, mesh, chip, budget: int) -> dict:
-  """One exam decode step (every slot one token) compiled by the TPU compiler in each decode
-  layout: bytes per device, collectives per token and the estimated tokens/s of the slice;
-  `best_layout` is the fastest that fits."""
+  """One exam decode step (every slot one token) compiled for `mesh`'s devices in each decode
+  layout: bytes per device, collectives per token and, with the chip's data sheet, the estimated
+  tokens/s of the slice; `best_layout` is the fastest that fits (`fastest_layout`)."""
   from tailored_jax import exam_plan, sharding
 
   layouts = {}
@@ -334,16 +359,18 @@ def compare_decode_layouts(cfg, train_model, mesh, chip, budget: int) -> dict:
           **decode_step_estimate(compiled, chip, program.slots),
       )
     layouts[layout] = entry
-  fitting = [name for name, entry in layouts.items() if entry["fits"]]
+  how = (
+      "time = max(compiler FLOPs / bf16 peak, compiler bytes / HBM bandwidth) + collective bytes"
+      " / ICI bandwidth (data sheet; no latency or overlap): an estimate to rank layouts by"
+      if chip is not None
+      else "no data sheet for these devices: ranked by the bytes their collectives move per"
+      " token, then the bytes a step reads"
+  )
   return {
       "layouts": layouts,
-      "best_layout": max(fitting, key=lambda n: layouts[n]["estimated_tokens_per_second"])
-      if fitting
-      else None,
+      "best_layout": fastest_layout(layouts),
       "layouts_note": (
-          f"one step of {cfg.exam.batch_size} x {cfg.exam.num_samples} slots per layout; time ="
-          " max(compiler FLOPs / bf16 peak, compiler bytes / HBM bandwidth) + collective bytes /"
-          " ICI bandwidth (data sheet; no latency or overlap): an estimate to rank layouts by"
+          f"one step of {cfg.exam.batch_size} x {cfg.exam.num_samples} slots per layout; {how}"
       ),
   }
 

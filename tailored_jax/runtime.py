@@ -14,10 +14,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tailored_jax import checkpointing, sharding
+from tailored_jax import checkpointing, exam_plan, sharding
 from tailored_jax.data.tokenizer import Tokenizer
 from tailored_jax.layout import Layout
-from tailored_jax.models import build_model, for_devices, layers, lora, model_for, quantize
+from tailored_jax.models import (
+    build_model,
+    casts_for_decoding,
+    decode_weights,
+    for_devices,
+    layers,
+    lora,
+    model_for,
+    quantize,
+)
 from tailored_jax.models.attention import cpu_native
 from tailored_jax.student_io import vocab
 from tailored_jax.models.layers import tree_get
@@ -62,11 +71,19 @@ class StudentRuntime:
     )
     self._held = None  # (round, params): the last weights asked for or trained
     self.decode_layout = cfg.mesh.decode_layout
+    if self.decode_layout == "auto":
+      budget = int(cfg.exam.memory_budget_gb * 2**30) or device_memory_bytes()
+      self.decode_layout = exam_plan.choose_decode_layout(
+          cfg, self.model, mesh, sharding.smallest(budget)
+      )
     per_layer = layers.abstract_boxed_params(self.decoder.model)  # what decoding reads
     per_layer_specs = nn.get_partition_spec(per_layer)
     self._per_layer_shardings = sharding.logical_sharding(per_layer, mesh)
+    decode_cfg = self.decoder.model.cfg
     self._to_decode_layout = jax.jit(
-        lambda params: layers.unstack_layers(lora.folded(params, self.model.cfg)),
+        lambda params: decode_weights(
+            layers.unstack_layers(lora.folded(params, self.model.cfg)), decode_cfg
+        ),
         out_shardings=sharding.decode_shardings(
             per_layer_specs, nn.meta.unbox(per_layer), mesh, self.decode_layout
         ),
@@ -91,11 +108,17 @@ class StudentRuntime:
     return params
 
   def decode_params(self, round_index: int):
-    """The weights after `round_index` in the decode layout (`mesh.decode_layout`), moved once
-    per round so that decoding never gathers a weight per token."""
+    """The weights after `round_index` in the decode layout (`mesh.decode_layout`) and the
+    compute dtype (`decode_weights`), moved once per round so that decoding never gathers a
+    weight per token."""
     if self._decode_held is None or self._decode_held[0] != round_index:
       params = self.params(round_index)
-      if self.decode_layout != "train" or layers.is_stacked(params) or lora.has_adapters(params):
+      if (
+          self.decode_layout != "train"
+          or layers.is_stacked(params)
+          or lora.has_adapters(params)
+          or casts_for_decoding(self.model.cfg)
+      ):
         params = self._to_decode_layout(params)
       self._decode_held = (round_index, params)
     return self._decode_held[1]

@@ -113,6 +113,11 @@ def decode_model_axes(layout: str, mesh: Mesh, sizes) -> tuple[str, ...] | None:
   return None
 
 
+def decode_head_axes(layout: str, mesh: Mesh, cfg) -> tuple[str, ...] | None:
+  """The mesh axes a decode layout splits the attention heads (and so the KV cache) over."""
+  return decode_model_axes(layout, mesh, {cfg.n_heads, cfg.n_kv_heads})
+
+
 def decode_slot_shardings(tree, mesh: Mesh, slots: int, row_axes, head_axes):
   """Shardings for continuous batching's slots (`sample.continuous.Slots`): arrays led by the
   slot axis split over `row_axes`; keys and values ([rows or groups, kv_heads, positions,

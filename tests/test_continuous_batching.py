@@ -3,20 +3,24 @@ the texts static batches give, for greedy and sampled rows, rows of very differe
 sliding window, a shared prefix, a small memory budget and rows split over 8 devices."""
 
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
-from tailored_jax import sharding
-from tailored_jax.models import layers
+from tailored_jax import config_lib, exam_plan, plan, sharding
+from tailored_jax.models import build_model, for_devices, kv_cache, layers
+from tailored_jax.models.attention import cached
 from tailored_jax.models.llama import Llama, LlamaConfig
 from tailored_jax.sample import decode, memory, prefill, sampling
 from tailored_jax.sample.runner import generate_texts
 from tailored_jax.train.trainer import Trainer
 from tests.test_model_and_decode import _train_cfg
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(
     vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
 )
@@ -189,7 +193,7 @@ def test_slots_over_eight_devices_in_the_model_parallel_layout():
   )
   assert texts == reference
   # the slots' keys and values split over the heads as the weights writing them are
-  heads = sharding.decode_model_axes("model_parallel", mesh, {CFG.n_heads, CFG.n_kv_heads})
+  heads = sharding.decode_head_axes("model_parallel", mesh, CFG)
   assert heads == ("tensor",)
   state = decode.Decoder(model, tables).empty_slots(
       None,
@@ -240,3 +244,74 @@ def test_a_bfloat16_cache_holds_keys_and_values_rounded_once_and_half_the_bytes(
   static, _ = _run(rounded, params, tables, continuous=False, batch_size=4, samples=2)
   continuous, _ = _run(rounded, params, tables, continuous=True, batch_size=2, samples=2)
   assert continuous == static
+
+
+def test_an_int8_cache_keeps_a_scale_per_token_and_head_and_attends_as_its_dequantized_values():
+  """`model.kv_cache_dtype=int8`: a vector's scale is its absolute maximum / 127; the first
+  layer's prompt keys are the float32 ones quantized; attention over an int8 buffer (scales on
+  the scores and weights) equals attention over its dequantized values; the memory plan counts
+  1 + 4/head_dim bytes an element; continuous batching gives the static batches' draws."""
+  q = kv_cache.quantize_int8(jax.numpy.asarray([[0.5, -1.27, 0.0, 0.004]]))
+  np.testing.assert_array_equal(q.q, [[50, -127, 0, 0]])
+  np.testing.assert_allclose(q.scale, [[0.01]], rtol=1e-6)
+  model = Llama(CFG)
+  quantized = Llama(dataclasses.replace(CFG, kv_cache_dtype="int8"))
+  params = _params(model, seed=2)
+  tokens = np.asarray(Letters().encode_batch(["hello world"]), np.int32)
+  valid = np.ones_like(tokens, bool)
+  _, context, _ = prefill.prefill_prompts(params, tokens, valid, None, model=model)
+  logits_q, context_q, _ = prefill.prefill_prompts(params, tokens, valid, None, model=quantized)
+  first = kv_cache.quantize_int8(context.keys[0])
+  np.testing.assert_array_equal(context_q.keys[0].q, first.q)
+  np.testing.assert_array_equal(context_q.keys[0].scale, first.scale)
+  assert context_q.values[1].q.dtype == np.int8 and context_q.values[1].scale.shape == (
+      1,
+      CFG.n_kv_heads,
+      tokens.shape[1],
+      1,
+  )
+  # two queries per kv head over the prompt's int8 keys and values, and over their float32 values
+  q_bkxh = jax.random.normal(jax.random.PRNGKey(3), (1, CFG.n_kv_heads, 2, CFG.head_dim))
+  mask_bxs = np.ones((1, 2, tokens.shape[1]), bool)
+  k8, v8 = context_q.keys[1], context_q.values[1]
+  as_int8 = cached.attend_part(q_bkxh, k8, v8, mask_bxs, jax.numpy.float32, 0.5)
+  as_float = cached.attend_part(
+      q_bkxh, kv_cache.dequantize(k8), kv_cache.dequantize(v8), mask_bxs, jax.numpy.float32, 0.5
+  )
+  for a, b in zip(as_int8, as_float):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert np.max(np.abs(kv_cache.dequantize(k8) - context.keys[1])) < 0.05
+  plan = lambda cfg: memory.decode_memory(cfg, 32, BUDGET, 2).kv_cache
+  assert plan(quantized.cfg) == plan(model.cfg) * (1 + 4 / CFG.head_dim) / 4
+  tables = _stop_on([5, 11])
+  static, _ = _run(quantized, params, tables, continuous=False, batch_size=4, samples=2)
+  continuous, _ = _run(quantized, params, tables, continuous=True, batch_size=2, samples=2)
+  assert continuous == static
+
+
+def test_an_auto_decode_layout_is_the_one_the_compiler_says_moves_least_and_fits(monkeypatch):
+  """`mesh.decode_layout=auto` on 8 CPU devices (no data sheet): the compiled decode steps'
+  collectives rank the layouts (replicated moves nothing per token, the training layout gathers
+  weights), and a memory budget that replicated weights exceed takes model_parallel."""
+  cfg = config_lib.from_file(os.path.join(ROOT, "configs", "quickstart.py"))
+  cfg.exam.update(batch_size=8, num_samples=2, max_new_tokens=16)
+  cfg.train.max_seq_len = 64
+  cfg.mesh.update(data=2, fsdp=2, tensor=2, num_devices=8)
+  mesh = sharding.make_mesh(cfg)
+  model = for_devices(build_model(cfg.model, 64), mesh.devices.flat)
+  compared = plan.compare_decode_layouts(cfg, model, mesh, None, 2**40)
+  layouts = compared["layouts"]
+  moved = {name: entry["collective_bytes_per_token"] for name, entry in layouts.items()}
+  assert moved["replicated"] == 0 < moved["model_parallel"] < moved["train"], moved
+  assert compared["best_layout"] == plan.fastest_layout(layouts) == "replicated"
+  used = {name: entry["xla_bytes_per_device"]["total"] for name, entry in layouts.items()}
+  assert used["model_parallel"] < used["replicated"], used
+  between = (used["model_parallel"] + used["replicated"]) // 2
+  assert exam_plan.choose_decode_layout(cfg, model, mesh, between) == "model_parallel"
+  none_fit = {n: dict(e, fits=False) for n, e in layouts.items()}
+  assert plan.fastest_layout(none_fit) is None
+  monkeypatch.setattr(
+      plan, "compare_decode_layouts", lambda *_: dict(compared, layouts=none_fit, best_layout=None)
+  )
+  with pytest.raises(ValueError, match="mesh.decode_layout=auto: no decode layout"):
+    exam_plan.choose_decode_layout(cfg, model, mesh, 1)

@@ -717,3 +717,49 @@ def test_a_decode_step_reads_only_the_filled_slots_and_equals_the_whole_buffer(g
   skipped = lambda a: a.at[:, :, : cached.FILLED_CHUNK].set(jnp.nan)
   got = span(q, skipped(k), skipped(v), jnp.asarray(late), first, slots)
   np.testing.assert_allclose(normalised(got), normalised(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj", "gpt2"])
+def test_decode_weights_in_the_compute_dtype_give_the_same_logits_and_tokens(family):
+  """A bfloat16 model with float32 master weights decodes from `decode_weights`: matrices cast
+  once to bfloat16 (GPT-2's embeddings, summed in float32, kept), vectors kept; the prefill's
+  logits are bit-identical to decoding from the float32 weights, and so are greedy tokens."""
+  from tailored_jax.models import decode_weights, model_for
+  from tailored_jax.models.gpt2 import GPT2Config
+  from tailored_jax.models.gptj import GPTJConfig
+  from tailored_jax.sample import prefill
+
+  bf16 = dict(dtype="bfloat16", param_dtype="float32")
+  cfg = {
+      "llama": dataclasses.replace(CFG, **bf16),
+      "gptj": GPTJConfig(
+          vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=64, rotary_dim=4, **bf16
+      ),
+      "gpt2": GPT2Config(
+          vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_positions=64, **bf16
+      ),
+  }[family]
+  model = model_for(cfg)
+  master = nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(4)))
+  cast = decode_weights(master, cfg)
+  kept = {"gpt2": {"embedding", "positions"}}.get(family, set())
+  for path, leaf in jax.tree_util.tree_leaves_with_path(cast):
+    matrix = leaf.ndim >= 2 and path[-1].key not in kept
+    assert leaf.dtype == (jnp.bfloat16 if matrix else jnp.float32), (path, leaf.dtype)
+  assert any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(cast))
+  tokens = np.array([[0, 0, 2, 7, 12, 5], [2, 9, 4, 4, 6, 3]], np.int32)
+  valid = tokens > 0
+  logits, _, _ = prefill.prefill_prompts(master, tokens, valid, None, model=model)
+  logits_cast, _, _ = prefill.prefill_prompts(cast, tokens, valid, None, model=model)
+  np.testing.assert_array_equal(logits_cast, logits)
+  decoder = decode.Decoder(model, _tables())
+  run = lambda p: decoder(
+      p,
+      tokens,
+      valid,
+      jax.random.PRNGKey(0),
+      max_new_tokens=6,
+      num_samples=1,
+      sampling=sampling.SamplingConfig(),
+  )
+  np.testing.assert_array_equal(run(cast)[0], run(master)[0])

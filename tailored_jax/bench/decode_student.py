@@ -166,8 +166,9 @@ def evaluation(args, student, theirs, prompts: list[str]) -> dict:
 
 
 def cache_dtype_arm(args, student, prompts, reference, budget, mesh) -> dict:
-  """Continuous batching with the KV cache in `args.kv_cache_dtype`: its time, how many texts
-  equal the compute dtype's (`reference`), and both caches' accuracy on these test questions."""
+  """Continuous batching with the KV cache in `args.kv_cache_dtype`: its time, how many texts and
+  extracted answers equal the compute dtype's (`reference`), and both caches' accuracy on these
+  test questions."""
   tok, cfg = student.tokenizer, student.model.cfg
   model = type(student.model)(dataclasses.replace(cfg, kv_cache_dtype=args.kv_cache_dtype))
   decoder = Decoder(model, StopTables.from_tokenizer(tok, cfg.vocab_size))
@@ -175,12 +176,17 @@ def cache_dtype_arm(args, student, prompts, reference, budget, mesh) -> dict:
   texts, timing = timed_greedy(args, decoder, student, prompts, budget, mesh, name, True)
   task = _task(args.task, args.data_path, len(prompts))
   examples = task.splits()["test"][: len(prompts)]
-  accuracy = lambda texts: scoring.score(task, examples, [t[0] for t in texts])[1]["accuracy"]
+  scored = lambda texts: scoring.score(task, examples, [t[0] for t in texts])
+  (ref_records, ref_summary), (records, summary) = scored(reference), scored(texts)
+  dtype = args.kv_cache_dtype
   return {
       name: timing,
-      f"same_texts_{args.kv_cache_dtype}_cache": sum(a == b for a, b in zip(texts, reference)),
-      "accuracy_compute_dtype_cache": accuracy(reference),
-      f"accuracy_{args.kv_cache_dtype}_cache": accuracy(texts),
+      f"same_texts_{dtype}_cache": sum(a == b for a, b in zip(texts, reference)),
+      f"same_answers_{dtype}_cache": sum(
+          a["answer"] == b["answer"] for a, b in zip(records, ref_records)
+      ),
+      "accuracy_compute_dtype_cache": ref_summary["accuracy"],
+      f"accuracy_{dtype}_cache": summary["accuracy"],
   }
 
 

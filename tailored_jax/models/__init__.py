@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+
 from tailored_jax.models import gpt2, gptj, llama
 from tailored_jax.models.attention import dispatch
 from tailored_jax.models.gpt2 import GPT2, GPT2Config
@@ -57,6 +60,35 @@ def for_decoding(model):
           model.cfg, scan_layers=False, remat="none", lora_rank=0, base_quantization="none"
       )
   )
+
+
+# Matrices a family uses in the parameter dtype (GPT-2 sums its token and position embeddings
+# before casting), which decoding therefore keeps there.
+_USED_IN_PARAM_DTYPE = {GPT2Config: ("embedding", "positions")}
+
+
+def casts_for_decoding(cfg) -> bool:
+  """Whether `decode_weights` changes anything: the compute dtype is not the parameters'."""
+  return jnp.dtype(cfg.dtype) != jnp.dtype(cfg.param_dtype)
+
+
+def decode_weights(params, cfg):
+  """The per-layer weights decoding reads, with every matrix the model casts to the compute
+  dtype before its matmul cast once (a bf16 model's exam reads half the bytes per token from
+  float32 master weights) and the same results; vectors (norm scales, biases, used in float32
+  or cast per use) and `_USED_IN_PARAM_DTYPE` as they are. Works on ShapeDtypeStructs under
+  `jax.eval_shape`."""
+  if not casts_for_decoding(cfg):
+    return params
+  dt = jnp.dtype(cfg.dtype)
+  keep = _USED_IN_PARAM_DTYPE.get(type(cfg), ())
+
+  def cast(path, x):
+    if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and path[-1].key not in keep:
+      return x.astype(dt)
+    return x
+
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def head_logits(params, hidden_btd, cfg: LlamaConfig | GPTJConfig):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from tailored_jax.models.kv_cache import Context, KVCache, cache_dtype
+from tailored_jax.models.kv_cache import Context, KVCache, buffer_zeros, cache_dtype
 from tailored_jax.sample.prefill import prefill_prompts
 from tailored_jax.sample.sampling import NEG_INF, SamplingConfig, choose_tokens
 from tailored_jax.sample.stops import StopTables, stop_tokens
@@ -55,7 +55,7 @@ def empty_slots(
   cfg = model.cfg
   dtype = cache_dtype(cfg)
   zeros = lambda: tuple(
-      jnp.zeros((slots, cfg.n_kv_heads, prompt_slots, cfg.head_dim), dtype)
+      buffer_zeros((slots, cfg.n_kv_heads, prompt_slots, cfg.head_dim), dtype)
       for _ in range(cfg.n_layers)
   )
   prompts = Context(zeros(), zeros(), jnp.full((slots, prompt_slots), -1, jnp.int32))
@@ -101,8 +101,10 @@ def insert(
       params, prompt_up, prompt_valid_up, prefix[0] if prefix else None, model=model
   )
   put = lambda buffer, rows: buffer.at[slot_r].set(rows.astype(buffer.dtype), mode="drop")
-  put_right = lambda buffer, new: buffer.at[slot_r, :, width - p :].set(
-      new[source_r].astype(buffer.dtype), mode="drop"
+  put_right = lambda buffer, new: jax.tree.map(
+      lambda b, n: b.at[slot_r, :, width - p :].set(n[source_r].astype(b.dtype), mode="drop"),
+      buffer,
+      new,
   )
   positions_us = jnp.pad(fresh.positions_gs, ((0, 0), (width - p, 0)), constant_values=-1)
   prompts = Context(

@@ -123,6 +123,34 @@ def generate(
   return end.tokens_nm, end.lengths_n
 
 
+def slot_layout(
+    model,
+    prefix: Context | None,
+    *,
+    slots: int,
+    prompt_slots: int,
+    max_new_tokens: int,
+    pad_id: int,
+    mesh,
+    row_axes: tuple[str, ...],
+    head_axes: tuple[str, ...] | None,
+):
+  """`continuous.empty_slots` bound to its sizes, and where its arrays go
+  (`sharding.decode_slot_shardings`): what the runner allocates and the planner compiles."""
+  make = functools.partial(
+      continuous.empty_slots,
+      model=model,
+      slots=slots,
+      prompt_slots=prompt_slots,
+      max_new_tokens=max_new_tokens,
+      pad_id=pad_id,
+  )
+  placed = sharding.decode_slot_shardings(
+      jax.eval_shape(make, prefix), mesh, slots, row_axes, head_axes
+  )
+  return make, placed
+
+
 def _check_per_layer(params) -> None:
   if is_stacked(params):
     raise ValueError(
@@ -202,16 +230,16 @@ class Decoder:
     `head_axes` (where the decode layout splits the heads)."""
     key = (slots, prompt_slots, max_new_tokens, mesh, row_axes, head_axes, prefix is None)
     if key not in self._empty:
-      make = functools.partial(
-          continuous.empty_slots,
-          model=self.model,
+      make, placed = slot_layout(
+          self.model,
+          prefix,
           slots=slots,
           prompt_slots=prompt_slots,
           max_new_tokens=max_new_tokens,
           pad_id=self.tables.pad_id,
-      )
-      placed = sharding.decode_slot_shardings(
-          jax.eval_shape(make, prefix), mesh, slots, row_axes, head_axes
+          mesh=mesh,
+          row_axes=row_axes,
+          head_axes=head_axes,
       )
       self._empty[key] = jax.jit(make, out_shardings=placed)
     return self._empty[key](prefix)

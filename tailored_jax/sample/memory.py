@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from tailored_jax.models.kv_cache import cache_dtype
+from tailored_jax.models.kv_cache import cache_bytes_per_element
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +37,10 @@ def decode_memory(
   dtype for keys and values, the model's for activations. `prompt_slots` excludes the shared
   prefix."""
   item = np.dtype(cfg.dtype).itemsize
-  cache_item = np.dtype(cache_dtype(cfg)).itemsize
+  cache_item = cache_bytes_per_element(cfg)
   slots = prompt_slots + max_new_tokens
   seen = shared_prefix + slots
-  kv = 2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * cache_item
+  kv = int(2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * cache_item)
   step = (
       4 * cfg.vocab_size * 3 + 4 * cfg.n_heads * seen * 2 + item * (cfg.d_ff * 3 + cfg.d_model * 4)
   )

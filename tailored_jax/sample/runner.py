@@ -102,9 +102,7 @@ def generate_texts(
       shared,
   )
   row_axes = sharding.decode_row_axes(decode_layout, jax.tree.map(lambda x: x.sharding, params))
-  head_axes = sharding.decode_model_axes(
-      decode_layout, mesh, {decoder.model.cfg.n_heads, decoder.model.cfg.n_kv_heads}
-  )
+  head_axes = sharding.decode_head_axes(decode_layout, mesh, decoder.model.cfg)
   rows = sharding.decode_batch_sharding(mesh, 2, row_axes)
   row_shards = int(np.prod([mesh.shape[axis] for axis in row_axes]))
   need = need.with_heads_split(int(np.prod([mesh.shape[axis] for axis in head_axes or ()])))

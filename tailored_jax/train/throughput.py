@@ -12,20 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak TFLOP/s per chip, by device kind (vendor data sheets), for the MFU in logs.
-PEAK_BF16_TFLOPS = {
-    "H100": 989.0,
-    "H200": 989.0,
-    "A100": 312.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v6 lite": 918.0,
-}
+from tailored_jax import device_sheets
 
 
 def peak_tflops(device_kind: str) -> float | None:
-  return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_kind), None)
+  """A chip's dense bf16 peak TFLOP/s from its data sheet (`device_sheets`), None without one."""
+  peaks = device_sheets.peaks_of(device_kind)
+  return peaks.bf16_tflops if peaks else None
 
 
 @functools.cache

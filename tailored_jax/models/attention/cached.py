@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from tailored_jax.models.attention.masks import NEG_INF
-from tailored_jax.models.kv_cache import write_at
+from tailored_jax.models.kv_cache import Int8Buffer, write_at
 
 
 @flax.struct.dataclass
@@ -56,15 +56,20 @@ def attend_part(q_bkxh, k_gksh, v_gksh, mask_bxs, dtype, scale: float) -> Partia
       .astype(dtype)
   )
   batched = ((0, 1), (0, 1))  # group, kv head: kept apart, since kv heads may be sharded
-  logits_gkms = jax.lax.dot_general(q_gkmh, k_gksh.astype(dtype), (((3,), (3,)), batched))
+  k_gksh, k_scale_gk11s = _stored_as(k_gksh, dtype)
+  v_gksh, v_scale_gk11s = _stored_as(v_gksh, dtype)
+  logits_gkms = jax.lax.dot_general(q_gkmh, k_gksh, (((3,), (3,)), batched))
   logits_gkrxs = logits_gkms.reshape(g, kv_heads, r, x, s).astype(jnp.float32) * scale
+  if k_scale_gk11s is not None:
+    logits_gkrxs = logits_gkrxs * k_scale_gk11s
   mask_g1rxs = mask_bxs.reshape(g, 1, r, x, s)
   logits_gkrxs = jnp.where(mask_g1rxs, logits_gkrxs, NEG_INF)
   max_gkrx = jnp.max(logits_gkrxs, axis=-1)
   weights_gkrxs = jnp.where(mask_g1rxs, jnp.exp(logits_gkrxs - max_gkrx[..., None]), 0.0)
+  value_weights_gkrxs = weights_gkrxs if v_scale_gk11s is None else weights_gkrxs * v_scale_gk11s
   out_gkmh = jax.lax.dot_general(
-      weights_gkrxs.reshape(g, kv_heads, r * x, s).astype(dtype),
-      v_gksh.astype(dtype),
+      value_weights_gkrxs.reshape(g, kv_heads, r * x, s).astype(dtype),
+      v_gksh,
       (((3,), (2,)), batched),
   )
   as_rows = lambda a: jnp.swapaxes(a, 1, 2).reshape(b, kv_heads, *a.shape[3:])
@@ -73,6 +78,16 @@ def attend_part(q_bkxh, k_gksh, v_gksh, mask_bxs, dtype, scale: float) -> Partia
       as_rows(jnp.sum(weights_gkrxs, axis=-1)),
       as_rows(out_gkmh.reshape(g, kv_heads, r, x, h).astype(jnp.float32)),
   )
+
+
+def _stored_as(buffer_gksh, dtype) -> tuple[jax.Array, jax.Array | None]:
+  """A context's or buffer's keys or values as `dtype` for the matmul, and for an `Int8Buffer`
+  its scales as [groups, kv_heads, 1, 1, slots]: a key's scale multiplies its scores and a
+  value's its softmax weights (s numbers a row, not s × head_dim)."""
+  if not isinstance(buffer_gksh, Int8Buffer):
+    return buffer_gksh.astype(dtype), None
+  g, k, s, _ = buffer_gksh.shape
+  return buffer_gksh.q.astype(dtype), buffer_gksh.scale.reshape(g, k, 1, 1, s)
 
 
 def merge_parts(a: Partial, b: Partial) -> Partial:
@@ -103,7 +118,9 @@ def attend_span(q_bkxh, k_gksh, v_gksh, mask_bxs, lo, hi, dtype, scale: float) -
   b, kv_heads, x, h = q_bkxh.shape
 
   def chunk(c, result: Partial) -> Partial:
-    cut = lambda a: jax.lax.dynamic_slice_in_dim(a, c * FILLED_CHUNK, FILLED_CHUNK, axis=2)
+    cut = lambda buffer: jax.tree.map(
+        lambda a: jax.lax.dynamic_slice_in_dim(a, c * FILLED_CHUNK, FILLED_CHUNK, axis=2), buffer
+    )
     part = attend_part(q_bkxh, cut(k_gksh), cut(v_gksh), cut(mask_bxs), dtype, scale)
     return merge_parts(result, part)
 
@@ -128,11 +145,9 @@ def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | 
   """Writes the new keys/values into the layer's own buffer at `index`, then attends over the
   contexts and the own buffer under one softmax (merged parts; grouped-query: each of the k
   kv-heads serves n/k query heads). Scores in float32. Returns (out_btnh, kv updated)."""
-  new_k_bkth = jnp.swapaxes(k_btkh, 1, 2).astype(kv.k_bksh.dtype)
-  new_v_bkth = jnp.swapaxes(v_btkh, 1, 2).astype(kv.v_bksh.dtype)
   kv = kv.replace(
-      k_bksh=write_at(kv.k_bksh, new_k_bkth, kv.index, axis=2),
-      v_bksh=write_at(kv.v_bksh, new_v_bkth, kv.index, axis=2),
+      k_bksh=write_at(kv.k_bksh, jnp.swapaxes(k_btkh, 1, 2), kv.index, axis=2),
+      v_bksh=write_at(kv.v_bksh, jnp.swapaxes(v_btkh, 1, 2), kv.index, axis=2),
   )
   b, t, n, h = q_btnh.shape
   kv_heads = kv.k_bksh.shape[1]

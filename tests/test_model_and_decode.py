@@ -92,20 +92,25 @@ def _tables(eos=1):
   return decode.StopTables(starts, ends, blank, never, special, eos_id=eos, pad_id=0)
 
 
+def _greedy(decoder, params, tokens, valid, max_new_tokens=6):
+  """(tokens, lengths) of greedy decoding from left-padded `tokens`."""
+  return decoder(
+      params,
+      tokens,
+      valid,
+      jax.random.PRNGKey(0),
+      max_new_tokens=max_new_tokens,
+      num_samples=1,
+      sampling=sampling.SamplingConfig(),
+  )
+
+
 def test_greedy_decode_equals_stepwise_argmax(params):
   decoder = decode.Decoder(MODEL, _tables())
   prompt = [2, 7, 12, 5]
   tokens = np.array([[0, 0] + prompt, [2, 9, 4, 4, 6, 3]], np.int32)
   valid = tokens > 0
-  out, lengths = decoder(
-      params,
-      tokens,
-      valid,
-      jax.random.PRNGKey(0),
-      max_new_tokens=6,
-      num_samples=1,
-      sampling=sampling.SamplingConfig(),
-  )
+  out, lengths = _greedy(decoder, params, tokens, valid)
   seq = list(prompt)
   expected = []
   for _ in range(6):
@@ -753,13 +758,6 @@ def test_decode_weights_in_the_compute_dtype_give_the_same_logits_and_tokens(fam
   logits_cast, _, _ = prefill.prefill_prompts(cast, tokens, valid, None, model=model)
   np.testing.assert_array_equal(logits_cast, logits)
   decoder = decode.Decoder(model, _tables())
-  run = lambda p: decoder(
-      p,
-      tokens,
-      valid,
-      jax.random.PRNGKey(0),
-      max_new_tokens=6,
-      num_samples=1,
-      sampling=sampling.SamplingConfig(),
+  np.testing.assert_array_equal(
+      _greedy(decoder, cast, tokens, valid)[0], _greedy(decoder, master, tokens, valid)[0]
   )
-  np.testing.assert_array_equal(run(cast)[0], run(master)[0])

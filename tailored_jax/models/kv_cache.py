@@ -33,10 +33,6 @@ class Int8Buffer:
   def dtype(self):
     return self.q.dtype
 
-  @property
-  def ndim(self) -> int:
-    return self.q.ndim
-
 
 def quantize_int8(x) -> Int8Buffer:
   """`x` [..., head_dim] as int8 with one scale per vector (its absolute maximum / 127)."""
@@ -58,13 +54,6 @@ def buffer_zeros(shape: tuple[int, ...], dtype):
   if jnp.dtype(dtype) == jnp.int8:
     return Int8Buffer(jnp.zeros(shape, jnp.int8), jnp.zeros((*shape[:-1], 1), jnp.float32))
   return jnp.zeros(shape, dtype)
-
-
-def stored(buffer, new):
-  """`new` keys or values in `buffer`'s storage (quantized for an `Int8Buffer`)."""
-  if isinstance(buffer, Int8Buffer):
-    return new if isinstance(new, Int8Buffer) else quantize_int8(new)
-  return new.astype(buffer.dtype)
 
 
 @flax.struct.dataclass
@@ -146,10 +135,10 @@ def cache_bytes_per_element(cfg) -> float:
 
 
 def write_at(buffer, new, index, axis: int):
-  """`new` written into `buffer` (an array or an `Int8Buffer`, `new` stored as it keeps it) from
+  """`new` written into `buffer` (an array, or an `Int8Buffer` that `new` is quantized for) from
   slot `index` along `axis` (>= 1; axis 0 is the rows): one slice for a scalar index, each row at
   its own for an index per row."""
-  new = stored(buffer, new)
+  new = quantize_int8(new) if isinstance(buffer, Int8Buffer) else new.astype(buffer.dtype)
   if jnp.ndim(index) == 0:
     write = lambda b, n: jax.lax.dynamic_update_slice_in_dim(b, n, index, axis=axis)
   else:

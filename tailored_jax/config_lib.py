@@ -7,6 +7,7 @@ checks values and cross-field constraints and names the offending field.
 from __future__ import annotations
 
 import ast
+import json
 import os
 
 import ml_collections
@@ -682,8 +683,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def changed_fields(saved: dict, current: dict) -> list[str]:
   """Fields whose values differ between a saved run config and the current one, minus the
-  fields that are safe to change on resume."""
-  a, b = flatten(saved), flatten(current)
+  fields that are safe to change on resume. A field added since the run was written counts at
+  its default, which keeps the behaviour the run had (as in `from_saved`)."""
+  b = flatten(current)
+  a = flatten(json.loads(base_config().to_json())) | flatten(saved)
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
 
 

@@ -242,3 +242,17 @@ def test_the_models_package_is_the_network_alone():
   loaded = modules_after_import("tailored_jax.models")
   io = {"transformers", "gguf", "safetensors", "tailored_jax.student_io", "tailored_jax.teacher"}
   assert not io & loaded
+
+
+def test_a_field_added_since_the_run_counts_at_its_default_on_resume():
+  """A workdir written before a field existed resumes when the field keeps its default, and is
+  refused when it is set to something else."""
+  current = json.loads(config_lib.base_config().to_json())
+  saved = json.loads(config_lib.base_config().to_json())
+  del saved["model"]["kv_cache_dtype"]
+  assert config_lib.changed_fields(saved, current) == []
+  current["model"]["kv_cache_dtype"] = "int8"
+  assert config_lib.changed_fields(saved, current) == ["model.kv_cache_dtype"]
+  current["model"]["kv_cache_dtype"] = ""
+  current["train"]["lr"] = 1.0
+  assert config_lib.changed_fields(saved, current) == ["train.lr"]

@@ -38,13 +38,17 @@ from tailored_jax.train.trainer import Trainer
 
 def one_attention_for_all_processes(model_section, mesh) -> None:
   """Every process runs the native CPU attention, or none does: a process whose compiler
-  cannot build it would otherwise trace another program than the rest and hang them."""
+  cannot build it (or, for 'auto', that lacks AVX-512) would otherwise trace another program
+  than the rest and hang them."""
   if jax.process_count() == 1 or model_section.attention not in ("auto", "cpu_native"):
     return
   if mesh.devices.flat[0].platform != "cpu":
     return
   if sharding.smallest(int(cpu_native.available())) == 0 and cpu_native.available():
     cpu_native.turn_off("another process of this run cannot build it")
+  if model_section.attention == "auto":
+    if sharding.smallest(int(cpu_native.fast_here())) == 0 and cpu_native.fast_here():
+      cpu_native.not_for_auto("another process of this run lacks AVX-512")
 
 
 class StudentRuntime:

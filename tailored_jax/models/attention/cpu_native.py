@@ -154,6 +154,28 @@ def turn_off(reason: str) -> None:
   logging.warning("native CPU attention off: %s", reason)
 
 
+def wide_vectors() -> bool:
+  """Whether the compiler targets 512-bit vectors here (AVX-512). The kernel computes in
+  16-float vectors; where the target's are narrower (AVX2, NEON) the compiler splits each one,
+  and the kernel ran 4-9x slower than the blockwise XLA form (AMD EPYC Zen 3, AVX2:
+  docs/bench_attention_avx2_amd.json). 'auto' takes the kernel only where this holds."""
+  return "__AVX512F__" in _target_features()
+
+
+def fast_here() -> bool:
+  """Whether 'auto' takes the kernel: built here, for 512-bit vectors, and not set aside for
+  'auto' by `not_for_auto` (another process of the run lacks them)."""
+  return available() and wide_vectors() and _state.get("auto", True)
+
+
+def not_for_auto(reason: str) -> None:
+  """'auto' takes the blockwise XLA form from now on in this process; an explicit
+  `model.attention=cpu_native` still runs the kernel."""
+  with _lock:
+    _state["auto"] = False
+  logging.info("native CPU attention not chosen by 'auto': %s", reason)
+
+
 def why() -> str:
   """Why the kernel is not available here ('' where it is, or before it was tried)."""
   return _state.get("why", "")

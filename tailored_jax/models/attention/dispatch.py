@@ -5,8 +5,8 @@ per-layer `attend` that runs it.
 'cpu_native' the native CPU kernel (`cpu_native`; float32), 'cpu_blockwise' the blockwise XLA
 form (`blockwise`), 'xla' and 'cudnn' one `jax.nn.dot_product_attention` call (`fused`),
 'splash' the Pallas TPU kernel (`splash`). 'auto' picks per platform: CPU the native kernel
-where it builds and the compute dtype is float32, else the blockwise form; GPU cuDNN's flash
-kernel where it takes the dtype and head size, else XLA; TPU splash. A model config not yet
+where it builds for AVX-512 and the compute dtype is float32, else the blockwise form; GPU
+cuDNN's flash kernel where it takes the dtype and head size, else XLA; TPU splash. A model config not yet
 resolved for devices ('auto' at trace time: initialising parameters, shape evaluation, tests of
 the network alone) runs the portable XLA form.
 """
@@ -70,8 +70,10 @@ def choose(requested: str, devices, dtype: str, head_dim: int) -> Choice:
       return Choice("cpu_blockwise", _native_refusal(dtype))
     return Choice(requested, "asked for by model.attention")
   if platform == "cpu":
-    if cpu_native.usable(dtype):
-      return Choice("cpu_native", "CPU devices, float32 compute, the native kernel builds here")
+    if cpu_native.usable(dtype) and cpu_native.fast_here():
+      return Choice(
+          "cpu_native", "CPU devices, float32 compute, the native kernel builds here for AVX-512"
+      )
     return Choice("cpu_blockwise", "CPU devices; " + _native_refusal(dtype))
   if platform == "gpu":
     limit = _cudnn_head_limit(devices)
@@ -90,7 +92,14 @@ def choose(requested: str, devices, dtype: str, head_dim: int) -> Choice:
 def _native_refusal(dtype) -> str:
   if jnp.dtype(dtype) != jnp.float32:
     return f"the native kernel computes in float32, not {dtype}: the blockwise XLA form"
-  return f"the native kernel does not build here ({cpu_native.why()}): the blockwise XLA form"
+  if not cpu_native.available():
+    return f"the native kernel does not build here ({cpu_native.why()}): the blockwise XLA form"
+  if not cpu_native.wide_vectors():
+    return (
+        "the native kernel computes in 512-bit vectors and this CPU's compiler targets narrower "
+        "ones (no AVX-512), where the blockwise XLA form is faster"
+    )
+  return "another process of this run lacks AVX-512: the blockwise XLA form on every process"
 
 
 _logged: set = set()

@@ -6,9 +6,9 @@ per-layer `attend` that runs it.
 form (`blockwise`), 'xla' and 'cudnn' one `jax.nn.dot_product_attention` call (`fused`),
 'splash' the Pallas TPU kernel (`splash`). 'auto' picks per platform: CPU the native kernel
 where it builds for AVX-512 and the compute dtype is float32, else the blockwise form; GPU
-cuDNN's flash kernel where it takes the dtype and head size, else XLA; TPU splash. A model config not yet
-resolved for devices ('auto' at trace time: initialising parameters, shape evaluation, tests of
-the network alone) runs the portable XLA form.
+cuDNN's flash kernel where it takes the dtype and head size, else XLA; TPU splash. A model
+config not yet resolved for devices ('auto' at trace time: initialising parameters, shape
+evaluation, tests of the network alone) runs the portable XLA form.
 """
 
 from __future__ import annotations

@@ -58,6 +58,26 @@ def test_auto_takes_the_native_kernel_only_for_512_bit_vectors(monkeypatch, avx5
   )
 
 
+def test_auto_sets_the_kernel_aside_when_another_process_lacks_avx512(monkeypatch):
+  """Processes agree before tracing: one with AVX-512 beside one without takes the blockwise
+  form too ('auto'), or the two would trace different programs and hang."""
+  if not cpu_native.available():
+    pytest.skip(f"the native kernel does not build here: {cpu_native.why()}")
+  from tailored_jax import runtime
+
+  monkeypatch.setattr(cpu_native, "_target_features", lambda: "#define __AVX512F__ 1")
+  monkeypatch.setitem(cpu_native._state, "auto", True)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  answers = iter([1, 0])  # every process builds the kernel; one of them lacks AVX-512
+  monkeypatch.setattr(sharding, "smallest", lambda value: min(value, next(answers)))
+  mesh = SimpleNamespace(devices=np.asarray([_device("cpu")]))
+  assert dispatch.choose("auto", [_device("cpu")], "float32", 64).implementation == "cpu_native"
+  runtime.one_attention_for_all_processes(config_lib.base_config().model, mesh)
+  choice = dispatch.choose("auto", [_device("cpu")], "float32", 64)
+  assert choice.implementation == "cpu_blockwise" and "another process" in choice.reason
+  assert cpu_native.available()  # asked for by name, the kernel still runs
+
+
 def test_a_kernel_for_another_platform_is_refused_naming_the_field():
   with pytest.raises(config_lib.ConfigError, match=r"model.attention: 'splash' runs on tpu.*cpu"):
     dispatch.choose("splash", jax.devices(), "float32", 64)  # main: one `error:` line

@@ -119,6 +119,9 @@ def main(argv):
   best = summary.best_round(records)
   if best:
     print(f"best round by validation: {best['round']} ({_WORKDIR.value}/{best['checkpoint']})")
+  behind = summary.initial_ahead(records, best)
+  if behind:
+    print(behind)
   print(f"summary: {_WORKDIR.value}/summary.json, {_WORKDIR.value}/summary.png")
 
 

@@ -40,6 +40,20 @@ def best_round(records: list[dict]) -> dict | None:
   }
 
 
+def initial_ahead(records: list[dict], best: dict | None) -> str | None:
+  """A warning when the initial student (round 0) scored higher on validation than the best
+  trained round: training did not help, whatever round is kept."""
+  initial = next((r for r in records if r["round"] == 0), None)
+  if best is None or initial is None or initial.get("val_accuracy") is None:
+    return None
+  if initial["val_accuracy"] <= best["val_accuracy"]:
+    return None
+  return (
+      f"no trained round beat the initial student on validation "
+      f"({initial['val_accuracy']:.3f} in round 0, {best['val_accuracy']:.3f} at best after)"
+  )
+
+
 def plateau(val_accuracies: list[float], patience: int) -> str | None:
   """Why to stop after the last round when validation accuracy has not improved on its best
   for `patience` rounds, else None."""

@@ -15,6 +15,25 @@ def test_best_round_is_chosen_on_validation_not_test():
   assert summary.best_round([]) is None
 
 
+def test_a_run_whose_training_did_not_help_says_so():
+  """The pilot: the initial student answered 1 of 25 validation questions, both trained
+  rounds none; round 2 is kept (round 0 is no candidate) and the run says training lost."""
+  records = [
+      {"round": 0, "val_accuracy": 0.04},
+      {"round": 1, "val_accuracy": 0.0},
+      {"round": 2, "val_accuracy": 0.0},
+  ]
+  best = summary.best_round(records)
+  assert best["round"] == 2
+  assert summary.initial_ahead(records, best) == (
+      "no trained round beat the initial student on validation (0.040 in round 0, 0.000 at "
+      "best after)"
+  )
+  records[1]["val_accuracy"] = 0.04
+  assert summary.initial_ahead(records, summary.best_round(records)) is None
+  assert summary.initial_ahead(records[1:], summary.best_round(records[1:])) is None
+
+
 def test_table_lists_every_round():
   records = [
       {

@@ -97,24 +97,26 @@ class Run:
     preemption.stop_if_noticed(f"before phase {name}")
     logging.info("phase %s: start", name)
     start = time.time()
-    if writer_only:
-      error = None
-      if wd.is_writer():
-        try:
-          fn()
-        except BaseException as e:  # re-raised below, once the other processes know
-          error = e
-      if sharding.agree(error is not None):
-        if error is not None:
-          raise error
-        raise RuntimeError(f"phase {name} failed on process 0; see its log")
-    else:
-      fn()
+    try:
+      if writer_only:
+        error = None
+        if wd.is_writer():
+          try:
+            fn()
+          except BaseException as e:  # re-raised below, once the other processes know
+            error = e
+        if sharding.agree(error is not None):
+          if error is not None:
+            raise error
+          raise RuntimeError(f"phase {name} failed on process 0; see its log")
+      else:
+        fn()
+    except preemption.Preempted:  # what it did is kept (a checkpoint, the cache): so is its time
+      self._add_seconds(name, time.time() - start)
+      raise
     sharding.barrier(f"phase {name}")
     seconds = time.time() - start
-    timings = wd.read_json(self.layout.timings) if storage.exists(self.layout.timings) else {}
-    timings[name] = timings.get(name, 0.0) + seconds
-    wd.write_json(self.layout.timings, timings)
+    self._add_seconds(name, seconds)
     self.state.mark(name)
     kind, _, r = name.partition("_")
     self.metrics.scalars({f"phase_seconds/{kind}": seconds}, int(r or 0))
@@ -122,6 +124,13 @@ class Run:
     logging.info("phase %s: done in %.1fs", name, seconds)
     if self.stop_after == name:
       raise RunStopped(name)
+
+  def _add_seconds(self, phase: str, seconds: float) -> None:
+    """timings.json: each phase's wall time over every process that worked on it (a preempted
+    attempt's too)."""
+    timings = wd.read_json(self.layout.timings) if storage.exists(self.layout.timings) else {}
+    timings[phase] = timings.get(phase, 0.0) + seconds
+    wd.write_json(self.layout.timings, timings)
 
   @property
   def _teacher_on_devices(self) -> bool:

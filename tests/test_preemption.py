@@ -3,6 +3,7 @@ exam; each time it stops at a safe point with exit code 75 and one line, trainin
 checkpoint at that step, and the same command resumes to the uninterrupted run's results,
 paying for no reply twice and losing none that was paid."""
 
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +84,7 @@ def test_sigterm_stops_at_a_safe_point_and_the_same_command_resumes(reference, t
   lines = _terminated_run(config, workdir, "train", 2, served_log)
   assert lines and "round 1: saved at step 2/" in lines[0], lines
   assert "2" in os.listdir(os.path.join(workdir, "checkpoints", "train_round_1"))
+  assert json.loads(read(workdir, "timings.json"))["train_1"] > 0  # the stopped attempt's time
 
   lines = _terminated_run(config, workdir, "exam", 2, served_log)  # the next batch or phase
   assert lines and ("between decode batches" in lines[0] or "before phase" in lines[0]), lines

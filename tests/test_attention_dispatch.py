@@ -43,7 +43,7 @@ def test_auto_chooses_by_the_devices_dtype_and_head_size(requested, device, dtyp
 
 @pytest.mark.parametrize("avx512", [True, False])
 def test_auto_takes_the_native_kernel_only_for_512_bit_vectors(monkeypatch, avx512):
-  """The kernel computes in 16-float vectors: split in two on AVX2 it ran 4-9x slower than the
+  """The kernel computes in 16-float vectors: split in two on AVX2 it ran 4-10x slower than the
   blockwise form, so 'auto' takes it only where the compiler targets AVX-512; asked for by
   name it runs anyway."""
   if not cpu_native.available():

@@ -157,7 +157,7 @@ def turn_off(reason: str) -> None:
 def wide_vectors() -> bool:
   """Whether the compiler targets 512-bit vectors here (AVX-512). The kernel computes in
   16-float vectors; where the target's are narrower (AVX2, NEON) the compiler splits each one,
-  and the kernel ran 4-9x slower than the blockwise XLA form (AMD EPYC Zen 3, AVX2:
+  and the kernel ran 4-10x slower than the blockwise XLA form (AMD EPYC Zen 3, AVX2:
   docs/bench_attention_avx2_amd.json). 'auto' takes the kernel only where this holds."""
   return "__AVX512F__" in _target_features()
 

@@ -113,6 +113,27 @@ PRESETS = {
             tie_embeddings=True,
         ),
     ),
+    # meta-llama/Llama-3.2-1B config.json (the GPU check's ~1B LLaMA)
+    "llama32_1b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            d_model=2048,
+            n_layers=16,
+            n_heads=32,
+            n_kv_heads=8,
+            head_dim=64,
+            d_ff=8192,
+            rope_theta=500000.0,
+            norm_eps=1e-5,
+            tie_embeddings=True,
+            rope_scaling="llama3",
+            rope_factor=32.0,
+            rope_low_freq_factor=1.0,
+            rope_high_freq_factor=4.0,
+            rope_original_max_positions=8192,
+        ),
+    ),
     # for tests: a shape whose step the planner is checked on against XLA
     "planner_check": (
         "llama",

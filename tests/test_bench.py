@@ -1,6 +1,7 @@
 """The benchmarks run and report; their correctness checks (our greedy tokens equal transformers',
 prefix reuse changes no token) hold. No timing is asserted."""
 
+import dataclasses
 import json
 import os
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tailored_jax.bench import attention, common, decode, decode_student, train_step
+from tailored_jax.bench import attention, common, decode, decode_student, gpu_check, train_step
 from tailored_jax.bench import machine as bench_machine
 from tailored_jax.models import layers
 from tailored_jax.models.attention import blockwise
@@ -209,3 +210,68 @@ def test_decode_benchmark_on_a_student_directory_and_the_task_prompts(tmp_path, 
   assert greedy["shared_prefix_tokens"] > 100  # the demos, prefilled once
   assert greedy["same_tokens_rows_shared_prefix"] == greedy["same_tokens_rows_whole_prompts"] == 3
   assert result["sampled"]["ours_shared_prefix"]["new_tokens_per_s"] > 0
+
+
+def test_gpu_check_runs_both_sides_and_checks_the_kernel_values(tmp_path, capsys):
+  """`bench.gpu_check --allow_cpu`: the bf16 attention `auto` takes on these devices (CPU: the
+  blockwise form) against float32 XLA, beside XLA and torch in bf16; the LM step of both sides;
+  the JSON printed and written."""
+  out = tmp_path / "gpu_check.json"
+  result = gpu_check.main(
+      [
+          "--allow_cpu",
+          "--presets=tiny:2x24",
+          "--attention_shape=2x48",
+          "--repeats=1",
+          f"--out={out}",
+      ]
+  )
+  assert json.loads(capsys.readouterr().out) == json.loads(out.read_text()) == result
+  (row,) = result["attention"].values()
+  assert row["auto_is"] == "cpu_blockwise" and "bfloat16" in row["why"]
+  for arm in ("auto", "xla", "torch_sdpa"):
+    assert 1e-4 < row[arm]["output_error"] < 2e-2  # bf16 rounding, no more
+    assert 1e-4 < row[arm]["gradient_error"] < 5e-2
+  assert row["auto_within_tolerance"] and result["passed"]
+  assert row["xla_over_auto_forward"] == row["xla"]["forward_ms"] / row["auto"]["forward_ms"]
+  step = result["train_step"]["tiny 2x24"]
+  assert step["parameters"] == 90_432 and step["attention"] == "cpu_blockwise"
+  for side in ("ours", "torch"):
+    assert step[side]["tokens_per_s"] == 48 / step[side]["seconds_per_step"]
+    assert step[side]["mfu"] is None  # no data sheet for a CPU
+  assert result["bf16_peak_tflops"] is None and result["torch_device"] == "cpu"
+
+
+def test_gpu_check_asks_for_a_gpu(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    gpu_check.main(["--presets=tiny:2x24"])
+  assert exit_info.value.code == 2
+  assert "no GPU: JAX's first device is cpu" in capsys.readouterr().err
+
+
+def test_gpu_check_tolerance_is_bf16_rounding_not_a_wrong_kernel():
+  xla = {"output_error": 4e-3, "gradient_error": 6e-3}
+  assert gpu_check.within_tolerance({"output_error": 7e-3, "gradient_error": 1e-2}, xla)
+  assert not gpu_check.within_tolerance({"output_error": 0.3, "gradient_error": 1e-2}, xla)
+  assert gpu_check.relative_error(np.array([1.0, -2.5]), np.array([1.0, -2.0])) == 0.25
+
+
+def test_torch_twin_of_a_llama3_rope_preset_gives_our_logits():
+  """The torch side of the GPU check's Llama-3.2-1B preset scales its rope as ours does."""
+  cfg = dataclasses.replace(
+      common.PRESETS["tiny"],
+      rope_theta=500000.0,
+      rope_scaling="llama3",
+      rope_factor=8.0,
+      rope_original_max_positions=16,
+  )
+  params = nn.meta.unbox(layers.init_boxed_params(Llama(cfg), jax.random.PRNGKey(0)))
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(40), tokens.shape)
+  logits, _, _ = Llama(cfg).apply(
+      {"params": params}, tokens, positions, np.ones(tokens.shape, bool)
+  )
+  with torch.no_grad():
+    theirs = common.torch_twin(cfg, params, "cpu")(torch.tensor(tokens, dtype=torch.long))
+  np.testing.assert_allclose(theirs.logits.numpy(), np.asarray(logits), atol=2e-4)
+  assert common.PRESETS["llama32_1b"].rope_scaling == "llama3"

@@ -39,33 +39,42 @@ def inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, seed:
   return draw(heads), draw(kv_heads), draw(kv_heads), draw(heads)
 
 
-def ours(q, k, v, weights, repeats: int, kernel: str = "cpu_native") -> dict:
+def ours(q, k, v, weights, repeats: int, kernel: str = "cpu_native", dtype=jnp.float32) -> dict:
+  """Our training attention by `kernel` (a resolved `model.attention`) in `dtype`: forward and
+  forward + backward milliseconds, the output and the three input gradients (numpy float32)."""
   valid = jnp.ones(q.shape[:2], bool)
 
   def attention(q, k, v):
-    return dispatch.causal_attention(q, k, v, valid, jnp.float32, 0, kernel)
+    return dispatch.causal_attention(q, k, v, valid, dtype, 0, kernel)
 
-  loss = lambda q, k, v: jnp.sum(attention(q, k, v) * weights)
+  loss = lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32) * weights)
   forward = jax.jit(attention)
   backward = jax.jit(jax.grad(loss, (0, 1, 2)))
-  q, k, v, weights = (jnp.asarray(x) for x in (q, k, v, weights))
+  q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+  weights = jnp.asarray(weights)
   _, fwd = median_seconds(lambda: jax.block_until_ready(forward(q, k, v)), repeats)
   _, both = median_seconds(lambda: jax.block_until_ready(backward(q, k, v)), repeats)
+  as_numpy = lambda x: np.asarray(x.astype(jnp.float32))
   return {
       "forward_ms": fwd * 1e3,
       "forward_backward_ms": both * 1e3,
-      "out": np.asarray(forward(q, k, v)),
-      "dq": np.asarray(backward(q, k, v)[0]),
+      "out": as_numpy(forward(q, k, v)),
+      "grads": tuple(as_numpy(g) for g in backward(q, k, v)),
   }
 
 
-def theirs(q, k, v, weights, repeats: int) -> dict:
+def theirs(q, k, v, weights, repeats: int, device: str = "cpu", dtype: str = "float32") -> dict:
+  """torch's `scaled_dot_product_attention(is_causal=True)` on `device` in `dtype`, as `ours`."""
   import torch
 
-  as_torch = lambda x: torch.tensor(x).transpose(1, 2).contiguous()  # [b, heads, t, h]
-  tq, tk, tv = (as_torch(x).requires_grad_() for x in (q, k, v))
-  tw = as_torch(weights)
+  as_torch = lambda x, kind: (
+      torch.tensor(x).transpose(1, 2).contiguous().to(device, kind)  # [b, heads, t, h]
+  )
+  kind = getattr(torch, dtype)
+  tq, tk, tv = (as_torch(x, kind).requires_grad_() for x in (q, k, v))
+  tw = as_torch(weights, torch.float32)
   group = q.shape[2] // k.shape[2]
+  synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
 
   def attention():
     return torch.nn.functional.scaled_dot_product_attention(
@@ -75,21 +84,24 @@ def theirs(q, k, v, weights, repeats: int) -> dict:
   def forward():
     with torch.no_grad():
       attention()
+    synchronize()
 
   def backward():
     tq.grad = tk.grad = tv.grad = None
-    (attention() * tw).sum().backward()
+    (attention().float() * tw).sum().backward()
+    synchronize()
 
   _, fwd = median_seconds(forward, repeats)
   _, both = median_seconds(backward, repeats)
+  as_numpy = lambda x: x.transpose(1, 2).float().cpu().numpy()
   with torch.no_grad():
-    out = attention().transpose(1, 2).numpy()
+    out = as_numpy(attention())
   backward()
   return {
       "forward_ms": fwd * 1e3,
       "forward_backward_ms": both * 1e3,
       "out": out,
-      "dq": tq.grad.transpose(1, 2).numpy(),
+      "grads": tuple(as_numpy(x.grad) for x in (tq, tk, tv)),
   }
 
 
@@ -133,7 +145,7 @@ def main(argv=None) -> None:
           np.max(np.abs(mine["out"] - reference["out"]))
       )
       row[f"{side}_max_abs_query_gradient_difference"] = float(
-          np.max(np.abs(mine["dq"] - reference["dq"]))
+          np.max(np.abs(mine["grads"][0] - reference["grads"][0]))
       )
       for key in ("forward_ms", "forward_backward_ms"):
         row[f"torch_over_{side}_{key[:-3]}"] = row["torch"][key] / row[side][key]

@@ -35,25 +35,27 @@ PRESETS = {
     ),
     # HuggingFaceTB/SmolLM2-135M config.json.
     "smollm2_135m": LlamaConfig(**PLAN_PRESETS["smollm2_135m"][1]),  # its config.json values
+    # meta-llama/Llama-3.2-1B config.json values
+    "llama32_1b": LlamaConfig(**PLAN_PRESETS["llama32_1b"][1]),
 }
 
 
-def report(name: str, **fields) -> None:
-  """The benchmark's JSON on stdout, with the machine it ran on (`bench.machine`)."""
+def record(name: str, **fields) -> dict:
+  """A benchmark's result with the machine and devices it ran on (`bench.machine`)."""
   devices = jax.devices()
-  print(
-      json.dumps(
-          {
-              "benchmark": name,
-              "backend": devices[0].platform,
-              "device": getattr(devices[0], "device_kind", str(devices[0])),
-              "devices": len(devices),
-              "machine": machine(devices),
-              **fields,
-          },
-          indent=2,
-      )
-  )
+  return {
+      "benchmark": name,
+      "backend": devices[0].platform,
+      "device": getattr(devices[0], "device_kind", str(devices[0])),
+      "devices": len(devices),
+      "machine": machine(devices),
+      **fields,
+  }
+
+
+def report(name: str, **fields) -> None:
+  """The benchmark's JSON (`record`) on stdout."""
+  print(json.dumps(record(name, **fields), indent=2))
 
 
 def median_seconds(step, repeats: int) -> tuple[float, float]:
@@ -73,6 +75,15 @@ def torch_model(cfg: LlamaConfig):
   import torch
   import transformers
 
+  rope_scaling = None
+  if cfg.rope_scaling == "llama3":
+    rope_scaling = {
+        "rope_type": "llama3",
+        "factor": cfg.rope_factor,
+        "low_freq_factor": cfg.rope_low_freq_factor,
+        "high_freq_factor": cfg.rope_high_freq_factor,
+        "original_max_position_embeddings": cfg.rope_original_max_positions,
+    }
   hf = transformers.LlamaConfig(
       vocab_size=cfg.vocab_size,
       hidden_size=cfg.d_model,
@@ -85,6 +96,7 @@ def torch_model(cfg: LlamaConfig):
       rms_norm_eps=cfg.norm_eps,
       tie_word_embeddings=cfg.tie_embeddings,
       max_position_embeddings=4096,
+      rope_scaling=rope_scaling,
   )
   torch.manual_seed(0)
   return transformers.LlamaForCausalLM(hf).train()

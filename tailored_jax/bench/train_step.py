@@ -214,6 +214,10 @@ def torch_triplet_loss(model, prefix, continuations):
 def theirs(
     cfg: LlamaConfig, work: Work, repeats: int, *, self_reflection: bool, device: str = "cpu"
 ) -> dict:
+  """transformers' step: float32 weights and AdamW; with `cfg.dtype` bfloat16, its forward under
+  torch's bf16 autocast (the usual mixed precision, as ours keeps float32 masters)."""
+  import contextlib
+
   import torch
 
   model = torch_model(cfg).to(device)
@@ -240,13 +244,18 @@ def theirs(
   inputs, targets = tensor(work.tokens[:, :-1]), tensor(work.tokens[:, 1:])
   prefix, continuations = tensor(work.tokens[:, : work.shape.prefix]), tensor(work.continuations())
 
+  autocast = contextlib.nullcontext
+  if cfg.dtype != "float32":
+    autocast = lambda: torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype))
+
   def step():
-    logits = model(input_ids=inputs).logits
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    )
-    if self_reflection:
-      loss = loss + SR_WEIGHT * torch_triplet_loss(model, prefix, continuations)
+    with autocast():
+      logits = model(input_ids=inputs).logits
+      loss = torch.nn.functional.cross_entropy(
+          logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+      )
+      if self_reflection:
+        loss = loss + SR_WEIGHT * torch_triplet_loss(model, prefix, continuations)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -16,6 +16,7 @@ from tailored_jax.bench import machine as bench_machine
 from tailored_jax.models import layers
 from tailored_jax.models.attention import blockwise
 from tailored_jax.models.llama import Llama
+from tailored_jax.sample.sampling import SamplingConfig
 from tailored_jax.train import step as step_lib
 
 
@@ -209,7 +210,21 @@ def test_decode_benchmark_on_a_student_directory_and_the_task_prompts(tmp_path, 
   greedy = result["greedy"]
   assert greedy["shared_prefix_tokens"] > 100  # the demos, prefilled once
   assert greedy["same_tokens_rows_shared_prefix"] == greedy["same_tokens_rows_whole_prompts"] == 3
+  assert greedy["first_differences_shared_prefix"] == []
   assert result["sampled"]["ours_shared_prefix"]["new_tokens_per_s"] > 0
+  # a row that differs is reported where it first does, with transformers' margin for its token
+  theirs = transformers.LlamaForCausalLM.from_pretrained(source).eval()
+  rows = [[5, 9, 17, 3], [7, 7, 2, 11]]
+  expected = decode.hf_generate(theirs, rows, 4, 1, SamplingConfig(), "cpu", tok.pad_id)()
+  ours = expected.copy()
+  ours[1, 2] = (expected[1, 2] + 1) % tok.vocab_size
+  (difference,) = decode_student.first_differences(theirs, rows, ours, expected)
+  assert (difference["row"], difference["position"]) == (1, 2)
+  assert (difference["transformers_token"], difference["ours_token"]) == (
+      expected[1, 2],
+      ours[1, 2],
+  )
+  assert 0 <= difference["transformers_logit_gap"] <= difference["transformers_logit_spread"]
 
 
 def test_gpu_check_runs_both_sides_and_checks_the_kernel_values(tmp_path, capsys):

@@ -210,6 +210,32 @@ def no_eos_tables(vocab_size: int, pad_id: int, eos_id: int) -> StopTables:
   return tables.replace(never_v=never)
 
 
+def first_differences(theirs, rows, ours_rc: np.ndarray, expected_rc: np.ndarray) -> list[dict]:
+  """Rows whose greedy tokens differ from transformers': the first differing position, both
+  tokens, and transformers' logit of its token minus ours there (one forward over the prompt and
+  the shared tokens): a gap near zero is a near tie that float order decides, not a wrong step."""
+  import torch
+
+  out = []
+  for r in np.flatnonzero((ours_rc != expected_rc).any(axis=1)):
+    at = int(np.argmax(ours_rc[r] != expected_rc[r]))
+    theirs_token, our_token = int(expected_rc[r, at]), int(ours_rc[r, at])
+    ids = torch.tensor([list(rows[r]) + expected_rc[r, :at].tolist()], dtype=torch.long)
+    with torch.no_grad():
+      logits_v = theirs(input_ids=ids).logits[0, -1]
+    out.append(
+        {
+            "row": int(r),
+            "position": at,
+            "transformers_token": theirs_token,
+            "ours_token": our_token,
+            "transformers_logit_gap": float(logits_v[theirs_token] - logits_v[our_token]),
+            "transformers_logit_spread": float(logits_v.max() - logits_v.min()),
+        }
+    )
+  return out
+
+
 def run(args) -> None:
   import torch
 
@@ -243,6 +269,7 @@ def run(args) -> None:
         "transformers": timed_row(hf_call, args.repeats, total),
         "same_tokens_rows_shared_prefix": int((shared_call() == expected).all(axis=1).sum()),
         "same_tokens_rows_whole_prompts": int((whole_call() == expected).all(axis=1).sum()),
+        "first_differences_shared_prefix": first_differences(theirs, rows, shared_call(), expected),
     }
     g = results["greedy"]
     g["ours_over_transformers"] = g["transformers"]["seconds"] / g["ours_shared_prefix"]["seconds"]

@@ -31,7 +31,7 @@ import numpy as np
 from tailored_jax import device_sheets
 from tailored_jax.bench import attention, train_step
 from tailored_jax.bench.common import PRESETS, record
-from tailored_jax.models import for_devices, layers
+from tailored_jax.models import for_devices
 from tailored_jax.models.attention import dispatch
 from tailored_jax.models.llama import Llama
 
@@ -94,7 +94,7 @@ def train_row(preset: str, shape, repeats: int, remat: str, devices, torch_devic
 
   cfg = dataclasses.replace(PRESETS[preset], dtype=DTYPE, remat=remat, scan_layers=True)
   cfg = for_devices(Llama(cfg), devices).cfg
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(cfg))))
+  n_params = train_step.parameter_count(cfg)
   work = train_step.Work.random(shape, cfg.vocab_size)
   on_cuda = torch_device.startswith("cuda")
   if on_cuda:

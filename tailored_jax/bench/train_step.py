@@ -123,6 +123,11 @@ def matmul_peak_gflops(side: str, n: int = 1024, repeats: int = 10) -> float:
   return 2 * n**3 / median_seconds(lambda: a @ a, repeats)[1] / 1e9
 
 
+def parameter_count(cfg: LlamaConfig) -> int:
+  """The model's parameters, from their shapes (nothing allocated)."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(cfg))))
+
+
 def model_flops_per_token(cfg: LlamaConfig, n_params: int, seq: int) -> float:
   """Training FLOPs per token: 6 · parameters, plus causal attention's scores and weighted sum
   (6 · layers · seq · heads · head_dim: half of the full square's 12)."""
@@ -333,9 +338,7 @@ def main(argv=None) -> None:
         lora_alpha=2.0 * args.lora_rank,
         lora_targets=tuple(TORCH_MODULES),
     )
-  n_params = sum(
-      int(np.prod(x.shape)) for x in jax.tree.leaves(layers.abstract_params(Llama(full_cfg)))
-  )
+  n_params = parameter_count(full_cfg)
   sides = ("ours", "torch") if args.side == "both" else (args.side,)
   peaks = {side: matmul_peak_gflops(side) for side in sides}
   chunk = args.loss_chunk_tokens

@@ -257,6 +257,14 @@ def test_gpu_check_runs_both_sides_and_checks_the_kernel_values(tmp_path, capsys
   assert result["bf16_peak_tflops"] is None and result["torch_device"] == "cpu"
 
 
+@pytest.mark.parametrize("presets", ["nope:2x24", "tiny", "tiny:2xabc"])
+def test_gpu_check_names_a_bad_preset_before_building_anything(presets, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    gpu_check.main(["--allow_cpu", f"--presets={presets}"])
+  assert exit_info.value.code == 2
+  assert f"--presets: {presets!r}" in capsys.readouterr().err
+
+
 def test_gpu_check_asks_for_a_gpu(capsys):
   with pytest.raises(SystemExit) as exit_info:
     gpu_check.main(["--presets=tiny:2x24"])

@@ -132,7 +132,10 @@ def parse_presets(text: str) -> list[tuple[str, train_step.Shape]]:
     name, _, shape = item.partition(":")
     if name not in PRESETS or not shape:
       raise ValueError(f"--presets: {item!r} is not NAME:BxT with NAME one of {sorted(PRESETS)}")
-    out.append((name, train_step.Shape.parse(shape)))
+    try:
+      out.append((name, train_step.Shape.parse(shape)))
+    except ValueError as e:
+      raise ValueError(f"--presets: {item!r}: {e}") from None
   return out
 
 

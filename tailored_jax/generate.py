@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from tailored_jax.models import for_devices
 from tailored_jax.student_io.student import load_student
 from tailored_jax.sample.decode import Decoder, StopTables
 from tailored_jax.sample.sampling import SamplingConfig
@@ -35,7 +36,7 @@ def generate(
       never_v=np.arange(len(tables.never_v)) >= tok.vocab_size,
       special_v=np.zeros_like(tables.special_v),
   )
-  decoder = Decoder(student.model, tables)
+  decoder = Decoder(for_devices(student.model, jax.devices()[:1]), tables)
   tokens = np.asarray([ids], np.int32)
   out, lengths = decoder(
       student.params,

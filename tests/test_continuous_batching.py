@@ -13,7 +13,7 @@ import pytest
 
 from tailored_jax import config_lib, exam_plan, plan, sharding
 from tailored_jax.models import build_model, for_devices, kv_cache, layers
-from tailored_jax.models.attention import cached
+from tailored_jax.models.attention import cached, cpu_decode
 from tailored_jax.models.llama import Llama, LlamaConfig
 from tailored_jax.sample import decode, memory, prefill, sampling
 from tailored_jax.sample.runner import generate_texts
@@ -99,11 +99,24 @@ def _lengths(texts) -> list[int]:
   return [len(t.split(",")) if t else 0 for row in texts for t in row]
 
 
-def test_slots_refilled_as_rows_stop_give_each_row_its_own_greedy_tokens():
+def _on_cpu(model, native: bool, monkeypatch):
+  """`model` resolved for the CPU devices (decode steps then read a row's own keys with the native
+  kernel, `cpu_decode`), counting the kernel's uses; or as it is (the XLA form)."""
+  uses = []
+  if native:
+    kernel = cpu_decode.part
+    monkeypatch.setattr(cpu_decode, "part", lambda *a: uses.append(1) or kernel(*a))
+    model = for_devices(model, jax.devices()[:1])
+  return model, uses
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_slots_refilled_as_rows_stop_give_each_row_its_own_greedy_tokens(native, monkeypatch):
   """Rows of very different lengths (1 token to the whole budget): two slots refilled ten times,
   the last row moved to a slot of its own, give every prompt exactly the tokens it decodes alone
-  up to its first stop token, as static batches do."""
-  model = Llama(CFG)
+  up to its first stop token, as static batches do; with the XLA form and the native CPU
+  kernel."""
+  model, uses = _on_cpu(Llama(CFG), native, monkeypatch)
   params = _params(model)
   free_run, _ = _run(
       model, params, _stop_on([]), continuous=False, batch_size=len(PROMPTS), samples=1
@@ -126,13 +139,16 @@ def test_slots_refilled_as_rows_stop_give_each_row_its_own_greedy_tokens():
   assert inserts and all(shape[1] == 2 for shape in inserts)  # two slots while rows start
   # the last row, once no other is left to start, finishes alone in one slot
   assert ("advance", 1, BUDGET) in {shape[:3] for shape in decoder._shapes}
+  assert bool(uses) == native
 
 
-def test_sampled_rows_keep_their_keys_per_prompt_and_sample():
+@pytest.mark.parametrize("native", [False, True])
+def test_sampled_rows_keep_their_keys_per_prompt_and_sample(native, monkeypatch):
   """k = 3 samples per prompt on 6 slots: each (prompt, sample) draws what it draws in a static
   batch, wherever and whenever its slot runs; samples stop at different lengths. A sliding
-  window shorter than the budget: each slot's window over its own tokens is its own."""
-  model = Llama(dataclasses.replace(CFG, sliding_window=5))
+  window shorter than the budget: each slot's window over its own tokens is its own. With the
+  XLA form and the native CPU kernel."""
+  model, uses = _on_cpu(Llama(dataclasses.replace(CFG, sliding_window=5)), native, monkeypatch)
   params = _params(model, seed=3)
   tables = _stop_on([5, 11])
   static, _ = _run(model, params, tables, continuous=False, batch_size=4, samples=3)
@@ -141,6 +157,7 @@ def test_sampled_rows_keep_their_keys_per_prompt_and_sample():
   lengths = _lengths(static)
   assert min(lengths) <= 2 and max(lengths) == BUDGET
   assert len({s for row in static for s in row}) > len(PROMPTS)  # samples differ
+  assert bool(uses) == native
 
 
 def test_a_small_memory_budget_gives_fewer_slots_and_the_same_texts(caplog):

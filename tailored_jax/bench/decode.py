@@ -24,7 +24,7 @@ import numpy as np
 
 from tailored_jax.bench.common import PRESETS, median_seconds, report, torch_twin
 from tailored_jax.data.batching import round_up
-from tailored_jax.models import layers
+from tailored_jax.models import for_devices, layers
 from tailored_jax.models.llama import Llama
 from tailored_jax.sample.decode import Decoder, StopTables
 from tailored_jax.sample.runner import left_pad
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
   import torch
 
   cfg = PRESETS[args.model]
-  model = Llama(cfg)
+  model = for_devices(Llama(cfg), jax.devices()[:1])  # as a run compiles it for this device
   params = nn.meta.unbox(layers.init_boxed_params(model, jax.random.PRNGKey(0)))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   twin = torch_twin(cfg, params, args.torch_device)

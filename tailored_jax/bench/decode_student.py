@@ -35,6 +35,7 @@ from tailored_jax.bench.decode import hf_generate, ours_generate, timed_row
 from tailored_jax.data import scoring
 from tailored_jax.data.batching import round_up
 from tailored_jax.data.tasks import build_task
+from tailored_jax.models import for_devices
 from tailored_jax.sample.decode import Decoder, StopTables
 from tailored_jax.sample.runner import generate_texts, left_pad, shared_prefix_length
 from tailored_jax.sample.sampling import SamplingConfig
@@ -240,6 +241,8 @@ def run(args) -> None:
   import torch
 
   student = load_student(args.model)
+  # the model as a run's decoding compiles it for this device (on CPU: the native decode kernel)
+  student = dataclasses.replace(student, model=for_devices(student.model, jax.devices()[:1]))
   tok = student.tokenizer
   cfg = student.model.cfg
   decoder = Decoder(student.model, no_eos_tables(cfg.vocab_size, tok.pad_id, tok.eos_id))

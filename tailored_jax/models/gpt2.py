@@ -18,7 +18,7 @@ import numpy as np
 
 from tailored_jax.models.annotations import constrain
 from tailored_jax.models.attention.cached import LayerKV
-from tailored_jax.models.attention.dispatch import attend
+from tailored_jax.models.attention.dispatch import attend, native_decode
 from tailored_jax.models.gptj import LayerNorm
 from tailored_jax.models.kv_cache import KVCache
 from tailored_jax.models.layers import (
@@ -107,7 +107,7 @@ class GPT2Block(nn.Module):
       qkv.append(y)
     if cfg.flavor == "gpt_neo":  # its scores are not divided by sqrt(head_dim); attend's are
       qkv[0] = qkv[0] * jnp.asarray(np.sqrt(h), dt)
-    out_btnh, kv = attend(*qkv, valid_bt, kv, dt, cfg.window, cfg.attention)
+    out_btnh, kv = attend(*qkv, valid_bt, kv, dt, cfg.window, cfg.attention, native_decode(cfg))
     wo = weight(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), normal, cfg)
     bo = param(self, "bo", (d,), ("norm",), pdt, zeros)
     x_btd = (

@@ -14,7 +14,7 @@ import numpy as np
 
 from tailored_jax.models.annotations import constrain
 from tailored_jax.models.attention.cached import LayerKV
-from tailored_jax.models.attention.dispatch import attend
+from tailored_jax.models.attention.dispatch import attend, native_decode
 from tailored_jax.models.kv_cache import KVCache
 from tailored_jax.models.quantize import weight
 from tailored_jax.models.layers import (
@@ -112,7 +112,16 @@ class GPTJBlock(nn.Module):
         cfg.rotary_dim,
     )
     v_btnh = projection(self, "wv", "v", h_btd, wv, 1, ("embed", "kv_heads", "head_dim"), cfg)
-    out_btnh, kv = attend(q_btnh, k_btnh, v_btnh, valid_bt, kv, dt, implementation=cfg.attention)
+    out_btnh, kv = attend(
+        q_btnh,
+        k_btnh,
+        v_btnh,
+        valid_bt,
+        kv,
+        dt,
+        implementation=cfg.attention,
+        native_decode=native_decode(cfg),
+    )
     attn_btd = projection(
         self, "wo", "o", merge_heads(out_btnh), wo, 2, ("heads", "head_dim", "embed"), cfg
     )

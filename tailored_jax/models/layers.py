@@ -36,6 +36,7 @@ class Execution:
   attention: str = "auto"  # the training attention: attention.dispatch.REQUESTS, then resolved
   kv_cache_dtype: str = ""  # the decode cache's ('' = dtype)
   platform: str = ""  # the devices the step compiles for, set with `attention` by `resolve`
+  devices: int = 0  # how many, set with `platform`
   lora_rank: int = 0  # > 0: rank-r adapters beside the targeted projections (`models/lora.py`)
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ()
@@ -46,7 +47,7 @@ class Execution:
 def execution_of(model_section) -> dict:
   """The `Execution` fields a config's `model` section sets, as keyword arguments (the platform
   is set when the attention is resolved for the step's devices)."""
-  fields = (f.name for f in dataclasses.fields(Execution) if f.name != "platform")
+  fields = (f.name for f in dataclasses.fields(Execution) if f.name not in ("platform", "devices"))
   out = {name: model_section[name] for name in fields}
   out["lora_targets"] = lora.parse_targets(out["lora_targets"])
   return out

@@ -15,7 +15,7 @@ import numpy as np
 
 from tailored_jax.models.annotations import constrain
 from tailored_jax.models.attention.cached import LayerKV
-from tailored_jax.models.attention.dispatch import attend
+from tailored_jax.models.attention.dispatch import attend, native_decode
 from tailored_jax.models.kv_cache import KVCache
 from tailored_jax.models.quantize import weight
 from tailored_jax.models.layers import (
@@ -167,7 +167,15 @@ class Attention(nn.Module):
     k_btkh = apply_rope(k_btkh, positions_bt, inv_freq_h)
 
     out_btnh, kv = attend(
-        q_btnh, k_btkh, v_btkh, valid_bt, kv, dt, cfg.sliding_window, cfg.attention
+        q_btnh,
+        k_btkh,
+        v_btkh,
+        valid_bt,
+        kv,
+        dt,
+        cfg.sliding_window,
+        cfg.attention,
+        native_decode(cfg),
     )
     out_btd = projection(
         self, "wo", "o", merge_heads(out_btnh), wo, 2, ("heads", "head_dim", "embed"), cfg

@@ -1,6 +1,8 @@
 """Attention with the KV cache (prefill and decoding): the layer's new keys and values written in
 place into its own buffer, then one softmax over its contexts and its own slots, computed as
-parts merged by their running maxima and sums (grouped-query; one form on every platform)."""
+parts merged by their running maxima and sums (grouped-query; one form on every platform, but
+for a one-token step on one CPU device, which reads a row's own keys with the native kernel,
+`cpu_decode`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from tailored_jax.models.attention import cpu_decode
 from tailored_jax.models.attention.masks import NEG_INF
 from tailored_jax.models.kv_cache import Int8Buffer, write_at
 
@@ -141,10 +144,31 @@ def first_seen(mask_bts) -> jax.Array:
   return jnp.min(jnp.where(jnp.any(seen_bs, axis=1), jnp.argmax(seen_bs, axis=1), slots))
 
 
-def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | None = None):
+def decode_part(q_bkxh, k_gksh, v_gksh, mask_bts, lo, hi, dtype, scale: float, native: bool):
+  """A one-token step's softmax part over one context or its own buffer: with `native`, the native
+  kernel where it takes the inputs (`cpu_decode.usable`) and few rows read each key table (a
+  row's own buffer or prompt, a prompt's k samples), else `attend_span` over the slots [lo, hi)
+  can hold (a prefix every row reads is one matmul over all rows there)."""
+  rows_per_table = q_bkxh.shape[0] // k_gksh.shape[0]
+  if (
+      rows_per_table <= cpu_decode.MAX_ROWS_PER_TABLE
+      and jnp.dtype(dtype) == jnp.float32
+      and native
+      and cpu_decode.usable(q_bkxh, k_gksh)
+  ):
+    return Partial(*cpu_decode.part(q_bkxh, k_gksh, v_gksh, mask_bts[:, 0], scale))
+  g = q_bkxh.shape[2] // mask_bts.shape[1]
+  return attend_span(q_bkxh, k_gksh, v_gksh, jnp.tile(mask_bts, (1, g, 1)), lo, hi, dtype, scale)
+
+
+def cached_attention(
+    q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | None = None, native: bool = False
+):
   """Writes the new keys/values into the layer's own buffer at `index`, then attends over the
   contexts and the own buffer under one softmax (merged parts; grouped-query: each of the k
-  kv-heads serves n/k query heads). Scores in float32. Returns (out_btnh, kv updated)."""
+  kv-heads serves n/k query heads). Scores in float32. With `native` (one CPU device:
+  `dispatch.native_decode`), a one-token step reads the cache with the native kernel. Returns
+  (out_btnh, kv updated)."""
   kv = kv.replace(
       k_bksh=write_at(kv.k_bksh, jnp.swapaxes(k_btkh, 1, 2), kv.index, axis=2),
       v_bksh=write_at(kv.v_bksh, jnp.swapaxes(v_btkh, 1, 2), kv.index, axis=2),
@@ -162,16 +186,16 @@ def cached_attention(q_btnh, k_btkh, v_btkh, kv: LayerKV, dtype, scale: float | 
   )
   as_bxs = lambda mask_bts: jnp.tile(mask_bts, (1, g, 1))
   if t == 1:
-    result = attend_span(
-        q_bkxh, kv.k_bksh, kv.v_bksh, as_bxs(kv.mask_bts), 0, jnp.max(kv.index) + 1, dtype, scale
+    result = decode_part(
+        q_bkxh, kv.k_bksh, kv.v_bksh, kv.mask_bts, 0, jnp.max(kv.index) + 1, dtype, scale, native
     )
   else:
     result = attend_part(q_bkxh, kv.k_bksh, kv.v_bksh, as_bxs(kv.mask_bts), dtype, scale)
   for k_gksh, v_gksh, mask_bts in zip(kv.context_k, kv.context_v, kv.context_masks):
     if t == 1:
       slots = k_gksh.shape[2]
-      part = attend_span(
-          q_bkxh, k_gksh, v_gksh, as_bxs(mask_bts), first_seen(mask_bts), slots, dtype, scale
+      part = decode_part(
+          q_bkxh, k_gksh, v_gksh, mask_bts, first_seen(mask_bts), slots, dtype, scale, native
       )
     else:
       part = attend_part(q_bkxh, k_gksh, v_gksh, as_bxs(mask_bts), dtype, scale)

@@ -16,11 +16,15 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_threads.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using tailored_jax::parallel_for;
+using tailored_jax::Scratch;
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -46,27 +50,7 @@ inline float hmax(v16 x) {
   return m;
 }
 
-// exp(x) for float32 lanes (Cephes' polynomial; 0 below -87.3, where expf underflows to
-// denormals anyway).
-inline v16 vexp(v16 x) {
-  const v16 lo = splat(-87.33654f), hi = splat(88.37626f);
-  i16 under = x < lo;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const v16 magic = splat(12582912.f);
-  v16 n = (x * splat(1.44269504088896341f) + magic) - magic;
-  v16 r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.f);
-  i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  v16 out = p * (v16)bits;
-  return under ? splat(0.f) : out;
-}
+inline v16 vexp(v16 x) { return tailored_jax::vexp<v16, i16>(x); }
 
 // C[m, :n] (+)= sum_k A(m, k) * B[k, :n] for 4 rows of C; A(m, k) = a[m * a_row + k * a_col];
 // n = 16 * NV columns; ADD: accumulate into C, else overwrite it.
@@ -108,39 +92,6 @@ void gemm(float* c, int64_t ldc, const float* a, int64_t a_row, int64_t a_col, c
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// Thread-local scratch, grown on demand and 64-byte aligned.
-struct Scratch {
-  std::vector<float> data;
-  float* get(size_t n) {
-    if (data.size() < n + 16) data.resize(n + 16);
-    auto p = reinterpret_cast<uintptr_t>(data.data());
-    return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
-  }
-};
-
-// Runs fn(0..items-1) on the caller and XLA's intra-op pool. The caller claims items too and
-// waits only for items already claimed by running helpers, so it never waits on a queued task.
-void parallel_for(ffi::ThreadPool& pool, int64_t items, std::function<void(int64_t)> fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t items;
-    std::function<void(int64_t)> fn;
-  };
-  auto state = std::make_shared<State>();
-  state->items = items;
-  state->fn = std::move(fn);
-  auto work = [](State& s) {
-    for (int64_t i; (i = s.next.fetch_add(1)) < s.items;) {
-      s.fn(i);
-      s.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([state, work] { work(*state); });
-  work(*state);
-  while (state->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-}
 
 struct Dims {
   int64_t batch, tokens, heads, kv_heads, head_dim;

@@ -1,7 +1,8 @@
 """The training step's causal self-attention on CPU as a native flash kernel (`cpu_native.cc`,
 forward and backward, XLA's intra-op threads): XLA:CPU runs the blockwise form's small per-head
 matmuls at a third of its matmul peak, and this kernel runs the whole attention about twice as
-fast. Compiled with the machine's C++ compiler on first use into a cache directory
+fast. Built with the decode step's kernel (`cpu_decode.cc`, see `cpu_decode`) into one library,
+with the machine's C++ compiler on first use, into a cache directory
 ($TAILORED_JAX_CACHE, else ~/.cache/tailored_jax), keyed by the source, the flags, jaxlib, the
 CPU and the compiler's target features; where that fails, `available()` is False (the reason
 logged once) and the models use the blockwise XLA form (`attention.blockwise`),
@@ -32,10 +33,18 @@ from tailored_jax.models.attention import shard
 from tailored_jax.models.attention.contexts import ContextKV
 from tailored_jax.models.attention.names import FLASH_INPUTS, FLASH_OUTPUTS
 
-SOURCE = Path(__file__).with_name("cpu_native.cc")
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("cpu_native.cc", "cpu_decode.cc", "cpu_threads.h")
+)
 FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-fPIC", "-shared", "-w")
 PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")  # compilers without it
 FORWARD, BACKWARD = "tailored_jax_flash_forward", "tailored_jax_flash_backward"
+DECODE_PART = "tailored_jax_decode_part"
+TARGETS = (
+    (FORWARD, "TjFlashForward"),
+    (BACKWARD, "TjFlashBackward"),
+    (DECODE_PART, "TjDecodePart"),
+)
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once decided; "why": the reason it is not
@@ -78,7 +87,7 @@ def library_path() -> Path:
   key = hashlib.sha256(
       b"\0".join(
           [
-              SOURCE.read_bytes(),
+              *(source.read_bytes() for source in SOURCES),
               " ".join(FLAGS).encode(),
               jax.__version__.encode(),
               jax.lib.__version__.encode() if hasattr(jax.lib, "__version__") else b"",
@@ -105,7 +114,7 @@ def build(path: Path) -> None:
           os.environ.get("CXX", "g++"),
           *flags,
           f"-I{jax.ffi.include_dir()}",
-          str(SOURCE),
+          *(str(source) for source in SOURCES if source.suffix == ".cc"),
           "-o",
           str(out),
       ]
@@ -134,7 +143,7 @@ def available() -> bool:
           build(path)
           library = ctypes.CDLL(str(path))
         if not _registered:
-          for name, symbol in ((FORWARD, "TjFlashForward"), (BACKWARD, "TjFlashBackward")):
+          for name, symbol in TARGETS:
             jax.ffi.register_ffi_target(
                 name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
             )

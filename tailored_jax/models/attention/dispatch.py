@@ -106,7 +106,7 @@ _logged: set = set()
 
 
 def resolve(cfg, devices):
-  """`cfg` (a model config) with `attention` and `platform` set for `devices`; a resolved
+  """`cfg` (a model config) with `attention`, `platform` and `devices` set for `devices`; a resolved
   config is returned as it is. Logs the choice once."""
   if cfg.platform:
     return cfg
@@ -115,7 +115,17 @@ def resolve(cfg, devices):
   if key not in _logged:
     _logged.add(key)
     logging.info("training attention: %s (%s)", choice.implementation, choice.reason)
-  return dataclasses.replace(cfg, attention=choice.implementation, platform=devices[0].platform)
+  return dataclasses.replace(
+      cfg, attention=choice.implementation, platform=devices[0].platform, devices=len(devices)
+  )
+
+
+def native_decode(cfg) -> bool:
+  """Whether a resolved config's one-token decode steps read the cache with the native CPU kernel
+  (`cpu_decode`, where it takes the step's dtypes and shapes): one CPU device. XLA cannot split
+  a custom call over a mesh (it would gather every row's cache to each device), so a step over
+  several devices takes the XLA form."""
+  return cfg.platform == "cpu" and cfg.devices == 1
 
 
 def uses_kernel(cfg) -> bool:
@@ -190,12 +200,14 @@ def attend(
     dtype,
     window: int = 0,
     implementation: str = "auto",
+    native_decode: bool = False,
 ):
   """Attention for one layer: with the cache's `kv`, the new keys and values are written into it
   (`cached_attention`); without one (training), tokens attend causally to themselves (`valid_bt`
   masks padding) by the resolved `implementation`, and nothing is stored but, with a `KeptKV`,
   its first tokens' keys and values; with a `ContextKV` (training) they also see its read-only
-  context. Returns (out, kv)."""
+  context. `native_decode`: one-token steps read the cache with the native CPU kernel
+  (`native_decode(cfg)`). Returns (out, kv)."""
   q_btnh = constrain(q_btnh, ("batch", "length", "heads", "head_dim"))
   k_btkh = constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim"))
   v_btkh = constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim"))
@@ -209,6 +221,6 @@ def attend(
       first = lambda x_btkh: jnp.swapaxes(x_btkh[:, : kv.length], 1, 2).astype(dtype)
       kv = kv.replace(k_bksh=first(k_btkh), v_bksh=first(v_btkh))
   else:
-    out_btnh, kv = cached_attention(q_btnh, k_btkh, v_btkh, kv, dtype)
+    out_btnh, kv = cached_attention(q_btnh, k_btkh, v_btkh, kv, dtype, native=native_decode)
   out_btnh = constrain(out_btnh, ("batch", "length", "heads", "head_dim"))
   return out_btnh, kv

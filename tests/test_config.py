@@ -178,7 +178,7 @@ def test_overrides_parse_as_the_fields_type():
 def test_execution_knobs_are_declared_once_and_reach_every_model():
   """dtype, param_dtype, remat, scan_layers, attention, LoRA: one `layers.Execution`, inherited
   by every family, filled from the config's model section by the run and the planner alike (the
-  platform is set when the attention is resolved for the step's devices)."""
+  platform and device count are set when the attention is resolved for the step's devices)."""
   import dataclasses
   from tailored_jax import plan
   from tailored_jax.models import build_model
@@ -195,13 +195,14 @@ def test_execution_knobs_are_declared_once_and_reach_every_model():
       "attention",
       "kv_cache_dtype",
       "platform",
+      "devices",
       "lora_rank",
       "lora_alpha",
       "lora_targets",
       "lora_dropout",
       "base_quantization",
   }
-  names -= {"platform"}
+  names -= {"platform", "devices"}
   for family in (LlamaConfig, GPTJConfig):
     assert issubclass(family, Execution)
   section = config_lib.base_config().model

@@ -146,16 +146,10 @@ def first_seen(mask_bts) -> jax.Array:
 
 def decode_part(q_bkxh, k_gksh, v_gksh, mask_bts, lo, hi, dtype, scale: float, native: bool):
   """A one-token step's softmax part over one context or its own buffer: with `native`, the native
-  kernel where it takes the inputs (`cpu_decode.usable`) and few rows read each key table (a
-  row's own buffer or prompt, a prompt's k samples), else `attend_span` over the slots [lo, hi)
-  can hold (a prefix every row reads is one matmul over all rows there)."""
-  rows_per_table = q_bkxh.shape[0] // k_gksh.shape[0]
-  if (
-      rows_per_table <= cpu_decode.MAX_ROWS_PER_TABLE
-      and jnp.dtype(dtype) == jnp.float32
-      and native
-      and cpu_decode.usable(q_bkxh, k_gksh)
-  ):
+  kernel where it takes the inputs (`cpu_decode.usable`: a row's own buffer or prompt, a
+  prompt's k samples), else `attend_span` over the slots [lo, hi) can hold (a prefix every row
+  reads is one matmul over all rows there)."""
+  if native and cpu_decode.usable(q_bkxh, k_gksh):
     return Partial(*cpu_decode.part(q_bkxh, k_gksh, v_gksh, mask_bts[:, 0], scale))
   g = q_bkxh.shape[2] // mask_bts.shape[1]
   return attend_span(q_bkxh, k_gksh, v_gksh, jnp.tile(mask_bts, (1, g, 1)), lo, hi, dtype, scale)

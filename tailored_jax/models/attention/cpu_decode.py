@@ -21,11 +21,13 @@ MAX_ROWS_PER_TABLE = 8
 
 
 def usable(q_bkxh, k_gksh) -> bool:
-  """Whether a decode step's part can run the kernel: float32 queries and keys (not an int8 or
-  bf16 cache), head_dim a multiple of 8, at most 16 query heads per kv head, and the kernel
-  builds here (the step compiling for one CPU device is `dispatch.native_decode`'s)."""
+  """Whether a decode step's part can run the kernel: float32 queries (the compute dtype) and keys
+  (not an int8 or bf16 cache), head_dim a multiple of 8, at most 16 query heads per kv head, at
+  most `MAX_ROWS_PER_TABLE` rows reading each key table, and the kernel builds here (the step
+  compiling for one CPU device is `dispatch.native_decode`'s)."""
   return (
       not isinstance(k_gksh, Int8Buffer)
+      and q_bkxh.shape[0] // k_gksh.shape[0] <= MAX_ROWS_PER_TABLE
       and q_bkxh.dtype == jnp.float32
       and k_gksh.dtype == jnp.float32
       and q_bkxh.shape[-1] % 8 == 0

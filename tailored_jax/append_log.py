@@ -45,6 +45,7 @@ class AppendLog:
     self._failure: Exception | None = None
     self._cond = threading.Condition()
     self._thread: threading.Thread | None = None
+    self._left_by_a_merge: list[str] = []
 
   # ---- reading --------------------------------------------------------------------------------
   def read(self, parse) -> list:
@@ -63,8 +64,11 @@ class AppendLog:
           out.append(parse(line))
         except (ValueError, KeyError, TypeError) as e:
           raise ValueError(f"{where}:{number}: {e}") from e
-    if not self.read_only and self._remote and len(chunks) >= COMPACT_AT:
-      self._compact(chunks)
+    if not self.read_only and self._remote:
+      for where in self._left_by_a_merge:  # the deletes a kill cut short
+        storage.remove(where)
+      if len(chunks) >= COMPACT_AT:
+        self._compact(chunks)
     return out
 
   def _read_file(self, parse) -> list:
@@ -89,25 +93,31 @@ class AppendLog:
     return out
 
   def _committed_chunks(self) -> list[tuple[str, list[bytes]]]:
-    """(where, lines) of each committed chunk, by sequence number; uncommitted ones skipped."""
-    out = []
+    """(where, lines) of each committed chunk, by sequence number; uncommitted ones skipped, and
+    so are those a merged chunk replaces (left behind by a kill during `_compact`)."""
+    committed, replaced = [], set()
     for entry in storage.listdir(self.chunk_dir):
       match = _CHUNK.match(entry)
       if not match:
         continue
       self._next_seq = max(self._next_seq, int(match.group(1)) + 1)
       where = storage.join(self.chunk_dir, entry)
-      lines = _committed_lines(storage.read_bytes(where))
-      if lines is None:
+      parsed = _committed_lines(storage.read_bytes(where))
+      if parsed is None:
         logging.warning("%s: no valid commit line (cut short while written); skipped", where)
         continue
-      out.append((where, lines))
-    return out
+      lines, replaces = parsed
+      committed.append((entry, where, lines))
+      replaced.update(replaces)
+    self._left_by_a_merge = [where for entry, where, _ in committed if entry in replaced]
+    return [(where, lines) for entry, where, lines in committed if entry not in replaced]
 
   def _compact(self, chunks) -> None:
-    """Many chunks merged into one: the merged chunk commits before any other is deleted."""
+    """Many chunks merged into one: the merged chunk commits, naming the chunks it replaces,
+    before any of them is deleted, so a kill in between leaves each line once to readers."""
     merged = [line for _, lines in chunks for line in lines if line.strip()]
-    self._upload_chunk([line.decode("utf-8") + "\n" for line in merged])
+    replaces = [where.rsplit("/", 1)[-1] for where, _ in chunks]
+    self._upload_chunk([line.decode("utf-8") + "\n" for line in merged], replaces)
     for where, _ in chunks:
       storage.remove(where)
     logging.info("%s: %d chunks merged into one", self.chunk_dir, len(chunks))
@@ -181,9 +191,11 @@ class AppendLog:
           self._thread = None
           return
 
-  def _upload_chunk(self, lines: list[str]) -> None:
+  def _upload_chunk(self, lines: list[str], replaces: list[str] = ()) -> None:
     body = "".join(lines).encode("utf-8")
     commit = {"commit": len(lines), "sha256": hashlib.sha256(body).hexdigest()}
+    if replaces:
+      commit["replaces"] = list(replaces)
     name = f"{self._next_seq:08d}-{self._writer_id}.jsonl"
     self._next_seq += 1
     storage.write_atomically(
@@ -191,16 +203,18 @@ class AppendLog:
     )
 
 
-def _committed_lines(blob: bytes) -> list[bytes] | None:
-  """The lines of a chunk whose last line commits them (count and SHA-256), else None."""
+def _committed_lines(blob: bytes) -> tuple[list[bytes], list[str]] | None:
+  """(lines, the chunks it replaces) of a chunk whose last line commits its lines (count and
+  SHA-256), else None."""
   body, _, tail = blob.rstrip(b"\n").rpartition(b"\n")
   body = body + b"\n" if body else b""
   try:
     commit = json.loads(tail)
     count, digest = commit["commit"], commit["sha256"]
-  except (ValueError, KeyError, TypeError):
+    replaces = [str(name) for name in commit.get("replaces", [])]
+  except (ValueError, KeyError, TypeError, AttributeError):
     return None
   lines = body.split(b"\n")[:-1]
   if len(lines) != count or hashlib.sha256(body).hexdigest() != digest:
     return None
-  return lines
+  return lines, replaces

@@ -15,6 +15,7 @@ from tailored_jax import append_log, export, report, rounds, storage
 from tests import gcs_emulator
 from tests.test_faults import KILLER, ROOT, TINY, strip_seconds
 from tests.test_rounds import cache_lines, read, tiny_config
+from tests.processes import child_env
 
 BUCKET = "tailored-test"
 
@@ -67,12 +68,42 @@ def test_append_log_on_an_object_store_reads_committed_chunks_only(gcs, monkeypa
     _lines(append_log.AppendLog(path, read_only=True))
   storage.remove(bad)
 
-  # a writable log with many committed chunks merges them into one, losing nothing
-  monkeypatch.setattr(append_log, "COMPACT_AT", 3)
+  # a writable log with many committed chunks merges them into one, losing nothing (2: the
+  # first writer's uploads may have grouped its three lines into one chunk)
+  monkeypatch.setattr(append_log, "COMPACT_AT", 2)
   assert _lines(append_log.AppendLog(path)) == [{"i": i} for i in range(4)]
   merged = [c for c in storage.listdir(f"{path}.chunks") if not c.endswith("0badc0de.jsonl")]
   assert len(merged) == 1, merged
   assert _lines(append_log.AppendLog(path, read_only=True)) == [{"i": i} for i in range(4)]
+
+
+def test_a_kill_while_chunks_are_merged_leaves_each_line_once(gcs, monkeypatch):
+  """The merged chunk commits before the chunks it replaces are deleted; a kill in between
+  leaves both, and readers (and the next merge) must still see each line once."""
+  path = f"gs://{BUCKET}/unit/merge_killed.jsonl"
+  for i in range(3):  # one writer per line: three chunks
+    log = append_log.AppendLog(path)
+    log.append(json.dumps({"i": i}) + "\n")
+    log.flush()
+  assert len(storage.listdir(f"{path}.chunks")) == 3
+
+  class Killed(BaseException):
+    pass
+
+  def killed(where):
+    raise Killed(where)
+
+  monkeypatch.setattr(append_log, "COMPACT_AT", 3)
+  monkeypatch.setattr(append_log.storage, "remove", killed)
+  with pytest.raises(Killed):
+    append_log.AppendLog(path).read(json.loads)
+  assert len(storage.listdir(f"{path}.chunks")) == 4  # the merged chunk beside the old three
+  assert _lines(append_log.AppendLog(path, read_only=True)) == [{"i": i} for i in range(3)]
+
+  monkeypatch.undo()  # the next writer finishes the merge
+  assert _lines(append_log.AppendLog(path)) == [{"i": i} for i in range(3)]
+  assert len(storage.listdir(f"{path}.chunks")) == 1
+  assert _lines(append_log.AppendLog(path, read_only=True)) == [{"i": i} for i in range(3)]
 
 
 def _gs_cache_lines(workdir):
@@ -92,7 +123,7 @@ def test_a_gs_workdir_killed_mid_training_resumes_to_the_local_results(
       capture_output=True,
       text=True,
       timeout=300,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **gcs),
+      env=child_env(**gcs),
   )
   assert killed.returncode == -9, killed.stderr[-3000:]
   served = len(served_log.read_text())

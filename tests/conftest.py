@@ -1,17 +1,19 @@
-"""8 host CPU devices for sharding tests, and one compilation cache for the session (the tiny
-runs compile the same programs again and again: each run builds its own jitted steps); must run
-before jax is imported anywhere."""
+"""Set before jax is imported anywhere: 8 host CPU devices for sharding tests; XLA:CPU's backend
+at LLVM -O0 (the suite's time is mostly compiling tiny programs: -O0 takes a third of it off;
+float results can differ from a default build's, so child processes get the same flags, see
+tests/processes.py); one compilation cache per test process (the tiny runs compile the same
+programs again and again; JAX writes its entries in place, so xdist workers must not share one)."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit them
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or os.environ.get("PYTEST_XDIST_WORKER"):
   _cache = tempfile.mkdtemp(prefix="tailored_jax_tests_xla_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ.update(

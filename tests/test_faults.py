@@ -18,6 +18,7 @@ from tailored_jax.teacher.cache import ReplyCache
 from tailored_jax.train import step as step_lib
 from tailored_jax.train.trainer import NonFiniteError
 from tests.test_rounds import cache_lines, read, tiny_config
+from tests.processes import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,7 +241,7 @@ def test_a_full_disk_ends_with_one_clear_line_and_the_same_command_resumes(
       capture_output=True,
       text=True,
       timeout=300,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+      env=child_env(),
   )
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
@@ -340,7 +341,7 @@ def test_sigkill_of_a_real_process_then_the_same_command_resumes(
       capture_output=True,
       text=True,
       timeout=300,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+      env=child_env(),
   )
   assert killed.returncode == -9, killed.stderr[-3000:]
   recorded = read(workdir, "teacher_cache.jsonl").count("\n")  # a torn last line is no record

@@ -8,11 +8,12 @@ import subprocess
 import sys
 
 from tailored_jax import rounds
+from tests.processes import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = r"""
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
@@ -63,7 +64,7 @@ def run_two(
 ) -> list[tuple[int, str]]:
   """Both processes' (exit code, output); `process_1_env` changes process 1's machine."""
   address = f"127.0.0.1:{free_port()}"
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = child_env()
   workers = [
       subprocess.Popen(
           [sys.executable, "-c", WORKER, address, str(i), workdir, ROOT, str(max_requests)]

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tailored_jax import config_lib, plan
+from tests.processes import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,7 @@ def test_lowering_on_8_devices_reports_xlas_bytes_and_collectives():
 
 
 def test_the_command_forces_32_host_devices():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = child_env()
   out = subprocess.run(
       [
           sys.executable,
@@ -69,7 +70,7 @@ def test_the_command_forces_32_host_devices():
 
 
 def test_a_batch_the_mesh_cannot_split_is_one_line():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = child_env()
   out = subprocess.run(
       [
           sys.executable,
@@ -158,7 +159,7 @@ def test_a_round_refuses_a_step_that_cannot_fit_before_allocating(tmp_path):
 
 def test_gptj_6b_on_an_h100_slice_fits_by_the_planner():
   """The paper's student at the paper's batch (16 x 656) on 1x8 H100 (fsdp 8, full remat)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = child_env()
   out = subprocess.run(
       [
           sys.executable,

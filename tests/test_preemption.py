@@ -12,6 +12,7 @@ import textwrap
 from tailored_jax import preemption, rounds
 from tests.test_faults import ROOT, SUBPROCESS_HEAD, SUBPROCESS_MAIN, strip_seconds
 from tests.test_rounds import cache_lines, read, tiny_config
+from tests.processes import child_env
 
 TERMINATOR = SUBPROCESS_HEAD + textwrap.dedent("""
     from tailored_jax.train import hooks
@@ -64,7 +65,7 @@ def _terminated_run(config, workdir, point, nth, served_log):
       capture_output=True,
       text=True,
       timeout=300,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+      env=child_env(),
   )
   assert done.returncode == preemption.EXIT_CODE, done.stderr[-3000:]
   return [line for line in done.stderr.splitlines() if line.startswith("preempted: ")]

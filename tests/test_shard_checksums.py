@@ -1,7 +1,6 @@
 """Checkpoint checksums from each process's own shards (`shard_checksums`): the same sum for any
 layout, no array gathered, a checkpoint saved on one mesh verified on another; two processes."""
 
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tailored_jax import checkpointing, shard_checksums, sharding
 from tests.test_model_and_decode import _mesh_cfg
 from tests.test_multihost import ROOT, free_port
+from tests.processes import child_env
 
 VALUES = {
     "w": np.random.default_rng(0).standard_normal((8, 6, 4)).astype(np.float32),
@@ -64,7 +64,7 @@ def test_a_checkpoint_saved_on_one_mesh_verifies_on_another(tmp_path):
 
 WORKER = r"""
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
 import jax, numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
@@ -86,7 +86,7 @@ print("HASH", checkpointing.checksums({"w": placed})["['w']"]["hash64"])
 
 def test_two_processes_hash_their_own_shards_without_gathering_an_array():
   address = f"127.0.0.1:{free_port()}"
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = child_env()
   workers = [
       subprocess.Popen(
           [sys.executable, "-c", WORKER, address, str(i), ROOT],

@@ -45,7 +45,6 @@ class AppendLog:
     self._failure: Exception | None = None
     self._cond = threading.Condition()
     self._thread: threading.Thread | None = None
-    self._left_by_a_merge: list[str] = []
 
   # ---- reading --------------------------------------------------------------------------------
   def read(self, parse) -> list:
@@ -55,7 +54,7 @@ class AppendLog:
     out = []
     if storage.exists(self.path) and not storage.is_dir(self.path):
       out += self._read_file(parse)
-    chunks = self._committed_chunks()
+    chunks, left_by_a_merge = self._committed_chunks()
     for where, lines in chunks:
       for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -65,7 +64,7 @@ class AppendLog:
         except (ValueError, KeyError, TypeError) as e:
           raise ValueError(f"{where}:{number}: {e}") from e
     if not self.read_only and self._remote:
-      for where in self._left_by_a_merge:  # the deletes a kill cut short
+      for where in left_by_a_merge:  # the deletes a kill cut short
         storage.remove(where)
       if len(chunks) >= COMPACT_AT:
         self._compact(chunks)
@@ -92,9 +91,10 @@ class AppendLog:
       good_bytes += len(line) + 1
     return out
 
-  def _committed_chunks(self) -> list[tuple[str, list[bytes]]]:
-    """(where, lines) of each committed chunk, by sequence number; uncommitted ones skipped, and
-    so are those a merged chunk replaces (left behind by a kill during `_compact`)."""
+  def _committed_chunks(self) -> tuple[list[tuple[str, list[bytes]]], list[str]]:
+    """(where, lines) of each committed chunk, by sequence number, and where the chunks are that
+    a merged chunk replaces (left behind by a kill during `_compact`): those and uncommitted
+    ones are not read."""
     committed, replaced = [], set()
     for entry in storage.listdir(self.chunk_dir):
       match = _CHUNK.match(entry)
@@ -109,14 +109,14 @@ class AppendLog:
       lines, replaces = parsed
       committed.append((entry, where, lines))
       replaced.update(replaces)
-    self._left_by_a_merge = [where for entry, where, _ in committed if entry in replaced]
-    return [(where, lines) for entry, where, lines in committed if entry not in replaced]
+    kept = [(where, lines) for entry, where, lines in committed if entry not in replaced]
+    return kept, [where for entry, where, _ in committed if entry in replaced]
 
   def _compact(self, chunks) -> None:
     """Many chunks merged into one: the merged chunk commits, naming the chunks it replaces,
     before any of them is deleted, so a kill in between leaves each line once to readers."""
     merged = [line for _, lines in chunks for line in lines if line.strip()]
-    replaces = [where.rsplit("/", 1)[-1] for where, _ in chunks]
+    replaces = tuple(where.rsplit("/", 1)[-1] for where, _ in chunks)
     self._upload_chunk([line.decode("utf-8") + "\n" for line in merged], replaces)
     for where, _ in chunks:
       storage.remove(where)
@@ -191,7 +191,7 @@ class AppendLog:
           self._thread = None
           return
 
-  def _upload_chunk(self, lines: list[str], replaces: list[str] = ()) -> None:
+  def _upload_chunk(self, lines: list[str], replaces: tuple[str, ...] = ()) -> None:
     body = "".join(lines).encode("utf-8")
     commit = {"commit": len(lines), "sha256": hashlib.sha256(body).hexdigest()}
     if replaces:
@@ -212,7 +212,7 @@ def _committed_lines(blob: bytes) -> tuple[list[bytes], list[str]] | None:
     commit = json.loads(tail)
     count, digest = commit["commit"], commit["sha256"]
     replaces = [str(name) for name in commit.get("replaces", [])]
-  except (ValueError, KeyError, TypeError, AttributeError):
+  except (ValueError, KeyError, TypeError):
     return None
   lines = body.split(b"\n")[:-1]
   if len(lines) != count or hashlib.sha256(body).hexdigest() != digest:

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tailored_jax import cluster
+from tests.processes import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,10 +48,8 @@ def run_nodes(tmp_path, gpus_per_node: int, host_devices: int) -> list[subproces
   config.write_text("from tests.test_rounds import tiny_config as get_config\n")
   procs = []
   for node in range(2):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={host_devices}",
+    env = child_env(
+        host_devices,
         SLURM_JOB_ID=str(job_id),
         SLURM_STEP_NODELIST="localhost",
         SLURM_JOB_NUM_NODES="2",
